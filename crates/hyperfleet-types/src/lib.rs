@@ -1,1 +1,578 @@
+//! The REST wire types of the Hyperfleet API: what the daemon sends and accepts, shared by the server, the SDK
+//! and the CLI. The OpenAPI document is generated from these same types, so the spec cannot drift from the code.
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
+
+/// Lifecycle state of a machine (see the state table in the README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineStatus {
+    Pending,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl MachineStatus {
+    pub const ALL: [MachineStatus; 7] = [
+        Self::Pending,
+        Self::Starting,
+        Self::Running,
+        Self::Paused,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The one place that says which transitions exist. `failed → starting` is ours (upstream only allowed
+    /// deleting a failed machine): a machine keeps its disk and addresses, so retrying it is what users expect.
+    pub fn can_become(self, next: MachineStatus) -> bool {
+        use MachineStatus::*;
+        matches!(
+            (self, next),
+            (Pending | Stopped | Failed, Starting)
+                | (Starting, Running | Failed | Stopped)
+                | (Running, Stopping | Paused | Failed)
+                | (Paused, Running | Stopping | Failed)
+                | (Stopping, Stopped | Failed)
+        )
+    }
+
+    /// A machine in one of these states may be deleted without stopping it first.
+    pub fn is_at_rest(self) -> bool {
+        matches!(self, Self::Pending | Self::Stopped | Self::Failed)
+    }
+}
+
+impl fmt::Display for MachineStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What runs a machine: a Firecracker microVM, or (hosts without hardware virtualization) an OCI container
+/// under runc with the same image and agent. A container's isolation is a container's, not a VM's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Firecracker,
+    Container,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Firecracker => "firecracker",
+            Self::Container => "container",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "firecracker" => Some(Self::Firecracker),
+            "container" => Some(Self::Container),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a machine may send new connections. JSON: `"allow"`, `"deny"`, or a list of IPv4 CIDRs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum EgressPolicy {
+    #[default]
+    Allow,
+    Deny,
+    Cidrs(Vec<Ipv4Net>),
+}
+
+impl Serialize for EgressPolicy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Allow => s.serialize_str("allow"),
+            Self::Deny => s.serialize_str("deny"),
+            Self::Cidrs(c) => c.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EgressPolicy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            List(Vec<String>),
+        }
+        let raw = Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(r#"egress must be "allow", "deny" or a list of IPv4 CIDRs"#)
+        })?;
+        match raw {
+            Raw::Word(w) if w == "allow" => Ok(Self::Allow),
+            Raw::Word(w) if w == "deny" => Ok(Self::Deny),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                r#"egress must be "allow", "deny" or a list of IPv4 CIDRs, got "{w}""#
+            ))),
+            Raw::List(items) => items
+                .iter()
+                .map(|c| {
+                    c.parse::<Ipv4Net>()
+                        .or_else(|_| c.parse::<Ipv4Addr>().map(Ipv4Net::from))
+                        .map(|n| n.trunc())
+                        .map_err(|_| serde::de::Error::custom(format!("egress: '{c}' is not an IPv4 CIDR")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Self::Cidrs),
+        }
+    }
+}
+
+impl utoipa::PartialSchema for EgressPolicy {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["allow", "deny"])),
+            )
+            .item(ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String).format(None)))
+            .description(Some(
+                "`allow` (default): any destination; `deny`: no new outbound connections; \
+                 a list of IPv4 CIDRs: only those destinations.",
+            ))
+            .into()
+    }
+}
+impl ToSchema for EgressPolicy {}
+
+/// The network a machine sees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MachineNetwork {
+    /// Prefix length of the machine's block (30: host side .1, guest .2).
+    pub prefix_len: u8,
+    /// The guest's default gateway: the host end of its link (`tap_ip`).
+    #[schema(value_type = String, example = "172.16.0.1")]
+    pub gateway: Ipv4Addr,
+    /// Resolvers written to the guest's /etc/resolv.conf and the kernel's `ip=` line.
+    #[schema(value_type = Vec<String>)]
+    pub dns: Vec<Ipv4Addr>,
+    pub egress: EgressPolicy,
+}
+
+/// A port listed in `exposed_ports` and whether something in the guest accepted a connection on it at the
+/// last poll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExposedPortStatus {
+    pub port: u16,
+    pub listening: bool,
+    /// RFC 3339 time of the last check, absent before the first one.
+    pub checked_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Machine {
+    pub id: String,
+    pub name: String,
+    pub status: MachineStatus,
+    pub runtime: RuntimeKind,
+    pub vcpu_count: u32,
+    pub mem_size_mib: u32,
+    pub kernel_image_path: String,
+    pub kernel_args: String,
+    pub rootfs_path: String,
+    /// Firecracker's API socket (firecracker runtime) while the machine has a process.
+    pub socket_path: Option<String>,
+    /// PID of the firecracker process or of the container's init while running.
+    pub pid: Option<u32>,
+    pub exposed_ports: Vec<u16>,
+    pub exposed_ports_status: Vec<ExposedPortStatus>,
+    /// Host-side interface: a TAP device (firecracker) or the host end of a veth pair (container).
+    pub tap_device: String,
+    #[schema(value_type = String, example = "172.16.0.1")]
+    pub tap_ip: Ipv4Addr,
+    #[schema(value_type = String, example = "172.16.0.2")]
+    pub guest_ip: Ipv4Addr,
+    #[schema(example = "AA:FC:00:00:00:01")]
+    pub guest_mac: String,
+    pub network: MachineNetwork,
+    pub error_message: Option<String>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// Per-machine network options in a create request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOptions {
+    /// Resolvers for this machine; defaults to the daemon's `HYPERFLEET_DNS` / the host's resolvers.
+    #[schema(value_type = Option<Vec<String>>)]
+    pub dns: Option<Vec<Ipv4Addr>>,
+    pub egress: Option<EgressPolicy>,
+}
+
+/// `POST /machines`. Required fields are `Option` so a missing one gets the upstream message
+/// ("mem_size_mib is required") rather than a serde one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMachine {
+    /// Unique, DNS-label style: lowercase letters, digits and '-', 1–63 characters.
+    #[schema(required = true, example = "web-server")]
+    pub name: Option<String>,
+    #[schema(required = true, minimum = 1, example = 1)]
+    pub vcpu_count: Option<i64>,
+    #[schema(required = true, minimum = 4, example = 128)]
+    pub mem_size_mib: Option<i64>,
+    /// Defaults to `HYPERFLEET_KERNEL_IMAGE_PATH`; must be a regular file inside the assets directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_image_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_args: Option<String>,
+    /// Defaults to `HYPERFLEET_ROOTFS_PATH`; must be a regular file inside the assets directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rootfs_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exposed_ports: Option<Vec<i64>>,
+    /// Defaults to `HYPERFLEET_RUNTIME` (container on hosts without hardware virtualization).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkOptions>,
+}
+
+/// `PATCH /machines/{id}`: change what can change without a restart.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMachine {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exposed_ports: Option<Vec<i64>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MachineList {
+    pub machines: Vec<Machine>,
+    /// Number of machines matching the filter, before `limit`/`offset`.
+    pub total: u64,
+}
+
+/// A command as an argument vector. A plain string is refused: it would have to go through a shell, and
+/// quoting bugs there are how sandboxes get escaped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[schema(value_type = Vec<String>, example = json!(["ls", "-la", "/"]))]
+pub struct CommandArgs(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for CommandArgs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            List(Vec<String>),
+            Text(String),
+            Other(serde::de::IgnoredAny),
+        }
+        match Raw::deserialize(d)? {
+            Raw::List(v) if v.is_empty() => Err(serde::de::Error::custom("command must not be empty")),
+            Raw::List(v) => Ok(Self(v)),
+            Raw::Text(s) => Err(serde::de::Error::custom(format!(
+                "command must be an array of strings, e.g. [\"sh\", \"-c\", {s:?}]"
+            ))),
+            Raw::Other(_) => Err(serde::de::Error::custom("command must be an array of strings")),
+        }
+    }
+}
+
+/// `POST /machines/{id}/exec` and `/exec/stream`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Argument vector; `cmd` is accepted as an alias (upstream docs used it).
+    #[serde(alias = "cmd")]
+    pub command: CommandArgs,
+    /// Seconds before the command's process group is killed (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub timeout: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Text fed to the command's standard input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// True when the output went past the agent's cap (the rest was discarded).
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    #[serde(default)]
+    pub stderr_truncated: bool,
+    #[serde(default)]
+    pub duration_ms: u64,
+}
+
+/// One line of the NDJSON stream of `POST /machines/{id}/exec/stream`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ExecEvent {
+    Stdout { data: String },
+    Stderr { data: String },
+    Exit { exit_code: i32, duration_ms: u64 },
+    Error { code: String, message: String },
+}
+
+/// `POST /machines/{id}/files` (JSON form).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpload {
+    /// Absolute path inside the guest; parent directories are created.
+    pub path: String,
+    /// File content, base64.
+    pub content: String,
+    /// Permission bits, e.g. 420 (0o644, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FileWritten {
+    pub path: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FileStat {
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+    pub is_dir: bool,
+    /// RFC 3339, UTC.
+    pub modified_at: String,
+}
+
+/// Permission a key grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum Scope {
+    #[serde(rename = "machines:read")]
+    MachinesRead,
+    #[serde(rename = "machines:write")]
+    MachinesWrite,
+    #[serde(rename = "machines:exec")]
+    MachinesExec,
+    #[serde(rename = "keys:admin")]
+    KeysAdmin,
+    #[serde(rename = "*")]
+    All,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 5] = [
+        Self::MachinesRead,
+        Self::MachinesWrite,
+        Self::MachinesExec,
+        Self::KeysAdmin,
+        Self::All,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MachinesRead => "machines:read",
+            Self::MachinesWrite => "machines:write",
+            Self::MachinesExec => "machines:exec",
+            Self::KeysAdmin => "keys:admin",
+            Self::All => "*",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|sc| sc.as_str() == s)
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An API key as listed: never the secret, only its first 11 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ApiKey {
+    pub id: String,
+    pub name: String,
+    #[schema(example = "hf_AbCdEfGh")]
+    pub key_prefix: String,
+    pub scopes: Vec<Scope>,
+    pub expires_at: Option<String>,
+    pub last_used_at: Option<String>,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKey {
+    pub name: String,
+    pub scopes: Vec<Scope>,
+    /// RFC 3339 time after which the key stops working.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// Returned once, at creation: the only time the secret is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreatedApiKey {
+    #[schema(example = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345")]
+    pub key: String,
+    pub api_key: ApiKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ApiKeyList {
+    pub api_keys: Vec<ApiKey>,
+}
+
+/// The error envelope of every non-2xx response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    #[schema(example = "NOT_FOUND")]
+    pub code: String,
+    #[schema(example = "Machine with id 'abc123' not found")]
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: String,
+    pub version: String,
+    /// Runtime used when a create request names none.
+    pub default_runtime: RuntimeKind,
+    /// Runtimes this host can run, with the reason when one cannot.
+    pub runtimes: Vec<RuntimeAvailability>,
+    #[schema(example = "ok")]
+    pub database: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RuntimeAvailability {
+    pub runtime: RuntimeKind,
+    pub available: bool,
+    pub detail: String,
+}
+
+/// One diagnostic check (`hyperfleet doctor`, `GET /machines/{id}/network`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+    /// A command that fixes the problem, when there is one.
+    pub fix: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkReport {
+    pub machine_id: String,
+    pub ok: bool,
+    pub checks: Vec<Check>,
+}
+
+/// `GET /machines/{id}/logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MachineLogs {
+    pub machine_id: String,
+    /// The last lines of the machine's console (firecracker) or init output (container).
+    pub lines: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_follow_the_state_table() {
+        use MachineStatus::*;
+        assert!(Pending.can_become(Starting));
+        assert!(Stopped.can_become(Starting));
+        assert!(!Running.can_become(Starting));
+        assert!(!Pending.can_become(Stopping));
+        assert!(Running.can_become(Stopping));
+        assert!(Stopping.can_become(Stopped));
+        assert!(!Stopped.can_become(Running));
+    }
+
+    #[test]
+    fn command_must_be_an_array() {
+        let r: Result<ExecRequest, _> = serde_json::from_str(r#"{"command": "ls -la"}"#);
+        let msg = r.unwrap_err().to_string();
+        assert!(msg.contains("array"), "{msg}");
+        let ok: ExecRequest = serde_json::from_str(r#"{"cmd": ["ls", "-la"]}"#).unwrap();
+        assert_eq!(ok.command.0, vec!["ls", "-la"]);
+    }
+
+    #[test]
+    fn egress_policy_round_trips() {
+        for (json, want) in [
+            (r#""allow""#, EgressPolicy::Allow),
+            (r#""deny""#, EgressPolicy::Deny),
+            (r#"["10.0.0.0/8","192.0.2.7"]"#, EgressPolicy::Cidrs(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "192.0.2.7/32".parse().unwrap(),
+            ])),
+        ] {
+            let p: EgressPolicy = serde_json::from_str(json).unwrap();
+            assert_eq!(p, want);
+            let back: EgressPolicy = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+            assert_eq!(back, want);
+        }
+        assert!(serde_json::from_str::<EgressPolicy>(r#""maybe""#).is_err());
+        assert!(serde_json::from_str::<EgressPolicy>(r#"["nope"]"#).is_err());
+    }
+
+    #[test]
+    fn scopes_use_the_documented_spelling() {
+        let s: Vec<Scope> = serde_json::from_str(r#"["machines:read","*","keys:admin"]"#).unwrap();
+        assert_eq!(s, vec![Scope::MachinesRead, Scope::All, Scope::KeysAdmin]);
+    }
+}

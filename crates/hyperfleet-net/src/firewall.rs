@@ -1,0 +1,201 @@
+//! The one nftables table Hyperfleet owns (`inet hyperfleet`): NAT for the machine subnet, isolation between
+//! machines and from the host, anti-spoofing and per-machine egress policy. The whole table is rendered from
+//! the list of running machines and replaced in one `nft -f` transaction, so it is never half-updated and
+//! other tables (the user's own rules) are never touched. Deleting the table leaves the host clean.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use ipnet::Ipv4Net;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use crate::NetError;
+
+pub const DEFAULT_TABLE: &str = "hyperfleet";
+
+/// Where a machine may open new connections to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Egress {
+    Allow,
+    Deny,
+    Only(Vec<Ipv4Net>),
+}
+
+/// One running machine as the firewall sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallEntry {
+    /// Host-side interface (TAP or veth host end).
+    pub iface: String,
+    pub tap_ip: Ipv4Addr,
+    pub guest_ip: Ipv4Addr,
+    pub egress: Egress,
+}
+
+#[derive(Debug, Clone)]
+pub struct Firewall {
+    table: String,
+    subnet: Ipv4Net,
+    nft: PathBuf,
+}
+
+impl Firewall {
+    pub fn new(table: &str, subnet: Ipv4Net) -> Self {
+        Self { table: table.to_string(), subnet, nft: PathBuf::from("nft") }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The full table for these machines, as one nft script that replaces any previous version atomically.
+    pub fn render(&self, machines: &[FirewallEntry]) -> String {
+        let t = &self.table;
+        let subnet = self.subnet;
+        let mut s = String::new();
+        // "add" makes the delete valid when the table does not exist yet; all three lines are one transaction.
+        let _ = writeln!(s, "add table inet {t}\ndelete table inet {t}\ntable inet {t} {{");
+        let ifaces: Vec<String> = machines.iter().map(|m| format!("\"{}\"", m.iface)).collect();
+        let gateways: Vec<String> = machines.iter().map(|m| format!("\"{}\" . {}", m.iface, m.tap_ip)).collect();
+        let guests: Vec<String> = machines.iter().map(|m| format!("\"{}\" . {}", m.iface, m.guest_ip)).collect();
+        set(&mut s, "machine_ifaces", "ifname", &ifaces);
+        set(&mut s, "gateways", "ifname . ipv4_addr", &gateways);
+        set(&mut s, "guest_addrs", "ifname . ipv4_addr", &guests);
+
+        // Guest -> host: only replies and a ping of its own gateway. Everything else the host listens on
+        // (ssh, the API, the proxy, the other machines' gateways) stays out of reach.
+        let _ = writeln!(
+            s,
+            "  chain input {{\n    type filter hook input priority filter; policy accept;\n    \
+             iifname @machine_ifaces jump guest_to_host\n  }}\n  \
+             chain guest_to_host {{\n    ct state established,related accept\n    \
+             meta nfproto ipv4 iifname . ip daddr @gateways icmp type echo-request accept\n    drop\n  }}"
+        );
+
+        // Forwarded traffic: guest -> world with egress policy; world -> guest only as replies.
+        let _ = writeln!(
+            s,
+            "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    \
+             iifname @machine_ifaces jump guest_out\n    oifname @machine_ifaces jump guest_in\n  }}"
+        );
+        let _ = writeln!(
+            s,
+            "  chain guest_out {{\n    meta nfproto != ipv4 drop\n    \
+             iifname . ip saddr != @guest_addrs drop\n    \
+             oifname @machine_ifaces drop\n    ip daddr {subnet} drop\n    \
+             ct state established,related accept"
+        );
+        for m in machines {
+            match &m.egress {
+                Egress::Allow => {}
+                Egress::Deny => {
+                    let _ = writeln!(s, "    iifname \"{}\" drop", m.iface);
+                }
+                Egress::Only(cidrs) if cidrs.is_empty() => {
+                    let _ = writeln!(s, "    iifname \"{}\" drop", m.iface);
+                }
+                Egress::Only(cidrs) => {
+                    let list: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
+                    let _ = writeln!(s, "    iifname \"{}\" ip daddr != {{ {} }} drop", m.iface, list.join(", "));
+                }
+            }
+        }
+        let _ = writeln!(s, "    accept\n  }}");
+        let _ = writeln!(s, "  chain guest_in {{\n    ct state established,related accept\n    drop\n  }}");
+
+        // Masquerade what leaves through anything that is not a machine interface.
+        let _ = writeln!(
+            s,
+            "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
+             ip saddr {subnet} oifname != @machine_ifaces masquerade\n  }}\n}}"
+        );
+        s
+    }
+
+    /// Replaces the table with the rules for `machines`.
+    pub async fn apply(&self, machines: &[FirewallEntry]) -> Result<(), NetError> {
+        self.run(&["-f", "-"], Some(self.render(machines))).await.map(|_| ())
+    }
+
+    /// Deletes the table (and with it every rule Hyperfleet made); a missing table is not an error.
+    pub async fn remove(&self) -> Result<(), NetError> {
+        let script = format!("add table inet {t}\ndelete table inet {t}\n", t = self.table);
+        self.run(&["-f", "-"], Some(script)).await.map(|_| ())
+    }
+
+    /// The table as the kernel has it (`nft list table inet hyperfleet`), or `None` when it does not exist.
+    pub async fn current(&self) -> Result<Option<String>, NetError> {
+        match self.run(&["list", "table", "inet", &self.table], None).await {
+            Ok(out) => Ok(Some(out)),
+            Err(NetError::Nft(msg)) if msg.contains("No such file") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn run(&self, args: &[&str], stdin: Option<String>) -> Result<String, NetError> {
+        let mut child = Command::new(&self.nft)
+            .args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| NetError::Nft(format!("run nft: {e} (install the nftables package)")))?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes()).await.map_err(|e| NetError::Nft(format!("write to nft: {e}")))?;
+        }
+        let out = child.wait_with_output().await.map_err(|e| NetError::Nft(format!("wait for nft: {e}")))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(NetError::Nft(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+        }
+    }
+}
+
+fn set(s: &mut String, name: &str, ty: &str, elements: &[String]) {
+    let _ = write!(s, "  set {name} {{\n    type {ty}\n");
+    if !elements.is_empty() {
+        let _ = writeln!(s, "    elements = {{ {} }}", elements.join(", "));
+    }
+    let _ = writeln!(s, "  }}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: u32, egress: Egress) -> FirewallEntry {
+        FirewallEntry {
+            iface: format!("tap{i}"),
+            tap_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 1)) + 4 * i),
+            guest_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 2)) + 4 * i),
+            egress,
+        }
+    }
+
+    #[test]
+    fn renders_one_entry_per_running_machine() {
+        let fw = Firewall::new("hftest", "172.16.0.0/16".parse().unwrap());
+        let text = fw.render(&[
+            entry(0, Egress::Allow),
+            entry(1, Egress::Deny),
+            entry(2, Egress::Only(vec!["10.200.0.0/24".parse().unwrap()])),
+        ]);
+        assert!(text.starts_with("add table inet hftest\ndelete table inet hftest\n"));
+        assert!(text.contains(r#"elements = { "tap0", "tap1", "tap2" }"#));
+        assert!(text.contains(r#""tap1" . 172.16.0.5"#));
+        assert!(text.contains(r#""tap2" . 172.16.0.10"#));
+        assert!(text.contains("iifname \"tap1\" drop"));
+        assert!(text.contains("iifname \"tap2\" ip daddr != { 10.200.0.0/24 } drop"));
+        assert!(!text.contains("iifname \"tap0\" drop"));
+        assert!(text.contains("ip saddr 172.16.0.0/16 oifname != @machine_ifaces masquerade"));
+    }
+
+    #[test]
+    fn empty_sets_have_no_elements_line() {
+        let text = Firewall::new("hftest", "172.16.0.0/16".parse().unwrap()).render(&[]);
+        assert!(!text.contains("elements"));
+    }
+}
