@@ -16,6 +16,8 @@
 //! for `Json`, raw bytes otherwise). Payloads are at most [`MAX_FRAME`] bytes, so neither side ever holds
 //! more than one chunk of a large file in memory.
 
+pub mod client;
+
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
@@ -77,6 +79,8 @@ pub enum ProtoError {
     Unexpected { expected: &'static str, got: FrameKind },
     #[error("the peer closed the connection")]
     Closed,
+    #[error("unexpected response {0}")]
+    UnexpectedResponse(String),
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: FrameKind, payload: &[u8]) -> Result<(), ProtoError> {

@@ -1,1 +1,164 @@
-fn main(){}
+//! hyperfleet-agent: the guest side of Hyperfleet. Runs as PID 1 (or as the first service of an init) in a
+//! Firecracker guest or a container, and serves exec and file operations to the host (protocol: see the
+//! `hyperfleet-agent-proto` crate) on vsock port 52 or a unix socket.
+
+mod exec;
+mod files;
+mod init;
+mod reaper;
+
+use std::sync::Arc;
+
+use hyperfleet_agent_proto::{self as proto, ErrorKind, Hello, Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::reaper::Reaper;
+
+const USAGE: &str = "usage: hyperfleet-agent [--listen vsock:PORT | --listen unix:PATH]\n\
+  Default: unix:$HYPERFLEET_AGENT_SOCKET when set, else vsock:52. Run as PID 1 it also mounts /proc, /sys,\n\
+  /dev, /run, /tmp, brings up lo, writes /etc/resolv.conf and reaps orphans.";
+
+#[derive(Debug, Clone)]
+enum Listen {
+    Vsock(u32),
+    Unix(String),
+}
+
+fn parse_args() -> Result<Listen, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let spec = match args.as_slice() {
+        [] => match std::env::var("HYPERFLEET_AGENT_SOCKET") {
+            Ok(p) => format!("unix:{p}"),
+            Err(_) => format!("vsock:{}", proto::AGENT_PORT),
+        },
+        [flag, v] if flag == "--listen" => v.clone(),
+        [flag] if flag == "--help" || flag == "-h" => return Err(USAGE.to_string()),
+        _ => return Err(USAGE.to_string()),
+    };
+    if let Some(port) = spec.strip_prefix("vsock:") {
+        return port.parse().map(Listen::Vsock).map_err(|_| format!("bad vsock port '{port}'\n{USAGE}"));
+    }
+    if let Some(path) = spec.strip_prefix("unix:") {
+        return Ok(Listen::Unix(path.to_string()));
+    }
+    Err(format!("bad --listen '{spec}'\n{USAGE}"))
+}
+
+fn main() {
+    let listen = match parse_args() {
+        Ok(l) => l,
+        Err(msg) => {
+            eprintln!("{msg}");
+            std::process::exit(2);
+        }
+    };
+    let pid1 = std::process::id() == 1;
+    if !pid1 {
+        // Adopt orphans of the commands we run, as PID 1 would, so none is left unreaped.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    }
+    if pid1 {
+        init::mount_filesystems();
+        init::loopback_up();
+        init::set_hostname_from_env();
+        init::write_resolv_conf(&init::boot_resolvers());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let in_vm = matches!(listen, Listen::Vsock(_));
+    let code = rt.block_on(async move {
+        match serve(listen).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("hyperfleet-agent: {e}");
+                1
+            }
+        }
+    });
+    if pid1 {
+        // PID 1 must never simply return: the kernel would panic. Power off instead.
+        rt.block_on(init::shutdown(in_vm));
+    }
+    std::process::exit(code);
+}
+
+async fn serve(listen: Listen) -> std::io::Result<()> {
+    let reaper = Reaper::start()?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let ctx = Arc::new(Ctx { reaper, shutdown: shutdown_tx });
+    eprintln!("hyperfleet-agent {}: listening on {listen:?}", env!("CARGO_PKG_VERSION"));
+    macro_rules! accept_loop {
+        ($listener:expr) => {
+            loop {
+                tokio::select! {
+                    conn = $listener.accept() => {
+                        let (stream, _) = conn?;
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move { handle(ctx, stream).await });
+                    }
+                    _ = term.recv() => return Ok(()),
+                    _ = int.recv() => return Ok(()),
+                    _ = shutdown_rx.recv() => return Ok(()),
+                }
+            }
+        };
+    }
+    match listen {
+        Listen::Vsock(port) => {
+            let l = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port))?;
+            accept_loop!(l)
+        }
+        Listen::Unix(path) => {
+            let _ = std::fs::remove_file(&path);
+            if let Some(dir) = std::path::Path::new(&path).parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let l = tokio::net::UnixListener::bind(&path)?;
+            accept_loop!(l)
+        }
+    }
+}
+
+struct Ctx {
+    reaper: Arc<Reaper>,
+    shutdown: tokio::sync::mpsc::Sender<()>,
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(ctx: Arc<Ctx>, stream: S) {
+    let (mut r, mut w) = tokio::io::split(stream);
+    let hello = Hello { protocol: proto::PROTOCOL_VERSION, agent_version: env!("CARGO_PKG_VERSION").to_string() };
+    if proto::write_json(&mut w, &hello).await.is_err() {
+        return;
+    }
+    let req: Request = match proto::read_json(&mut r, "a request").await {
+        Ok(req) => req,
+        Err(proto::ProtoError::Closed) => return,
+        Err(e) => {
+            let _ = proto::write_json(&mut w, &files::fail(ErrorKind::BadRequest, e.to_string())).await;
+            return;
+        }
+    };
+    let _ = match req {
+        Request::Ping => proto::write_json(&mut w, &Response::Ok).await,
+        Request::Exec(spec) => exec::run(&ctx.reaper, &mut r, &mut w, spec).await,
+        Request::WriteFile { path, mode, max_size } => {
+            let resp = files::write(&mut r, &path, mode, max_size).await;
+            proto::write_json(&mut w, &resp).await
+        }
+        Request::ReadFile { path, max_size } => files::read(&mut w, &path, max_size).await,
+        Request::Stat { path } => proto::write_json(&mut w, &files::stat(&path).await).await,
+        Request::Delete { path, recursive } => proto::write_json(&mut w, &files::delete(&path, recursive).await).await,
+        Request::Shutdown => {
+            let res = proto::write_json(&mut w, &Response::Ok).await;
+            let _ = ctx.shutdown.send(()).await;
+            res
+        }
+    };
+}

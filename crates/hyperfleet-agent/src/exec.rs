@@ -1,0 +1,206 @@
+//! Runs one command for the host: its own session and process group, stdin from `Data` frames, stdout and
+//! stderr streamed back as frames (capped when the host asks), and on timeout the whole group is killed.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyperfleet_agent_proto::{self as proto, ErrorKind, ExecSpec, FrameKind, Response};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+
+use crate::files::fail;
+use crate::reaper::Reaper;
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// After the command exits, how long output still held open by its background children is waited for.
+const DRAIN_GRACE: Duration = Duration::from_millis(250);
+
+struct Output {
+    kind: FrameKind,
+    data: Bytes,
+}
+
+pub async fn run<R, W>(reaper: &Reaper, r: &mut R, w: &mut W, spec: ExecSpec) -> Result<(), proto::ProtoError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let (child, exited) = match spawn(reaper, &spec) {
+        Ok(x) => x,
+        Err(resp) => {
+            drain_stdin(r).await;
+            return proto::write_json(w, &resp).await;
+        }
+    };
+    let pgid = Pid::from_raw(child.pid as i32);
+    let (tx, mut rx) = mpsc::channel::<Output>(16);
+    let cap = spec.max_output;
+    let out_task = tokio::spawn(pump(child.stdout, FrameKind::Stdout, cap, tx.clone()));
+    let err_task = tokio::spawn(pump(child.stderr, FrameKind::Stderr, cap, tx));
+
+    let deadline = tokio::time::sleep(Duration::from_millis(spec.timeout_ms.max(1)));
+    tokio::pin!(deadline, exited);
+    // `reading_stdin`: frames still come from the host; `stdin`: the pipe, closed at End or on error.
+    let mut reading_stdin = true;
+    let mut stdin = Some(child.stdin);
+    let mut timed_out = false;
+    let mut exit_code = None;
+    let mut link_broken = false;
+    // Forward stdin and output until the process exits (or is killed at the deadline).
+    while exit_code.is_none() {
+        tokio::select! {
+            code = &mut exited => exit_code = Some(code.unwrap_or(-1)),
+            _ = &mut deadline, if !timed_out => {
+                timed_out = true;
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+            frame = proto::read_frame(r), if reading_stdin => match frame {
+                Ok(Some(f)) if f.kind == FrameKind::Data => {
+                    if let Some(pipe) = stdin.as_mut() {
+                        if pipe.write_all(&f.payload).await.is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
+                // End of stdin: dropping the pipe closes it.
+                Ok(Some(_)) => { reading_stdin = false; stdin = None; }
+                Ok(None) | Err(_) => {
+                    reading_stdin = false;
+                    stdin = None;
+                    link_broken = true;
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                }
+            },
+            Some(o) = rx.recv() => {
+                if proto::write_frame(w, o.kind, &o.data).await.is_err() {
+                    // Nobody is listening any more: do not leave the command running unobserved.
+                    link_broken = true;
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                }
+            }
+        }
+    }
+    drop(stdin);
+    // Output still buffered or held open by background children: forward it for a short grace period.
+    let grace = tokio::time::sleep(DRAIN_GRACE);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            o = rx.recv() => match o {
+                Some(o) => { if !link_broken && proto::write_frame(w, o.kind, &o.data).await.is_err() { link_broken = true; } }
+                None => break,
+            },
+            _ = &mut grace => break,
+        }
+    }
+    if timed_out {
+        // A timed-out command leaves nothing behind in its group.
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    let (stdout_truncated, stderr_truncated) = (
+        out_task.is_finished() && out_task.await.unwrap_or(false),
+        err_task.is_finished() && err_task.await.unwrap_or(false),
+    );
+    if link_broken {
+        return Err(proto::ProtoError::Closed);
+    }
+    proto::write_json(
+        w,
+        &Response::Exited {
+            exit_code: exit_code.unwrap_or(-1),
+            timed_out,
+            stdout_truncated,
+            stderr_truncated,
+            duration_ms: started.elapsed().as_millis() as u64,
+        },
+    )
+    .await
+}
+
+struct Spawned {
+    pid: u32,
+    stdin: pipe::Sender,
+    stdout: pipe::Receiver,
+    stderr: pipe::Receiver,
+}
+
+fn spawn(reaper: &Reaper, spec: &ExecSpec) -> Result<(Spawned, tokio::sync::oneshot::Receiver<i32>), Response> {
+    let Some(program) = spec.argv.first() else {
+        return Err(fail(ErrorKind::BadRequest, "command must not be empty"));
+    };
+    let cwd = spec.cwd.as_deref().unwrap_or("/");
+    if !cwd.starts_with('/') {
+        return Err(fail(ErrorKind::InvalidPath, format!("cwd must be absolute, got '{cwd}'")));
+    }
+    let mut cmd = Command::new(program);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOME", "/root")
+        .env("TERM", "xterm")
+        .envs(&spec.env)
+        .current_dir(cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setsid() is async-signal-safe; it makes the child the leader of a new session and process
+    // group, so a timeout can kill everything the command started.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    let (mut child, exited) = reaper.spawn(&mut cmd).map_err(|e| {
+        if !std::path::Path::new(cwd).is_dir() {
+            fail(ErrorKind::InvalidPath, format!("cwd {cwd} is not a directory"))
+        } else {
+            fail(ErrorKind::SpawnFailed, format!("cannot run '{program}': {e}"))
+        }
+    })?;
+    let io_err = |e: std::io::Error| fail(ErrorKind::Io, format!("command pipes: {e}"));
+    let take = |fd: Option<OwnedFd>| fd.ok_or_else(|| fail(ErrorKind::Io, "command pipe missing"));
+    let stdin = pipe::Sender::from_file(File::from(take(child.stdin.take().map(OwnedFd::from))?)).map_err(io_err)?;
+    let stdout = pipe::Receiver::from_file(File::from(take(child.stdout.take().map(OwnedFd::from))?)).map_err(io_err)?;
+    let stderr = pipe::Receiver::from_file(File::from(take(child.stderr.take().map(OwnedFd::from))?)).map_err(io_err)?;
+    Ok((Spawned { pid: child.id(), stdin, stdout, stderr }, exited))
+}
+
+/// Reads one output pipe to its end; returns whether anything was dropped over the cap.
+async fn pump(mut pipe: pipe::Receiver, kind: FrameKind, cap: Option<u64>, tx: mpsc::Sender<Output>) -> bool {
+    let mut buf = vec![0u8; proto::CHUNK];
+    let mut sent = 0u64;
+    let mut truncated = false;
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return truncated,
+            Ok(n) => n,
+        };
+        let keep = match cap {
+            Some(c) => (c.saturating_sub(sent)).min(n as u64) as usize,
+            None => n,
+        };
+        if keep < n {
+            truncated = true;
+        }
+        if keep > 0 {
+            sent += keep as u64;
+            if tx.send(Output { kind, data: Bytes::copy_from_slice(&buf[..keep]) }).await.is_err() {
+                return truncated;
+            }
+        }
+    }
+}
+
+async fn drain_stdin<R: AsyncRead + Unpin>(r: &mut R) {
+    while let Ok(Some(f)) = proto::read_frame(r).await {
+        if f.kind == FrameKind::End {
+            return;
+        }
+    }
+}

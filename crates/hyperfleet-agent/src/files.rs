@@ -1,0 +1,201 @@
+//! File operations of the agent: streamed writes (to a temporary name, then renamed into place), streamed
+//! reads, stat and delete. Paths must be absolute.
+
+use std::io::ErrorKind as IoKind;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hyperfleet_agent_proto::{self as proto, ErrorKind, FileStat, FrameKind, Response};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub type OpResult<T> = Result<T, Response>;
+
+pub fn fail(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error { kind, message: message.into() }
+}
+
+pub fn io_fail(what: &str, path: &Path, e: std::io::Error) -> Response {
+    let kind = match e.kind() {
+        IoKind::NotFound => ErrorKind::NotFound,
+        IoKind::PermissionDenied => ErrorKind::PermissionDenied,
+        IoKind::IsADirectory | IoKind::NotADirectory | IoKind::InvalidInput => ErrorKind::InvalidPath,
+        _ => ErrorKind::Io,
+    };
+    fail(kind, format!("{what} {}: {e}", path.display()))
+}
+
+pub fn checked_path(path: &str) -> OpResult<PathBuf> {
+    if !path.starts_with('/') {
+        return Err(fail(ErrorKind::InvalidPath, format!("path must be absolute, got '{path}'")));
+    }
+    if path.contains('\0') {
+        return Err(fail(ErrorKind::InvalidPath, "path must not contain NUL bytes"));
+    }
+    Ok(PathBuf::from(path))
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Receives `Data` frames until `End` into `path`. On any error the rest of the stream is still drained so
+/// the host gets the error as a response, not as a broken connection.
+pub async fn write<R: AsyncRead + Unpin>(r: &mut R, path: &str, mode: Option<u32>, max: Option<u64>) -> Response {
+    let target = checked_path(path);
+    let mut state: OpResult<(tokio::fs::File, PathBuf, PathBuf)> = match target {
+        Err(e) => Err(e),
+        Ok(p) => open_tmp(&p, mode.unwrap_or(0o644)).await.map(|(f, tmp)| (f, tmp, p)),
+    };
+    let mut size = 0u64;
+    loop {
+        let frame = match proto::read_frame(r).await {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(_) => {
+                if let Ok((_, tmp, _)) = &state {
+                    let _ = tokio::fs::remove_file(tmp).await;
+                }
+                return fail(ErrorKind::Io, "connection closed before the end of the file");
+            }
+        };
+        match frame.kind {
+            FrameKind::Data => {
+                size += frame.payload.len() as u64;
+                if let Ok((file, tmp, _)) = &mut state {
+                    let res = if max.is_some_and(|m| size > m) {
+                        Err(fail(ErrorKind::TooLarge, format!("file is larger than {} bytes", max.unwrap_or(0))))
+                    } else {
+                        file.write_all(&frame.payload).await.map_err(|e| io_fail("write", tmp, e))
+                    };
+                    if let Err(e) = res {
+                        let _ = tokio::fs::remove_file(&tmp).await;
+                        state = Err(e);
+                    }
+                }
+            }
+            FrameKind::End => break,
+            other => return fail(ErrorKind::BadRequest, format!("unexpected {other:?} frame in a file upload")),
+        }
+    }
+    let (mut file, tmp, target) = match state {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let done = async {
+        file.flush().await.map_err(|e| io_fail("write", &tmp, e))?;
+        file.sync_all().await.map_err(|e| io_fail("sync", &tmp, e))?;
+        // The umask may have narrowed the mode given at open.
+        if let Some(m) = mode {
+            tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(m & 0o7777))
+                .await
+                .map_err(|e| io_fail("chmod", &tmp, e))?;
+        }
+        tokio::fs::rename(&tmp, &target).await.map_err(|e| io_fail("rename into", &target, e))
+    }
+    .await;
+    match done {
+        Ok(()) => Response::Written { size },
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            e
+        }
+    }
+}
+
+async fn open_tmp(target: &Path, mode: u32) -> OpResult<(tokio::fs::File, PathBuf)> {
+    if tokio::fs::metadata(target).await.is_ok_and(|m| m.is_dir()) {
+        return Err(fail(ErrorKind::InvalidPath, format!("{} is a directory", target.display())));
+    }
+    let parent = target.parent().unwrap_or(Path::new("/"));
+    let name = target
+        .file_name()
+        .ok_or_else(|| fail(ErrorKind::InvalidPath, format!("{} names no file", target.display())))?;
+    tokio::fs::create_dir_all(parent).await.map_err(|e| io_fail("create directory", parent, e))?;
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = parent.join(format!(".{}.hf-{}-{n}", name.to_string_lossy(), std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode & 0o7777)
+        .open(&tmp)
+        .map_err(|e| io_fail("create", &tmp, e))?;
+    Ok((tokio::fs::File::from_std(file), tmp))
+}
+
+/// Sends `File`, the content as `Data` frames, `End`, then `Ok`.
+pub async fn read<W: AsyncWrite + Unpin>(w: &mut W, path: &str, max: Option<u64>) -> Result<(), proto::ProtoError> {
+    let opened = async {
+        let p = checked_path(path)?;
+        let file = tokio::fs::File::open(&p).await.map_err(|e| io_fail("open", &p, e))?;
+        let meta = file.metadata().await.map_err(|e| io_fail("stat", &p, e))?;
+        if meta.is_dir() {
+            return Err(fail(ErrorKind::InvalidPath, format!("{path} is a directory")));
+        }
+        if let Some(m) = max.filter(|m| meta.len() > *m) {
+            return Err(fail(ErrorKind::TooLarge, format!("{path} is {} bytes, over the {m}-byte limit", meta.len())));
+        }
+        Ok((file, meta))
+    }
+    .await;
+    let (mut file, meta) = match opened {
+        Ok(x) => x,
+        Err(resp) => return proto::write_json(w, &resp).await,
+    };
+    proto::write_json(w, &Response::File { size: meta.len(), mode: meta.mode() & 0o7777 }).await?;
+    let mut buf = vec![0u8; proto::CHUNK];
+    loop {
+        let n = match file.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                // The host sees the data stream end without `End`, then the error.
+                return proto::write_json(w, &io_fail("read", Path::new(path), e)).await;
+            }
+        };
+        proto::write_frame(w, FrameKind::Data, &buf[..n]).await?;
+    }
+    proto::write_frame(w, FrameKind::End, b"").await?;
+    proto::write_json(w, &Response::Ok).await
+}
+
+pub async fn stat(path: &str) -> Response {
+    let p = match checked_path(path) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    match tokio::fs::metadata(&p).await {
+        Ok(m) => Response::Stat(FileStat {
+            size: m.len(),
+            mode: m.mode() & 0o7777,
+            is_dir: m.is_dir(),
+            modified_unix: m.mtime(),
+        }),
+        Err(e) => io_fail("stat", &p, e),
+    }
+}
+
+pub async fn delete(path: &str, recursive: bool) -> Response {
+    let p = match checked_path(path) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    if p == Path::new("/") {
+        return fail(ErrorKind::InvalidPath, "refusing to delete /");
+    }
+    let meta = match tokio::fs::symlink_metadata(&p).await {
+        Ok(m) => m,
+        Err(e) => return io_fail("stat", &p, e),
+    };
+    let res = if !meta.is_dir() {
+        tokio::fs::remove_file(&p).await
+    } else if recursive {
+        tokio::fs::remove_dir_all(&p).await
+    } else {
+        tokio::fs::remove_dir(&p).await
+    };
+    match res {
+        Ok(()) => Response::Ok,
+        Err(e) if e.kind() == IoKind::DirectoryNotEmpty => {
+            fail(ErrorKind::InvalidPath, format!("{path} is a non-empty directory; delete it recursively"))
+        }
+        Err(e) => io_fail("delete", &p, e),
+    }
+}
