@@ -76,14 +76,21 @@ pub enum ProtoError {
     #[error("malformed message: {0}")]
     BadJson(#[from] serde_json::Error),
     #[error("expected {expected}, got a {got:?} frame")]
-    Unexpected { expected: &'static str, got: FrameKind },
+    Unexpected {
+        expected: &'static str,
+        got: FrameKind,
+    },
     #[error("the peer closed the connection")]
     Closed,
     #[error("unexpected response {0}")]
     UnexpectedResponse(String),
 }
 
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: FrameKind, payload: &[u8]) -> Result<(), ProtoError> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: FrameKind,
+    payload: &[u8],
+) -> Result<(), ProtoError> {
     if payload.len() > MAX_FRAME {
         return Err(ProtoError::TooLarge(payload.len()));
     }
@@ -95,7 +102,10 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: FrameKind, payl
     Ok(())
 }
 
-pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<(), ProtoError> {
+pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), ProtoError> {
     write_frame(w, FrameKind::Json, &serde_json::to_vec(msg)?).await?;
     w.flush().await?;
     Ok(())
@@ -124,10 +134,19 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
 }
 
 /// Reads one frame that must be JSON and decodes it.
-pub async fn read_json<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R, expected: &'static str) -> Result<T, ProtoError> {
+pub async fn read_json<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+    expected: &'static str,
+) -> Result<T, ProtoError> {
     match read_frame(r).await? {
-        Some(Frame { kind: FrameKind::Json, payload }) => Ok(serde_json::from_slice(&payload)?),
-        Some(f) => Err(ProtoError::Unexpected { expected, got: f.kind }),
+        Some(Frame {
+            kind: FrameKind::Json,
+            payload,
+        }) => Ok(serde_json::from_slice(&payload)?),
+        Some(f) => Err(ProtoError::Unexpected {
+            expected,
+            got: f.kind,
+        }),
         None => Err(ProtoError::Closed),
     }
 }
@@ -147,11 +166,23 @@ pub enum Request {
     /// Run a command; stdin follows as `Data` frames and an `End` frame.
     Exec(ExecSpec),
     /// Write a file; content follows as `Data` frames and an `End` frame.
-    WriteFile { path: String, mode: Option<u32>, max_size: Option<u64> },
+    WriteFile {
+        path: String,
+        mode: Option<u32>,
+        max_size: Option<u64>,
+    },
     /// Read a file: answered with [`Response::File`], `Data` frames, `End`, then [`Response::Ok`].
-    ReadFile { path: String, max_size: Option<u64> },
-    Stat { path: String },
-    Delete { path: String, recursive: bool },
+    ReadFile {
+        path: String,
+        max_size: Option<u64>,
+    },
+    Stat {
+        path: String,
+    },
+    Delete {
+        path: String,
+        recursive: bool,
+    },
     /// Power the guest off (or end the container) after answering.
     Shutdown,
 }
@@ -181,10 +212,18 @@ pub enum Response {
         duration_ms: u64,
     },
     /// Precedes the content of a read file.
-    File { size: u64, mode: u32 },
-    Written { size: u64 },
+    File {
+        size: u64,
+        mode: u32,
+    },
+    Written {
+        size: u64,
+    },
     Stat(FileStat),
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,14 +274,22 @@ mod tests {
             max_output: Some(10),
         });
         write_json(&mut a, &req).await.unwrap();
-        write_frame(&mut a, FrameKind::Data, b"stdin bytes").await.unwrap();
+        write_frame(&mut a, FrameKind::Data, b"stdin bytes")
+            .await
+            .unwrap();
         write_frame(&mut a, FrameKind::End, b"").await.unwrap();
         drop(a);
         let got: Request = read_json(&mut b, "request").await.unwrap();
         assert_eq!(got, req);
         let f = read_frame(&mut b).await.unwrap().unwrap();
-        assert_eq!((f.kind, &f.payload[..]), (FrameKind::Data, &b"stdin bytes"[..]));
-        assert_eq!(read_frame(&mut b).await.unwrap().unwrap().kind, FrameKind::End);
+        assert_eq!(
+            (f.kind, &f.payload[..]),
+            (FrameKind::Data, &b"stdin bytes"[..])
+        );
+        assert_eq!(
+            read_frame(&mut b).await.unwrap().unwrap().kind,
+            FrameKind::End
+        );
         assert!(read_frame(&mut b).await.unwrap().is_none());
     }
 
@@ -254,10 +301,18 @@ mod tests {
             Err(ProtoError::TooLarge(_))
         ));
         a.write_all(&[0, 0, 0, 2, 9, 0]).await.unwrap();
-        assert!(matches!(read_frame(&mut b).await, Err(ProtoError::UnknownKind(9))));
+        assert!(matches!(
+            read_frame(&mut b).await,
+            Err(ProtoError::UnknownKind(9))
+        ));
         let (mut a, mut b) = tokio::io::duplex(64);
-        a.write_all(&(MAX_FRAME as u32 + 2).to_be_bytes()).await.unwrap();
-        assert!(matches!(read_frame(&mut b).await, Err(ProtoError::TooLarge(_))));
+        a.write_all(&(MAX_FRAME as u32 + 2).to_be_bytes())
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_frame(&mut b).await,
+            Err(ProtoError::TooLarge(_))
+        ));
     }
 
     #[tokio::test]
@@ -278,9 +333,17 @@ mod tests {
 
     #[test]
     fn wire_names_are_stable() {
-        let j = serde_json::to_string(&Request::Delete { path: "/x".into(), recursive: false }).unwrap();
+        let j = serde_json::to_string(&Request::Delete {
+            path: "/x".into(),
+            recursive: false,
+        })
+        .unwrap();
         assert_eq!(j, r#"{"op":"delete","path":"/x","recursive":false}"#);
-        let j = serde_json::to_string(&Response::Error { kind: ErrorKind::NotFound, message: "m".into() }).unwrap();
+        let j = serde_json::to_string(&Response::Error {
+            kind: ErrorKind::NotFound,
+            message: "m".into(),
+        })
+        .unwrap();
         assert_eq!(j, r#"{"type":"error","kind":"not_found","message":"m"}"#);
     }
 }

@@ -116,7 +116,11 @@ pub struct MacAddr(pub [u8; 6]);
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02X}:{:02X}:{:02X}:{:02X}:{:02X}:{:02X}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02X}:{:02X}:{:02X}:{:02X}:{:02X}:{:02X}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
@@ -130,10 +134,14 @@ impl TapNaming {
     pub fn new(prefix: &str) -> Result<Self, IpamError> {
         let ok = !prefix.is_empty()
             && prefix.len() <= 9
-            && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !prefix.as_bytes()[prefix.len() - 1].is_ascii_digit();
         if ok {
-            Ok(Self { prefix: prefix.to_string() })
+            Ok(Self {
+                prefix: prefix.to_string(),
+            })
         } else {
             Err(IpamError::BadTapPrefix(prefix.to_string()))
         }
@@ -176,7 +184,10 @@ mod tests {
         assert_eq!(b.netmask(), ip("255.255.255.252"));
         assert_eq!(b.guest_mac().to_string(), "AA:FC:00:00:00:01");
         let b1 = s.block(1).unwrap();
-        assert_eq!((b1.tap_ip(), b1.guest_ip()), (ip("172.16.0.5"), ip("172.16.0.6")));
+        assert_eq!(
+            (b1.tap_ip(), b1.guest_ip()),
+            (ip("172.16.0.5"), ip("172.16.0.6"))
+        );
     }
 
     #[test]
@@ -191,11 +202,23 @@ mod tests {
         assert!(s.block(16_384).is_none());
         // A /30 is one block; anything smaller is refused.
         assert_eq!("10.0.0.4/30".parse::<Subnet>().unwrap().block_count(), 1);
-        assert_eq!("10.0.0.4/31".parse::<Subnet>(), Err(IpamError::TooSmall("10.0.0.4/31".parse().unwrap())));
-        assert!(matches!("banana".parse::<Subnet>(), Err(IpamError::NotACidr(_))));
-        assert!(matches!("10.0.0.0/33".parse::<Subnet>(), Err(IpamError::NotACidr(_))));
+        assert_eq!(
+            "10.0.0.4/31".parse::<Subnet>(),
+            Err(IpamError::TooSmall("10.0.0.4/31".parse().unwrap()))
+        );
+        assert!(matches!(
+            "banana".parse::<Subnet>(),
+            Err(IpamError::NotACidr(_))
+        ));
+        assert!(matches!(
+            "10.0.0.0/33".parse::<Subnet>(),
+            Err(IpamError::NotACidr(_))
+        ));
         // Host bits are dropped: 172.16.5.9/16 means 172.16.0.0/16.
-        assert_eq!("172.16.5.9/16".parse::<Subnet>().unwrap().net().to_string(), "172.16.0.0/16");
+        assert_eq!(
+            "172.16.5.9/16".parse::<Subnet>().unwrap().net().to_string(),
+            "172.16.0.0/16"
+        );
     }
 
     #[test]

@@ -33,11 +33,18 @@ pub fn create(name: &str) -> Result<PathBuf, NetError> {
     let target = path.clone();
     // unshare() changes only the calling thread's namespace: do it on a throwaway thread.
     let made = std::thread::spawn(move || -> Result<(), NetError> {
-        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| err("unshare(CLONE_NEWNET)".into(), e))?;
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+            .map_err(|e| err("unshare(CLONE_NEWNET)".into(), e))?;
         let tid = nix::unistd::gettid();
         let own = format!("/proc/self/task/{tid}/ns/net");
-        nix::mount::mount(Some(own.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(|e| err(format!("bind-mount {own} on {}", target.display()), e))
+        nix::mount::mount(
+            Some(own.as_str()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| err(format!("bind-mount {own} on {}", target.display()), e))
     })
     .join()
     .map_err(|_| NetError::Netns("namespace thread panicked".into()))?;
@@ -103,5 +110,6 @@ where
         })();
         let _ = tx.send(result);
     });
-    rx.await.map_err(|_| NetError::Netns("namespace thread panicked".into()))?
+    rx.await
+        .map_err(|_| NetError::Netns("namespace thread panicked".into()))?
 }

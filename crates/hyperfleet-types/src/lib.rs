@@ -149,7 +149,9 @@ impl<'de> Deserialize<'de> for EgressPolicy {
                     c.parse::<Ipv4Net>()
                         .or_else(|_| c.parse::<Ipv4Addr>().map(Ipv4Net::from))
                         .map(|n| n.trunc())
-                        .map_err(|_| serde::de::Error::custom(format!("egress: '{c}' is not an IPv4 CIDR")))
+                        .map_err(|_| {
+                            serde::de::Error::custom(format!("egress: '{c}' is not an IPv4 CIDR"))
+                        })
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Self::Cidrs),
@@ -166,7 +168,10 @@ impl utoipa::PartialSchema for EgressPolicy {
                     .schema_type(Type::String)
                     .enum_values(Some(["allow", "deny"])),
             )
-            .item(ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String).format(None)))
+            .item(
+                ArrayBuilder::new()
+                    .items(ObjectBuilder::new().schema_type(Type::String).format(None)),
+            )
             .description(Some(
                 "`allow` (default): any destination; `deny`: no new outbound connections; \
                  a list of IPv4 CIDRs: only those destinations.",
@@ -302,12 +307,16 @@ impl<'de> Deserialize<'de> for CommandArgs {
             Other(serde::de::IgnoredAny),
         }
         match Raw::deserialize(d)? {
-            Raw::List(v) if v.is_empty() => Err(serde::de::Error::custom("command must not be empty")),
+            Raw::List(v) if v.is_empty() => {
+                Err(serde::de::Error::custom("command must not be empty"))
+            }
             Raw::List(v) => Ok(Self(v)),
             Raw::Text(s) => Err(serde::de::Error::custom(format!(
                 "command must be an array of strings, e.g. [\"sh\", \"-c\", {s:?}]"
             ))),
-            Raw::Other(_) => Err(serde::de::Error::custom("command must be an array of strings")),
+            Raw::Other(_) => Err(serde::de::Error::custom(
+                "command must be an array of strings",
+            )),
         }
     }
 }
@@ -556,14 +565,18 @@ mod tests {
         for (json, want) in [
             (r#""allow""#, EgressPolicy::Allow),
             (r#""deny""#, EgressPolicy::Deny),
-            (r#"["10.0.0.0/8","192.0.2.7"]"#, EgressPolicy::Cidrs(vec![
-                "10.0.0.0/8".parse().unwrap(),
-                "192.0.2.7/32".parse().unwrap(),
-            ])),
+            (
+                r#"["10.0.0.0/8","192.0.2.7"]"#,
+                EgressPolicy::Cidrs(vec![
+                    "10.0.0.0/8".parse().unwrap(),
+                    "192.0.2.7/32".parse().unwrap(),
+                ]),
+            ),
         ] {
             let p: EgressPolicy = serde_json::from_str(json).unwrap();
             assert_eq!(p, want);
-            let back: EgressPolicy = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+            let back: EgressPolicy =
+                serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
             assert_eq!(back, want);
         }
         assert!(serde_json::from_str::<EgressPolicy>(r#""maybe""#).is_err());
