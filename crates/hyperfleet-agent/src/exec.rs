@@ -69,10 +69,10 @@ where
             }
             frame = proto::read_frame(r), if reading_stdin => match frame {
                 Ok(Some(f)) if f.kind == FrameKind::Data => {
-                    if let Some(pipe) = stdin.as_mut() {
-                        if pipe.write_all(&f.payload).await.is_err() {
-                            stdin = None;
-                        }
+                    if let Some(pipe) = stdin.as_mut()
+                        && pipe.write_all(&f.payload).await.is_err()
+                    {
+                        stdin = None;
                     }
                 }
                 // End of stdin: dropping the pipe closes it.

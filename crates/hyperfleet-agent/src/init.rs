@@ -96,10 +96,10 @@ pub fn write_resolv_conf(servers: &[Ipv4Addr]) {
 }
 
 pub fn set_hostname_from_env() {
-    if let Ok(name) = std::env::var("HYPERFLEET_HOSTNAME") {
-        if let Err(e) = nix::unistd::sethostname(&name) {
-            eprintln!("hyperfleet-agent: sethostname {name}: {e}");
-        }
+    if let Ok(name) = std::env::var("HYPERFLEET_HOSTNAME")
+        && let Err(e) = nix::unistd::sethostname(&name)
+    {
+        eprintln!("hyperfleet-agent: sethostname {name}: {e}");
     }
 }
 
