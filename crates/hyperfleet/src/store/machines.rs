@@ -1,0 +1,356 @@
+//! The `machines` table. State changes are compare-and-set (`UPDATE … WHERE status IN (…)`), so two requests
+//! for one machine can never both act.
+
+use std::net::Ipv4Addr;
+
+use hyperfleet_types::{EgressPolicy, MachineStatus, RuntimeKind};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
+
+use super::leases::{self, LeaseError};
+use super::{StoreError, StoreResult, now};
+
+/// A machine as persisted, with its address block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineRecord {
+    pub id: String,
+    pub name: String,
+    pub status: MachineStatus,
+    pub runtime: RuntimeKind,
+    pub vcpu_count: u32,
+    pub mem_size_mib: u32,
+    pub kernel_image_path: String,
+    pub kernel_args: String,
+    pub rootfs_path: String,
+    pub exposed_ports: Vec<u16>,
+    pub dns: Vec<Ipv4Addr>,
+    pub egress: EgressPolicy,
+    pub socket_path: Option<String>,
+    pub pid: Option<u32>,
+    pub error_message: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub block: u32,
+}
+
+/// What a create request leaves to be stored.
+#[derive(Debug, Clone)]
+pub struct NewMachine {
+    pub id: String,
+    pub name: String,
+    pub runtime: RuntimeKind,
+    pub vcpu_count: u32,
+    pub mem_size_mib: u32,
+    pub kernel_image_path: String,
+    pub kernel_args: String,
+    pub rootfs_path: String,
+    pub exposed_ports: Vec<u16>,
+    pub dns: Vec<Ipv4Addr>,
+    pub egress: EgressPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    #[error("a machine named '{0}' already exists")]
+    NameTaken(String),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Result of a compare-and-set.
+#[derive(Debug)]
+pub enum Cas {
+    Done(MachineRecord),
+    /// The machine exists but was not in one of the expected states.
+    WrongState(MachineRecord),
+    Missing,
+}
+
+/// Fields a transition may set along with the status.
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    pub pid: Option<Option<u32>>,
+    pub socket_path: Option<Option<String>>,
+    pub error_message: Option<Option<String>>,
+}
+
+impl Changes {
+    /// Clears what only a live process has.
+    pub fn process_gone() -> Self {
+        Self { pid: Some(None), socket_path: Some(None), error_message: None }
+    }
+}
+
+const SELECT: &str = "SELECT m.id, m.name, m.status, m.runtime, m.vcpu_count, m.mem_size_mib, m.kernel_image_path, \
+     m.kernel_args, m.rootfs_path, m.exposed_ports, m.dns, m.egress, m.socket_path, m.pid, m.error_message, \
+     m.created_at, m.updated_at, l.block FROM machines m JOIN leases l ON l.machine_id = m.id";
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &Row, idx: usize) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    serde_json::from_str(&text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn enum_col<T>(row: &Row, idx: usize, parse: fn(&str) -> Option<T>) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    parse(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            rusqlite::types::Type::Text,
+            format!("unknown value '{text}'").into(),
+        )
+    })
+}
+
+fn from_row(row: &Row) -> rusqlite::Result<MachineRecord> {
+    Ok(MachineRecord {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        status: enum_col(row, 2, MachineStatus::parse)?,
+        runtime: enum_col(row, 3, RuntimeKind::parse)?,
+        vcpu_count: row.get(4)?,
+        mem_size_mib: row.get(5)?,
+        kernel_image_path: row.get(6)?,
+        kernel_args: row.get(7)?,
+        rootfs_path: row.get(8)?,
+        exposed_ports: json_col(row, 9)?,
+        dns: json_col(row, 10)?,
+        egress: json_col(row, 11)?,
+        socket_path: row.get(12)?,
+        pid: row.get(13)?,
+        error_message: row.get(14)?,
+        created_at: row.get(15)?,
+        updated_at: row.get(16)?,
+        block: row.get(17)?,
+    })
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serializes")
+}
+
+/// Inserts the machine and leases it the lowest free block, in one transaction.
+pub fn insert(conn: &mut Connection, m: &NewMachine, block_count: u32) -> Result<MachineRecord, InsertError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
+    let ts = now();
+    let inserted = tx.execute(
+        "INSERT INTO machines (id, name, status, runtime, vcpu_count, mem_size_mib, kernel_image_path, kernel_args, \
+         rootfs_path, exposed_ports, dns, egress, created_at, updated_at) \
+         VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+        params![
+            m.id,
+            m.name,
+            m.runtime.as_str(),
+            m.vcpu_count,
+            m.mem_size_mib,
+            m.kernel_image_path,
+            m.kernel_args,
+            m.rootfs_path,
+            to_json(&m.exposed_ports),
+            to_json(&m.dns),
+            to_json(&m.egress),
+            ts
+        ],
+    );
+    match inserted {
+        Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("machines.name") =>
+        {
+            return Err(InsertError::NameTaken(m.name.clone()));
+        }
+        other => {
+            other.map_err(StoreError::from)?;
+        }
+    }
+    leases::allocate(&tx, &m.id, block_count)?;
+    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [&m.id], from_row).map_err(StoreError::from)?;
+    tx.commit().map_err(StoreError::from)?;
+    Ok(rec)
+}
+
+/// Looks a machine up by id, or else by name.
+pub fn get(conn: &Connection, id_or_name: &str) -> StoreResult<Option<MachineRecord>> {
+    let by_id = conn.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id_or_name], from_row).optional()?;
+    if by_id.is_some() {
+        return Ok(by_id);
+    }
+    Ok(conn.query_row(&format!("{SELECT} WHERE m.name = ?1"), [id_or_name], from_row).optional()?)
+}
+
+/// A page of machines (oldest first) and the number matching the filter.
+pub fn list(
+    conn: &Connection,
+    status: Option<MachineStatus>,
+    limit: u32,
+    offset: u64,
+) -> StoreResult<(Vec<MachineRecord>, u64)> {
+    let (filter, args): (&str, Vec<String>) = match status {
+        Some(s) => ("WHERE m.status = ?1", vec![s.as_str().to_string()]),
+        None => ("", vec![]),
+    };
+    let total: u64 = conn.query_row(
+        &format!("SELECT COUNT(*) FROM machines m {filter}"),
+        params_from_iter(args.iter()),
+        |r| r.get(0),
+    )?;
+    let sql = format!("{SELECT} {filter} ORDER BY m.created_at, m.id LIMIT {limit} OFFSET {offset}");
+    let rows = conn
+        .prepare(&sql)?
+        .query_map(params_from_iter(args.iter()), from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((rows, total))
+}
+
+/// Machines in any of `statuses`.
+pub fn with_status(conn: &Connection, statuses: &[MachineStatus]) -> StoreResult<Vec<MachineRecord>> {
+    let marks = vec!["?"; statuses.len()].join(", ");
+    let sql = format!("{SELECT} WHERE m.status IN ({marks}) ORDER BY l.block");
+    Ok(conn
+        .prepare(&sql)?
+        .query_map(params_from_iter(statuses.iter().map(|s| s.as_str())), from_row)?
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Moves machine `id` to `to` if its status is one of `from`, applying `changes` in the same statement.
+pub fn transition(
+    conn: &mut Connection,
+    id: &str,
+    from: &[MachineStatus],
+    to: MachineStatus,
+    changes: &Changes,
+) -> StoreResult<Cas> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut sets = vec!["status = ?1".to_string(), "updated_at = ?2".to_string()];
+    let mut args: Vec<rusqlite::types::Value> = vec![to.as_str().to_string().into(), now().into()];
+    let mut push = |col: &str, v: rusqlite::types::Value| {
+        args.push(v);
+        sets.push(format!("{col} = ?{}", args.len()));
+    };
+    if let Some(pid) = changes.pid {
+        push("pid", pid.map(i64::from).into());
+    }
+    if let Some(sock) = &changes.socket_path {
+        push("socket_path", sock.clone().into());
+    }
+    if let Some(msg) = &changes.error_message {
+        push("error_message", msg.clone().into());
+    } else if to != MachineStatus::Failed {
+        // A machine that leaves `failed` no longer carries the old error.
+        sets.push("error_message = NULL".into());
+    }
+    args.push(id.to_string().into());
+    let id_arg = args.len();
+    let marks: Vec<String> = from
+        .iter()
+        .map(|s| {
+            args.push(s.as_str().to_string().into());
+            format!("?{}", args.len())
+        })
+        .collect();
+    let sql = format!(
+        "UPDATE machines SET {} WHERE id = ?{id_arg} AND status IN ({})",
+        sets.join(", "),
+        marks.join(", ")
+    );
+    let changed = tx.execute(&sql, params_from_iter(args))?;
+    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()?;
+    tx.commit()?;
+    Ok(match (changed, rec) {
+        (_, None) => Cas::Missing,
+        (0, Some(r)) => Cas::WrongState(r),
+        (_, Some(r)) => Cas::Done(r),
+    })
+}
+
+/// Deletes machine `id` and frees its block if its status is one of `from`.
+pub fn delete(conn: &mut Connection, id: &str, from: &[MachineStatus]) -> StoreResult<Cas> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let Some(rec) = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()? else {
+        return Ok(Cas::Missing);
+    };
+    if !from.contains(&rec.status) {
+        return Ok(Cas::WrongState(rec));
+    }
+    leases::release(&tx, id)?;
+    tx.execute("DELETE FROM machines WHERE id = ?1", [id])?;
+    tx.commit()?;
+    Ok(Cas::Done(rec))
+}
+
+pub fn set_exposed_ports(conn: &Connection, id: &str, ports: &[u16]) -> StoreResult<Option<MachineRecord>> {
+    conn.execute(
+        "UPDATE machines SET exposed_ports = ?1, updated_at = ?2 WHERE id = ?3",
+        params![to_json(&ports), now(), id],
+    )?;
+    Ok(conn.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::temp_store;
+    use MachineStatus::*;
+
+    fn new(id: &str, name: &str) -> NewMachine {
+        NewMachine {
+            id: id.into(),
+            name: name.into(),
+            runtime: RuntimeKind::Container,
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            kernel_image_path: "k".into(),
+            kernel_args: "a".into(),
+            rootfs_path: "r".into(),
+            exposed_ports: vec![80],
+            dns: vec![Ipv4Addr::new(10, 0, 0, 1)],
+            egress: EgressPolicy::Deny,
+        }
+    }
+
+    #[test]
+    fn insert_get_list_delete() {
+        let (_d, store) = temp_store();
+        store
+            .call_blocking(|c| {
+                let a = insert(c, &new("ida", "alpha"), 10).unwrap();
+                assert_eq!((a.block, a.status, a.egress.clone()), (0, Pending, EgressPolicy::Deny));
+                assert!(matches!(insert(c, &new("idb", "alpha"), 10), Err(InsertError::NameTaken(_))));
+                let b = insert(c, &new("idb", "beta"), 10).unwrap();
+                assert_eq!(b.block, 1, "the failed insert leased nothing");
+                assert_eq!(get(c, "beta")?.unwrap().id, "idb");
+                assert_eq!(get(c, "ida")?.unwrap(), a);
+                let (page, total) = list(c, None, 1, 1)?;
+                assert_eq!((page.len(), page[0].id.as_str(), total), (1, "idb", 2));
+                let (page, total) = list(c, Some(Running), 50, 0)?;
+                assert_eq!((page.len(), total), (0, 0));
+                assert!(matches!(delete(c, "ida", &[Pending])?, Cas::Done(_)));
+                assert!(matches!(delete(c, "ida", &[Pending])?, Cas::Missing));
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn transition_is_compare_and_set() {
+        let (_d, store) = temp_store();
+        store
+            .call_blocking(|c| {
+                insert(c, &new("id1", "m1"), 10).unwrap();
+                let ch = Changes { pid: Some(Some(42)), ..Default::default() };
+                let Cas::Done(r) = transition(c, "id1", &[Pending, Stopped], Starting, &ch)? else { panic!() };
+                assert_eq!((r.status, r.pid), (Starting, Some(42)));
+                // A second start finds it no longer pending.
+                let Cas::WrongState(r) = transition(c, "id1", &[Pending, Stopped], Starting, &ch)? else { panic!() };
+                assert_eq!(r.status, Starting);
+                let failed = Changes { error_message: Some(Some("boom".into())), ..Changes::process_gone() };
+                let Cas::Done(r) = transition(c, "id1", &[Starting], Failed, &failed)? else { panic!() };
+                assert_eq!((r.pid, r.error_message.as_deref()), (None, Some("boom")));
+                let Cas::Done(r) = transition(c, "id1", &[Failed], Starting, &Changes::default())? else { panic!() };
+                assert_eq!(r.error_message, None);
+                assert!(matches!(transition(c, "nope", &[Pending], Starting, &ch)?, Cas::Missing));
+                Ok(())
+            })
+            .unwrap();
+    }
+}
