@@ -3,6 +3,7 @@
 
 pub mod dns;
 pub mod firewall;
+pub mod icmp;
 pub mod ipam;
 pub mod link;
 pub mod netns;

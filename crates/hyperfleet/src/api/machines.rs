@@ -1,0 +1,125 @@
+//! Machine endpoints: create, list, get, update, start, stop, restart, delete, wait, logs, network checks.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use hyperfleet_types::{
+    CreateMachine, ErrorBody, Machine, MachineList, MachineLogs, MachineStatus, NetworkReport, UpdateMachine,
+};
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{JsonBody, QueryMap};
+
+pub const MAX_LIST_LIMIT: u32 = 500;
+pub const MAX_WAIT_SECS: u64 = 30;
+
+fn status_param(q: &QueryMap, key: &str) -> Result<Option<MachineStatus>, ApiError> {
+    q.get(key)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            MachineStatus::parse(s).ok_or_else(|| {
+                let all: Vec<&str> = MachineStatus::ALL.iter().map(|s| s.as_str()).collect();
+                ApiError::validation(format!("{key} must be one of {}, got '{s}'", all.join(", ")))
+            })
+        })
+        .transpose()
+}
+
+#[utoipa::path(post, path = "/machines", tag = "machines", request_body = CreateMachine,
+    responses((status = 201, body = Machine), (status = 400, body = ErrorBody), (status = 409, description = "name taken", body = ErrorBody),
+              (status = 503, description = "IP_POOL_EXHAUSTED", body = ErrorBody)),
+    security(("bearer" = ["machines:write"])))]
+pub async fn create(State(s): State<AppState>, JsonBody(req): JsonBody<CreateMachine>) -> Result<(StatusCode, Json<Machine>), ApiError> {
+    Ok((StatusCode::CREATED, Json(s.service.create(req).await?)))
+}
+
+#[utoipa::path(get, path = "/machines", tag = "machines",
+    params(("status" = Option<MachineStatus>, Query, description = "only machines in this state"),
+           ("limit" = Option<u32>, Query, description = "page size, 1-500 (default 50)"),
+           ("offset" = Option<u64>, Query, description = "machines to skip (default 0)")),
+    responses((status = 200, body = MachineList), (status = 400, body = ErrorBody)),
+    security(("bearer" = ["machines:read"])))]
+pub async fn list(State(s): State<AppState>, q: QueryMap) -> Result<Json<MachineList>, ApiError> {
+    let status = status_param(&q, "status")?;
+    let limit = q.int("limit", 1..=MAX_LIST_LIMIT)?.unwrap_or(50);
+    let offset = q.int("offset", 0..=u64::from(u32::MAX))?.unwrap_or(0);
+    Ok(Json(s.service.list(status, limit, offset).await?))
+}
+
+#[utoipa::path(get, path = "/machines/{id}", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, body = Machine), (status = 404, body = ErrorBody)), security(("bearer" = ["machines:read"])))]
+pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+    Ok(Json(s.service.get(&id).await?))
+}
+
+#[utoipa::path(patch, path = "/machines/{id}", tag = "machines", request_body = UpdateMachine,
+    params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["machines:write"])))]
+pub async fn update(State(s): State<AppState>, Path(id): Path<String>, JsonBody(req): JsonBody<UpdateMachine>) -> Result<Json<Machine>, ApiError> {
+    Ok(Json(s.service.update(&id, req).await?))
+}
+
+#[utoipa::path(delete, path = "/machines/{id}", tag = "machines",
+    params(("id" = String, Path, description = "machine id or name"), ("force" = Option<bool>, Query, description = "stop a running machine first")),
+    responses((status = 204), (status = 400, description = "running: stop it first", body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["machines:write"])))]
+pub async fn delete(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<StatusCode, ApiError> {
+    let force = q.bool("force")?;
+    s.service.delete(&id, force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/machines/{id}/start", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, description = "running", body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 500, description = "RUNTIME_ERROR; the machine is failed", body = ErrorBody)),
+    security(("bearer" = ["machines:write"])))]
+pub async fn start(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+    Ok(Json(s.service.start(&id).await?))
+}
+
+#[utoipa::path(post, path = "/machines/{id}/stop", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, description = "stopped", body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["machines:write"])))]
+pub async fn stop(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+    Ok(Json(s.service.stop(&id).await?))
+}
+
+#[utoipa::path(post, path = "/machines/{id}/restart", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["machines:write"])))]
+pub async fn restart(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+    Ok(Json(s.service.restart(&id).await?))
+}
+
+#[utoipa::path(get, path = "/machines/{id}/wait", tag = "machines",
+    params(("id" = String, Path, description = "machine id or name"),
+           ("status" = Option<MachineStatus>, Query, description = "state to wait for (default running)"),
+           ("timeout" = Option<u64>, Query, description = "seconds, default and maximum 30 (larger values are capped)")),
+    responses((status = 200, body = Machine), (status = 400, description = "the machine failed instead", body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 504, description = "TIMEOUT", body = ErrorBody)),
+    security(("bearer" = ["machines:read"])))]
+pub async fn wait(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Json<Machine>, ApiError> {
+    let want = status_param(&q, "status")?.unwrap_or(MachineStatus::Running);
+    let secs = q.int("timeout", 0..=u64::MAX)?.unwrap_or(MAX_WAIT_SECS).min(MAX_WAIT_SECS);
+    Ok(Json(s.service.wait(&id, want, Duration::from_secs(secs)).await?))
+}
+
+#[utoipa::path(get, path = "/machines/{id}/logs", tag = "machines",
+    params(("id" = String, Path, description = "machine id or name"), ("lines" = Option<usize>, Query, description = "1-10000, default 100")),
+    responses((status = 200, body = MachineLogs), (status = 404, body = ErrorBody)), security(("bearer" = ["machines:read"])))]
+pub async fn logs(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Json<MachineLogs>, ApiError> {
+    let lines = q.int("lines", 1..=10_000usize)?.unwrap_or(100);
+    Ok(Json(s.service.logs(&id, lines).await?))
+}
+
+#[utoipa::path(get, path = "/machines/{id}/network", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, description = "the doctor's checks for this machine", body = NetworkReport), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)),
+    security(("bearer" = ["machines:read"])))]
+pub async fn network(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<NetworkReport>, ApiError> {
+    Ok(Json(s.service.network_report(&id).await?))
+}

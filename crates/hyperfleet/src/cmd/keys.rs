@@ -1,0 +1,105 @@
+//! `hyperfleet keys create|list|revoke`: key management on the database file, for bootstrapping and for
+//! recovering access without a running daemon.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use hyperfleet_types::{CreateApiKey, Scope};
+
+use super::{Output, print_table};
+use crate::store::{Store, api_keys, format_time};
+
+#[derive(Args, Debug)]
+pub struct KeysArgs {
+    #[arg(long, env = "DATABASE_PATH", default_value = "./hyperfleet.db", global = true)]
+    database_path: PathBuf,
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Create a key and print it (shown only this once).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// machines:read, machines:write, machines:exec, keys:admin or * (repeat for several).
+        #[arg(long = "scope", required = true, value_parser = parse_scope)]
+        scopes: Vec<Scope>,
+        /// Expiry: an RFC 3339 time, or a duration from now such as 30d, 12h, 90m.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Revoke a key by id.
+    Revoke { id: String },
+}
+
+fn parse_scope(s: &str) -> Result<Scope, String> {
+    Scope::parse(s).ok_or_else(|| format!("unknown scope '{s}': use machines:read, machines:write, machines:exec, keys:admin or *"))
+}
+
+/// `30d`, `12h`, `90m` from now, or an RFC 3339 time.
+fn parse_expiry(s: &str) -> Result<String, String> {
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let secs = match (num.parse::<i64>(), unit) {
+        (Ok(n), "d") => Some(n * 86_400),
+        (Ok(n), "h") => Some(n * 3600),
+        (Ok(n), "m") => Some(n * 60),
+        _ => None,
+    };
+    Ok(match secs {
+        Some(s) => format_time(time::OffsetDateTime::now_utc() + time::Duration::seconds(s)),
+        None => s.to_string(),
+    })
+}
+
+pub fn run(args: KeysArgs) -> anyhow::Result<i32> {
+    let db = crate::config::absolute(&args.database_path);
+    let store = Store::open(&db)?;
+    match args.command {
+        KeysCommand::Create { name, scopes, expires } => {
+            let req = CreateApiKey { name, scopes, expires_at: expires.map(|e| parse_expiry(&e)).transpose().map_err(anyhow::Error::msg)? };
+            let expires_at = crate::api::keys::validate(&req).map_err(anyhow::Error::msg)?;
+            let made = store.call_blocking(|c| api_keys::create(c, req.name.trim(), &req.scopes, expires_at))?;
+            match args.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&hyperfleet_types::CreatedApiKey { key: made.secret, api_key: made.key })?),
+                Output::Table => println!("{}", made.secret),
+            }
+        }
+        KeysCommand::List => {
+            let keys = store.call_blocking(|c| api_keys::list(c))?;
+            match args.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&keys)?),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = keys
+                        .iter()
+                        .map(|k| {
+                            vec![
+                                k.id.clone(),
+                                k.name.clone(),
+                                k.key_prefix.clone(),
+                                k.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","),
+                                k.expires_at.clone().unwrap_or_else(|| "never".into()),
+                                k.last_used_at.clone().unwrap_or_else(|| "-".into()),
+                                if k.revoked_at.is_some() { "revoked".into() } else { "active".into() },
+                            ]
+                        })
+                        .collect();
+                    print_table(&["ID", "NAME", "PREFIX", "SCOPES", "EXPIRES", "LAST USED", "STATE"], &rows);
+                }
+            }
+        }
+        KeysCommand::Revoke { id } => match store.call_blocking(|c| api_keys::revoke(c, &id))? {
+            Some(_) => println!("revoked {id}"),
+            None => {
+                eprintln!("error: API key with id '{id}' not found");
+                return Ok(1);
+            }
+        },
+    }
+    Ok(0)
+}

@@ -1,0 +1,279 @@
+//! `hyperfleet machines …`: the API through the SDK, as a user's terminal sees it.
+
+use std::io::Write;
+
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use hyperfleet_client::{Client, ListOptions};
+use hyperfleet_types::{
+    CommandArgs, CreateMachine, EgressPolicy, ExecEvent, ExecRequest, Machine, MachineStatus, NetworkOptions, RuntimeKind,
+    UpdateMachine,
+};
+
+use super::{Output, print_table};
+
+#[derive(Args, Debug)]
+pub struct MachinesArgs {
+    /// API base URL.
+    #[arg(long, env = "HYPERFLEET_URL", default_value = "http://127.0.0.1:3000", global = true)]
+    url: String,
+    #[arg(long, env = "HYPERFLEET_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: MachinesCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum MachinesCommand {
+    /// Create a machine (pending; add --start to start it).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "vcpus", default_value_t = 1)]
+        vcpu_count: i64,
+        #[arg(long = "mem", default_value_t = 128)]
+        mem_size_mib: i64,
+        #[arg(long, value_parser = parse_runtime)]
+        runtime: Option<RuntimeKind>,
+        /// Guest port to expose through the proxy (repeatable).
+        #[arg(long = "expose")]
+        exposed_ports: Vec<i64>,
+        /// Guest resolver (repeatable).
+        #[arg(long)]
+        dns: Vec<std::net::Ipv4Addr>,
+        /// allow, deny, or comma-separated IPv4 CIDRs.
+        #[arg(long)]
+        egress: Option<String>,
+        #[arg(long)]
+        kernel: Option<String>,
+        #[arg(long)]
+        rootfs: Option<String>,
+        #[arg(long)]
+        kernel_args: Option<String>,
+        #[arg(long)]
+        start: bool,
+    },
+    /// List machines.
+    List {
+        #[arg(long, value_parser = parse_status)]
+        status: Option<MachineStatus>,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        offset: Option<u64>,
+    },
+    Get { id: String },
+    Start { id: String },
+    Stop { id: String },
+    Restart { id: String },
+    Delete {
+        id: String,
+        /// Stop it first if it runs.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Wait until the machine reaches a status.
+    Wait {
+        id: String,
+        #[arg(long, default_value = "running", value_parser = parse_status)]
+        status: MachineStatus,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Show the tail of the machine's console log.
+    Logs {
+        id: String,
+        #[arg(long, default_value_t = 100)]
+        lines: usize,
+    },
+    /// Change the exposed ports of a machine (works while it runs).
+    Expose { id: String, ports: Vec<i64> },
+    /// Run a command in the machine; its output streams as it comes and its exit code becomes ours.
+    Exec {
+        id: String,
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Copy a local file into the machine.
+    Put { id: String, local: std::path::PathBuf, remote: String },
+    /// Copy a file out of the machine (to stdout with `-`).
+    Fetch { id: String, remote: String, local: String },
+    /// Run the network checks for one machine.
+    Network { id: String },
+}
+
+fn parse_status(s: &str) -> Result<MachineStatus, String> {
+    MachineStatus::parse(s).ok_or_else(|| format!("unknown status '{s}'"))
+}
+
+fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
+    RuntimeKind::parse(s).ok_or_else(|| format!("unknown runtime '{s}': use firecracker or container"))
+}
+
+fn parse_egress(s: &str) -> anyhow::Result<EgressPolicy> {
+    let json = match s {
+        "allow" | "deny" => format!("\"{s}\""),
+        list => serde_json::to_string(&list.split(',').map(str::trim).collect::<Vec<_>>())?,
+    };
+    Ok(serde_json::from_str(&json)?)
+}
+
+fn print_machines(output: Output, machines: &[Machine]) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(machines)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = machines
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.clone(),
+                m.name.clone(),
+                m.status.to_string(),
+                m.runtime.to_string(),
+                m.vcpu_count.to_string(),
+                format!("{}M", m.mem_size_mib),
+                m.guest_ip.to_string(),
+                m.tap_device.clone(),
+                m.exposed_ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "NAME", "STATUS", "RUNTIME", "VCPUS", "MEM", "GUEST IP", "TAP", "PORTS"], &rows);
+    Ok(())
+}
+
+fn print_one(output: Output, m: &Machine) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(m)?),
+        Output::Table => print_machines(output, std::slice::from_ref(m))?,
+    }
+    if let (Output::Table, Some(err)) = (output, &m.error_message) {
+        println!("error: {err}");
+    }
+    Ok(())
+}
+
+pub async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
+    let hf = Client::new(&args.url, args.api_key.clone());
+    let out = args.output;
+    match args.command {
+        MachinesCommand::Create {
+            name,
+            vcpu_count,
+            mem_size_mib,
+            runtime,
+            exposed_ports,
+            dns,
+            egress,
+            kernel,
+            rootfs,
+            kernel_args,
+            start,
+        } => {
+            let network = (!dns.is_empty() || egress.is_some()).then(|| -> anyhow::Result<NetworkOptions> {
+                Ok(NetworkOptions {
+                    dns: (!dns.is_empty()).then_some(dns),
+                    egress: egress.as_deref().map(parse_egress).transpose()?,
+                })
+            });
+            let req = CreateMachine {
+                name: Some(name),
+                vcpu_count: Some(vcpu_count),
+                mem_size_mib: Some(mem_size_mib),
+                kernel_image_path: kernel,
+                kernel_args,
+                rootfs_path: rootfs,
+                exposed_ports: (!exposed_ports.is_empty()).then_some(exposed_ports),
+                runtime,
+                network: network.transpose()?,
+            };
+            let mut m = hf.create_machine(&req).await?;
+            if start {
+                m = hf.start_machine(&m.id).await?;
+            }
+            print_one(out, &m)?;
+        }
+        MachinesCommand::List { status, limit, offset } => {
+            let list = hf.list_machines(&ListOptions { status, limit, offset }).await?;
+            if out == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_machines(out, &list.machines)?;
+                println!("({} of {} machines)", list.machines.len(), list.total);
+            }
+        }
+        MachinesCommand::Get { id } => print_one(out, &hf.get_machine(&id).await?)?,
+        MachinesCommand::Start { id } => print_one(out, &hf.start_machine(&id).await?)?,
+        MachinesCommand::Stop { id } => print_one(out, &hf.stop_machine(&id).await?)?,
+        MachinesCommand::Restart { id } => print_one(out, &hf.restart_machine(&id).await?)?,
+        MachinesCommand::Delete { id, force } => {
+            hf.delete_machine(&id, force).await?;
+            println!("deleted {id}");
+        }
+        MachinesCommand::Wait { id, status, timeout } => print_one(out, &hf.wait_machine(&id, status, timeout).await?)?,
+        MachinesCommand::Logs { id, lines } => {
+            let logs = hf.machine_logs(&id, lines).await?;
+            match out {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&logs)?),
+                Output::Table => logs.lines.iter().for_each(|l| println!("{l}")),
+            }
+        }
+        MachinesCommand::Expose { id, ports } => {
+            print_one(out, &hf.update_machine(&id, &UpdateMachine { exposed_ports: Some(ports) }).await?)?
+        }
+        MachinesCommand::Exec { id, timeout, command } => {
+            let req = ExecRequest { command: CommandArgs(command), timeout, env: None, cwd: None, stdin: None };
+            let mut events = Box::pin(hf.exec_stream(&id, &req).await?);
+            while let Some(ev) = events.next().await {
+                match ev? {
+                    ExecEvent::Stdout { data } => {
+                        print!("{data}");
+                        std::io::stdout().flush()?;
+                    }
+                    ExecEvent::Stderr { data } => eprint!("{data}"),
+                    ExecEvent::Exit { exit_code, .. } => return Ok(exit_code),
+                    ExecEvent::Error { code, message } => {
+                        eprintln!("error: {code}: {message}");
+                        return Ok(1);
+                    }
+                }
+            }
+            eprintln!("error: the stream ended without an exit code");
+            return Ok(1);
+        }
+        MachinesCommand::Put { id, local, remote } => {
+            let file = tokio::fs::File::open(&local).await?;
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+            let w = hf.upload_stream(&id, &remote, body, None).await?;
+            println!("wrote {} bytes to {}", w.size, w.path);
+        }
+        MachinesCommand::Fetch { id, remote, local } => {
+            let mut stream = Box::pin(hf.download_stream(&id, &remote).await?);
+            let mut sink: Box<dyn Write> =
+                if local == "-" { Box::new(std::io::stdout()) } else { Box::new(std::fs::File::create(&local)?) };
+            while let Some(chunk) = stream.next().await {
+                sink.write_all(&chunk?)?;
+            }
+        }
+        MachinesCommand::Network { id } => {
+            let report = hf.machine_network(&id).await?;
+            if out == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for c in &report.checks {
+                    println!("{} {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+                    if let Some(fix) = &c.fix {
+                        println!("     fix: {fix}");
+                    }
+                }
+            }
+            return Ok(if report.ok { 0 } else { 1 });
+        }
+    }
+    Ok(0)
+}

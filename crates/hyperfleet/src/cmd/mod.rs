@@ -1,0 +1,52 @@
+//! The command-line interface: one module per command.
+
+pub mod doctor;
+pub mod keys;
+pub mod machines;
+pub mod serve;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "hyperfleet", version, about = "Firecracker microVM orchestrator: daemon and CLI")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: REST API (PORT, default 3000) and reverse proxy (PROXY_PORT, default 4000).
+    Serve(crate::config::ServeArgs),
+    /// Manage machines through the API (HYPERFLEET_URL, HYPERFLEET_API_KEY).
+    Machines(machines::MachinesArgs),
+    /// Manage API keys directly in the database (DATABASE_PATH); works without a running daemon.
+    Keys(keys::KeysArgs),
+    /// Check the host and every running machine's network; print what is wrong and how to fix it.
+    Doctor(crate::config::ServeArgs),
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// Prints rows as aligned columns.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_string()
+    };
+    println!("{}", line(header.to_vec()));
+    for r in rows {
+        println!("{}", line(r.iter().map(String::as_str).collect()));
+    }
+}

@@ -1,0 +1,253 @@
+//! Exec and file transfer in a running machine, through its guest agent (vsock for Firecracker, a unix
+//! socket for containers). While a machine boots, requests wait for its agent within their timeout.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use hyperfleet_agent_proto::client::{AgentClient, ClientError, ExecSession, FileReader};
+use hyperfleet_agent_proto::{ErrorKind, ExecSpec};
+use hyperfleet_types::{ExecRequest, ExecResult, FileStat, FileWritten};
+
+use super::{Error, Result, Service};
+use crate::store::machines::MachineRecord;
+
+pub const DEFAULT_EXEC_TIMEOUT: u64 = 30;
+pub const MAX_EXEC_TIMEOUT: u64 = 3600;
+/// Output kept per stream by the buffered exec API.
+pub const EXEC_OUTPUT_CAP: u64 = 10 << 20;
+
+fn agent_error(e: ClientError, path: &str) -> Error {
+    match e {
+        ClientError::Agent { kind: ErrorKind::NotFound, .. } => Error::FileNotFound(format!("File not found: {path}")),
+        ClientError::Agent { kind: ErrorKind::InvalidPath, message } => Error::Validation(message),
+        ClientError::Agent { kind: ErrorKind::TooLarge, message } => Error::TooLarge(message),
+        ClientError::Agent { kind: ErrorKind::BadRequest, message } => Error::BadRequest(message),
+        other => Error::Agent(other),
+    }
+}
+
+pub fn check_guest_path(path: &str) -> Result<()> {
+    if path.is_empty() {
+        return Err(Error::Validation("path is required".into()));
+    }
+    if !path.starts_with('/') {
+        return Err(Error::Validation(format!("path must be absolute, got '{path}'")));
+    }
+    if path.contains('\0') {
+        return Err(Error::Validation("path must not contain NUL bytes".into()));
+    }
+    Ok(())
+}
+
+/// A validated exec request.
+pub struct ExecPlan {
+    pub spec: ExecSpec,
+    pub stdin: Vec<u8>,
+    pub timeout: Duration,
+}
+
+impl ExecPlan {
+    pub fn new(req: ExecRequest, max_output: Option<u64>) -> Result<Self> {
+        let secs = req.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT);
+        if !(1..=MAX_EXEC_TIMEOUT).contains(&secs) {
+            return Err(Error::Validation(format!("timeout must be between 1 and {MAX_EXEC_TIMEOUT} seconds")));
+        }
+        if let Some(cwd) = &req.cwd {
+            check_guest_path(cwd).map_err(|_| Error::Validation(format!("cwd must be an absolute path, got '{cwd}'")))?;
+        }
+        if req.command.0[0].is_empty() {
+            return Err(Error::Validation("command[0] must name a program".into()));
+        }
+        Ok(Self {
+            spec: ExecSpec {
+                argv: req.command.0,
+                env: req.env.unwrap_or_default(),
+                cwd: req.cwd,
+                timeout_ms: secs * 1000,
+                max_output,
+            },
+            stdin: req.stdin.map(String::into_bytes).unwrap_or_default(),
+            timeout: Duration::from_secs(secs),
+        })
+    }
+
+    pub fn timeout_message(&self) -> String {
+        format!("Command execution timed out after {} seconds", self.timeout.as_secs())
+    }
+}
+
+impl Service {
+    async fn running(&self, id: &str, action: &str) -> Result<MachineRecord> {
+        let rec = self.record(id).await?;
+        if rec.status != hyperfleet_types::MachineStatus::Running {
+            return Err(Error::BadRequest(format!("Machine must be running to {action}")));
+        }
+        Ok(rec)
+    }
+
+    /// The machine's agent once it answers, waiting up to `patience` while the guest boots.
+    async fn ready_agent(&self, rec: &MachineRecord, patience: Duration) -> Result<AgentClient> {
+        let agent = self.runtimes.agent(rec, &self.files(&rec.id));
+        let deadline = Instant::now() + patience;
+        loop {
+            match agent.ping().await {
+                Ok(()) => return Ok(agent),
+                Err(ClientError::Unreachable(_)) if Instant::now() + Duration::from_millis(200) < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(Error::Agent(e)),
+            }
+        }
+    }
+
+    pub async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResult> {
+        let plan = ExecPlan::new(req, Some(EXEC_OUTPUT_CAP))?;
+        let rec = self.running(id, "execute commands").await?;
+        let started = Instant::now();
+        let agent = self.ready_agent(&rec, plan.timeout).await?;
+        let mut spec = plan.spec.clone();
+        spec.timeout_ms = plan.timeout.saturating_sub(started.elapsed()).as_millis().max(1) as u64;
+        // The agent enforces the timeout; the margin only covers a guest that stops answering.
+        let out = tokio::time::timeout(plan.timeout + Duration::from_secs(5), agent.exec_collect(spec, &plan.stdin))
+            .await
+            .map_err(|_| Error::Timeout(plan.timeout_message()))?;
+        let out = match out {
+            Ok(o) => o,
+            // A program that cannot be started answers like a shell would: exit code 127.
+            Err(ClientError::Agent { kind: ErrorKind::SpawnFailed, message }) => {
+                return Ok(ExecResult {
+                    exit_code: 127,
+                    stdout: String::new(),
+                    stderr: message,
+                    stdout_truncated: false,
+                    stderr_truncated: false,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+            Err(e) => return Err(agent_error(e, "")),
+        };
+        if out.exit.timed_out {
+            return Err(Error::Timeout(plan.timeout_message()));
+        }
+        Ok(ExecResult {
+            exit_code: out.exit.exit_code,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            stdout_truncated: out.exit.stdout_truncated,
+            stderr_truncated: out.exit.stderr_truncated,
+            duration_ms: out.exit.duration_ms,
+        })
+    }
+
+    /// Starts a command whose output the caller streams; stdin is already sent and closed.
+    pub async fn exec_stream(&self, id: &str, req: ExecRequest) -> Result<(ExecSession, ExecPlan)> {
+        let plan = ExecPlan::new(req, None)?;
+        let rec = self.running(id, "execute commands").await?;
+        let agent = self.ready_agent(&rec, plan.timeout).await?;
+        let mut session = agent.exec(plan.spec.clone()).await.map_err(|e| agent_error(e, ""))?;
+        session.send_stdin(&plan.stdin).await.map_err(|e| agent_error(e, ""))?;
+        session.close_stdin().await.map_err(|e| agent_error(e, ""))?;
+        Ok((session, plan))
+    }
+
+    fn transfer_timeout(&self) -> Duration {
+        self.settings.file_transfer_timeout
+    }
+
+    async fn with_timeout<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::time::timeout(self.transfer_timeout(), fut).await.map_err(|_| {
+            Error::Timeout(format!("File transfer timed out after {} seconds", self.transfer_timeout().as_secs()))
+        })?
+    }
+
+    fn check_size(&self, size: u64) -> Result<()> {
+        if size > self.settings.file_max_size {
+            return Err(Error::TooLarge(format!(
+                "File is {size} bytes, larger than HYPERFLEET_FILE_MAX_SIZE ({} bytes)",
+                self.settings.file_max_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes a file from a base64 body.
+    pub async fn write_file_base64(&self, id: &str, path: &str, content: &str, mode: Option<u32>) -> Result<FileWritten> {
+        check_guest_path(path)?;
+        // Base64 is 4/3 of the data: refuse before decoding anything huge.
+        self.check_size((content.len() as u64 / 4) * 3)?;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(content.trim())
+            .map_err(|e| Error::Validation(format!("content is not valid base64: {e}")))?;
+        self.check_size(data.len() as u64)?;
+        let body = futures::stream::once(async move { Ok::<_, Error>(Bytes::from(data)) });
+        self.write_file_stream(id, path, mode, body).await
+    }
+
+    /// Writes a file from a stream of chunks, refusing it once it passes the size limit.
+    pub async fn write_file_stream<S>(&self, id: &str, path: &str, mode: Option<u32>, body: S) -> Result<FileWritten>
+    where
+        S: futures::Stream<Item = Result<Bytes>> + Send,
+    {
+        use futures::StreamExt;
+        check_guest_path(path)?;
+        if let Some(m) = mode.filter(|m| *m > 0o7777) {
+            return Err(Error::Validation(format!("mode {m:o} is not a permission mode (at most 0o7777)")));
+        }
+        let rec = self.running(id, "transfer files").await?;
+        let max = self.settings.file_max_size;
+        self.with_timeout(async {
+            let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
+            let mut w = agent.write_file(path, mode, Some(max)).await.map_err(|e| agent_error(e, path))?;
+            futures::pin_mut!(body);
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                self.check_size(w.sent() + chunk.len() as u64)?;
+                w.send(&chunk).await.map_err(|e| agent_error(e, path))?;
+            }
+            let size = w.finish().await.map_err(|e| agent_error(e, path))?;
+            Ok(FileWritten { path: path.to_string(), size })
+        })
+        .await
+    }
+
+    /// Opens a file for download; the caller streams its chunks.
+    pub async fn read_file(&self, id: &str, path: &str) -> Result<FileReader> {
+        check_guest_path(path)?;
+        let rec = self.running(id, "transfer files").await?;
+        self.with_timeout(async {
+            let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
+            agent.read_file(path, Some(self.settings.file_max_size)).await.map_err(|e| agent_error(e, path))
+        })
+        .await
+    }
+
+    pub async fn stat_file(&self, id: &str, path: &str) -> Result<FileStat> {
+        check_guest_path(path)?;
+        let rec = self.running(id, "transfer files").await?;
+        let st = self
+            .with_timeout(async {
+                let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
+                agent.stat(path).await.map_err(|e| agent_error(e, path))
+            })
+            .await?;
+        let modified = time::OffsetDateTime::from_unix_timestamp(st.modified_unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        Ok(FileStat {
+            path: path.to_string(),
+            size: st.size,
+            mode: st.mode,
+            is_dir: st.is_dir,
+            modified_at: crate::store::format_time(modified),
+        })
+    }
+
+    pub async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
+        check_guest_path(path)?;
+        let rec = self.running(id, "transfer files").await?;
+        self.with_timeout(async {
+            let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
+            agent.delete(path, recursive).await.map_err(|e| agent_error(e, path))
+        })
+        .await
+    }
+}

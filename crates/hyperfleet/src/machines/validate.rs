@@ -1,0 +1,210 @@
+//! Turns a create request into a [`NewMachine`] or a message naming the field that is wrong. Messages
+//! keep the upstream wording where upstream had one ("vcpu_count must be at least 1").
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::path::{Component, Path, PathBuf};
+
+use hyperfleet_types::{CreateMachine, EgressPolicy, RuntimeKind};
+
+use crate::store::machines::NewMachine;
+
+pub const MIN_MEM_MIB: i64 = 4;
+/// Firecracker's limit of vCPUs per microVM.
+pub const MAX_VCPUS: i64 = 32;
+const MAX_KERNEL_ARGS: usize = 2048;
+const MAX_DNS: usize = 3;
+
+/// What the defaults and limits of this host are.
+pub struct Limits<'a> {
+    pub host_cpus: u32,
+    pub host_mem_mib: u64,
+    pub assets_dir: &'a Path,
+    pub default_kernel: &'a Path,
+    pub default_rootfs: &'a Path,
+    pub default_kernel_args: &'a str,
+    pub default_runtime: RuntimeKind,
+    pub default_dns: &'a [Ipv4Addr],
+}
+
+pub fn name(n: &str) -> Result<(), String> {
+    let b = n.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-';
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "name '{n}' is invalid: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        ))
+    }
+}
+
+pub fn ports(field: &str, list: &[i64]) -> Result<Vec<u16>, String> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(list.len());
+    for &p in list {
+        let port = u16::try_from(p).ok().filter(|p| *p >= 1).ok_or_else(|| format!("{field}: {p} is not a port (1-65535)"))?;
+        if !seen.insert(port) {
+            return Err(format!("{field}: port {port} is listed twice"));
+        }
+        out.push(port);
+    }
+    Ok(out)
+}
+
+/// An asset path must name a regular file inside the assets directory, also after following symlinks.
+pub fn asset(field: &str, given: Option<&str>, default: &Path, assets_dir: &Path) -> Result<String, String> {
+    let raw = match given {
+        Some(p) if p.trim().is_empty() => return Err(format!("{field} must not be empty")),
+        Some(p) => PathBuf::from(p),
+        None => default.to_path_buf(),
+    };
+    if raw.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("{field} must not contain '..'"));
+    }
+    let abs = crate::config::absolute(&raw);
+    let real = abs.canonicalize().map_err(|_| format!("{field} does not exist"))?;
+    let root = assets_dir.canonicalize().map_err(|_| format!("assets directory {} does not exist", assets_dir.display()))?;
+    if !real.starts_with(&root) {
+        return Err(format!("{field} must be inside the assets directory {}", root.display()));
+    }
+    let meta = std::fs::metadata(&real).map_err(|_| format!("{field} does not exist"))?;
+    if !meta.is_file() {
+        return Err(format!("{field} must be a regular file"));
+    }
+    Ok(real.display().to_string())
+}
+
+pub fn create(req: &CreateMachine, id: String, limits: &Limits) -> Result<NewMachine, String> {
+    let name_val = req.name.as_deref().ok_or("name is required")?;
+    name(name_val)?;
+    let vcpus = req.vcpu_count.ok_or("vcpu_count is required")?;
+    if vcpus < 1 {
+        return Err("vcpu_count must be at least 1".into());
+    }
+    let max_vcpus = MAX_VCPUS.min(i64::from(limits.host_cpus.max(1)));
+    if vcpus > max_vcpus {
+        return Err(format!("vcpu_count must be at most {max_vcpus} (this host has {} CPUs)", limits.host_cpus));
+    }
+    let mem = req.mem_size_mib.ok_or("mem_size_mib is required")?;
+    if mem < MIN_MEM_MIB {
+        return Err(format!("mem_size_mib must be at least {MIN_MEM_MIB}"));
+    }
+    if mem as u64 > limits.host_mem_mib {
+        return Err(format!("mem_size_mib must be at most {} (the host's memory)", limits.host_mem_mib));
+    }
+    let kernel_args = req.kernel_args.clone().unwrap_or_else(|| limits.default_kernel_args.to_string());
+    if kernel_args.len() > MAX_KERNEL_ARGS || kernel_args.contains(['\n', '\r', '\0']) {
+        return Err(format!("kernel_args must be one line of at most {MAX_KERNEL_ARGS} characters"));
+    }
+    if kernel_args.split_whitespace().any(|a| a.starts_with("ip=")) {
+        return Err("kernel_args must not set ip=: Hyperfleet configures the guest network".into());
+    }
+    let exposed_ports = ports("exposed_ports", req.exposed_ports.as_deref().unwrap_or(&[]))?;
+    let network = req.network.clone().unwrap_or_default();
+    let dns = match network.dns {
+        Some(list) if list.is_empty() => return Err("network.dns must list at least one address".into()),
+        Some(list) if list.len() > MAX_DNS => return Err(format!("network.dns takes at most {MAX_DNS} addresses")),
+        Some(list) => list,
+        None => limits.default_dns.to_vec(),
+    };
+    let egress = network.egress.unwrap_or(EgressPolicy::Allow);
+    Ok(NewMachine {
+        id,
+        name: name_val.to_string(),
+        runtime: req.runtime.unwrap_or(limits.default_runtime),
+        vcpu_count: vcpus as u32,
+        mem_size_mib: mem as u32,
+        kernel_image_path: asset("kernel_image_path", req.kernel_image_path.as_deref(), limits.default_kernel, limits.assets_dir)?,
+        kernel_args,
+        rootfs_path: asset("rootfs_path", req.rootfs_path.as_deref(), limits.default_rootfs, limits.assets_dir)?,
+        exposed_ports,
+        dns,
+        egress,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Assets {
+        dir: tempfile::TempDir,
+    }
+
+    impl Assets {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("vmlinux"), b"k").unwrap();
+            std::fs::write(dir.path().join("rootfs.ext4"), b"r").unwrap();
+            std::fs::create_dir(dir.path().join("sub")).unwrap();
+            Self { dir }
+        }
+        fn limits(&self) -> Limits<'_> {
+            Limits {
+                host_cpus: 2,
+                host_mem_mib: 1024,
+                assets_dir: self.dir.path(),
+                default_kernel: Box::leak(self.dir.path().join("vmlinux").into_boxed_path()),
+                default_rootfs: Box::leak(self.dir.path().join("rootfs.ext4").into_boxed_path()),
+                default_kernel_args: "console=ttyS0",
+                default_runtime: RuntimeKind::Container,
+                default_dns: &[Ipv4Addr::new(10, 0, 0, 53)],
+            }
+        }
+    }
+
+    fn req(json: serde_json::Value) -> CreateMachine {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn err(a: &Assets, json: serde_json::Value) -> String {
+        create(&req(json), "id".into(), &a.limits()).unwrap_err()
+    }
+
+    #[test]
+    fn upstream_messages() {
+        let a = Assets::new();
+        assert_eq!(err(&a, serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64})), "name is required");
+        assert_eq!(err(&a, serde_json::json!({"name": "a", "vcpu_count": 0, "mem_size_mib": 64})), "vcpu_count must be at least 1");
+        assert_eq!(err(&a, serde_json::json!({"name": "a", "vcpu_count": 1})), "mem_size_mib is required");
+        assert_eq!(err(&a, serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 3})), "mem_size_mib must be at least 4");
+        assert!(err(&a, serde_json::json!({"name": "a", "vcpu_count": 3, "mem_size_mib": 64})).contains("at most 2"));
+        assert!(err(&a, serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 4096})).contains("at most 1024"));
+        assert!(err(&a, serde_json::json!({"name": "Bad_Name", "vcpu_count": 1, "mem_size_mib": 64})).contains("name 'Bad_Name'"));
+    }
+
+    #[test]
+    fn ports_are_checked() {
+        let a = Assets::new();
+        let base = |p: serde_json::Value| serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64, "exposed_ports": p});
+        assert!(err(&a, base(serde_json::json!([0]))).contains("0 is not a port"));
+        assert!(err(&a, base(serde_json::json!([70000]))).contains("70000 is not a port"));
+        assert!(err(&a, base(serde_json::json!([80, 80]))).contains("listed twice"));
+        let ok = create(&req(base(serde_json::json!([80, 443]))), "id".into(), &a.limits()).unwrap();
+        assert_eq!(ok.exposed_ports, vec![80, 443]);
+        assert_eq!(ok.dns, vec![Ipv4Addr::new(10, 0, 0, 53)]);
+        assert_eq!(ok.runtime, RuntimeKind::Container);
+    }
+
+    #[test]
+    fn assets_must_be_regular_files_inside_the_assets_dir() {
+        let a = Assets::new();
+        let dir = a.dir.path().display().to_string();
+        let with = |k: &str| serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64, "kernel_image_path": k});
+        assert_eq!(err(&a, with(&format!("{dir}/missing"))), "kernel_image_path does not exist");
+        assert_eq!(err(&a, with(&format!("{dir}/sub/../vmlinux"))), "kernel_image_path must not contain '..'");
+        assert_eq!(err(&a, with(&format!("{dir}/sub"))), "kernel_image_path must be a regular file");
+        assert!(err(&a, with("/etc/passwd")).contains("inside the assets directory"));
+        assert!(err(&a, with("/dev/null")).contains("inside the assets directory"));
+        std::os::unix::fs::symlink("/etc/passwd", a.dir.path().join("escape")).unwrap();
+        assert!(err(&a, with(&format!("{dir}/escape"))).contains("inside the assets directory"));
+        std::os::unix::fs::symlink(a.dir.path().join("vmlinux"), a.dir.path().join("alias")).unwrap();
+        let ok = create(&req(with(&format!("{dir}/alias"))), "id".into(), &a.limits()).unwrap();
+        assert!(ok.kernel_image_path.ends_with("/vmlinux"), "stored resolved: {}", ok.kernel_image_path);
+    }
+}

@@ -1,0 +1,303 @@
+//! The container runtime, for hosts without hardware virtualization: the same image and the same agent (as
+//! PID 1) under runc, driven by an OCI `config.json`. The machine's own copy of the image is loop-mounted as
+//! the root; its network namespace is made by Hyperfleet and joined to the host by a veth pair whose host end
+//! has the machine's TAP name and address, so IPAM, firewall and proxy work exactly as for Firecracker.
+//! Isolation is a container's (shared host kernel), not a VM's.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use hyperfleet_agent_proto::client::{AgentClient, Endpoint};
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec,
+};
+use tokio::process::Command;
+
+use super::{Booted, GuestNetwork, MachineFiles, RuntimeError, process};
+use crate::store::machines::MachineRecord;
+
+/// Where the agent's socket directory is mounted inside the container.
+const AGENT_DIR_IN_GUEST: &str = "/run/hyperfleet";
+/// runc's state directory for our containers, apart from anyone else's.
+const RUNC_ROOT: &str = "/run/hyperfleet/runc";
+
+#[derive(Debug, Clone)]
+pub struct Container {
+    runc: Option<PathBuf>,
+}
+
+/// Container and network namespace names of a machine.
+pub fn container_id(machine_id: &str) -> String {
+    format!("hf-{machine_id}")
+}
+
+pub fn netns_name(machine_id: &str) -> String {
+    format!("hf-{machine_id}")
+}
+
+impl Container {
+    pub fn new(runc: Option<PathBuf>) -> Self {
+        Self { runc }
+    }
+
+    pub fn unavailable(&self) -> Option<String> {
+        self.runc.is_none().then(|| "runc not found: install it (apt-get install runc) or set HYPERFLEET_RUNC_BIN".into())
+    }
+
+    pub fn agent(files: &MachineFiles) -> AgentClient {
+        AgentClient::new(Endpoint::Unix(files.agent_dir.join("agent.sock")))
+    }
+
+    fn runc(&self) -> Result<Command, RuntimeError> {
+        let bin = self.runc.as_ref().ok_or_else(|| RuntimeError::Unavailable(self.unavailable().unwrap_or_default()))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--root").arg(RUNC_ROOT);
+        Ok(cmd)
+    }
+
+    async fn runc_ok(&self, args: &[&str]) -> Result<String, RuntimeError> {
+        let out = self
+            .runc()?
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| RuntimeError::Failed(format!("runc {}: {e}", args.join(" "))))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(RuntimeError::Failed(format!(
+                "runc {}: {}",
+                args.first().unwrap_or(&""),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+
+    /// Mounts the machine's disk as the bundle's root (idempotent).
+    pub async fn mount_root(files: &MachineFiles) -> Result<(), RuntimeError> {
+        let root = files.bundle.join("rootfs");
+        std::fs::create_dir_all(&root).map_err(|e| RuntimeError::Failed(format!("create {}: {e}", root.display())))?;
+        if is_mountpoint(&root) {
+            return Ok(());
+        }
+        let out = Command::new("mount")
+            .args(["-o", "loop,nosuid"])
+            .arg(&files.disk)
+            .arg(&root)
+            .output()
+            .await
+            .map_err(|e| RuntimeError::Failed(format!("mount: {e}")))?;
+        if !out.status.success() {
+            return Err(RuntimeError::Failed(format!(
+                "mount {}: {}",
+                files.disk.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Unmounts the root and frees its loop device (idempotent).
+    pub async fn unmount_root(files: &MachineFiles) {
+        let root = files.bundle.join("rootfs");
+        if is_mountpoint(&root) {
+            // -d releases the loop device too.
+            let _ = Command::new("umount").arg("-d").arg(&root).output().await;
+            if is_mountpoint(&root) {
+                let _ = Command::new("umount").args(["-l", "-d"]).arg(&root).output().await;
+            }
+        }
+    }
+
+    pub fn spec(m: &MachineRecord, files: &MachineFiles, net: &GuestNetwork, netns: &Path) -> Result<Spec, RuntimeError> {
+        let e = |e: oci_spec::OciSpecError| RuntimeError::Failed(format!("OCI spec: {e}"));
+        let caps: HashSet<Capability> = [
+            Capability::AuditWrite,
+            Capability::Chown,
+            Capability::DacOverride,
+            Capability::Fowner,
+            Capability::Fsetid,
+            Capability::Kill,
+            Capability::Mknod,
+            Capability::NetBindService,
+            Capability::NetRaw,
+            Capability::Setfcap,
+            Capability::Setgid,
+            Capability::Setpcap,
+            Capability::Setuid,
+            Capability::SysChroot,
+        ]
+        .into_iter()
+        .collect();
+        let dns: Vec<String> = net.dns.iter().map(|d| d.to_string()).collect();
+        let process = ProcessBuilder::default()
+            .terminal(false)
+            .args(vec!["/sbin/init".to_string()])
+            .env(vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+                format!("HYPERFLEET_AGENT_SOCKET={AGENT_DIR_IN_GUEST}/agent.sock"),
+                format!("HYPERFLEET_DNS={}", dns.join(",")),
+            ])
+            .cwd("/")
+            .no_new_privileges(true)
+            .capabilities(
+                LinuxCapabilitiesBuilder::default()
+                    .bounding(caps.clone())
+                    .effective(caps.clone())
+                    .permitted(caps)
+                    .build()
+                    .map_err(e)?,
+            )
+            .build()
+            .map_err(e)?;
+        let mut mounts: Vec<Mount> = oci_spec::runtime::get_default_mounts();
+        let tmpfs = |dest: &str, mode: &str| {
+            MountBuilder::default()
+                .destination(dest)
+                .typ("tmpfs")
+                .source("tmpfs")
+                .options(vec!["nosuid".into(), "nodev".into(), format!("mode={mode}")])
+                .build()
+        };
+        // /run first, so the agent sees it mounted and the socket directory below stays visible.
+        mounts.push(tmpfs("/run", "755").map_err(e)?);
+        mounts.push(
+            MountBuilder::default()
+                .destination(AGENT_DIR_IN_GUEST)
+                .typ("bind")
+                .source(&files.agent_dir)
+                .options(vec!["rbind".into(), "rw".into()])
+                .build()
+                .map_err(e)?,
+        );
+        mounts.push(tmpfs("/tmp", "1777").map_err(e)?);
+        let ns = |typ: LinuxNamespaceType| LinuxNamespaceBuilder::default().typ(typ).build();
+        let namespaces = vec![
+            ns(LinuxNamespaceType::Pid).map_err(e)?,
+            ns(LinuxNamespaceType::Ipc).map_err(e)?,
+            ns(LinuxNamespaceType::Uts).map_err(e)?,
+            ns(LinuxNamespaceType::Mount).map_err(e)?,
+            LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).path(netns).build().map_err(e)?,
+        ];
+        let period: u64 = 100_000;
+        let resources = LinuxResourcesBuilder::default()
+            .memory(LinuxMemoryBuilder::default().limit(i64::from(m.mem_size_mib) * 1024 * 1024).build().map_err(e)?)
+            .cpu(LinuxCpuBuilder::default().period(period).quota(i64::from(m.vcpu_count) * period as i64).build().map_err(e)?)
+            .pids(LinuxPidsBuilder::default().limit(4096i64).build().map_err(e)?)
+            .build()
+            .map_err(e)?;
+        let linux = LinuxBuilder::default()
+            .namespaces(namespaces)
+            .resources(resources)
+            .cgroups_path(PathBuf::from(format!("/hyperfleet/{}", m.id)))
+            .masked_paths(oci_spec::runtime::get_default_maskedpaths())
+            .readonly_paths(oci_spec::runtime::get_default_readonly_paths())
+            .build()
+            .map_err(e)?;
+        let mut spec = Spec::default();
+        spec.set_process(Some(process))
+            .set_root(Some(RootBuilder::default().path("rootfs").readonly(false).build().map_err(e)?))
+            .set_hostname(Some(net.hostname.clone()))
+            .set_mounts(Some(mounts))
+            .set_linux(Some(linux));
+        Ok(spec)
+    }
+
+    /// Writes the bundle and starts the container (`runc run --detach`), its init's output going to the
+    /// machine's console log. Expects the root mounted and the network namespace ready.
+    pub async fn boot(
+        &self,
+        m: &MachineRecord,
+        files: &MachineFiles,
+        net: &GuestNetwork,
+        netns: &Path,
+    ) -> Result<Booted, RuntimeError> {
+        if let Some(why) = self.unavailable() {
+            return Err(RuntimeError::Unavailable(why));
+        }
+        std::fs::create_dir_all(&files.agent_dir).map_err(|e| RuntimeError::Failed(format!("agent dir: {e}")))?;
+        let _ = std::fs::remove_file(files.agent_dir.join("agent.sock"));
+        Self::spec(m, files, net, netns)?
+            .save(files.bundle.join("config.json"))
+            .map_err(|e| RuntimeError::Failed(format!("write config.json: {e}")))?;
+        let cid = container_id(&m.id);
+        // A container of that name left by a crash would make `run` fail.
+        let _ = self.runc_ok(&["delete", "--force", &cid]).await;
+        let pid_file = files.dir.join("container.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let console = files.open_console_log()?;
+        let console_err = console.try_clone().map_err(|e| RuntimeError::Failed(format!("console log: {e}")))?;
+        let status = self
+            .runc()?
+            .arg("run")
+            .arg("--detach")
+            .arg("--bundle")
+            .arg(&files.bundle)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(&cid)
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(console_err)
+            .status()
+            .await
+            .map_err(|e| RuntimeError::Failed(format!("runc run: {e}")))?;
+        if !status.success() {
+            let _ = self.runc_ok(&["delete", "--force", &cid]).await;
+            return Err(RuntimeError::Failed(format!(
+                "runc run failed: {}",
+                process::tail(&files.console_log, 3).join(" | ")
+            )));
+        }
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| RuntimeError::Failed("runc wrote no pid file".into()))?;
+        Ok(Booted { pid, socket_path: None })
+    }
+
+    /// The PID of the container's init if runc says it runs.
+    pub async fn running_pid(&self, machine_id: &str) -> Option<u32> {
+        let out = self.runc_ok(&["state", &container_id(machine_id)]).await.ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (v.get("status")?.as_str()? == "running").then_some(())?;
+        let pid = u32::try_from(v.get("pid")?.as_u64()?).ok()?;
+        process::alive(pid).then_some(pid)
+    }
+
+    /// Asks the agent to shut down, then `runc kill` TERM and KILL; finally removes the container.
+    pub async fn stop(&self, machine_id: &str, pid: Option<u32>, files: &MachineFiles, grace: Duration) {
+        let cid = container_id(machine_id);
+        if let Some(pid) = pid.filter(|p| process::alive(*p)) {
+            let asked = tokio::time::timeout(Duration::from_millis(1500), Self::agent(files).shutdown()).await;
+            let graceful = matches!(asked, Ok(Ok(()))) && process::wait_exit(pid, grace).await;
+            if !graceful {
+                let _ = self.runc_ok(&["kill", &cid, "TERM"]).await;
+                if !process::wait_exit(pid, Duration::from_secs(3)).await {
+                    let _ = self.runc_ok(&["kill", "--all", &cid, "KILL"]).await;
+                    process::wait_exit(pid, Duration::from_secs(5)).await;
+                }
+            }
+        }
+        let _ = self.runc_ok(&["delete", "--force", &cid]).await;
+        let _ = std::fs::remove_file(files.agent_dir.join("agent.sock"));
+    }
+}
+
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(canon) = path.canonicalize() else { return false };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .any(|mp| Path::new(&unescape_mount(mp)) == canon)
+}
+
+/// /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mount(s: &str) -> String {
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
