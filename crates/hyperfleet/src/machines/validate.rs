@@ -134,26 +134,31 @@ mod tests {
 
     struct Assets {
         dir: tempfile::TempDir,
+        kernel: PathBuf,
+        rootfs: PathBuf,
     }
+
+    const DNS: [Ipv4Addr; 1] = [Ipv4Addr::new(10, 0, 0, 53)];
 
     impl Assets {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
-            std::fs::write(dir.path().join("vmlinux"), b"k").unwrap();
-            std::fs::write(dir.path().join("rootfs.ext4"), b"r").unwrap();
+            let (kernel, rootfs) = (dir.path().join("vmlinux"), dir.path().join("rootfs.ext4"));
+            std::fs::write(&kernel, b"k").unwrap();
+            std::fs::write(&rootfs, b"r").unwrap();
             std::fs::create_dir(dir.path().join("sub")).unwrap();
-            Self { dir }
+            Self { dir, kernel, rootfs }
         }
         fn limits(&self) -> Limits<'_> {
             Limits {
                 host_cpus: 2,
                 host_mem_mib: 1024,
                 assets_dir: self.dir.path(),
-                default_kernel: Box::leak(self.dir.path().join("vmlinux").into_boxed_path()),
-                default_rootfs: Box::leak(self.dir.path().join("rootfs.ext4").into_boxed_path()),
+                default_kernel: &self.kernel,
+                default_rootfs: &self.rootfs,
                 default_kernel_args: "console=ttyS0",
                 default_runtime: RuntimeKind::Container,
-                default_dns: &[Ipv4Addr::new(10, 0, 0, 53)],
+                default_dns: &DNS,
             }
         }
     }
