@@ -20,6 +20,8 @@ for applet in $("$busybox" --list-full); do
   [ -e "$tree/$applet" ] || ln -s /bin/busybox "$tree/$applet"
 done
 install -m 0755 "$agent" "$tree/sbin/hyperfleet-agent"
+# For PVM hosts, where no guest userspace can run: an init that makes no system call (see idle.S).
+gcc -nostdlib -static -o "$tree/sbin/hyperfleet-idle" "$(dirname "$0")/idle.S"
 rm -f "$tree/sbin/init"
 ln -s hyperfleet-agent "$tree/sbin/init"
 cat > "$tree/etc/passwd" <<'P'

@@ -4,7 +4,9 @@ use clap::Parser;
 use hyperfleet::cmd::{self, Cli, Command};
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // netlink-packet-route warns about every attribute newer than itself; that is noise for users.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,netlink_packet_route=error".into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -19,6 +21,7 @@ async fn main() {
         Command::Machines(args) => cmd::machines::run(args).await,
         Command::Keys(args) => cmd::keys::run(args),
         Command::Doctor(args) => cmd::doctor::run(args).await,
+        Command::Purge(args) => cmd::purge::run(args).await,
         Command::Openapi => {
             println!("{}", hyperfleet::api::openapi_json());
             Ok(0)

@@ -3,6 +3,7 @@
 pub mod doctor;
 pub mod keys;
 pub mod machines;
+pub mod purge;
 pub mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -24,6 +25,9 @@ pub enum Command {
     Keys(keys::KeysArgs),
     /// Check the host and every running machine's network; print what is wrong and how to fix it.
     Doctor(crate::config::ServeArgs),
+    /// Stop every machine and remove everything Hyperfleet made on this host (TAPs, veths, namespaces,
+    /// containers, the nftables table, the subnet route). Machine records and disks are kept.
+    Purge(crate::config::ServeArgs),
     /// Print the OpenAPI document.
     Openapi,
 }

@@ -26,6 +26,22 @@ fn default_runtime(settings: &Settings, kvm: KvmKind, fc: &Firecracker) -> (Runt
     }
 }
 
+/// The orchestration service over this configuration, without touching the host yet.
+pub fn build_service(settings: Arc<Settings>, store: Store) -> anyhow::Result<Arc<Service>> {
+    let kvm = KvmKind::detect();
+    let firecracker = Firecracker::new(host::find_firecracker(settings.firecracker_bin.as_deref(), &settings.assets_dir), kvm);
+    let container = Container::new(host::find_on_path(&settings.runc_bin));
+    let (default, why) = default_runtime(&settings, kvm, &firecracker);
+    info!(runtime = %default, kvm = kvm.describe(), "default runtime: {default} ({why})");
+    if default == RuntimeKind::Container {
+        info!("container machines share the host kernel: their isolation is a container's, not a VM's");
+    }
+    let dns = HostNetwork::dns_default(settings.dns.as_ref()).map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
+    let net = HostNetwork::new(settings.subnet, settings.tap_naming.clone(), &settings.nft_table)?;
+    let runtimes = Runtimes { firecracker, container, stop_grace: settings.stop_timeout };
+    Ok(Service::new(store, settings.clone(), runtimes, net, default, dns))
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let settings = Arc::new(args.validate()?);
     if settings.disable_auth {
@@ -49,19 +65,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
-    let kvm = KvmKind::detect();
-    let firecracker = Firecracker::new(host::find_firecracker(settings.firecracker_bin.as_deref(), &settings.assets_dir), kvm);
-    let container = Container::new(host::find_on_path(&settings.runc_bin));
-    let (default, why) = default_runtime(&settings, kvm, &firecracker);
-    info!(runtime = %default, kvm = kvm.describe(), "default runtime: {default} ({why})");
-    if default == RuntimeKind::Container {
-        info!("container machines share the host kernel: their isolation is a container's, not a VM's");
-    }
-    let dns = HostNetwork::dns_default(settings.dns.as_ref()).map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
-    let net = HostNetwork::new(settings.subnet, settings.tap_naming.clone(), &settings.nft_table)?;
-    net.init().await.context("prepare host networking (are we root?)")?;
-    let runtimes = Runtimes { firecracker, container, stop_grace: settings.stop_timeout };
-    let service = Service::new(store.clone(), settings.clone(), runtimes, net, default, dns);
+    let service = build_service(settings.clone(), store.clone())?;
+    service.net.init().await.context("prepare host networking (are we root?)")?;
     service.reconcile().await.context("reconcile with the host")?;
 
     let state = AppState { service: service.clone(), auth: Arc::new(Auth::new(store, settings.disable_auth)) };

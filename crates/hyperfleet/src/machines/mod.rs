@@ -491,6 +491,28 @@ impl Service {
         Ok(())
     }
 
+    /// Stops every machine and removes everything Hyperfleet made on the host: interfaces, namespaces,
+    /// containers, mounts, the firewall table and the subnet route. Records, disks and leases stay, so the
+    /// machines can be started again. Returns the ids of the machines it stopped.
+    pub async fn purge_host(self: &Arc<Self>) -> Result<Vec<String>> {
+        let active = self.store.call(|c| records::with_status(c, &ACTIVE)).await?;
+        let mut stopped = Vec::new();
+        for rec in active {
+            let files = self.files(&rec.id);
+            let pid = self.runtimes.live_pid(&rec, &files).await;
+            let m = MachineRecord { pid, ..rec.clone() };
+            self.runtimes.stop(&m, &files).await;
+            let _ = self.net.detach(&m).await;
+            let _ = self.transition(&rec.id, "stop", &ACTIVE, Stopped, Changes::process_gone()).await;
+            stopped.push(rec.id);
+        }
+        self.net.remove_stray_links(&HashSet::new()).await?;
+        self.remove_stray_machine_state(&HashSet::new()).await?;
+        self.net.firewall.remove().await?;
+        self.net.remove_route().await?;
+        Ok(stopped)
+    }
+
     /// Namespaces, containers and data directories of machines that are not running (or no longer exist).
     async fn remove_stray_machine_state(&self, live: &HashSet<String>) -> Result<()> {
         let known: HashSet<String> = self

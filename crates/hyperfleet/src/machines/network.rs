@@ -200,6 +200,10 @@ impl HostNetwork {
         checks
     }
 
+    pub async fn remove_route(&self) -> Result<(), NetError> {
+        self.netlink.remove_unreachable_route(self.subnet.net()).await
+    }
+
     pub async fn has_unreachable_route(&self) -> bool {
         self.netlink.has_unreachable_route(self.subnet.net()).await.unwrap_or(false)
     }
