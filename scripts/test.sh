@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, the agent against its real binary, and the end-to-end tests that start the
+# real daemon (root, real netlink/nftables/runc; real firecracker where /dev/kvm exists).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HYPERFLEET_TEST_ASSETS=${HYPERFLEET_TEST_ASSETS:-$(pwd)/.hyperfleet}
+cargo test --workspace --locked --release -- --nocapture 2>&1
