@@ -94,6 +94,11 @@ where
         }
     }
     drop(stdin);
+    if reading_stdin && !link_broken {
+        // The host may still be sending stdin (or its End): consume it, so closing the connection does not
+        // turn into a reset that loses our answer.
+        let _ = tokio::time::timeout(DRAIN_GRACE, drain_stdin(r)).await;
+    }
     // Output still buffered or held open by background children: forward it for a short grace period.
     let grace = tokio::time::sleep(DRAIN_GRACE);
     tokio::pin!(grace);

@@ -196,12 +196,24 @@ impl Netlink {
     }
 
     pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), NetError> {
-        self.handle.link().set(index).address(mac.to_vec()).execute().await.map_err(|e| nl("set MAC address", e))
+        self.handle
+            .link()
+            .set(index)
+            .address(mac.to_vec())
+            .execute()
+            .await
+            .map_err(|e| nl("set MAC address", e))
     }
 
     /// Inside a guest's namespace: gives `name` its MAC and address, brings it and `lo` up and routes
     /// everything via `gateway` — what the guest kernel's `ip=` does in a Firecracker guest.
-    pub async fn configure_guest_side(&self, name: &str, mac: [u8; 6], addr: Ipv4Net, gateway: Ipv4Addr) -> Result<(), NetError> {
+    pub async fn configure_guest_side(
+        &self,
+        name: &str,
+        mac: [u8; 6],
+        addr: Ipv4Net,
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetError> {
         let eth = self.require(name).await?;
         self.set_mac(eth.index, mac).await?;
         self.add_address(eth.index, addr).await?;

@@ -21,10 +21,40 @@ fn err(what: String, e: impl std::fmt::Display) -> NetError {
     NetError::Netns(format!("{what}: {e}"))
 }
 
+/// Makes /run/netns a shared mount point, as `ip netns add` does. Without this, a later `ip netns add`
+/// would bind-mount the directory over itself and hide the namespaces already mounted in it.
+fn prepare_dir() -> Result<(), NetError> {
+    std::fs::create_dir_all(NETNS_DIR).map_err(|e| err(format!("create {NETNS_DIR}"), e))?;
+    let shared = || {
+        nix::mount::mount(
+            None::<&str>,
+            NETNS_DIR,
+            Some("none"),
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match shared() {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) => {
+            nix::mount::mount(
+                Some(NETNS_DIR),
+                NETNS_DIR,
+                Some("none"),
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| err(format!("bind-mount {NETNS_DIR}"), e))?;
+            shared().map_err(|e| err(format!("make {NETNS_DIR} shared"), e))
+        }
+        Err(e) => Err(err(format!("make {NETNS_DIR} shared"), e)),
+    }
+}
+
 /// Creates the namespace `name` (fails if it exists) and returns its path.
 pub fn create(name: &str) -> Result<PathBuf, NetError> {
     let path = path_of(name);
-    std::fs::create_dir_all(NETNS_DIR).map_err(|e| err(format!("create {NETNS_DIR}"), e))?;
+    prepare_dir()?;
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
 use hyperfleet_agent_proto::client::ExecEvent as AgentEvent;
-use hyperfleet_types::{ErrorBody, ExecEvent, ExecRequest, ExecResult, FileStat, FileUpload, FileWritten};
+use hyperfleet_types::{
+    ErrorBody, ExecEvent, ExecRequest, ExecResult, FileStat, FileUpload, FileWritten,
+};
 
 use super::AppState;
 use super::error::ApiError;
@@ -23,7 +25,11 @@ use crate::machines::Error as MachineError;
               (status = 502, description = "VSOCK_ERROR: the guest agent cannot be reached", body = ErrorBody),
               (status = 504, description = "TIMEOUT: the command was killed", body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn exec(State(s): State<AppState>, Path(id): Path<String>, JsonBody(req): JsonBody<ExecRequest>) -> Result<Json<ExecResult>, ApiError> {
+pub async fn exec(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<ExecRequest>,
+) -> Result<Json<ExecResult>, ApiError> {
     Ok(Json(s.service.exec(&id, req).await?))
 }
 
@@ -39,7 +45,11 @@ fn ndjson(ev: &ExecEvent) -> Bytes {
                content_type = "application/x-ndjson", body = ExecEvent),
               (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn exec_stream(State(s): State<AppState>, Path(id): Path<String>, JsonBody(req): JsonBody<ExecRequest>) -> Result<Response, ApiError> {
+pub async fn exec_stream(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<ExecRequest>,
+) -> Result<Response, ApiError> {
     let (session, plan) = s.service.exec_stream(&id, req).await?;
     let deadline = tokio::time::Instant::now() + plan.timeout + std::time::Duration::from_secs(5);
     let timeout_msg = plan.timeout_message();
@@ -49,24 +59,56 @@ pub async fn exec_stream(State(s): State<AppState>, Path(id): Path<String>, Json
         async move {
             let mut session = state?;
             let ev = match tokio::time::timeout_at(deadline, session.next_event()).await {
-                Ok(Ok(AgentEvent::Stdout(b))) => return Some((Ok::<_, std::io::Error>(ndjson(&ExecEvent::Stdout { data: String::from_utf8_lossy(&b).into_owned() })), Some(session))),
-                Ok(Ok(AgentEvent::Stderr(b))) => return Some((Ok(ndjson(&ExecEvent::Stderr { data: String::from_utf8_lossy(&b).into_owned() })), Some(session))),
-                Ok(Ok(AgentEvent::Exited(e))) if e.timed_out => ExecEvent::Error { code: "TIMEOUT".into(), message: timeout_msg },
-                Ok(Ok(AgentEvent::Exited(e))) => ExecEvent::Exit { exit_code: e.exit_code, duration_ms: e.duration_ms },
+                Ok(Ok(AgentEvent::Stdout(b))) => {
+                    return Some((
+                        Ok::<_, std::io::Error>(ndjson(&ExecEvent::Stdout {
+                            data: String::from_utf8_lossy(&b).into_owned(),
+                        })),
+                        Some(session),
+                    ));
+                }
+                Ok(Ok(AgentEvent::Stderr(b))) => {
+                    return Some((
+                        Ok(ndjson(&ExecEvent::Stderr {
+                            data: String::from_utf8_lossy(&b).into_owned(),
+                        })),
+                        Some(session),
+                    ));
+                }
+                Ok(Ok(AgentEvent::Exited(e))) if e.timed_out => ExecEvent::Error {
+                    code: "TIMEOUT".into(),
+                    message: timeout_msg,
+                },
+                Ok(Ok(AgentEvent::Exited(e))) => ExecEvent::Exit {
+                    exit_code: e.exit_code,
+                    duration_ms: e.duration_ms,
+                },
                 Ok(Err(e)) => {
                     let api: ApiError = MachineError::Agent(e).into();
-                    ExecEvent::Error { code: api.code.into(), message: api.message }
+                    ExecEvent::Error {
+                        code: api.code.into(),
+                        message: api.message,
+                    }
                 }
-                Err(_) => ExecEvent::Error { code: "TIMEOUT".into(), message: timeout_msg },
+                Err(_) => ExecEvent::Error {
+                    code: "TIMEOUT".into(),
+                    message: timeout_msg,
+                },
             };
             Some((Ok(ndjson(&ev)), None))
         }
     });
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 fn path_param(q: &QueryMap) -> Result<String, ApiError> {
-    q.get("path").map(str::to_string).ok_or_else(|| ApiError::validation("path is required (?path=/absolute/path)"))
+    q.get("path")
+        .map(str::to_string)
+        .ok_or_else(|| ApiError::validation("path is required (?path=/absolute/path)"))
 }
 
 #[utoipa::path(post, path = "/machines/{id}/files", tag = "files",
@@ -80,7 +122,12 @@ fn path_param(q: &QueryMap) -> Result<String, ApiError> {
     responses((status = 201, body = FileWritten), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 413, description = "larger than HYPERFLEET_FILE_MAX_SIZE", body = ErrorBody), (status = 502, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn upload(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap, req: Request) -> Result<(StatusCode, Json<FileWritten>), ApiError> {
+pub async fn upload(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryMap,
+    req: Request,
+) -> Result<(StatusCode, Json<FileWritten>), ApiError> {
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -90,24 +137,48 @@ pub async fn upload(State(s): State<AppState>, Path(id): Path<String>, q: QueryM
     if is_json {
         // Base64 makes the body 4/3 of the file, plus a little JSON.
         let limit = (max / 3 * 4 + 64 * 1024) as usize;
-        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", format!("File is larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"))
-        })?;
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "PAYLOAD_TOO_LARGE",
+                    format!("File is larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"),
+                )
+            })?;
         let up: FileUpload = parse_json(&bytes)?;
-        let written = s.service.write_file_base64(&id, &up.path, &up.content, up.mode).await?;
+        let written = s
+            .service
+            .write_file_base64(&id, &up.path, &up.content, up.mode)
+            .await?;
         return Ok((StatusCode::CREATED, Json(written)));
     }
     let path = path_param(&q)?;
     let mode = q
         .get("mode")
-        .map(|m| u32::from_str_radix(m, 8).map_err(|_| ApiError::validation(format!("mode must be octal permission bits such as 644, got '{m}'"))))
+        .map(|m| {
+            u32::from_str_radix(m, 8).map_err(|_| {
+                ApiError::validation(format!(
+                    "mode must be octal permission bits such as 644, got '{m}'"
+                ))
+            })
+        })
         .transpose()?;
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         && len > max
     {
-        return Err(MachineError::TooLarge(format!("File is {len} bytes, larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)")).into());
+        return Err(MachineError::TooLarge(format!(
+            "File is {len} bytes, larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"
+        ))
+        .into());
     }
-    let body = req.into_body().into_data_stream().map(|r| r.map_err(|e| MachineError::BadRequest(format!("reading the upload: {e}"))));
+    let body = req
+        .into_body()
+        .into_data_stream()
+        .map(|r| r.map_err(|e| MachineError::BadRequest(format!("reading the upload: {e}"))));
     let written = s.service.write_file_stream(&id, &path, mode, body).await?;
     Ok((StatusCode::CREATED, Json(written)))
 }
@@ -118,7 +189,11 @@ pub async fn upload(State(s): State<AppState>, Path(id): Path<String>, q: QueryM
               (status = 400, body = ErrorBody), (status = 404, description = "machine or file not found", body = ErrorBody),
               (status = 413, body = ErrorBody), (status = 502, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn download(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Response, ApiError> {
+pub async fn download(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryMap,
+) -> Result<Response, ApiError> {
     let path = path_param(&q)?;
     let reader = s.service.read_file(&id, &path).await?;
     let size = reader.size;
@@ -132,7 +207,10 @@ pub async fn download(State(s): State<AppState>, Path(id): Path<String>, q: Quer
         }
     });
     Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_LENGTH, size.to_string())],
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
         Body::from_stream(stream),
     )
         .into_response())
@@ -142,7 +220,11 @@ pub async fn download(State(s): State<AppState>, Path(id): Path<String>, q: Quer
     params(("id" = String, Path, description = "machine id or name"), ("path" = String, Query, description = "absolute guest path")),
     responses((status = 200, body = FileStat), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn stat(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Json<FileStat>, ApiError> {
+pub async fn stat(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryMap,
+) -> Result<Json<FileStat>, ApiError> {
     Ok(Json(s.service.stat_file(&id, &path_param(&q)?).await?))
 }
 
@@ -151,7 +233,13 @@ pub async fn stat(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap
            ("recursive" = Option<bool>, Query, description = "delete a non-empty directory")),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn delete(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<StatusCode, ApiError> {
-    s.service.delete_file(&id, &path_param(&q)?, q.bool("recursive")?).await?;
+pub async fn delete(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryMap,
+) -> Result<StatusCode, ApiError> {
+    s.service
+        .delete_file(&id, &path_param(&q)?, q.bool("recursive")?)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

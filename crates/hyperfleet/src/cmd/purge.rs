@@ -11,6 +11,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     let store = Store::open(&settings.database_path)?;
     let service = super::serve::build_service(settings, store)?;
     let stopped = service.purge_host().await?;
-    println!("stopped {} machine(s); removed hyperfleet's interfaces, namespaces, firewall table and route", stopped.len());
+    println!(
+        "stopped {} machine(s); removed hyperfleet's interfaces, namespaces, firewall table and route",
+        stopped.len()
+    );
     Ok(0)
 }

@@ -28,7 +28,11 @@ pub fn spawn_detached(cmd: &mut Command) -> io::Result<u32> {
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name, which may itself contain spaces.
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                != Some("Z")
+        }
         Err(_) => false,
     }
 }
@@ -99,14 +103,19 @@ pub async fn terminate(pid: u32, term_grace: Duration) {
 /// The last `lines` lines of a log file (reads at most its last 64 KiB).
 pub fn tail(path: &std::path::Path, lines: usize) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
     let mut buf = Vec::new();
     let _ = f.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].iter().map(|l| l.trim_end_matches('\r').to_string()).collect()
+    all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect()
 }
 
 #[cfg(test)]
@@ -126,7 +135,8 @@ mod tests {
     #[tokio::test]
     async fn terminate_escalates_to_sigkill() {
         // A shell that ignores SIGTERM.
-        let pid = spawn_detached(Command::new("sh").args(["-c", "trap '' TERM; sleep 30"])).unwrap();
+        let pid =
+            spawn_detached(Command::new("sh").args(["-c", "trap '' TERM; sleep 30"])).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         let t = std::time::Instant::now();
         terminate(pid, Duration::from_millis(300)).await;

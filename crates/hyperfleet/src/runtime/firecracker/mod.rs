@@ -77,7 +77,8 @@ impl Firecracker {
 
     /// Whether `pid` is the firecracker of this machine (checked by its socket path in /proc/PID/cmdline).
     pub fn owns(pid: u32, files: &MachineFiles) -> bool {
-        process::alive(pid) && process::cmdline_contains(pid, &files.api_socket.display().to_string())
+        process::alive(pid)
+            && process::cmdline_contains(pid, &files.api_socket.display().to_string())
     }
 
     /// Finds this machine's firecracker by its socket path, for a process whose PID was never recorded (the
@@ -92,14 +93,21 @@ impl Firecracker {
     }
 
     /// Spawns and configures firecracker and starts the guest. On error the process is gone again.
-    pub async fn boot(&self, m: &MachineRecord, files: &MachineFiles, net: &GuestNetwork) -> Result<Booted, RuntimeError> {
+    pub async fn boot(
+        &self,
+        m: &MachineRecord,
+        files: &MachineFiles,
+        net: &GuestNetwork,
+    ) -> Result<Booted, RuntimeError> {
         if let Some(why) = self.unavailable() {
             return Err(RuntimeError::Unavailable(why));
         }
         let bin = self.bin.clone().expect("checked above");
         Self::remove_sockets(files);
         let console = files.open_console_log()?;
-        let console_err = console.try_clone().map_err(|e| RuntimeError::Failed(format!("console log: {e}")))?;
+        let console_err = console
+            .try_clone()
+            .map_err(|e| RuntimeError::Failed(format!("console log: {e}")))?;
         let pid = process::spawn_detached(
             Command::new(&bin)
                 .arg("--api-sock")
@@ -112,7 +120,10 @@ impl Firecracker {
         )
         .map_err(|e| RuntimeError::Unavailable(format!("cannot run {}: {e}", bin.display())))?;
         match self.configure(m, files, net, pid).await {
-            Ok(()) => Ok(Booted { pid, socket_path: Some(files.api_socket.display().to_string()) }),
+            Ok(()) => Ok(Booted {
+                pid,
+                socket_path: Some(files.api_socket.display().to_string()),
+            }),
             Err(e) => {
                 process::terminate(pid, Duration::from_secs(1)).await;
                 Self::remove_sockets(files);
@@ -121,7 +132,13 @@ impl Firecracker {
         }
     }
 
-    async fn configure(&self, m: &MachineRecord, files: &MachineFiles, net: &GuestNetwork, pid: u32) -> Result<(), RuntimeError> {
+    async fn configure(
+        &self,
+        m: &MachineRecord,
+        files: &MachineFiles,
+        net: &GuestNetwork,
+        pid: u32,
+    ) -> Result<(), RuntimeError> {
         // The API socket appears within milliseconds of the spawn.
         let deadline = Instant::now() + Duration::from_secs(5);
         while !files.api_socket.exists() {
@@ -132,13 +149,18 @@ impl Firecracker {
                 )));
             }
             if Instant::now() > deadline {
-                return Err(RuntimeError::Failed("firecracker API socket did not appear within 5 s".into()));
+                return Err(RuntimeError::Failed(
+                    "firecracker API socket did not appear within 5 s".into(),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let api = FirecrackerApi::new(&files.api_socket);
-        api.put("/machine-config", &json!({ "vcpu_count": m.vcpu_count, "mem_size_mib": m.mem_size_mib, "smt": false }))
-            .await?;
+        api.put(
+            "/machine-config",
+            &json!({ "vcpu_count": m.vcpu_count, "mem_size_mib": m.mem_size_mib, "smt": false }),
+        )
+        .await?;
         api.put(
             "/boot-source",
             &json!({ "kernel_image_path": m.kernel_image_path, "boot_args": self.boot_args(m, net) }),
@@ -159,8 +181,13 @@ impl Firecracker {
             &json!({ "iface_id": "eth0", "guest_mac": net.mac, "host_dev_name": net.iface }),
         )
         .await?;
-        api.put("/vsock", &json!({ "guest_cid": GUEST_CID, "uds_path": files.vsock_socket })).await?;
-        api.put("/actions", &json!({ "action_type": "InstanceStart" })).await?;
+        api.put(
+            "/vsock",
+            &json!({ "guest_cid": GUEST_CID, "uds_path": files.vsock_socket }),
+        )
+        .await?;
+        api.put("/actions", &json!({ "action_type": "InstanceStart" }))
+            .await?;
         if !process::alive(pid) {
             return Err(RuntimeError::Failed(format!(
                 "firecracker exited after InstanceStart: {}",
@@ -181,7 +208,9 @@ impl Firecracker {
             } else {
                 // Without guest userspace (or agent) this does nothing, which is why a grace period follows.
                 let api = FirecrackerApi::new(&files.api_socket);
-                api.put("/actions", &json!({ "action_type": "SendCtrlAltDel" })).await.is_ok()
+                api.put("/actions", &json!({ "action_type": "SendCtrlAltDel" }))
+                    .await
+                    .is_ok()
             };
             if !(graceful && process::wait_exit(pid, grace).await) {
                 process::terminate(pid, Duration::from_secs(3)).await;
