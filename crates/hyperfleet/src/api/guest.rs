@@ -122,65 +122,83 @@ fn path_param(q: &QueryMap) -> Result<String, ApiError> {
     responses((status = 201, body = FileWritten), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 413, description = "larger than HYPERFLEET_FILE_MAX_SIZE", body = ErrorBody), (status = 502, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn upload(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    q: QueryMap,
-    req: Request,
-) -> Result<(StatusCode, Json<FileWritten>), ApiError> {
+pub async fn upload(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap, req: Request) -> Result<(StatusCode, Json<FileWritten>), ApiError> {
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/json"));
     let max = s.service.settings.file_max_size;
+    let too_large = || MachineError::TooLarge(format!("File is larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"));
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let mut body = req.into_body().into_data_stream();
     if is_json {
         // Base64 makes the body 4/3 of the file, plus a little JSON.
-        let limit = (max / 3 * 4 + 64 * 1024) as usize;
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "PAYLOAD_TOO_LARGE",
-                    format!("File is larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"),
-                )
-            })?;
-        let up: FileUpload = parse_json(&bytes)?;
-        let written = s
-            .service
-            .write_file_base64(&id, &up.path, &up.content, up.mode)
-            .await?;
+        let limit = max / 3 * 4 + 64 * 1024;
+        let mut buf = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| ApiError::validation(format!("reading the request body: {e}")))?;
+            if (buf.len() + chunk.len()) as u64 > limit {
+                drain(&mut body, max).await;
+                return Err(too_large().into());
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        let up: FileUpload = parse_json(&buf)?;
+        let written = s.service.write_file_base64(&id, &up.path, &up.content, up.mode).await?;
         return Ok((StatusCode::CREATED, Json(written)));
     }
-    let path = path_param(&q)?;
-    let mode = q
-        .get("mode")
-        .map(|m| {
-            u32::from_str_radix(m, 8).map_err(|_| {
-                ApiError::validation(format!(
-                    "mode must be octal permission bits such as 644, got '{m}'"
-                ))
-            })
-        })
-        .transpose()?;
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        && len > max
-    {
-        return Err(MachineError::TooLarge(format!(
-            "File is {len} bytes, larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"
-        ))
-        .into());
+    let checked = async {
+        let path = path_param(&q)?;
+        let mode = q
+            .get("mode")
+            .map(|m| u32::from_str_radix(m, 8).map_err(|_| ApiError::validation(format!("mode must be octal permission bits such as 644, got '{m}'"))))
+            .transpose()?;
+        if declared.is_some_and(|len| len > max) {
+            return Err(ApiError::from(too_large()));
+        }
+        Ok((path, mode))
     }
-    let body = req
-        .into_body()
-        .into_data_stream()
-        .map(|r| r.map_err(|e| MachineError::BadRequest(format!("reading the upload: {e}"))));
-    let written = s.service.write_file_stream(&id, &path, mode, body).await?;
-    Ok((StatusCode::CREATED, Json(written)))
+    .await;
+    let (path, mode) = match checked {
+        Ok(x) => x,
+        Err(e) => {
+            drain(&mut body, max).await;
+            return Err(e);
+        }
+    };
+    // The body goes to the agent through a channel, so that if the upload fails part-way we still own
+    // the rest of it and can drain it before answering.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, MachineError>>(4);
+    let chunks = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let feed = async {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| MachineError::BadRequest(format!("reading the upload: {e}")));
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+    };
+    let (written, ()) = tokio::join!(s.service.write_file_stream(&id, &path, mode, chunks), feed);
+    if written.is_err() {
+        drain(&mut body, max).await;
+    }
+    Ok((StatusCode::CREATED, Json(written?)))
+}
+
+/// Reads and drops what is left of a request body (at most a few times the file limit), so a client that
+/// sends its whole body before reading gets our error response rather than a connection reset.
+async fn drain(body: &mut axum::body::BodyDataStream, max: u64) {
+    let cap = max.saturating_mul(4).max(16 << 20);
+    let mut seen = 0u64;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while seen < cap {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(chunk))) => seen += chunk.len() as u64,
+            _ => return,
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/machines/{id}/files", tag = "files",
