@@ -122,22 +122,35 @@ fn path_param(q: &QueryMap) -> Result<String, ApiError> {
     responses((status = 201, body = FileWritten), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 413, description = "larger than HYPERFLEET_FILE_MAX_SIZE", body = ErrorBody), (status = 502, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn upload(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap, req: Request) -> Result<(StatusCode, Json<FileWritten>), ApiError> {
+pub async fn upload(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryMap,
+    req: Request,
+) -> Result<(StatusCode, Json<FileWritten>), ApiError> {
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/json"));
     let max = s.service.settings.file_max_size;
-    let too_large = || MachineError::TooLarge(format!("File is larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"));
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let too_large = || {
+        MachineError::TooLarge(format!(
+            "File is larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"
+        ))
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut body = req.into_body().into_data_stream();
     if is_json {
         // Base64 makes the body 4/3 of the file, plus a little JSON.
         let limit = max / 3 * 4 + 64 * 1024;
         let mut buf = Vec::new();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| ApiError::validation(format!("reading the request body: {e}")))?;
+            let chunk = chunk
+                .map_err(|e| ApiError::validation(format!("reading the request body: {e}")))?;
             if (buf.len() + chunk.len()) as u64 > limit {
                 drain(&mut body, max).await;
                 return Err(too_large().into());
@@ -145,14 +158,23 @@ pub async fn upload(State(s): State<AppState>, Path(id): Path<String>, q: QueryM
             buf.extend_from_slice(&chunk);
         }
         let up: FileUpload = parse_json(&buf)?;
-        let written = s.service.write_file_base64(&id, &up.path, &up.content, up.mode).await?;
+        let written = s
+            .service
+            .write_file_base64(&id, &up.path, &up.content, up.mode)
+            .await?;
         return Ok((StatusCode::CREATED, Json(written)));
     }
     let checked = async {
         let path = path_param(&q)?;
         let mode = q
             .get("mode")
-            .map(|m| u32::from_str_radix(m, 8).map_err(|_| ApiError::validation(format!("mode must be octal permission bits such as 644, got '{m}'"))))
+            .map(|m| {
+                u32::from_str_radix(m, 8).map_err(|_| {
+                    ApiError::validation(format!(
+                        "mode must be octal permission bits such as 644, got '{m}'"
+                    ))
+                })
+            })
             .transpose()?;
         if declared.is_some_and(|len| len > max) {
             return Err(ApiError::from(too_large()));
@@ -170,10 +192,12 @@ pub async fn upload(State(s): State<AppState>, Path(id): Path<String>, q: QueryM
     // The body goes to the agent through a channel, so that if the upload fails part-way we still own
     // the rest of it and can drain it before answering.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, MachineError>>(4);
-    let chunks = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let chunks =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     let feed = async {
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| MachineError::BadRequest(format!("reading the upload: {e}")));
+            let chunk =
+                chunk.map_err(|e| MachineError::BadRequest(format!("reading the upload: {e}")));
             if tx.send(chunk).await.is_err() {
                 break;
             }
