@@ -1,0 +1,427 @@
+//! System benchmarks: starts real daemons (as the tests do), measures, and writes BENCHMARKS.md.
+//! Every comparison is against a baseline measured in the same run. Run with `make bench` (root).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Options, machine, running, sh};
+use hyperfleet::runtime::firecracker::FirecrackerApi;
+use hyperfleet::runtime::process;
+use hyperfleet_client::types::*;
+use serde_json::json;
+
+fn pct(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+struct Wrk {
+    rps: f64,
+    p50: String,
+    p99: String,
+}
+
+/// Runs wrk (2 threads, `conns` connections, 5 s) and parses its --latency report.
+fn wrk(url: &str, conns: u32, key: Option<&str>, script: Option<&Path>) -> Wrk {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t2", &format!("-c{conns}"), "-d5s", "--latency"]);
+    if let Some(k) = key {
+        cmd.args(["-H", &format!("Authorization: Bearer {k}")]);
+    }
+    if let Some(s) = script {
+        cmd.arg("-s").arg(s);
+    }
+    let out = cmd.arg(url).output().expect("wrk is installed by make setup");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let find = |prefix: &str| {
+        text.lines().find(|l| l.trim_start().starts_with(prefix)).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("?").to_string()
+    };
+    let rps = find("Requests/sec:").parse().unwrap_or(0.0);
+    Wrk { rps, p50: find("50%"), p99: find("99%") }
+}
+
+struct Report {
+    md: String,
+}
+
+impl Report {
+    fn section(&mut self, title: &str, intro: &str) {
+        let _ = write!(self.md, "\n## {title}\n\n{intro}\n\n");
+    }
+    fn table(&mut self, header: &[&str], rows: Vec<Vec<String>>) {
+        let _ = writeln!(self.md, "| {} |", header.join(" | "));
+        let _ = writeln!(self.md, "|{}", "---|".repeat(header.len()));
+        for r in rows {
+            let _ = writeln!(self.md, "| {} |", r.join(" | "));
+        }
+    }
+}
+
+async fn bench_api(r: &mut Report) {
+    let d = Daemon::start(Options { prefix_len: 16, ..Default::default() }).await;
+    let m = d.client.create_machine(&machine("bench-target")).await.unwrap();
+    let get = wrk(&format!("{}/machines/{}", d.url(), m.id), 32, Some(&d.key), None);
+    let health = wrk(&format!("{}/health", d.url()), 32, None, None);
+    let script = d.dir.path().join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "counter = 0\nrequest = function()\n  counter = counter + 1\n  local body = string.format('{{\"name\":\"w%d-%d\",\"vcpu_count\":1,\"mem_size_mib\":64}}', math.random(1000000000), counter)\n  return wrk.format('POST', '/machines', {{['Authorization'] = 'Bearer {}', ['Content-Type'] = 'application/json'}}, body)\nend\n",
+            d.key
+        ),
+    )
+    .unwrap();
+    let post = wrk(&format!("{}/machines", d.url()), 8, None, Some(&script));
+    r.section(
+        "API throughput",
+        "wrk, 2 threads, 5 s, against the release daemon on loopback (SQLite in WAL mode, API-key auth on). \
+         `GET /health` (no auth, no database row) is the baseline of the same server.",
+    );
+    r.table(
+        &["request", "connections", "requests/s", "p50", "p99", "vs baseline"],
+        vec![
+            vec!["GET /health (baseline)".into(), "32".into(), format!("{:.0}", health.rps), health.p50, health.p99, "1.00×".into()],
+            vec![format!("GET /machines/{{id}}"), "32".into(), format!("{:.0}", get.rps), get.p50, get.p99, format!("{:.2}×", get.rps / health.rps)],
+            vec!["POST /machines (create + lease)".into(), "8".into(), format!("{:.0}", post.rps), post.p50, post.p99, format!("{:.2}×", post.rps / health.rps)],
+        ],
+    );
+}
+
+async fn bench_concurrent_creates(r: &mut Report) {
+    let d = Daemon::start(Options { prefix_len: 16, ..Default::default() }).await;
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..500)
+        .map(|i| {
+            let c = d.client.clone();
+            tokio::spawn(async move { c.create_machine(&machine(&format!("c{i}"))).await.unwrap() })
+        })
+        .collect();
+    let mut ips = HashSet::new();
+    for t in tasks {
+        ips.insert(t.await.unwrap().guest_ip);
+    }
+    let wall = t.elapsed();
+    r.section("500 concurrent creates over HTTP", "500 `POST /machines` at once through the SDK; every machine must get its own block.");
+    r.table(
+        &["machines", "wall time", "per create", "distinct addresses"],
+        vec![vec!["500".into(), ms(wall), ms(wall / 500), format!("{} (duplicates: {})", ips.len(), 500 - ips.len())]],
+    );
+}
+
+fn bench_ipam(r: &mut Report) {
+    use hyperfleet::store::machines::{NewMachine, insert};
+    let dir = tempfile::tempdir().unwrap();
+    let store = hyperfleet::store::Store::open(&dir.path().join("ipam.db")).unwrap();
+    let blocks = 16_384u32;
+    let new = |i: u32| NewMachine {
+        id: format!("id{i}"),
+        name: format!("n{i}"),
+        runtime: RuntimeKind::Container,
+        vcpu_count: 1,
+        mem_size_mib: 64,
+        kernel_image_path: "k".into(),
+        kernel_args: String::new(),
+        rootfs_path: "r".into(),
+        exposed_ports: vec![],
+        dns: vec![],
+        egress: EgressPolicy::Allow,
+    };
+    let t = Instant::now();
+    store
+        .call_blocking(|c| {
+            for i in 0..blocks {
+                assert_eq!(insert(c, &new(i), blocks).unwrap().block, i);
+            }
+            Ok(())
+        })
+        .unwrap();
+    let lease = t.elapsed();
+    let full = store.call_blocking(|c| Ok(insert(c, &new(blocks), blocks).is_err())).unwrap();
+    let t = Instant::now();
+    store
+        .call_blocking(|c| {
+            for i in 0..blocks {
+                hyperfleet::store::machines::delete(c, &format!("id{i}"), &[MachineStatus::Pending])?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let free = t.elapsed();
+    r.section(
+        "IPAM",
+        "Every /30 of 172.16.0.0/16 leased one by one through the store (machine row + lease in one transaction, \
+         lowest free block each time), then freed. SQLite file on disk, WAL.",
+    );
+    r.table(
+        &["operation", "blocks", "total", "per block"],
+        vec![
+            vec!["lease all (create)".into(), blocks.to_string(), ms(lease), format!("{:.1} µs", lease.as_secs_f64() * 1e6 / blocks as f64)],
+            vec!["free all (delete)".into(), blocks.to_string(), ms(free), format!("{:.1} µs", free.as_secs_f64() * 1e6 / blocks as f64)],
+            vec!["one more when full".into(), "-".into(), if full { "refused (IP_POOL_EXHAUSTED)".into() } else { "ACCEPTED (bug)".into() }, "-".into()],
+        ],
+    );
+}
+
+async fn bench_network_setup(r: &mut Report) {
+    use hyperfleet_net::{Egress, Firewall, FirewallEntry, Netlink};
+    let nl = Netlink::connect().unwrap();
+    let subnet: ipnet::Ipv4Net = "10.240.0.0/16".parse().unwrap();
+    let fw = Firewall::new("hfbench_net", subnet);
+    // 20 other running machines in the table, as on a busy host.
+    let others: Vec<FirewallEntry> = (1..=20u32)
+        .map(|i| FirewallEntry {
+            iface: format!("hfbo{i}"),
+            tap_ip: std::net::Ipv4Addr::from(u32::from(subnet.network()) + 4 * i + 1),
+            guest_ip: std::net::Ipv4Addr::from(u32::from(subnet.network()) + 4 * i + 2),
+            egress: Egress::Allow,
+        })
+        .collect();
+    let (mut tap, mut fwt, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..50 {
+        let t = Instant::now();
+        nl.create_tap("hfbench0", "bench", "10.240.0.1/30".parse().unwrap()).await.unwrap();
+        let t_tap = t.elapsed();
+        let mut entries = others.clone();
+        entries.push(FirewallEntry {
+            iface: "hfbench0".into(),
+            tap_ip: "10.240.0.1".parse().unwrap(),
+            guest_ip: "10.240.0.2".parse().unwrap(),
+            egress: Egress::Allow,
+        });
+        fw.apply(&entries).await.unwrap();
+        total.push(t.elapsed());
+        fwt.push(t.elapsed() - t_tap);
+        tap.push(t_tap);
+        nl.delete_owned("hfbench0", "bench").await.unwrap();
+    }
+    fw.remove().await.unwrap();
+    r.section(
+        "Network setup per start",
+        "What a start adds on the host: TAP create (ioctl) + alias, address and up (netlink), then the whole \
+         nftables table replaced in one transaction with the new machine and 20 others. 50 rounds, median.",
+    );
+    r.table(
+        &["step", "median", "p99"],
+        vec![
+            vec!["TAP + address + up".into(), ms(pct(&mut tap, 0.5)), ms(pct(&mut tap, 0.99))],
+            vec!["firewall table (21 machines)".into(), ms(pct(&mut fwt, 0.5)), ms(pct(&mut fwt, 0.99))],
+            vec!["total".into(), ms(pct(&mut total, 0.5)), ms(pct(&mut total, 0.99))],
+        ],
+    );
+}
+
+async fn bench_start_overhead(r: &mut Report) {
+    if !Path::new("/dev/kvm").exists() {
+        r.section("Firecracker start overhead", "Skipped: /dev/kvm is missing on this host.");
+        return;
+    }
+    let assets = common::assets();
+    let fc_bin = assets.join("bin/firecracker");
+    let d = Daemon::start(Options { runtime: RuntimeKind::Firecracker, ..Default::default() }).await;
+    let m = d.client.create_machine(&CreateMachine { runtime: Some(RuntimeKind::Firecracker), ..machine("fc-bench") }).await.unwrap();
+    let rounds = 10;
+    let mut daemon_times = Vec::new();
+    for i in 0..=rounds {
+        let t = Instant::now();
+        d.client.start_machine(&m.id).await.unwrap();
+        if i > 0 {
+            // The first start also copies the disk; later ones measure the steady state.
+            daemon_times.push(t.elapsed());
+        }
+        d.client.stop_machine(&m.id).await.unwrap();
+    }
+    // Baseline: the same firecracker spawn, configuration PUTs and InstanceStart with no daemon around it
+    // (TAP and disk made once, beforehand).
+    let nl = hyperfleet_net::Netlink::connect().unwrap();
+    nl.create_tap("hfbase0", "baseline", "10.241.0.1/30".parse().unwrap()).await.unwrap();
+    let disk = d.dir.path().join("baseline.ext4");
+    hyperfleet::runtime::disk::sparse_copy(&assets.join("rootfs.ext4"), &disk).unwrap();
+    let mut base_times = Vec::new();
+    for i in 0..rounds {
+        let sock = d.dir.path().join(format!("base{i}.sock"));
+        let vsock = d.dir.path().join(format!("base{i}.vsock"));
+        let t = Instant::now();
+        let pid = process::spawn_detached(
+            Command::new(&fc_bin).arg("--api-sock").arg(&sock).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()),
+        )
+        .unwrap();
+        while !sock.exists() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let api = FirecrackerApi::new(&sock);
+        api.put("/machine-config", &json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": false})).await.unwrap();
+        api.put("/boot-source", &json!({"kernel_image_path": assets.join("vmlinux"), "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"}))
+            .await
+            .unwrap();
+        api.put("/drives/rootfs", &json!({"drive_id": "rootfs", "path_on_host": disk, "is_root_device": true, "is_read_only": false}))
+            .await
+            .unwrap();
+        api.put("/network-interfaces/eth0", &json!({"iface_id": "eth0", "guest_mac": "AA:FC:00:00:10:01", "host_dev_name": "hfbase0"}))
+            .await
+            .unwrap();
+        api.put("/vsock", &json!({"guest_cid": 3, "uds_path": vsock})).await.unwrap();
+        api.put("/actions", &json!({"action_type": "InstanceStart"})).await.unwrap();
+        base_times.push(t.elapsed());
+        process::terminate(pid, Duration::from_secs(2)).await;
+        let _ = std::fs::remove_file(&sock);
+        let _ = std::fs::remove_file(&vsock);
+    }
+    nl.delete_owned("hfbase0", "baseline").await.unwrap();
+    let (dm, bm) = (pct(&mut daemon_times, 0.5), pct(&mut base_times, 0.5));
+    r.section(
+        "Firecracker start overhead",
+        "`POST /machines/{id}/start` (returns once InstanceStart is accepted: state CAS, TAP + firewall, spawn, \
+         5 configuration PUTs, InstanceStart, state CAS) against a baseline doing only the spawn, the same PUTs \
+         and InstanceStart over the same socket API, in the same run. 10 rounds each, median.",
+    );
+    r.table(
+        &["path", "median", "p90"],
+        vec![
+            vec!["plain spawn + PUTs + InstanceStart (baseline)".into(), ms(bm), ms(pct(&mut base_times, 0.9))],
+            vec!["POST /start through the daemon".into(), ms(dm), ms(pct(&mut daemon_times, 0.9))],
+            vec!["ratio".into(), format!("{:.2}×", dm.as_secs_f64() / bm.as_secs_f64()), "".into()],
+        ],
+    );
+}
+
+async fn bench_exec_files(r: &mut Report) {
+    let d = Daemon::start(Options::default()).await;
+    // Create -> running -> first exec answered, 10 times.
+    let mut first = Vec::new();
+    for i in 0..10 {
+        let t = Instant::now();
+        let m = running(&d, machine(&format!("lat{i}"))).await;
+        d.client.exec(&m.id, &["true"]).await.unwrap();
+        first.push(t.elapsed());
+        d.client.delete_machine(&m.id, true).await.unwrap();
+    }
+    let m = running(&d, machine("exec-bench")).await;
+    let mut seq = Vec::new();
+    for _ in 0..1000 {
+        let t = Instant::now();
+        d.client.exec(&m.id, &["true"]).await.unwrap();
+        seq.push(t.elapsed());
+    }
+    let t = Instant::now();
+    let c = Arc::new(d.client.clone());
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let c = c.clone();
+            let id = m.id.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                c.exec(&id, &["true"]).await.unwrap();
+                t.elapsed()
+            })
+        })
+        .collect();
+    let mut conc = Vec::new();
+    for t in tasks {
+        conc.push(t.await.unwrap());
+    }
+    let conc_wall = t.elapsed();
+    let size = 100usize << 20;
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let t = Instant::now();
+    d.client.upload_stream(&m.id, "/root/big.bin", data.clone(), None).await.unwrap();
+    let up = t.elapsed();
+    let t = Instant::now();
+    let back = d.client.download_file(&m.id, "/root/big.bin").await.unwrap();
+    let down = t.elapsed();
+    assert_eq!(back.len(), size);
+    let mbs = |d: Duration| format!("{:.0} MB/s", size as f64 / 1e6 / d.as_secs_f64());
+    r.section(
+        "Exec and files (container runtime, agent over its unix socket)",
+        "Through the API and the SDK, as a user sees it: HTTP + auth + agent connection + spawn in the guest.",
+    );
+    r.table(
+        &["measure", "result"],
+        vec![
+            vec!["exec `true`, 1,000 sequential: p50 / p99".into(), format!("{} / {}", ms(pct(&mut seq, 0.5)), ms(pct(&mut seq, 0.99)))],
+            vec!["exec `true`, 100 concurrent: wall time".into(), ms(conc_wall)],
+            vec!["exec `true`, 100 concurrent: p50 / p99 each".into(), format!("{} / {}", ms(pct(&mut conc, 0.5)), ms(pct(&mut conc, 0.99)))],
+            vec!["upload 100 MB (raw stream)".into(), mbs(up)],
+            vec!["download 100 MB".into(), mbs(down)],
+            vec!["create → running → first exec, median of 10".into(), ms(pct(&mut first, 0.5))],
+        ],
+    );
+}
+
+async fn bench_proxy(r: &mut Report) {
+    let d = Daemon::start(Options::default()).await;
+    let m = running(&d, CreateMachine { exposed_ports: Some(vec![8080]), ..machine("proxied") }).await;
+    let bin = std::fs::read(common::assets().join("bin/hyperfleet-testd")).unwrap();
+    d.client.upload_file(&m.id, "/usr/local/bin/testd", &bin, Some(0o755)).await.unwrap();
+    sh(&d, &m.id, "testd 8080 >/dev/null 2>&1 &").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let direct = wrk(&format!("http://{}:8080/bytes?n=1024", m.guest_ip), 32, None, None);
+    let proxied = wrk(&format!("{}/proxy/{}/8080/bytes?n=1024", d.proxy_url(), m.id), 32, None, None);
+    r.section(
+        "Reverse proxy",
+        "wrk, 2 threads, 32 connections, 5 s, `GET /bytes?n=1024` from the hyperfleet-testd server in a container \
+         guest: straight to guest_ip:8080 from the host (baseline) and through the proxy, in the same run. \
+         Goal: ≥ 0.8× direct throughput.",
+    );
+    let parse_ms = |s: &str| -> Option<f64> {
+        if let Some(v) = s.strip_suffix("ms") {
+            v.parse().ok()
+        } else if let Some(v) = s.strip_suffix("us") {
+            v.parse::<f64>().ok().map(|u| u / 1000.0)
+        } else {
+            s.strip_suffix('s').and_then(|v| v.parse::<f64>().ok()).map(|s| s * 1000.0)
+        }
+    };
+    let added = match (parse_ms(&proxied.p50), parse_ms(&direct.p50)) {
+        (Some(p), Some(d)) => format!("{:+.2} ms", p - d),
+        _ => "?".into(),
+    };
+    r.table(
+        &["path", "requests/s", "p50", "p99"],
+        vec![
+            vec!["direct to the guest (baseline)".into(), format!("{:.0}", direct.rps), direct.p50.clone(), direct.p99.clone()],
+            vec!["through the proxy".into(), format!("{:.0}", proxied.rps), proxied.p50.clone(), proxied.p99.clone()],
+            vec!["ratio / added p50".into(), format!("{:.2}×", proxied.rps / direct.rps), added, "".into()],
+        ],
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    if !common::is_root() {
+        eprintln!("benchmarks need root (TAPs, nftables, runc); run `make bench` as root");
+        std::process::exit(1);
+    }
+    let kvm = hyperfleet::runtime::host::KvmKind::detect();
+    let uname = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let mut r = Report {
+        md: format!(
+            "# Benchmarks\n\nReproduce with `make bench` (root); this file is written by \
+             `crates/hyperfleet/benches/system.rs`. Last run: {} on {} CPUs, Linux {uname}, {}. Release build.\n",
+            hyperfleet::store::now(),
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            kvm.describe()
+        ),
+    };
+    bench_api(&mut r).await;
+    bench_concurrent_creates(&mut r).await;
+    bench_ipam(&mut r);
+    bench_network_setup(&mut r).await;
+    bench_start_overhead(&mut r).await;
+    bench_exec_files(&mut r).await;
+    bench_proxy(&mut r).await;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
+    std::fs::write(&path, &r.md).unwrap();
+    println!("{}", r.md);
+}
