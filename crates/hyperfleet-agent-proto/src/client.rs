@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
 
 use crate::{
-    ErrorKind, ExecSpec, FileStat, Frame, FrameKind, Hello, PROTOCOL_VERSION, ProtoError, Request,
-    Response, read_frame, read_json, write_frame, write_json,
+    ErrorKind, ExecSpec, FileStat, Frame, FrameKind, Hello, PROTOCOL_VERSION, ProtoError, Request, Response,
+    read_frame, read_json, write_frame, write_json,
 };
 
 /// Where an agent listens.
@@ -28,9 +28,7 @@ pub enum ClientError {
     /// Nothing answers yet (guest still booting, agent not running, machine gone).
     #[error("cannot reach the guest agent: {0}")]
     Unreachable(String),
-    #[error(
-        "guest agent speaks protocol version {agent}, this host speaks {ours}; update the guest image"
-    )]
+    #[error("guest agent speaks protocol version {agent}, this host speaks {ours}; update the guest image")]
     Version { agent: u32, ours: u32 },
     /// The agent refused or failed the operation.
     #[error("{message}")]
@@ -60,10 +58,7 @@ fn agent_error(resp: Response) -> ClientError {
 
 impl AgentClient {
     pub fn new(endpoint: Endpoint) -> Self {
-        Self {
-            endpoint,
-            connect_timeout: Duration::from_secs(3),
-        }
+        Self { endpoint, connect_timeout: Duration::from_secs(3) }
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -77,16 +72,13 @@ impl AgentClient {
     }
 
     async fn connect_inner(&self) -> Result<Conn, ClientError> {
-        let unreachable =
-            |what: &str, e: std::io::Error| ClientError::Unreachable(format!("{what}: {e}"));
+        let unreachable = |what: &str, e: std::io::Error| ClientError::Unreachable(format!("{what}: {e}"));
         let stream = match &self.endpoint {
-            Endpoint::Unix(path) => UnixStream::connect(path)
-                .await
-                .map_err(|e| unreachable(&path.display().to_string(), e))?,
+            Endpoint::Unix(path) => {
+                UnixStream::connect(path).await.map_err(|e| unreachable(&path.display().to_string(), e))?
+            }
             Endpoint::FirecrackerVsock { uds, port } => {
-                let mut s = UnixStream::connect(uds)
-                    .await
-                    .map_err(|e| unreachable(&uds.display().to_string(), e))?;
+                let mut s = UnixStream::connect(uds).await.map_err(|e| unreachable(&uds.display().to_string(), e))?;
                 s.write_all(crate::vsock_connect_line(*port).as_bytes())
                     .await
                     .map_err(|e| unreachable("vsock handshake", e))?;
@@ -103,36 +95,27 @@ impl AgentClient {
                         Ok(_) if b[0] == b'\n' => break,
                         Ok(_) if line.len() < 64 => line.push(b[0]),
                         Ok(_) => {
-                            return Err(ClientError::Unreachable(
-                                "malformed vsock handshake reply".into(),
-                            ));
+                            return Err(ClientError::Unreachable("malformed vsock handshake reply".into()));
                         }
                         Err(e) => return Err(unreachable("vsock handshake", e)),
                     }
                 }
                 let text = String::from_utf8_lossy(&line);
                 if crate::parse_vsock_ack(&text).is_none() {
-                    return Err(ClientError::Unreachable(format!(
-                        "vsock handshake refused: {text}"
-                    )));
+                    return Err(ClientError::Unreachable(format!("vsock handshake refused: {text}")));
                 }
                 s
             }
         };
         let (mut r, w) = tokio::io::split(stream);
-        let hello: Hello = read_json(&mut r, "the agent's hello")
-            .await
-            .map_err(|e| match e {
-                ProtoError::Closed | ProtoError::Io(_) => {
-                    ClientError::Unreachable(format!("agent closed the connection: {e}"))
-                }
-                e => ClientError::Proto(e),
-            })?;
+        let hello: Hello = read_json(&mut r, "the agent's hello").await.map_err(|e| match e {
+            ProtoError::Closed | ProtoError::Io(_) => {
+                ClientError::Unreachable(format!("agent closed the connection: {e}"))
+            }
+            e => ClientError::Proto(e),
+        })?;
         if hello.protocol != PROTOCOL_VERSION {
-            return Err(ClientError::Version {
-                agent: hello.protocol,
-                ours: PROTOCOL_VERSION,
-            });
+            return Err(ClientError::Version { agent: hello.protocol, ours: PROTOCOL_VERSION });
         }
         Ok(Conn { r, w })
     }
@@ -151,18 +134,11 @@ impl AgentClient {
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecSession, ClientError> {
         let mut c = self.connect().await?;
         write_json(&mut c.w, &Request::Exec(spec)).await?;
-        Ok(ExecSession {
-            conn: c,
-            stdin_open: true,
-        })
+        Ok(ExecSession { conn: c, stdin_open: true })
     }
 
     /// Runs a command to completion and collects its output (as capped by `spec.max_output`).
-    pub async fn exec_collect(
-        &self,
-        spec: ExecSpec,
-        stdin: &[u8],
-    ) -> Result<ExecOutput, ClientError> {
+    pub async fn exec_collect(&self, spec: ExecSpec, stdin: &[u8]) -> Result<ExecOutput, ClientError> {
         let mut s = self.exec(spec).await?;
         s.send_stdin(stdin).await?;
         s.close_stdin().await?;
@@ -172,11 +148,7 @@ impl AgentClient {
                 ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
                 ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
                 ExecEvent::Exited(exit) => {
-                    return Ok(ExecOutput {
-                        exit,
-                        stdout,
-                        stderr,
-                    });
+                    return Ok(ExecOutput { exit, stdout, stderr });
                 }
             }
         }
@@ -189,63 +161,28 @@ impl AgentClient {
         max_size: Option<u64>,
     ) -> Result<FileWriter, ClientError> {
         let mut c = self.connect().await?;
-        write_json(
-            &mut c.w,
-            &Request::WriteFile {
-                path: path.to_string(),
-                mode,
-                max_size,
-            },
-        )
-        .await?;
+        write_json(&mut c.w, &Request::WriteFile { path: path.to_string(), mode, max_size }).await?;
         Ok(FileWriter { conn: c, sent: 0 })
     }
 
-    pub async fn read_file(
-        &self,
-        path: &str,
-        max_size: Option<u64>,
-    ) -> Result<FileReader, ClientError> {
+    pub async fn read_file(&self, path: &str, max_size: Option<u64>) -> Result<FileReader, ClientError> {
         let mut c = self.connect().await?;
-        write_json(
-            &mut c.w,
-            &Request::ReadFile {
-                path: path.to_string(),
-                max_size,
-            },
-        )
-        .await?;
+        write_json(&mut c.w, &Request::ReadFile { path: path.to_string(), max_size }).await?;
         match read_json(&mut c.r, "a response").await? {
-            Response::File { size, mode } => Ok(FileReader {
-                conn: c,
-                size,
-                mode,
-                done: false,
-            }),
+            Response::File { size, mode } => Ok(FileReader { conn: c, size, mode, done: false }),
             other => Err(agent_error(other)),
         }
     }
 
     pub async fn stat(&self, path: &str) -> Result<FileStat, ClientError> {
-        match self
-            .simple(Request::Stat {
-                path: path.to_string(),
-            })
-            .await?
-        {
+        match self.simple(Request::Stat { path: path.to_string() }).await? {
             Response::Stat(s) => Ok(s),
             other => Err(agent_error(other)),
         }
     }
 
     pub async fn delete(&self, path: &str, recursive: bool) -> Result<(), ClientError> {
-        match self
-            .simple(Request::Delete {
-                path: path.to_string(),
-                recursive,
-            })
-            .await?
-        {
+        match self.simple(Request::Delete { path: path.to_string(), recursive }).await? {
             Response::Ok => Ok(()),
             other => Err(agent_error(other)),
         }
@@ -314,41 +251,24 @@ impl ExecSession {
     /// The next piece of output, or the exit. Call [`Self::close_stdin`] first if the command reads stdin.
     pub async fn next_event(&mut self) -> Result<ExecEvent, ClientError> {
         match read_frame(&mut self.conn.r).await? {
-            Some(Frame {
-                kind: FrameKind::Stdout,
-                payload,
-            }) => Ok(ExecEvent::Stdout(payload)),
-            Some(Frame {
-                kind: FrameKind::Stderr,
-                payload,
-            }) => Ok(ExecEvent::Stderr(payload)),
-            Some(Frame {
-                kind: FrameKind::Json,
-                payload,
-            }) => match serde_json::from_slice(&payload).map_err(ProtoError::from)? {
-                Response::Exited {
-                    exit_code,
-                    timed_out,
-                    stdout_truncated,
-                    stderr_truncated,
-                    duration_ms,
-                } => Ok(ExecEvent::Exited(Exit {
-                    exit_code,
-                    timed_out,
-                    stdout_truncated,
-                    stderr_truncated,
-                    duration_ms,
-                })),
-                other => Err(agent_error(other)),
-            },
-            Some(f) => Err(ProtoError::Unexpected {
-                expected: "command output",
-                got: f.kind,
+            Some(Frame { kind: FrameKind::Stdout, payload }) => Ok(ExecEvent::Stdout(payload)),
+            Some(Frame { kind: FrameKind::Stderr, payload }) => Ok(ExecEvent::Stderr(payload)),
+            Some(Frame { kind: FrameKind::Json, payload }) => {
+                match serde_json::from_slice(&payload).map_err(ProtoError::from)? {
+                    Response::Exited { exit_code, timed_out, stdout_truncated, stderr_truncated, duration_ms } => {
+                        Ok(ExecEvent::Exited(Exit {
+                            exit_code,
+                            timed_out,
+                            stdout_truncated,
+                            stderr_truncated,
+                            duration_ms,
+                        }))
+                    }
+                    other => Err(agent_error(other)),
+                }
             }
-            .into()),
-            None => Err(ClientError::Unreachable(
-                "the agent closed the connection while the command ran".into(),
-            )),
+            Some(f) => Err(ProtoError::Unexpected { expected: "command output", got: f.kind }.into()),
+            None => Err(ClientError::Unreachable("the agent closed the connection while the command ran".into())),
         }
     }
 }
@@ -396,37 +316,20 @@ impl FileReader {
             return Ok(None);
         }
         match read_frame(&mut self.conn.r).await? {
-            Some(Frame {
-                kind: FrameKind::Data,
-                payload,
-            }) => Ok(Some(payload)),
-            Some(Frame {
-                kind: FrameKind::End,
-                ..
-            }) => {
+            Some(Frame { kind: FrameKind::Data, payload }) => Ok(Some(payload)),
+            Some(Frame { kind: FrameKind::End, .. }) => {
                 self.done = true;
                 match read_json(&mut self.conn.r, "a response").await? {
                     Response::Ok => Ok(None),
                     other => Err(agent_error(other)),
                 }
             }
-            Some(Frame {
-                kind: FrameKind::Json,
-                payload,
-            }) => {
+            Some(Frame { kind: FrameKind::Json, payload }) => {
                 self.done = true;
-                Err(agent_error(
-                    serde_json::from_slice(&payload).map_err(ProtoError::from)?,
-                ))
+                Err(agent_error(serde_json::from_slice(&payload).map_err(ProtoError::from)?))
             }
-            Some(f) => Err(ProtoError::Unexpected {
-                expected: "file data",
-                got: f.kind,
-            }
-            .into()),
-            None => Err(ClientError::Unreachable(
-                "the agent closed the connection mid-file".into(),
-            )),
+            Some(f) => Err(ProtoError::Unexpected { expected: "file data", got: f.kind }.into()),
+            None => Err(ClientError::Unreachable("the agent closed the connection mid-file".into())),
         }
     }
 }

@@ -76,21 +76,14 @@ pub enum ProtoError {
     #[error("malformed message: {0}")]
     BadJson(#[from] serde_json::Error),
     #[error("expected {expected}, got a {got:?} frame")]
-    Unexpected {
-        expected: &'static str,
-        got: FrameKind,
-    },
+    Unexpected { expected: &'static str, got: FrameKind },
     #[error("the peer closed the connection")]
     Closed,
     #[error("unexpected response {0}")]
     UnexpectedResponse(String),
 }
 
-pub async fn write_frame<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    kind: FrameKind,
-    payload: &[u8],
-) -> Result<(), ProtoError> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: FrameKind, payload: &[u8]) -> Result<(), ProtoError> {
     if payload.len() > MAX_FRAME {
         return Err(ProtoError::TooLarge(payload.len()));
     }
@@ -102,10 +95,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(
-    w: &mut W,
-    msg: &T,
-) -> Result<(), ProtoError> {
+pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<(), ProtoError> {
     write_frame(w, FrameKind::Json, &serde_json::to_vec(msg)?).await?;
     w.flush().await?;
     Ok(())
@@ -139,14 +129,8 @@ pub async fn read_json<R: AsyncRead + Unpin, T: DeserializeOwned>(
     expected: &'static str,
 ) -> Result<T, ProtoError> {
     match read_frame(r).await? {
-        Some(Frame {
-            kind: FrameKind::Json,
-            payload,
-        }) => Ok(serde_json::from_slice(&payload)?),
-        Some(f) => Err(ProtoError::Unexpected {
-            expected,
-            got: f.kind,
-        }),
+        Some(Frame { kind: FrameKind::Json, payload }) => Ok(serde_json::from_slice(&payload)?),
+        Some(f) => Err(ProtoError::Unexpected { expected, got: f.kind }),
         None => Err(ProtoError::Closed),
     }
 }
@@ -274,22 +258,14 @@ mod tests {
             max_output: Some(10),
         });
         write_json(&mut a, &req).await.unwrap();
-        write_frame(&mut a, FrameKind::Data, b"stdin bytes")
-            .await
-            .unwrap();
+        write_frame(&mut a, FrameKind::Data, b"stdin bytes").await.unwrap();
         write_frame(&mut a, FrameKind::End, b"").await.unwrap();
         drop(a);
         let got: Request = read_json(&mut b, "request").await.unwrap();
         assert_eq!(got, req);
         let f = read_frame(&mut b).await.unwrap().unwrap();
-        assert_eq!(
-            (f.kind, &f.payload[..]),
-            (FrameKind::Data, &b"stdin bytes"[..])
-        );
-        assert_eq!(
-            read_frame(&mut b).await.unwrap().unwrap().kind,
-            FrameKind::End
-        );
+        assert_eq!((f.kind, &f.payload[..]), (FrameKind::Data, &b"stdin bytes"[..]));
+        assert_eq!(read_frame(&mut b).await.unwrap().unwrap().kind, FrameKind::End);
         assert!(read_frame(&mut b).await.unwrap().is_none());
     }
 
@@ -301,18 +277,10 @@ mod tests {
             Err(ProtoError::TooLarge(_))
         ));
         a.write_all(&[0, 0, 0, 2, 9, 0]).await.unwrap();
-        assert!(matches!(
-            read_frame(&mut b).await,
-            Err(ProtoError::UnknownKind(9))
-        ));
+        assert!(matches!(read_frame(&mut b).await, Err(ProtoError::UnknownKind(9))));
         let (mut a, mut b) = tokio::io::duplex(64);
-        a.write_all(&(MAX_FRAME as u32 + 2).to_be_bytes())
-            .await
-            .unwrap();
-        assert!(matches!(
-            read_frame(&mut b).await,
-            Err(ProtoError::TooLarge(_))
-        ));
+        a.write_all(&(MAX_FRAME as u32 + 2).to_be_bytes()).await.unwrap();
+        assert!(matches!(read_frame(&mut b).await, Err(ProtoError::TooLarge(_))));
     }
 
     #[tokio::test]
@@ -333,17 +301,9 @@ mod tests {
 
     #[test]
     fn wire_names_are_stable() {
-        let j = serde_json::to_string(&Request::Delete {
-            path: "/x".into(),
-            recursive: false,
-        })
-        .unwrap();
+        let j = serde_json::to_string(&Request::Delete { path: "/x".into(), recursive: false }).unwrap();
         assert_eq!(j, r#"{"op":"delete","path":"/x","recursive":false}"#);
-        let j = serde_json::to_string(&Response::Error {
-            kind: ErrorKind::NotFound,
-            message: "m".into(),
-        })
-        .unwrap();
+        let j = serde_json::to_string(&Response::Error { kind: ErrorKind::NotFound, message: "m".into() }).unwrap();
         assert_eq!(j, r#"{"type":"error","kind":"not_found","message":"m"}"#);
     }
 }

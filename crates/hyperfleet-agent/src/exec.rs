@@ -27,12 +27,7 @@ struct Output {
     data: Bytes,
 }
 
-pub async fn run<R, W>(
-    reaper: &Reaper,
-    r: &mut R,
-    w: &mut W,
-    spec: ExecSpec,
-) -> Result<(), proto::ProtoError>
+pub async fn run<R, W>(reaper: &Reaper, r: &mut R, w: &mut W, spec: ExecSpec) -> Result<(), proto::ProtoError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -142,19 +137,13 @@ struct Spawned {
     stderr: pipe::Receiver,
 }
 
-fn spawn(
-    reaper: &Reaper,
-    spec: &ExecSpec,
-) -> Result<(Spawned, tokio::sync::oneshot::Receiver<i32>), Response> {
+fn spawn(reaper: &Reaper, spec: &ExecSpec) -> Result<(Spawned, tokio::sync::oneshot::Receiver<i32>), Response> {
     let Some(program) = spec.argv.first() else {
         return Err(fail(ErrorKind::BadRequest, "command must not be empty"));
     };
     let cwd = spec.cwd.as_deref().unwrap_or("/");
     if !cwd.starts_with('/') {
-        return Err(fail(
-            ErrorKind::InvalidPath,
-            format!("cwd must be absolute, got '{cwd}'"),
-        ));
+        return Err(fail(ErrorKind::InvalidPath, format!("cwd must be absolute, got '{cwd}'")));
     }
     let mut cmd = Command::new(program);
     cmd.args(&spec.argv[1..])
@@ -170,53 +159,27 @@ fn spawn(
     // SAFETY: setsid() is async-signal-safe; it makes the child the leader of a new session and process
     // group, so a timeout can kill everything the command started.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()
-                .map(|_| ())
-                .map_err(std::io::Error::from)
-        });
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
     }
     let (mut child, exited) = reaper.spawn(&mut cmd).map_err(|e| {
         if !std::path::Path::new(cwd).is_dir() {
-            fail(
-                ErrorKind::InvalidPath,
-                format!("cwd {cwd} is not a directory"),
-            )
+            fail(ErrorKind::InvalidPath, format!("cwd {cwd} is not a directory"))
         } else {
-            fail(
-                ErrorKind::SpawnFailed,
-                format!("cannot run '{program}': {e}"),
-            )
+            fail(ErrorKind::SpawnFailed, format!("cannot run '{program}': {e}"))
         }
     })?;
     let io_err = |e: std::io::Error| fail(ErrorKind::Io, format!("command pipes: {e}"));
     let take = |fd: Option<OwnedFd>| fd.ok_or_else(|| fail(ErrorKind::Io, "command pipe missing"));
-    let stdin = pipe::Sender::from_file(File::from(take(child.stdin.take().map(OwnedFd::from))?))
-        .map_err(io_err)?;
+    let stdin = pipe::Sender::from_file(File::from(take(child.stdin.take().map(OwnedFd::from))?)).map_err(io_err)?;
     let stdout =
-        pipe::Receiver::from_file(File::from(take(child.stdout.take().map(OwnedFd::from))?))
-            .map_err(io_err)?;
+        pipe::Receiver::from_file(File::from(take(child.stdout.take().map(OwnedFd::from))?)).map_err(io_err)?;
     let stderr =
-        pipe::Receiver::from_file(File::from(take(child.stderr.take().map(OwnedFd::from))?))
-            .map_err(io_err)?;
-    Ok((
-        Spawned {
-            pid: child.id(),
-            stdin,
-            stdout,
-            stderr,
-        },
-        exited,
-    ))
+        pipe::Receiver::from_file(File::from(take(child.stderr.take().map(OwnedFd::from))?)).map_err(io_err)?;
+    Ok((Spawned { pid: child.id(), stdin, stdout, stderr }, exited))
 }
 
 /// Reads one output pipe to its end; returns whether anything was dropped over the cap.
-async fn pump(
-    mut pipe: pipe::Receiver,
-    kind: FrameKind,
-    cap: Option<u64>,
-    tx: mpsc::Sender<Output>,
-) -> bool {
+async fn pump(mut pipe: pipe::Receiver, kind: FrameKind, cap: Option<u64>, tx: mpsc::Sender<Output>) -> bool {
     let mut buf = vec![0u8; proto::CHUNK];
     let mut sent = 0u64;
     let mut truncated = false;
@@ -234,14 +197,7 @@ async fn pump(
         }
         if keep > 0 {
             sent += keep as u64;
-            if tx
-                .send(Output {
-                    kind,
-                    data: Bytes::copy_from_slice(&buf[..keep]),
-                })
-                .await
-                .is_err()
-            {
+            if tx.send(Output { kind, data: Bytes::copy_from_slice(&buf[..keep]) }).await.is_err() {
                 return truncated;
             }
         }

@@ -12,19 +12,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub type OpResult<T> = Result<T, Response>;
 
 pub fn fail(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Error {
-        kind,
-        message: message.into(),
-    }
+    Response::Error { kind, message: message.into() }
 }
 
 pub fn io_fail(what: &str, path: &Path, e: std::io::Error) -> Response {
     let kind = match e.kind() {
         IoKind::NotFound => ErrorKind::NotFound,
         IoKind::PermissionDenied => ErrorKind::PermissionDenied,
-        IoKind::IsADirectory | IoKind::NotADirectory | IoKind::InvalidInput => {
-            ErrorKind::InvalidPath
-        }
+        IoKind::IsADirectory | IoKind::NotADirectory | IoKind::InvalidInput => ErrorKind::InvalidPath,
         _ => ErrorKind::Io,
     };
     fail(kind, format!("{what} {}: {e}", path.display()))
@@ -32,16 +27,10 @@ pub fn io_fail(what: &str, path: &Path, e: std::io::Error) -> Response {
 
 pub fn checked_path(path: &str) -> OpResult<PathBuf> {
     if !path.starts_with('/') {
-        return Err(fail(
-            ErrorKind::InvalidPath,
-            format!("path must be absolute, got '{path}'"),
-        ));
+        return Err(fail(ErrorKind::InvalidPath, format!("path must be absolute, got '{path}'")));
     }
     if path.contains('\0') {
-        return Err(fail(
-            ErrorKind::InvalidPath,
-            "path must not contain NUL bytes",
-        ));
+        return Err(fail(ErrorKind::InvalidPath, "path must not contain NUL bytes"));
     }
     Ok(PathBuf::from(path))
 }
@@ -50,18 +39,11 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Receives `Data` frames until `End` into `path`. On any error the rest of the stream is still drained so
 /// the host gets the error as a response, not as a broken connection.
-pub async fn write<R: AsyncRead + Unpin>(
-    r: &mut R,
-    path: &str,
-    mode: Option<u32>,
-    max: Option<u64>,
-) -> Response {
+pub async fn write<R: AsyncRead + Unpin>(r: &mut R, path: &str, mode: Option<u32>, max: Option<u64>) -> Response {
     let target = checked_path(path);
     let mut state: OpResult<(tokio::fs::File, PathBuf, PathBuf)> = match target {
         Err(e) => Err(e),
-        Ok(p) => open_tmp(&p, mode.unwrap_or(0o644))
-            .await
-            .map(|(f, tmp)| (f, tmp, p)),
+        Ok(p) => open_tmp(&p, mode.unwrap_or(0o644)).await.map(|(f, tmp)| (f, tmp, p)),
     };
     let mut size = 0u64;
     loop {
@@ -71,10 +53,7 @@ pub async fn write<R: AsyncRead + Unpin>(
                 if let Ok((_, tmp, _)) = &state {
                     let _ = tokio::fs::remove_file(tmp).await;
                 }
-                return fail(
-                    ErrorKind::Io,
-                    "connection closed before the end of the file",
-                );
+                return fail(ErrorKind::Io, "connection closed before the end of the file");
             }
         };
         match frame.kind {
@@ -82,14 +61,9 @@ pub async fn write<R: AsyncRead + Unpin>(
                 size += frame.payload.len() as u64;
                 if let Ok((file, tmp, _)) = &mut state {
                     let res = if max.is_some_and(|m| size > m) {
-                        Err(fail(
-                            ErrorKind::TooLarge,
-                            format!("file is larger than {} bytes", max.unwrap_or(0)),
-                        ))
+                        Err(fail(ErrorKind::TooLarge, format!("file is larger than {} bytes", max.unwrap_or(0))))
                     } else {
-                        file.write_all(&frame.payload)
-                            .await
-                            .map_err(|e| io_fail("write", tmp, e))
+                        file.write_all(&frame.payload).await.map_err(|e| io_fail("write", tmp, e))
                     };
                     if let Err(e) = res {
                         let _ = tokio::fs::remove_file(&tmp).await;
@@ -99,10 +73,7 @@ pub async fn write<R: AsyncRead + Unpin>(
             }
             FrameKind::End => break,
             other => {
-                return fail(
-                    ErrorKind::BadRequest,
-                    format!("unexpected {other:?} frame in a file upload"),
-                );
+                return fail(ErrorKind::BadRequest, format!("unexpected {other:?} frame in a file upload"));
             }
         }
     }
@@ -112,18 +83,14 @@ pub async fn write<R: AsyncRead + Unpin>(
     };
     let done = async {
         file.flush().await.map_err(|e| io_fail("write", &tmp, e))?;
-        file.sync_all()
-            .await
-            .map_err(|e| io_fail("sync", &tmp, e))?;
+        file.sync_all().await.map_err(|e| io_fail("sync", &tmp, e))?;
         // The umask may have narrowed the mode given at open.
         if let Some(m) = mode {
             tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(m & 0o7777))
                 .await
                 .map_err(|e| io_fail("chmod", &tmp, e))?;
         }
-        tokio::fs::rename(&tmp, &target)
-            .await
-            .map_err(|e| io_fail("rename into", &target, e))
+        tokio::fs::rename(&tmp, &target).await.map_err(|e| io_fail("rename into", &target, e))
     }
     .await;
     match done {
@@ -137,27 +104,15 @@ pub async fn write<R: AsyncRead + Unpin>(
 
 async fn open_tmp(target: &Path, mode: u32) -> OpResult<(tokio::fs::File, PathBuf)> {
     if tokio::fs::metadata(target).await.is_ok_and(|m| m.is_dir()) {
-        return Err(fail(
-            ErrorKind::InvalidPath,
-            format!("{} is a directory", target.display()),
-        ));
+        return Err(fail(ErrorKind::InvalidPath, format!("{} is a directory", target.display())));
     }
     let parent = target.parent().unwrap_or(Path::new("/"));
-    let name = target.file_name().ok_or_else(|| {
-        fail(
-            ErrorKind::InvalidPath,
-            format!("{} names no file", target.display()),
-        )
-    })?;
-    tokio::fs::create_dir_all(parent)
-        .await
-        .map_err(|e| io_fail("create directory", parent, e))?;
+    let name = target
+        .file_name()
+        .ok_or_else(|| fail(ErrorKind::InvalidPath, format!("{} names no file", target.display())))?;
+    tokio::fs::create_dir_all(parent).await.map_err(|e| io_fail("create directory", parent, e))?;
     let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = parent.join(format!(
-        ".{}.hf-{}-{n}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = parent.join(format!(".{}.hf-{}-{n}", name.to_string_lossy(), std::process::id()));
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -168,28 +123,16 @@ async fn open_tmp(target: &Path, mode: u32) -> OpResult<(tokio::fs::File, PathBu
 }
 
 /// Sends `File`, the content as `Data` frames, `End`, then `Ok`.
-pub async fn read<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    path: &str,
-    max: Option<u64>,
-) -> Result<(), proto::ProtoError> {
+pub async fn read<W: AsyncWrite + Unpin>(w: &mut W, path: &str, max: Option<u64>) -> Result<(), proto::ProtoError> {
     let opened = async {
         let p = checked_path(path)?;
-        let file = tokio::fs::File::open(&p)
-            .await
-            .map_err(|e| io_fail("open", &p, e))?;
+        let file = tokio::fs::File::open(&p).await.map_err(|e| io_fail("open", &p, e))?;
         let meta = file.metadata().await.map_err(|e| io_fail("stat", &p, e))?;
         if meta.is_dir() {
-            return Err(fail(
-                ErrorKind::InvalidPath,
-                format!("{path} is a directory"),
-            ));
+            return Err(fail(ErrorKind::InvalidPath, format!("{path} is a directory")));
         }
         if let Some(m) = max.filter(|m| meta.len() > *m) {
-            return Err(fail(
-                ErrorKind::TooLarge,
-                format!("{path} is {} bytes, over the {m}-byte limit", meta.len()),
-            ));
+            return Err(fail(ErrorKind::TooLarge, format!("{path} is {} bytes, over the {m}-byte limit", meta.len())));
         }
         Ok((file, meta))
     }
@@ -198,14 +141,7 @@ pub async fn read<W: AsyncWrite + Unpin>(
         Ok(x) => x,
         Err(resp) => return proto::write_json(w, &resp).await,
     };
-    proto::write_json(
-        w,
-        &Response::File {
-            size: meta.len(),
-            mode: meta.mode() & 0o7777,
-        },
-    )
-    .await?;
+    proto::write_json(w, &Response::File { size: meta.len(), mode: meta.mode() & 0o7777 }).await?;
     let mut buf = vec![0u8; proto::CHUNK];
     loop {
         let n = match file.read(&mut buf).await {
@@ -259,10 +195,9 @@ pub async fn delete(path: &str, recursive: bool) -> Response {
     };
     match res {
         Ok(()) => Response::Ok,
-        Err(e) if e.kind() == IoKind::DirectoryNotEmpty => fail(
-            ErrorKind::InvalidPath,
-            format!("{path} is a non-empty directory; delete it recursively"),
-        ),
+        Err(e) if e.kind() == IoKind::DirectoryNotEmpty => {
+            fail(ErrorKind::InvalidPath, format!("{path} is a non-empty directory; delete it recursively"))
+        }
         Err(e) => io_fail("delete", &p, e),
     }
 }

@@ -15,22 +15,14 @@ pub fn mount_filesystems() {
         ("proc", "/proc", "proc", None),
         ("sysfs", "/sys", "sysfs", None),
         ("devtmpfs", "/dev", "devtmpfs", Some("mode=0755")),
-        (
-            "devpts",
-            "/dev/pts",
-            "devpts",
-            Some("gid=5,mode=620,ptmxmode=666"),
-        ),
+        ("devpts", "/dev/pts", "devpts", Some("gid=5,mode=620,ptmxmode=666")),
         ("tmpfs", "/dev/shm", "tmpfs", Some("mode=1777")),
         ("tmpfs", "/run", "tmpfs", Some("mode=0755")),
         ("tmpfs", "/tmp", "tmpfs", Some("mode=1777")),
     ];
     let mounted = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     for (src, target, fstype, data) in mounts {
-        if mounted
-            .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some(target))
-        {
+        if mounted.lines().any(|l| l.split_whitespace().nth(1) == Some(target)) {
             continue;
         }
         let _ = std::fs::create_dir_all(target);
@@ -63,10 +55,7 @@ pub fn loopback_up() {
 /// (/proc/net/pnp, Firecracker).
 pub fn boot_resolvers() -> Vec<Ipv4Addr> {
     if let Ok(list) = std::env::var("HYPERFLEET_DNS") {
-        return list
-            .split(',')
-            .filter_map(|s| s.trim().parse().ok())
-            .collect();
+        return list.split(',').filter_map(|s| s.trim().parse().ok()).collect();
     }
     std::fs::read_to_string("/proc/net/pnp")
         .unwrap_or_default()
@@ -80,10 +69,7 @@ pub fn write_resolv_conf(servers: &[Ipv4Addr]) {
     if servers.is_empty() {
         return;
     }
-    let text: String = servers
-        .iter()
-        .map(|s| format!("nameserver {s}\n"))
-        .collect();
+    let text: String = servers.iter().map(|s| format!("nameserver {s}\n")).collect();
     let path = Path::new("/etc/resolv.conf");
     // A symlink (e.g. into /run/systemd) would point nowhere here: replace it with a file.
     if path.is_symlink() {

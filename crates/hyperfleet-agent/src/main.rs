@@ -37,10 +37,7 @@ fn parse_args() -> Result<Listen, String> {
         _ => return Err(USAGE.to_string()),
     };
     if let Some(port) = spec.strip_prefix("vsock:") {
-        return port
-            .parse()
-            .map(Listen::Vsock)
-            .map_err(|_| format!("bad vsock port '{port}'\n{USAGE}"));
+        return port.parse().map(Listen::Vsock).map_err(|_| format!("bad vsock port '{port}'\n{USAGE}"));
     }
     if let Some(path) = spec.strip_prefix("unix:") {
         return Ok(Listen::Unix(path.to_string()));
@@ -68,11 +65,7 @@ fn main() {
         init::set_hostname_from_env();
         init::write_resolv_conf(&init::boot_resolvers());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let in_vm = matches!(listen, Listen::Vsock(_));
     let code = rt.block_on(async move {
         match serve(listen).await {
@@ -95,14 +88,8 @@ async fn serve(listen: Listen) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let ctx = Arc::new(Ctx {
-        reaper,
-        shutdown: shutdown_tx,
-    });
-    eprintln!(
-        "hyperfleet-agent {}: listening on {listen:?}",
-        env!("CARGO_PKG_VERSION")
-    );
+    let ctx = Arc::new(Ctx { reaper, shutdown: shutdown_tx });
+    eprintln!("hyperfleet-agent {}: listening on {listen:?}", env!("CARGO_PKG_VERSION"));
     macro_rules! accept_loop {
         ($listener:expr) => {
             loop {
@@ -121,10 +108,7 @@ async fn serve(listen: Listen) -> std::io::Result<()> {
     }
     match listen {
         Listen::Vsock(port) => {
-            let l = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
-                tokio_vsock::VMADDR_CID_ANY,
-                port,
-            ))?;
+            let l = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port))?;
             accept_loop!(l)
         }
         Listen::Unix(path) => {
@@ -145,10 +129,7 @@ struct Ctx {
 
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(ctx: Arc<Ctx>, stream: S) {
     let (mut r, mut w) = tokio::io::split(stream);
-    let hello = Hello {
-        protocol: proto::PROTOCOL_VERSION,
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
-    };
+    let hello = Hello { protocol: proto::PROTOCOL_VERSION, agent_version: env!("CARGO_PKG_VERSION").to_string() };
     if proto::write_json(&mut w, &hello).await.is_err() {
         return;
     }
@@ -156,27 +137,20 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(ctx: Arc<Ctx>, stream: S) {
         Ok(req) => req,
         Err(proto::ProtoError::Closed) => return,
         Err(e) => {
-            let _ =
-                proto::write_json(&mut w, &files::fail(ErrorKind::BadRequest, e.to_string())).await;
+            let _ = proto::write_json(&mut w, &files::fail(ErrorKind::BadRequest, e.to_string())).await;
             return;
         }
     };
     let _ = match req {
         Request::Ping => proto::write_json(&mut w, &Response::Ok).await,
         Request::Exec(spec) => exec::run(&ctx.reaper, &mut r, &mut w, spec).await,
-        Request::WriteFile {
-            path,
-            mode,
-            max_size,
-        } => {
+        Request::WriteFile { path, mode, max_size } => {
             let resp = files::write(&mut r, &path, mode, max_size).await;
             proto::write_json(&mut w, &resp).await
         }
         Request::ReadFile { path, max_size } => files::read(&mut w, &path, max_size).await,
         Request::Stat { path } => proto::write_json(&mut w, &files::stat(&path).await).await,
-        Request::Delete { path, recursive } => {
-            proto::write_json(&mut w, &files::delete(&path, recursive).await).await
-        }
+        Request::Delete { path, recursive } => proto::write_json(&mut w, &files::delete(&path, recursive).await).await,
         Request::Shutdown => {
             let res = proto::write_json(&mut w, &Response::Ok).await;
             let _ = ctx.shutdown.send(()).await;

@@ -71,10 +71,7 @@ async fn exec_returns_exit_code_and_both_streams() {
     let agent = Agent::start();
     let c = agent.client();
     c.ping().await.unwrap();
-    let out = c
-        .exec_collect(spec(&["sh", "-c", "echo out; echo err >&2; exit 3"]), b"")
-        .await
-        .unwrap();
+    let out = c.exec_collect(spec(&["sh", "-c", "echo out; echo err >&2; exit 3"]), b"").await.unwrap();
     assert_eq!(out.exit.exit_code, 3);
     assert_eq!(out.stdout, b"out\n");
     assert_eq!(out.stderr, b"err\n");
@@ -84,10 +81,7 @@ async fn exec_returns_exit_code_and_both_streams() {
     s.cwd = Some(agent.dir.path().display().to_string());
     s.env.insert("GREETING".into(), "hello".into());
     let out = c.exec_collect(s, b"from stdin").await.unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("{}\nhello\nfrom stdin", agent.dir.path().display())
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{}\nhello\nfrom stdin", agent.dir.path().display()));
     assert_eq!(out.exit.exit_code, 0);
 }
 
@@ -96,53 +90,31 @@ async fn exec_of_a_missing_program_or_cwd_is_a_clear_error() {
     let agent = Agent::start();
     let c = agent.client();
     match c.exec_collect(spec(&["/no/such/program"]), b"").await {
-        Err(ClientError::Agent {
-            kind: ErrorKind::SpawnFailed,
-            message,
-        }) => assert!(message.contains("/no/such/program")),
+        Err(ClientError::Agent { kind: ErrorKind::SpawnFailed, message }) => {
+            assert!(message.contains("/no/such/program"))
+        }
         other => panic!("{other:?}"),
     }
     let mut s = spec(&["true"]);
     s.cwd = Some("/no/such/dir".into());
-    assert!(matches!(
-        c.exec_collect(s, b"").await,
-        Err(ClientError::Agent {
-            kind: ErrorKind::InvalidPath,
-            ..
-        })
-    ));
+    assert!(matches!(c.exec_collect(s, b"").await, Err(ClientError::Agent { kind: ErrorKind::InvalidPath, .. })));
 }
 
 #[tokio::test]
 async fn timeout_kills_the_whole_process_group() {
     let agent = Agent::start();
     let pidfile = agent.path("grandchild.pid");
-    let mut s = spec(&[
-        "sh",
-        "-c",
-        &format!("sleep 300 & echo $! > {pidfile}; sleep 300"),
-    ]);
+    let mut s = spec(&["sh", "-c", &format!("sleep 300 & echo $! > {pidfile}; sleep 300")]);
     s.timeout_ms = 500;
     let t = Instant::now();
     let out = agent.client().exec_collect(s, b"").await.unwrap();
     assert!(out.exit.timed_out);
     assert_eq!(out.exit.exit_code, 137, "killed by SIGKILL");
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        t.elapsed()
-    );
-    let grandchild: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    let grandchild: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
     while alive(grandchild) {
-        assert!(
-            Instant::now() < deadline,
-            "grandchild {grandchild} survived the timeout"
-        );
+        assert!(Instant::now() < deadline, "grandchild {grandchild} survived the timeout");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -154,36 +126,14 @@ async fn background_children_do_not_hold_exec_open() {
     let t = Instant::now();
     let out = agent
         .client()
-        .exec_collect(
-            spec(&[
-                "sh",
-                "-c",
-                &format!("sleep 30 & echo $! > {pidfile}; echo started"),
-            ]),
-            b"",
-        )
+        .exec_collect(spec(&["sh", "-c", &format!("sleep 30 & echo $! > {pidfile}; echo started")]), b"")
         .await
         .unwrap();
     assert_eq!(out.stdout, b"started\n");
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "exec waited for its background child: {:?}",
-        t.elapsed()
-    );
-    let bg: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(
-        alive(bg),
-        "a finished command's background child keeps running (servers started by exec)"
-    );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(bg),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3), "exec waited for its background child: {:?}", t.elapsed());
+    let bg: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(alive(bg), "a finished command's background child keeps running (servers started by exec)");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(bg), nix::sys::signal::Signal::SIGKILL).unwrap();
 }
 
 #[tokio::test]
@@ -210,10 +160,7 @@ async fn streamed_exec_delivers_output_before_exit() {
         ExecEvent::Stdout(b) => assert_eq!(&b[..], b"first\n"),
         other => panic!("{other:?}"),
     }
-    assert!(
-        t.elapsed() < Duration::from_millis(800),
-        "first line was not streamed"
-    );
+    assert!(t.elapsed() < Duration::from_millis(800), "first line was not streamed");
     let mut rest = Vec::new();
     loop {
         match session.next_event().await.unwrap() {
@@ -228,12 +175,7 @@ async fn streamed_exec_delivers_output_before_exit() {
     assert_eq!(rest, b"second\n");
 }
 
-async fn upload(
-    c: &AgentClient,
-    path: &str,
-    data: &[u8],
-    mode: Option<u32>,
-) -> Result<u64, ClientError> {
+async fn upload(c: &AgentClient, path: &str, data: &[u8], mode: Option<u32>) -> Result<u64, ClientError> {
     let mut w = c.write_file(path, mode, Some(100 << 20)).await?;
     for chunk in data.chunks(300_000) {
         w.send(chunk).await?;
@@ -254,40 +196,20 @@ async fn download(c: &AgentClient, path: &str) -> Result<Vec<u8>, ClientError> {
 async fn large_files_round_trip_byte_exact() {
     let agent = Agent::start();
     let c = agent.client();
-    let data: Vec<u8> = (0..20u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let path = agent.path("deep/nested/dir/big.bin");
-    assert_eq!(
-        upload(&c, &path, &data, Some(0o600)).await.unwrap(),
-        data.len() as u64
-    );
+    assert_eq!(upload(&c, &path, &data, Some(0o600)).await.unwrap(), data.len() as u64);
     let st = c.stat(&path).await.unwrap();
-    assert_eq!(
-        (st.size, st.mode, st.is_dir),
-        (data.len() as u64, 0o600, false)
-    );
-    assert!(
-        download(&c, &path).await.unwrap() == data,
-        "downloaded bytes differ"
-    );
+    assert_eq!((st.size, st.mode, st.is_dir), (data.len() as u64, 0o600, false));
+    assert!(download(&c, &path).await.unwrap() == data, "downloaded bytes differ");
     // Overwrite is atomic and leaves no temporary files behind.
     upload(&c, &path, b"small", None).await.unwrap();
     assert_eq!(download(&c, &path).await.unwrap(), b"small");
-    let names: Vec<_> = std::fs::read_dir(Path::new(&path).parent().unwrap())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let names: Vec<_> =
+        std::fs::read_dir(Path::new(&path).parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(names.len(), 1, "{names:?}");
     c.delete(&path, false).await.unwrap();
-    assert!(matches!(
-        c.stat(&path).await,
-        Err(ClientError::Agent {
-            kind: ErrorKind::NotFound,
-            ..
-        })
-    ));
+    assert!(matches!(c.stat(&path).await, Err(ClientError::Agent { kind: ErrorKind::NotFound, .. })));
 }
 
 fn kind<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorKind {
@@ -302,51 +224,23 @@ async fn bad_paths_are_refused_with_the_right_kind() {
     let agent = Agent::start();
     let c = agent.client();
     assert_eq!(kind(c.stat("relative/path").await), ErrorKind::InvalidPath);
-    assert_eq!(
-        kind(c.stat(&agent.path("missing")).await),
-        ErrorKind::NotFound
-    );
-    assert_eq!(
-        kind(download(&c, &agent.path("missing")).await),
-        ErrorKind::NotFound
-    );
-    assert_eq!(
-        kind(download(&c, &agent.path("")).await),
-        ErrorKind::InvalidPath
-    );
-    assert_eq!(
-        kind(c.delete(&agent.path("missing"), false).await),
-        ErrorKind::NotFound
-    );
-    assert_eq!(
-        kind(upload(&c, "no/slash", b"x", None).await),
-        ErrorKind::InvalidPath
-    );
-    assert_eq!(
-        kind(upload(&c, &agent.path(""), b"x", None).await),
-        ErrorKind::InvalidPath
-    );
+    assert_eq!(kind(c.stat(&agent.path("missing")).await), ErrorKind::NotFound);
+    assert_eq!(kind(download(&c, &agent.path("missing")).await), ErrorKind::NotFound);
+    assert_eq!(kind(download(&c, &agent.path("")).await), ErrorKind::InvalidPath);
+    assert_eq!(kind(c.delete(&agent.path("missing"), false).await), ErrorKind::NotFound);
+    assert_eq!(kind(upload(&c, "no/slash", b"x", None).await), ErrorKind::InvalidPath);
+    assert_eq!(kind(upload(&c, &agent.path(""), b"x", None).await), ErrorKind::InvalidPath);
     std::fs::create_dir(agent.path("full")).unwrap();
     std::fs::write(agent.path("full/f"), b"x").unwrap();
-    assert_eq!(
-        kind(c.delete(&agent.path("full"), false).await),
-        ErrorKind::InvalidPath
-    );
+    assert_eq!(kind(c.delete(&agent.path("full"), false).await), ErrorKind::InvalidPath);
     c.delete(&agent.path("full"), true).await.unwrap();
     assert!(!Path::new(&agent.path("full")).exists());
     // Over the size limit the upload fails and nothing is left behind.
-    let mut w = c
-        .write_file(&agent.path("toolarge"), None, Some(10))
-        .await
-        .unwrap();
+    let mut w = c.write_file(&agent.path("toolarge"), None, Some(10)).await.unwrap();
     w.send(&[0u8; 11]).await.unwrap();
     assert_eq!(kind(w.finish().await), ErrorKind::TooLarge);
     assert!(!Path::new(&agent.path("toolarge")).exists());
-    assert_eq!(
-        std::fs::read_dir(agent.dir.path()).unwrap().count(),
-        1,
-        "only the socket remains"
-    );
+    assert_eq!(std::fs::read_dir(agent.dir.path()).unwrap().count(), 1, "only the socket remains");
 }
 
 #[tokio::test]
@@ -358,18 +252,10 @@ async fn concurrent_requests_are_served_independently() {
             let c = c.clone();
             let path = agent.path(&format!("f{i}"));
             tokio::spawn(async move {
-                let out = c
-                    .exec_collect(spec(&["sh", "-c", &format!("sleep 0.2; echo {i}")]), b"")
-                    .await
-                    .unwrap();
+                let out = c.exec_collect(spec(&["sh", "-c", &format!("sleep 0.2; echo {i}")]), b"").await.unwrap();
                 assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{i}\n"));
-                upload(&c, &path, format!("content {i}").as_bytes(), None)
-                    .await
-                    .unwrap();
-                assert_eq!(
-                    download(&c, &path).await.unwrap(),
-                    format!("content {i}").as_bytes()
-                );
+                upload(&c, &path, format!("content {i}").as_bytes(), None).await.unwrap();
+                assert_eq!(download(&c, &path).await.unwrap(), format!("content {i}").as_bytes());
             })
         })
         .collect();
@@ -398,9 +284,7 @@ async fn fake_firecracker_vsock(uds: PathBuf, guest_port: u32, guest: PathBuf) {
             if stream.read_line(&mut line).await.is_err() {
                 return;
             }
-            let port: Option<u32> = line
-                .strip_prefix("CONNECT ")
-                .and_then(|p| p.trim_end().parse().ok());
+            let port: Option<u32> = line.strip_prefix("CONNECT ").and_then(|p| p.trim_end().parse().ok());
             if port != Some(guest_port) || !line.ends_with('\n') {
                 return;
             }
@@ -408,10 +292,7 @@ async fn fake_firecracker_vsock(uds: PathBuf, guest_port: u32, guest: PathBuf) {
                 return;
             };
             let mut stream = stream.into_inner();
-            stream
-                .write_all(format!("OK {host_port}\n").as_bytes())
-                .await
-                .unwrap();
+            stream.write_all(format!("OK {host_port}\n").as_bytes()).await.unwrap();
             let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
         });
     }
@@ -421,29 +302,16 @@ async fn fake_firecracker_vsock(uds: PathBuf, guest_port: u32, guest: PathBuf) {
 async fn through_firecrackers_vsock_handshake() {
     let agent = Agent::start();
     let uds = agent.dir.path().join("v.sock");
-    let mux = tokio::spawn(fake_firecracker_vsock(
-        uds.clone(),
-        52,
-        agent.socket.clone(),
-    ));
+    let mux = tokio::spawn(fake_firecracker_vsock(uds.clone(), 52, agent.socket.clone()));
     while !uds.exists() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let c = AgentClient::new(Endpoint::FirecrackerVsock {
-        uds: uds.clone(),
-        port: 52,
-    });
-    let out = c
-        .exec_collect(spec(&["echo", "over vsock"]), b"")
-        .await
-        .unwrap();
+    let c = AgentClient::new(Endpoint::FirecrackerVsock { uds: uds.clone(), port: 52 });
+    let out = c.exec_collect(spec(&["echo", "over vsock"]), b"").await.unwrap();
     assert_eq!(out.stdout, b"over vsock\n");
 
     // A port nothing listens on in the guest: Firecracker closes the connection.
-    let refused = AgentClient::new(Endpoint::FirecrackerVsock {
-        uds: uds.clone(),
-        port: 53,
-    });
+    let refused = AgentClient::new(Endpoint::FirecrackerVsock { uds: uds.clone(), port: 53 });
     match refused.ping().await {
         Err(ClientError::Unreachable(m)) => assert!(m.contains("vsock port 53"), "{m}"),
         other => panic!("{other:?}"),
@@ -465,13 +333,8 @@ async fn an_agent_of_another_protocol_version_is_refused() {
     let listener = UnixListener::bind(&path).unwrap();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let hello = hyperfleet_agent_proto::Hello {
-            protocol: 99,
-            agent_version: "9.9.9".into(),
-        };
-        hyperfleet_agent_proto::write_json(&mut s, &hello)
-            .await
-            .unwrap();
+        let hello = hyperfleet_agent_proto::Hello { protocol: 99, agent_version: "9.9.9".into() };
+        hyperfleet_agent_proto::write_json(&mut s, &hello).await.unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
     });
     match AgentClient::new(Endpoint::Unix(path)).ping().await {

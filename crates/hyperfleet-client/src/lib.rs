@@ -27,11 +27,7 @@ use hyperfleet_types::*;
 pub enum Error {
     /// The API answered with its error envelope.
     #[error("{status} {code}: {message}")]
-    Api {
-        status: u16,
-        code: String,
-        message: String,
-    },
+    Api { status: u16, code: String, message: String },
     #[error("request failed: {0}")]
     Http(#[from] reqwest::Error),
     #[error("unexpected response: {0}")]
@@ -77,17 +73,12 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .expect("a client without TLS always builds");
-        Self {
-            http,
-            base: base_url.trim_end_matches('/').to_string(),
-            api_key,
-        }
+        Self { http, base: base_url.trim_end_matches('/').to_string(), api_key }
     }
 
     /// From `HYPERFLEET_URL` (default `http://127.0.0.1:3000`) and `HYPERFLEET_API_KEY`.
     pub fn from_env() -> Self {
-        let url =
-            std::env::var("HYPERFLEET_URL").unwrap_or_else(|_| "http://127.0.0.1:3000".into());
+        let url = std::env::var("HYPERFLEET_URL").unwrap_or_else(|_| "http://127.0.0.1:3000".into());
         Self::new(&url, std::env::var("HYPERFLEET_API_KEY").ok())
     }
 
@@ -110,24 +101,15 @@ impl Client {
         }
         let text = resp.text().await.unwrap_or_default();
         match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(body) => Err(Error::Api {
-                status: status.as_u16(),
-                code: body.error.code,
-                message: body.error.message,
-            }),
-            Err(_) => Err(Error::Api {
-                status: status.as_u16(),
-                code: "HTTP_ERROR".into(),
-                message: text,
-            }),
+            Ok(body) => Err(Error::Api { status: status.as_u16(), code: body.error.code, message: body.error.message }),
+            Err(_) => Err(Error::Api { status: status.as_u16(), code: "HTTP_ERROR".into(), message: text }),
         }
     }
 
     async fn json<T: DeserializeOwned>(rb: RequestBuilder) -> Result<T> {
         let resp = Self::check(rb.send().await?).await?;
         let bytes = resp.bytes().await?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Decode(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
+        serde_json::from_slice(&bytes).map_err(|e| Error::Decode(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
     }
 
     async fn empty(rb: RequestBuilder) -> Result<()> {
@@ -161,20 +143,12 @@ impl Client {
     }
 
     pub async fn update_machine(&self, id: &str, req: &UpdateMachine) -> Result<Machine> {
-        Self::json(
-            self.req(Method::PATCH, &format!("/machines/{id}"))
-                .json(req),
-        )
-        .await
+        Self::json(self.req(Method::PATCH, &format!("/machines/{id}")).json(req)).await
     }
 
     pub async fn delete_machine(&self, id: &str, force: bool) -> Result<()> {
         let q: &[(&str, &str)] = if force { &[("force", "true")] } else { &[] };
-        Self::empty(
-            self.req(Method::DELETE, &format!("/machines/{id}"))
-                .query(q),
-        )
-        .await
+        Self::empty(self.req(Method::DELETE, &format!("/machines/{id}")).query(q)).await
     }
 
     pub async fn start_machine(&self, id: &str) -> Result<Machine> {
@@ -190,29 +164,13 @@ impl Client {
     }
 
     /// Long-polls until the machine reaches `status` (server caps `timeout_secs` at 30).
-    pub async fn wait_machine(
-        &self,
-        id: &str,
-        status: MachineStatus,
-        timeout_secs: u64,
-    ) -> Result<Machine> {
-        let q = [
-            ("status", status.as_str().to_string()),
-            ("timeout", timeout_secs.to_string()),
-        ];
-        Self::json(
-            self.req(Method::GET, &format!("/machines/{id}/wait"))
-                .query(&q),
-        )
-        .await
+    pub async fn wait_machine(&self, id: &str, status: MachineStatus, timeout_secs: u64) -> Result<Machine> {
+        let q = [("status", status.as_str().to_string()), ("timeout", timeout_secs.to_string())];
+        Self::json(self.req(Method::GET, &format!("/machines/{id}/wait")).query(&q)).await
     }
 
     pub async fn machine_logs(&self, id: &str, lines: usize) -> Result<MachineLogs> {
-        Self::json(
-            self.req(Method::GET, &format!("/machines/{id}/logs"))
-                .query(&[("lines", lines)]),
-        )
-        .await
+        Self::json(self.req(Method::GET, &format!("/machines/{id}/logs")).query(&[("lines", lines)])).await
     }
 
     pub async fn machine_network(&self, id: &str) -> Result<NetworkReport> {
@@ -232,11 +190,7 @@ impl Client {
     }
 
     pub async fn exec_with(&self, id: &str, req: &ExecRequest) -> Result<ExecResult> {
-        Self::json(
-            self.req(Method::POST, &format!("/machines/{id}/exec"))
-                .json(req),
-        )
-        .await
+        Self::json(self.req(Method::POST, &format!("/machines/{id}/exec")).json(req)).await
     }
 
     /// Streams a command's output as it comes (NDJSON events), ending with `Exit` or `Error`.
@@ -245,35 +199,20 @@ impl Client {
         id: &str,
         req: &ExecRequest,
     ) -> Result<impl Stream<Item = Result<ExecEvent>> + use<>> {
-        let resp = Self::check(
-            self.req(Method::POST, &format!("/machines/{id}/exec/stream"))
-                .json(req)
-                .send()
-                .await?,
-        )
-        .await?;
+        let resp =
+            Self::check(self.req(Method::POST, &format!("/machines/{id}/exec/stream")).json(req).send().await?).await?;
         let bytes = resp.bytes_stream().map_err(Error::from);
         Ok(ndjson_lines(bytes))
     }
 
-    pub async fn upload_file(
-        &self,
-        id: &str,
-        path: &str,
-        content: &[u8],
-        mode: Option<u32>,
-    ) -> Result<FileWritten> {
+    pub async fn upload_file(&self, id: &str, path: &str, content: &[u8], mode: Option<u32>) -> Result<FileWritten> {
         use base64::Engine;
         let body = FileUpload {
             path: path.to_string(),
             content: base64::engine::general_purpose::STANDARD.encode(content),
             mode,
         };
-        Self::json(
-            self.req(Method::POST, &format!("/machines/{id}/files"))
-                .json(&body),
-        )
-        .await
+        Self::json(self.req(Method::POST, &format!("/machines/{id}/files")).json(&body)).await
     }
 
     /// Uploads a raw body (streamed: any `reqwest::Body`, e.g. from a file stream).
@@ -297,49 +236,26 @@ impl Client {
     }
 
     pub async fn download_file(&self, id: &str, path: &str) -> Result<Bytes> {
-        let resp = Self::check(
-            self.req(Method::GET, &format!("/machines/{id}/files"))
-                .query(&[("path", path)])
-                .send()
-                .await?,
-        )
-        .await?;
+        let resp =
+            Self::check(self.req(Method::GET, &format!("/machines/{id}/files")).query(&[("path", path)]).send().await?)
+                .await?;
         Ok(resp.bytes().await?)
     }
 
-    pub async fn download_stream(
-        &self,
-        id: &str,
-        path: &str,
-    ) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
-        let resp = Self::check(
-            self.req(Method::GET, &format!("/machines/{id}/files"))
-                .query(&[("path", path)])
-                .send()
-                .await?,
-        )
-        .await?;
+    pub async fn download_stream(&self, id: &str, path: &str) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
+        let resp =
+            Self::check(self.req(Method::GET, &format!("/machines/{id}/files")).query(&[("path", path)]).send().await?)
+                .await?;
         Ok(resp.bytes_stream().map_err(Error::from))
     }
 
     pub async fn stat_file(&self, id: &str, path: &str) -> Result<FileStat> {
-        Self::json(
-            self.req(Method::GET, &format!("/machines/{id}/files/stat"))
-                .query(&[("path", path)]),
-        )
-        .await
+        Self::json(self.req(Method::GET, &format!("/machines/{id}/files/stat")).query(&[("path", path)])).await
     }
 
     pub async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
-        let q = [
-            ("path", path.to_string()),
-            ("recursive", recursive.to_string()),
-        ];
-        Self::empty(
-            self.req(Method::DELETE, &format!("/machines/{id}/files"))
-                .query(&q),
-        )
-        .await
+        let q = [("path", path.to_string()), ("recursive", recursive.to_string())];
+        Self::empty(self.req(Method::DELETE, &format!("/machines/{id}/files")).query(&q)).await
     }
 
     pub async fn create_api_key(&self, req: &CreateApiKey) -> Result<CreatedApiKey> {
@@ -361,41 +277,31 @@ impl Client {
 }
 
 /// Splits a byte stream into NDJSON events.
-fn ndjson_lines(
-    bytes: impl Stream<Item = Result<Bytes>> + Unpin,
-) -> impl Stream<Item = Result<ExecEvent>> {
-    futures::stream::unfold(
-        (bytes, Vec::<u8>::new(), false),
-        |(mut bytes, mut buf, done)| async move {
-            loop {
-                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=pos).collect();
-                    let ev =
-                        serde_json::from_slice::<ExecEvent>(&line[..line.len() - 1]).map_err(|e| {
-                            Error::Decode(format!("{e}: {}", String::from_utf8_lossy(&line)))
-                        });
-                    return Some((ev, (bytes, buf, done)));
-                }
-                if done {
-                    return None;
-                }
-                match bytes.next().await {
-                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                    Some(Err(e)) => return Some((Err(e), (bytes, buf, true))),
-                    None => {
-                        if buf.is_empty() {
-                            return None;
-                        }
-                        buf.push(b'\n');
-                        return Some((
-                            Err(Error::Decode("stream ended mid-line".into())),
-                            (bytes, Vec::new(), true),
-                        ));
+fn ndjson_lines(bytes: impl Stream<Item = Result<Bytes>> + Unpin) -> impl Stream<Item = Result<ExecEvent>> {
+    futures::stream::unfold((bytes, Vec::<u8>::new(), false), |(mut bytes, mut buf, done)| async move {
+        loop {
+            if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let ev = serde_json::from_slice::<ExecEvent>(&line[..line.len() - 1])
+                    .map_err(|e| Error::Decode(format!("{e}: {}", String::from_utf8_lossy(&line))));
+                return Some((ev, (bytes, buf, done)));
+            }
+            if done {
+                return None;
+            }
+            match bytes.next().await {
+                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                Some(Err(e)) => return Some((Err(e), (bytes, buf, true))),
+                None => {
+                    if buf.is_empty() {
+                        return None;
                     }
+                    buf.push(b'\n');
+                    return Some((Err(Error::Decode("stream ended mid-line".into())), (bytes, Vec::new(), true)));
                 }
             }
-        },
-    )
+        }
+    })
 }
 
 /// Re-exported for [`Client::raw`] users.

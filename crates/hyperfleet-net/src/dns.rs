@@ -38,10 +38,7 @@ mod tests {
     fn skips_loopback_stubs_and_ipv6() {
         let t = "# generated\nnameserver 127.0.0.53\nnameserver 10.1.2.3\nnameserver ::1\nnameserver fd00::1\n\
                  search example\nnameserver 9.9.9.9 # trailing\n";
-        assert_eq!(
-            parse_resolv_conf(t),
-            vec![Ipv4Addr::new(10, 1, 2, 3), Ipv4Addr::new(9, 9, 9, 9)]
-        );
+        assert_eq!(parse_resolv_conf(t), vec![Ipv4Addr::new(10, 1, 2, 3), Ipv4Addr::new(9, 9, 9, 9)]);
         assert!(parse_resolv_conf("nameserver 127.0.0.53\noptions edns0\n").is_empty());
     }
 }

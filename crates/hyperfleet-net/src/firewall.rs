@@ -43,11 +43,7 @@ pub struct Firewall {
 
 impl Firewall {
     pub fn new(table: &str, subnet: Ipv4Net) -> Self {
-        Self {
-            table: table.to_string(),
-            subnet,
-            nft: PathBuf::from("nft"),
-        }
+        Self { table: table.to_string(), subnet, nft: PathBuf::from("nft") }
     }
 
     pub fn table(&self) -> &str {
@@ -60,22 +56,10 @@ impl Firewall {
         let subnet = self.subnet;
         let mut s = String::new();
         // "add" makes the delete valid when the table does not exist yet; all three lines are one transaction.
-        let _ = writeln!(
-            s,
-            "add table inet {t}\ndelete table inet {t}\ntable inet {t} {{"
-        );
-        let ifaces: Vec<String> = machines
-            .iter()
-            .map(|m| format!("\"{}\"", m.iface))
-            .collect();
-        let gateways: Vec<String> = machines
-            .iter()
-            .map(|m| format!("\"{}\" . {}", m.iface, m.tap_ip))
-            .collect();
-        let guests: Vec<String> = machines
-            .iter()
-            .map(|m| format!("\"{}\" . {}", m.iface, m.guest_ip))
-            .collect();
+        let _ = writeln!(s, "add table inet {t}\ndelete table inet {t}\ntable inet {t} {{");
+        let ifaces: Vec<String> = machines.iter().map(|m| format!("\"{}\"", m.iface)).collect();
+        let gateways: Vec<String> = machines.iter().map(|m| format!("\"{}\" . {}", m.iface, m.tap_ip)).collect();
+        let guests: Vec<String> = machines.iter().map(|m| format!("\"{}\" . {}", m.iface, m.guest_ip)).collect();
         set(&mut s, "machine_ifaces", "ifname", &ifaces);
         set(&mut s, "gateways", "ifname . ipv4_addr", &gateways);
         set(&mut s, "guest_addrs", "ifname . ipv4_addr", &guests);
@@ -114,20 +98,12 @@ impl Firewall {
                 }
                 Egress::Only(cidrs) => {
                     let list: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
-                    let _ = writeln!(
-                        s,
-                        "    iifname \"{}\" ip daddr != {{ {} }} drop",
-                        m.iface,
-                        list.join(", ")
-                    );
+                    let _ = writeln!(s, "    iifname \"{}\" ip daddr != {{ {} }} drop", m.iface, list.join(", "));
                 }
             }
         }
         let _ = writeln!(s, "    accept\n  }}");
-        let _ = writeln!(
-            s,
-            "  chain guest_in {{\n    ct state established,related accept\n    drop\n  }}"
-        );
+        let _ = writeln!(s, "  chain guest_in {{\n    ct state established,related accept\n    drop\n  }}");
 
         // Masquerade what leaves through anything that is not a machine interface.
         let _ = writeln!(
@@ -140,26 +116,18 @@ impl Firewall {
 
     /// Replaces the table with the rules for `machines`.
     pub async fn apply(&self, machines: &[FirewallEntry]) -> Result<(), NetError> {
-        self.run(&["-f", "-"], Some(self.render(machines)))
-            .await
-            .map(|_| ())
+        self.run(&["-f", "-"], Some(self.render(machines))).await.map(|_| ())
     }
 
     /// Deletes the table (and with it every rule Hyperfleet made); a missing table is not an error.
     pub async fn remove(&self) -> Result<(), NetError> {
-        let script = format!(
-            "add table inet {t}\ndelete table inet {t}\n",
-            t = self.table
-        );
+        let script = format!("add table inet {t}\ndelete table inet {t}\n", t = self.table);
         self.run(&["-f", "-"], Some(script)).await.map(|_| ())
     }
 
     /// The table as the kernel has it (`nft list table inet hyperfleet`), or `None` when it does not exist.
     pub async fn current(&self) -> Result<Option<String>, NetError> {
-        match self
-            .run(&["list", "table", "inet", &self.table], None)
-            .await
-        {
+        match self.run(&["list", "table", "inet", &self.table], None).await {
             Ok(out) => Ok(Some(out)),
             Err(NetError::Nft(msg)) if msg.contains("No such file") => Ok(None),
             Err(e) => Err(e),
@@ -169,30 +137,19 @@ impl Firewall {
     async fn run(&self, args: &[&str], stdin: Option<String>) -> Result<String, NetError> {
         let mut child = Command::new(&self.nft)
             .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| NetError::Nft(format!("run nft: {e} (install the nftables package)")))?;
         if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(text.as_bytes())
-                .await
-                .map_err(|e| NetError::Nft(format!("write to nft: {e}")))?;
+            pipe.write_all(text.as_bytes()).await.map_err(|e| NetError::Nft(format!("write to nft: {e}")))?;
         }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| NetError::Nft(format!("wait for nft: {e}")))?;
+        let out = child.wait_with_output().await.map_err(|e| NetError::Nft(format!("wait for nft: {e}")))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
-            Err(NetError::Nft(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ))
+            Err(NetError::Nft(String::from_utf8_lossy(&out.stderr).trim().to_string()))
         }
     }
 }

@@ -6,10 +6,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -28,13 +25,7 @@ impl Drop for Fd {
 /// Returns the round-trip time, `Ok(None)` on timeout.
 pub fn ping(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>> {
     // SAFETY: plain socket syscall; the fd is owned by `Fd` and closed on every path.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_ICMP,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -51,9 +42,7 @@ pub fn ping(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>>
     let addr = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(target).to_be(),
-        },
+        sin_addr: libc::in_addr { s_addr: u32::from(target).to_be() },
         sin_zero: [0; 8],
     };
     let start = Instant::now();
@@ -71,10 +60,7 @@ pub fn ping(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>>
     if sent < 0 {
         let e = io::Error::last_os_error();
         // No route (e.g. the subnet's unreachable route): the guest is not reachable.
-        if matches!(
-            e.raw_os_error(),
-            Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) | Some(libc::EPERM)
-        ) {
+        if matches!(e.raw_os_error(), Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) | Some(libc::EPERM)) {
             return Ok(None);
         }
         return Err(e);
@@ -114,10 +100,7 @@ pub fn ping(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>>
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-            ) {
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) {
                 continue;
             }
             return Err(e);
@@ -140,10 +123,7 @@ pub fn ping(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>>
 }
 
 fn rand_seq() -> u16 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u16)
-        .unwrap_or(1)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u16).unwrap_or(1)
 }
 
 #[cfg(test)]

@@ -44,28 +44,20 @@ impl Subnet {
     }
 
     pub fn block(&self, index: u32) -> Option<Block> {
-        (index < self.block_count()).then(|| Block {
-            index,
-            network: Ipv4Addr::from(u32::from(self.0.network()) + index * 4),
-        })
+        (index < self.block_count())
+            .then(|| Block { index, network: Ipv4Addr::from(u32::from(self.0.network()) + index * 4) })
     }
 
     /// The block an address falls in, if it is inside the subnet.
     pub fn block_of(&self, ip: Ipv4Addr) -> Option<Block> {
-        self.0
-            .contains(&ip)
-            .then(|| (u32::from(ip) - u32::from(self.0.network())) / 4)
-            .and_then(|i| self.block(i))
+        self.0.contains(&ip).then(|| (u32::from(ip) - u32::from(self.0.network())) / 4).and_then(|i| self.block(i))
     }
 }
 
 impl FromStr for Subnet {
     type Err = IpamError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let net = s
-            .trim()
-            .parse::<Ipv4Net>()
-            .map_err(|_| IpamError::NotACidr(s.to_string()))?;
+        let net = s.trim().parse::<Ipv4Net>().map_err(|_| IpamError::NotACidr(s.to_string()))?;
         Self::new(net)
     }
 }
@@ -116,11 +108,7 @@ pub struct MacAddr(pub [u8; 6]);
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(
-            f,
-            "{:02X}:{:02X}:{:02X}:{:02X}:{:02X}:{:02X}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
+        write!(f, "{:02X}:{:02X}:{:02X}:{:02X}:{:02X}:{:02X}", b[0], b[1], b[2], b[3], b[4], b[5])
     }
 }
 
@@ -134,17 +122,9 @@ impl TapNaming {
     pub fn new(prefix: &str) -> Result<Self, IpamError> {
         let ok = !prefix.is_empty()
             && prefix.len() <= 9
-            && prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !prefix.as_bytes()[prefix.len() - 1].is_ascii_digit();
-        if ok {
-            Ok(Self {
-                prefix: prefix.to_string(),
-            })
-        } else {
-            Err(IpamError::BadTapPrefix(prefix.to_string()))
-        }
+        if ok { Ok(Self { prefix: prefix.to_string() }) } else { Err(IpamError::BadTapPrefix(prefix.to_string())) }
     }
 
     pub fn prefix(&self) -> &str {
@@ -184,10 +164,7 @@ mod tests {
         assert_eq!(b.netmask(), ip("255.255.255.252"));
         assert_eq!(b.guest_mac().to_string(), "AA:FC:00:00:00:01");
         let b1 = s.block(1).unwrap();
-        assert_eq!(
-            (b1.tap_ip(), b1.guest_ip()),
-            (ip("172.16.0.5"), ip("172.16.0.6"))
-        );
+        assert_eq!((b1.tap_ip(), b1.guest_ip()), (ip("172.16.0.5"), ip("172.16.0.6")));
     }
 
     #[test]
@@ -202,23 +179,11 @@ mod tests {
         assert!(s.block(16_384).is_none());
         // A /30 is one block; anything smaller is refused.
         assert_eq!("10.0.0.4/30".parse::<Subnet>().unwrap().block_count(), 1);
-        assert_eq!(
-            "10.0.0.4/31".parse::<Subnet>(),
-            Err(IpamError::TooSmall("10.0.0.4/31".parse().unwrap()))
-        );
-        assert!(matches!(
-            "banana".parse::<Subnet>(),
-            Err(IpamError::NotACidr(_))
-        ));
-        assert!(matches!(
-            "10.0.0.0/33".parse::<Subnet>(),
-            Err(IpamError::NotACidr(_))
-        ));
+        assert_eq!("10.0.0.4/31".parse::<Subnet>(), Err(IpamError::TooSmall("10.0.0.4/31".parse().unwrap())));
+        assert!(matches!("banana".parse::<Subnet>(), Err(IpamError::NotACidr(_))));
+        assert!(matches!("10.0.0.0/33".parse::<Subnet>(), Err(IpamError::NotACidr(_))));
         // Host bits are dropped: 172.16.5.9/16 means 172.16.0.0/16.
-        assert_eq!(
-            "172.16.5.9/16".parse::<Subnet>().unwrap().net().to_string(),
-            "172.16.0.0/16"
-        );
+        assert_eq!("172.16.5.9/16".parse::<Subnet>().unwrap().net().to_string(), "172.16.0.0/16");
     }
 
     #[test]

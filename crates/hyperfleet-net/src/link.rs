@@ -7,12 +7,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlag, LinkInfo, LinkMessage,
-};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlag, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::{Handle, IpVersion};
 
 use crate::NetError;
@@ -80,8 +76,8 @@ fn nl(op: &str, e: rtnetlink::Error) -> NetError {
 impl Netlink {
     /// Opens a connection; must be called inside a tokio runtime (the connection runs as a task on it).
     pub fn connect() -> Result<Self, NetError> {
-        let (conn, handle, _) = rtnetlink::new_connection()
-            .map_err(|e| NetError::Netlink(format!("open netlink socket: {e}")))?;
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| NetError::Netlink(format!("open netlink socket: {e}")))?;
         tokio::spawn(conn);
         Ok(Self { handle })
     }
@@ -96,12 +92,7 @@ impl Netlink {
     }
 
     pub async fn link(&self, name: &str) -> Result<Option<LinkState>, NetError> {
-        let mut stream = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
+        let mut stream = self.handle.link().get().match_name(name.to_string()).execute();
         match stream.try_next().await {
             Ok(m) => Ok(m.as_ref().map(LinkState::from_message)),
             // ENODEV: no such interface.
@@ -111,19 +102,12 @@ impl Netlink {
     }
 
     async fn require(&self, name: &str) -> Result<LinkState, NetError> {
-        self.link(name)
-            .await?
-            .ok_or_else(|| NetError::Netlink(format!("interface {name} vanished")))
+        self.link(name).await?.ok_or_else(|| NetError::Netlink(format!("interface {name} vanished")))
     }
 
     /// Creates a persistent TAP device (Firecracker opens it by name), marks it ours, gives it `addr` and
     /// brings it up.
-    pub async fn create_tap(
-        &self,
-        name: &str,
-        owner: &str,
-        addr: Ipv4Net,
-    ) -> Result<LinkState, NetError> {
+    pub async fn create_tap(&self, name: &str, owner: &str, addr: Ipv4Net) -> Result<LinkState, NetError> {
         crate::tap::create_persistent(name)?;
         let link = self.require(name).await?;
         self.finish_host_end(link, owner, addr).await
@@ -140,40 +124,26 @@ impl Netlink {
         netns: BorrowedFd<'_>,
     ) -> Result<LinkState, NetError> {
         let mut peer = LinkMessage::default();
-        peer.attributes
-            .push(LinkAttribute::IfName(inner_name.to_string()));
-        peer.attributes
-            .push(LinkAttribute::NetNsFd(netns.as_raw_fd()));
+        peer.attributes.push(LinkAttribute::IfName(inner_name.to_string()));
+        peer.attributes.push(LinkAttribute::NetNsFd(netns.as_raw_fd()));
         let mut req = self.handle.link().add();
         let msg = req.message_mut();
-        msg.attributes
-            .push(LinkAttribute::IfName(host_name.to_string()));
+        msg.attributes.push(LinkAttribute::IfName(host_name.to_string()));
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
         ]));
-        req.execute()
-            .await
-            .map_err(|e| nl(&format!("create veth {host_name}"), e))?;
+        req.execute().await.map_err(|e| nl(&format!("create veth {host_name}"), e))?;
         let link = self.require(host_name).await?;
         self.finish_host_end(link, owner, addr).await
     }
 
-    async fn finish_host_end(
-        &self,
-        link: LinkState,
-        owner: &str,
-        addr: Ipv4Net,
-    ) -> Result<LinkState, NetError> {
+    async fn finish_host_end(&self, link: LinkState, owner: &str, addr: Ipv4Net) -> Result<LinkState, NetError> {
         let index = link.index;
         let result = async {
             let mut set = self.handle.link().set(index);
-            set.message_mut()
-                .attributes
-                .push(LinkAttribute::IfAlias(alias_for(owner)));
-            set.execute()
-                .await
-                .map_err(|e| nl(&format!("set alias of {}", link.name), e))?;
+            set.message_mut().attributes.push(LinkAttribute::IfAlias(alias_for(owner)));
+            set.execute().await.map_err(|e| nl(&format!("set alias of {}", link.name), e))?;
             self.add_address(index, addr).await?;
             self.set_up(index).await?;
             self.require(&link.name).await
@@ -196,13 +166,7 @@ impl Netlink {
     }
 
     pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), NetError> {
-        self.handle
-            .link()
-            .set(index)
-            .address(mac.to_vec())
-            .execute()
-            .await
-            .map_err(|e| nl("set MAC address", e))
+        self.handle.link().set(index).address(mac.to_vec()).execute().await.map_err(|e| nl("set MAC address", e))
     }
 
     /// Inside a guest's namespace: gives `name` its MAC and address, brings it and `lo` up and routes
@@ -225,13 +189,7 @@ impl Netlink {
     }
 
     pub async fn set_up(&self, index: u32) -> Result<(), NetError> {
-        self.handle
-            .link()
-            .set(index)
-            .up()
-            .execute()
-            .await
-            .map_err(|e| nl("set link up", e))
+        self.handle.link().set(index).up().execute().await.map_err(|e| nl("set link up", e))
     }
 
     pub async fn delete(&self, index: u32) -> Result<(), NetError> {
@@ -253,17 +211,8 @@ impl Netlink {
     /// IPv4 addresses on an interface.
     pub async fn addresses(&self, index: u32) -> Result<Vec<Ipv4Net>, NetError> {
         let mut out = Vec::new();
-        let mut stream = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
-        while let Some(m) = stream
-            .try_next()
-            .await
-            .map_err(|e| nl("list addresses", e))?
-        {
+        let mut stream = self.handle.address().get().set_link_index_filter(index).execute();
+        while let Some(m) = stream.try_next().await.map_err(|e| nl("list addresses", e))? {
             for a in &m.attributes {
                 if let AddressAttribute::Address(IpAddr::V4(ip)) = a
                     && let Ok(net) = Ipv4Net::new(*ip, m.header.prefix_len)
@@ -296,12 +245,7 @@ impl Netlink {
     pub async fn remove_unreachable_route(&self, net: Ipv4Net) -> Result<(), NetError> {
         for r in self.routes_v4().await? {
             if r.header.kind == RouteType::Unreachable && route_destination(&r) == Some(net) {
-                self.handle
-                    .route()
-                    .del(r)
-                    .execute()
-                    .await
-                    .map_err(|e| nl("delete route", e))?;
+                self.handle.route().del(r).execute().await.map_err(|e| nl("delete route", e))?;
             }
         }
         Ok(())
@@ -316,13 +260,7 @@ impl Netlink {
     }
 
     async fn routes_v4(&self) -> Result<Vec<RouteMessage>, NetError> {
-        self.handle
-            .route()
-            .get(IpVersion::V4)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| nl("list routes", e))
+        self.handle.route().get(IpVersion::V4).execute().try_collect().await.map_err(|e| nl("list routes", e))
     }
 
     /// Adds a default route via `gateway` (used inside a container's namespace).

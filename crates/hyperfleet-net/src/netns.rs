@@ -25,15 +25,8 @@ fn err(what: String, e: impl std::fmt::Display) -> NetError {
 /// would bind-mount the directory over itself and hide the namespaces already mounted in it.
 fn prepare_dir() -> Result<(), NetError> {
     std::fs::create_dir_all(NETNS_DIR).map_err(|e| err(format!("create {NETNS_DIR}"), e))?;
-    let shared = || {
-        nix::mount::mount(
-            None::<&str>,
-            NETNS_DIR,
-            Some("none"),
-            MsFlags::MS_SHARED | MsFlags::MS_REC,
-            None::<&str>,
-        )
-    };
+    let shared =
+        || nix::mount::mount(None::<&str>, NETNS_DIR, Some("none"), MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>);
     match shared() {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EINVAL) => {
@@ -63,18 +56,11 @@ pub fn create(name: &str) -> Result<PathBuf, NetError> {
     let target = path.clone();
     // unshare() changes only the calling thread's namespace: do it on a throwaway thread.
     let made = std::thread::spawn(move || -> Result<(), NetError> {
-        nix::sched::unshare(CloneFlags::CLONE_NEWNET)
-            .map_err(|e| err("unshare(CLONE_NEWNET)".into(), e))?;
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| err("unshare(CLONE_NEWNET)".into(), e))?;
         let tid = nix::unistd::gettid();
         let own = format!("/proc/self/task/{tid}/ns/net");
-        nix::mount::mount(
-            Some(own.as_str()),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| err(format!("bind-mount {own} on {}", target.display()), e))
+        nix::mount::mount(Some(own.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| err(format!("bind-mount {own} on {}", target.display()), e))
     })
     .join()
     .map_err(|_| NetError::Netns("namespace thread panicked".into()))?;
@@ -140,6 +126,5 @@ where
         })();
         let _ = tx.send(result);
     });
-    rx.await
-        .map_err(|_| NetError::Netns("namespace thread panicked".into()))?
+    rx.await.map_err(|_| NetError::Netns("namespace thread panicked".into()))?
 }

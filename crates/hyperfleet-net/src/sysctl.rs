@@ -5,9 +5,7 @@ use crate::NetError;
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 pub fn ip_forward_enabled() -> bool {
-    std::fs::read_to_string(IP_FORWARD)
-        .map(|s| s.trim() == "1")
-        .unwrap_or(false)
+    std::fs::read_to_string(IP_FORWARD).map(|s| s.trim() == "1").unwrap_or(false)
 }
 
 /// Turns on IPv4 forwarding so guests' packets can be routed and masqueraded.
@@ -15,6 +13,5 @@ pub fn enable_ip_forward() -> Result<(), NetError> {
     if ip_forward_enabled() {
         return Ok(());
     }
-    std::fs::write(IP_FORWARD, "1")
-        .map_err(|e| NetError::Sysctl(format!("write 1 to {IP_FORWARD}: {e}")))
+    std::fs::write(IP_FORWARD, "1").map_err(|e| NetError::Sysctl(format!("write 1 to {IP_FORWARD}: {e}")))
 }

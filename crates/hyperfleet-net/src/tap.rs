@@ -22,38 +22,22 @@ struct IfReq {
 /// Creates the TAP `name` so that it outlives this process (flags as Firecracker opens it).
 pub fn create_persistent(name: &str) -> Result<(), NetError> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(NetError::Tap(format!(
-            "interface name '{name}' must be 1-15 bytes"
-        )));
+        return Err(NetError::Tap(format!("interface name '{name}' must be 1-15 bytes")));
     }
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/net/tun")
-        .map_err(|e| {
-            NetError::Tap(format!(
-                "open /dev/net/tun: {e} (is the tun module loaded, are we root?)"
-            ))
-        })?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-        _pad: [0; 22],
-    };
+        .map_err(|e| NetError::Tap(format!("open /dev/net/tun: {e} (is the tun module loaded, are we root?)")))?;
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _pad: [0; 22] };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: `req` is a properly sized, initialised ifreq that outlives both calls; the fd is open.
     unsafe {
         if libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) < 0 {
-            return Err(NetError::Tap(format!(
-                "create TAP {name}: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(NetError::Tap(format!("create TAP {name}: {}", std::io::Error::last_os_error())));
         }
         if libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) < 0 {
-            return Err(NetError::Tap(format!(
-                "make TAP {name} persistent: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(NetError::Tap(format!("make TAP {name} persistent: {}", std::io::Error::last_os_error())));
         }
     }
     Ok(())

@@ -30,10 +30,7 @@ fn pattern(n: u64) -> Body {
         }
         let len = CHUNK.min(n - off);
         let chunk: Vec<u8> = (off..off + len).map(|i| (i * 7 % 251) as u8).collect();
-        Some((
-            Ok::<_, hyper::Error>(Frame::data(Bytes::from(chunk))),
-            off + len,
-        ))
+        Some((Ok::<_, hyper::Error>(Frame::data(Bytes::from(chunk))), off + len))
     });
     BodyExt::boxed(StreamBody::new(stream))
 }
@@ -45,12 +42,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             let headers: serde_json::Map<String, serde_json::Value> = req
                 .headers()
                 .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        serde_json::Value::String(v.to_str().unwrap_or("").to_string()),
-                    )
-                })
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_str().unwrap_or("").to_string())))
                 .collect();
             let body = serde_json::json!({
                 "method": req.method().as_str(),
@@ -72,21 +64,14 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             r.headers_mut().insert("content-length", n.into());
             r
         }
-        ("GET", "/ws") => match req
-            .headers()
-            .get("sec-websocket-key")
-            .map(|k| derive_accept_key(k.as_bytes()))
-        {
+        ("GET", "/ws") => match req.headers().get("sec-websocket-key").map(|k| derive_accept_key(k.as_bytes())) {
             Some(accept) => {
                 let upgrade = hyper::upgrade::on(req);
                 tokio::spawn(async move {
                     let Ok(upgraded) = upgrade.await else { return };
-                    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        None,
-                    )
-                    .await;
+                    let mut ws =
+                        tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
+                            .await;
                     while let Some(Ok(msg)) = ws.next().await {
                         if msg.is_close() || ws.send(msg).await.is_err() {
                             break;
@@ -101,28 +86,17 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
                     .body(full(""))
                     .expect("valid response")
             }
-            None => Response::builder()
-                .status(400)
-                .body(full("not a websocket request"))
-                .expect("valid response"),
+            None => Response::builder().status(400).body(full("not a websocket request")).expect("valid response"),
         },
-        _ => Response::builder()
-            .status(404)
-            .body(full("no such route"))
-            .expect("valid response"),
+        _ => Response::builder().status(404).body(full("no such route")).expect("valid response"),
     };
     Ok(resp)
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let port: u16 = std::env::args()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(8080);
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
-        .await
-        .expect("bind");
+    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(8080);
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -23,15 +23,8 @@ pub enum MachineStatus {
 }
 
 impl MachineStatus {
-    pub const ALL: [MachineStatus; 7] = [
-        Self::Pending,
-        Self::Starting,
-        Self::Running,
-        Self::Paused,
-        Self::Stopping,
-        Self::Stopped,
-        Self::Failed,
-    ];
+    pub const ALL: [MachineStatus; 7] =
+        [Self::Pending, Self::Starting, Self::Running, Self::Paused, Self::Stopping, Self::Stopped, Self::Failed];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -134,9 +127,8 @@ impl<'de> Deserialize<'de> for EgressPolicy {
             Word(String),
             List(Vec<String>),
         }
-        let raw = Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom(r#"egress must be "allow", "deny" or a list of IPv4 CIDRs"#)
-        })?;
+        let raw = Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom(r#"egress must be "allow", "deny" or a list of IPv4 CIDRs"#))?;
         match raw {
             Raw::Word(w) if w == "allow" => Ok(Self::Allow),
             Raw::Word(w) if w == "deny" => Ok(Self::Deny),
@@ -149,9 +141,7 @@ impl<'de> Deserialize<'de> for EgressPolicy {
                     c.parse::<Ipv4Net>()
                         .or_else(|_| c.parse::<Ipv4Addr>().map(Ipv4Net::from))
                         .map(|n| n.trunc())
-                        .map_err(|_| {
-                            serde::de::Error::custom(format!("egress: '{c}' is not an IPv4 CIDR"))
-                        })
+                        .map_err(|_| serde::de::Error::custom(format!("egress: '{c}' is not an IPv4 CIDR")))
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Self::Cidrs),
@@ -163,15 +153,8 @@ impl utoipa::PartialSchema for EgressPolicy {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
         OneOfBuilder::new()
-            .item(
-                ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .enum_values(Some(["allow", "deny"])),
-            )
-            .item(
-                ArrayBuilder::new()
-                    .items(ObjectBuilder::new().schema_type(Type::String).format(None)),
-            )
+            .item(ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["allow", "deny"])))
+            .item(ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String).format(None)))
             .description(Some(
                 "`allow` (default): any destination; `deny`: no new outbound connections; \
                  a list of IPv4 CIDRs: only those destinations.",
@@ -307,16 +290,12 @@ impl<'de> Deserialize<'de> for CommandArgs {
             Other(serde::de::IgnoredAny),
         }
         match Raw::deserialize(d)? {
-            Raw::List(v) if v.is_empty() => {
-                Err(serde::de::Error::custom("command must not be empty"))
-            }
+            Raw::List(v) if v.is_empty() => Err(serde::de::Error::custom("command must not be empty")),
             Raw::List(v) => Ok(Self(v)),
             Raw::Text(s) => Err(serde::de::Error::custom(format!(
                 "command must be an array of strings, e.g. [\"sh\", \"-c\", {s:?}]"
             ))),
-            Raw::Other(_) => Err(serde::de::Error::custom(
-                "command must be an array of strings",
-            )),
+            Raw::Other(_) => Err(serde::de::Error::custom("command must be an array of strings")),
         }
     }
 }
@@ -410,13 +389,8 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [
-        Self::MachinesRead,
-        Self::MachinesWrite,
-        Self::MachinesExec,
-        Self::KeysAdmin,
-        Self::All,
-    ];
+    pub const ALL: [Scope; 5] =
+        [Self::MachinesRead, Self::MachinesWrite, Self::MachinesExec, Self::KeysAdmin, Self::All];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -567,16 +541,12 @@ mod tests {
             (r#""deny""#, EgressPolicy::Deny),
             (
                 r#"["10.0.0.0/8","192.0.2.7"]"#,
-                EgressPolicy::Cidrs(vec![
-                    "10.0.0.0/8".parse().unwrap(),
-                    "192.0.2.7/32".parse().unwrap(),
-                ]),
+                EgressPolicy::Cidrs(vec!["10.0.0.0/8".parse().unwrap(), "192.0.2.7/32".parse().unwrap()]),
             ),
         ] {
             let p: EgressPolicy = serde_json::from_str(json).unwrap();
             assert_eq!(p, want);
-            let back: EgressPolicy =
-                serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+            let back: EgressPolicy = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
             assert_eq!(back, want);
         }
         assert!(serde_json::from_str::<EgressPolicy>(r#""maybe""#).is_err());

@@ -30,11 +30,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PROXY_HOST_SUFFIX")]
     pub proxy_host_suffix: Option<String>,
     /// How often exposed ports are probed, in milliseconds.
-    #[arg(
-        long,
-        env = "PROXY_EXPOSED_PORT_POLL_INTERVAL_MS",
-        default_value_t = 10_000
-    )]
+    #[arg(long, env = "PROXY_EXPOSED_PORT_POLL_INTERVAL_MS", default_value_t = 10_000)]
     pub proxy_poll_interval_ms: u64,
     /// Most concurrent proxied connections.
     #[arg(long, env = "PROXY_MAX_CONNECTIONS", default_value_t = 1024)]
@@ -52,28 +48,16 @@ pub struct ServeArgs {
     #[arg(long, env = "HYPERFLEET_SOCKET_DIR", default_value = "/tmp")]
     pub socket_dir: PathBuf,
     /// Directory for per-machine disks, console logs and container bundles.
-    #[arg(
-        long,
-        env = "HYPERFLEET_DATA_DIR",
-        default_value = ".hyperfleet/machines"
-    )]
+    #[arg(long, env = "HYPERFLEET_DATA_DIR", default_value = ".hyperfleet/machines")]
     pub data_dir: PathBuf,
     /// Kernels and root filesystems given in requests must be regular files inside this directory.
     #[arg(long, env = "HYPERFLEET_ASSETS_DIR", default_value = ".hyperfleet")]
     pub assets_dir: PathBuf,
-    #[arg(
-        long,
-        env = "HYPERFLEET_KERNEL_IMAGE_PATH",
-        default_value = ".hyperfleet/vmlinux"
-    )]
+    #[arg(long, env = "HYPERFLEET_KERNEL_IMAGE_PATH", default_value = ".hyperfleet/vmlinux")]
     pub kernel_image_path: PathBuf,
     #[arg(long, env = "HYPERFLEET_KERNEL_ARGS", default_value = DEFAULT_KERNEL_ARGS)]
     pub kernel_args: String,
-    #[arg(
-        long,
-        env = "HYPERFLEET_ROOTFS_PATH",
-        default_value = ".hyperfleet/rootfs.ext4"
-    )]
+    #[arg(long, env = "HYPERFLEET_ROOTFS_PATH", default_value = ".hyperfleet/rootfs.ext4")]
     pub rootfs_path: PathBuf,
     /// Firecracker binary; default: `firecracker` on PATH, else .hyperfleet/bin/firecracker.
     #[arg(long, env = "FIRECRACKER_BIN")]
@@ -152,10 +136,7 @@ pub struct ConfigError {
 }
 
 fn bad(name: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        name,
-        message: message.into(),
-    }
+    ConfigError { name, message: message.into() }
 }
 
 /// Resolves a relative path against the working directory, as upstream did.
@@ -163,9 +144,7 @@ pub fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.to_path_buf())
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
     }
 }
 
@@ -189,10 +168,7 @@ pub fn parse_dns_list(s: &str) -> Result<Vec<Ipv4Addr>, String> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.parse::<Ipv4Addr>()
-                .map_err(|_| format!("'{p}' is not an IPv4 address"))
-        })
+        .map(|p| p.parse::<Ipv4Addr>().map_err(|_| format!("'{p}' is not an IPv4 address")))
         .collect()
 }
 
@@ -201,37 +177,22 @@ impl ServeArgs {
         let database_path = absolute(&self.database_path);
         let db_dir = database_path.parent().unwrap_or(Path::new("/"));
         if !db_dir.is_dir() {
-            return Err(bad(
-                "DATABASE_PATH",
-                format!("directory {} does not exist", db_dir.display()),
-            ));
+            return Err(bad("DATABASE_PATH", format!("directory {} does not exist", db_dir.display())));
         }
         if self.proxy_poll_interval_ms == 0 {
-            return Err(bad(
-                "PROXY_EXPOSED_PORT_POLL_INTERVAL_MS",
-                "must be a positive number of milliseconds",
-            ));
+            return Err(bad("PROXY_EXPOSED_PORT_POLL_INTERVAL_MS", "must be a positive number of milliseconds"));
         }
         if self.proxy_port != 0 && self.proxy_port == self.port {
-            return Err(bad(
-                "PROXY_PORT",
-                format!("{} is also the API PORT", self.proxy_port),
-            ));
+            return Err(bad("PROXY_PORT", format!("{} is also the API PORT", self.proxy_port)));
         }
         let prefix = self.proxy_prefix.trim_end_matches('/').to_string();
         if !prefix.starts_with('/') || prefix.len() < 2 || prefix.contains(['?', '#', ' ']) {
-            return Err(bad(
-                "PROXY_PREFIX",
-                format!("'{}' must be a path such as /proxy", self.proxy_prefix),
-            ));
+            return Err(bad("PROXY_PREFIX", format!("'{}' must be a path such as /proxy", self.proxy_prefix)));
         }
         if let Some(suffix) = &self.proxy_host_suffix
             && (suffix.is_empty() || suffix.contains(['/', ':', ' ']))
         {
-            return Err(bad(
-                "PROXY_HOST_SUFFIX",
-                format!("'{suffix}' must be a host name suffix such as .vm.local"),
-            ));
+            return Err(bad("PROXY_HOST_SUFFIX", format!("'{suffix}' must be a host name suffix such as .vm.local")));
         }
         if self.proxy_max_connections == 0 {
             return Err(bad("PROXY_MAX_CONNECTIONS", "must be at least 1"));
@@ -239,21 +200,15 @@ impl ServeArgs {
         if self.proxy_upstream_timeout == 0 {
             return Err(bad("PROXY_UPSTREAM_TIMEOUT", "must be at least 1 second"));
         }
-        let runtime = match self.runtime.as_str() {
-            "auto" => None,
-            other => Some(RuntimeKind::parse(other).ok_or_else(|| {
-                bad(
-                    "HYPERFLEET_RUNTIME",
-                    format!("'{other}': use auto, firecracker or container"),
-                )
-            })?),
-        };
-        let subnet: Subnet = self
-            .subnet
-            .parse()
-            .map_err(|e| bad("HYPERFLEET_SUBNET", format!("{e}")))?;
-        let tap_naming = TapNaming::new(&self.tap_prefix)
-            .map_err(|e| bad("HYPERFLEET_TAP_PREFIX", e.to_string()))?;
+        let runtime =
+            match self.runtime.as_str() {
+                "auto" => None,
+                other => Some(RuntimeKind::parse(other).ok_or_else(|| {
+                    bad("HYPERFLEET_RUNTIME", format!("'{other}': use auto, firecracker or container"))
+                })?),
+            };
+        let subnet: Subnet = self.subnet.parse().map_err(|e| bad("HYPERFLEET_SUBNET", format!("{e}")))?;
+        let tap_naming = TapNaming::new(&self.tap_prefix).map_err(|e| bad("HYPERFLEET_TAP_PREFIX", e.to_string()))?;
         let dns = match &self.dns {
             Some(s) => {
                 let list = parse_dns_list(s).map_err(|e| bad("HYPERFLEET_DNS", e))?;
@@ -264,27 +219,14 @@ impl ServeArgs {
             }
             None => None,
         };
-        if self.nft_table.is_empty()
-            || !self
-                .nft_table
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
+        if self.nft_table.is_empty() || !self.nft_table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(bad("HYPERFLEET_NFT_TABLE", "use letters, digits and '_'"));
         }
-        let file_max_size = parse_size(&self.file_max_size)
-            .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                bad(
-                    "HYPERFLEET_FILE_MAX_SIZE",
-                    format!("'{}': use bytes or 100MB, 1GiB", self.file_max_size),
-                )
-            })?;
+        let file_max_size = parse_size(&self.file_max_size).filter(|n| *n > 0).ok_or_else(|| {
+            bad("HYPERFLEET_FILE_MAX_SIZE", format!("'{}': use bytes or 100MB, 1GiB", self.file_max_size))
+        })?;
         if self.file_transfer_timeout == 0 {
-            return Err(bad(
-                "HYPERFLEET_FILE_TRANSFER_TIMEOUT",
-                "must be at least 1 second",
-            ));
+            return Err(bad("HYPERFLEET_FILE_TRANSFER_TIMEOUT", "must be at least 1 second"));
         }
         if self.kernel_args.contains(['\n', '\0']) {
             return Err(bad("HYPERFLEET_KERNEL_ARGS", "must be one line"));
@@ -355,51 +297,15 @@ mod tests {
     fn bad_values_name_the_setting() {
         assert!(parse(&["--port", "0"]).unwrap_err().contains("--port"));
         assert!(parse(&["--port", "70000"]).unwrap_err().contains("--port"));
-        assert!(
-            parse(&["--database-path", "/no/such/dir/x.db"])
-                .unwrap_err()
-                .contains("DATABASE_PATH")
-        );
-        assert!(
-            parse(&["--proxy-poll-interval-ms", "0"])
-                .unwrap_err()
-                .contains("PROXY_EXPOSED_PORT_POLL_INTERVAL_MS")
-        );
-        assert!(
-            parse(&["--subnet", "10.0.0.0/31"])
-                .unwrap_err()
-                .contains("HYPERFLEET_SUBNET")
-        );
-        assert!(
-            parse(&["--subnet", "nope"])
-                .unwrap_err()
-                .contains("HYPERFLEET_SUBNET")
-        );
-        assert!(
-            parse(&["--dns", "1.2.3"])
-                .unwrap_err()
-                .contains("HYPERFLEET_DNS")
-        );
-        assert!(
-            parse(&["--runtime", "qemu"])
-                .unwrap_err()
-                .contains("HYPERFLEET_RUNTIME")
-        );
-        assert!(
-            parse(&["--file-max-size", "lots"])
-                .unwrap_err()
-                .contains("HYPERFLEET_FILE_MAX_SIZE")
-        );
-        assert!(
-            parse(&["--tap-prefix", "t1"])
-                .unwrap_err()
-                .contains("HYPERFLEET_TAP_PREFIX")
-        );
-        assert!(
-            parse(&["--proxy-port", "3000"])
-                .unwrap_err()
-                .contains("PROXY_PORT")
-        );
+        assert!(parse(&["--database-path", "/no/such/dir/x.db"]).unwrap_err().contains("DATABASE_PATH"));
+        assert!(parse(&["--proxy-poll-interval-ms", "0"]).unwrap_err().contains("PROXY_EXPOSED_PORT_POLL_INTERVAL_MS"));
+        assert!(parse(&["--subnet", "10.0.0.0/31"]).unwrap_err().contains("HYPERFLEET_SUBNET"));
+        assert!(parse(&["--subnet", "nope"]).unwrap_err().contains("HYPERFLEET_SUBNET"));
+        assert!(parse(&["--dns", "1.2.3"]).unwrap_err().contains("HYPERFLEET_DNS"));
+        assert!(parse(&["--runtime", "qemu"]).unwrap_err().contains("HYPERFLEET_RUNTIME"));
+        assert!(parse(&["--file-max-size", "lots"]).unwrap_err().contains("HYPERFLEET_FILE_MAX_SIZE"));
+        assert!(parse(&["--tap-prefix", "t1"]).unwrap_err().contains("HYPERFLEET_TAP_PREFIX"));
+        assert!(parse(&["--proxy-port", "3000"]).unwrap_err().contains("PROXY_PORT"));
         assert!(parse(&["--proxy-port", "0"]).unwrap().proxy.is_none());
     }
 

@@ -10,12 +10,7 @@ use crate::runtime::host::{self, KvmKind};
 use crate::store::{Store, machines as records};
 
 fn check(name: &str, ok: bool, detail: impl Into<String>, fix: Option<&str>) -> Check {
-    Check {
-        name: name.into(),
-        ok,
-        detail: detail.into(),
-        fix: if ok { None } else { fix.map(str::to_string) },
-    }
+    Check { name: name.into(), ok, detail: detail.into(), fix: if ok { None } else { fix.map(str::to_string) } }
 }
 
 pub fn ip_forward_check() -> Check {
@@ -35,9 +30,7 @@ pub fn route_check(present: bool, subnet: &Subnet) -> Check {
         if present {
             format!("unreachable route for {subnet} keeps unused machine addresses on the host")
         } else {
-            format!(
-                "no unreachable route for {subnet}: traffic to a stopped machine's address may leave the host"
-            )
+            format!("no unreachable route for {subnet}: traffic to a stopped machine's address may leave the host")
         },
         Some(&format!("ip route replace unreachable {subnet}")),
     )
@@ -55,30 +48,21 @@ pub async fn host_checks(settings: &Settings, net: &HostNetwork) -> Vec<Check> {
             format!(
                 "{}{}",
                 kvm.describe(),
-                if kvm == KvmKind::Pvm {
-                    "; container runtime is the default"
-                } else {
-                    ""
-                }
+                if kvm == KvmKind::Pvm { "; container runtime is the default" } else { "" }
             ),
             Some("load kvm_intel or kvm_amd (modprobe kvm_intel) and check /dev/kvm permissions"),
         ),
         check(
             "firecracker binary",
             fc.is_some(),
-            fc.as_ref().map_or(
-                "not found (FIRECRACKER_BIN, PATH, .hyperfleet/bin)".into(),
-                |p| p.display().to_string(),
-            ),
+            fc.as_ref()
+                .map_or("not found (FIRECRACKER_BIN, PATH, .hyperfleet/bin)".into(), |p| p.display().to_string()),
             Some("make setup   (or set FIRECRACKER_BIN)"),
         ),
         check(
             "runc binary",
             runc.is_some(),
-            runc.as_ref()
-                .map_or(format!("{} not found", settings.runc_bin.display()), |p| {
-                    p.display().to_string()
-                }),
+            runc.as_ref().map_or(format!("{} not found", settings.runc_bin.display()), |p| p.display().to_string()),
             Some("apt-get install runc"),
         ),
         check(
@@ -97,18 +81,11 @@ pub async fn host_checks(settings: &Settings, net: &HostNetwork) -> Vec<Check> {
     ];
     let table = net.firewall.current().await;
     let (ok, detail) = match &table {
-        Ok(Some(t)) if t.contains("masquerade") => (
-            true,
-            format!("table inet {} has the NAT rule", net.firewall.table()),
-        ),
-        Ok(Some(_)) => (
-            false,
-            format!("table inet {} has no masquerade rule", net.firewall.table()),
-        ),
-        Ok(None) => (
-            false,
-            format!("table inet {} does not exist", net.firewall.table()),
-        ),
+        Ok(Some(t)) if t.contains("masquerade") => {
+            (true, format!("table inet {} has the NAT rule", net.firewall.table()))
+        }
+        Ok(Some(_)) => (false, format!("table inet {} has no masquerade rule", net.firewall.table())),
+        Ok(None) => (false, format!("table inet {} does not exist", net.firewall.table())),
         Err(e) => (false, e.to_string()),
     };
     checks.push(check(
@@ -126,23 +103,14 @@ pub async fn host_checks(settings: &Settings, net: &HostNetwork) -> Vec<Check> {
 
 /// Runs every check; returns the report text and whether all passed.
 pub async fn run(settings: &Settings) -> anyhow::Result<(String, bool)> {
-    let net = HostNetwork::new(
-        settings.subnet,
-        settings.tap_naming.clone(),
-        &settings.nft_table,
-    )?;
+    let net = HostNetwork::new(settings.subnet, settings.tap_naming.clone(), &settings.nft_table)?;
     let mut out = String::new();
     let mut all_ok = true;
     let mut section = |title: &str, checks: &[Check], out: &mut String| {
         out.push_str(&format!("{title}\n"));
         for c in checks {
             all_ok &= c.ok;
-            out.push_str(&format!(
-                "  {} {}: {}\n",
-                if c.ok { "ok  " } else { "FAIL" },
-                c.name,
-                c.detail
-            ));
+            out.push_str(&format!("  {} {}: {}\n", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail));
             if let Some(fix) = &c.fix {
                 out.push_str(&format!("       fix: {fix}\n"));
             }
@@ -151,26 +119,17 @@ pub async fn run(settings: &Settings) -> anyhow::Result<(String, bool)> {
     section("host", &host_checks(settings, &net).await, &mut out);
     if settings.database_path.exists() {
         let store = Store::open(&settings.database_path)?;
-        let running = store
-            .call(|c| records::with_status(c, &[MachineStatus::Running]))
-            .await?;
+        let running = store.call(|c| records::with_status(c, &[MachineStatus::Running])).await?;
         let table = net.firewall.current().await.ok().flatten();
         for m in &running {
             let checks = net.checks(m, table.as_deref()).await;
-            section(
-                &format!("machine {} ({}, {})", m.name, m.id, net.iface(m)),
-                &checks,
-                &mut out,
-            );
+            section(&format!("machine {} ({}, {})", m.name, m.id, net.iface(m)), &checks, &mut out);
         }
         if running.is_empty() {
             out.push_str("no running machines\n");
         }
     } else {
-        out.push_str(&format!(
-            "no database at {} (no machines yet)\n",
-            settings.database_path.display()
-        ));
+        out.push_str(&format!("no database at {} (no machines yet)\n", settings.database_path.display()));
     }
     Ok((out, all_ok))
 }

@@ -55,19 +55,10 @@ struct ProxyError {
 
 impl ProxyError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
+        Self { status, code, message: message.into() }
     }
     fn into_response(self) -> Response<ProxyBody> {
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code.into(),
-                message: self.message,
-            },
-        };
+        let body = ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message } };
         let bytes = Bytes::from(serde_json::to_vec(&body).expect("error body serializes"));
         Response::builder()
             .status(self.status)
@@ -81,14 +72,9 @@ impl ProxyError {
 pub fn route(uri: &Uri, host: Option<&str>, cfg: &ProxySettings) -> Option<Route> {
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     if let (Some(suffix), Some(host)) = (&cfg.host_suffix, host) {
-        let host = host
-            .rsplit_once(':')
-            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-            .map_or(host, |(h, _)| h);
-        if let Some(label) = host
-            .to_ascii_lowercase()
-            .strip_suffix(&suffix.to_ascii_lowercase())
-        {
+        let host =
+            host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
+        if let Some(label) = host.to_ascii_lowercase().strip_suffix(&suffix.to_ascii_lowercase()) {
             let (machine, port) = label.rsplit_once('-')?;
             return Some(Route {
                 machine: machine.to_string(),
@@ -102,11 +88,7 @@ pub fn route(uri: &Uri, host: Option<&str>, cfg: &ProxySettings) -> Option<Route
     let machine = parts.next().filter(|m| !m.is_empty())?;
     let port = parts.next()?.parse().ok()?;
     let tail = parts.next().unwrap_or("");
-    Some(Route {
-        machine: machine.to_string(),
-        port,
-        upstream_path: format!("/{tail}{query}"),
-    })
+    Some(Route { machine: machine.to_string(), port, upstream_path: format!("/{tail}{query}") })
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -132,40 +114,73 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// What the proxy needs to know about a machine.
+struct Target {
+    id: String,
+    status: MachineStatus,
+    guest_ip: Ipv4Addr,
+    exposed_ports: Vec<u16>,
+}
+
+/// Machines by id and by name, so that proxied requests do not each cost a database read. Emptied on every
+/// machine event (start, stop, port change, delete); the generation counter keeps a lookup that raced with
+/// an event from caching what it read before it.
+#[derive(Default)]
+struct Targets {
+    map: std::sync::RwLock<(u64, std::collections::HashMap<String, Arc<Target>>)>,
+}
+
+impl Targets {
+    fn invalidate(&self) {
+        let mut g = self.map.write().unwrap_or_else(|e| e.into_inner());
+        g.0 += 1;
+        g.1.clear();
+    }
+
+    async fn get(&self, service: &Service, key: &str) -> Result<Arc<Target>, MachineError> {
+        let generation = {
+            let g = self.map.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(t) = g.1.get(key) {
+                return Ok(t.clone());
+            }
+            g.0
+        };
+        let rec = service.record(key).await?;
+        let t = Arc::new(Target {
+            guest_ip: service.net.block(&rec).guest_ip(),
+            id: rec.id,
+            status: rec.status,
+            exposed_ports: rec.exposed_ports,
+        });
+        let mut g = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if g.0 == generation {
+            g.1.insert(key.to_string(), t.clone());
+        }
+        Ok(t)
+    }
 }
 
 struct Proxy {
     service: Arc<Service>,
     cfg: ProxySettings,
     client: Client<HttpConnector, Incoming>,
+    targets: Targets,
 }
 
 impl Proxy {
-    async fn handle(
-        &self,
-        mut req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string);
+    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
         let route = route(req.uri(), host.as_deref(), &self.cfg).ok_or_else(|| {
             ProxyError::new(
                 StatusCode::NOT_FOUND,
                 "NOT_FOUND",
-                format!(
-                    "Use {}/{{machine}}/{{port}}/path to reach an exposed port",
-                    self.cfg.prefix
-                ),
+                format!("Use {}/{{machine}}/{{port}}/path to reach an exposed port", self.cfg.prefix),
             )
         })?;
-        let rec = match self.service.record(&route.machine).await {
+        let rec = match self.targets.get(&self.service, &route.machine).await {
             Ok(r) => r,
             Err(MachineError::NotFound(id)) => {
                 return Err(ProxyError::new(
@@ -175,11 +190,7 @@ impl Proxy {
                 ));
             }
             Err(e) => {
-                return Err(ProxyError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "INTERNAL_ERROR",
-                    e.to_string(),
-                ));
+                return Err(ProxyError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", e.to_string()));
             }
         };
         if rec.status != MachineStatus::Running {
@@ -197,40 +208,24 @@ impl Proxy {
             ));
         }
         // Only ever the machine's own guest address, from its lease.
-        let guest = self.service.net.block(&rec).guest_ip();
+        let guest = rec.guest_ip;
         let upstream: Uri = format!("http://{guest}:{}{}", route.port, route.upstream_path)
             .parse()
-            .map_err(|_| {
-                ProxyError::new(
-                    StatusCode::BAD_REQUEST,
-                    "BAD_REQUEST",
-                    "invalid request path",
-                )
-            })?;
+            .map_err(|_| ProxyError::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", "invalid request path"))?;
 
         let upgrade = is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let upgrade_headers = upgrade.then(|| {
-            (
-                parts.headers.get(header::UPGRADE).cloned(),
-                parts.headers.get(header::CONNECTION).cloned(),
-            )
-        });
+        let upgrade_headers = upgrade
+            .then(|| (parts.headers.get(header::UPGRADE).cloned(), parts.headers.get(header::CONNECTION).cloned()));
         strip_hop_by_hop(&mut parts.headers);
         if let Some((up, _)) = &upgrade_headers {
             if let Some(up) = up {
                 parts.headers.insert(header::UPGRADE, up.clone());
             }
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        let prior = parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let prior = parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_string);
         let xff = match prior {
             Some(p) => format!("{p}, {}", peer.ip()),
             None => peer.ip().to_string(),
@@ -241,47 +236,35 @@ impl Proxy {
             }
         };
         set(&mut parts.headers, "x-forwarded-for", &xff);
-        set(
-            &mut parts.headers,
-            "x-forwarded-host",
-            host.as_deref().unwrap_or(""),
-        );
+        set(&mut parts.headers, "x-forwarded-host", host.as_deref().unwrap_or(""));
         set(&mut parts.headers, "x-forwarded-proto", "http");
         set(&mut parts.headers, "x-machine-id", &rec.id);
-        set(
-            &mut parts.headers,
-            "host",
-            &format!("{guest}:{}", route.port),
-        );
+        set(&mut parts.headers, "host", &format!("{guest}:{}", route.port));
         parts.uri = upstream;
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
-        let mut resp =
-            tokio::time::timeout(self.cfg.upstream_timeout, self.client.request(upstream_req))
-                .await
-                .map_err(|_| {
-                    ProxyError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "BAD_GATEWAY",
-                        format!(
-                            "Machine {} did not answer on port {} within {} s",
-                            rec.id,
-                            route.port,
-                            self.cfg.upstream_timeout.as_secs()
-                        ),
-                    )
-                })?
-                .map_err(|e| {
-                    ProxyError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "BAD_GATEWAY",
-                        format!(
-                            "Could not reach port {} on machine {}: {e}",
-                            route.port, rec.id
-                        ),
-                    )
-                })?;
+        let mut resp = tokio::time::timeout(self.cfg.upstream_timeout, self.client.request(upstream_req))
+            .await
+            .map_err(|_| {
+                ProxyError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "BAD_GATEWAY",
+                    format!(
+                        "Machine {} did not answer on port {} within {} s",
+                        rec.id,
+                        route.port,
+                        self.cfg.upstream_timeout.as_secs()
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                ProxyError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "BAD_GATEWAY",
+                    format!("Could not reach port {} on machine {}: {e}", route.port, rec.id),
+                )
+            })?;
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
@@ -290,11 +273,7 @@ impl Proxy {
             tokio::spawn(async move {
                 match (client_upgrade.await, upstream_upgrade.await) {
                     (Ok(c), Ok(u)) => {
-                        let _ = tokio::io::copy_bidirectional(
-                            &mut TokioIo::new(c),
-                            &mut TokioIo::new(u),
-                        )
-                        .await;
+                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
                     }
                     (c, u) => debug!(client = c.is_ok(), upstream = u.is_ok(), "upgrade failed"),
                 }
@@ -302,9 +281,7 @@ impl Proxy {
             let (parts, _) = resp.into_parts();
             return Ok(Response::from_parts(
                 parts,
-                http_body_util::Empty::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
+                http_body_util::Empty::new().map_err(|never| match never {}).boxed(),
             ));
         }
         let (mut parts, body) = resp.into_parts();
@@ -318,14 +295,19 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>, cfg: ProxySetti
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(cfg.upstream_timeout));
     connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector);
+    let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    let proxy = Arc::new(Proxy {
-        service,
-        cfg,
-        client,
+    let mut events = service.subscribe();
+    let proxy = Arc::new(Proxy { service, cfg, client, targets: Targets::default() });
+    let watcher = Arc::downgrade(&proxy);
+    tokio::spawn(async move {
+        // Lagging behind just means "something changed": invalidate either way.
+        while !matches!(events.recv().await, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+            match watcher.upgrade() {
+                Some(p) => p.targets.invalidate(),
+                None => return,
+            }
+        }
     });
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -346,16 +328,12 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>, cfg: ProxySetti
                 let proxy = proxy.clone();
                 async move {
                     Ok::<_, std::convert::Infallible>(
-                        proxy
-                            .handle(req, peer)
-                            .await
-                            .unwrap_or_else(ProxyError::into_response),
+                        proxy.handle(req, peer).await.unwrap_or_else(ProxyError::into_response),
                     )
                 }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
+            let conn =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades();
             if let Err(e) = conn.await {
                 debug!(error = %e, "proxy connection ended with an error");
             }
@@ -367,28 +345,21 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>, cfg: ProxySetti
 /// Every `interval`, records which exposed ports of each running machine accept a TCP connection.
 pub async fn poll_exposed_ports(service: Arc<Service>, interval: Duration) {
     loop {
-        if let Ok(running) = service
-            .store
-            .call(|c| records::with_status(c, &[MachineStatus::Running]))
-            .await
-        {
-            let checks = running
-                .into_iter()
-                .filter(|m| !m.exposed_ports.is_empty())
-                .map(|m| {
-                    let guest = service.net.block(&m).guest_ip();
-                    async move {
-                        let mut status = Vec::new();
-                        for port in &m.exposed_ports {
-                            status.push(ExposedPortStatus {
-                                port: *port,
-                                listening: probe(guest, *port).await,
-                                checked_at: Some(crate::store::now()),
-                            });
-                        }
-                        (m.id, status)
+        if let Ok(running) = service.store.call(|c| records::with_status(c, &[MachineStatus::Running])).await {
+            let checks = running.into_iter().filter(|m| !m.exposed_ports.is_empty()).map(|m| {
+                let guest = service.net.block(&m).guest_ip();
+                async move {
+                    let mut status = Vec::new();
+                    for port in &m.exposed_ports {
+                        status.push(ExposedPortStatus {
+                            port: *port,
+                            listening: probe(guest, *port).await,
+                            checked_at: Some(crate::store::now()),
+                        });
                     }
-                });
+                    (m.id, status)
+                }
+            });
             for (id, status) in futures::future::join_all(checks).await {
                 service.set_port_status(&id, status);
             }
@@ -399,10 +370,7 @@ pub async fn poll_exposed_ports(service: Arc<Service>, interval: Duration) {
 
 async fn probe(ip: Ipv4Addr, port: u16) -> bool {
     let addr = SocketAddr::new(IpAddr::V4(ip), port);
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
-        Ok(Ok(_))
-    )
+    matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)))
 }
 
 #[cfg(test)]
@@ -420,11 +388,7 @@ mod tests {
     }
 
     fn r(machine: &str, port: u16, path: &str) -> Option<Route> {
-        Some(Route {
-            machine: machine.into(),
-            port,
-            upstream_path: path.into(),
-        })
+        Some(Route { machine: machine.into(), port, upstream_path: path.into() })
     }
 
     #[test]
@@ -434,14 +398,8 @@ mod tests {
             route(&"/proxy/abc/8080/api/x?q=1&b=2".parse().unwrap(), None, &c),
             r("abc", 8080, "/api/x?q=1&b=2")
         );
-        assert_eq!(
-            route(&"/proxy/web/80".parse().unwrap(), None, &c),
-            r("web", 80, "/")
-        );
-        assert_eq!(
-            route(&"/proxy/web/80/".parse().unwrap(), None, &c),
-            r("web", 80, "/")
-        );
+        assert_eq!(route(&"/proxy/web/80".parse().unwrap(), None, &c), r("web", 80, "/"));
+        assert_eq!(route(&"/proxy/web/80/".parse().unwrap(), None, &c), r("web", 80, "/"));
         assert_eq!(route(&"/proxy/web/http/".parse().unwrap(), None, &c), None);
         assert_eq!(route(&"/proxy/web/70000/".parse().unwrap(), None, &c), None);
         assert_eq!(route(&"/other/web/80/".parse().unwrap(), None, &c), None);
@@ -452,35 +410,19 @@ mod tests {
     fn host_routing() {
         let c = cfg(Some(".vm.test"));
         assert_eq!(
-            route(
-                &"/a?b=c".parse().unwrap(),
-                Some("abc123-8080.vm.test:4000"),
-                &c
-            ),
+            route(&"/a?b=c".parse().unwrap(), Some("abc123-8080.vm.test:4000"), &c),
             r("abc123", 8080, "/a?b=c")
         );
-        assert_eq!(
-            route(&"/".parse().unwrap(), Some("my-web-80.VM.test"), &c),
-            r("my-web", 80, "/")
-        );
+        assert_eq!(route(&"/".parse().unwrap(), Some("my-web-80.VM.test"), &c), r("my-web", 80, "/"));
         // A Host that does not match the suffix falls back to path routing.
-        assert_eq!(
-            route(&"/proxy/x/81/".parse().unwrap(), Some("localhost:4000"), &c),
-            r("x", 81, "/")
-        );
-        assert_eq!(
-            route(&"/".parse().unwrap(), Some("nodash.vm.test"), &c),
-            None
-        );
+        assert_eq!(route(&"/proxy/x/81/".parse().unwrap(), Some("localhost:4000"), &c), r("x", 81, "/"));
+        assert_eq!(route(&"/".parse().unwrap(), Some("nodash.vm.test"), &c), None);
     }
 
     #[test]
     fn hop_by_hop_headers_are_dropped() {
         let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));

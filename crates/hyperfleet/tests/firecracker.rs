@@ -30,19 +30,12 @@ fn fc_machine(name: &str) -> CreateMachine {
     if is_pvm() {
         args.push_str(" init=/sbin/hyperfleet-idle");
     }
-    CreateMachine {
-        runtime: Some(RuntimeKind::Firecracker),
-        kernel_args: Some(args),
-        ..machine(name)
-    }
+    CreateMachine { runtime: Some(RuntimeKind::Firecracker), kernel_args: Some(args), ..machine(name) }
 }
 
 /// `ip -j addr show dev IFACE`: (is up, IPv4 addresses with prefix).
 fn iface(name: &str) -> Option<(bool, Vec<String>)> {
-    let out = Command::new("ip")
-        .args(["-j", "addr", "show", "dev", name])
-        .output()
-        .unwrap();
+    let out = Command::new("ip").args(["-j", "addr", "show", "dev", name]).output().unwrap();
     if !out.status.success() {
         return None;
     }
@@ -61,10 +54,7 @@ fn iface(name: &str) -> Option<(bool, Vec<String>)> {
 async fn wait_for(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -75,30 +65,15 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
     if !require_root(test) || !kvm_available(test) {
         return;
     }
-    let mut d = Daemon::start(Options {
-        runtime: RuntimeKind::Firecracker,
-        ..Default::default()
-    })
-    .await;
+    let mut d = Daemon::start(Options { runtime: RuntimeKind::Firecracker, ..Default::default() }).await;
     let c = d.client.clone();
     let m = c.create_machine(&fc_machine("fc-one")).await.unwrap();
-    let first_block = (
-        m.tap_device.clone(),
-        m.tap_ip,
-        m.guest_ip,
-        m.guest_mac.clone(),
-    );
-    let m = c
-        .start_machine(&m.id)
-        .await
-        .unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+    let first_block = (m.tap_device.clone(), m.tap_ip, m.guest_ip, m.guest_mac.clone());
+    let m = c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
     assert_eq!(m.status, MachineStatus::Running);
     let pid = m.pid.unwrap();
     let socket = m.socket_path.clone().unwrap();
-    assert!(
-        process::cmdline_contains(pid, &socket),
-        "pid {pid} is our firecracker"
-    );
+    assert!(process::cmdline_contains(pid, &socket), "pid {pid} is our firecracker");
 
     // Firecracker itself reports the configuration the daemon applied.
     let api = FirecrackerApi::new(Path::new(&socket));
@@ -109,34 +84,17 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
     assert_eq!(drive["is_root_device"], true);
     let disk = drive["path_on_host"].as_str().unwrap();
     assert!(
-        disk.starts_with(&d.dir.path().display().to_string())
-            && disk.ends_with(&format!("{}/rootfs.ext4", m.id)),
+        disk.starts_with(&d.dir.path().display().to_string()) && disk.ends_with(&format!("{}/rootfs.ext4", m.id)),
         "own disk copy: {disk}"
     );
     assert_ne!(disk, m.rootfs_path, "never the shared image");
-    assert_eq!(
-        cfg["network-interfaces"][0]["host_dev_name"],
-        m.tap_device.as_str()
-    );
-    assert_eq!(
-        cfg["network-interfaces"][0]["guest_mac"]
-            .as_str()
-            .unwrap()
-            .to_uppercase(),
-        m.guest_mac
-    );
+    assert_eq!(cfg["network-interfaces"][0]["host_dev_name"], m.tap_device.as_str());
+    assert_eq!(cfg["network-interfaces"][0]["guest_mac"].as_str().unwrap().to_uppercase(), m.guest_mac);
     assert_eq!(cfg["vsock"]["guest_cid"], 3);
     let boot_args = cfg["boot-source"]["boot_args"].as_str().unwrap();
-    let ip_arg = format!(
-        "ip={}::{}:255.255.255.252:fc-one:eth0:off:10.200.255.53:",
-        m.guest_ip, m.tap_ip
-    );
+    let ip_arg = format!("ip={}::{}:255.255.255.252:fc-one:eth0:off:10.200.255.53:", m.guest_ip, m.tap_ip);
     assert!(boot_args.contains(&ip_arg), "{boot_args}");
-    assert_eq!(
-        boot_args.contains("clearcpuid="),
-        is_pvm(),
-        "PVM boot args only on PVM: {boot_args}"
-    );
+    assert_eq!(boot_args.contains("clearcpuid="), is_pvm(), "PVM boot args only on PVM: {boot_args}");
 
     // The TAP: up, with tap_ip/30.
     let (up, addrs) = iface(&m.tap_device).expect("TAP exists while running");
@@ -144,43 +102,20 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
     assert_eq!(addrs, vec![format!("{}/30", m.tap_ip)]);
 
     // The guest kernel configures eth0 from ip= and answers ping from the host.
-    let log = d
-        .dir
-        .path()
-        .join("machines")
-        .join(&m.id)
-        .join("console.log");
-    wait_for(
-        "the guest kernel's IP-Config on the console",
-        420,
-        async || {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("IP-Config: Complete")
-        },
-    )
+    let log = d.dir.path().join("machines").join(&m.id).join("console.log");
+    wait_for("the guest kernel's IP-Config on the console", 420, async || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("IP-Config: Complete")
+    })
     .await;
     let console = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        console.contains(&format!(
-            "ipaddr={}, mask=255.255.255.252, gw={}",
-            m.guest_ip, m.tap_ip
-        )),
-        "{console}"
-    );
+    assert!(console.contains(&format!("ipaddr={}, mask=255.255.255.252, gw={}", m.guest_ip, m.tap_ip)), "{console}");
     assert!(console.contains("nameserver0=10.200.255.53"));
     let logs = c.machine_logs(&m.id, 2000).await.unwrap();
-    assert!(
-        logs.lines.iter().any(|l| l.contains("IP-Config: Complete")),
-        "logs endpoint shows the console"
-    );
+    assert!(logs.lines.iter().any(|l| l.contains("IP-Config: Complete")), "logs endpoint shows the console");
     let guest = m.guest_ip;
     wait_for("the guest to answer ping", 300, async || {
         tokio::task::spawn_blocking(move || {
-            hyperfleet_net::icmp::ping(guest, Duration::from_secs(2))
-                .ok()
-                .flatten()
-                .is_some()
+            hyperfleet_net::icmp::ping(guest, Duration::from_secs(2)).ok().flatten().is_some()
         })
         .await
         .unwrap()
@@ -190,23 +125,14 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
     // The daemon dies; firecracker does not. The restarted daemon adopts it.
     d.restart_after_crash().await;
     let adopted = c.get_machine(&m.id).await.unwrap();
-    assert_eq!(
-        (adopted.status, adopted.pid),
-        (MachineStatus::Running, Some(pid))
-    );
+    assert_eq!((adopted.status, adopted.pid), (MachineStatus::Running, Some(pid)));
     assert!(process::alive(pid));
     assert!(d.logs().contains("adopted running machine"));
-    assert!(
-        iface(&m.tap_device).is_some(),
-        "TAP kept for the adopted machine"
-    );
+    assert!(iface(&m.tap_device).is_some(), "TAP kept for the adopted machine");
 
     // Stop: process, sockets and TAP gone.
     let stopped = c.stop_machine(&m.id).await.unwrap();
-    assert_eq!(
-        (stopped.status, stopped.pid),
-        (MachineStatus::Stopped, None)
-    );
+    assert_eq!((stopped.status, stopped.pid), (MachineStatus::Stopped, None));
     assert!(!process::alive(pid), "firecracker still runs");
     assert!(!Path::new(&socket).exists(), "API socket left behind");
     assert!(iface(&m.tap_device).is_none(), "TAP left behind");
@@ -214,35 +140,16 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
 
     // Start again: same addresses and TAP name, a new process.
     let again = c.start_machine(&m.id).await.unwrap();
-    assert_eq!(
-        (
-            again.tap_device.clone(),
-            again.tap_ip,
-            again.guest_ip,
-            again.guest_mac.clone()
-        ),
-        first_block
-    );
+    assert_eq!((again.tap_device.clone(), again.tap_ip, again.guest_ip, again.guest_mac.clone()), first_block);
     assert_ne!(again.pid, Some(pid));
-    assert_eq!(
-        iface(&again.tap_device).unwrap().1,
-        vec![format!("{}/30", again.tap_ip)]
-    );
+    assert_eq!(iface(&again.tap_device).unwrap().1, vec![format!("{}/30", again.tap_ip)]);
     c.stop_machine(&m.id).await.unwrap();
 
     // Delete frees the block: the next machine gets it.
     c.delete_machine(&m.id, false).await.unwrap();
     assert!(!d.dir.path().join("machines").join(&m.id).exists());
     let next = c.create_machine(&fc_machine("fc-two")).await.unwrap();
-    assert_eq!(
-        (
-            next.tap_device.clone(),
-            next.tap_ip,
-            next.guest_ip,
-            next.guest_mac.clone()
-        ),
-        first_block
-    );
+    assert_eq!((next.tap_device.clone(), next.tap_ip, next.guest_ip, next.guest_mac.clone()), first_block);
 }
 
 #[tokio::test]
@@ -251,11 +158,7 @@ async fn firecracker_failures_are_reported_and_cleaned_up() {
     if !require_root(test) || !kvm_available(test) {
         return;
     }
-    let d = Daemon::start(Options {
-        runtime: RuntimeKind::Firecracker,
-        ..Default::default()
-    })
-    .await;
+    let d = Daemon::start(Options { runtime: RuntimeKind::Firecracker, ..Default::default() }).await;
     let c = &d.client;
 
     // Firecracker refuses a "kernel" that is not one: FIRECRACKER_API_ERROR, machine failed, nothing left.
@@ -268,12 +171,7 @@ async fn firecracker_failures_are_reported_and_cleaned_up() {
     assert_eq!(e.code(), Some("FIRECRACKER_API_ERROR"), "{e}");
     let failed = c.get_machine(&m.id).await.unwrap();
     assert_eq!(failed.status, MachineStatus::Failed);
-    assert!(
-        failed
-            .error_message
-            .unwrap()
-            .contains("firecracker rejected")
-    );
+    assert!(failed.error_message.unwrap().contains("firecracker rejected"));
     assert!(iface(&m.tap_device).is_none());
     assert!(!Path::new(&d.dir.path().join(format!("hyperfleet-{}.sock", m.id))).exists());
     assert!(d.firewall_ifaces().is_empty());
@@ -290,16 +188,10 @@ async fn firecracker_failures_are_reported_and_cleaned_up() {
     .await;
     let failed = c.get_machine(&m.id).await.unwrap();
     let msg = failed.error_message.unwrap();
-    assert!(
-        msg.contains(&format!("firecracker (pid {pid}) exited unexpectedly")),
-        "{msg}"
-    );
+    assert!(msg.contains(&format!("firecracker (pid {pid}) exited unexpectedly")), "{msg}");
     assert!(msg.contains("last console lines"), "{msg}");
     assert_eq!(failed.pid, None);
-    assert!(
-        iface(&m.tap_device).is_none(),
-        "TAP removed after the crash"
-    );
+    assert!(iface(&m.tap_device).is_none(), "TAP removed after the crash");
     assert!(d.firewall_ifaces().is_empty());
     // A failed machine can be started again.
     let back = c.start_machine(&m.id).await.unwrap();

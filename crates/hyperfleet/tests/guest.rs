@@ -30,36 +30,20 @@ async fn exec_files_and_cleanup() {
     assert_eq!(code, 0);
     assert!(out.contains(&format!("inet {}/30", m.guest_ip)), "{out}");
     assert!(out.contains("aa:fc:00:00:00:01"), "{out}");
-    assert_eq!(
-        sh(&d, &m.id, "cat /etc/resolv.conf").await.1,
-        "nameserver 10.200.255.53\n"
-    );
+    assert_eq!(sh(&d, &m.id, "cat /etc/resolv.conf").await.1, "nameserver 10.200.255.53\n");
     assert_eq!(sh(&d, &m.id, "hostname").await.1, "worker\n");
 
     // Exit codes, stderr, env, cwd, stdin; `cmd` as an alias; a string is refused with a hint.
-    let r = c
-        .exec(&m.id, &["sh", "-c", "echo out; echo err >&2; exit 7"])
-        .await
-        .unwrap();
-    assert_eq!(
-        (r.exit_code, r.stdout.as_str(), r.stderr.as_str()),
-        (7, "out\n", "err\n")
-    );
+    let r = c.exec(&m.id, &["sh", "-c", "echo out; echo err >&2; exit 7"]).await.unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str(), r.stderr.as_str()), (7, "out\n", "err\n"));
     let req = ExecRequest {
-        command: CommandArgs(vec![
-            "sh".into(),
-            "-c".into(),
-            "pwd; echo $NAME; cat".into(),
-        ]),
+        command: CommandArgs(vec!["sh".into(), "-c".into(), "pwd; echo $NAME; cat".into()]),
         timeout: Some(5),
         env: Some([("NAME".to_string(), "value".to_string())].into()),
         cwd: Some("/tmp".into()),
         stdin: Some("from stdin".into()),
     };
-    assert_eq!(
-        c.exec_with(&m.id, &req).await.unwrap().stdout,
-        "/tmp\nvalue\nfrom stdin"
-    );
+    assert_eq!(c.exec_with(&m.id, &req).await.unwrap().stdout, "/tmp\nvalue\nfrom stdin");
     let resp = c
         .raw(Method::POST, &format!("/machines/{}/exec", m.id))
         .json(&json!({"cmd": ["echo", "alias"]}))
@@ -91,22 +75,14 @@ async fn exec_files_and_cleanup() {
     };
     let e = c.exec_with(&m.id, &req).await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(504), Some("TIMEOUT")));
-    assert!(
-        e.to_string()
-            .contains("Command execution timed out after 1 seconds"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("Command execution timed out after 1 seconds"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(5));
     let (_, ps, _) = sh(&d, &m.id, "ps").await;
     assert!(!ps.contains("sleep 6"), "leftover processes:\n{ps}");
 
     // Streaming exec: output arrives as it is produced, then the exit code.
     let req = ExecRequest {
-        command: CommandArgs(vec![
-            "sh".into(),
-            "-c".into(),
-            "echo one; sleep 1; echo two >&2; exit 3".into(),
-        ]),
+        command: CommandArgs(vec!["sh".into(), "-c".into(), "echo one; sleep 1; echo two >&2; exit 3".into()]),
         timeout: Some(10),
         env: None,
         cwd: None,
@@ -115,114 +91,46 @@ async fn exec_files_and_cleanup() {
     let t = Instant::now();
     let mut events = Box::pin(c.exec_stream(&m.id, &req).await.unwrap());
     let first = events.next().await.unwrap().unwrap();
-    assert_eq!(
-        first,
-        ExecEvent::Stdout {
-            data: "one\n".into()
-        }
-    );
-    assert!(
-        t.elapsed() < Duration::from_millis(900),
-        "first line was not streamed: {:?}",
-        t.elapsed()
-    );
+    assert_eq!(first, ExecEvent::Stdout { data: "one\n".into() });
+    assert!(t.elapsed() < Duration::from_millis(900), "first line was not streamed: {:?}", t.elapsed());
     let rest: Vec<ExecEvent> = events.map(|e| e.unwrap()).collect().await;
-    assert_eq!(
-        rest[0],
-        ExecEvent::Stderr {
-            data: "two\n".into()
-        }
-    );
-    assert!(
-        matches!(rest.last(), Some(ExecEvent::Exit { exit_code: 3, .. })),
-        "{rest:?}"
-    );
+    assert_eq!(rest[0], ExecEvent::Stderr { data: "two\n".into() });
+    assert!(matches!(rest.last(), Some(ExecEvent::Exit { exit_code: 3, .. })), "{rest:?}");
 
     // Files: a 20 MB raw upload, stat, byte-exact download, JSON upload with mode, delete.
     let data = pattern(20 << 20);
-    let w = c
-        .upload_stream(&m.id, "/root/data/big.bin", data.clone(), None)
-        .await
-        .unwrap();
+    let w = c.upload_stream(&m.id, "/root/data/big.bin", data.clone(), None).await.unwrap();
     assert_eq!(w.size, data.len() as u64);
     let st = c.stat_file(&m.id, "/root/data/big.bin").await.unwrap();
-    assert_eq!(
-        (st.size, st.is_dir, st.mode),
-        (data.len() as u64, false, 0o644)
-    );
+    assert_eq!((st.size, st.is_dir, st.mode), (data.len() as u64, false, 0o644));
     let back = c.download_file(&m.id, "/root/data/big.bin").await.unwrap();
     assert!(back[..] == data[..], "downloaded bytes differ");
-    assert_eq!(
-        sh(&d, &m.id, "md5sum /root/data/big.bin | cut -d' ' -f1")
-            .await
-            .1
-            .trim(),
-        md5(&data)
-    );
-    c.upload_file(
-        &m.id,
-        "/usr/local/bin/hello",
-        b"#!/bin/sh\necho hi from a script\n",
-        Some(0o755),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        c.stat_file(&m.id, "/usr/local/bin/hello")
-            .await
-            .unwrap()
-            .mode,
-        0o755
-    );
-    assert_eq!(
-        c.exec(&m.id, &["hello"]).await.unwrap().stdout,
-        "hi from a script\n"
-    );
+    assert_eq!(sh(&d, &m.id, "md5sum /root/data/big.bin | cut -d' ' -f1").await.1.trim(), md5(&data));
+    c.upload_file(&m.id, "/usr/local/bin/hello", b"#!/bin/sh\necho hi from a script\n", Some(0o755)).await.unwrap();
+    assert_eq!(c.stat_file(&m.id, "/usr/local/bin/hello").await.unwrap().mode, 0o755);
+    assert_eq!(c.exec(&m.id, &["hello"]).await.unwrap().stdout, "hi from a script\n");
     assert!(c.stat_file(&m.id, "/root/data").await.unwrap().is_dir);
-    c.delete_file(&m.id, "/root/data/big.bin", false)
-        .await
-        .unwrap();
+    c.delete_file(&m.id, "/root/data/big.bin", false).await.unwrap();
     let e = c.stat_file(&m.id, "/root/data/big.bin").await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(404), Some("NOT_FOUND")));
-    assert_eq!(
-        c.download_file(&m.id, "/nope").await.unwrap_err().code(),
-        Some("NOT_FOUND")
-    );
+    assert_eq!(c.download_file(&m.id, "/nope").await.unwrap_err().code(), Some("NOT_FOUND"));
     for bad in ["relative/path", ""] {
         let e = c.stat_file(&m.id, bad).await.unwrap_err();
-        assert_eq!(
-            (e.status(), e.code()),
-            (Some(400), Some("VALIDATION_ERROR")),
-            "{bad}: {e}"
-        );
+        assert_eq!((e.status(), e.code()), (Some(400), Some("VALIDATION_ERROR")), "{bad}: {e}");
     }
     let e = c.delete_file(&m.id, "/root", false).await.unwrap_err();
-    assert_eq!(
-        e.status(),
-        Some(400),
-        "non-empty directory needs recursive: {e}"
-    );
+    assert_eq!(e.status(), Some(400), "non-empty directory needs recursive: {e}");
 
     // Stopped: exec and files refuse with the upstream message; then delete leaves nothing on the host.
     c.stop_machine(&m.id).await.unwrap();
     let e = c.exec(&m.id, &["true"]).await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(400), Some("BAD_REQUEST")));
-    assert!(
-        e.to_string()
-            .contains("Machine must be running to execute commands"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("Machine must be running to execute commands"), "{e}");
     c.delete_machine(&m.id, false).await.unwrap();
     assert!(d.host_links().is_empty());
     assert!(!Path::new(&format!("/run/netns/hf-{}", m.id)).exists());
-    assert!(
-        !d.dir.path().join("machines").join(&m.id).exists(),
-        "machine data removed"
-    );
-    let runc = Command::new("runc")
-        .args(["--root", "/run/hyperfleet/runc", "list", "-q"])
-        .output()
-        .unwrap();
+    assert!(!d.dir.path().join("machines").join(&m.id).exists(), "machine data removed");
+    let runc = Command::new("runc").args(["--root", "/run/hyperfleet/runc", "list", "-q"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&runc.stdout).contains(&m.id));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&m.id), "a mount of the machine is left");
@@ -238,11 +146,7 @@ fn md5(data: &[u8]) -> String {
         .unwrap();
     child.stdin.take().unwrap().write_all(data).unwrap();
     let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
 }
 
 #[tokio::test]
@@ -253,20 +157,14 @@ async fn per_machine_dns_overrides_the_default() {
     let d = Daemon::start(Options::default()).await;
     let req = CreateMachine {
         network: Some(NetworkOptions {
-            dns: Some(vec![
-                "10.9.8.7".parse().unwrap(),
-                "10.9.8.6".parse().unwrap(),
-            ]),
+            dns: Some(vec!["10.9.8.7".parse().unwrap(), "10.9.8.6".parse().unwrap()]),
             egress: None,
         }),
         ..machine("custom-dns")
     };
     let m = running(&d, req).await;
     assert_eq!(m.network.dns.len(), 2);
-    assert_eq!(
-        sh(&d, &m.id, "cat /etc/resolv.conf").await.1,
-        "nameserver 10.9.8.7\nnameserver 10.9.8.6\n"
-    );
+    assert_eq!(sh(&d, &m.id, "cat /etc/resolv.conf").await.1, "nameserver 10.9.8.7\nnameserver 10.9.8.6\n");
 }
 
 #[tokio::test]
@@ -274,65 +172,27 @@ async fn file_size_limit_is_enforced_both_ways() {
     if !require_root("file_size_limit_is_enforced_both_ways") {
         return;
     }
-    let d = Daemon::start(Options {
-        env: vec![("HYPERFLEET_FILE_MAX_SIZE".into(), "1MB".into())],
-        ..Default::default()
-    })
-    .await;
+    let d =
+        Daemon::start(Options { env: vec![("HYPERFLEET_FILE_MAX_SIZE".into(), "1MB".into())], ..Default::default() })
+            .await;
     let c = &d.client;
     let m = running(&d, machine("small")).await;
     let big = pattern(2 << 20);
     for e in [
-        c.upload_stream(&m.id, "/tmp/big", big.clone(), None)
-            .await
-            .unwrap_err(),
-        c.upload_file(&m.id, "/tmp/big", &big, None)
-            .await
-            .unwrap_err(),
+        c.upload_stream(&m.id, "/tmp/big", big.clone(), None).await.unwrap_err(),
+        c.upload_file(&m.id, "/tmp/big", &big, None).await.unwrap_err(),
     ] {
-        assert_eq!(
-            (e.status(), e.code()),
-            (Some(413), Some("PAYLOAD_TOO_LARGE")),
-            "{e}"
-        );
+        assert_eq!((e.status(), e.code()), (Some(413), Some("PAYLOAD_TOO_LARGE")), "{e}");
     }
     // A chunked upload (no Content-Length) is cut off once it passes the limit.
-    let stream = futures::stream::iter(
-        (0..32).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 64 * 1024]))),
-    );
-    let e = c
-        .upload_stream(
-            &m.id,
-            "/tmp/chunked",
-            reqwest::Body::wrap_stream(stream),
-            None,
-        )
-        .await
-        .unwrap_err();
+    let stream =
+        futures::stream::iter((0..32).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 64 * 1024]))));
+    let e = c.upload_stream(&m.id, "/tmp/chunked", reqwest::Body::wrap_stream(stream), None).await.unwrap_err();
     assert_eq!(e.status(), Some(413), "{e}");
-    assert_ne!(
-        sh(&d, &m.id, "test -e /tmp/chunked").await.0,
-        0,
-        "no partial file"
-    );
-    assert_eq!(
-        sh(&d, &m.id, "head -c 2000000 /dev/zero > /tmp/made-inside")
-            .await
-            .0,
-        0
-    );
-    let e = c
-        .download_file(&m.id, "/tmp/made-inside")
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (e.status(), e.code()),
-        (Some(413), Some("PAYLOAD_TOO_LARGE")),
-        "{e}"
-    );
-    let ok = c
-        .upload_file(&m.id, "/tmp/fits", &pattern(1 << 19), None)
-        .await
-        .unwrap();
+    assert_ne!(sh(&d, &m.id, "test -e /tmp/chunked").await.0, 0, "no partial file");
+    assert_eq!(sh(&d, &m.id, "head -c 2000000 /dev/zero > /tmp/made-inside").await.0, 0);
+    let e = c.download_file(&m.id, "/tmp/made-inside").await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(413), Some("PAYLOAD_TOO_LARGE")), "{e}");
+    let ok = c.upload_file(&m.id, "/tmp/fits", &pattern(1 << 19), None).await.unwrap();
     assert_eq!(ok.size, 1 << 19);
 }

@@ -14,28 +14,17 @@ use hyperfleet_client::ListOptions;
 use hyperfleet_client::types::*;
 
 fn egress(m: CreateMachine, e: &str) -> CreateMachine {
-    CreateMachine {
-        network: Some(serde_json::from_str(&format!(r#"{{"egress": {e}}}"#)).unwrap()),
-        ..m
-    }
+    CreateMachine { network: Some(serde_json::from_str(&format!(r#"{{"egress": {e}}}"#)).unwrap()), ..m }
 }
 
 /// An HTTP GET from the guest with busybox nc (Debian's static busybox wget crashes on name lookup).
 async fn reaches(d: &Daemon, id: &str, host: &str, port: u16) -> bool {
-    let (_, out, _) = sh(
-        d,
-        id,
-        &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port}"),
-    )
-    .await;
+    let (_, out, _) = sh(d, id, &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port}")).await;
     out.contains("hello from the internet")
 }
 
 async fn connects(d: &Daemon, id: &str, host: &str, port: u16) -> bool {
-    sh(d, id, &format!("nc -w 3 {host} {port} </dev/null"))
-        .await
-        .0
-        == 0
+    sh(d, id, &format!("nc -w 3 {host} {port} </dev/null")).await.0 == 0
 }
 
 async fn pings(d: &Daemon, id: &str, ip: &str) -> bool {
@@ -51,133 +40,65 @@ async fn nat_isolation_and_egress_policy() {
     let inet2 = TestNet::new(12);
     let seen1 = inet1.serve(8080);
     let _seen2 = inet2.serve(8080);
-    let d = Daemon::start(Options {
-        dns: inet1.peer_ip.clone(),
-        ..Default::default()
-    })
-    .await;
+    let d = Daemon::start(Options { dns: inet1.peer_ip.clone(), ..Default::default() }).await;
     let a = running(&d, machine("allow")).await;
     let b = running(&d, egress(machine("deny"), r#""deny""#)).await;
-    let c = running(
-        &d,
-        egress(machine("only-one"), &format!(r#"["{}/24"]"#, inet1.peer_ip)),
-    )
-    .await;
+    let c = running(&d, egress(machine("only-one"), &format!(r#"["{}/24"]"#, inet1.peer_ip))).await;
     let (host1, host2) = (inet1.peer_ip.as_str(), inet2.peer_ip.as_str());
 
     // The guest's own view: eth0 with guest_ip/30, default route via the gateway, the configured DNS.
     let (_, addr, _) = sh(&d, &a.id, "ip addr show eth0").await;
     assert!(addr.contains(&format!("inet {}/30", a.guest_ip)), "{addr}");
     let (_, route, _) = sh(&d, &a.id, "ip route").await;
-    assert!(
-        route.contains(&format!("default via {}", a.tap_ip)),
-        "{route}"
-    );
+    assert!(route.contains(&format!("default via {}", a.tap_ip)), "{route}");
     let (_, resolv, _) = sh(&d, &a.id, "cat /etc/resolv.conf").await;
     assert_eq!(resolv.trim(), format!("nameserver {}", inet1.peer_ip));
 
     // Guest -> gateway, and out through NAT: the internet host sees the host's address, not the guest's.
-    assert!(
-        pings(&d, &a.id, &a.tap_ip.to_string()).await,
-        "guest cannot ping its gateway"
-    );
-    assert!(
-        reaches(&d, &a.id, host1, 8080).await,
-        "guest cannot reach the test internet host"
-    );
+    assert!(pings(&d, &a.id, &a.tap_ip.to_string()).await, "guest cannot ping its gateway");
+    assert!(reaches(&d, &a.id, host1, 8080).await, "guest cannot reach the test internet host");
     let peer = seen1.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert_eq!(
-        peer.ip().to_string(),
-        inet1.host_ip,
-        "source was not masqueraded"
-    );
+    assert_eq!(peer.ip().to_string(), inet1.host_ip, "source was not masqueraded");
     assert!(reaches(&d, &a.id, host2, 8080).await);
 
     // Isolation: no machine-to-machine traffic, no other host address, not the daemon's own API.
-    assert!(
-        !pings(&d, &a.id, &b.guest_ip.to_string()).await,
-        "VM -> VM must be blocked"
-    );
-    assert!(
-        !pings(&d, &b.id, &a.guest_ip.to_string()).await,
-        "VM -> VM must be blocked"
-    );
+    assert!(!pings(&d, &a.id, &b.guest_ip.to_string()).await, "VM -> VM must be blocked");
+    assert!(!pings(&d, &b.id, &a.guest_ip.to_string()).await, "VM -> VM must be blocked");
     assert!(
         !pings(&d, &a.id, &b.tap_ip.to_string()).await,
         "another machine's gateway is a host address outside the block"
     );
-    assert!(
-        !pings(&d, &a.id, &inet1.host_ip).await,
-        "host addresses are not reachable from guests"
-    );
+    assert!(!pings(&d, &a.id, &inet1.host_ip).await, "host addresses are not reachable from guests");
     // A service listening on all host addresses: the test internet reaches it, a guest must not.
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let host_port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || for _ in listener.incoming() {});
     let control = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &inet1.ns,
-            "busybox",
-            "nc",
-            "-w",
-            "3",
-            &inet1.host_ip,
-            &host_port.to_string(),
-        ])
+        .args(["netns", "exec", &inet1.ns, "busybox", "nc", "-w", "3", &inet1.host_ip, &host_port.to_string()])
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        control.status.success(),
-        "control: the host service is reachable from outside"
-    );
+    assert!(control.status.success(), "control: the host service is reachable from outside");
     assert!(
         !connects(&d, &a.id, &a.tap_ip.to_string(), host_port).await,
         "host services must not be reachable from a guest"
     );
     // ...while the host still reaches guests (the proxy and the health checks need it).
-    assert!(
-        hyperfleet_net::icmp::ping(a.guest_ip, Duration::from_secs(2))
-            .unwrap()
-            .is_some()
-    );
+    assert!(hyperfleet_net::icmp::ping(a.guest_ip, Duration::from_secs(2)).unwrap().is_some());
 
     // Egress policies.
-    assert!(
-        pings(&d, &b.id, &b.tap_ip.to_string()).await,
-        "deny still allows the gateway"
-    );
-    assert!(
-        !reaches(&d, &b.id, host1, 8080).await,
-        "egress deny must block the internet"
-    );
-    assert!(
-        reaches(&d, &c.id, host1, 8080).await,
-        "listed CIDR must be allowed"
-    );
-    assert!(
-        !reaches(&d, &c.id, host2, 8080).await,
-        "unlisted destination must be blocked"
-    );
+    assert!(pings(&d, &b.id, &b.tap_ip.to_string()).await, "deny still allows the gateway");
+    assert!(!reaches(&d, &b.id, host1, 8080).await, "egress deny must block the internet");
+    assert!(reaches(&d, &c.id, host1, 8080).await, "listed CIDR must be allowed");
+    assert!(!reaches(&d, &c.id, host2, 8080).await, "unlisted destination must be blocked");
 
     // A stopped machine's address is unreachable on the host: it never follows the default route out.
     d.client.stop_machine(&a.id).await.unwrap();
-    let out = Command::new("ip")
-        .args(["route", "get", &a.guest_ip.to_string()])
-        .output()
-        .unwrap();
+    let out = Command::new("ip").args(["route", "get", &a.guest_ip.to_string()]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    assert!(
-        text.contains("unreachable") || text.contains("No route"),
-        "route for a stopped machine: {text}"
-    );
+    assert!(text.contains("unreachable") || text.contains("No route"), "route for a stopped machine: {text}");
     assert!(!text.contains("dev eth0"), "{text}");
-    assert_eq!(
-        hyperfleet_net::icmp::ping(a.guest_ip, Duration::from_millis(500)).unwrap(),
-        None
-    );
+    assert_eq!(hyperfleet_net::icmp::ping(a.guest_ip, Duration::from_millis(500)).unwrap(), None);
 }
 
 #[tokio::test]
@@ -188,12 +109,7 @@ async fn firewall_tracks_exactly_the_running_machines() {
     let d = Daemon::start(Options::default()).await;
     let mut machines = Vec::new();
     for i in 0..4 {
-        machines.push(
-            d.client
-                .create_machine(&machine(&format!("fw{i}")))
-                .await
-                .unwrap(),
-        );
+        machines.push(d.client.create_machine(&machine(&format!("fw{i}"))).await.unwrap());
     }
     assert!(d.table_exists(), "the table exists from daemon start");
     assert!(d.firewall_ifaces().is_empty());
@@ -214,19 +130,11 @@ async fn firewall_tracks_exactly_the_running_machines() {
         links.sort();
         assert_eq!(links, want, "step {step}: host interfaces");
     }
-    let list = Command::new("nft")
-        .args(["list", "table", "inet", &d.table])
-        .output()
-        .unwrap();
+    let list = Command::new("nft").args(["list", "table", "inet", &d.table]).output().unwrap();
     let text = String::from_utf8_lossy(&list.stdout);
     for m in &machines {
         let listed = text.contains(&format!("\"{}\" . {}", m.tap_device, m.guest_ip));
-        assert_eq!(
-            listed,
-            running.contains(&m.tap_device),
-            "{} in the anti-spoofing set",
-            m.tap_device
-        );
+        assert_eq!(listed, running.contains(&m.tap_device), "{} in the anti-spoofing set", m.tap_device);
     }
 }
 
@@ -240,23 +148,13 @@ async fn crash_during_starts_and_stops_leaks_nothing() {
     let mut d = Daemon::start(Options::default()).await;
     let mut ids = Vec::new();
     for i in 0..6 {
-        ids.push(
-            d.client
-                .create_machine(&machine(&format!("crash{i}")))
-                .await
-                .unwrap()
-                .id,
-        );
+        ids.push(d.client.create_machine(&machine(&format!("crash{i}"))).await.unwrap().id);
     }
     for id in &ids[..3] {
         d.client.start_machine(id).await.unwrap();
     }
     for (round, delay_ms) in [40u64, 120, 250].into_iter().enumerate() {
-        let list = d
-            .client
-            .list_machines(&ListOptions::default())
-            .await
-            .unwrap();
+        let list = d.client.list_machines(&ListOptions::default()).await.unwrap();
         let tasks: Vec<_> = list
             .machines
             .iter()
@@ -278,20 +176,13 @@ async fn crash_during_starts_and_stops_leaks_nothing() {
         }
         d.spawn().await;
 
-        let list = d
-            .client
-            .list_machines(&ListOptions::default())
-            .await
-            .unwrap();
+        let list = d.client.list_machines(&ListOptions::default()).await.unwrap();
         let mut running_taps = Vec::new();
         for m in &list.machines {
             assert!(
                 matches!(
                     m.status,
-                    MachineStatus::Running
-                        | MachineStatus::Stopped
-                        | MachineStatus::Failed
-                        | MachineStatus::Pending
+                    MachineStatus::Running | MachineStatus::Stopped | MachineStatus::Failed | MachineStatus::Pending
                 ),
                 "round {round}: {} left in {}",
                 m.name,
@@ -320,14 +211,8 @@ async fn crash_during_starts_and_stops_leaks_nothing() {
         links.sort();
         assert_eq!(links, running_taps, "round {round}: interfaces on the host");
         assert_eq!(d.firewall_ifaces(), running_taps, "round {round}: firewall");
-        let runc = Command::new("runc")
-            .args(["--root", "/run/hyperfleet/runc", "list", "-q"])
-            .output()
-            .unwrap();
-        let containers: BTreeSet<String> = String::from_utf8_lossy(&runc.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect();
+        let runc = Command::new("runc").args(["--root", "/run/hyperfleet/runc", "list", "-q"]).output().unwrap();
+        let containers: BTreeSet<String> = String::from_utf8_lossy(&runc.stdout).lines().map(str::to_string).collect();
         for m in &list.machines {
             let listed = containers.contains(&format!("hf-{}", m.id));
             assert_eq!(

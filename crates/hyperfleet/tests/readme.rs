@@ -17,21 +17,12 @@ fn examples(readme: &str) -> Vec<Example> {
         let Some(marker) = line.trim().strip_prefix("<!-- readme-test") else {
             continue;
         };
-        let expect = marker.split_once("expect=\"").map(|(_, rest)| {
-            rest.rsplit_once("\" -->")
-                .map_or(rest, |(e, _)| e)
-                .replace("\\\"", "\"")
-        });
-        assert_eq!(
-            lines.next().map(str::trim),
-            Some("```bash"),
-            "a readme-test marker must precede a bash block"
-        );
+        let expect = marker
+            .split_once("expect=\"")
+            .map(|(_, rest)| rest.rsplit_once("\" -->").map_or(rest, |(e, _)| e).replace("\\\"", "\""));
+        assert_eq!(lines.next().map(str::trim), Some("```bash"), "a readme-test marker must precede a bash block");
         let script: Vec<&str> = lines.by_ref().take_while(|l| l.trim() != "```").collect();
-        out.push(Example {
-            script: script.join("\n"),
-            expect,
-        });
+        out.push(Example { script: script.join("\n"), expect });
     }
     out
 }
@@ -41,19 +32,12 @@ async fn readme_examples_run_as_written() {
     if !require_root("readme_examples_run_as_written") {
         return;
     }
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
     let examples = examples(&readme);
-    assert!(
-        examples.len() >= 6,
-        "found only {} examples",
-        examples.len()
-    );
+    assert!(examples.len() >= 6, "found only {} examples", examples.len());
     let d = Daemon::start(Options::default()).await;
     for ex in &examples {
-        let script = ex
-            .script
-            .replace("localhost:4000", &format!("127.0.0.1:{}", d.proxy_port));
+        let script = ex.script.replace("localhost:4000", &format!("127.0.0.1:{}", d.proxy_port));
         let out = std::process::Command::new("bash")
             .args(["-euo", "pipefail", "-c", &script])
             .env("HF", d.url())
@@ -67,20 +51,10 @@ async fn readme_examples_run_as_written() {
             String::from_utf8_lossy(&out.stderr)
         );
         if let Some(want) = &ex.expect {
-            assert!(
-                stdout.contains(want.as_str()),
-                "README example did not print {want:?}:\n{script}\n{stdout}"
-            );
+            assert!(stdout.contains(want.as_str()), "README example did not print {want:?}:\n{script}\n{stdout}");
         }
     }
     // The tour ends by deleting its machine: nothing is left.
-    assert_eq!(
-        d.client
-            .list_machines(&Default::default())
-            .await
-            .unwrap()
-            .total,
-        0
-    );
+    assert_eq!(d.client.list_machines(&Default::default()).await.unwrap().total, 0);
     assert!(d.host_links().is_empty());
 }

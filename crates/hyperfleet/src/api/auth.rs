@@ -25,17 +25,12 @@ pub struct Auth {
 
 impl Auth {
     pub fn new(store: Store, disabled: bool) -> Self {
-        Self {
-            store,
-            disabled,
-            touched: Mutex::new(HashMap::new()),
-        }
+        Self { store, disabled, touched: Mutex::new(HashMap::new()) }
     }
 
     /// Resolves the `Authorization` header to a usable key, or the documented 401.
     pub async fn authenticate(&self, header: Option<&str>) -> Result<ApiKey, ApiError> {
-        let header =
-            header.ok_or_else(|| ApiError::unauthorized("Authorization header is required"))?;
+        let header = header.ok_or_else(|| ApiError::unauthorized("Authorization header is required"))?;
         let secret = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
@@ -65,10 +60,7 @@ impl Auth {
     fn touch(&self, id: &str) {
         let now = Instant::now();
         let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
-        if touched
-            .get(id)
-            .is_some_and(|t| now.duration_since(*t) < TOUCH_EVERY)
-        {
+        if touched.get(id).is_some_and(|t| now.duration_since(*t) < TOUCH_EVERY) {
             return;
         }
         touched.insert(id.to_string(), now);
@@ -87,9 +79,7 @@ pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
         (_, "/health") => None,
         (_, p) if p == "/docs" || p.starts_with("/docs/") => None,
         (_, p) if p.starts_with("/api-keys") => Some(KeysAdmin),
-        _ if p.ends_with("/exec") || p.ends_with("/exec/stream") || p.contains("/files") => {
-            Some(MachinesExec)
-        }
+        _ if p.ends_with("/exec") || p.ends_with("/exec/stream") || p.contains("/files") => Some(MachinesExec),
         (&Method::GET, _) => Some(MachinesRead),
         _ => Some(MachinesWrite),
     }
@@ -101,10 +91,7 @@ pub fn allows(key: &ApiKey, scope: Scope) -> bool {
 
 /// Middleware: authenticates and checks the route's scope.
 pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let path = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string());
+    let path = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
     let scope = match path {
         Some(p) => required_scope(req.method(), &p),
         None => return next.run(req).await, // unmatched: the fallback answers 404
@@ -115,10 +102,7 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
     if state.auth.disabled {
         return next.run(req).await;
     }
-    let header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match state.auth.authenticate(header).await {
         Ok(key) if allows(&key, scope) => {
             tracing::debug!(key = %key.id, scope = %scope, "authorized");
@@ -150,11 +134,7 @@ mod tests {
             (Method::PATCH, "/machines/{id}", Some(MachinesWrite)),
             (Method::DELETE, "/machines/{id}", Some(MachinesWrite)),
             (Method::POST, "/machines/{id}/exec", Some(MachinesExec)),
-            (
-                Method::POST,
-                "/machines/{id}/exec/stream",
-                Some(MachinesExec),
-            ),
+            (Method::POST, "/machines/{id}/exec/stream", Some(MachinesExec)),
             (Method::GET, "/machines/{id}/files", Some(MachinesExec)),
             (Method::GET, "/machines/{id}/files/stat", Some(MachinesExec)),
             (Method::GET, "/api-keys", Some(KeysAdmin)),

@@ -18,11 +18,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
+        Self { status, code, message: message.into() }
     }
     pub fn validation(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "VALIDATION_ERROR", message)
@@ -31,11 +27,7 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
     }
     pub fn forbidden() -> Self {
-        Self::new(
-            StatusCode::FORBIDDEN,
-            "FORBIDDEN",
-            "Insufficient permissions for this action",
-        )
+        Self::new(StatusCode::FORBIDDEN, "FORBIDDEN", "Insufficient permissions for this action")
     }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
@@ -50,12 +42,7 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(code = self.code, "{}", self.message);
         }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code.to_string(),
-                message: self.message,
-            },
-        };
+        let body = ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message } };
         (self.status, Json(body)).into_response()
     }
 }
@@ -65,28 +52,17 @@ impl From<MachineError> for ApiError {
         use StatusCode as S;
         let message = e.to_string();
         let (status, code) = match &e {
-            MachineError::NotFound(_) | MachineError::FileNotFound(_) => {
-                (S::NOT_FOUND, "NOT_FOUND")
-            }
-            MachineError::InvalidState { .. } | MachineError::BadRequest(_) => {
-                (S::BAD_REQUEST, "BAD_REQUEST")
-            }
+            MachineError::NotFound(_) | MachineError::FileNotFound(_) => (S::NOT_FOUND, "NOT_FOUND"),
+            MachineError::InvalidState { .. } | MachineError::BadRequest(_) => (S::BAD_REQUEST, "BAD_REQUEST"),
             MachineError::Validation(_) => (S::BAD_REQUEST, "VALIDATION_ERROR"),
             MachineError::Conflict(_) => (S::CONFLICT, "CONFLICT"),
             MachineError::PoolExhausted { .. } => (S::SERVICE_UNAVAILABLE, "IP_POOL_EXHAUSTED"),
             MachineError::Timeout(_) => (S::GATEWAY_TIMEOUT, "TIMEOUT"),
             MachineError::TooLarge(_) => (S::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
-            MachineError::Runtime(RuntimeError::Firecracker { status, .. }) => (
-                if *status == 400 {
-                    S::BAD_REQUEST
-                } else {
-                    S::BAD_GATEWAY
-                },
-                "FIRECRACKER_API_ERROR",
-            ),
-            MachineError::Runtime(_) | MachineError::Network(_) => {
-                (S::INTERNAL_SERVER_ERROR, "RUNTIME_ERROR")
+            MachineError::Runtime(RuntimeError::Firecracker { status, .. }) => {
+                (if *status == 400 { S::BAD_REQUEST } else { S::BAD_GATEWAY }, "FIRECRACKER_API_ERROR")
             }
+            MachineError::Runtime(_) | MachineError::Network(_) => (S::INTERNAL_SERVER_ERROR, "RUNTIME_ERROR"),
             MachineError::Agent(_) => (S::BAD_GATEWAY, "VSOCK_ERROR"),
             MachineError::Store(_) => (S::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
         };

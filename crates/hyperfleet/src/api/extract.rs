@@ -40,15 +40,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let msg = inner.to_string();
         // serde_json appends " at line L column C"; useful for syntax errors, noise for a named field.
         let msg = match (path.as_str(), inner.classify()) {
-            (".", _)
-            | (_, serde_json::error::Category::Syntax | serde_json::error::Category::Eof) => {
+            (".", _) | (_, serde_json::error::Category::Syntax | serde_json::error::Category::Eof) => {
                 format!("invalid JSON body: {msg}")
             }
-            (p, _) => format!(
-                "{p}: {}",
-                msg.rsplit_once(" at line ")
-                    .map_or(msg.as_str(), |(m, _)| m)
-            ),
+            (p, _) => format!("{p}: {}", msg.rsplit_once(" at line ").map_or(msg.as_str(), |(m, _)| m)),
         };
         ApiError::validation(msg)
     })
@@ -62,16 +57,12 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let q = parts.uri.query().unwrap_or("");
-        serde_urlencoded_map(q)
-            .map(QueryMap)
-            .map_err(|e| ApiError::validation(format!("invalid query string: {e}")))
+        serde_urlencoded_map(q).map(QueryMap).map_err(|e| ApiError::validation(format!("invalid query string: {e}")))
     }
 }
 
 fn serde_urlencoded_map(q: &str) -> Result<HashMap<String, String>, String> {
-    serde_urlencoded::from_str::<Vec<(String, String)>>(q)
-        .map(|v| v.into_iter().collect())
-        .map_err(|e| e.to_string())
+    serde_urlencoded::from_str::<Vec<(String, String)>>(q).map(|v| v.into_iter().collect()).map_err(|e| e.to_string())
 }
 
 impl QueryMap {
@@ -80,24 +71,15 @@ impl QueryMap {
     }
 
     /// An optional integer parameter within `range`.
-    pub fn int<T>(
-        &self,
-        key: &str,
-        range: std::ops::RangeInclusive<T>,
-    ) -> Result<Option<T>, ApiError>
+    pub fn int<T>(&self, key: &str, range: std::ops::RangeInclusive<T>) -> Result<Option<T>, ApiError>
     where
         T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
     {
         let Some(raw) = self.get(key) else {
             return Ok(None);
         };
-        let bad = || {
-            ApiError::validation(format!(
-                "{key} must be an integer between {} and {}",
-                range.start(),
-                range.end()
-            ))
-        };
+        let bad =
+            || ApiError::validation(format!("{key} must be an integer between {} and {}", range.start(), range.end()));
         let v: T = raw.trim().parse().map_err(|_| bad())?;
         if !range.contains(&v) {
             return Err(bad());
@@ -110,9 +92,7 @@ impl QueryMap {
             None => Ok(false),
             Some("true" | "1" | "") => Ok(true),
             Some("false" | "0") => Ok(false),
-            Some(other) => Err(ApiError::validation(format!(
-                "{key} must be true or false, got '{other}'"
-            ))),
+            Some(other) => Err(ApiError::validation(format!("{key} must be true or false, got '{other}'"))),
         }
     }
 }
@@ -123,10 +103,7 @@ mod tests {
     use hyperfleet_types::CreateMachine;
 
     fn msg(json: &str) -> String {
-        parse_json::<CreateMachine>(json.as_bytes())
-            .err()
-            .unwrap()
-            .message
+        parse_json::<CreateMachine>(json.as_bytes()).err().unwrap().message
     }
 
     #[test]
@@ -136,9 +113,7 @@ mod tests {
             "vcpu_count: invalid type: string \"two\", expected i64"
         );
         assert!(msg(r#"{"name": "a", "colour": 1}"#).contains("unknown field `colour`"));
-        assert!(
-            msg(r#"{"name": "a", "network": {"egress": "maybe"}}"#).starts_with("network.egress: ")
-        );
+        assert!(msg(r#"{"name": "a", "network": {"egress": "maybe"}}"#).starts_with("network.egress: "));
         assert!(msg(r#"{"name": "a",#"#).starts_with("invalid JSON body"));
         assert_eq!(msg("  "), "request body is required (JSON)");
         assert!(msg("[1]").contains("invalid type"));

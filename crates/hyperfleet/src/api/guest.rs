@@ -9,9 +9,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
 use hyperfleet_agent_proto::client::ExecEvent as AgentEvent;
-use hyperfleet_types::{
-    ErrorBody, ExecEvent, ExecRequest, ExecResult, FileStat, FileUpload, FileWritten,
-};
+use hyperfleet_types::{ErrorBody, ExecEvent, ExecRequest, ExecResult, FileStat, FileUpload, FileWritten};
 
 use super::AppState;
 use super::error::ApiError;
@@ -69,46 +67,28 @@ pub async fn exec_stream(
                 }
                 Ok(Ok(AgentEvent::Stderr(b))) => {
                     return Some((
-                        Ok(ndjson(&ExecEvent::Stderr {
-                            data: String::from_utf8_lossy(&b).into_owned(),
-                        })),
+                        Ok(ndjson(&ExecEvent::Stderr { data: String::from_utf8_lossy(&b).into_owned() })),
                         Some(session),
                     ));
                 }
-                Ok(Ok(AgentEvent::Exited(e))) if e.timed_out => ExecEvent::Error {
-                    code: "TIMEOUT".into(),
-                    message: timeout_msg,
-                },
-                Ok(Ok(AgentEvent::Exited(e))) => ExecEvent::Exit {
-                    exit_code: e.exit_code,
-                    duration_ms: e.duration_ms,
-                },
+                Ok(Ok(AgentEvent::Exited(e))) if e.timed_out => {
+                    ExecEvent::Error { code: "TIMEOUT".into(), message: timeout_msg }
+                }
+                Ok(Ok(AgentEvent::Exited(e))) => ExecEvent::Exit { exit_code: e.exit_code, duration_ms: e.duration_ms },
                 Ok(Err(e)) => {
                     let api: ApiError = MachineError::Agent(e).into();
-                    ExecEvent::Error {
-                        code: api.code.into(),
-                        message: api.message,
-                    }
+                    ExecEvent::Error { code: api.code.into(), message: api.message }
                 }
-                Err(_) => ExecEvent::Error {
-                    code: "TIMEOUT".into(),
-                    message: timeout_msg,
-                },
+                Err(_) => ExecEvent::Error { code: "TIMEOUT".into(), message: timeout_msg },
             };
             Some((Ok(ndjson(&ev)), None))
         }
     });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
 }
 
 fn path_param(q: &QueryMap) -> Result<String, ApiError> {
-    q.get("path")
-        .map(str::to_string)
-        .ok_or_else(|| ApiError::validation("path is required (?path=/absolute/path)"))
+    q.get("path").map(str::to_string).ok_or_else(|| ApiError::validation("path is required (?path=/absolute/path)"))
 }
 
 #[utoipa::path(post, path = "/machines/{id}/files", tag = "files",
@@ -134,23 +114,15 @@ pub async fn upload(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/json"));
     let max = s.service.settings.file_max_size;
-    let too_large = || {
-        MachineError::TooLarge(format!(
-            "File is larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"
-        ))
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let too_large = || MachineError::TooLarge(format!("File is larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"));
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut body = req.into_body().into_data_stream();
     if is_json {
         // Base64 makes the body 4/3 of the file, plus a little JSON.
         let limit = max / 3 * 4 + 64 * 1024;
         let mut buf = Vec::new();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk
-                .map_err(|e| ApiError::validation(format!("reading the request body: {e}")))?;
+            let chunk = chunk.map_err(|e| ApiError::validation(format!("reading the request body: {e}")))?;
             if (buf.len() + chunk.len()) as u64 > limit {
                 drain(&mut body, max).await;
                 return Err(too_large().into());
@@ -158,10 +130,7 @@ pub async fn upload(
             buf.extend_from_slice(&chunk);
         }
         let up: FileUpload = parse_json(&buf)?;
-        let written = s
-            .service
-            .write_file_base64(&id, &up.path, &up.content, up.mode)
-            .await?;
+        let written = s.service.write_file_base64(&id, &up.path, &up.content, up.mode).await?;
         return Ok((StatusCode::CREATED, Json(written)));
     }
     let checked = async {
@@ -170,9 +139,7 @@ pub async fn upload(
             .get("mode")
             .map(|m| {
                 u32::from_str_radix(m, 8).map_err(|_| {
-                    ApiError::validation(format!(
-                        "mode must be octal permission bits such as 644, got '{m}'"
-                    ))
+                    ApiError::validation(format!("mode must be octal permission bits such as 644, got '{m}'"))
                 })
             })
             .transpose()?;
@@ -192,12 +159,10 @@ pub async fn upload(
     // The body goes to the agent through a channel, so that if the upload fails part-way we still own
     // the rest of it and can drain it before answering.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, MachineError>>(4);
-    let chunks =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let chunks = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     let feed = async {
         while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| MachineError::BadRequest(format!("reading the upload: {e}")));
+            let chunk = chunk.map_err(|e| MachineError::BadRequest(format!("reading the upload: {e}")));
             if tx.send(chunk).await.is_err() {
                 break;
             }
@@ -231,11 +196,7 @@ async fn drain(body: &mut axum::body::BodyDataStream, max: u64) {
               (status = 400, body = ErrorBody), (status = 404, description = "machine or file not found", body = ErrorBody),
               (status = 413, body = ErrorBody), (status = 502, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn download(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    q: QueryMap,
-) -> Result<Response, ApiError> {
+pub async fn download(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Response, ApiError> {
     let path = path_param(&q)?;
     let reader = s.service.read_file(&id, &path).await?;
     let size = reader.size;
@@ -249,10 +210,7 @@ pub async fn download(
         }
     });
     Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, size.to_string()),
-        ],
+        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_LENGTH, size.to_string())],
         Body::from_stream(stream),
     )
         .into_response())
@@ -262,11 +220,7 @@ pub async fn download(
     params(("id" = String, Path, description = "machine id or name"), ("path" = String, Query, description = "absolute guest path")),
     responses((status = 200, body = FileStat), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn stat(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    q: QueryMap,
-) -> Result<Json<FileStat>, ApiError> {
+pub async fn stat(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Json<FileStat>, ApiError> {
     Ok(Json(s.service.stat_file(&id, &path_param(&q)?).await?))
 }
 
@@ -275,13 +229,7 @@ pub async fn stat(
            ("recursive" = Option<bool>, Query, description = "delete a non-empty directory")),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn delete(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    q: QueryMap,
-) -> Result<StatusCode, ApiError> {
-    s.service
-        .delete_file(&id, &path_param(&q)?, q.bool("recursive")?)
-        .await?;
+pub async fn delete(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<StatusCode, ApiError> {
+    s.service.delete_file(&id, &path_param(&q)?, q.bool("recursive")?).await?;
     Ok(StatusCode::NO_CONTENT)
 }

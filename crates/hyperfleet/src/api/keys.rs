@@ -16,13 +16,14 @@ pub fn validate(req: &CreateApiKey) -> Result<Option<String>, String> {
         return Err("name must be 1-100 characters".into());
     }
     if req.scopes.is_empty() {
-        return Err("scopes must list at least one scope (machines:read, machines:write, machines:exec, keys:admin, *)".into());
+        return Err(
+            "scopes must list at least one scope (machines:read, machines:write, machines:exec, keys:admin, *)".into(),
+        );
     }
     match &req.expires_at {
         None => Ok(None),
         Some(raw) => {
-            let t = parse_time(raw)
-                .ok_or_else(|| format!("expires_at must be an RFC 3339 time, got '{raw}'"))?;
+            let t = parse_time(raw).ok_or_else(|| format!("expires_at must be an RFC 3339 time, got '{raw}'"))?;
             if t <= time::OffsetDateTime::now_utc() {
                 return Err("expires_at must be in the future".into());
             }
@@ -39,43 +40,21 @@ pub async fn create(
     JsonBody(req): JsonBody<CreateApiKey>,
 ) -> Result<(StatusCode, Json<CreatedApiKey>), ApiError> {
     let expires = validate(&req).map_err(ApiError::validation)?;
-    let made = s
-        .auth
-        .store
-        .call(move |c| api_keys::create(c, req.name.trim(), &req.scopes, expires))
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedApiKey {
-            key: made.secret,
-            api_key: made.key,
-        }),
-    ))
+    let made = s.auth.store.call(move |c| api_keys::create(c, req.name.trim(), &req.scopes, expires)).await?;
+    Ok((StatusCode::CREATED, Json(CreatedApiKey { key: made.secret, api_key: made.key })))
 }
 
 #[utoipa::path(get, path = "/api-keys", tag = "api-keys", responses((status = 200, body = ApiKeyList)), security(("bearer" = ["keys:admin"])))]
 pub async fn list(State(s): State<AppState>) -> Result<Json<ApiKeyList>, ApiError> {
-    Ok(Json(ApiKeyList {
-        api_keys: s.auth.store.call(|c| api_keys::list(c)).await?,
-    }))
+    Ok(Json(ApiKeyList { api_keys: s.auth.store.call(|c| api_keys::list(c)).await? }))
 }
 
 #[utoipa::path(delete, path = "/api-keys/{id}", tag = "api-keys", params(("id" = String, Path, description = "key id")),
     responses((status = 204, description = "revoked"), (status = 404, body = ErrorBody)), security(("bearer" = ["keys:admin"])))]
-pub async fn revoke(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
+pub async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let key = id.clone();
-    match s
-        .auth
-        .store
-        .call(move |c| api_keys::revoke(c, &key))
-        .await?
-    {
+    match s.auth.store.call(move |c| api_keys::revoke(c, &key)).await? {
         Some(_) => Ok(StatusCode::NO_CONTENT),
-        None => Err(ApiError::not_found(format!(
-            "API key with id '{id}' not found"
-        ))),
+        None => Err(ApiError::not_found(format!("API key with id '{id}' not found"))),
     }
 }

@@ -6,8 +6,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use hyperfleet_types::{
-    CreateMachine, ErrorBody, Machine, MachineList, MachineLogs, MachineStatus, NetworkReport,
-    UpdateMachine,
+    CreateMachine, ErrorBody, Machine, MachineList, MachineLogs, MachineStatus, NetworkReport, UpdateMachine,
 };
 
 use super::AppState;
@@ -23,10 +22,7 @@ fn status_param(q: &QueryMap, key: &str) -> Result<Option<MachineStatus>, ApiErr
         .map(|s| {
             MachineStatus::parse(s).ok_or_else(|| {
                 let all: Vec<&str> = MachineStatus::ALL.iter().map(|s| s.as_str()).collect();
-                ApiError::validation(format!(
-                    "{key} must be one of {}, got '{s}'",
-                    all.join(", ")
-                ))
+                ApiError::validation(format!("{key} must be one of {}, got '{s}'", all.join(", ")))
             })
         })
         .transpose()
@@ -58,10 +54,7 @@ pub async fn list(State(s): State<AppState>, q: QueryMap) -> Result<Json<Machine
 
 #[utoipa::path(get, path = "/machines/{id}", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
     responses((status = 200, body = Machine), (status = 404, body = ErrorBody)), security(("bearer" = ["machines:read"])))]
-pub async fn get(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Machine>, ApiError> {
+pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.get(&id).await?))
 }
 
@@ -81,11 +74,7 @@ pub async fn update(
     params(("id" = String, Path, description = "machine id or name"), ("force" = Option<bool>, Query, description = "stop a running machine first")),
     responses((status = 204), (status = 400, description = "running: stop it first", body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn delete(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    q: QueryMap,
-) -> Result<StatusCode, ApiError> {
+pub async fn delete(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<StatusCode, ApiError> {
     let force = q.bool("force")?;
     s.service.delete(&id, force).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -95,30 +84,21 @@ pub async fn delete(
     responses((status = 200, description = "running", body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 500, description = "RUNTIME_ERROR; the machine is failed", body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn start(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Machine>, ApiError> {
+pub async fn start(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.start(&id).await?))
 }
 
 #[utoipa::path(post, path = "/machines/{id}/stop", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
     responses((status = 200, description = "stopped", body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn stop(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Machine>, ApiError> {
+pub async fn stop(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.stop(&id).await?))
 }
 
 #[utoipa::path(post, path = "/machines/{id}/restart", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
     responses((status = 200, body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn restart(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Machine>, ApiError> {
+pub async fn restart(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.restart(&id).await?))
 }
 
@@ -129,19 +109,10 @@ pub async fn restart(
     responses((status = 200, body = Machine), (status = 400, description = "the machine failed instead", body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 504, description = "TIMEOUT", body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
-pub async fn wait(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    q: QueryMap,
-) -> Result<Json<Machine>, ApiError> {
+pub async fn wait(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Json<Machine>, ApiError> {
     let want = status_param(&q, "status")?.unwrap_or(MachineStatus::Running);
-    let secs = q
-        .int("timeout", 0..=u64::MAX)?
-        .unwrap_or(MAX_WAIT_SECS)
-        .min(MAX_WAIT_SECS);
-    Ok(Json(
-        s.service.wait(&id, want, Duration::from_secs(secs)).await?,
-    ))
+    let secs = q.int("timeout", 0..=u64::MAX)?.unwrap_or(MAX_WAIT_SECS).min(MAX_WAIT_SECS);
+    Ok(Json(s.service.wait(&id, want, Duration::from_secs(secs)).await?))
 }
 
 #[utoipa::path(get, path = "/machines/{id}/logs", tag = "machines",
@@ -160,9 +131,6 @@ pub async fn logs(
     responses((status = 200, description = "the doctor's checks for this machine", body = NetworkReport), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
-pub async fn network(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<NetworkReport>, ApiError> {
+pub async fn network(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<NetworkReport>, ApiError> {
     Ok(Json(s.service.network_report(&id).await?))
 }

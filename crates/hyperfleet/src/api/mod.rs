@@ -58,10 +58,7 @@ impl utoipa::Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("hf_<32 chars>")
-                    .build(),
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("hf_<32 chars>").build(),
             ),
         );
     }
@@ -85,11 +82,7 @@ pub async fn health(State(s): State<AppState>) -> Json<Health> {
         })
         .collect();
     Json(Health {
-        status: if database == "ok" {
-            "ok".into()
-        } else {
-            "degraded".into()
-        },
+        status: if database == "ok" { "ok".into() } else { "degraded".into() },
         version: env!("CARGO_PKG_VERSION").to_string(),
         default_runtime: s.service.default_runtime,
         runtimes,
@@ -118,10 +111,8 @@ async fn correlation(mut req: Request, next: Next) -> Response {
     let id = match req.headers().get(CORRELATION_HEADER) {
         Some(v) if valid_correlation_id(v) => v.clone(),
         _ => {
-            let v = HeaderValue::from_str(
-                &crate::store::api_keys::new_id().replacen("key_", "req_", 1),
-            )
-            .expect("alphanumeric id is a valid header");
+            let v = HeaderValue::from_str(&crate::store::api_keys::new_id().replacen("key_", "req_", 1))
+                .expect("alphanumeric id is a valid header");
             req.headers_mut().insert(CORRELATION_HEADER, v.clone());
             v
         }
@@ -135,11 +126,7 @@ async fn correlation(mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
     span.in_scope(|| {
-        tracing::info!(
-            status = resp.status().as_u16(),
-            ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request done"
-        )
+        tracing::info!(status = resp.status().as_u16(), ms = started.elapsed().as_secs_f64() * 1000.0, "request done")
     });
     resp.headers_mut().insert(CORRELATION_HEADER, id);
     resp
@@ -148,12 +135,7 @@ async fn correlation(mut req: Request, next: Next) -> Response {
 pub fn router(state: AppState) -> Router {
     let machines = Router::new()
         .route("/machines", post(machines::create).get(machines::list))
-        .route(
-            "/machines/{id}",
-            get(machines::get)
-                .patch(machines::update)
-                .delete(machines::delete),
-        )
+        .route("/machines/{id}", get(machines::get).patch(machines::update).delete(machines::delete))
         .route("/machines/{id}/start", post(machines::start))
         .route("/machines/{id}/stop", post(machines::stop))
         .route("/machines/{id}/restart", post(machines::restart))
@@ -169,21 +151,13 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(1 << 20));
     // Uploads stream (raw) or are bounded by HYPERFLEET_FILE_MAX_SIZE in the handler (JSON).
     let files = Router::new()
-        .route(
-            "/machines/{id}/files",
-            post(guest::upload)
-                .get(guest::download)
-                .delete(guest::delete),
-        )
+        .route("/machines/{id}/files", post(guest::upload).get(guest::download).delete(guest::delete))
         .layer(DefaultBodyLimit::disable());
     Router::new()
         .merge(SwaggerUi::new("/docs").url("/docs/json", ApiDoc::openapi()))
         .merge(machines)
         .merge(files)
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_key,
-        ))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(correlation))
@@ -221,10 +195,7 @@ mod tests {
             ("/api-keys/{id}", &["delete"]),
         ] {
             for m in methods {
-                assert!(
-                    paths.get(p).and_then(|v| v.get(*m)).is_some(),
-                    "{m} {p} missing from the OpenAPI document"
-                );
+                assert!(paths.get(p).and_then(|v| v.get(*m)).is_some(), "{m} {p} missing from the OpenAPI document");
             }
         }
         assert!(doc["components"]["schemas"]["Machine"]["properties"]["guest_ip"].is_object());

@@ -6,13 +6,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     let settings = args.validate()?;
     let (report, ok) = crate::doctor::run(&settings).await?;
     print!("{report}");
-    println!(
-        "{}",
-        if ok {
-            "everything looks fine"
-        } else {
-            "some checks failed: see the fix lines above"
-        }
-    );
+    println!("{}", if ok { "everything looks fine" } else { "some checks failed: see the fix lines above" });
     Ok(if ok { 0 } else { 1 })
 }

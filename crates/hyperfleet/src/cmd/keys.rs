@@ -11,12 +11,7 @@ use crate::store::{Store, api_keys, format_time};
 
 #[derive(Args, Debug)]
 pub struct KeysArgs {
-    #[arg(
-        long,
-        env = "DATABASE_PATH",
-        default_value = "./hyperfleet.db",
-        global = true
-    )]
+    #[arg(long, env = "DATABASE_PATH", default_value = "./hyperfleet.db", global = true)]
     database_path: PathBuf,
     #[arg(long, value_enum, default_value = "table", global = true)]
     output: Output,
@@ -45,9 +40,7 @@ enum KeysCommand {
 
 fn parse_scope(s: &str) -> Result<Scope, String> {
     Scope::parse(s).ok_or_else(|| {
-        format!(
-            "unknown scope '{s}': use machines:read, machines:write, machines:exec, keys:admin or *"
-        )
+        format!("unknown scope '{s}': use machines:read, machines:write, machines:exec, keys:admin or *")
     })
 }
 
@@ -70,22 +63,14 @@ pub fn run(args: KeysArgs) -> anyhow::Result<i32> {
     let db = crate::config::absolute(&args.database_path);
     let store = Store::open(&db)?;
     match args.command {
-        KeysCommand::Create {
-            name,
-            scopes,
-            expires,
-        } => {
+        KeysCommand::Create { name, scopes, expires } => {
             let req = CreateApiKey {
                 name,
                 scopes,
-                expires_at: expires
-                    .map(|e| parse_expiry(&e))
-                    .transpose()
-                    .map_err(anyhow::Error::msg)?,
+                expires_at: expires.map(|e| parse_expiry(&e)).transpose().map_err(anyhow::Error::msg)?,
             };
             let expires_at = crate::api::keys::validate(&req).map_err(anyhow::Error::msg)?;
-            let made = store
-                .call_blocking(|c| api_keys::create(c, req.name.trim(), &req.scopes, expires_at))?;
+            let made = store.call_blocking(|c| api_keys::create(c, req.name.trim(), &req.scopes, expires_at))?;
             match args.output {
                 Output::Json => println!(
                     "{}",
@@ -109,33 +94,14 @@ pub fn run(args: KeysArgs) -> anyhow::Result<i32> {
                                 k.id.clone(),
                                 k.name.clone(),
                                 k.key_prefix.clone(),
-                                k.scopes
-                                    .iter()
-                                    .map(|s| s.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(","),
+                                k.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","),
                                 k.expires_at.clone().unwrap_or_else(|| "never".into()),
                                 k.last_used_at.clone().unwrap_or_else(|| "-".into()),
-                                if k.revoked_at.is_some() {
-                                    "revoked".into()
-                                } else {
-                                    "active".into()
-                                },
+                                if k.revoked_at.is_some() { "revoked".into() } else { "active".into() },
                             ]
                         })
                         .collect();
-                    print_table(
-                        &[
-                            "ID",
-                            "NAME",
-                            "PREFIX",
-                            "SCOPES",
-                            "EXPIRES",
-                            "LAST USED",
-                            "STATE",
-                        ],
-                        &rows,
-                    );
+                    print_table(&["ID", "NAME", "PREFIX", "SCOPES", "EXPIRES", "LAST USED", "STATE"], &rows);
                 }
             }
         }

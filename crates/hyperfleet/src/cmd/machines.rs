@@ -6,8 +6,8 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 use hyperfleet_client::{Client, ListOptions};
 use hyperfleet_types::{
-    CommandArgs, CreateMachine, EgressPolicy, ExecEvent, ExecRequest, Machine, MachineStatus,
-    NetworkOptions, RuntimeKind, UpdateMachine,
+    CommandArgs, CreateMachine, EgressPolicy, ExecEvent, ExecRequest, Machine, MachineStatus, NetworkOptions,
+    RuntimeKind, UpdateMachine,
 };
 
 use super::{Output, print_table};
@@ -15,19 +15,9 @@ use super::{Output, print_table};
 #[derive(Args, Debug)]
 pub struct MachinesArgs {
     /// API base URL.
-    #[arg(
-        long,
-        env = "HYPERFLEET_URL",
-        default_value = "http://127.0.0.1:3000",
-        global = true
-    )]
+    #[arg(long, env = "HYPERFLEET_URL", default_value = "http://127.0.0.1:3000", global = true)]
     url: String,
-    #[arg(
-        long,
-        env = "HYPERFLEET_API_KEY",
-        global = true,
-        hide_env_values = true
-    )]
+    #[arg(long, env = "HYPERFLEET_API_KEY", global = true, hide_env_values = true)]
     api_key: Option<String>,
     #[arg(long, value_enum, default_value = "table", global = true)]
     output: Output,
@@ -142,8 +132,7 @@ fn parse_status(s: &str) -> Result<MachineStatus, String> {
 }
 
 fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
-    RuntimeKind::parse(s)
-        .ok_or_else(|| format!("unknown runtime '{s}': use firecracker or container"))
+    RuntimeKind::parse(s).ok_or_else(|| format!("unknown runtime '{s}': use firecracker or container"))
 }
 
 fn parse_egress(s: &str) -> anyhow::Result<EgressPolicy> {
@@ -171,20 +160,11 @@ fn print_machines(output: Output, machines: &[Machine]) -> anyhow::Result<()> {
                 format!("{}M", m.mem_size_mib),
                 m.guest_ip.to_string(),
                 m.tap_device.clone(),
-                m.exposed_ports
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
+                m.exposed_ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
             ]
         })
         .collect();
-    print_table(
-        &[
-            "ID", "NAME", "STATUS", "RUNTIME", "VCPUS", "MEM", "GUEST IP", "TAP", "PORTS",
-        ],
-        &rows,
-    );
+    print_table(&["ID", "NAME", "STATUS", "RUNTIME", "VCPUS", "MEM", "GUEST IP", "TAP", "PORTS"], &rows);
     Ok(())
 }
 
@@ -216,13 +196,12 @@ pub async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             kernel_args,
             start,
         } => {
-            let network =
-                (!dns.is_empty() || egress.is_some()).then(|| -> anyhow::Result<NetworkOptions> {
-                    Ok(NetworkOptions {
-                        dns: (!dns.is_empty()).then_some(dns),
-                        egress: egress.as_deref().map(parse_egress).transpose()?,
-                    })
-                });
+            let network = (!dns.is_empty() || egress.is_some()).then(|| -> anyhow::Result<NetworkOptions> {
+                Ok(NetworkOptions {
+                    dns: (!dns.is_empty()).then_some(dns),
+                    egress: egress.as_deref().map(parse_egress).transpose()?,
+                })
+            });
             let req = CreateMachine {
                 name: Some(name),
                 vcpu_count: Some(vcpu_count),
@@ -240,18 +219,8 @@ pub async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             }
             print_one(out, &m)?;
         }
-        MachinesCommand::List {
-            status,
-            limit,
-            offset,
-        } => {
-            let list = hf
-                .list_machines(&ListOptions {
-                    status,
-                    limit,
-                    offset,
-                })
-                .await?;
+        MachinesCommand::List { status, limit, offset } => {
+            let list = hf.list_machines(&ListOptions { status, limit, offset }).await?;
             if out == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -267,11 +236,7 @@ pub async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             hf.delete_machine(&id, force).await?;
             println!("deleted {id}");
         }
-        MachinesCommand::Wait {
-            id,
-            status,
-            timeout,
-        } => print_one(out, &hf.wait_machine(&id, status, timeout).await?)?,
+        MachinesCommand::Wait { id, status, timeout } => print_one(out, &hf.wait_machine(&id, status, timeout).await?)?,
         MachinesCommand::Logs { id, lines } => {
             let logs = hf.machine_logs(&id, lines).await?;
             match out {
@@ -279,28 +244,11 @@ pub async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 Output::Table => logs.lines.iter().for_each(|l| println!("{l}")),
             }
         }
-        MachinesCommand::Expose { id, ports } => print_one(
-            out,
-            &hf.update_machine(
-                &id,
-                &UpdateMachine {
-                    exposed_ports: Some(ports),
-                },
-            )
-            .await?,
-        )?,
-        MachinesCommand::Exec {
-            id,
-            timeout,
-            command,
-        } => {
-            let req = ExecRequest {
-                command: CommandArgs(command),
-                timeout,
-                env: None,
-                cwd: None,
-                stdin: None,
-            };
+        MachinesCommand::Expose { id, ports } => {
+            print_one(out, &hf.update_machine(&id, &UpdateMachine { exposed_ports: Some(ports) }).await?)?
+        }
+        MachinesCommand::Exec { id, timeout, command } => {
+            let req = ExecRequest { command: CommandArgs(command), timeout, env: None, cwd: None, stdin: None };
             let mut events = Box::pin(hf.exec_stream(&id, &req).await?);
             while let Some(ev) = events.next().await {
                 match ev? {
@@ -327,11 +275,8 @@ pub async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
         }
         MachinesCommand::Fetch { id, remote, local } => {
             let mut stream = Box::pin(hf.download_stream(&id, &remote).await?);
-            let mut sink: Box<dyn Write> = if local == "-" {
-                Box::new(std::io::stdout())
-            } else {
-                Box::new(std::fs::File::create(&local)?)
-            };
+            let mut sink: Box<dyn Write> =
+                if local == "-" { Box::new(std::io::stdout()) } else { Box::new(std::fs::File::create(&local)?) };
             while let Some(chunk) = stream.next().await {
                 sink.write_all(&chunk?)?;
             }
@@ -342,12 +287,7 @@ pub async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 for c in &report.checks {
-                    println!(
-                        "{} {}: {}",
-                        if c.ok { "ok  " } else { "FAIL" },
-                        c.name,
-                        c.detail
-                    );
+                    println!("{} {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
                     if let Some(fix) = &c.fix {
                         println!("     fix: {fix}");
                     }

@@ -9,11 +9,7 @@ pub mod serve;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "hyperfleet",
-    version,
-    about = "Firecracker microVM orchestrator: daemon and CLI"
-)]
+#[command(name = "hyperfleet", version, about = "Firecracker microVM orchestrator: daemon and CLI")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -20,17 +20,11 @@ fn default_runtime(settings: &Settings, kvm: KvmKind, fc: &Firecracker) -> (Runt
         return (r, "set by HYPERFLEET_RUNTIME".into());
     }
     match (kvm, fc.unavailable()) {
-        (KvmKind::Hardware, None) => (
-            RuntimeKind::Firecracker,
-            "hardware KVM and firecracker are available".into(),
-        ),
+        (KvmKind::Hardware, None) => (RuntimeKind::Firecracker, "hardware KVM and firecracker are available".into()),
         (KvmKind::Hardware, Some(why)) => (RuntimeKind::Container, why),
         (other, _) => (
             RuntimeKind::Container,
-            format!(
-                "{}: guests cannot run userspace under Firecracker here",
-                other.describe()
-            ),
+            format!("{}: guests cannot run userspace under Firecracker here", other.describe()),
         ),
     }
 }
@@ -38,38 +32,19 @@ fn default_runtime(settings: &Settings, kvm: KvmKind, fc: &Firecracker) -> (Runt
 /// The orchestration service over this configuration, without touching the host yet.
 pub fn build_service(settings: Arc<Settings>, store: Store) -> anyhow::Result<Arc<Service>> {
     let kvm = KvmKind::detect();
-    let firecracker = Firecracker::new(
-        host::find_firecracker(settings.firecracker_bin.as_deref(), &settings.assets_dir),
-        kvm,
-    );
+    let firecracker =
+        Firecracker::new(host::find_firecracker(settings.firecracker_bin.as_deref(), &settings.assets_dir), kvm);
     let container = Container::new(host::find_on_path(&settings.runc_bin));
     let (default, why) = default_runtime(&settings, kvm, &firecracker);
     info!(runtime = %default, kvm = kvm.describe(), "default runtime: {default} ({why})");
     if default == RuntimeKind::Container {
-        info!(
-            "container machines share the host kernel: their isolation is a container's, not a VM's"
-        );
+        info!("container machines share the host kernel: their isolation is a container's, not a VM's");
     }
-    let dns = HostNetwork::dns_default(settings.dns.as_ref())
-        .map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
-    let net = HostNetwork::new(
-        settings.subnet,
-        settings.tap_naming.clone(),
-        &settings.nft_table,
-    )?;
-    let runtimes = Runtimes {
-        firecracker,
-        container,
-        stop_grace: settings.stop_timeout,
-    };
-    Ok(Service::new(
-        store,
-        settings.clone(),
-        runtimes,
-        net,
-        default,
-        dns,
-    ))
+    let dns =
+        HostNetwork::dns_default(settings.dns.as_ref()).map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
+    let net = HostNetwork::new(settings.subnet, settings.tap_naming.clone(), &settings.nft_table)?;
+    let runtimes = Runtimes { firecracker, container, stop_grace: settings.stop_timeout };
+    Ok(Service::new(store, settings.clone(), runtimes, net, default, dns))
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -82,16 +57,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for dir in [&settings.data_dir, &settings.socket_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    let store = Store::open(&settings.database_path)
-        .with_context(|| format!("open {}", settings.database_path.display()))?;
+    let store =
+        Store::open(&settings.database_path).with_context(|| format!("open {}", settings.database_path.display()))?;
     let subnet = settings.subnet.to_string();
     if let Err(msg) = store.call(move |c| leases::bind_subnet(c, &subnet)).await? {
         anyhow::bail!("invalid HYPERFLEET_SUBNET: {msg}");
     }
     if !settings.disable_auth && store.call(|c| api_keys::count(c)).await? == 0 {
-        let made = store
-            .call(|c| api_keys::create(c, "admin", &[Scope::All], None))
-            .await?;
+        let made = store.call(|c| api_keys::create(c, "admin", &[Scope::All], None)).await?;
         // Printed once, to stdout, never logged: the database keeps only its hash.
         println!(
             "\nCreated the first API key (admin, all scopes). It is shown only this once:\n\n    {}\n\n\
@@ -101,50 +74,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let service = build_service(settings.clone(), store.clone())?;
-    service
-        .net
-        .init()
-        .await
-        .context("prepare host networking (are we root?)")?;
-    service
-        .reconcile()
-        .await
-        .context("reconcile with the host")?;
+    service.net.init().await.context("prepare host networking (are we root?)")?;
+    service.reconcile().await.context("reconcile with the host")?;
 
-    let state = AppState {
-        service: service.clone(),
-        auth: Arc::new(Auth::new(store, settings.disable_auth)),
-    };
+    let state = AppState { service: service.clone(), auth: Arc::new(Auth::new(store, settings.disable_auth)) };
     let addr = std::net::SocketAddr::new(settings.bind, settings.port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listen on {addr} (PORT)"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr} (PORT)"))?;
     if let Some(proxy) = settings.proxy.clone() {
         let proxy_addr = std::net::SocketAddr::new(settings.bind, proxy.port);
         let proxy_listener = tokio::net::TcpListener::bind(proxy_addr)
             .await
             .with_context(|| format!("listen on {proxy_addr} (PROXY_PORT)"))?;
-        info!(
-            "proxy listening on http://{proxy_addr}{}/{{machine}}/{{port}}/",
-            proxy.prefix
-        );
+        info!("proxy listening on http://{proxy_addr}{}/{{machine}}/{{port}}/", proxy.prefix);
         tokio::spawn(crate::proxy::serve(proxy_listener, service.clone(), proxy));
     }
-    tokio::spawn(crate::proxy::poll_exposed_ports(
-        service.clone(),
-        settings.proxy_poll_interval,
-    ));
+    tokio::spawn(crate::proxy::poll_exposed_ports(service.clone(), settings.proxy_poll_interval));
     info!("API listening on http://{addr} (docs: /docs)");
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     info!("stopped serving; running machines keep running and are adopted at the next start");
     Ok(())
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -19,22 +19,10 @@ pub const EXEC_OUTPUT_CAP: u64 = 10 << 20;
 
 fn agent_error(e: ClientError, path: &str) -> Error {
     match e {
-        ClientError::Agent {
-            kind: ErrorKind::NotFound,
-            ..
-        } => Error::FileNotFound(format!("File not found: {path}")),
-        ClientError::Agent {
-            kind: ErrorKind::InvalidPath,
-            message,
-        } => Error::Validation(message),
-        ClientError::Agent {
-            kind: ErrorKind::TooLarge,
-            message,
-        } => Error::TooLarge(message),
-        ClientError::Agent {
-            kind: ErrorKind::BadRequest,
-            message,
-        } => Error::BadRequest(message),
+        ClientError::Agent { kind: ErrorKind::NotFound, .. } => Error::FileNotFound(format!("File not found: {path}")),
+        ClientError::Agent { kind: ErrorKind::InvalidPath, message } => Error::Validation(message),
+        ClientError::Agent { kind: ErrorKind::TooLarge, message } => Error::TooLarge(message),
+        ClientError::Agent { kind: ErrorKind::BadRequest, message } => Error::BadRequest(message),
         other => Error::Agent(other),
     }
 }
@@ -44,9 +32,7 @@ pub fn check_guest_path(path: &str) -> Result<()> {
         return Err(Error::Validation("path is required".into()));
     }
     if !path.starts_with('/') {
-        return Err(Error::Validation(format!(
-            "path must be absolute, got '{path}'"
-        )));
+        return Err(Error::Validation(format!("path must be absolute, got '{path}'")));
     }
     if path.contains('\0') {
         return Err(Error::Validation("path must not contain NUL bytes".into()));
@@ -65,14 +51,11 @@ impl ExecPlan {
     pub fn new(req: ExecRequest, max_output: Option<u64>) -> Result<Self> {
         let secs = req.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT);
         if !(1..=MAX_EXEC_TIMEOUT).contains(&secs) {
-            return Err(Error::Validation(format!(
-                "timeout must be between 1 and {MAX_EXEC_TIMEOUT} seconds"
-            )));
+            return Err(Error::Validation(format!("timeout must be between 1 and {MAX_EXEC_TIMEOUT} seconds")));
         }
         if let Some(cwd) = &req.cwd {
-            check_guest_path(cwd).map_err(|_| {
-                Error::Validation(format!("cwd must be an absolute path, got '{cwd}'"))
-            })?;
+            check_guest_path(cwd)
+                .map_err(|_| Error::Validation(format!("cwd must be an absolute path, got '{cwd}'")))?;
         }
         if req.command.0[0].is_empty() {
             return Err(Error::Validation("command[0] must name a program".into()));
@@ -91,10 +74,7 @@ impl ExecPlan {
     }
 
     pub fn timeout_message(&self) -> String {
-        format!(
-            "Command execution timed out after {} seconds",
-            self.timeout.as_secs()
-        )
+        format!("Command execution timed out after {} seconds", self.timeout.as_secs())
     }
 }
 
@@ -102,9 +82,7 @@ impl Service {
     async fn running(&self, id: &str, action: &str) -> Result<MachineRecord> {
         let rec = self.record(id).await?;
         if rec.status != hyperfleet_types::MachineStatus::Running {
-            return Err(Error::BadRequest(format!(
-                "Machine must be running to {action}"
-            )));
+            return Err(Error::BadRequest(format!("Machine must be running to {action}")));
         }
         Ok(rec)
     }
@@ -116,9 +94,7 @@ impl Service {
         loop {
             match agent.ping().await {
                 Ok(()) => return Ok(agent),
-                Err(ClientError::Unreachable(_))
-                    if Instant::now() + Duration::from_millis(200) < deadline =>
-                {
+                Err(ClientError::Unreachable(_)) if Instant::now() + Duration::from_millis(200) < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(e) => return Err(Error::Agent(e)),
@@ -132,25 +108,15 @@ impl Service {
         let started = Instant::now();
         let agent = self.ready_agent(&rec, plan.timeout).await?;
         let mut spec = plan.spec.clone();
-        spec.timeout_ms = plan
-            .timeout
-            .saturating_sub(started.elapsed())
-            .as_millis()
-            .max(1) as u64;
+        spec.timeout_ms = plan.timeout.saturating_sub(started.elapsed()).as_millis().max(1) as u64;
         // The agent enforces the timeout; the margin only covers a guest that stops answering.
-        let out = tokio::time::timeout(
-            plan.timeout + Duration::from_secs(5),
-            agent.exec_collect(spec, &plan.stdin),
-        )
-        .await
-        .map_err(|_| Error::Timeout(plan.timeout_message()))?;
+        let out = tokio::time::timeout(plan.timeout + Duration::from_secs(5), agent.exec_collect(spec, &plan.stdin))
+            .await
+            .map_err(|_| Error::Timeout(plan.timeout_message()))?;
         let out = match out {
             Ok(o) => o,
             // A program that cannot be started answers like a shell would: exit code 127.
-            Err(ClientError::Agent {
-                kind: ErrorKind::SpawnFailed,
-                message,
-            }) => {
+            Err(ClientError::Agent { kind: ErrorKind::SpawnFailed, message }) => {
                 return Ok(ExecResult {
                     exit_code: 127,
                     stdout: String::new(),
@@ -180,18 +146,9 @@ impl Service {
         let plan = ExecPlan::new(req, None)?;
         let rec = self.running(id, "execute commands").await?;
         let agent = self.ready_agent(&rec, plan.timeout).await?;
-        let mut session = agent
-            .exec(plan.spec.clone())
-            .await
-            .map_err(|e| agent_error(e, ""))?;
-        session
-            .send_stdin(&plan.stdin)
-            .await
-            .map_err(|e| agent_error(e, ""))?;
-        session
-            .close_stdin()
-            .await
-            .map_err(|e| agent_error(e, ""))?;
+        let mut session = agent.exec(plan.spec.clone()).await.map_err(|e| agent_error(e, ""))?;
+        session.send_stdin(&plan.stdin).await.map_err(|e| agent_error(e, ""))?;
+        session.close_stdin().await.map_err(|e| agent_error(e, ""))?;
         Ok((session, plan))
     }
 
@@ -199,18 +156,10 @@ impl Service {
         self.settings.file_transfer_timeout
     }
 
-    async fn with_timeout<T>(
-        &self,
-        fut: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
-        tokio::time::timeout(self.transfer_timeout(), fut)
-            .await
-            .map_err(|_| {
-                Error::Timeout(format!(
-                    "File transfer timed out after {} seconds",
-                    self.transfer_timeout().as_secs()
-                ))
-            })?
+    async fn with_timeout<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::time::timeout(self.transfer_timeout(), fut).await.map_err(|_| {
+            Error::Timeout(format!("File transfer timed out after {} seconds", self.transfer_timeout().as_secs()))
+        })?
     }
 
     fn check_size(&self, size: u64) -> Result<()> {
@@ -243,31 +192,20 @@ impl Service {
     }
 
     /// Writes a file from a stream of chunks, refusing it once it passes the size limit.
-    pub async fn write_file_stream<S>(
-        &self,
-        id: &str,
-        path: &str,
-        mode: Option<u32>,
-        body: S,
-    ) -> Result<FileWritten>
+    pub async fn write_file_stream<S>(&self, id: &str, path: &str, mode: Option<u32>, body: S) -> Result<FileWritten>
     where
         S: futures::Stream<Item = Result<Bytes>> + Send,
     {
         use futures::StreamExt;
         check_guest_path(path)?;
         if let Some(m) = mode.filter(|m| *m > 0o7777) {
-            return Err(Error::Validation(format!(
-                "mode {m:o} is not a permission mode (at most 0o7777)"
-            )));
+            return Err(Error::Validation(format!("mode {m:o} is not a permission mode (at most 0o7777)")));
         }
         let rec = self.running(id, "transfer files").await?;
         let max = self.settings.file_max_size;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
-            let mut w = agent
-                .write_file(path, mode, Some(max))
-                .await
-                .map_err(|e| agent_error(e, path))?;
+            let mut w = agent.write_file(path, mode, Some(max)).await.map_err(|e| agent_error(e, path))?;
             futures::pin_mut!(body);
             while let Some(chunk) = body.next().await {
                 let chunk = chunk?;
@@ -275,10 +213,7 @@ impl Service {
                 w.send(&chunk).await.map_err(|e| agent_error(e, path))?;
             }
             let size = w.finish().await.map_err(|e| agent_error(e, path))?;
-            Ok(FileWritten {
-                path: path.to_string(),
-                size,
-            })
+            Ok(FileWritten { path: path.to_string(), size })
         })
         .await
     }
@@ -289,10 +224,7 @@ impl Service {
         let rec = self.running(id, "transfer files").await?;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
-            agent
-                .read_file(path, Some(self.settings.file_max_size))
-                .await
-                .map_err(|e| agent_error(e, path))
+            agent.read_file(path, Some(self.settings.file_max_size)).await.map_err(|e| agent_error(e, path))
         })
         .await
     }
@@ -306,8 +238,8 @@ impl Service {
                 agent.stat(path).await.map_err(|e| agent_error(e, path))
             })
             .await?;
-        let modified = time::OffsetDateTime::from_unix_timestamp(st.modified_unix)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let modified =
+            time::OffsetDateTime::from_unix_timestamp(st.modified_unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
         Ok(FileStat {
             path: path.to_string(),
             size: st.size,
@@ -322,10 +254,7 @@ impl Service {
         let rec = self.running(id, "transfer files").await?;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
-            agent
-                .delete(path, recursive)
-                .await
-                .map_err(|e| agent_error(e, path))
+            agent.delete(path, recursive).await.map_err(|e| agent_error(e, path))
         })
         .await
     }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use hyperfleet_agent_proto::client::ClientError;
 use hyperfleet_types::{
-    CreateMachine, ExposedPortStatus, Machine, MachineList, MachineLogs, MachineStatus,
-    NetworkReport, RuntimeKind, UpdateMachine,
+    CreateMachine, ExposedPortStatus, Machine, MachineList, MachineLogs, MachineStatus, NetworkReport, RuntimeKind,
+    UpdateMachine,
 };
 use rand::Rng;
 use tokio::sync::broadcast;
@@ -36,11 +36,7 @@ pub enum Error {
     #[error("Machine with id '{0}' not found")]
     NotFound(String),
     #[error("Cannot {action} machine in '{status}' state{hint}")]
-    InvalidState {
-        action: &'static str,
-        status: MachineStatus,
-        hint: &'static str,
-    },
+    InvalidState { action: &'static str, status: MachineStatus, hint: &'static str },
     #[error("{0}")]
     Validation(String),
     #[error("{0}")]
@@ -95,9 +91,7 @@ pub struct Service {
 fn new_machine_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rngs::OsRng;
-    (0..16)
-        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
-        .collect()
+    (0..16).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
 }
 
 fn host_mem_mib() -> u64 {
@@ -129,9 +123,7 @@ impl Service {
             net,
             default_runtime,
             default_dns,
-            host_cpus: std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1),
+            host_cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
             host_mem_mib: host_mem_mib(),
             events,
             firewall_lock: tokio::sync::Mutex::new(()),
@@ -145,26 +137,17 @@ impl Service {
 
     pub fn to_wire(&self, m: &MachineRecord) -> Machine {
         let b = self.net.block(m);
-        let status = self
-            .port_status
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&m.id)
-            .cloned();
-        let exposed_ports_status = m
-            .exposed_ports
-            .iter()
-            .map(|p| {
-                status
-                    .as_ref()
-                    .and_then(|s| s.iter().find(|x| x.port == *p).cloned())
-                    .unwrap_or(ExposedPortStatus {
-                        port: *p,
-                        listening: false,
-                        checked_at: None,
-                    })
-            })
-            .collect();
+        let status = self.port_status.read().unwrap_or_else(|e| e.into_inner()).get(&m.id).cloned();
+        let exposed_ports_status =
+            m.exposed_ports
+                .iter()
+                .map(|p| {
+                    status
+                        .as_ref()
+                        .and_then(|s| s.iter().find(|x| x.port == *p).cloned())
+                        .unwrap_or(ExposedPortStatus { port: *p, listening: false, checked_at: None })
+                })
+                .collect();
         Machine {
             id: m.id.clone(),
             name: m.name.clone(),
@@ -191,25 +174,21 @@ impl Service {
     }
 
     pub fn set_port_status(&self, id: &str, status: Vec<ExposedPortStatus>) {
-        self.port_status
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), status);
+        self.port_status.write().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), status);
     }
 
     fn publish(&self, m: &MachineRecord) {
-        let _ = self.events.send(MachineEvent {
-            id: m.id.clone(),
-            status: m.status,
-        });
+        let _ = self.events.send(MachineEvent { id: m.id.clone(), status: m.status });
+    }
+
+    /// Every change to a machine (status, exposed ports, deletion), for long-polls and the proxy's cache.
+    pub fn subscribe(&self) -> broadcast::Receiver<MachineEvent> {
+        self.events.subscribe()
     }
 
     pub async fn record(&self, id: &str) -> Result<MachineRecord> {
         let key = id.to_string();
-        self.store
-            .call(move |c| records::get(c, &key))
-            .await?
-            .ok_or_else(|| Error::NotFound(id.to_string()))
+        self.store.call(move |c| records::get(c, &key)).await?.ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
     /// Compare-and-set on the status; publishes the change.
@@ -222,20 +201,12 @@ impl Service {
         changes: Changes,
     ) -> Result<MachineRecord> {
         let key = id.to_string();
-        match self
-            .store
-            .call(move |c| records::transition(c, &key, from, to, &changes))
-            .await?
-        {
+        match self.store.call(move |c| records::transition(c, &key, from, to, &changes)).await? {
             Cas::Done(m) => {
                 self.publish(&m);
                 Ok(m)
             }
-            Cas::WrongState(m) => Err(Error::InvalidState {
-                action,
-                status: m.status,
-                hint: "",
-            }),
+            Cas::WrongState(m) => Err(Error::InvalidState { action, status: m.status, hint: "" }),
             Cas::Missing => Err(Error::NotFound(id.to_string())),
         }
     }
@@ -253,26 +224,16 @@ impl Service {
         };
         let new = validate::create(&req, new_machine_id(), &limits).map_err(Error::Validation)?;
         if let Some(why) = self.runtimes.unavailable(new.runtime) {
-            return Err(Error::Validation(format!(
-                "runtime '{}' cannot run on this host: {why}",
-                new.runtime
-            )));
+            return Err(Error::Validation(format!("runtime '{}' cannot run on this host: {why}", new.runtime)));
         }
         let blocks = self.net.subnet.block_count();
-        let rec = self
-            .store
-            .call(move |c| Ok(records::insert(c, &new, blocks)))
-            .await?
-            .map_err(|e| match e {
-                InsertError::NameTaken(n) => {
-                    Error::Conflict(format!("A machine named '{n}' already exists"))
-                }
-                InsertError::Lease(LeaseError::Exhausted(blocks)) => Error::PoolExhausted {
-                    subnet: self.net.subnet.to_string(),
-                    blocks,
-                },
-                InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
-            })?;
+        let rec = self.store.call(move |c| Ok(records::insert(c, &new, blocks))).await?.map_err(|e| match e {
+            InsertError::NameTaken(n) => Error::Conflict(format!("A machine named '{n}' already exists")),
+            InsertError::Lease(LeaseError::Exhausted(blocks)) => {
+                Error::PoolExhausted { subnet: self.net.subnet.to_string(), blocks }
+            }
+            InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
+        })?;
         info!(machine = %rec.id, name = %rec.name, runtime = %rec.runtime, tap = %self.net.iface(&rec), "machine created");
         self.publish(&rec);
         Ok(self.to_wire(&rec))
@@ -282,20 +243,9 @@ impl Service {
         Ok(self.to_wire(&self.record(id).await?))
     }
 
-    pub async fn list(
-        &self,
-        status: Option<MachineStatus>,
-        limit: u32,
-        offset: u64,
-    ) -> Result<MachineList> {
-        let (rows, total) = self
-            .store
-            .call(move |c| records::list(c, status, limit, offset))
-            .await?;
-        Ok(MachineList {
-            machines: rows.iter().map(|m| self.to_wire(m)).collect(),
-            total,
-        })
+    pub async fn list(&self, status: Option<MachineStatus>, limit: u32, offset: u64) -> Result<MachineList> {
+        let (rows, total) = self.store.call(move |c| records::list(c, status, limit, offset)).await?;
+        Ok(MachineList { machines: rows.iter().map(|m| self.to_wire(m)).collect(), total })
     }
 
     pub async fn update(&self, id: &str, req: UpdateMachine) -> Result<Machine> {
@@ -310,16 +260,14 @@ impl Service {
             .call(move |c| records::set_exposed_ports(c, &rid, &ports))
             .await?
             .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        self.publish(&updated);
         Ok(self.to_wire(&updated))
     }
 
     /// Rebuilds the firewall from the machines that currently have a host interface.
     pub async fn refresh_firewall(&self) -> Result<()> {
         let _guard = self.firewall_lock.lock().await;
-        let active = self
-            .store
-            .call(|c| records::with_status(c, &ACTIVE))
-            .await?;
+        let active = self.store.call(|c| records::with_status(c, &ACTIVE)).await?;
         self.net.apply_firewall(&active).await?;
         Ok(())
     }
@@ -334,15 +282,7 @@ impl Service {
     }
 
     async fn start_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
-        let rec = self
-            .transition(
-                &rec.id,
-                "start",
-                &[Pending, Stopped, Failed],
-                Starting,
-                Changes::default(),
-            )
-            .await?;
+        let rec = self.transition(&rec.id, "start", &[Pending, Stopped, Failed], Starting, Changes::default()).await?;
         let files = self.files(&rec.id);
         let net = self.net.guest(&rec);
         let mut pid_if_booted = None;
@@ -350,10 +290,7 @@ impl Service {
             let netns = self.runtimes.prepare(&rec, &files).await?;
             self.net.attach(&rec, netns.as_deref()).await?;
             self.refresh_firewall().await?;
-            let booted = self
-                .runtimes
-                .boot(&rec, &files, &net, netns.as_deref())
-                .await?;
+            let booted = self.runtimes.boot(&rec, &files, &net, netns.as_deref()).await?;
             pid_if_booted = Some(booted.pid);
             Ok(booted)
         }
@@ -365,27 +302,17 @@ impl Service {
                     socket_path: Some(booted.socket_path.clone()),
                     error_message: None,
                 };
-                let running = self
-                    .transition(&rec.id, "start", &[Starting], Running, changes)
-                    .await?;
+                let running = self.transition(&rec.id, "start", &[Starting], Running, changes).await?;
                 info!(machine = %rec.id, pid = booted.pid, "machine running");
                 self.monitor(running.id.clone(), booted.pid);
                 Ok(self.to_wire(&running))
             }
             Err(e) => {
                 warn!(machine = %rec.id, error = %e, "start failed; undoing");
-                let with_pid = MachineRecord {
-                    pid: pid_if_booted,
-                    ..rec.clone()
-                };
+                let with_pid = MachineRecord { pid: pid_if_booted, ..rec.clone() };
                 self.release_host(&with_pid, &files).await;
-                let changes = Changes {
-                    error_message: Some(Some(e.to_string())),
-                    ..Changes::process_gone()
-                };
-                let _ = self
-                    .transition(&rec.id, "start", &[Starting], Failed, changes)
-                    .await;
+                let changes = Changes { error_message: Some(Some(e.to_string())), ..Changes::process_gone() };
+                let _ = self.transition(&rec.id, "start", &[Starting], Failed, changes).await;
                 self.refresh_firewall_logged().await;
                 Err(e)
             }
@@ -418,26 +345,10 @@ impl Service {
     }
 
     async fn stop_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
-        let rec = self
-            .transition(
-                &rec.id,
-                "stop",
-                &[Running, Paused],
-                Stopping,
-                Changes::default(),
-            )
-            .await?;
+        let rec = self.transition(&rec.id, "stop", &[Running, Paused], Stopping, Changes::default()).await?;
         let files = self.files(&rec.id);
         self.release_host(&rec, &files).await;
-        let stopped = self
-            .transition(
-                &rec.id,
-                "stop",
-                &[Stopping],
-                Stopped,
-                Changes::process_gone(),
-            )
-            .await?;
+        let stopped = self.transition(&rec.id, "stop", &[Stopping], Stopped, Changes::process_gone()).await?;
         self.refresh_firewall_logged().await;
         info!(machine = %rec.id, "machine stopped");
         Ok(self.to_wire(&stopped))
@@ -446,11 +357,7 @@ impl Service {
     pub async fn restart(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
         if !matches!(rec.status, Running | Paused) {
-            return Err(Error::InvalidState {
-                action: "restart",
-                status: rec.status,
-                hint: "",
-            });
+            return Err(Error::InvalidState { action: "restart", status: rec.status, hint: "" });
         }
         self.stop(&rec.id).await?;
         self.start(&rec.id).await
@@ -466,21 +373,15 @@ impl Service {
             }
         }
         let rid = rec.id.clone();
-        match self
-            .store
-            .call(move |c| records::delete(c, &rid, &[Pending, Stopped, Failed]))
-            .await?
-        {
+        match self.store.call(move |c| records::delete(c, &rid, &[Pending, Stopped, Failed])).await? {
             Cas::Done(m) => {
+                self.publish(&m);
                 let files = self.files(&m.id);
                 // Defensive: nothing should be left, but a failed start may have been interrupted.
                 self.release_host(&m, &files).await;
                 self.refresh_firewall_logged().await;
                 self.runtimes.destroy(&m, &files).await;
-                self.port_status
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&m.id);
+                self.port_status.write().unwrap_or_else(|e| e.into_inner()).remove(&m.id);
                 info!(machine = %m.id, "machine deleted");
                 Ok(())
             }
@@ -526,13 +427,8 @@ impl Service {
     pub async fn logs(&self, id: &str, lines: usize) -> Result<MachineLogs> {
         let rec = self.record(id).await?;
         let path = self.files(&rec.id).console_log;
-        let lines = tokio::task::spawn_blocking(move || process::tail(&path, lines))
-            .await
-            .unwrap_or_default();
-        Ok(MachineLogs {
-            machine_id: rec.id,
-            lines,
-        })
+        let lines = tokio::task::spawn_blocking(move || process::tail(&path, lines)).await.unwrap_or_default();
+        Ok(MachineLogs { machine_id: rec.id, lines })
     }
 
     pub async fn network_report(&self, id: &str) -> Result<NetworkReport> {
@@ -546,15 +442,8 @@ impl Service {
         let table = self.net.firewall.current().await.ok().flatten();
         let mut checks = self.net.checks(&rec, table.as_deref()).await;
         checks.insert(0, crate::doctor::ip_forward_check());
-        checks.insert(
-            1,
-            crate::doctor::route_check(self.net.has_unreachable_route().await, &self.net.subnet),
-        );
-        Ok(NetworkReport {
-            machine_id: rec.id,
-            ok: checks.iter().all(|c| c.ok),
-            checks,
-        })
+        checks.insert(1, crate::doctor::route_check(self.net.has_unreachable_route().await, &self.net.subnet));
+        Ok(NetworkReport { machine_id: rec.id, ok: checks.iter().all(|c| c.ok), checks })
     }
 
     /// Watches the machine's process; if it ends while the machine is meant to run, the machine becomes
@@ -576,23 +465,10 @@ impl Service {
                 RuntimeKind::Container => "the container's init",
             };
             let msg = format!("{what} (pid {pid}) exited unexpectedly; last console lines: {last}");
-            let changes = Changes {
-                error_message: Some(Some(msg.clone())),
-                ..Changes::process_gone()
-            };
-            if let Ok(failed) = this
-                .transition(&id, "fail", &[Running, Paused], Failed, changes)
-                .await
-            {
+            let changes = Changes { error_message: Some(Some(msg.clone())), ..Changes::process_gone() };
+            if let Ok(failed) = this.transition(&id, "fail", &[Running, Paused], Failed, changes).await {
                 warn!(machine = %id, "{msg}");
-                this.release_host(
-                    &MachineRecord {
-                        pid: None,
-                        ..failed
-                    },
-                    &files,
-                )
-                .await;
+                this.release_host(&MachineRecord { pid: None, ..failed }, &files).await;
                 this.refresh_firewall_logged().await;
             }
         });
@@ -602,10 +478,7 @@ impl Service {
     /// ones' leftovers removed, interrupted flows finished, stray interfaces and namespaces deleted, the
     /// firewall rebuilt and orphaned leases freed.
     pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
-        let active = self
-            .store
-            .call(|c| records::with_status(c, &ACTIVE))
-            .await?;
+        let active = self.store.call(|c| records::with_status(c, &ACTIVE)).await?;
         let mut live = HashSet::new();
         for rec in active {
             let files = self.files(&rec.id);
@@ -614,13 +487,8 @@ impl Service {
                 (Running | Paused, Some(pid)) => {
                     info!(machine = %rec.id, pid, "adopted running machine");
                     if rec.pid != Some(pid) {
-                        let ch = Changes {
-                            pid: Some(Some(pid)),
-                            ..Default::default()
-                        };
-                        let _ = self
-                            .transition(&rec.id, "adopt", &[Running, Paused], rec.status, ch)
-                            .await;
+                        let ch = Changes { pid: Some(Some(pid)), ..Default::default() };
+                        let _ = self.transition(&rec.id, "adopt", &[Running, Paused], rec.status, ch).await;
                     }
                     live.insert(rec.id.clone());
                     self.monitor(rec.id.clone(), pid);
@@ -631,20 +499,12 @@ impl Service {
                     self.runtimes.stop(&m, &files).await;
                     let _ = self.net.detach(&m).await;
                     let (to, msg) = match status {
-                        Starting => (
-                            Failed,
-                            Some("the daemon stopped while the machine was starting".to_string()),
-                        ),
+                        Starting => (Failed, Some("the daemon stopped while the machine was starting".to_string())),
                         _ => (Stopped, None),
                     };
                     info!(machine = %rec.id, from = %status, to = %to, "cleaned up a machine whose process is gone");
-                    let changes = Changes {
-                        error_message: msg.map(Some),
-                        ..Changes::process_gone()
-                    };
-                    let _ = self
-                        .transition(&rec.id, "reconcile", &ACTIVE, to, changes)
-                        .await;
+                    let changes = Changes { error_message: msg.map(Some), ..Changes::process_gone() };
+                    let _ = self.transition(&rec.id, "reconcile", &ACTIVE, to, changes).await;
                 }
             }
         }
@@ -655,10 +515,7 @@ impl Service {
         self.refresh_firewall().await?;
         let freed = self.store.call(crate::store::leases::free_orphans).await?;
         if freed > 0 {
-            info!(
-                count = freed,
-                "freed leases of machines that no longer exist"
-            );
+            info!(count = freed, "freed leases of machines that no longer exist");
         }
         Ok(())
     }
@@ -667,10 +524,7 @@ impl Service {
     /// containers, mounts, the firewall table and the subnet route. Records, disks and leases stay, so the
     /// machines can be started again. Returns the ids of the machines it stopped.
     pub async fn purge_host(self: &Arc<Self>) -> Result<Vec<String>> {
-        let active = self
-            .store
-            .call(|c| records::with_status(c, &ACTIVE))
-            .await?;
+        let active = self.store.call(|c| records::with_status(c, &ACTIVE)).await?;
         let mut stopped = Vec::new();
         for rec in active {
             let files = self.files(&rec.id);
@@ -678,9 +532,7 @@ impl Service {
             let m = MachineRecord { pid, ..rec.clone() };
             self.runtimes.stop(&m, &files).await;
             let _ = self.net.detach(&m).await;
-            let _ = self
-                .transition(&rec.id, "stop", &ACTIVE, Stopped, Changes::process_gone())
-                .await;
+            let _ = self.transition(&rec.id, "stop", &ACTIVE, Stopped, Changes::process_gone()).await;
             stopped.push(rec.id);
         }
         self.net.remove_stray_links(&HashSet::new()).await?;
@@ -692,16 +544,8 @@ impl Service {
 
     /// Namespaces, containers and data directories of machines that are not running (or no longer exist).
     async fn remove_stray_machine_state(&self, live: &HashSet<String>) -> Result<()> {
-        let known: HashSet<String> = self
-            .store
-            .call(|c| {
-                Ok(records::list(c, None, u32::MAX, 0)?
-                    .0
-                    .into_iter()
-                    .map(|m| m.id)
-                    .collect())
-            })
-            .await?;
+        let known: HashSet<String> =
+            self.store.call(|c| Ok(records::list(c, None, u32::MAX, 0)?.0.into_iter().map(|m| m.id).collect())).await?;
         let on_disk: Vec<String> = std::fs::read_dir(&self.settings.data_dir)
             .into_iter()
             .flatten()

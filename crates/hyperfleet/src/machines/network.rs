@@ -7,9 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use hyperfleet_net::link::ALIAS_PREFIX;
-use hyperfleet_net::{
-    Block, Egress, Firewall, FirewallEntry, NetError, Netlink, Subnet, TapNaming, netns,
-};
+use hyperfleet_net::{Block, Egress, Firewall, FirewallEntry, NetError, Netlink, Subnet, TapNaming, netns};
 use hyperfleet_types::{Check, EgressPolicy, MachineNetwork};
 
 use crate::runtime::GuestNetwork;
@@ -24,27 +22,18 @@ pub struct HostNetwork {
 
 impl HostNetwork {
     pub fn new(subnet: Subnet, naming: TapNaming, nft_table: &str) -> Result<Self, NetError> {
-        Ok(Self {
-            subnet,
-            naming,
-            firewall: Firewall::new(nft_table, subnet.net()),
-            netlink: Netlink::connect()?,
-        })
+        Ok(Self { subnet, naming, firewall: Firewall::new(nft_table, subnet.net()), netlink: Netlink::connect()? })
     }
 
     /// Host-wide set-up at daemon start: forwarding on, and the subnet's unreachable route so traffic for
     /// addresses without a running machine never leaves the host.
     pub async fn init(&self) -> Result<(), NetError> {
         hyperfleet_net::sysctl::enable_ip_forward()?;
-        self.netlink
-            .ensure_unreachable_route(self.subnet.net())
-            .await
+        self.netlink.ensure_unreachable_route(self.subnet.net()).await
     }
 
     pub fn block(&self, m: &MachineRecord) -> Block {
-        self.subnet
-            .block(m.block)
-            .expect("leases are cut from this subnet (checked at start-up)")
+        self.subnet.block(m.block).expect("leases are cut from this subnet (checked at start-up)")
     }
 
     pub fn iface(&self, m: &MachineRecord) -> String {
@@ -76,15 +65,10 @@ impl HostNetwork {
 
     /// Creates the machine's host interface with tap_ip/30, up. With `netns` it is a veth pair whose other
     /// end becomes eth0 (guest_ip, MAC, default route) in that namespace; otherwise a TAP for Firecracker.
-    pub async fn attach(
-        &self,
-        m: &MachineRecord,
-        netns_name: Option<&str>,
-    ) -> Result<(), NetError> {
+    pub async fn attach(&self, m: &MachineRecord, netns_name: Option<&str>) -> Result<(), NetError> {
         let name = self.iface(m);
         let b = self.block(m);
-        let host_addr = ipnet::Ipv4Net::new(b.tap_ip(), hyperfleet_net::ipam::BLOCK_PREFIX)
-            .expect("valid prefix");
+        let host_addr = ipnet::Ipv4Net::new(b.tap_ip(), hyperfleet_net::ipam::BLOCK_PREFIX).expect("valid prefix");
         match self.netlink.link(&name).await? {
             Some(l) if l.owner() == Some(m.id.as_str()) => self.netlink.delete(l.index).await?,
             Some(_) => {
@@ -102,21 +86,16 @@ impl HostNetwork {
             Some(ns) => {
                 let ns_file = netns::open(ns)?;
                 self.netlink
-                    .create_veth_into(
-                        &name,
-                        &m.id,
-                        host_addr,
-                        "eth0",
-                        std::os::fd::AsFd::as_fd(&ns_file),
-                    )
+                    .create_veth_into(&name, &m.id, host_addr, "eth0", std::os::fd::AsFd::as_fd(&ns_file))
                     .await?;
                 let (mac, guest, gw) = (b.guest_mac().0, b.guest_ip(), b.tap_ip());
-                let guest_addr = ipnet::Ipv4Net::new(guest, hyperfleet_net::ipam::BLOCK_PREFIX)
-                    .expect("valid prefix");
-                let inner = netns::run_in(ns, move |nl| async move {
-                    nl.configure_guest_side("eth0", mac, guest_addr, gw).await
-                })
-                .await;
+                let guest_addr = ipnet::Ipv4Net::new(guest, hyperfleet_net::ipam::BLOCK_PREFIX).expect("valid prefix");
+                let inner =
+                    netns::run_in(
+                        ns,
+                        move |nl| async move { nl.configure_guest_side("eth0", mac, guest_addr, gw).await },
+                    )
+                    .await;
                 if let Err(e) = inner {
                     let _ = self.netlink.delete_owned(&name, &m.id).await;
                     return Err(e);
@@ -128,10 +107,7 @@ impl HostNetwork {
 
     /// Removes the machine's host interface, if it exists and is ours.
     pub async fn detach(&self, m: &MachineRecord) -> Result<(), NetError> {
-        self.netlink
-            .delete_owned(&self.iface(m), &m.id)
-            .await
-            .map(|_| ())
+        self.netlink.delete_owned(&self.iface(m), &m.id).await.map(|_| ())
     }
 
     /// Rebuilds the firewall table for exactly these machines.
@@ -156,16 +132,11 @@ impl HostNetwork {
     }
 
     /// Deletes interfaces of ours (our prefix and alias) that belong to no machine in `live`. Returns their names.
-    pub async fn remove_stray_links(
-        &self,
-        live: &HashSet<String>,
-    ) -> Result<Vec<String>, NetError> {
+    pub async fn remove_stray_links(&self, live: &HashSet<String>) -> Result<Vec<String>, NetError> {
         let mut removed = Vec::new();
         for l in self.netlink.links().await? {
             let ours = self.naming.block_of(&l.name).is_some()
-                && l.alias
-                    .as_deref()
-                    .is_some_and(|a| a.starts_with(ALIAS_PREFIX));
+                && l.alias.as_deref().is_some_and(|a| a.starts_with(ALIAS_PREFIX));
             if ours && !l.owner().is_some_and(|o| live.contains(o)) {
                 self.netlink.delete(l.index).await?;
                 removed.push(l.name);
@@ -188,8 +159,7 @@ impl HostNetwork {
         let link = self.netlink.link(&name).await.ok().flatten();
         checks.push(check(
             "interface exists",
-            link.as_ref()
-                .is_some_and(|l| l.owner() == Some(m.id.as_str())),
+            link.as_ref().is_some_and(|l| l.owner() == Some(m.id.as_str())),
             match &link {
                 Some(l) if l.owner() == Some(m.id.as_str()) => format!("{name} exists"),
                 Some(_) => format!("{name} exists but is not this machine's"),
@@ -200,23 +170,15 @@ impl HostNetwork {
         checks.push(check(
             "interface up",
             link.as_ref().is_some_and(|l| l.up),
-            format!(
-                "{name} is {}",
-                if link.as_ref().is_some_and(|l| l.up) {
-                    "up"
-                } else {
-                    "down"
-                }
-            ),
+            format!("{name} is {}", if link.as_ref().is_some_and(|l| l.up) { "up" } else { "down" }),
             Some(format!("ip link set {name} up")),
         ));
         let addrs = match &link {
             Some(l) => self.netlink.addresses(l.index).await.unwrap_or_default(),
             None => vec![],
         };
-        let has_ip = addrs.iter().any(|a| {
-            a.addr() == b.tap_ip() && a.prefix_len() == hyperfleet_net::ipam::BLOCK_PREFIX
-        });
+        let has_ip =
+            addrs.iter().any(|a| a.addr() == b.tap_ip() && a.prefix_len() == hyperfleet_net::ipam::BLOCK_PREFIX);
         checks.push(check(
             "interface address",
             has_ip,
@@ -233,22 +195,16 @@ impl HostNetwork {
             format!(
                 "nftables table inet {} {} {name}",
                 self.firewall.table(),
-                if table.is_some() {
-                    "lists"
-                } else {
-                    "is missing, so not"
-                }
+                if table.is_some() { "lists" } else { "is missing, so not" }
             ),
             Some("restart the hyperfleet daemon (it rebuilds the table)".into()),
         ));
         let guest = b.guest_ip();
-        let rtt = tokio::task::spawn_blocking(move || {
-            hyperfleet_net::icmp::ping(guest, Duration::from_secs(1))
-        })
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-        .flatten();
+        let rtt = tokio::task::spawn_blocking(move || hyperfleet_net::icmp::ping(guest, Duration::from_secs(1)))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .flatten();
         checks.push(check(
             "guest reachable",
             rtt.is_some(),
@@ -262,16 +218,11 @@ impl HostNetwork {
     }
 
     pub async fn remove_route(&self) -> Result<(), NetError> {
-        self.netlink
-            .remove_unreachable_route(self.subnet.net())
-            .await
+        self.netlink.remove_unreachable_route(self.subnet.net()).await
     }
 
     pub async fn has_unreachable_route(&self) -> bool {
-        self.netlink
-            .has_unreachable_route(self.subnet.net())
-            .await
-            .unwrap_or(false)
+        self.netlink.has_unreachable_route(self.subnet.net()).await.unwrap_or(false)
     }
 
     pub fn dns_default(configured: Option<&Vec<Ipv4Addr>>) -> Result<Vec<Ipv4Addr>, String> {

@@ -31,8 +31,7 @@ pub fn name(n: &str) -> Result<(), String> {
     let b = n.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-';
     if ok {
@@ -48,10 +47,8 @@ pub fn ports(field: &str, list: &[i64]) -> Result<Vec<u16>, String> {
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(list.len());
     for &p in list {
-        let port = u16::try_from(p)
-            .ok()
-            .filter(|p| *p >= 1)
-            .ok_or_else(|| format!("{field}: {p} is not a port (1-65535)"))?;
+        let port =
+            u16::try_from(p).ok().filter(|p| *p >= 1).ok_or_else(|| format!("{field}: {p} is not a port (1-65535)"))?;
         if !seen.insert(port) {
             return Err(format!("{field}: port {port} is listed twice"));
         }
@@ -61,12 +58,7 @@ pub fn ports(field: &str, list: &[i64]) -> Result<Vec<u16>, String> {
 }
 
 /// An asset path must name a regular file inside the assets directory, also after following symlinks.
-pub fn asset(
-    field: &str,
-    given: Option<&str>,
-    default: &Path,
-    assets_dir: &Path,
-) -> Result<String, String> {
+pub fn asset(field: &str, given: Option<&str>, default: &Path, assets_dir: &Path) -> Result<String, String> {
     let raw = match given {
         Some(p) if p.trim().is_empty() => return Err(format!("{field} must not be empty")),
         Some(p) => PathBuf::from(p),
@@ -76,17 +68,11 @@ pub fn asset(
         return Err(format!("{field} must not contain '..'"));
     }
     let abs = crate::config::absolute(&raw);
-    let real = abs
-        .canonicalize()
-        .map_err(|_| format!("{field} does not exist"))?;
-    let root = assets_dir
-        .canonicalize()
-        .map_err(|_| format!("assets directory {} does not exist", assets_dir.display()))?;
+    let real = abs.canonicalize().map_err(|_| format!("{field} does not exist"))?;
+    let root =
+        assets_dir.canonicalize().map_err(|_| format!("assets directory {} does not exist", assets_dir.display()))?;
     if !real.starts_with(&root) {
-        return Err(format!(
-            "{field} must be inside the assets directory {}",
-            root.display()
-        ));
+        return Err(format!("{field} must be inside the assets directory {}", root.display()));
     }
     let meta = std::fs::metadata(&real).map_err(|_| format!("{field} does not exist"))?;
     if !meta.is_file() {
@@ -104,29 +90,18 @@ pub fn create(req: &CreateMachine, id: String, limits: &Limits) -> Result<NewMac
     }
     let max_vcpus = MAX_VCPUS.min(i64::from(limits.host_cpus.max(1)));
     if vcpus > max_vcpus {
-        return Err(format!(
-            "vcpu_count must be at most {max_vcpus} (this host has {} CPUs)",
-            limits.host_cpus
-        ));
+        return Err(format!("vcpu_count must be at most {max_vcpus} (this host has {} CPUs)", limits.host_cpus));
     }
     let mem = req.mem_size_mib.ok_or("mem_size_mib is required")?;
     if mem < MIN_MEM_MIB {
         return Err(format!("mem_size_mib must be at least {MIN_MEM_MIB}"));
     }
     if mem as u64 > limits.host_mem_mib {
-        return Err(format!(
-            "mem_size_mib must be at most {} (the host's memory)",
-            limits.host_mem_mib
-        ));
+        return Err(format!("mem_size_mib must be at most {} (the host's memory)", limits.host_mem_mib));
     }
-    let kernel_args = req
-        .kernel_args
-        .clone()
-        .unwrap_or_else(|| limits.default_kernel_args.to_string());
+    let kernel_args = req.kernel_args.clone().unwrap_or_else(|| limits.default_kernel_args.to_string());
     if kernel_args.len() > MAX_KERNEL_ARGS || kernel_args.contains(['\n', '\r', '\0']) {
-        return Err(format!(
-            "kernel_args must be one line of at most {MAX_KERNEL_ARGS} characters"
-        ));
+        return Err(format!("kernel_args must be one line of at most {MAX_KERNEL_ARGS} characters"));
     }
     if kernel_args.split_whitespace().any(|a| a.starts_with("ip=")) {
         return Err("kernel_args must not set ip=: Hyperfleet configures the guest network".into());
@@ -157,12 +132,7 @@ pub fn create(req: &CreateMachine, id: String, limits: &Limits) -> Result<NewMac
             limits.assets_dir,
         )?,
         kernel_args,
-        rootfs_path: asset(
-            "rootfs_path",
-            req.rootfs_path.as_deref(),
-            limits.default_rootfs,
-            limits.assets_dir,
-        )?,
+        rootfs_path: asset("rootfs_path", req.rootfs_path.as_deref(), limits.default_rootfs, limits.assets_dir)?,
         exposed_ports,
         dns,
         egress,
@@ -188,11 +158,7 @@ mod tests {
             std::fs::write(&kernel, b"k").unwrap();
             std::fs::write(&rootfs, b"r").unwrap();
             std::fs::create_dir(dir.path().join("sub")).unwrap();
-            Self {
-                dir,
-                kernel,
-                rootfs,
-            }
+            Self { dir, kernel, rootfs }
         }
         fn limits(&self) -> Limits<'_> {
             Limits {
@@ -219,48 +185,23 @@ mod tests {
     #[test]
     fn upstream_messages() {
         let a = Assets::new();
+        assert_eq!(err(&a, serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64})), "name is required");
         assert_eq!(
-            err(&a, serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64})),
-            "name is required"
-        );
-        assert_eq!(
-            err(
-                &a,
-                serde_json::json!({"name": "a", "vcpu_count": 0, "mem_size_mib": 64})
-            ),
+            err(&a, serde_json::json!({"name": "a", "vcpu_count": 0, "mem_size_mib": 64})),
             "vcpu_count must be at least 1"
         );
+        assert_eq!(err(&a, serde_json::json!({"name": "a", "vcpu_count": 1})), "mem_size_mib is required");
         assert_eq!(
-            err(&a, serde_json::json!({"name": "a", "vcpu_count": 1})),
-            "mem_size_mib is required"
-        );
-        assert_eq!(
-            err(
-                &a,
-                serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 3})
-            ),
+            err(&a, serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 3})),
             "mem_size_mib must be at least 4"
         );
+        assert!(err(&a, serde_json::json!({"name": "a", "vcpu_count": 3, "mem_size_mib": 64})).contains("at most 2"));
         assert!(
-            err(
-                &a,
-                serde_json::json!({"name": "a", "vcpu_count": 3, "mem_size_mib": 64})
-            )
-            .contains("at most 2")
+            err(&a, serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 4096})).contains("at most 1024")
         );
         assert!(
-            err(
-                &a,
-                serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 4096})
-            )
-            .contains("at most 1024")
-        );
-        assert!(
-            err(
-                &a,
-                serde_json::json!({"name": "Bad_Name", "vcpu_count": 1, "mem_size_mib": 64})
-            )
-            .contains("name 'Bad_Name'")
+            err(&a, serde_json::json!({"name": "Bad_Name", "vcpu_count": 1, "mem_size_mib": 64}))
+                .contains("name 'Bad_Name'")
         );
     }
 
@@ -271,12 +212,7 @@ mod tests {
         assert!(err(&a, base(serde_json::json!([0]))).contains("0 is not a port"));
         assert!(err(&a, base(serde_json::json!([70000]))).contains("70000 is not a port"));
         assert!(err(&a, base(serde_json::json!([80, 80]))).contains("listed twice"));
-        let ok = create(
-            &req(base(serde_json::json!([80, 443]))),
-            "id".into(),
-            &a.limits(),
-        )
-        .unwrap();
+        let ok = create(&req(base(serde_json::json!([80, 443]))), "id".into(), &a.limits()).unwrap();
         assert_eq!(ok.exposed_ports, vec![80, 443]);
         assert_eq!(ok.dns, vec![Ipv4Addr::new(10, 0, 0, 53)]);
         assert_eq!(ok.runtime, RuntimeKind::Container);
@@ -286,35 +222,17 @@ mod tests {
     fn assets_must_be_regular_files_inside_the_assets_dir() {
         let a = Assets::new();
         let dir = a.dir.path().display().to_string();
-        let with = |k: &str| serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64, "kernel_image_path": k});
-        assert_eq!(
-            err(&a, with(&format!("{dir}/missing"))),
-            "kernel_image_path does not exist"
-        );
-        assert_eq!(
-            err(&a, with(&format!("{dir}/sub/../vmlinux"))),
-            "kernel_image_path must not contain '..'"
-        );
-        assert_eq!(
-            err(&a, with(&format!("{dir}/sub"))),
-            "kernel_image_path must be a regular file"
-        );
+        let with =
+            |k: &str| serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64, "kernel_image_path": k});
+        assert_eq!(err(&a, with(&format!("{dir}/missing"))), "kernel_image_path does not exist");
+        assert_eq!(err(&a, with(&format!("{dir}/sub/../vmlinux"))), "kernel_image_path must not contain '..'");
+        assert_eq!(err(&a, with(&format!("{dir}/sub"))), "kernel_image_path must be a regular file");
         assert!(err(&a, with("/etc/passwd")).contains("inside the assets directory"));
         assert!(err(&a, with("/dev/null")).contains("inside the assets directory"));
         std::os::unix::fs::symlink("/etc/passwd", a.dir.path().join("escape")).unwrap();
         assert!(err(&a, with(&format!("{dir}/escape"))).contains("inside the assets directory"));
-        std::os::unix::fs::symlink(a.dir.path().join("vmlinux"), a.dir.path().join("alias"))
-            .unwrap();
-        let ok = create(
-            &req(with(&format!("{dir}/alias"))),
-            "id".into(),
-            &a.limits(),
-        )
-        .unwrap();
-        assert!(
-            ok.kernel_image_path.ends_with("/vmlinux"),
-            "stored resolved: {}",
-            ok.kernel_image_path
-        );
+        std::os::unix::fs::symlink(a.dir.path().join("vmlinux"), a.dir.path().join("alias")).unwrap();
+        let ok = create(&req(with(&format!("{dir}/alias"))), "id".into(), &a.limits()).unwrap();
+        assert!(ok.kernel_image_path.ends_with("/vmlinux"), "stored resolved: {}", ok.kernel_image_path);
     }
 }

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use hyperfleet_agent_proto::client::{AgentClient, Endpoint};
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount,
-    MountBuilder, ProcessBuilder, RootBuilder, Spec,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder,
+    Spec,
 };
 use tokio::process::Command;
 
@@ -45,9 +45,9 @@ impl Container {
     }
 
     pub fn unavailable(&self) -> Option<String> {
-        self.runc.is_none().then(|| {
-            "runc not found: install it (apt-get install runc) or set HYPERFLEET_RUNC_BIN".into()
-        })
+        self.runc
+            .is_none()
+            .then(|| "runc not found: install it (apt-get install runc) or set HYPERFLEET_RUNC_BIN".into())
     }
 
     pub fn agent(files: &MachineFiles) -> AgentClient {
@@ -55,10 +55,8 @@ impl Container {
     }
 
     fn runc(&self) -> Result<Command, RuntimeError> {
-        let bin = self
-            .runc
-            .as_ref()
-            .ok_or_else(|| RuntimeError::Unavailable(self.unavailable().unwrap_or_default()))?;
+        let bin =
+            self.runc.as_ref().ok_or_else(|| RuntimeError::Unavailable(self.unavailable().unwrap_or_default()))?;
         let mut cmd = Command::new(bin);
         cmd.arg("--root").arg(RUNC_ROOT);
         Ok(cmd)
@@ -86,8 +84,7 @@ impl Container {
     /// Mounts the machine's disk as the bundle's root (idempotent).
     pub async fn mount_root(files: &MachineFiles) -> Result<(), RuntimeError> {
         let root = files.bundle.join("rootfs");
-        std::fs::create_dir_all(&root)
-            .map_err(|e| RuntimeError::Failed(format!("create {}: {e}", root.display())))?;
+        std::fs::create_dir_all(&root).map_err(|e| RuntimeError::Failed(format!("create {}: {e}", root.display())))?;
         if is_mountpoint(&root) {
             return Ok(());
         }
@@ -115,11 +112,7 @@ impl Container {
             // -d releases the loop device too.
             let _ = Command::new("umount").arg("-d").arg(&root).output().await;
             if is_mountpoint(&root) {
-                let _ = Command::new("umount")
-                    .args(["-l", "-d"])
-                    .arg(&root)
-                    .output()
-                    .await;
+                let _ = Command::new("umount").args(["-l", "-d"]).arg(&root).output().await;
             }
         }
     }
@@ -176,11 +169,7 @@ impl Container {
                 .destination(dest)
                 .typ("tmpfs")
                 .source("tmpfs")
-                .options(vec![
-                    "nosuid".into(),
-                    "nodev".into(),
-                    format!("mode={mode}"),
-                ])
+                .options(vec!["nosuid".into(), "nodev".into(), format!("mode={mode}")])
                 .build()
         };
         // /run first, so the agent sees it mounted and the socket directory below stays visible.
@@ -201,20 +190,11 @@ impl Container {
             ns(LinuxNamespaceType::Ipc).map_err(e)?,
             ns(LinuxNamespaceType::Uts).map_err(e)?,
             ns(LinuxNamespaceType::Mount).map_err(e)?,
-            LinuxNamespaceBuilder::default()
-                .typ(LinuxNamespaceType::Network)
-                .path(netns)
-                .build()
-                .map_err(e)?,
+            LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).path(netns).build().map_err(e)?,
         ];
         let period: u64 = 100_000;
         let resources = LinuxResourcesBuilder::default()
-            .memory(
-                LinuxMemoryBuilder::default()
-                    .limit(i64::from(m.mem_size_mib) * 1024 * 1024)
-                    .build()
-                    .map_err(e)?,
-            )
+            .memory(LinuxMemoryBuilder::default().limit(i64::from(m.mem_size_mib) * 1024 * 1024).build().map_err(e)?)
             .cpu(
                 LinuxCpuBuilder::default()
                     .period(period)
@@ -222,12 +202,7 @@ impl Container {
                     .build()
                     .map_err(e)?,
             )
-            .pids(
-                LinuxPidsBuilder::default()
-                    .limit(4096i64)
-                    .build()
-                    .map_err(e)?,
-            )
+            .pids(LinuxPidsBuilder::default().limit(4096i64).build().map_err(e)?)
             .build()
             .map_err(e)?;
         let linux = LinuxBuilder::default()
@@ -240,13 +215,7 @@ impl Container {
             .map_err(e)?;
         let mut spec = Spec::default();
         spec.set_process(Some(process))
-            .set_root(Some(
-                RootBuilder::default()
-                    .path("rootfs")
-                    .readonly(false)
-                    .build()
-                    .map_err(e)?,
-            ))
+            .set_root(Some(RootBuilder::default().path("rootfs").readonly(false).build().map_err(e)?))
             .set_hostname(Some(net.hostname.clone()))
             .set_mounts(Some(mounts))
             .set_linux(Some(linux));
@@ -265,8 +234,7 @@ impl Container {
         if let Some(why) = self.unavailable() {
             return Err(RuntimeError::Unavailable(why));
         }
-        std::fs::create_dir_all(&files.agent_dir)
-            .map_err(|e| RuntimeError::Failed(format!("agent dir: {e}")))?;
+        std::fs::create_dir_all(&files.agent_dir).map_err(|e| RuntimeError::Failed(format!("agent dir: {e}")))?;
         let _ = std::fs::remove_file(files.agent_dir.join("agent.sock"));
         Self::spec(m, files, net, netns)?
             .save(files.bundle.join("config.json"))
@@ -277,9 +245,7 @@ impl Container {
         let pid_file = files.dir.join("container.pid");
         let _ = std::fs::remove_file(&pid_file);
         let console = files.open_console_log()?;
-        let console_err = console
-            .try_clone()
-            .map_err(|e| RuntimeError::Failed(format!("console log: {e}")))?;
+        let console_err = console.try_clone().map_err(|e| RuntimeError::Failed(format!("console log: {e}")))?;
         let status = self
             .runc()?
             .arg("run")
@@ -306,18 +272,12 @@ impl Container {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .ok_or_else(|| RuntimeError::Failed("runc wrote no pid file".into()))?;
-        Ok(Booted {
-            pid,
-            socket_path: None,
-        })
+        Ok(Booted { pid, socket_path: None })
     }
 
     /// The PID of the container's init if runc says it runs.
     pub async fn running_pid(&self, machine_id: &str) -> Option<u32> {
-        let out = self
-            .runc_ok(&["state", &container_id(machine_id)])
-            .await
-            .ok()?;
+        let out = self.runc_ok(&["state", &container_id(machine_id)]).await.ok()?;
         let v: serde_json::Value = serde_json::from_str(&out).ok()?;
         (v.get("status")?.as_str()? == "running").then_some(())?;
         let pid = u32::try_from(v.get("pid")?.as_u64()?).ok()?;
@@ -325,18 +285,10 @@ impl Container {
     }
 
     /// Asks the agent to shut down, then `runc kill` TERM and KILL; finally removes the container.
-    pub async fn stop(
-        &self,
-        machine_id: &str,
-        pid: Option<u32>,
-        files: &MachineFiles,
-        grace: Duration,
-    ) {
+    pub async fn stop(&self, machine_id: &str, pid: Option<u32>, files: &MachineFiles, grace: Duration) {
         let cid = container_id(machine_id);
         if let Some(pid) = pid.filter(|p| process::alive(*p)) {
-            let asked =
-                tokio::time::timeout(Duration::from_millis(1500), Self::agent(files).shutdown())
-                    .await;
+            let asked = tokio::time::timeout(Duration::from_millis(1500), Self::agent(files).shutdown()).await;
             let graceful = matches!(asked, Ok(Ok(()))) && process::wait_exit(pid, grace).await;
             if !graceful {
                 let _ = self.runc_ok(&["kill", &cid, "TERM"]).await;
@@ -364,8 +316,5 @@ fn is_mountpoint(path: &Path) -> bool {
 
 /// /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape_mount(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }

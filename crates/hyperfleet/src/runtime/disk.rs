@@ -71,10 +71,6 @@ mod tests {
         sparse_copy(&src, &dst).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         let blocks = std::fs::metadata(&dst).unwrap().blocks();
-        assert!(
-            blocks * 512 < 1 << 20,
-            "copy allocated {} bytes for 8 KiB of data",
-            blocks * 512
-        );
+        assert!(blocks * 512 < 1 << 20, "copy allocated {} bytes for 8 KiB of data", blocks * 512);
     }
 }

@@ -17,11 +17,7 @@ impl KvmKind {
     /// Read from /sys/module, not CPU flags: PVM hosts have KVM without vmx/svm.
     pub fn detect() -> Self {
         let module = |m: &str| Path::new("/sys/module").join(m).exists();
-        let dev = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok();
+        let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
         if !dev {
             Self::Missing
         } else if module("kvm_pvm") {
@@ -37,9 +33,7 @@ impl KvmKind {
     pub fn describe(self) -> &'static str {
         match self {
             Self::Hardware => "hardware KVM",
-            Self::Pvm => {
-                "PVM (software virtualization: the guest kernel boots, guest userspace cannot run)"
-            }
+            Self::Pvm => "PVM (software virtualization: the guest kernel boots, guest userspace cannot run)",
             Self::Missing => "no usable /dev/kvm",
         }
     }

@@ -27,11 +27,7 @@ pub enum RuntimeError {
     Unavailable(String),
     /// Firecracker refused a configuration request.
     #[error("firecracker rejected {action}: {message}")]
-    Firecracker {
-        action: String,
-        status: u16,
-        message: String,
-    },
+    Firecracker { action: String, status: u16, message: String },
     #[error("{0}")]
     Failed(String),
 }
@@ -111,11 +107,7 @@ impl Runtimes {
 
     /// Makes the machine's own disk (first start only) and, for containers, mounts it and creates the
     /// network namespace. Returns the namespace name the network layer must attach to, if any.
-    pub async fn prepare(
-        &self,
-        m: &MachineRecord,
-        files: &MachineFiles,
-    ) -> Result<Option<String>, RuntimeError> {
+    pub async fn prepare(&self, m: &MachineRecord, files: &MachineFiles) -> Result<Option<String>, RuntimeError> {
         if let Some(why) = self.unavailable(m.runtime) {
             return Err(RuntimeError::Unavailable(why));
         }
@@ -126,9 +118,7 @@ impl Runtimes {
             tokio::task::spawn_blocking(move || disk::sparse_copy(&src, &dst))
                 .await
                 .map_err(|e| RuntimeError::Failed(e.to_string()))?
-                .map_err(|e| {
-                    RuntimeError::Failed(format!("copy {} for the machine: {e}", m.rootfs_path))
-                })?;
+                .map_err(|e| RuntimeError::Failed(format!("copy {} for the machine: {e}", m.rootfs_path)))?;
         }
         match m.runtime {
             RuntimeKind::Firecracker => Ok(None),
@@ -156,13 +146,9 @@ impl Runtimes {
         match (m.runtime, netns) {
             (RuntimeKind::Firecracker, _) => self.firecracker.boot(m, files, net).await,
             (RuntimeKind::Container, Some(ns)) => {
-                self.container
-                    .boot(m, files, net, &hyperfleet_net::netns::path_of(ns))
-                    .await
+                self.container.boot(m, files, net, &hyperfleet_net::netns::path_of(ns)).await
             }
-            (RuntimeKind::Container, None) => Err(RuntimeError::Failed(
-                "container has no network namespace".into(),
-            )),
+            (RuntimeKind::Container, None) => Err(RuntimeError::Failed("container has no network namespace".into())),
         }
     }
 
@@ -176,9 +162,7 @@ impl Runtimes {
                 Firecracker::remove_sockets(files);
             }
             RuntimeKind::Container => {
-                self.container
-                    .stop(&m.id, m.pid, files, self.stop_grace)
-                    .await;
+                self.container.stop(&m.id, m.pid, files, self.stop_grace).await;
                 Container::unmount_root(files).await;
                 let _ = hyperfleet_net::netns::delete(&container::netns_name(&m.id));
             }
@@ -188,10 +172,9 @@ impl Runtimes {
     /// The PID of the machine's process if it still runs and is really this machine's.
     pub async fn live_pid(&self, m: &MachineRecord, files: &MachineFiles) -> Option<u32> {
         match m.runtime {
-            RuntimeKind::Firecracker => m
-                .pid
-                .filter(|pid| Firecracker::owns(*pid, files))
-                .or_else(|| Firecracker::find(files)),
+            RuntimeKind::Firecracker => {
+                m.pid.filter(|pid| Firecracker::owns(*pid, files)).or_else(|| Firecracker::find(files))
+            }
             RuntimeKind::Container => self.container.running_pid(&m.id).await,
         }
     }

@@ -28,11 +28,7 @@ pub fn spawn_detached(cmd: &mut Command) -> io::Result<u32> {
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name, which may itself contain spaces.
-        Ok(stat) => {
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                != Some("Z")
-        }
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
         Err(_) => false,
     }
 }
@@ -112,10 +108,7 @@ pub fn tail(path: &std::path::Path, lines: usize) -> Vec<String> {
     let _ = f.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..]
-        .iter()
-        .map(|l| l.trim_end_matches('\r').to_string())
-        .collect()
+    all[all.len().saturating_sub(lines)..].iter().map(|l| l.trim_end_matches('\r').to_string()).collect()
 }
 
 #[cfg(test)]
@@ -135,8 +128,7 @@ mod tests {
     #[tokio::test]
     async fn terminate_escalates_to_sigkill() {
         // A shell that ignores SIGTERM.
-        let pid =
-            spawn_detached(Command::new("sh").args(["-c", "trap '' TERM; sleep 30"])).unwrap();
+        let pid = spawn_detached(Command::new("sh").args(["-c", "trap '' TERM; sleep 30"])).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         let t = std::time::Instant::now();
         terminate(pid, Duration::from_millis(300)).await;

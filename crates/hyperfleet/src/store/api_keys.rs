@@ -28,26 +28,17 @@ pub fn hash(secret: &str) -> [u8; 32] {
 pub fn well_formed(s: &str) -> bool {
     s.len() == KEY_PREFIX.len() + SECRET_LEN
         && s.starts_with(KEY_PREFIX)
-        && s[KEY_PREFIX.len()..]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric())
+        && s[KEY_PREFIX.len()..].bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 pub fn generate_secret() -> String {
-    let body: String = rand::rngs::OsRng
-        .sample_iter(&Alphanumeric)
-        .take(SECRET_LEN)
-        .map(char::from)
-        .collect();
+    let body: String = rand::rngs::OsRng.sample_iter(&Alphanumeric).take(SECRET_LEN).map(char::from).collect();
     format!("{KEY_PREFIX}{body}")
 }
 
 pub fn new_id() -> String {
-    let body: String = rand::rngs::OsRng
-        .sample_iter(&Alphanumeric)
-        .take(16)
-        .map(|b| char::from(b).to_ascii_lowercase())
-        .collect();
+    let body: String =
+        rand::rngs::OsRng.sample_iter(&Alphanumeric).take(16).map(|b| char::from(b).to_ascii_lowercase()).collect();
     format!("key_{body}")
 }
 
@@ -69,15 +60,9 @@ fn from_row(row: &Row) -> rusqlite::Result<ApiKey> {
     })
 }
 
-const COLUMNS: &str =
-    "id, name, key_prefix, scopes, expires_at, last_used_at, created_at, revoked_at";
+const COLUMNS: &str = "id, name, key_prefix, scopes, expires_at, last_used_at, created_at, revoked_at";
 
-pub fn create(
-    conn: &Connection,
-    name: &str,
-    scopes: &[Scope],
-    expires_at: Option<String>,
-) -> StoreResult<NewKey> {
+pub fn create(conn: &Connection, name: &str, scopes: &[Scope], expires_at: Option<String>) -> StoreResult<NewKey> {
     let secret = generate_secret();
     let key = ApiKey {
         id: new_id(),
@@ -107,9 +92,7 @@ pub fn create(
 
 pub fn list(conn: &Connection) -> StoreResult<Vec<ApiKey>> {
     Ok(conn
-        .prepare(&format!(
-            "SELECT {COLUMNS} FROM api_keys ORDER BY created_at, id"
-        ))?
+        .prepare(&format!("SELECT {COLUMNS} FROM api_keys ORDER BY created_at, id"))?
         .query_map([], from_row)?
         .collect::<Result<_, _>>()?)
 }
@@ -119,21 +102,12 @@ pub fn count(conn: &Connection) -> StoreResult<u64> {
 }
 
 pub fn get(conn: &Connection, id: &str) -> StoreResult<Option<ApiKey>> {
-    Ok(conn
-        .query_row(
-            &format!("SELECT {COLUMNS} FROM api_keys WHERE id = ?1"),
-            [id],
-            from_row,
-        )
-        .optional()?)
+    Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM api_keys WHERE id = ?1"), [id], from_row).optional()?)
 }
 
 /// Marks the key revoked; returns it, or `None` when there is no such key. Revoking twice keeps the first time.
 pub fn revoke(conn: &Connection, id: &str) -> StoreResult<Option<ApiKey>> {
-    conn.execute(
-        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2",
-        params![now(), id],
-    )?;
+    conn.execute("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2", params![now(), id])?;
     get(conn, id)
 }
 
@@ -143,9 +117,7 @@ pub fn find(conn: &Connection, secret: &str) -> StoreResult<Option<ApiKey>> {
         return Ok(None);
     }
     let wanted = hash(secret);
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {COLUMNS}, key_hash FROM api_keys WHERE key_prefix = ?1"
-    ))?;
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS}, key_hash FROM api_keys WHERE key_prefix = ?1"))?;
     let mut rows = stmt.query([&secret[..SHOWN_PREFIX_LEN]])?;
     let mut found = None;
     while let Some(row) = rows.next()? {
@@ -158,10 +130,7 @@ pub fn find(conn: &Connection, secret: &str) -> StoreResult<Option<ApiKey>> {
 }
 
 pub fn touch(conn: &Connection, id: &str) -> StoreResult<()> {
-    conn.execute(
-        "UPDATE api_keys SET last_used_at = ?1 WHERE id = ?2",
-        params![now(), id],
-    )?;
+    conn.execute("UPDATE api_keys SET last_used_at = ?1 WHERE id = ?2", params![now(), id])?;
     Ok(())
 }
 
@@ -178,8 +147,7 @@ mod tests {
                 let k = create(c, "ci", &[Scope::MachinesRead], None)?;
                 assert!(well_formed(&k.secret), "{}", k.secret);
                 assert_eq!(k.key.key_prefix, &k.secret[..11]);
-                let stored: Vec<u8> =
-                    c.query_row("SELECT key_hash FROM api_keys", [], |r| r.get(0))?;
+                let stored: Vec<u8> = c.query_row("SELECT key_hash FROM api_keys", [], |r| r.get(0))?;
                 assert_eq!(stored, hash(&k.secret).to_vec());
                 let raw: i64 = c.query_row(
                     "SELECT COUNT(*) FROM api_keys WHERE key_hash = ?1 OR key_prefix = ?1",

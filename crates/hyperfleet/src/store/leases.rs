@@ -22,12 +22,8 @@ impl From<rusqlite::Error> for LeaseError {
 
 /// Leases the lowest free block of a pool of `block_count` blocks to `machine_id`.
 pub fn allocate(tx: &Transaction, machine_id: &str, block_count: u32) -> Result<u32, LeaseError> {
-    let lowest_free: Option<u32> =
-        tx.query_row("SELECT MIN(block) FROM free_blocks", [], |r| r.get(0))?;
-    let next_fresh: u32 =
-        tx.query_row("SELECT COALESCE(MAX(block) + 1, 0) FROM leases", [], |r| {
-            r.get(0)
-        })?;
+    let lowest_free: Option<u32> = tx.query_row("SELECT MIN(block) FROM free_blocks", [], |r| r.get(0))?;
+    let next_fresh: u32 = tx.query_row("SELECT COALESCE(MAX(block) + 1, 0) FROM leases", [], |r| r.get(0))?;
     let block = lowest_free.map_or(next_fresh, |f| f.min(next_fresh));
     if block >= block_count {
         return Err(LeaseError::Exhausted(block_count));
@@ -42,13 +38,8 @@ pub fn allocate(tx: &Transaction, machine_id: &str, block_count: u32) -> Result<
 
 /// Frees the block of `machine_id`, if it has one.
 pub fn release(tx: &Transaction, machine_id: &str) -> StoreResult<Option<u32>> {
-    let block: Option<u32> = tx
-        .query_row(
-            "SELECT block FROM leases WHERE machine_id = ?1",
-            [machine_id],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let block: Option<u32> =
+        tx.query_row("SELECT block FROM leases WHERE machine_id = ?1", [machine_id], |r| r.get(0)).optional()?;
     if let Some(b) = block {
         tx.execute("DELETE FROM leases WHERE block = ?1", [b])?;
         tx.execute("INSERT OR IGNORE INTO free_blocks (block) VALUES (?1)", [b])?;
@@ -59,10 +50,7 @@ pub fn release(tx: &Transaction, machine_id: &str) -> StoreResult<Option<u32>> {
 
 /// Free blocks at or above the highest lease are implied by MAX(block)+1 and need no row.
 fn trim_free_blocks(conn: &Connection) -> StoreResult<()> {
-    conn.execute(
-        "DELETE FROM free_blocks WHERE block > (SELECT COALESCE(MAX(block), -1) FROM leases)",
-        [],
-    )?;
+    conn.execute("DELETE FROM free_blocks WHERE block > (SELECT COALESCE(MAX(block), -1) FROM leases)", [])?;
     Ok(())
 }
 
@@ -164,11 +152,7 @@ mod tests {
         assert_eq!(lease(&store, "d", 100).unwrap(), 3);
         assert_eq!(
             store
-                .call_blocking(|c| Ok(c.query_row(
-                    "SELECT COUNT(*) FROM free_blocks",
-                    [],
-                    |r| r.get::<_, i64>(0)
-                )?))
+                .call_blocking(|c| Ok(c.query_row("SELECT COUNT(*) FROM free_blocks", [], |r| r.get::<_, i64>(0))?))
                 .unwrap(),
             0
         );
@@ -179,10 +163,7 @@ mod tests {
         let (_d, store) = temp_store();
         assert_eq!(lease(&store, "a", 2).unwrap(), 0);
         assert_eq!(lease(&store, "b", 2).unwrap(), 1);
-        assert!(matches!(
-            lease(&store, "c", 2),
-            Err(LeaseError::Exhausted(2))
-        ));
+        assert!(matches!(lease(&store, "c", 2), Err(LeaseError::Exhausted(2))));
         free(&store, "a");
         assert_eq!(lease(&store, "d", 2).unwrap(), 0);
     }
@@ -206,24 +187,12 @@ mod tests {
     #[test]
     fn subnet_cannot_change_under_outstanding_leases() {
         let (_d, store) = temp_store();
-        store
-            .call_blocking(|c| bind_subnet(c, "172.16.0.0/16"))
-            .unwrap()
-            .unwrap();
+        store.call_blocking(|c| bind_subnet(c, "172.16.0.0/16")).unwrap().unwrap();
         lease(&store, "a", 10).unwrap();
-        let err = store
-            .call_blocking(|c| bind_subnet(c, "10.0.0.0/16"))
-            .unwrap()
-            .unwrap_err();
-        assert!(
-            err.contains("172.16.0.0/16") && err.contains("1 machine"),
-            "{err}"
-        );
+        let err = store.call_blocking(|c| bind_subnet(c, "10.0.0.0/16")).unwrap().unwrap_err();
+        assert!(err.contains("172.16.0.0/16") && err.contains("1 machine"), "{err}");
         free(&store, "a");
-        store
-            .call_blocking(|c| bind_subnet(c, "10.0.0.0/16"))
-            .unwrap()
-            .unwrap();
+        store.call_blocking(|c| bind_subnet(c, "10.0.0.0/16")).unwrap().unwrap();
     }
 
     #[test]

@@ -78,11 +78,7 @@ pub struct Changes {
 impl Changes {
     /// Clears what only a live process has.
     pub fn process_gone() -> Self {
-        Self {
-            pid: Some(None),
-            socket_path: Some(None),
-            error_message: None,
-        }
+        Self { pid: Some(None), socket_path: Some(None), error_message: None }
     }
 }
 
@@ -92,9 +88,8 @@ const SELECT: &str = "SELECT m.id, m.name, m.status, m.runtime, m.vcpu_count, m.
 
 fn json_col<T: serde::de::DeserializeOwned>(row: &Row, idx: usize) -> rusqlite::Result<T> {
     let text: String = row.get(idx)?;
-    serde_json::from_str(&text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
-    })
+    serde_json::from_str(&text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 fn enum_col<T>(row: &Row, idx: usize, parse: fn(&str) -> Option<T>) -> rusqlite::Result<T> {
@@ -136,14 +131,8 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 }
 
 /// Inserts the machine and leases it the lowest free block, in one transaction.
-pub fn insert(
-    conn: &mut Connection,
-    m: &NewMachine,
-    block_count: u32,
-) -> Result<MachineRecord, InsertError> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(StoreError::from)?;
+pub fn insert(conn: &mut Connection, m: &NewMachine, block_count: u32) -> Result<MachineRecord, InsertError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
     let ts = now();
     let inserted = tx.execute(
         "INSERT INTO machines (id, name, status, runtime, vcpu_count, mem_size_mib, kernel_image_path, kernel_args, \
@@ -166,8 +155,7 @@ pub fn insert(
     );
     match inserted {
         Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
-            if e.code == rusqlite::ErrorCode::ConstraintViolation
-                && msg.contains("machines.name") =>
+            if e.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("machines.name") =>
         {
             return Err(InsertError::NameTaken(m.name.clone()));
         }
@@ -176,28 +164,18 @@ pub fn insert(
         }
     }
     leases::allocate(&tx, &m.id, block_count)?;
-    let rec = tx
-        .query_row(&format!("{SELECT} WHERE m.id = ?1"), [&m.id], from_row)
-        .map_err(StoreError::from)?;
+    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [&m.id], from_row).map_err(StoreError::from)?;
     tx.commit().map_err(StoreError::from)?;
     Ok(rec)
 }
 
 /// Looks a machine up by id, or else by name.
 pub fn get(conn: &Connection, id_or_name: &str) -> StoreResult<Option<MachineRecord>> {
-    let by_id = conn
-        .query_row(&format!("{SELECT} WHERE m.id = ?1"), [id_or_name], from_row)
-        .optional()?;
+    let by_id = conn.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id_or_name], from_row).optional()?;
     if by_id.is_some() {
         return Ok(by_id);
     }
-    Ok(conn
-        .query_row(
-            &format!("{SELECT} WHERE m.name = ?1"),
-            [id_or_name],
-            from_row,
-        )
-        .optional()?)
+    Ok(conn.query_row(&format!("{SELECT} WHERE m.name = ?1"), [id_or_name], from_row).optional()?)
 }
 
 /// A page of machines (oldest first) and the number matching the filter.
@@ -211,33 +189,23 @@ pub fn list(
         Some(s) => ("WHERE m.status = ?1", vec![s.as_str().to_string()]),
         None => ("", vec![]),
     };
-    let total: u64 = conn.query_row(
-        &format!("SELECT COUNT(*) FROM machines m {filter}"),
-        params_from_iter(args.iter()),
-        |r| r.get(0),
-    )?;
-    let sql =
-        format!("{SELECT} {filter} ORDER BY m.created_at, m.id LIMIT {limit} OFFSET {offset}");
-    let rows = conn
-        .prepare(&sql)?
-        .query_map(params_from_iter(args.iter()), from_row)?
-        .collect::<Result<Vec<_>, _>>()?;
+    let total: u64 =
+        conn.query_row(&format!("SELECT COUNT(*) FROM machines m {filter}"), params_from_iter(args.iter()), |r| {
+            r.get(0)
+        })?;
+    let sql = format!("{SELECT} {filter} ORDER BY m.created_at, m.id LIMIT {limit} OFFSET {offset}");
+    let rows =
+        conn.prepare(&sql)?.query_map(params_from_iter(args.iter()), from_row)?.collect::<Result<Vec<_>, _>>()?;
     Ok((rows, total))
 }
 
 /// Machines in any of `statuses`.
-pub fn with_status(
-    conn: &Connection,
-    statuses: &[MachineStatus],
-) -> StoreResult<Vec<MachineRecord>> {
+pub fn with_status(conn: &Connection, statuses: &[MachineStatus]) -> StoreResult<Vec<MachineRecord>> {
     let marks = vec!["?"; statuses.len()].join(", ");
     let sql = format!("{SELECT} WHERE m.status IN ({marks}) ORDER BY l.block");
     Ok(conn
         .prepare(&sql)?
-        .query_map(
-            params_from_iter(statuses.iter().map(|s| s.as_str())),
-            from_row,
-        )?
+        .query_map(params_from_iter(statuses.iter().map(|s| s.as_str())), from_row)?
         .collect::<Result<Vec<_>, _>>()?)
 }
 
@@ -277,15 +245,10 @@ pub fn transition(
             format!("?{}", args.len())
         })
         .collect();
-    let sql = format!(
-        "UPDATE machines SET {} WHERE id = ?{id_arg} AND status IN ({})",
-        sets.join(", "),
-        marks.join(", ")
-    );
+    let sql =
+        format!("UPDATE machines SET {} WHERE id = ?{id_arg} AND status IN ({})", sets.join(", "), marks.join(", "));
     let changed = tx.execute(&sql, params_from_iter(args))?;
-    let rec = tx
-        .query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row)
-        .optional()?;
+    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()?;
     tx.commit()?;
     Ok(match (changed, rec) {
         (_, None) => Cas::Missing,
@@ -297,10 +260,7 @@ pub fn transition(
 /// Deletes machine `id` and frees its block if its status is one of `from`.
 pub fn delete(conn: &mut Connection, id: &str, from: &[MachineStatus]) -> StoreResult<Cas> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let Some(rec) = tx
-        .query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row)
-        .optional()?
-    else {
+    let Some(rec) = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()? else {
         return Ok(Cas::Missing);
     };
     if !from.contains(&rec.status) {
@@ -312,18 +272,12 @@ pub fn delete(conn: &mut Connection, id: &str, from: &[MachineStatus]) -> StoreR
     Ok(Cas::Done(rec))
 }
 
-pub fn set_exposed_ports(
-    conn: &Connection,
-    id: &str,
-    ports: &[u16],
-) -> StoreResult<Option<MachineRecord>> {
+pub fn set_exposed_ports(conn: &Connection, id: &str, ports: &[u16]) -> StoreResult<Option<MachineRecord>> {
     conn.execute(
         "UPDATE machines SET exposed_ports = ?1, updated_at = ?2 WHERE id = ?3",
         params![to_json(&ports), now(), id],
     )?;
-    Ok(conn
-        .query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row)
-        .optional()?)
+    Ok(conn.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()?)
 }
 
 #[cfg(test)]
@@ -354,14 +308,8 @@ mod tests {
         store
             .call_blocking(|c| {
                 let a = insert(c, &new("ida", "alpha"), 10).unwrap();
-                assert_eq!(
-                    (a.block, a.status, a.egress.clone()),
-                    (0, Pending, EgressPolicy::Deny)
-                );
-                assert!(matches!(
-                    insert(c, &new("idb", "alpha"), 10),
-                    Err(InsertError::NameTaken(_))
-                ));
+                assert_eq!((a.block, a.status, a.egress.clone()), (0, Pending, EgressPolicy::Deny));
+                assert!(matches!(insert(c, &new("idb", "alpha"), 10), Err(InsertError::NameTaken(_))));
                 let b = insert(c, &new("idb", "beta"), 10).unwrap();
                 assert_eq!(b.block, 1, "the failed insert leased nothing");
                 assert_eq!(get(c, "beta")?.unwrap().id, "idb");
@@ -383,37 +331,18 @@ mod tests {
         store
             .call_blocking(|c| {
                 insert(c, &new("id1", "m1"), 10).unwrap();
-                let ch = Changes {
-                    pid: Some(Some(42)),
-                    ..Default::default()
-                };
-                let Cas::Done(r) = transition(c, "id1", &[Pending, Stopped], Starting, &ch)? else {
-                    panic!()
-                };
+                let ch = Changes { pid: Some(Some(42)), ..Default::default() };
+                let Cas::Done(r) = transition(c, "id1", &[Pending, Stopped], Starting, &ch)? else { panic!() };
                 assert_eq!((r.status, r.pid), (Starting, Some(42)));
                 // A second start finds it no longer pending.
-                let Cas::WrongState(r) = transition(c, "id1", &[Pending, Stopped], Starting, &ch)?
-                else {
-                    panic!()
-                };
+                let Cas::WrongState(r) = transition(c, "id1", &[Pending, Stopped], Starting, &ch)? else { panic!() };
                 assert_eq!(r.status, Starting);
-                let failed = Changes {
-                    error_message: Some(Some("boom".into())),
-                    ..Changes::process_gone()
-                };
-                let Cas::Done(r) = transition(c, "id1", &[Starting], Failed, &failed)? else {
-                    panic!()
-                };
+                let failed = Changes { error_message: Some(Some("boom".into())), ..Changes::process_gone() };
+                let Cas::Done(r) = transition(c, "id1", &[Starting], Failed, &failed)? else { panic!() };
                 assert_eq!((r.pid, r.error_message.as_deref()), (None, Some("boom")));
-                let Cas::Done(r) = transition(c, "id1", &[Failed], Starting, &Changes::default())?
-                else {
-                    panic!()
-                };
+                let Cas::Done(r) = transition(c, "id1", &[Failed], Starting, &Changes::default())? else { panic!() };
                 assert_eq!(r.error_message, None);
-                assert!(matches!(
-                    transition(c, "nope", &[Pending], Starting, &ch)?,
-                    Cas::Missing
-                ));
+                assert!(matches!(transition(c, "nope", &[Pending], Starting, &ch)?, Cas::Missing));
                 Ok(())
             })
             .unwrap();

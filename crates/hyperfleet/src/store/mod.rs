@@ -84,9 +84,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
     /// Runs `f` with the connection on a blocking thread.
@@ -105,17 +103,13 @@ impl Store {
     }
 
     /// Same as [`Self::call`] for code that is not async (the CLI's key commands).
-    pub fn call_blocking<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> StoreResult<T>,
-    ) -> StoreResult<T> {
+    pub fn call_blocking<T>(&self, f: impl FnOnce(&mut Connection) -> StoreResult<T>) -> StoreResult<T> {
         let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut guard)
     }
 
     pub async fn ping(&self) -> StoreResult<()> {
-        self.call(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
-            .await
+        self.call(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?)).await
     }
 }
 
@@ -137,9 +131,7 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
 }
 
 pub fn meta_get(conn: &Connection, key: &str) -> StoreResult<Option<String>> {
-    Ok(conn
-        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()?)
+    Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
 }
 
 pub fn meta_set(conn: &Connection, key: &str, value: &str) -> StoreResult<()> {
@@ -156,12 +148,8 @@ pub fn now() -> String {
 }
 
 pub fn format_time(t: time::OffsetDateTime) -> String {
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    t.to_offset(time::UtcOffset::UTC)
-        .format(&fmt)
-        .unwrap_or_default()
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    t.to_offset(time::UtcOffset::UTC).format(&fmt).unwrap_or_default()
 }
 
 pub fn parse_time(s: &str) -> Option<time::OffsetDateTime> {

@@ -37,21 +37,13 @@ pub fn assets() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.hyperfleet"));
     for f in ["vmlinux", "rootfs.ext4"] {
-        assert!(
-            dir.join(f).is_file(),
-            "{} is missing: run `make setup` first",
-            dir.join(f).display()
-        );
+        assert!(dir.join(f).is_file(), "{} is missing: run `make setup` first", dir.join(f).display());
     }
     dir.canonicalize().unwrap()
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[derive(Clone)]
@@ -65,12 +57,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            runtime: RuntimeKind::Container,
-            prefix_len: 24,
-            dns: "10.200.255.53".into(),
-            env: vec![],
-        }
+        Self { runtime: RuntimeKind::Container, prefix_len: 24, dns: "10.200.255.53".into(), env: vec![] }
     }
 }
 
@@ -106,28 +93,13 @@ impl Daemon {
             ("PORT".into(), port.to_string()),
             ("PROXY_PORT".into(), proxy_port.to_string()),
             ("HYPERFLEET_BIND_ADDRESS".into(), "127.0.0.1".into()),
-            (
-                "DATABASE_PATH".into(),
-                d.join("hyperfleet.db").display().to_string(),
-            ),
-            (
-                "HYPERFLEET_DATA_DIR".into(),
-                d.join("machines").display().to_string(),
-            ),
+            ("DATABASE_PATH".into(), d.join("hyperfleet.db").display().to_string()),
+            ("HYPERFLEET_DATA_DIR".into(), d.join("machines").display().to_string()),
             ("HYPERFLEET_SOCKET_DIR".into(), d.display().to_string()),
             ("HYPERFLEET_ASSETS_DIR".into(), assets.display().to_string()),
-            (
-                "HYPERFLEET_KERNEL_IMAGE_PATH".into(),
-                assets.join("vmlinux").display().to_string(),
-            ),
-            (
-                "HYPERFLEET_ROOTFS_PATH".into(),
-                assets.join("rootfs.ext4").display().to_string(),
-            ),
-            (
-                "FIRECRACKER_BIN".into(),
-                assets.join("bin/firecracker").display().to_string(),
-            ),
+            ("HYPERFLEET_KERNEL_IMAGE_PATH".into(), assets.join("vmlinux").display().to_string()),
+            ("HYPERFLEET_ROOTFS_PATH".into(), assets.join("rootfs.ext4").display().to_string()),
+            ("FIRECRACKER_BIN".into(), assets.join("bin/firecracker").display().to_string()),
             ("HYPERFLEET_RUNTIME".into(), opts.runtime.as_str().into()),
             ("HYPERFLEET_SUBNET".into(), subnet.clone()),
             ("HYPERFLEET_TAP_PREFIX".into(), tap_prefix.clone()),
@@ -154,11 +126,7 @@ impl Daemon {
             child: None,
         };
         let out = daemon.cli(&["keys", "create", "--name", "test-admin", "--scope", "*"]);
-        assert!(
-            out.status.success(),
-            "keys create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "keys create: {}", String::from_utf8_lossy(&out.stderr));
         daemon.key = String::from_utf8(out.stdout).unwrap().trim().to_string();
         daemon.client = Client::new(&daemon.url(), Some(daemon.key.clone()));
         daemon.spawn().await;
@@ -191,12 +159,7 @@ impl Daemon {
 
     /// Runs the hyperfleet binary with this daemon's environment.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(args)
-            .envs(self.env.iter().cloned())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        Command::new(bin()).args(args).envs(self.env.iter().cloned()).stdin(Stdio::null()).output().unwrap()
     }
 
     pub fn command(&self) -> Command {
@@ -206,11 +169,7 @@ impl Daemon {
     }
 
     pub async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(bin())
             .arg("serve")
             .envs(self.env.iter().cloned())
@@ -230,11 +189,7 @@ impl Daemon {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited ({status}) at start:\n{}", self.logs());
             }
-            assert!(
-                Instant::now() < deadline,
-                "daemon not healthy after 20 s:\n{}",
-                self.logs()
-            );
+            assert!(Instant::now() < deadline, "daemon not healthy after 20 s:\n{}", self.logs());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -250,10 +205,8 @@ impl Daemon {
     /// SIGTERM and wait, as `systemctl stop` would.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if c.try_wait().unwrap().is_some() {
@@ -284,10 +237,8 @@ impl Daemon {
 
     /// The machine interfaces listed in this daemon's nftables table.
     pub fn firewall_ifaces(&self) -> Vec<String> {
-        let out = Command::new("nft")
-            .args(["-j", "list", "set", "inet", &self.table, "machine_ifaces"])
-            .output()
-            .unwrap();
+        let out =
+            Command::new("nft").args(["-j", "list", "set", "inet", &self.table, "machine_ifaces"]).output().unwrap();
         if !out.status.success() {
             return vec![];
         }
@@ -297,12 +248,7 @@ impl Daemon {
             .unwrap()
             .iter()
             .filter_map(|o| o.get("set"))
-            .flat_map(|s| {
-                s.get("elem")
-                    .and_then(|e| e.as_array())
-                    .cloned()
-                    .unwrap_or_default()
-            })
+            .flat_map(|s| s.get("elem").and_then(|e| e.as_array()).cloned().unwrap_or_default())
             .filter_map(|e| e.as_str().map(str::to_string))
             .collect();
         names.sort();
@@ -310,12 +256,7 @@ impl Daemon {
     }
 
     pub fn table_exists(&self) -> bool {
-        Command::new("nft")
-            .args(["list", "table", "inet", &self.table])
-            .output()
-            .unwrap()
-            .status
-            .success()
+        Command::new("nft").args(["list", "table", "inet", &self.table]).output().unwrap().status.success()
     }
 }
 
@@ -333,33 +274,20 @@ impl Drop for Daemon {
 }
 
 pub fn machine(name: &str) -> CreateMachine {
-    CreateMachine {
-        name: Some(name.into()),
-        vcpu_count: Some(1),
-        mem_size_mib: Some(128),
-        ..Default::default()
-    }
+    CreateMachine { name: Some(name.into()), vcpu_count: Some(1), mem_size_mib: Some(128), ..Default::default() }
 }
 
 /// Creates and starts a machine, asserting it runs.
 pub async fn running(d: &Daemon, req: CreateMachine) -> Machine {
     let m = d.client.create_machine(&req).await.unwrap();
-    let m = d
-        .client
-        .start_machine(&m.id)
-        .await
-        .unwrap_or_else(|e| panic!("start {}: {e}\n{}", m.name, d.logs()));
+    let m = d.client.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start {}: {e}\n{}", m.name, d.logs()));
     assert_eq!(m.status, MachineStatus::Running);
     m
 }
 
 /// Runs a shell command in the machine and returns (exit code, stdout, stderr).
 pub async fn sh(d: &Daemon, id: &str, script: &str) -> (i32, String, String) {
-    let r = d
-        .client
-        .exec(id, &["sh", "-c", script])
-        .await
-        .unwrap_or_else(|e| panic!("exec {script}: {e}"));
+    let r = d.client.exec(id, &["sh", "-c", script]).await.unwrap_or_else(|e| panic!("exec {script}: {e}"));
     (r.exit_code, r.stdout, r.stderr)
 }
 
@@ -374,12 +302,7 @@ pub struct TestNet {
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
 impl TestNet {
@@ -392,30 +315,12 @@ impl TestNet {
             peer_ip: format!("10.200.{third_octet}.2"),
         };
         let _ = Command::new("ip").args(["netns", "del", &t.ns]).output();
-        let _ = Command::new("ip")
-            .args(["link", "del", &t.host_if])
-            .output();
+        let _ = Command::new("ip").args(["link", "del", &t.host_if]).output();
         ip(&["netns", "add", &t.ns]);
-        ip(&[
-            "link", "add", &t.host_if, "type", "veth", "peer", "name", "inet0", "netns", &t.ns,
-        ]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", t.host_ip),
-            "dev",
-            &t.host_if,
-        ]);
+        ip(&["link", "add", &t.host_if, "type", "veth", "peer", "name", "inet0", "netns", &t.ns]);
+        ip(&["addr", "add", &format!("{}/24", t.host_ip), "dev", &t.host_if]);
         ip(&["link", "set", &t.host_if, "up"]);
-        ip(&[
-            "-n",
-            &t.ns,
-            "addr",
-            "add",
-            &format!("{}/24", t.peer_ip),
-            "dev",
-            "inet0",
-        ]);
+        ip(&["-n", &t.ns, "addr", "add", &format!("{}/24", t.peer_ip), "dev", "inet0"]);
         ip(&["-n", &t.ns, "link", "set", "inet0", "up"]);
         ip(&["-n", &t.ns, "link", "set", "lo", "up"]);
         t
@@ -440,9 +345,7 @@ impl TestNet {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf);
-                let _ = s.write_all(
-                    b"HTTP/1.0 200 OK\r\nContent-Length: 24\r\n\r\nhello from the internet\n",
-                );
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 24\r\n\r\nhello from the internet\n");
                 if tx.send(peer).is_err() {
                     return;
                 }
@@ -455,9 +358,7 @@ impl TestNet {
 
 impl Drop for TestNet {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }

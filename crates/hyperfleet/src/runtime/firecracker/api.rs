@@ -18,9 +18,7 @@ pub struct FirecrackerApi {
 
 impl FirecrackerApi {
     pub fn new(socket: &Path) -> Self {
-        Self {
-            socket: socket.to_path_buf(),
-        }
+        Self { socket: socket.to_path_buf() }
     }
 
     async fn call(
@@ -32,12 +30,9 @@ impl FirecrackerApi {
         let io_err = |e: &dyn std::fmt::Display| {
             RuntimeError::Failed(format!("firecracker API {} {path}: {e}", method.as_str()))
         };
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| io_err(&e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| io_err(&e))?;
+        let stream = UnixStream::connect(&self.socket).await.map_err(|e| io_err(&e))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| io_err(&e))?;
         tokio::spawn(conn);
         let body = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
         let req = Request::builder()
@@ -50,21 +45,11 @@ impl FirecrackerApi {
             .map_err(|e| io_err(&e))?;
         let resp = sender.send_request(req).await.map_err(|e| io_err(&e))?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| io_err(&e))?
-            .to_bytes();
+        let bytes = resp.into_body().collect().await.map_err(|e| io_err(&e))?.to_bytes();
         Ok((status, bytes))
     }
 
-    async fn expect_ok(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Bytes, RuntimeError> {
+    async fn expect_ok(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Bytes, RuntimeError> {
         let (status, bytes) = self.call(method.clone(), path, body).await?;
         if status.is_success() {
             return Ok(bytes);
@@ -72,11 +57,7 @@ impl FirecrackerApi {
         // Firecracker explains refusals as {"fault_message": "..."}.
         let message = serde_json::from_slice::<Value>(&bytes)
             .ok()
-            .and_then(|v| {
-                v.get("fault_message")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_string)
-            })
+            .and_then(|v| v.get("fault_message").and_then(|m| m.as_str()).map(str::to_string))
             .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
         Err(RuntimeError::Firecracker {
             action: format!("{} {path}", method.as_str()),
@@ -86,20 +67,15 @@ impl FirecrackerApi {
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> Result<(), RuntimeError> {
-        self.expect_ok(Method::PUT, path, Some(body))
-            .await
-            .map(|_| ())
+        self.expect_ok(Method::PUT, path, Some(body)).await.map(|_| ())
     }
 
     pub async fn patch(&self, path: &str, body: &Value) -> Result<(), RuntimeError> {
-        self.expect_ok(Method::PATCH, path, Some(body))
-            .await
-            .map(|_| ())
+        self.expect_ok(Method::PATCH, path, Some(body)).await.map(|_| ())
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, RuntimeError> {
         let bytes = self.expect_ok(Method::GET, path, None).await?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| RuntimeError::Failed(format!("firecracker API GET {path}: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| RuntimeError::Failed(format!("firecracker API GET {path}: {e}")))
     }
 }

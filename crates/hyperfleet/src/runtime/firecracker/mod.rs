@@ -38,7 +38,8 @@ impl Firecracker {
     pub fn unavailable(&self) -> Option<String> {
         if self.bin.is_none() {
             return Some(
-                "firecracker binary not found: set FIRECRACKER_BIN, put firecracker on PATH, or run `make setup`".into(),
+                "firecracker binary not found: set FIRECRACKER_BIN, put firecracker on PATH, or run `make setup`"
+                    .into(),
             );
         }
         if self.kvm == KvmKind::Missing {
@@ -77,8 +78,7 @@ impl Firecracker {
 
     /// Whether `pid` is the firecracker of this machine (checked by its socket path in /proc/PID/cmdline).
     pub fn owns(pid: u32, files: &MachineFiles) -> bool {
-        process::alive(pid)
-            && process::cmdline_contains(pid, &files.api_socket.display().to_string())
+        process::alive(pid) && process::cmdline_contains(pid, &files.api_socket.display().to_string())
     }
 
     /// Finds this machine's firecracker by its socket path, for a process whose PID was never recorded (the
@@ -105,9 +105,7 @@ impl Firecracker {
         let bin = self.bin.clone().expect("checked above");
         Self::remove_sockets(files);
         let console = files.open_console_log()?;
-        let console_err = console
-            .try_clone()
-            .map_err(|e| RuntimeError::Failed(format!("console log: {e}")))?;
+        let console_err = console.try_clone().map_err(|e| RuntimeError::Failed(format!("console log: {e}")))?;
         let pid = process::spawn_detached(
             Command::new(&bin)
                 .arg("--api-sock")
@@ -120,10 +118,7 @@ impl Firecracker {
         )
         .map_err(|e| RuntimeError::Unavailable(format!("cannot run {}: {e}", bin.display())))?;
         match self.configure(m, files, net, pid).await {
-            Ok(()) => Ok(Booted {
-                pid,
-                socket_path: Some(files.api_socket.display().to_string()),
-            }),
+            Ok(()) => Ok(Booted { pid, socket_path: Some(files.api_socket.display().to_string()) }),
             Err(e) => {
                 process::terminate(pid, Duration::from_secs(1)).await;
                 Self::remove_sockets(files);
@@ -149,9 +144,7 @@ impl Firecracker {
                 )));
             }
             if Instant::now() > deadline {
-                return Err(RuntimeError::Failed(
-                    "firecracker API socket did not appear within 5 s".into(),
-                ));
+                return Err(RuntimeError::Failed("firecracker API socket did not appear within 5 s".into()));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -181,13 +174,8 @@ impl Firecracker {
             &json!({ "iface_id": "eth0", "guest_mac": net.mac, "host_dev_name": net.iface }),
         )
         .await?;
-        api.put(
-            "/vsock",
-            &json!({ "guest_cid": GUEST_CID, "uds_path": files.vsock_socket }),
-        )
-        .await?;
-        api.put("/actions", &json!({ "action_type": "InstanceStart" }))
-            .await?;
+        api.put("/vsock", &json!({ "guest_cid": GUEST_CID, "uds_path": files.vsock_socket })).await?;
+        api.put("/actions", &json!({ "action_type": "InstanceStart" })).await?;
         if !process::alive(pid) {
             return Err(RuntimeError::Failed(format!(
                 "firecracker exited after InstanceStart: {}",
@@ -208,9 +196,7 @@ impl Firecracker {
             } else {
                 // Without guest userspace (or agent) this does nothing, which is why a grace period follows.
                 let api = FirecrackerApi::new(&files.api_socket);
-                api.put("/actions", &json!({ "action_type": "SendCtrlAltDel" }))
-                    .await
-                    .is_ok()
+                api.put("/actions", &json!({ "action_type": "SendCtrlAltDel" })).await.is_ok()
             };
             if !(graceful && process::wait_exit(pid, grace).await) {
                 process::terminate(pid, Duration::from_secs(3)).await;
