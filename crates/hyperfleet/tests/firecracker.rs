@@ -172,6 +172,9 @@ async fn firecracker_failures_are_reported_and_cleaned_up() {
     let failed = c.get_machine(&m.id).await.unwrap();
     assert_eq!(failed.status, MachineStatus::Failed);
     assert!(failed.error_message.unwrap().contains("firecracker rejected"));
+    let e = c.wait_machine(&m.id, MachineStatus::Running, 5).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(400), Some("BAD_REQUEST")), "wait reports the failure: {e}");
+    assert!(e.to_string().contains("failed instead of reaching status running"), "{e}");
     assert!(iface(&m.tap_device).is_none());
     assert!(!Path::new(&d.dir.path().join(format!("hyperfleet-{}.sock", m.id))).exists());
     assert!(d.firewall_ifaces().is_empty());
