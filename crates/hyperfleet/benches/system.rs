@@ -465,7 +465,10 @@ async fn bench_proxy(r: &mut Report) {
          two CPUs, so for tiny responses, where every request is pure HTTP handling, the proxy's extra hop costs \
          about as much as the server itself; the ratio approaches 1 as responses carry real payload.",
     );
-    r.table(&["response", "direct req/s", "proxied req/s", "ratio", "direct p50 / p99", "proxied p50 / p99", "added p50"], rows);
+    r.table(
+        &["response", "direct req/s", "proxied req/s", "ratio", "direct p50 / p99", "proxied p50 / p99", "added p50"],
+        rows,
+    );
 }
 
 #[tokio::main]

@@ -25,7 +25,15 @@ async fn doctor_and_network_report_find_a_broken_machine() {
     let report = d.client.machine_network(&m.id).await.unwrap();
     assert!(report.ok, "{report:?}");
     let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
-    for want in ["ip forwarding", "subnet route", "interface exists", "interface up", "interface address", "firewall entry", "guest reachable"] {
+    for want in [
+        "ip forwarding",
+        "subnet route",
+        "interface exists",
+        "interface up",
+        "interface address",
+        "firewall entry",
+        "guest reachable",
+    ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
     let out = d.cli(&["doctor"]);
@@ -59,7 +67,9 @@ async fn cli_drives_the_api_and_manages_keys() {
     let cli = |args: &[&str]| {
         d.command().args(args).env("HYPERFLEET_URL", d.url()).env("HYPERFLEET_API_KEY", &d.key).output().unwrap()
     };
-    let out = cli(&["machines", "create", "--name", "from-cli", "--mem", "64", "--expose", "80", "--start", "--output", "json"]);
+    let out = cli(&[
+        "machines", "create", "--name", "from-cli", "--mem", "64", "--expose", "80", "--start", "--output", "json",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let m: Machine = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((m.status, m.exposed_ports.as_slice()), (MachineStatus::Running, &[80u16][..]));
@@ -113,12 +123,19 @@ async fn good_neighbour_on_a_shared_host() {
     }
     // A user's own nftables table and an interface that happens to have our next name.
     let user_table = format!("usertest_{}", std::process::id());
-    let rules = format!("table inet {user_table} {{ chain c {{ type filter hook forward priority 10; policy accept; counter }} }}");
-    assert!(Command::new("nft").arg(&rules).status().unwrap().success());
+    let rules = format!(
+        "table inet {user_table} {{\n chain c {{\n type filter hook forward priority 10; policy accept;\n counter\n }}\n}}\n"
+    );
+    let file = std::env::temp_dir().join(format!("{user_table}.nft"));
+    std::fs::write(&file, rules).unwrap();
+    assert!(Command::new("nft").arg("-f").arg(&file).status().unwrap().success());
+    let _ = std::fs::remove_file(&file);
+    let _cleanup = UserTable(user_table.clone());
     let mut d = Daemon::start(Options::default()).await;
     let first = running(&d, machine("first")).await;
     let squatter = format!("{}1", d.tap_prefix);
     assert!(Command::new("ip").args(["tuntap", "add", "dev", &squatter, "mode", "tap"]).status().unwrap().success());
+    let _squatter_cleanup = ForeignLink(squatter.clone());
 
     let m = d.client.create_machine(&machine("second")).await.unwrap();
     assert_eq!(m.tap_device, squatter);
@@ -135,13 +152,29 @@ async fn good_neighbour_on_a_shared_host() {
     assert!(hyperfleet_net::icmp::ping(first.guest_ip, Duration::from_secs(2)).unwrap().is_some());
     d.spawn().await;
     assert!(d.host_links().contains(&squatter));
-    assert!(Command::new("ip").args(["link", "del", &squatter]).status().unwrap().success());
     drop(d);
+    let still = Command::new("ip").args(["link", "show", &squatter]).output().unwrap();
+    assert!(still.status.success(), "purge must not delete an interface that is not ours");
 
     let after = Command::new("nft").args(["list", "table", "inet", &user_table]).output().unwrap();
     assert!(after.status.success(), "the user's table survived purge");
-    assert!(stdout(&after).contains("hook forward priority 10"));
-    let _ = Command::new("nft").args(["delete", "table", "inet", &user_table]).status();
+    assert!(stdout(&after).contains("hook forward priority filter + 10"), "{}", stdout(&after));
+}
+
+/// Deletes the test's foreign interface, also when the test fails.
+struct ForeignLink(String);
+impl Drop for ForeignLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+/// Deletes the test's own nftables table, also when the test fails.
+struct UserTable(String);
+impl Drop for UserTable {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", &self.0]).status();
+    }
 }
 
 #[tokio::test]
