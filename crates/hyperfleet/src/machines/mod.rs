@@ -94,6 +94,12 @@ fn new_machine_id() -> String {
     (0..16).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
 }
 
+/// Runs a flow in a task of its own: a client that hangs up drops this future, not the flow, so a start or
+/// stop is never left half done.
+async fn detached<T: Send + 'static>(what: &str, flow: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+    tokio::spawn(flow).await.map_err(|e| Error::Runtime(RuntimeError::Failed(format!("{what} task: {e}"))))?
+}
+
 fn host_mem_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -275,10 +281,7 @@ impl Service {
     /// Starts a machine: pending|stopped|failed → starting → running, or failed with everything undone.
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
-        let this = self.clone();
-        tokio::spawn(async move { this.start_flow(rec).await })
-            .await
-            .map_err(|e| Error::Runtime(RuntimeError::Failed(format!("start task: {e}"))))?
+        detached("start", self.clone().start_flow(rec)).await
     }
 
     async fn start_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
@@ -338,10 +341,7 @@ impl Service {
     /// Stops a machine: running|paused → stopping → stopped.
     pub async fn stop(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
-        let this = self.clone();
-        tokio::spawn(async move { this.stop_flow(rec).await })
-            .await
-            .map_err(|e| Error::Runtime(RuntimeError::Failed(format!("stop task: {e}"))))?
+        detached("stop", self.clone().stop_flow(rec)).await
     }
 
     async fn stop_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {

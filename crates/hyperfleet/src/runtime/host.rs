@@ -48,14 +48,13 @@ pub fn find_firecracker(configured: Option<&Path>, assets_dir: &Path) -> Option<
     if let Some(p) = configured {
         return is_executable(p).then(|| p.to_path_buf());
     }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .map(|dir| dir.join("firecracker"))
-        .chain(std::iter::once(assets_dir.join("bin/firecracker")))
-        .find(|p| is_executable(p))
+    find_on_path(Path::new("firecracker")).or_else(|| {
+        let installed = assets_dir.join("bin/firecracker");
+        is_executable(&installed).then_some(installed)
+    })
 }
 
+/// `name` itself if it is a path, else the first executable of that name on PATH.
 pub fn find_on_path(name: &Path) -> Option<PathBuf> {
     if name.components().count() > 1 {
         return is_executable(name).then(|| name.to_path_buf());
