@@ -105,6 +105,21 @@ async fn cli_drives_the_api_and_manages_keys() {
 }
 
 #[tokio::test]
+async fn first_start_prints_one_admin_key_once() {
+    if !require_root("first_start_prints_one_admin_key_once") {
+        return;
+    }
+    let mut d = Daemon::start(Options { first_start_key: true, ..Default::default() }).await;
+    let keys = d.client.list_api_keys().await.unwrap().api_keys;
+    assert_eq!(keys.len(), 1);
+    assert_eq!((keys[0].name.as_str(), keys[0].scopes.as_slice()), ("admin", &[Scope::All][..]));
+    d.restart_after_crash().await;
+    assert_eq!(common::printed_keys(&d.logs()), vec![d.key.clone()], "printed once, never again");
+    let db = std::fs::read(d.dir.path().join("hyperfleet.db")).unwrap();
+    assert!(!db.windows(d.key.len()).any(|w| w == d.key.as_bytes()), "the secret is not in the database");
+}
+
+#[tokio::test]
 async fn disable_auth_opens_the_api_with_a_warning() {
     if !require_root("disable_auth_opens_the_api_with_a_warning") {
         return;

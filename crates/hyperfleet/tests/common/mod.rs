@@ -53,11 +53,13 @@ pub struct Options {
     pub prefix_len: u8,
     pub dns: String,
     pub env: Vec<(String, String)>,
+    /// Do not create a key up front: use the admin key the daemon prints at its first start.
+    pub first_start_key: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { runtime: RuntimeKind::Container, prefix_len: 24, dns: "10.200.255.53".into(), env: vec![] }
+        Self { runtime: RuntimeKind::Container, prefix_len: 24, dns: "10.200.255.53".into(), env: vec![], first_start_key: false }
     }
 }
 
@@ -125,11 +127,18 @@ impl Daemon {
             env,
             child: None,
         };
-        let out = daemon.cli(&["keys", "create", "--name", "test-admin", "--scope", "*"]);
-        assert!(out.status.success(), "keys create: {}", String::from_utf8_lossy(&out.stderr));
-        daemon.key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        if opts.first_start_key {
+            daemon.client = Client::new(&daemon.url(), None);
+            daemon.spawn().await;
+            daemon.key = printed_keys(&daemon.logs()).first().cloned().expect("the first start prints an admin key");
+        } else {
+            let out = daemon.cli(&["keys", "create", "--name", "test-admin", "--scope", "*"]);
+            assert!(out.status.success(), "keys create: {}", String::from_utf8_lossy(&out.stderr));
+            daemon.key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+            daemon.client = Client::new(&daemon.url(), Some(daemon.key.clone()));
+            daemon.spawn().await;
+        }
         daemon.client = Client::new(&daemon.url(), Some(daemon.key.clone()));
-        daemon.spawn().await;
         daemon
     }
 
@@ -271,6 +280,11 @@ impl Drop for Daemon {
             eprintln!("---- daemon log ----\n{}\n---- end ----", self.logs());
         }
     }
+}
+
+/// API keys printed in a daemon's output.
+pub fn printed_keys(log: &str) -> Vec<String> {
+    log.split_whitespace().filter(|w| w.starts_with("hf_") && w.len() == 35).map(str::to_string).collect()
 }
 
 pub fn machine(name: &str) -> CreateMachine {
