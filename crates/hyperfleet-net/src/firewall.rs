@@ -50,6 +50,24 @@ impl Firewall {
         &self.table
     }
 
+    /// The set elements that stand for one machine, as `(set, element)` pairs. Everything per machine lives in
+    /// sets, so the rules are fixed and a start or stop only adds or deletes elements.
+    fn elements(m: &FirewallEntry) -> Vec<(&'static str, String)> {
+        let mut e = vec![
+            ("machine_ifaces", format!("\"{}\"", m.iface)),
+            ("gateways", format!("\"{}\" . {}", m.iface, m.tap_ip)),
+            ("guest_addrs", format!("\"{}\" . {}", m.iface, m.guest_ip)),
+        ];
+        // Deny is a restriction with nothing allowed.
+        if let Egress::Deny | Egress::Only(_) = &m.egress {
+            e.push(("egress_restricted", format!("\"{}\"", m.iface)));
+        }
+        if let Egress::Only(cidrs) = &m.egress {
+            e.extend(cidrs.iter().map(|c| ("egress_allowed", format!("\"{}\" . {c}", m.iface))));
+        }
+        e
+    }
+
     /// The full table for these machines, as one nft script that replaces any previous version atomically.
     pub fn render(&self, machines: &[FirewallEntry]) -> String {
         let t = &self.table;
@@ -57,12 +75,17 @@ impl Firewall {
         let mut s = String::new();
         // "add" makes the delete valid when the table does not exist yet; all three lines are one transaction.
         let _ = writeln!(s, "add table inet {t}\ndelete table inet {t}\ntable inet {t} {{");
-        let ifaces: Vec<String> = machines.iter().map(|m| format!("\"{}\"", m.iface)).collect();
-        let gateways: Vec<String> = machines.iter().map(|m| format!("\"{}\" . {}", m.iface, m.tap_ip)).collect();
-        let guests: Vec<String> = machines.iter().map(|m| format!("\"{}\" . {}", m.iface, m.guest_ip)).collect();
-        set(&mut s, "machine_ifaces", "ifname", &ifaces);
-        set(&mut s, "gateways", "ifname . ipv4_addr", &gateways);
-        set(&mut s, "guest_addrs", "ifname . ipv4_addr", &guests);
+        let all: Vec<(&str, String)> = machines.iter().flat_map(Self::elements).collect();
+        for (name, ty, flags) in [
+            ("machine_ifaces", "ifname", ""),
+            ("gateways", "ifname . ipv4_addr", ""),
+            ("guest_addrs", "ifname . ipv4_addr", ""),
+            ("egress_restricted", "ifname", ""),
+            ("egress_allowed", "ifname . ipv4_addr", "interval"),
+        ] {
+            let elements: Vec<&str> = all.iter().filter(|(n, _)| *n == name).map(|(_, e)| e.as_str()).collect();
+            set(&mut s, name, ty, flags, &elements);
+        }
 
         // Guest -> host: only replies and a ping of its own gateway. Everything else the host listens on
         // (ssh, the API, the proxy, the other machines' gateways) stays out of reach.
@@ -74,7 +97,8 @@ impl Firewall {
              meta nfproto ipv4 iifname . ip daddr @gateways icmp type echo-request accept\n    drop\n  }}"
         );
 
-        // Forwarded traffic: guest -> world with egress policy; world -> guest only as replies.
+        // Forwarded traffic: guest -> world, anti-spoofed, never to another machine, with its egress policy;
+        // world -> guest only as replies.
         let _ = writeln!(
             s,
             "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    \
@@ -85,24 +109,9 @@ impl Firewall {
             "  chain guest_out {{\n    meta nfproto != ipv4 drop\n    \
              iifname . ip saddr != @guest_addrs drop\n    \
              oifname @machine_ifaces drop\n    ip daddr {subnet} drop\n    \
-             ct state established,related accept"
+             ct state established,related accept\n    \
+             iifname @egress_restricted iifname . ip daddr != @egress_allowed drop\n    accept\n  }}"
         );
-        for m in machines {
-            match &m.egress {
-                Egress::Allow => {}
-                Egress::Deny => {
-                    let _ = writeln!(s, "    iifname \"{}\" drop", m.iface);
-                }
-                Egress::Only(cidrs) if cidrs.is_empty() => {
-                    let _ = writeln!(s, "    iifname \"{}\" drop", m.iface);
-                }
-                Egress::Only(cidrs) => {
-                    let list: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
-                    let _ = writeln!(s, "    iifname \"{}\" ip daddr != {{ {} }} drop", m.iface, list.join(", "));
-                }
-            }
-        }
-        let _ = writeln!(s, "    accept\n  }}");
         let _ = writeln!(s, "  chain guest_in {{\n    ct state established,related accept\n    drop\n  }}");
 
         // Masquerade what leaves through anything that is not a machine interface.
@@ -117,6 +126,24 @@ impl Firewall {
     /// Replaces the table with the rules for `machines`.
     pub async fn apply(&self, machines: &[FirewallEntry]) -> Result<(), NetError> {
         self.run(&["-f", "-"], Some(self.render(machines))).await.map(|_| ())
+    }
+
+    fn element_script(&self, op: &str, m: &FirewallEntry) -> String {
+        Self::elements(m)
+            .into_iter()
+            .map(|(set, e)| format!("{op} element inet {} {set} {{ {e} }}\n", self.table))
+            .collect()
+    }
+
+    /// Adds one machine to the existing table, in one transaction (a few milliseconds, where replacing the
+    /// table costs a kernel RCU grace period). Fails if the table is missing or the machine already listed.
+    pub async fn add(&self, m: &FirewallEntry) -> Result<(), NetError> {
+        self.run(&["-f", "-"], Some(self.element_script("add", m))).await.map(|_| ())
+    }
+
+    /// Removes one machine from the table, in one transaction. Fails if any of its elements is missing.
+    pub async fn delete(&self, m: &FirewallEntry) -> Result<(), NetError> {
+        self.run(&["-f", "-"], Some(self.element_script("delete", m))).await.map(|_| ())
     }
 
     /// Deletes the table (and with it every rule Hyperfleet made); a missing table is not an error.
@@ -154,8 +181,11 @@ impl Firewall {
     }
 }
 
-fn set(s: &mut String, name: &str, ty: &str, elements: &[String]) {
+fn set(s: &mut String, name: &str, ty: &str, flags: &str, elements: &[&str]) {
     let _ = write!(s, "  set {name} {{\n    type {ty}\n");
+    if !flags.is_empty() {
+        let _ = writeln!(s, "    flags {flags}");
+    }
     if !elements.is_empty() {
         let _ = writeln!(s, "    elements = {{ {} }}", elements.join(", "));
     }
@@ -187,10 +217,22 @@ mod tests {
         assert!(text.contains(r#"elements = { "tap0", "tap1", "tap2" }"#));
         assert!(text.contains(r#""tap1" . 172.16.0.5"#));
         assert!(text.contains(r#""tap2" . 172.16.0.10"#));
-        assert!(text.contains("iifname \"tap1\" drop"));
-        assert!(text.contains("iifname \"tap2\" ip daddr != { 10.200.0.0/24 } drop"));
-        assert!(!text.contains("iifname \"tap0\" drop"));
+        // Deny and a CIDR list are both restrictions; only the list allows something.
+        assert!(text.contains(r#"elements = { "tap1", "tap2" }"#), "{text}");
+        assert!(text.contains(r#"elements = { "tap2" . 10.200.0.0/24 }"#), "{text}");
+        assert!(text.contains("iifname @egress_restricted iifname . ip daddr != @egress_allowed drop"));
         assert!(text.contains("ip saddr 172.16.0.0/16 oifname != @machine_ifaces masquerade"));
+    }
+
+    #[test]
+    fn a_machine_is_added_and_removed_as_set_elements() {
+        let fw = Firewall::new("hftest", "172.16.0.0/16".parse().unwrap());
+        let m = entry(3, Egress::Only(vec!["10.0.0.0/8".parse().unwrap(), "192.0.2.1/32".parse().unwrap()]));
+        let add = fw.element_script("add", &m);
+        assert_eq!(add.lines().count(), 6, "{add}");
+        assert!(add.contains(r#"add element inet hftest egress_allowed { "tap3" . 192.0.2.1/32 }"#), "{add}");
+        let del = fw.element_script("delete", &entry(4, Egress::Allow));
+        assert_eq!(del.lines().count(), 3, "an unrestricted machine has no egress elements: {del}");
     }
 
     #[test]

@@ -108,9 +108,10 @@ async fn firewall_tracks_exactly_the_running_machines() {
     }
     let d = Daemon::start(Options::default()).await;
     let mut machines = Vec::new();
-    for i in 0..4 {
-        machines.push(d.client.create_machine(&machine(&format!("fw{i}"))).await.unwrap());
+    for (i, e) in [r#""allow""#, r#""deny""#, r#"["10.0.0.0/8"]"#, r#""allow""#].into_iter().enumerate() {
+        machines.push(d.client.create_machine(&egress(machine(&format!("fw{i}")), e)).await.unwrap());
     }
+    let restricted: BTreeSet<String> = [&machines[1], &machines[2]].iter().map(|m| m.tap_device.clone()).collect();
     assert!(d.table_exists(), "the table exists from daemon start");
     assert!(d.firewall_ifaces().is_empty());
     let mut running = BTreeSet::new();
@@ -126,6 +127,8 @@ async fn firewall_tracks_exactly_the_running_machines() {
         }
         let want: Vec<String> = running.iter().cloned().collect();
         assert_eq!(d.firewall_ifaces(), want, "step {step}: nft set");
+        let want_restricted: Vec<String> = running.intersection(&restricted).cloned().collect();
+        assert_eq!(d.firewall_set("egress_restricted"), want_restricted, "step {step}: egress restrictions");
         let mut links = d.host_links();
         links.sort();
         assert_eq!(links, want, "step {step}: host interfaces");
@@ -135,6 +138,8 @@ async fn firewall_tracks_exactly_the_running_machines() {
     for m in &machines {
         let listed = text.contains(&format!("\"{}\" . {}", m.tap_device, m.guest_ip));
         assert_eq!(listed, running.contains(&m.tap_device), "{} in the anti-spoofing set", m.tap_device);
+        let allowed = text.contains(&format!("\"{}\" . 10.0.0.0/8", m.tap_device));
+        assert_eq!(allowed, m.name == "fw2" && running.contains(&m.tap_device), "{} egress list", m.tap_device);
     }
 }
 

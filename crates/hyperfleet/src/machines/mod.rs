@@ -273,9 +273,34 @@ impl Service {
     /// Rebuilds the firewall from the machines that currently have a host interface.
     pub async fn refresh_firewall(&self) -> Result<()> {
         let _guard = self.firewall_lock.lock().await;
+        self.rebuild_firewall_locked().await
+    }
+
+    async fn rebuild_firewall_locked(&self) -> Result<()> {
         let active = self.store.call(|c| records::with_status(c, &ACTIVE)).await?;
         self.net.apply_firewall(&active).await?;
         Ok(())
+    }
+
+    /// Adds (`true`) or removes one machine's firewall entries. The fast path edits set elements; if that
+    /// fails (table missing, entries not as expected after a crash) the table is rebuilt from the database,
+    /// which is always right.
+    async fn firewall_update(&self, m: &MachineRecord, add: bool) -> Result<()> {
+        let _guard = self.firewall_lock.lock().await;
+        let entry = self.net.firewall_entry(m);
+        let fast = if add { self.net.firewall.add(&entry).await } else { self.net.firewall.delete(&entry).await };
+        if let Err(e) = fast {
+            tracing::debug!(machine = %m.id, error = %e, "incremental firewall update failed; rebuilding the table");
+            self.rebuild_firewall_locked().await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a machine that no longer has an interface from the firewall, logging (not failing) on error.
+    async fn firewall_forget(&self, m: &MachineRecord) {
+        if let Err(e) = self.firewall_update(m, false).await {
+            warn!(machine = %m.id, error = %e, "could not update the firewall");
+        }
     }
 
     /// Starts a machine: pending|stopped|failed → starting → running, or failed with everything undone.
@@ -292,7 +317,7 @@ impl Service {
         let outcome: Result<_> = async {
             let netns = self.runtimes.prepare(&rec, &files).await?;
             self.net.attach(&rec, netns.as_deref()).await?;
-            self.refresh_firewall().await?;
+            self.firewall_update(&rec, true).await?;
             let booted = self.runtimes.boot(&rec, &files, &net, netns.as_deref()).await?;
             pid_if_booted = Some(booted.pid);
             Ok(booted)
@@ -316,25 +341,19 @@ impl Service {
                 self.release_host(&with_pid, &files).await;
                 let changes = Changes { error_message: Some(Some(e.to_string())), ..Changes::process_gone() };
                 let _ = self.transition(&rec.id, "start", &[Starting], Failed, changes).await;
-                self.refresh_firewall_logged().await;
+                self.firewall_forget(&rec).await;
                 Err(e)
             }
         }
     }
 
-    /// Stops the process (if any) and removes the host interface. Idempotent. The caller rebuilds the
+    /// Stops the process (if any) and removes the host interface. Idempotent. The caller updates the
     /// firewall once the machine's new status is stored (a `stopping` machine still counts as active, so its
     /// interface stays filtered until it is gone).
     async fn release_host(&self, m: &MachineRecord, files: &MachineFiles) {
         self.runtimes.stop(m, files).await;
         if let Err(e) = self.net.detach(m).await {
             warn!(machine = %m.id, error = %e, "could not remove the host interface");
-        }
-    }
-
-    async fn refresh_firewall_logged(&self) {
-        if let Err(e) = self.refresh_firewall().await {
-            warn!(error = %e, "could not rebuild the firewall");
         }
     }
 
@@ -349,7 +368,7 @@ impl Service {
         let files = self.files(&rec.id);
         self.release_host(&rec, &files).await;
         let stopped = self.transition(&rec.id, "stop", &[Stopping], Stopped, Changes::process_gone()).await?;
-        self.refresh_firewall_logged().await;
+        self.firewall_forget(&rec).await;
         info!(machine = %rec.id, "machine stopped");
         Ok(self.to_wire(&stopped))
     }
@@ -377,9 +396,9 @@ impl Service {
             Cas::Done(m) => {
                 self.publish(&m);
                 let files = self.files(&m.id);
-                // Defensive: nothing should be left, but a failed start may have been interrupted.
+                // Defensive: a machine at rest has no process, interface or firewall entries; a start the
+                // daemon did not finish is cleaned by reconcile.
                 self.release_host(&m, &files).await;
-                self.refresh_firewall_logged().await;
                 self.runtimes.destroy(&m, &files).await;
                 self.port_status.write().unwrap_or_else(|e| e.into_inner()).remove(&m.id);
                 info!(machine = %m.id, "machine deleted");
@@ -468,8 +487,8 @@ impl Service {
             let changes = Changes { error_message: Some(Some(msg.clone())), ..Changes::process_gone() };
             if let Ok(failed) = this.transition(&id, "fail", &[Running, Paused], Failed, changes).await {
                 warn!(machine = %id, "{msg}");
-                this.release_host(&MachineRecord { pid: None, ..failed }, &files).await;
-                this.refresh_firewall_logged().await;
+                this.release_host(&MachineRecord { pid: None, ..failed.clone() }, &files).await;
+                this.firewall_forget(&failed).await;
             }
         });
     }

@@ -110,24 +110,24 @@ impl HostNetwork {
         self.netlink.delete_owned(&self.iface(m), &m.id).await.map(|_| ())
     }
 
+    /// The firewall's view of one machine.
+    pub fn firewall_entry(&self, m: &MachineRecord) -> FirewallEntry {
+        let b = self.block(m);
+        FirewallEntry {
+            iface: self.iface(m),
+            tap_ip: b.tap_ip(),
+            guest_ip: b.guest_ip(),
+            egress: match &m.egress {
+                EgressPolicy::Allow => Egress::Allow,
+                EgressPolicy::Deny => Egress::Deny,
+                EgressPolicy::Cidrs(c) => Egress::Only(c.clone()),
+            },
+        }
+    }
+
     /// Rebuilds the firewall table for exactly these machines.
     pub async fn apply_firewall(&self, machines: &[MachineRecord]) -> Result<(), NetError> {
-        let entries: Vec<FirewallEntry> = machines
-            .iter()
-            .map(|m| {
-                let b = self.block(m);
-                FirewallEntry {
-                    iface: self.iface(m),
-                    tap_ip: b.tap_ip(),
-                    guest_ip: b.guest_ip(),
-                    egress: match &m.egress {
-                        EgressPolicy::Allow => Egress::Allow,
-                        EgressPolicy::Deny => Egress::Deny,
-                        EgressPolicy::Cidrs(c) => Egress::Only(c.clone()),
-                    },
-                }
-            })
-            .collect();
+        let entries: Vec<FirewallEntry> = machines.iter().map(|m| self.firewall_entry(m)).collect();
         self.firewall.apply(&entries).await
     }
 

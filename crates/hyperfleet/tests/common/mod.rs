@@ -59,7 +59,13 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { runtime: RuntimeKind::Container, prefix_len: 24, dns: "10.200.255.53".into(), env: vec![], first_start_key: false }
+        Self {
+            runtime: RuntimeKind::Container,
+            prefix_len: 24,
+            dns: "10.200.255.53".into(),
+            env: vec![],
+            first_start_key: false,
+        }
     }
 }
 
@@ -246,8 +252,12 @@ impl Daemon {
 
     /// The machine interfaces listed in this daemon's nftables table.
     pub fn firewall_ifaces(&self) -> Vec<String> {
-        let out =
-            Command::new("nft").args(["-j", "list", "set", "inet", &self.table, "machine_ifaces"]).output().unwrap();
+        self.firewall_set("machine_ifaces")
+    }
+
+    /// The (single-string) elements of one set of this daemon's nftables table, sorted.
+    pub fn firewall_set(&self, set: &str) -> Vec<String> {
+        let out = Command::new("nft").args(["-j", "list", "set", "inet", &self.table, set]).output().unwrap();
         if !out.status.success() {
             return vec![];
         }
