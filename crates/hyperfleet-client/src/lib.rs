@@ -163,6 +163,14 @@ impl Client {
         Self::json(self.req(Method::POST, &format!("/machines/{id}/restart"))).await
     }
 
+    pub async fn pause_machine(&self, id: &str) -> Result<Machine> {
+        Self::json(self.req(Method::POST, &format!("/machines/{id}/pause"))).await
+    }
+
+    pub async fn resume_machine(&self, id: &str) -> Result<Machine> {
+        Self::json(self.req(Method::POST, &format!("/machines/{id}/resume"))).await
+    }
+
     /// Long-polls until the machine reaches `status` (server caps `timeout_secs` at 30).
     pub async fn wait_machine(&self, id: &str, status: MachineStatus, timeout_secs: u64) -> Result<Machine> {
         let q = [("status", status.as_str().to_string()), ("timeout", timeout_secs.to_string())];

@@ -53,12 +53,16 @@ impl MachineStatus {
                 | (Running, Stopping | Paused | Failed)
                 | (Paused, Running | Stopping | Failed)
                 | (Stopping, Stopped | Failed)
+                // Found dead when the daemon starts: the process is gone, so the machine is simply stopped.
+                | (Running | Paused, Stopped)
         )
     }
 
-    /// A machine in one of these states may be deleted without stopping it first.
+    /// States without a process or host resources: a machine in one of them may be deleted as it is.
+    pub const AT_REST: [MachineStatus; 3] = [Self::Pending, Self::Stopped, Self::Failed];
+
     pub fn is_at_rest(self) -> bool {
-        matches!(self, Self::Pending | Self::Stopped | Self::Failed)
+        Self::AT_REST.contains(&self)
     }
 }
 

@@ -184,6 +184,12 @@ async fn firecracker_failures_are_reported_and_cleaned_up() {
     let m = c.create_machine(&fc_machine("crasher")).await.unwrap();
     let m = c.start_machine(&m.id).await.unwrap();
     let pid = m.pid.unwrap();
+    // Pause and resume go to firecracker itself.
+    let api = FirecrackerApi::new(Path::new(m.socket_path.as_deref().unwrap()));
+    assert_eq!(c.pause_machine(&m.id).await.unwrap().status, MachineStatus::Paused);
+    assert_eq!(api.get("/").await.unwrap()["state"], "Paused");
+    assert_eq!(c.resume_machine(&m.id).await.unwrap().status, MachineStatus::Running);
+    assert_eq!(api.get("/").await.unwrap()["state"], "Running");
     process::signal(pid, nix::sys::signal::Signal::SIGKILL);
     wait_for("the machine to be marked failed", 20, async || {
         c.get_machine(&m.id).await.unwrap().status == MachineStatus::Failed

@@ -196,3 +196,36 @@ async fn file_size_limit_is_enforced_both_ways() {
     let ok = c.upload_file(&m.id, "/tmp/fits", &pattern(1 << 19), None).await.unwrap();
     assert_eq!(ok.size, 1 << 19);
 }
+
+#[tokio::test]
+async fn pause_freezes_and_resume_thaws() {
+    if !require_root("pause_freezes_and_resume_thaws") {
+        return;
+    }
+    let d = Daemon::start(Options::default()).await;
+    let c = &d.client;
+    let m = running(&d, machine("sleepy")).await;
+    let p = c.pause_machine(&m.id).await.unwrap();
+    assert_eq!(p.status, MachineStatus::Paused);
+    let listed = c
+        .list_machines(&hyperfleet_client::ListOptions { status: Some(MachineStatus::Paused), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(listed.total, 1);
+    // Its processes are frozen by the cgroup freezer.
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", m.pid.unwrap())).unwrap();
+    let freezer = cgroups.lines().find_map(|l| l.split_once(":freezer:").map(|(_, p)| p.to_string())).unwrap();
+    let state = std::fs::read_to_string(format!("/sys/fs/cgroup/freezer{freezer}/freezer.state")).unwrap();
+    assert_eq!(state.trim(), "FROZEN");
+    let e = c.exec(&m.id, &["true"]).await.unwrap_err();
+    assert!(e.to_string().contains("Machine must be running to execute commands"), "{e}");
+    let e = c.pause_machine(&m.id).await.unwrap_err();
+    assert!(e.to_string().contains("Cannot pause machine in 'paused' state"), "{e}");
+    assert_eq!(c.resume_machine(&m.id).await.unwrap().status, MachineStatus::Running);
+    assert_eq!(c.exec(&m.id, &["echo", "awake"]).await.unwrap().stdout, "awake\n");
+    // A paused machine stops cleanly.
+    c.pause_machine(&m.id).await.unwrap();
+    assert_eq!(c.stop_machine(&m.id).await.unwrap().status, MachineStatus::Stopped);
+    assert!(d.host_links().is_empty());
+    assert!(!common::process_alive(m.pid.unwrap()));
+}

@@ -102,6 +102,21 @@ pub async fn restart(State(s): State<AppState>, Path(id): Path<String>) -> Resul
     Ok(Json(s.service.restart(&id).await?))
 }
 
+#[utoipa::path(post, path = "/machines/{id}/pause", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, description = "paused: vCPUs suspended (firecracker) or processes frozen (container)", body = Machine),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["machines:write"])))]
+pub async fn pause(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+    Ok(Json(s.service.pause(&id).await?))
+}
+
+#[utoipa::path(post, path = "/machines/{id}/resume", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, description = "running again", body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["machines:write"])))]
+pub async fn resume(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+    Ok(Json(s.service.resume(&id).await?))
+}
+
 #[utoipa::path(get, path = "/machines/{id}/wait", tag = "machines",
     params(("id" = String, Path, description = "machine id or name"),
            ("status" = Option<MachineStatus>, Query, description = "state to wait for (default running)"),

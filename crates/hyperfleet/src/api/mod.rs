@@ -42,7 +42,7 @@ pub const CORRELATION_HEADER: &str = "x-correlation-id";
     paths(
         health,
         machines::create, machines::list, machines::get, machines::update, machines::delete, machines::start,
-        machines::stop, machines::restart, machines::wait, machines::logs, machines::network,
+        machines::stop, machines::restart, machines::pause, machines::resume, machines::wait, machines::logs, machines::network,
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
         keys::create, keys::list, keys::revoke,
     ),
@@ -139,6 +139,8 @@ pub fn router(state: AppState) -> Router {
         .route("/machines/{id}/start", post(machines::start))
         .route("/machines/{id}/stop", post(machines::stop))
         .route("/machines/{id}/restart", post(machines::restart))
+        .route("/machines/{id}/pause", post(machines::pause))
+        .route("/machines/{id}/resume", post(machines::resume))
         .route("/machines/{id}/wait", get(machines::wait))
         .route("/machines/{id}/logs", get(machines::logs))
         .route("/machines/{id}/network", get(machines::network))
@@ -184,6 +186,8 @@ mod tests {
             ("/machines/{id}/start", &["post"]),
             ("/machines/{id}/stop", &["post"]),
             ("/machines/{id}/restart", &["post"]),
+            ("/machines/{id}/pause", &["post"]),
+            ("/machines/{id}/resume", &["post"]),
             ("/machines/{id}/wait", &["get"]),
             ("/machines/{id}/logs", &["get"]),
             ("/machines/{id}/network", &["get"]),

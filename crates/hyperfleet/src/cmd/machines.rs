@@ -76,6 +76,13 @@ enum MachinesCommand {
     Restart {
         id: String,
     },
+    /// Suspend a running machine (vCPUs paused, or processes frozen for a container).
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
     Delete {
         id: String,
         /// Stop it first if it runs.
@@ -232,6 +239,8 @@ pub async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
         MachinesCommand::Start { id } => print_one(out, &hf.start_machine(&id).await?)?,
         MachinesCommand::Stop { id } => print_one(out, &hf.stop_machine(&id).await?)?,
         MachinesCommand::Restart { id } => print_one(out, &hf.restart_machine(&id).await?)?,
+        MachinesCommand::Pause { id } => print_one(out, &hf.pause_machine(&id).await?)?,
+        MachinesCommand::Resume { id } => print_one(out, &hf.resume_machine(&id).await?)?,
         MachinesCommand::Delete { id, force } => {
             hf.delete_machine(&id, force).await?;
             println!("deleted {id}");

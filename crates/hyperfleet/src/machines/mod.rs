@@ -202,12 +202,15 @@ impl Service {
         &self,
         id: &str,
         action: &'static str,
-        from: &'static [MachineStatus],
+        from: &[MachineStatus],
         to: MachineStatus,
         changes: Changes,
     ) -> Result<MachineRecord> {
+        // The transition table of MachineStatus decides; staying in the same state (adoption) is always allowed.
+        let allowed: Vec<MachineStatus> = from.iter().copied().filter(|f| *f == to || f.can_become(to)).collect();
+        debug_assert_eq!(allowed.len(), from.len(), "the transition table forbids {from:?} -> {to}");
         let key = id.to_string();
-        match self.store.call(move |c| records::transition(c, &key, from, to, &changes)).await? {
+        match self.store.call(move |c| records::transition(c, &key, &allowed, to, &changes)).await? {
             Cas::Done(m) => {
                 self.publish(&m);
                 Ok(m)
@@ -373,6 +376,31 @@ impl Service {
         Ok(self.to_wire(&stopped))
     }
 
+    /// Suspends the machine's vCPUs (firecracker) or freezes its processes (container): running → paused.
+    pub async fn pause(&self, id: &str) -> Result<Machine> {
+        self.suspend_or_resume(id, true).await
+    }
+
+    /// paused → running.
+    pub async fn resume(&self, id: &str) -> Result<Machine> {
+        self.suspend_or_resume(id, false).await
+    }
+
+    async fn suspend_or_resume(&self, id: &str, pause: bool) -> Result<Machine> {
+        let rec = self.record(id).await?;
+        let (action, from, to): (&'static str, &'static [MachineStatus], _) =
+            if pause { ("pause", &[Running], Paused) } else { ("resume", &[Paused], Running) };
+        // The state changes first, so two requests cannot both act; a refusal by the runtime puts it back.
+        let changed = self.transition(&rec.id, action, from, to, Changes::default()).await?;
+        let files = self.files(&rec.id);
+        if let Err(e) = self.runtimes.set_paused(&changed, &files, pause).await {
+            let _ = self.transition(&rec.id, action, &[Running, Paused], from[0], Changes::default()).await;
+            return Err(e.into());
+        }
+        info!(machine = %rec.id, "machine {action}d");
+        Ok(self.to_wire(&changed))
+    }
+
     pub async fn restart(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
         if !matches!(rec.status, Running | Paused) {
@@ -392,7 +420,7 @@ impl Service {
             }
         }
         let rid = rec.id.clone();
-        match self.store.call(move |c| records::delete(c, &rid, &[Pending, Stopped, Failed])).await? {
+        match self.store.call(move |c| records::delete(c, &rid, &MachineStatus::AT_REST)).await? {
             Cas::Done(m) => {
                 self.publish(&m);
                 let files = self.files(&m.id);

@@ -284,9 +284,17 @@ impl Container {
         process::alive(pid).then_some(pid)
     }
 
+    /// Freezes (`runc pause`) or thaws (`runc resume`) every process of the container.
+    pub async fn set_paused(&self, machine_id: &str, pause: bool) -> Result<(), RuntimeError> {
+        let verb = if pause { "pause" } else { "resume" };
+        self.runc_ok(&[verb, &container_id(machine_id)]).await.map(|_| ())
+    }
+
     /// Asks the agent to shut down, then `runc kill` TERM and KILL; finally removes the container.
     pub async fn stop(&self, machine_id: &str, pid: Option<u32>, files: &MachineFiles, grace: Duration) {
         let cid = container_id(machine_id);
+        // A frozen container cannot act on a signal, not even SIGKILL: thaw it first (harmless if running).
+        let _ = self.runc_ok(&["resume", &cid]).await;
         if let Some(pid) = pid.filter(|p| process::alive(*p)) {
             let asked = tokio::time::timeout(Duration::from_millis(1500), Self::agent(files).shutdown()).await;
             let graceful = matches!(asked, Ok(Ok(()))) && process::wait_exit(pid, grace).await;

@@ -169,6 +169,19 @@ impl Runtimes {
         }
     }
 
+    /// Pauses or resumes a running machine: Firecracker's `PATCH /vm`, or runc's freezer.
+    pub async fn set_paused(&self, m: &MachineRecord, files: &MachineFiles, pause: bool) -> Result<(), RuntimeError> {
+        match m.runtime {
+            RuntimeKind::Firecracker => {
+                let state = if pause { "Paused" } else { "Resumed" };
+                firecracker::FirecrackerApi::new(&files.api_socket)
+                    .patch("/vm", &serde_json::json!({ "state": state }))
+                    .await
+            }
+            RuntimeKind::Container => self.container.set_paused(&m.id, pause).await,
+        }
+    }
+
     /// The PID of the machine's process if it still runs and is really this machine's.
     pub async fn live_pid(&self, m: &MachineRecord, files: &MachineFiles) -> Option<u32> {
         match m.runtime {

@@ -18,6 +18,10 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_hyperfleet")
 }
 
+pub fn process_alive(pid: u32) -> bool {
+    hyperfleet::runtime::process::alive(pid)
+}
+
 pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
