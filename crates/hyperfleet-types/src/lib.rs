@@ -527,6 +527,11 @@ mod tests {
         assert!(Running.can_become(Stopping));
         assert!(Stopping.can_become(Stopped));
         assert!(!Stopped.can_become(Running));
+        assert!(Running.can_become(Paused) && Paused.can_become(Running) && Paused.can_become(Stopping));
+        assert!(!Pending.can_become(Paused));
+        assert!(Failed.can_become(Starting), "a failed machine can be retried");
+        let at_rest: Vec<_> = MachineStatus::ALL.into_iter().filter(|s| s.is_at_rest()).collect();
+        assert_eq!(at_rest, vec![Pending, Stopped, Failed]);
     }
 
     #[test]
