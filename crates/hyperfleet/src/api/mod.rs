@@ -111,7 +111,7 @@ async fn correlation(mut req: Request, next: Next) -> Response {
     let id = match req.headers().get(CORRELATION_HEADER) {
         Some(v) if valid_correlation_id(v) => v.clone(),
         _ => {
-            let v = HeaderValue::from_str(&crate::store::api_keys::new_id().replacen("key_", "req_", 1))
+            let v = HeaderValue::from_str(&format!("req_{}", crate::store::random_id()))
                 .expect("alphanumeric id is a valid header");
             req.headers_mut().insert(CORRELATION_HEADER, v.clone());
             v

@@ -16,7 +16,6 @@ use hyperfleet_types::{
     CreateMachine, ExposedPortStatus, Machine, MachineList, MachineLogs, MachineStatus, NetworkReport, RuntimeKind,
     UpdateMachine,
 };
-use rand::Rng;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
@@ -86,12 +85,6 @@ pub struct Service {
     firewall_lock: tokio::sync::Mutex<()>,
     /// Latest probe of each machine's exposed ports (filled by the proxy's poller).
     port_status: RwLock<HashMap<String, Vec<ExposedPortStatus>>>,
-}
-
-fn new_machine_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rngs::OsRng;
-    (0..16).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
 }
 
 /// Runs a flow in a task of its own: a client that hangs up drops this future, not the flow, so a start or
@@ -231,7 +224,7 @@ impl Service {
             default_runtime: self.default_runtime,
             default_dns: &self.default_dns,
         };
-        let new = validate::create(&req, new_machine_id(), &limits).map_err(Error::Validation)?;
+        let new = validate::create(&req, crate::store::random_id(), &limits).map_err(Error::Validation)?;
         if let Some(why) = self.runtimes.unavailable(new.runtime) {
             return Err(Error::Validation(format!("runtime '{}' cannot run on this host: {why}", new.runtime)));
         }

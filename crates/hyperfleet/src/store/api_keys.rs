@@ -36,12 +36,6 @@ pub fn generate_secret() -> String {
     format!("{KEY_PREFIX}{body}")
 }
 
-pub fn new_id() -> String {
-    let body: String =
-        rand::rngs::OsRng.sample_iter(&Alphanumeric).take(16).map(|b| char::from(b).to_ascii_lowercase()).collect();
-    format!("key_{body}")
-}
-
 fn scopes_to_text(scopes: &[Scope]) -> String {
     serde_json::to_string(scopes).expect("scopes serialize")
 }
@@ -65,7 +59,7 @@ const COLUMNS: &str = "id, name, key_prefix, scopes, expires_at, last_used_at, c
 pub fn create(conn: &Connection, name: &str, scopes: &[Scope], expires_at: Option<String>) -> StoreResult<NewKey> {
     let secret = generate_secret();
     let key = ApiKey {
-        id: new_id(),
+        id: format!("key_{}", super::random_id()),
         name: name.to_string(),
         key_prefix: secret[..SHOWN_PREFIX_LEN].to_string(),
         scopes: scopes.to_vec(),

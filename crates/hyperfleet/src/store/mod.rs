@@ -142,6 +142,15 @@ pub fn meta_set(conn: &Connection, key: &str, value: &str) -> StoreResult<()> {
     Ok(())
 }
 
+/// 16 random lowercase letters and digits from the OS CSPRNG: machine ids, and the body of key and
+/// request ids. Lowercase so an id can appear in a host name (`{id}-{port}.suffix` proxy routing).
+pub fn random_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rngs::OsRng;
+    (0..16).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+}
+
 /// Current time as stored and shown: RFC 3339, UTC, milliseconds.
 pub fn now() -> String {
     format_time(time::OffsetDateTime::now_utc())
