@@ -458,10 +458,13 @@ async fn bench_proxy(r: &mut Report) {
             s.strip_suffix('s').and_then(|v| v.parse::<f64>().ok()).map(|s| s * 1000.0)
         }
     };
+    // A reference reverse proxy in the same setup: nginx with a keep-alive upstream pool.
+    let nginx = Nginx::start(d.dir.path(), &format!("{}:8080", m.guest_ip));
     let mut rows = Vec::new();
     for size in [1024usize, 65536, 1 << 20] {
         let direct = wrk(&format!("http://{}:8080/bytes?n={size}", m.guest_ip), 32, None, None);
         let proxied = wrk(&format!("{}/proxy/{}/8080/bytes?n={size}", d.proxy_url(), m.id), 32, None, None);
+        let reference = nginx.as_ref().map(|n| wrk(&format!("http://127.0.0.1:{}/bytes?n={size}", n.port), 32, None, None));
         let added = match (parse_ms(&proxied.p50), parse_ms(&direct.p50)) {
             (Some(p), Some(d)) => format!("{:+.2} ms", p - d),
             _ => "?".into(),
@@ -470,24 +473,63 @@ async fn bench_proxy(r: &mut Report) {
             format!("{} B", size),
             format!("{:.0}", direct.rps),
             format!("{:.0}", proxied.rps),
-            format!("{:.2}×", proxied.rps / direct.rps),
+            format!("**{:.2}×**", proxied.rps / direct.rps),
+            reference.map_or("n/a".into(), |r| format!("{:.0} ({:.2}×)", r.rps, r.rps / direct.rps)),
             format!("{} / {}", direct.p50, direct.p99),
             format!("{} / {}", proxied.p50, proxied.p99),
             added,
         ]);
     }
+    drop(nginx);
     r.section(
         "Reverse proxy",
         "wrk, 2 threads, 32 connections, 5 s, `GET /bytes?n=SIZE` from the hyperfleet-testd server in a container \
-         guest: straight to guest_ip:8080 from the host (baseline) and through the proxy, in the same run. \
-         Goal: ≥ 0.8× direct throughput. On this 2-core host wrk, the proxy and the guest's server share the same \
-         two CPUs, so for tiny responses, where every request is pure HTTP handling, the proxy's extra hop costs \
-         about as much as the server itself; the ratio approaches 1 as responses carry real payload.",
+         guest: straight to guest_ip:8080 from the host (baseline), through the Hyperfleet proxy, and through nginx \
+         (proxy_pass with a keep-alive upstream, 2 workers) as a reference, in the same run. Goal: ≥ 0.8× direct \
+         throughput. On this 2-core host wrk, the proxy and the guest's server share the same two CPUs, so for tiny \
+         responses, where every request is pure HTTP handling, any proxy's extra hop costs about as much as the \
+         server itself (see nginx); the ratio approaches 1 as responses carry real payload.",
     );
     r.table(
-        &["response", "direct req/s", "proxied req/s", "ratio", "direct p50 / p99", "proxied p50 / p99", "added p50"],
+        &["response", "direct req/s", "proxied req/s", "ratio", "nginx req/s (ratio)", "direct p50 / p99", "proxied p50 / p99", "added p50"],
         rows,
     );
+}
+
+/// nginx as a reference reverse proxy, started (and stopped) by the benchmark when it is installed.
+struct Nginx {
+    port: u16,
+    prefix: std::path::PathBuf,
+}
+
+impl Nginx {
+    fn start(dir: &Path, upstream: &str) -> Option<Self> {
+        let bin = hyperfleet::runtime::host::find_on_path(Path::new("nginx"))?;
+        let prefix = dir.join("nginx");
+        std::fs::create_dir_all(&prefix).ok()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let conf = format!(
+            "worker_processes 2;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{ worker_connections 1024; }}\n\
+             http {{ access_log off; upstream g {{ server {upstream}; keepalive 64; }}\n\
+             server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://g; proxy_http_version 1.1; \
+             proxy_set_header Connection \"\"; proxy_buffering off; }} }} }}\n",
+            p = prefix.display()
+        );
+        std::fs::write(prefix.join("nginx.conf"), conf).ok()?;
+        let ok = Command::new(bin).arg("-p").arg(&prefix).arg("-c").arg(prefix.join("nginx.conf")).status().ok()?.success();
+        std::thread::sleep(Duration::from_millis(300));
+        ok.then_some(Nginx { port, prefix })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // Only the master we started, by the PID it wrote.
+        if let Some(pid) = std::fs::read_to_string(self.prefix.join("nginx.pid")).ok().and_then(|p| p.trim().parse::<u32>().ok()) {
+            process::signal(pid, nix::sys::signal::Signal::SIGQUIT);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
 }
 
 #[tokio::main]
