@@ -464,7 +464,8 @@ async fn bench_proxy(r: &mut Report) {
     for size in [1024usize, 65536, 1 << 20] {
         let direct = wrk(&format!("http://{}:8080/bytes?n={size}", m.guest_ip), 32, None, None);
         let proxied = wrk(&format!("{}/proxy/{}/8080/bytes?n={size}", d.proxy_url(), m.id), 32, None, None);
-        let reference = nginx.as_ref().map(|n| wrk(&format!("http://127.0.0.1:{}/bytes?n={size}", n.port), 32, None, None));
+        let reference =
+            nginx.as_ref().map(|n| wrk(&format!("http://127.0.0.1:{}/bytes?n={size}", n.port), 32, None, None));
         let added = match (parse_ms(&proxied.p50), parse_ms(&direct.p50)) {
             (Some(p), Some(d)) => format!("{:+.2} ms", p - d),
             _ => "?".into(),
@@ -491,7 +492,16 @@ async fn bench_proxy(r: &mut Report) {
          server itself (see nginx); the ratio approaches 1 as responses carry real payload.",
     );
     r.table(
-        &["response", "direct req/s", "proxied req/s", "ratio", "nginx req/s (ratio)", "direct p50 / p99", "proxied p50 / p99", "added p50"],
+        &[
+            "response",
+            "direct req/s",
+            "proxied req/s",
+            "ratio",
+            "nginx req/s (ratio)",
+            "direct p50 / p99",
+            "proxied p50 / p99",
+            "added p50",
+        ],
         rows,
     );
 }
@@ -516,7 +526,8 @@ impl Nginx {
             p = prefix.display()
         );
         std::fs::write(prefix.join("nginx.conf"), conf).ok()?;
-        let ok = Command::new(bin).arg("-p").arg(&prefix).arg("-c").arg(prefix.join("nginx.conf")).status().ok()?.success();
+        let ok =
+            Command::new(bin).arg("-p").arg(&prefix).arg("-c").arg(prefix.join("nginx.conf")).status().ok()?.success();
         std::thread::sleep(Duration::from_millis(300));
         ok.then_some(Nginx { port, prefix })
     }
@@ -525,7 +536,9 @@ impl Nginx {
 impl Drop for Nginx {
     fn drop(&mut self) {
         // Only the master we started, by the PID it wrote.
-        if let Some(pid) = std::fs::read_to_string(self.prefix.join("nginx.pid")).ok().and_then(|p| p.trim().parse::<u32>().ok()) {
+        if let Some(pid) =
+            std::fs::read_to_string(self.prefix.join("nginx.pid")).ok().and_then(|p| p.trim().parse::<u32>().ok())
+        {
             process::signal(pid, nix::sys::signal::Signal::SIGQUIT);
             std::thread::sleep(Duration::from_millis(300));
         }

@@ -163,24 +163,31 @@ impl Targets {
     }
 }
 
-struct Proxy {
+/// What the proxy threads share.
+struct Shared {
     service: Arc<Service>,
     cfg: ProxySettings,
-    client: Client<HttpConnector, Incoming>,
     targets: Targets,
+    slots: Arc<Semaphore>,
+}
+
+/// One proxy thread: the shared state and its own pool of connections to guests.
+struct Proxy {
+    shared: Arc<Shared>,
+    client: Client<HttpConnector, Incoming>,
 }
 
 impl Proxy {
     async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
-        let route = route(req.uri(), host.as_deref(), &self.cfg).ok_or_else(|| {
+        let route = route(req.uri(), host.as_deref(), &self.shared.cfg).ok_or_else(|| {
             ProxyError::new(
                 StatusCode::NOT_FOUND,
                 "NOT_FOUND",
-                format!("Use {}/{{machine}}/{{port}}/path to reach an exposed port", self.cfg.prefix),
+                format!("Use {}/{{machine}}/{{port}}/path to reach an exposed port", self.shared.cfg.prefix),
             )
         })?;
-        let rec = match self.targets.get(&self.service, &route.machine).await {
+        let rec = match self.shared.targets.get(&self.shared.service, &route.machine).await {
             Ok(r) => r,
             Err(MachineError::NotFound(id)) => {
                 return Err(ProxyError::new(
@@ -244,7 +251,7 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
-        let mut resp = tokio::time::timeout(self.cfg.upstream_timeout, self.client.request(upstream_req))
+        let mut resp = tokio::time::timeout(self.shared.cfg.upstream_timeout, self.client.request(upstream_req))
             .await
             .map_err(|_| {
                 ProxyError::new(
@@ -254,7 +261,7 @@ impl Proxy {
                         "Machine {} did not answer on port {} within {} s",
                         rec.id,
                         route.port,
-                        self.cfg.upstream_timeout.as_secs()
+                        self.shared.cfg.upstream_timeout.as_secs()
                     ),
                 )
             })?
@@ -290,25 +297,62 @@ impl Proxy {
     }
 }
 
-/// Serves the proxy on `listener` until the daemon stops.
-pub async fn serve(listener: TcpListener, service: Arc<Service>, cfg: ProxySettings) {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.upstream_timeout));
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    let mut events = service.subscribe();
-    let proxy = Arc::new(Proxy { service, cfg, client, targets: Targets::default() });
-    let watcher = Arc::downgrade(&proxy);
+/// Starts the proxy on `addr`: one thread per CPU, each with its own single-threaded runtime, its own
+/// listening socket on the same port (SO_REUSEPORT, the kernel spreads connections) and its own pool of
+/// connections to guests, so a request is never handed between threads. Binding errors surface here.
+pub fn start(addr: SocketAddr, service: Arc<Service>, cfg: ProxySettings) -> std::io::Result<()> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut listeners = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.set_nodelay(true)?;
+        socket.bind(addr)?;
+        // Handed to its thread's runtime below.
+        listeners.push(socket.listen(1024)?.into_std()?);
+    }
+    let shared = Arc::new(Shared {
+        slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        service,
+        cfg,
+        targets: Targets::default(),
+    });
+    let mut events = shared.service.subscribe();
+    let watcher = Arc::downgrade(&shared);
     tokio::spawn(async move {
         // Lagging behind just means "something changed": invalidate either way.
         while !matches!(events.recv().await, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
             match watcher.upgrade() {
-                Some(p) => p.targets.invalidate(),
+                Some(s) => s.targets.invalidate(),
                 None => return,
             }
         }
     });
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        std::thread::Builder::new().name(format!("proxy-{i}")).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return warn!(error = %e, "proxy thread could not start"),
+            };
+            rt.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => serve(l, shared).await,
+                    Err(e) => warn!(error = %e, "proxy listener"),
+                }
+            });
+        })?;
+    }
+    Ok(())
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(shared.cfg.upstream_timeout));
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+    let proxy = Arc::new(Proxy { shared, client });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -318,7 +362,7 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>, cfg: ProxySetti
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
+        let Ok(permit) = proxy.shared.slots.clone().acquire_owned().await else {
             return;
         };
         let _ = stream.set_nodelay(true);

@@ -82,11 +82,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr} (PORT)"))?;
     if let Some(proxy) = settings.proxy.clone() {
         let proxy_addr = std::net::SocketAddr::new(settings.bind, proxy.port);
-        let proxy_listener = tokio::net::TcpListener::bind(proxy_addr)
-            .await
+        let prefix = proxy.prefix.clone();
+        crate::proxy::start(proxy_addr, service.clone(), proxy)
             .with_context(|| format!("listen on {proxy_addr} (PROXY_PORT)"))?;
-        info!("proxy listening on http://{proxy_addr}{}/{{machine}}/{{port}}/", proxy.prefix);
-        tokio::spawn(crate::proxy::serve(proxy_listener, service.clone(), proxy));
+        info!("proxy listening on http://{proxy_addr}{prefix}/{{machine}}/{{port}}/");
     }
     tokio::spawn(crate::proxy::poll_exposed_ports(service.clone(), settings.proxy_poll_interval));
     info!("API listening on http://{addr} (docs: /docs)");
