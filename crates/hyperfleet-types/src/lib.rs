@@ -9,6 +9,8 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
+pub mod timestamp;
+
 /// Lifecycle state of a machine (see the state table in the README).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
