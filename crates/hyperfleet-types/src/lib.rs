@@ -170,14 +170,16 @@ impl utoipa::PartialSchema for EgressPolicy {
 }
 impl ToSchema for EgressPolicy {}
 
-/// The network a machine sees.
+/// The network a machine was asked for (`dns`, `egress`), and in responses the addresses the daemon gave it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MachineNetwork {
-    /// Prefix length of the machine's block (30: host side .1, guest .2).
-    pub prefix_len: u8,
-    /// The guest's default gateway: the host end of its link (`tap_ip`).
-    #[schema(value_type = String, example = "172.16.0.1")]
-    pub gateway: Ipv4Addr,
+    /// Prefix length of the machine's block (30: host side .1, guest .2). Responses only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_len: Option<u8>,
+    /// The guest's default gateway: the host end of its link (`tap_ip`). Responses only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "172.16.0.1")]
+    pub gateway: Option<Ipv4Addr>,
     /// Resolvers written to the guest's /etc/resolv.conf and the kernel's `ip=` line.
     #[schema(value_type = Vec<String>)]
     pub dns: Vec<Ipv4Addr>,
@@ -191,25 +193,38 @@ pub struct ExposedPortStatus {
     pub port: u16,
     pub listening: bool,
     /// RFC 3339 time of the last check, absent before the first one.
-    pub checked_at: Option<String>,
+    #[serde(default, with = "timestamp::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub checked_at: Option<time::OffsetDateTime>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct Machine {
-    pub id: String,
+/// What the user asked for, validated and with the host's defaults filled in: the one description of a
+/// machine's configuration. The daemon stores it as it is and every machine response carries it (flattened).
+/// A new machine setting is a field here (with `#[serde(default)]` so stored machines still read).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MachineSpec {
     pub name: String,
-    pub status: MachineStatus,
     pub runtime: RuntimeKind,
     pub vcpu_count: u32,
     pub mem_size_mib: u32,
     pub kernel_image_path: String,
     pub kernel_args: String,
     pub rootfs_path: String,
+    pub exposed_ports: Vec<u16>,
+    pub network: MachineNetwork,
+}
+
+/// A machine: its spec, plus what the daemon decided (id, addresses) and observes (status, process).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Machine {
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: MachineSpec,
+    pub status: MachineStatus,
     /// Firecracker's API socket (firecracker runtime) while the machine has a process.
     pub socket_path: Option<String>,
     /// PID of the firecracker process or of the container's init while running.
     pub pid: Option<u32>,
-    pub exposed_ports: Vec<u16>,
     pub exposed_ports_status: Vec<ExposedPortStatus>,
     /// Host-side interface: a TAP device (firecracker) or the host end of a veth pair (container).
     pub tap_device: String,
@@ -219,11 +234,14 @@ pub struct Machine {
     pub guest_ip: Ipv4Addr,
     #[schema(example = "AA:FC:00:00:00:01")]
     pub guest_mac: String,
-    pub network: MachineNetwork,
     pub error_message: Option<String>,
     /// RFC 3339, UTC.
-    pub created_at: String,
-    pub updated_at: String,
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: time::OffsetDateTime,
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: time::OffsetDateTime,
 }
 
 /// Per-machine network options in a create request.
@@ -376,7 +394,9 @@ pub struct FileStat {
     pub mode: u32,
     pub is_dir: bool,
     /// RFC 3339, UTC.
-    pub modified_at: String,
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub modified_at: time::OffsetDateTime,
 }
 
 /// Permission a key grants.

@@ -149,12 +149,12 @@ async fn bench_concurrent_creates(r: &mut Report) {
 }
 
 fn bench_ipam(r: &mut Report) {
-    use hyperfleet::store::machines::{NewMachine, insert};
+    use hyperfleet::store::machines::insert;
+    use hyperfleet_types::{MachineNetwork, MachineSpec};
     let dir = tempfile::tempdir().unwrap();
     let store = hyperfleet::store::Store::open(&dir.path().join("ipam.db")).unwrap();
     let blocks = 16_384u32;
-    let new = |i: u32| NewMachine {
-        id: format!("id{i}"),
+    let new = |i: u32| MachineSpec {
         name: format!("n{i}"),
         runtime: RuntimeKind::Container,
         vcpu_count: 1,
@@ -163,20 +163,19 @@ fn bench_ipam(r: &mut Report) {
         kernel_args: String::new(),
         rootfs_path: "r".into(),
         exposed_ports: vec![],
-        dns: vec![],
-        egress: EgressPolicy::Allow,
+        network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
     };
     let t = Instant::now();
     store
         .call_blocking(|c| {
             for i in 0..blocks {
-                assert_eq!(insert(c, &new(i), blocks).unwrap().block, i);
+                assert_eq!(insert(c, &format!("id{i}"), &new(i), blocks).unwrap().block, i);
             }
             Ok(())
         })
         .unwrap();
     let lease = t.elapsed();
-    let full = store.call_blocking(|c| Ok(insert(c, &new(blocks), blocks).is_err())).unwrap();
+    let full = store.call_blocking(|c| Ok(insert(c, "full", &new(blocks), blocks).is_err())).unwrap();
     let t = Instant::now();
     store
         .call_blocking(|c| {

@@ -1,13 +1,22 @@
-//! `hyperfleet doctor`: the networking page's troubleshooting section as checks, each with what is wrong and
-//! the command that fixes it. The per-machine part is shared with `GET /machines/{id}/network`.
+//! Diagnostics: the host's and each running machine's networking as checks, each with what is wrong and
+//! the command that fixes it — for `hyperfleet doctor` and `GET /machines/{id}/network`. This sits above
+//! the orchestration: it reads machines through the service and looks at the host itself.
 
-use hyperfleet_net::Subnet;
-use hyperfleet_types::{Check, MachineStatus};
+use std::time::Duration;
+
+use hyperfleet_net::ipam::BLOCK_PREFIX;
+use hyperfleet_net::{Firewall, NetError, Netlink, Subnet};
+use hyperfleet_types::{Check, Machine, NetworkReport};
 
 use crate::config::Settings;
-use crate::machines::network::HostNetwork;
 use crate::runtime::host::{self, KvmKind};
-use crate::store::{Store, machines as records};
+
+/// Looks at the host's interfaces, firewall table and route for one subnet.
+pub struct Doctor {
+    netlink: Netlink,
+    firewall: Firewall,
+    subnet: Subnet,
+}
 
 fn check(name: &str, ok: bool, detail: impl Into<String>, fix: Option<&str>) -> Check {
     Check { name: name.into(), ok, detail: detail.into(), fix: if ok { None } else { fix.map(str::to_string) } }
@@ -36,74 +45,154 @@ pub fn route_check(present: bool, subnet: &Subnet) -> Check {
     )
 }
 
-/// Host-wide checks: virtualization, binaries, assets, forwarding, firewall, route.
-pub async fn host_checks(settings: &Settings, net: &HostNetwork) -> Vec<Check> {
-    let kvm = KvmKind::detect();
-    let fc = host::find_firecracker(settings.firecracker_bin.as_deref(), &settings.assets_dir);
-    let runc = host::find_on_path(&settings.runc_bin);
-    let mut checks = vec![
-        check(
-            "kvm",
-            kvm != KvmKind::Missing,
-            format!(
-                "{}{}",
-                kvm.describe(),
-                if kvm == KvmKind::Pvm { "; container runtime is the default" } else { "" }
+impl Doctor {
+    pub fn new(subnet: Subnet, nft_table: &str) -> Result<Self, NetError> {
+        Ok(Self { netlink: Netlink::connect()?, firewall: Firewall::new(nft_table, subnet.net()), subnet })
+    }
+
+    async fn route_present(&self) -> bool {
+        self.netlink.has_unreachable_route(self.subnet.net()).await.unwrap_or(false)
+    }
+
+    /// Host-wide checks: virtualization, binaries, assets, forwarding, firewall, route.
+    pub async fn host_checks(&self, settings: &Settings) -> Vec<Check> {
+        let kvm = KvmKind::detect();
+        let fc = host::find_firecracker(settings.firecracker_bin.as_deref(), &settings.assets_dir);
+        let runc = host::find_on_path(&settings.runc_bin);
+        let mut checks = vec![
+            check(
+                "kvm",
+                kvm != KvmKind::Missing,
+                format!(
+                    "{}{}",
+                    kvm.describe(),
+                    if kvm == KvmKind::Pvm { "; container runtime is the default" } else { "" }
+                ),
+                Some("load kvm_intel or kvm_amd (modprobe kvm_intel) and check /dev/kvm permissions"),
             ),
-            Some("load kvm_intel or kvm_amd (modprobe kvm_intel) and check /dev/kvm permissions"),
-        ),
-        check(
-            "firecracker binary",
-            fc.is_some(),
-            fc.as_ref()
-                .map_or("not found (FIRECRACKER_BIN, PATH, .hyperfleet/bin)".into(), |p| p.display().to_string()),
-            Some("make setup   (or set FIRECRACKER_BIN)"),
-        ),
-        check(
-            "runc binary",
-            runc.is_some(),
-            runc.as_ref().map_or(format!("{} not found", settings.runc_bin.display()), |p| p.display().to_string()),
-            Some("apt-get install runc"),
-        ),
-        check(
-            "guest kernel",
-            settings.kernel_image_path.is_file(),
-            settings.kernel_image_path.display().to_string(),
-            Some("make setup   (builds .hyperfleet/vmlinux)"),
-        ),
-        check(
-            "guest rootfs",
-            settings.rootfs_path.is_file(),
-            settings.rootfs_path.display().to_string(),
-            Some("make setup   (builds .hyperfleet/rootfs.ext4)"),
-        ),
-        ip_forward_check(),
-    ];
-    let table = net.firewall.current().await;
-    let (ok, detail) = match &table {
-        Ok(Some(t)) if t.contains("masquerade") => {
-            (true, format!("table inet {} has the NAT rule", net.firewall.table()))
-        }
-        Ok(Some(_)) => (false, format!("table inet {} has no masquerade rule", net.firewall.table())),
-        Ok(None) => (false, format!("table inet {} does not exist", net.firewall.table())),
-        Err(e) => (false, e.to_string()),
-    };
-    checks.push(check(
-        "nftables NAT",
-        ok,
-        detail,
-        Some(&format!(
-            "start hyperfleet serve (it builds the table); inspect with: nft list table inet {}",
-            net.firewall.table()
-        )),
-    ));
-    checks.push(route_check(net.has_unreachable_route().await, &net.subnet));
-    checks
+            check(
+                "firecracker binary",
+                fc.is_some(),
+                fc.as_ref()
+                    .map_or("not found (FIRECRACKER_BIN, PATH, .hyperfleet/bin)".into(), |p| p.display().to_string()),
+                Some("make setup   (or set FIRECRACKER_BIN)"),
+            ),
+            check(
+                "runc binary",
+                runc.is_some(),
+                runc.as_ref().map_or(format!("{} not found", settings.runc_bin.display()), |p| p.display().to_string()),
+                Some("apt-get install runc"),
+            ),
+            check(
+                "guest kernel",
+                settings.kernel_image_path.is_file(),
+                settings.kernel_image_path.display().to_string(),
+                Some("make setup   (builds .hyperfleet/vmlinux)"),
+            ),
+            check(
+                "guest rootfs",
+                settings.rootfs_path.is_file(),
+                settings.rootfs_path.display().to_string(),
+                Some("make setup   (builds .hyperfleet/rootfs.ext4)"),
+            ),
+            ip_forward_check(),
+        ];
+        let table = self.firewall.current().await;
+        let name = self.firewall.table();
+        let (ok, detail) = match &table {
+            Ok(Some(t)) if t.contains("masquerade") => (true, format!("table inet {name} has the NAT rule")),
+            Ok(Some(_)) => (false, format!("table inet {name} has no masquerade rule")),
+            Ok(None) => (false, format!("table inet {name} does not exist")),
+            Err(e) => (false, e.to_string()),
+        };
+        checks.push(check(
+            "nftables NAT",
+            ok,
+            detail,
+            Some(&format!("start hyperfleet serve (it builds the table); inspect with: nft list table inet {name}")),
+        ));
+        checks.push(route_check(self.route_present().await, &self.subnet));
+        checks
+    }
+
+    /// The checks for one running machine, with the host-wide forwarding and route checks first.
+    pub async fn machine_report(&self, m: &Machine) -> NetworkReport {
+        let table = self.firewall.current().await.ok().flatten();
+        let mut checks = vec![ip_forward_check(), route_check(self.route_present().await, &self.subnet)];
+        checks.extend(self.machine_checks(m, table.as_deref()).await);
+        NetworkReport { machine_id: m.id.clone(), ok: checks.iter().all(|c| c.ok), checks }
+    }
+
+    /// The troubleshooting steps for one running machine: its interface, address, firewall entry, ping.
+    pub async fn machine_checks(&self, m: &Machine, table: Option<&str>) -> Vec<Check> {
+        let name = &m.tap_device;
+        let owned = |l: &hyperfleet_net::link::LinkState| l.owner() == Some(m.id.as_str());
+        let link = self.netlink.link(name).await.ok().flatten();
+        let mut checks = vec![check(
+            "interface exists",
+            link.as_ref().is_some_and(owned),
+            match &link {
+                Some(l) if owned(l) => format!("{name} exists"),
+                Some(_) => format!("{name} exists but is not this machine's"),
+                None => format!("{name} is missing"),
+            },
+            Some(&format!("hyperfleet machines restart {}", m.id)),
+        )];
+        let up = link.as_ref().is_some_and(|l| l.up);
+        checks.push(check(
+            "interface up",
+            up,
+            format!("{name} is {}", if up { "up" } else { "down" }),
+            Some(&format!("ip link set {name} up")),
+        ));
+        let addrs = match &link {
+            Some(l) => self.netlink.addresses(l.index).await.unwrap_or_default(),
+            None => vec![],
+        };
+        let has_ip = addrs.iter().any(|a| a.addr() == m.tap_ip && a.prefix_len() == BLOCK_PREFIX);
+        checks.push(check(
+            "interface address",
+            has_ip,
+            format!(
+                "{name} has {:?}, wants {}/{BLOCK_PREFIX}",
+                addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                m.tap_ip
+            ),
+            Some(&format!("ip addr add {}/{BLOCK_PREFIX} dev {name}", m.tap_ip)),
+        ));
+        checks.push(check(
+            "firewall entry",
+            table.is_some_and(|t| t.contains(&format!("\"{name}\""))),
+            format!(
+                "nftables table inet {} {} {name}",
+                self.firewall.table(),
+                if table.is_some() { "lists" } else { "is missing, so not" }
+            ),
+            Some("restart the hyperfleet daemon (it rebuilds the table)"),
+        ));
+        let guest = m.guest_ip;
+        let rtt = tokio::task::spawn_blocking(move || hyperfleet_net::icmp::ping(guest, Duration::from_secs(1)))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .flatten();
+        checks.push(check(
+            "guest reachable",
+            rtt.is_some(),
+            match rtt {
+                Some(t) => format!("{guest} answered ping in {:.2} ms", t.as_secs_f64() * 1000.0),
+                None => format!("{guest} did not answer ping within 1 s (a guest still booting does not answer yet)"),
+            },
+            Some(&format!("hyperfleet machines logs {}", m.id)),
+        ));
+        checks
+    }
 }
 
-/// Runs every check; returns the report text and whether all passed.
-pub async fn run(settings: &Settings) -> anyhow::Result<(String, bool)> {
-    let net = HostNetwork::new(settings.subnet, settings.tap_naming.clone(), &settings.nft_table)?;
+/// Runs every check over the machines `running` (as the service lists them); returns the report text and
+/// whether all passed.
+pub async fn run(settings: &Settings, running: Option<Vec<Machine>>) -> anyhow::Result<(String, bool)> {
+    let doctor = Doctor::new(settings.subnet, &settings.nft_table)?;
     let mut out = String::new();
     let mut all_ok = true;
     let mut section = |title: &str, checks: &[Check], out: &mut String| {
@@ -116,20 +205,19 @@ pub async fn run(settings: &Settings) -> anyhow::Result<(String, bool)> {
             }
         }
     };
-    section("host", &host_checks(settings, &net).await, &mut out);
-    if settings.database_path.exists() {
-        let store = Store::open(&settings.database_path)?;
-        let running = store.call(|c| records::with_status(c, &[MachineStatus::Running])).await?;
-        let table = net.firewall.current().await.ok().flatten();
-        for m in &running {
-            let checks = net.checks(m, table.as_deref()).await;
-            section(&format!("machine {} ({}, {})", m.name, m.id, net.iface(m)), &checks, &mut out);
+    section("host", &doctor.host_checks(settings).await, &mut out);
+    match running {
+        Some(running) => {
+            let table = doctor.firewall.current().await.ok().flatten();
+            for m in &running {
+                let checks = doctor.machine_checks(m, table.as_deref()).await;
+                section(&format!("machine {} ({}, {})", m.spec.name, m.id, m.tap_device), &checks, &mut out);
+            }
+            if running.is_empty() {
+                out.push_str("no running machines\n");
+            }
         }
-        if running.is_empty() {
-            out.push_str("no running machines\n");
-        }
-    } else {
-        out.push_str(&format!("no database at {} (no machines yet)\n", settings.database_path.display()));
+        None => out.push_str(&format!("no database at {} (no machines yet)\n", settings.database_path.display())),
     }
     Ok((out, all_ok))
 }

@@ -23,7 +23,6 @@ use tracing::{debug, warn};
 
 use crate::config::ProxySettings;
 use crate::machines::{Error as MachineError, Service};
-use crate::store::machines as records;
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -148,13 +147,9 @@ impl Targets {
             }
             g.0
         };
-        let rec = service.record(key).await?;
-        let t = Arc::new(Target {
-            guest_ip: service.net.block(&rec).guest_ip(),
-            id: rec.id,
-            status: rec.status,
-            exposed_ports: rec.exposed_ports,
-        });
+        let m = service.get(key).await?;
+        let t =
+            Arc::new(Target { guest_ip: m.guest_ip, id: m.id, status: m.status, exposed_ports: m.spec.exposed_ports });
         let mut g = self.map.write().unwrap_or_else(|e| e.into_inner());
         if g.0 == generation {
             g.1.insert(key.to_string(), t.clone());
@@ -389,16 +384,16 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 /// Every `interval`, records which exposed ports of each running machine accept a TCP connection.
 pub async fn poll_exposed_ports(service: Arc<Service>, interval: Duration) {
     loop {
-        if let Ok(running) = service.store.call(|c| records::with_status(c, &[MachineStatus::Running])).await {
-            let checks = running.into_iter().filter(|m| !m.exposed_ports.is_empty()).map(|m| {
-                let guest = service.net.block(&m).guest_ip();
+        if let Ok(running) = service.with_status(&[MachineStatus::Running]).await {
+            let checks = running.into_iter().filter(|m| !m.spec.exposed_ports.is_empty()).map(|m| {
+                let guest = m.guest_ip;
                 async move {
                     let mut status = Vec::new();
-                    for port in &m.exposed_ports {
+                    for port in &m.spec.exposed_ports {
                         status.push(ExposedPortStatus {
                             port: *port,
                             listening: probe(guest, *port).await,
-                            checked_at: Some(crate::store::now()),
+                            checked_at: Some(hyperfleet_types::timestamp::now()),
                         });
                     }
                     (m.id, status)

@@ -87,7 +87,7 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
         disk.starts_with(&d.dir.path().display().to_string()) && disk.ends_with(&format!("{}/rootfs.ext4", m.id)),
         "own disk copy: {disk}"
     );
-    assert_ne!(disk, m.rootfs_path, "never the shared image");
+    assert_ne!(disk, m.spec.rootfs_path, "never the shared image");
     assert_eq!(cfg["network-interfaces"][0]["host_dev_name"], m.tap_device.as_str());
     assert_eq!(cfg["network-interfaces"][0]["guest_mac"].as_str().unwrap().to_uppercase(), m.guest_mac);
     assert_eq!(cfg["vsock"]["guest_cid"], 3);

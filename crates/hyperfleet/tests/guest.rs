@@ -163,7 +163,7 @@ async fn per_machine_dns_overrides_the_default() {
         ..machine("custom-dns")
     };
     let m = running(&d, req).await;
-    assert_eq!(m.network.dns.len(), 2);
+    assert_eq!(m.spec.network.dns.len(), 2);
     assert_eq!(sh(&d, &m.id, "cat /etc/resolv.conf").await.1, "nameserver 10.9.8.7\nnameserver 10.9.8.6\n");
 }
 

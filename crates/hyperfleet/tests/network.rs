@@ -139,7 +139,7 @@ async fn firewall_tracks_exactly_the_running_machines() {
         let listed = text.contains(&format!("\"{}\" . {}", m.tap_device, m.guest_ip));
         assert_eq!(listed, running.contains(&m.tap_device), "{} in the anti-spoofing set", m.tap_device);
         let allowed = text.contains(&format!("\"{}\" . 10.0.0.0/8", m.tap_device));
-        assert_eq!(allowed, m.name == "fw2" && running.contains(&m.tap_device), "{} egress list", m.tap_device);
+        assert_eq!(allowed, m.spec.name == "fw2" && running.contains(&m.tap_device), "{} egress list", m.tap_device);
     }
 }
 
@@ -190,7 +190,7 @@ async fn crash_during_starts_and_stops_leaks_nothing() {
                     MachineStatus::Running | MachineStatus::Stopped | MachineStatus::Failed | MachineStatus::Pending
                 ),
                 "round {round}: {} left in {}",
-                m.name,
+                m.spec.name,
                 m.status
             );
             let ns_exists = std::path::Path::new(&format!("/run/netns/hf-{}", m.id)).exists();
@@ -198,7 +198,7 @@ async fn crash_during_starts_and_stops_leaks_nothing() {
                 ns_exists,
                 m.status == MachineStatus::Running,
                 "round {round}: namespace of {} ({})",
-                m.name,
+                m.spec.name,
                 m.status
             );
             if m.status == MachineStatus::Running {
@@ -207,7 +207,7 @@ async fn crash_during_starts_and_stops_leaks_nothing() {
                     .client
                     .exec(&m.id, &["true"])
                     .await
-                    .unwrap_or_else(|e| panic!("round {round}: exec in {}: {e}", m.name));
+                    .unwrap_or_else(|e| panic!("round {round}: exec in {}: {e}", m.spec.name));
                 assert_eq!(r.exit_code, 0);
             }
         }
@@ -224,7 +224,7 @@ async fn crash_during_starts_and_stops_leaks_nothing() {
                 listed,
                 m.status == MachineStatus::Running,
                 "round {round}: container of {} ({})",
-                m.name,
+                m.spec.name,
                 m.status
             );
         }

@@ -72,7 +72,7 @@ async fn cli_drives_the_api_and_manages_keys() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let m: Machine = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((m.status, m.exposed_ports.as_slice()), (MachineStatus::Running, &[80u16][..]));
+    assert_eq!((m.status, m.spec.exposed_ports.as_slice()), (MachineStatus::Running, &[80u16][..]));
     let out = cli(&["machines", "list"]);
     assert!(stdout(&out).contains("from-cli") && stdout(&out).contains("running"), "{}", stdout(&out));
     // exec streams the output and exits with the command's code.

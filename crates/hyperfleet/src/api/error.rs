@@ -49,29 +49,80 @@ impl IntoResponse for ApiError {
 
 impl From<MachineError> for ApiError {
     fn from(e: MachineError) -> Self {
-        use StatusCode as S;
-        let message = e.to_string();
-        let (status, code) = match &e {
-            MachineError::NotFound(_) | MachineError::FileNotFound(_) => (S::NOT_FOUND, "NOT_FOUND"),
-            MachineError::InvalidState { .. } | MachineError::BadRequest(_) => (S::BAD_REQUEST, "BAD_REQUEST"),
-            MachineError::Validation(_) => (S::BAD_REQUEST, "VALIDATION_ERROR"),
-            MachineError::Conflict(_) => (S::CONFLICT, "CONFLICT"),
-            MachineError::PoolExhausted { .. } => (S::SERVICE_UNAVAILABLE, "IP_POOL_EXHAUSTED"),
-            MachineError::Timeout(_) => (S::GATEWAY_TIMEOUT, "TIMEOUT"),
-            MachineError::TooLarge(_) => (S::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
-            MachineError::Runtime(RuntimeError::Firecracker { status, .. }) => {
-                (if *status == 400 { S::BAD_REQUEST } else { S::BAD_GATEWAY }, "FIRECRACKER_API_ERROR")
-            }
-            MachineError::Runtime(_) | MachineError::Network(_) => (S::INTERNAL_SERVER_ERROR, "RUNTIME_ERROR"),
-            MachineError::Agent(_) => (S::BAD_GATEWAY, "VSOCK_ERROR"),
-            MachineError::Store(_) => (S::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
-        };
-        Self::new(status, code, message)
+        let (status, code) = status_of(e.cause());
+        Self::new(status, code, e.to_string())
+    }
+}
+
+/// The one mapping of the orchestration's errors to HTTP.
+fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
+    use StatusCode as S;
+    match e {
+        MachineError::NotFound(_) | MachineError::FileNotFound { .. } => (S::NOT_FOUND, "NOT_FOUND"),
+        MachineError::InvalidState { .. }
+        | MachineError::NotRunning { .. }
+        | MachineError::WaitFailed { .. }
+        | MachineError::GuestRefused(_)
+        | MachineError::UploadBroken(_) => (S::BAD_REQUEST, "BAD_REQUEST"),
+        MachineError::Invalid(_) | MachineError::RuntimeUnavailable { .. } => (S::BAD_REQUEST, "VALIDATION_ERROR"),
+        MachineError::NameTaken(_) => (S::CONFLICT, "CONFLICT"),
+        MachineError::PoolExhausted { .. } => (S::SERVICE_UNAVAILABLE, "IP_POOL_EXHAUSTED"),
+        MachineError::WaitTimedOut { .. }
+        | MachineError::ExecTimedOut { .. }
+        | MachineError::TransferTimedOut { .. } => (S::GATEWAY_TIMEOUT, "TIMEOUT"),
+        MachineError::FileTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
+        MachineError::Runtime(RuntimeError::Firecracker { status, .. }) => {
+            (if *status == 400 { S::BAD_REQUEST } else { S::BAD_GATEWAY }, "FIRECRACKER_API_ERROR")
+        }
+        MachineError::Runtime(_) | MachineError::Network(_) | MachineError::UndoFailed { .. } => {
+            (S::INTERNAL_SERVER_ERROR, "RUNTIME_ERROR")
+        }
+        MachineError::Agent(_) => (S::BAD_GATEWAY, "VSOCK_ERROR"),
+        MachineError::Store(_) | MachineError::Task { .. } => (S::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
     }
 }
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         Self::internal(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyperfleet_types::MachineStatus;
+
+    fn mapped(e: MachineError) -> (u16, &'static str) {
+        let api = ApiError::from(e);
+        (api.status.as_u16(), api.code)
+    }
+
+    #[test]
+    fn each_error_has_its_documented_status_and_code() {
+        assert_eq!(mapped(MachineError::NotFound("x".into())), (404, "NOT_FOUND"));
+        assert_eq!(
+            mapped(MachineError::InvalidState {
+                action: crate::machines::Action::Start,
+                status: MachineStatus::Running
+            }),
+            (400, "BAD_REQUEST")
+        );
+        assert_eq!(mapped(MachineError::Invalid("name is required".into())), (400, "VALIDATION_ERROR"));
+        assert_eq!(mapped(MachineError::NameTaken("a".into())), (409, "CONFLICT"));
+        assert_eq!(mapped(MachineError::PoolExhausted { subnet: "s".into(), blocks: 1 }), (503, "IP_POOL_EXHAUSTED"));
+        assert_eq!(mapped(MachineError::ExecTimedOut { secs: 1 }), (504, "TIMEOUT"));
+        assert_eq!(mapped(MachineError::FileTooLarge { size: None, max: 1 }), (413, "PAYLOAD_TOO_LARGE"));
+        let fc = |status| {
+            MachineError::Runtime(RuntimeError::Firecracker { action: "PUT /x".into(), status, message: "m".into() })
+        };
+        assert_eq!(mapped(fc(400)), (400, "FIRECRACKER_API_ERROR"));
+        assert_eq!(mapped(fc(500)), (502, "FIRECRACKER_API_ERROR"));
+        assert_eq!(mapped(MachineError::Runtime(RuntimeError::Unavailable("x".into()))), (500, "RUNTIME_ERROR"));
+        // A failed start whose undo also failed is answered as its cause, with both in the message.
+        let undo = MachineError::UndoFailed { cause: Box::new(fc(400)), undo: vec!["remove the interface".into()] };
+        let api = ApiError::from(undo);
+        assert_eq!((api.status.as_u16(), api.code), (400, "FIRECRACKER_API_ERROR"));
+        assert!(api.message.contains("remove the interface"));
     }
 }

@@ -50,7 +50,7 @@ pub async fn exec_stream(
 ) -> Result<Response, ApiError> {
     let (session, plan) = s.service.exec_stream(&id, req).await?;
     let deadline = tokio::time::Instant::now() + plan.timeout + std::time::Duration::from_secs(5);
-    let timeout_msg = plan.timeout_message();
+    let timeout_msg = plan.timeout_error().to_string();
     // State: the session until the exit or an error has been sent.
     let stream = futures::stream::unfold(Some(session), move |state| {
         let timeout_msg = timeout_msg.clone();
@@ -113,8 +113,8 @@ pub async fn upload(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/json"));
-    let max = s.service.settings.file_max_size;
-    let too_large = || MachineError::TooLarge(format!("File is larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"));
+    let max = s.service.file_max_size();
+    let too_large = || MachineError::FileTooLarge { size: None, max };
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut body = req.into_body().into_data_stream();
     if is_json {
@@ -162,7 +162,7 @@ pub async fn upload(
     let chunks = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     let feed = async {
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| MachineError::BadRequest(format!("reading the upload: {e}")));
+            let chunk = chunk.map_err(|e| MachineError::UploadBroken(e.to_string()));
             if tx.send(chunk).await.is_err() {
                 break;
             }

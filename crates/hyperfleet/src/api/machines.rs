@@ -12,6 +12,7 @@ use hyperfleet_types::{
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryMap};
+use crate::machines::Error as MachineError;
 
 pub const MAX_LIST_LIMIT: u32 = 500;
 pub const MAX_WAIT_SECS: u64 = 30;
@@ -147,5 +148,9 @@ pub async fn logs(
               (status = 404, body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
 pub async fn network(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<NetworkReport>, ApiError> {
-    Ok(Json(s.service.network_report(&id).await?))
+    let machine = s.service.get(&id).await?;
+    if machine.status != MachineStatus::Running {
+        return Err(MachineError::NotRunning { what: "check its network", status: machine.status }.into());
+    }
+    Ok(Json(s.doctor.machine_report(&machine).await))
 }

@@ -17,12 +17,13 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyperfleet_types::{Health, RuntimeAvailability, RuntimeKind};
+use hyperfleet_types::Health;
 use tracing::Instrument;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::doctor::Doctor;
 use crate::machines::Service;
 use auth::Auth;
 use error::ApiError;
@@ -31,6 +32,7 @@ use error::ApiError;
 pub struct AppState {
     pub service: Arc<Service>,
     pub auth: Arc<Auth>,
+    pub doctor: Arc<Doctor>,
 }
 
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
@@ -66,28 +68,7 @@ impl utoipa::Modify for BearerAuth {
 
 #[utoipa::path(get, path = "/health", tag = "machines", responses((status = 200, body = Health)))]
 pub async fn health(State(s): State<AppState>) -> Json<Health> {
-    let database = match s.service.store.ping().await {
-        Ok(()) => "ok".to_string(),
-        Err(e) => format!("error: {e}"),
-    };
-    let runtimes = [RuntimeKind::Firecracker, RuntimeKind::Container]
-        .into_iter()
-        .map(|r| {
-            let why = s.service.runtimes.unavailable(r);
-            RuntimeAvailability {
-                runtime: r,
-                available: why.is_none(),
-                detail: why.unwrap_or_else(|| "available".into()),
-            }
-        })
-        .collect();
-    Json(Health {
-        status: if database == "ok" { "ok".into() } else { "degraded".into() },
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        default_runtime: s.service.default_runtime,
-        runtimes,
-        database,
-    })
+    Json(s.service.health().await)
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -202,7 +183,10 @@ mod tests {
                 assert!(paths.get(p).and_then(|v| v.get(*m)).is_some(), "{m} {p} missing from the OpenAPI document");
             }
         }
-        assert!(doc["components"]["schemas"]["Machine"]["properties"]["guest_ip"].is_object());
+        // A machine is its spec (flattened) plus what the daemon decided: both parts are in the schema.
+        let machine = doc["components"]["schemas"]["Machine"].to_string();
+        assert!(machine.contains("guest_ip") && machine.contains("#/components/schemas/MachineSpec"), "{machine}");
+        assert!(doc["components"]["schemas"]["MachineSpec"]["properties"]["vcpu_count"].is_object());
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
         assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
     }

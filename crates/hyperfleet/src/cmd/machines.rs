@@ -160,14 +160,14 @@ fn print_machines(output: Output, machines: &[Machine]) -> anyhow::Result<()> {
         .map(|m| {
             vec![
                 m.id.clone(),
-                m.name.clone(),
+                m.spec.name.clone(),
                 m.status.to_string(),
-                m.runtime.to_string(),
-                m.vcpu_count.to_string(),
-                format!("{}M", m.mem_size_mib),
+                m.spec.runtime.to_string(),
+                m.spec.vcpu_count.to_string(),
+                format!("{}M", m.spec.mem_size_mib),
                 m.guest_ip.to_string(),
                 m.tap_device.clone(),
-                m.exposed_ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+                m.spec.exposed_ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
             ]
         })
         .collect();

@@ -9,8 +9,9 @@ use tracing::{info, warn};
 
 use crate::api::{self, AppState, auth::Auth};
 use crate::config::{ServeArgs, Settings};
-use crate::machines::{Service, network::HostNetwork};
-use crate::runtime::host::{self, KvmKind};
+use crate::doctor::Doctor;
+use crate::machines::{LinuxHost, Policy, Service, network::HostNetwork};
+use crate::runtime::host::{self, HostCapacity, KvmKind};
 use crate::runtime::{Container, Firecracker, Runtimes};
 use crate::store::{Store, api_keys, leases};
 
@@ -43,8 +44,25 @@ pub fn build_service(settings: Arc<Settings>, store: Store) -> anyhow::Result<Ar
     let dns =
         HostNetwork::dns_default(settings.dns.as_ref()).map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
     let net = HostNetwork::new(settings.subnet, settings.tap_naming.clone(), &settings.nft_table)?;
-    let runtimes = Runtimes { firecracker, container, stop_grace: settings.stop_timeout };
-    Ok(Service::new(store, settings.clone(), runtimes, net, default, dns))
+    let addressing = net.addressing.clone();
+    let host = LinuxHost {
+        runtimes: Runtimes { firecracker, container, stop_grace: settings.stop_timeout },
+        net,
+        data_dir: settings.data_dir.clone(),
+        socket_dir: settings.socket_dir.clone(),
+    };
+    let policy = Policy {
+        assets_dir: settings.assets_dir.clone(),
+        default_kernel: settings.kernel_image_path.clone(),
+        default_rootfs: settings.rootfs_path.clone(),
+        default_kernel_args: settings.kernel_args.clone(),
+        default_runtime: default,
+        default_dns: dns,
+        capacity: HostCapacity::detect(),
+        file_max_size: settings.file_max_size,
+        file_transfer_timeout: settings.file_transfer_timeout,
+    };
+    Ok(Service::new(store, host, addressing, policy))
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -74,10 +92,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let service = build_service(settings.clone(), store.clone())?;
-    service.net.init().await.context("prepare host networking (are we root?)")?;
+    service.host().net.init().await.context("prepare host networking (are we root?)")?;
     service.reconcile().await.context("reconcile with the host")?;
 
-    let state = AppState { service: service.clone(), auth: Arc::new(Auth::new(store, settings.disable_auth)) };
+    let doctor = Arc::new(Doctor::new(settings.subnet, &settings.nft_table)?);
+    let state = AppState { service: service.clone(), auth: Arc::new(Auth::new(store, settings.disable_auth)), doctor };
     let addr = std::net::SocketAddr::new(settings.bind, settings.port);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr} (PORT)"))?;
     if let Some(proxy) = settings.proxy.clone() {

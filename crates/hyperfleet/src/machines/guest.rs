@@ -9,7 +9,8 @@ use hyperfleet_agent_proto::client::{AgentClient, ClientError, ExecSession, File
 use hyperfleet_agent_proto::{ErrorKind, ExecSpec};
 use hyperfleet_types::{ExecRequest, ExecResult, FileStat, FileWritten};
 
-use super::{Error, Result, Service};
+use super::lifecycle::instance;
+use super::{Error, Host, Result, Service};
 use crate::store::machines::MachineRecord;
 
 pub const DEFAULT_EXEC_TIMEOUT: u64 = 30;
@@ -17,25 +18,25 @@ pub const MAX_EXEC_TIMEOUT: u64 = 3600;
 /// Output kept per stream by the buffered exec API.
 pub const EXEC_OUTPUT_CAP: u64 = 10 << 20;
 
-fn agent_error(e: ClientError, path: &str) -> Error {
+fn agent_error(e: ClientError, path: &str, max: u64) -> Error {
     match e {
-        ClientError::Agent { kind: ErrorKind::NotFound, .. } => Error::FileNotFound(format!("File not found: {path}")),
-        ClientError::Agent { kind: ErrorKind::InvalidPath, message } => Error::Validation(message),
-        ClientError::Agent { kind: ErrorKind::TooLarge, message } => Error::TooLarge(message),
-        ClientError::Agent { kind: ErrorKind::BadRequest, message } => Error::BadRequest(message),
+        ClientError::Agent { kind: ErrorKind::NotFound, .. } => Error::FileNotFound { path: path.to_string() },
+        ClientError::Agent { kind: ErrorKind::InvalidPath, message } => Error::Invalid(message),
+        ClientError::Agent { kind: ErrorKind::TooLarge, .. } => Error::FileTooLarge { size: None, max },
+        ClientError::Agent { kind: ErrorKind::BadRequest, message } => Error::GuestRefused(message),
         other => Error::Agent(other),
     }
 }
 
 pub fn check_guest_path(path: &str) -> Result<()> {
     if path.is_empty() {
-        return Err(Error::Validation("path is required".into()));
+        return Err(Error::Invalid("path is required".into()));
     }
     if !path.starts_with('/') {
-        return Err(Error::Validation(format!("path must be absolute, got '{path}'")));
+        return Err(Error::Invalid(format!("path must be absolute, got '{path}'")));
     }
     if path.contains('\0') {
-        return Err(Error::Validation("path must not contain NUL bytes".into()));
+        return Err(Error::Invalid("path must not contain NUL bytes".into()));
     }
     Ok(())
 }
@@ -51,14 +52,13 @@ impl ExecPlan {
     pub fn new(req: ExecRequest, max_output: Option<u64>) -> Result<Self> {
         let secs = req.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT);
         if !(1..=MAX_EXEC_TIMEOUT).contains(&secs) {
-            return Err(Error::Validation(format!("timeout must be between 1 and {MAX_EXEC_TIMEOUT} seconds")));
+            return Err(Error::Invalid(format!("timeout must be between 1 and {MAX_EXEC_TIMEOUT} seconds")));
         }
         if let Some(cwd) = &req.cwd {
-            check_guest_path(cwd)
-                .map_err(|_| Error::Validation(format!("cwd must be an absolute path, got '{cwd}'")))?;
+            check_guest_path(cwd).map_err(|_| Error::Invalid(format!("cwd must be an absolute path, got '{cwd}'")))?;
         }
         if req.command.0[0].is_empty() {
-            return Err(Error::Validation("command[0] must name a program".into()));
+            return Err(Error::Invalid("command[0] must name a program".into()));
         }
         Ok(Self {
             spec: ExecSpec {
@@ -73,23 +73,23 @@ impl ExecPlan {
         })
     }
 
-    pub fn timeout_message(&self) -> String {
-        format!("Command execution timed out after {} seconds", self.timeout.as_secs())
+    pub fn timeout_error(&self) -> Error {
+        Error::ExecTimedOut { secs: self.timeout.as_secs() }
     }
 }
 
-impl Service {
-    async fn running(&self, id: &str, action: &str) -> Result<MachineRecord> {
+impl<H: Host> Service<H> {
+    async fn running(&self, id: &str, what: &'static str) -> Result<MachineRecord> {
         let rec = self.record(id).await?;
         if rec.status != hyperfleet_types::MachineStatus::Running {
-            return Err(Error::BadRequest(format!("Machine must be running to {action}")));
+            return Err(Error::NotRunning { what, status: rec.status });
         }
         Ok(rec)
     }
 
     /// The machine's agent once it answers, waiting up to `patience` while the guest boots.
     async fn ready_agent(&self, rec: &MachineRecord, patience: Duration) -> Result<AgentClient> {
-        let agent = self.runtimes.agent(rec, &self.files(&rec.id));
+        let agent = self.host.agent(&instance(rec));
         let deadline = Instant::now() + patience;
         loop {
             match agent.ping().await {
@@ -108,11 +108,12 @@ impl Service {
         let started = Instant::now();
         let agent = self.ready_agent(&rec, plan.timeout).await?;
         let mut spec = plan.spec.clone();
-        spec.timeout_ms = plan.timeout.saturating_sub(started.elapsed()).as_millis().max(1) as u64;
+        spec.timeout_ms =
+            u64::try_from(plan.timeout.saturating_sub(started.elapsed()).as_millis()).unwrap_or(u64::MAX).max(1);
         // The agent enforces the timeout; the margin only covers a guest that stops answering.
         let out = tokio::time::timeout(plan.timeout + Duration::from_secs(5), agent.exec_collect(spec, &plan.stdin))
             .await
-            .map_err(|_| Error::Timeout(plan.timeout_message()))?;
+            .map_err(|_| plan.timeout_error())?;
         let out = match out {
             Ok(o) => o,
             // A program that cannot be started answers like a shell would: exit code 127.
@@ -123,13 +124,13 @@ impl Service {
                     stderr: message,
                     stdout_truncated: false,
                     stderr_truncated: false,
-                    duration_ms: started.elapsed().as_millis() as u64,
+                    duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 });
             }
-            Err(e) => return Err(agent_error(e, "")),
+            Err(e) => return Err(agent_error(e, "", self.policy.file_max_size)),
         };
         if out.exit.timed_out {
-            return Err(Error::Timeout(plan.timeout_message()));
+            return Err(plan.timeout_error());
         }
         Ok(ExecResult {
             exit_code: out.exit.exit_code,
@@ -146,28 +147,22 @@ impl Service {
         let plan = ExecPlan::new(req, None)?;
         let rec = self.running(id, "execute commands").await?;
         let agent = self.ready_agent(&rec, plan.timeout).await?;
-        let mut session = agent.exec(plan.spec.clone()).await.map_err(|e| agent_error(e, ""))?;
-        session.send_stdin(&plan.stdin).await.map_err(|e| agent_error(e, ""))?;
-        session.close_stdin().await.map_err(|e| agent_error(e, ""))?;
+        let max = self.policy.file_max_size;
+        let mut session = agent.exec(plan.spec.clone()).await.map_err(|e| agent_error(e, "", max))?;
+        session.send_stdin(&plan.stdin).await.map_err(|e| agent_error(e, "", max))?;
+        session.close_stdin().await.map_err(|e| agent_error(e, "", max))?;
         Ok((session, plan))
     }
 
-    fn transfer_timeout(&self) -> Duration {
-        self.settings.file_transfer_timeout
-    }
-
     async fn with_timeout<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        tokio::time::timeout(self.transfer_timeout(), fut).await.map_err(|_| {
-            Error::Timeout(format!("File transfer timed out after {} seconds", self.transfer_timeout().as_secs()))
-        })?
+        let limit = self.policy.file_transfer_timeout;
+        tokio::time::timeout(limit, fut).await.map_err(|_| Error::TransferTimedOut { secs: limit.as_secs() })?
     }
 
     fn check_size(&self, size: u64) -> Result<()> {
-        if size > self.settings.file_max_size {
-            return Err(Error::TooLarge(format!(
-                "File is {size} bytes, larger than HYPERFLEET_FILE_MAX_SIZE ({} bytes)",
-                self.settings.file_max_size
-            )));
+        let max = self.policy.file_max_size;
+        if size > max {
+            return Err(Error::FileTooLarge { size: Some(size), max });
         }
         Ok(())
     }
@@ -185,7 +180,7 @@ impl Service {
         self.check_size((content.len() as u64 / 4) * 3)?;
         let data = base64::engine::general_purpose::STANDARD
             .decode(content.trim())
-            .map_err(|e| Error::Validation(format!("content is not valid base64: {e}")))?;
+            .map_err(|e| Error::Invalid(format!("content is not valid base64: {e}")))?;
         self.check_size(data.len() as u64)?;
         let body = futures::stream::once(async move { Ok::<_, Error>(Bytes::from(data)) });
         self.write_file_stream(id, path, mode, body).await
@@ -199,20 +194,20 @@ impl Service {
         use futures::StreamExt;
         check_guest_path(path)?;
         if let Some(m) = mode.filter(|m| *m > 0o7777) {
-            return Err(Error::Validation(format!("mode {m:o} is not a permission mode (at most 0o7777)")));
+            return Err(Error::Invalid(format!("mode {m:o} is not a permission mode (at most 0o7777)")));
         }
         let rec = self.running(id, "transfer files").await?;
-        let max = self.settings.file_max_size;
+        let max = self.policy.file_max_size;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
-            let mut w = agent.write_file(path, mode, Some(max)).await.map_err(|e| agent_error(e, path))?;
+            let mut w = agent.write_file(path, mode, Some(max)).await.map_err(|e| agent_error(e, path, max))?;
             futures::pin_mut!(body);
             while let Some(chunk) = body.next().await {
                 let chunk = chunk?;
                 self.check_size(w.sent() + chunk.len() as u64)?;
-                w.send(&chunk).await.map_err(|e| agent_error(e, path))?;
+                w.send(&chunk).await.map_err(|e| agent_error(e, path, max))?;
             }
-            let size = w.finish().await.map_err(|e| agent_error(e, path))?;
+            let size = w.finish().await.map_err(|e| agent_error(e, path, max))?;
             Ok(FileWritten { path: path.to_string(), size })
         })
         .await
@@ -224,7 +219,8 @@ impl Service {
         let rec = self.running(id, "transfer files").await?;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
-            agent.read_file(path, Some(self.settings.file_max_size)).await.map_err(|e| agent_error(e, path))
+            let max = self.policy.file_max_size;
+            agent.read_file(path, Some(max)).await.map_err(|e| agent_error(e, path, max))
         })
         .await
     }
@@ -235,18 +231,12 @@ impl Service {
         let st = self
             .with_timeout(async {
                 let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
-                agent.stat(path).await.map_err(|e| agent_error(e, path))
+                agent.stat(path).await.map_err(|e| agent_error(e, path, self.policy.file_max_size))
             })
             .await?;
         let modified =
             time::OffsetDateTime::from_unix_timestamp(st.modified_unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        Ok(FileStat {
-            path: path.to_string(),
-            size: st.size,
-            mode: st.mode,
-            is_dir: st.is_dir,
-            modified_at: crate::store::format_time(modified),
-        })
+        Ok(FileStat { path: path.to_string(), size: st.size, mode: st.mode, is_dir: st.is_dir, modified_at: modified })
     }
 
     pub async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
@@ -254,7 +244,7 @@ impl Service {
         let rec = self.running(id, "transfer files").await?;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
-            agent.delete(path, recursive).await.map_err(|e| agent_error(e, path))
+            agent.delete(path, recursive).await.map_err(|e| agent_error(e, path, self.policy.file_max_size))
         })
         .await
     }

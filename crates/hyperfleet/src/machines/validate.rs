@@ -1,31 +1,19 @@
-//! Turns a create request into a [`NewMachine`] or a message naming the field that is wrong. Messages
-//! keep the upstream wording where upstream had one ("vcpu_count must be at least 1").
+//! Turns a create request into a [`MachineSpec`] or a message naming the field that is wrong. Messages
+//! keep the wording the API's users know ("vcpu_count must be at least 1"). Blocking (it resolves paths):
+//! call it off the async workers.
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
 use std::path::{Component, Path, PathBuf};
 
-use hyperfleet_types::{CreateMachine, EgressPolicy, RuntimeKind};
+use hyperfleet_types::{CreateMachine, EgressPolicy, MachineNetwork, MachineSpec};
 
-use crate::store::machines::NewMachine;
+use super::Policy;
 
 pub const MIN_MEM_MIB: i64 = 4;
 /// Firecracker's limit of vCPUs per microVM.
 pub const MAX_VCPUS: i64 = 32;
 const MAX_KERNEL_ARGS: usize = 2048;
 const MAX_DNS: usize = 3;
-
-/// What the defaults and limits of this host are.
-pub struct Limits<'a> {
-    pub host_cpus: u32,
-    pub host_mem_mib: u64,
-    pub assets_dir: &'a Path,
-    pub default_kernel: &'a Path,
-    pub default_rootfs: &'a Path,
-    pub default_kernel_args: &'a str,
-    pub default_runtime: RuntimeKind,
-    pub default_dns: &'a [Ipv4Addr],
-}
 
 pub fn name(n: &str) -> Result<(), String> {
     let b = n.as_bytes();
@@ -34,6 +22,12 @@ pub fn name(n: &str) -> Result<(), String> {
         && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-';
+    if ok && looks_like_an_id(n) {
+        // Machines are addressed by id or name: a name that could be an id could name another machine.
+        return Err(format!(
+            "name '{n}' is invalid: 16 lowercase letters and digits is the shape of a machine id; add a '-' or change its length"
+        ));
+    }
     if ok {
         Ok(())
     } else {
@@ -41,6 +35,11 @@ pub fn name(n: &str) -> Result<(), String> {
             "name '{n}' is invalid: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
         ))
     }
+}
+
+/// Whether `s` has the shape of a machine id ([`crate::store::random_id`]).
+fn looks_like_an_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
 }
 
 pub fn ports(field: &str, list: &[i64]) -> Result<Vec<u16>, String> {
@@ -81,25 +80,28 @@ pub fn asset(field: &str, given: Option<&str>, default: &Path, assets_dir: &Path
     Ok(real.display().to_string())
 }
 
-pub fn create(req: &CreateMachine, id: String, limits: &Limits) -> Result<NewMachine, String> {
+pub fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec, String> {
     let name_val = req.name.as_deref().ok_or("name is required")?;
     name(name_val)?;
     let vcpus = req.vcpu_count.ok_or("vcpu_count is required")?;
     if vcpus < 1 {
         return Err("vcpu_count must be at least 1".into());
     }
-    let max_vcpus = MAX_VCPUS.min(i64::from(limits.host_cpus.max(1)));
+    let host_cpus = limits.capacity.cpus;
+    let max_vcpus = MAX_VCPUS.min(i64::from(host_cpus.max(1)));
     if vcpus > max_vcpus {
-        return Err(format!("vcpu_count must be at most {max_vcpus} (this host has {} CPUs)", limits.host_cpus));
+        return Err(format!("vcpu_count must be at most {max_vcpus} (this host has {host_cpus} CPUs)"));
     }
     let mem = req.mem_size_mib.ok_or("mem_size_mib is required")?;
     if mem < MIN_MEM_MIB {
         return Err(format!("mem_size_mib must be at least {MIN_MEM_MIB}"));
     }
-    if mem as u64 > limits.host_mem_mib {
-        return Err(format!("mem_size_mib must be at most {} (the host's memory)", limits.host_mem_mib));
-    }
-    let kernel_args = req.kernel_args.clone().unwrap_or_else(|| limits.default_kernel_args.to_string());
+    let mem_mib = u32::try_from(mem)
+        .ok()
+        .filter(|m| u64::from(*m) <= limits.capacity.mem_mib)
+        .ok_or_else(|| format!("mem_size_mib must be at most {} (the host's memory)", limits.capacity.mem_mib))?;
+    let vcpu_count = u32::try_from(vcpus).map_err(|_| format!("vcpu_count must be at most {max_vcpus}"))?;
+    let kernel_args = req.kernel_args.clone().unwrap_or_else(|| limits.default_kernel_args.clone());
     if kernel_args.len() > MAX_KERNEL_ARGS || kernel_args.contains(['\n', '\r', '\0']) {
         return Err(format!("kernel_args must be one line of at most {MAX_KERNEL_ARGS} characters"));
     }
@@ -116,32 +118,32 @@ pub fn create(req: &CreateMachine, id: String, limits: &Limits) -> Result<NewMac
             return Err(format!("network.dns takes at most {MAX_DNS} addresses"));
         }
         Some(list) => list,
-        None => limits.default_dns.to_vec(),
+        None => limits.default_dns.clone(),
     };
     let egress = network.egress.unwrap_or(EgressPolicy::Allow);
-    Ok(NewMachine {
-        id,
+    Ok(MachineSpec {
         name: name_val.to_string(),
         runtime: req.runtime.unwrap_or(limits.default_runtime),
-        vcpu_count: vcpus as u32,
-        mem_size_mib: mem as u32,
+        vcpu_count,
+        mem_size_mib: mem_mib,
         kernel_image_path: asset(
             "kernel_image_path",
             req.kernel_image_path.as_deref(),
-            limits.default_kernel,
-            limits.assets_dir,
+            &limits.default_kernel,
+            &limits.assets_dir,
         )?,
         kernel_args,
-        rootfs_path: asset("rootfs_path", req.rootfs_path.as_deref(), limits.default_rootfs, limits.assets_dir)?,
+        rootfs_path: asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?,
         exposed_ports,
-        dns,
-        egress,
+        network: MachineNetwork { prefix_len: None, gateway: None, dns, egress },
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyperfleet_types::RuntimeKind;
+    use std::net::Ipv4Addr;
 
     struct Assets {
         dir: tempfile::TempDir,
@@ -160,16 +162,17 @@ mod tests {
             std::fs::create_dir(dir.path().join("sub")).unwrap();
             Self { dir, kernel, rootfs }
         }
-        fn limits(&self) -> Limits<'_> {
-            Limits {
-                host_cpus: 2,
-                host_mem_mib: 1024,
-                assets_dir: self.dir.path(),
-                default_kernel: &self.kernel,
-                default_rootfs: &self.rootfs,
-                default_kernel_args: "console=ttyS0",
+        fn limits(&self) -> Policy {
+            Policy {
+                assets_dir: self.dir.path().to_path_buf(),
+                default_kernel: self.kernel.clone(),
+                default_rootfs: self.rootfs.clone(),
+                default_kernel_args: "console=ttyS0".into(),
                 default_runtime: RuntimeKind::Container,
-                default_dns: &DNS,
+                default_dns: DNS.to_vec(),
+                capacity: crate::runtime::host::HostCapacity { cpus: 2, mem_mib: 1024 },
+                file_max_size: 1 << 20,
+                file_transfer_timeout: std::time::Duration::from_secs(5),
             }
         }
     }
@@ -179,7 +182,7 @@ mod tests {
     }
 
     fn err(a: &Assets, json: serde_json::Value) -> String {
-        create(&req(json), "id".into(), &a.limits()).unwrap_err()
+        create(&req(json), &a.limits()).unwrap_err()
     }
 
     #[test]
@@ -203,6 +206,14 @@ mod tests {
             err(&a, serde_json::json!({"name": "Bad_Name", "vcpu_count": 1, "mem_size_mib": 64}))
                 .contains("name 'Bad_Name'")
         );
+        // A name shaped like an id would make lookups by that string ambiguous.
+        assert!(
+            err(&a, serde_json::json!({"name": "abcdefgh12345678", "vcpu_count": 1, "mem_size_mib": 64}))
+                .contains("shape of a machine id")
+        );
+        for fine in ["abcdefgh-1234567", "abcdefgh1234567", "abcdefgh123456789"] {
+            assert!(name(fine).is_ok(), "{fine}");
+        }
     }
 
     #[test]
@@ -212,9 +223,9 @@ mod tests {
         assert!(err(&a, base(serde_json::json!([0]))).contains("0 is not a port"));
         assert!(err(&a, base(serde_json::json!([70000]))).contains("70000 is not a port"));
         assert!(err(&a, base(serde_json::json!([80, 80]))).contains("listed twice"));
-        let ok = create(&req(base(serde_json::json!([80, 443]))), "id".into(), &a.limits()).unwrap();
+        let ok = create(&req(base(serde_json::json!([80, 443]))), &a.limits()).unwrap();
         assert_eq!(ok.exposed_ports, vec![80, 443]);
-        assert_eq!(ok.dns, vec![Ipv4Addr::new(10, 0, 0, 53)]);
+        assert_eq!(ok.network.dns, vec![Ipv4Addr::new(10, 0, 0, 53)]);
         assert_eq!(ok.runtime, RuntimeKind::Container);
     }
 
@@ -232,7 +243,7 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", a.dir.path().join("escape")).unwrap();
         assert!(err(&a, with(&format!("{dir}/escape"))).contains("inside the assets directory"));
         std::os::unix::fs::symlink(a.dir.path().join("vmlinux"), a.dir.path().join("alias")).unwrap();
-        let ok = create(&req(with(&format!("{dir}/alias"))), "id".into(), &a.limits()).unwrap();
+        let ok = create(&req(with(&format!("{dir}/alias"))), &a.limits()).unwrap();
         assert!(ok.kernel_image_path.ends_with("/vmlinux"), "stored resolved: {}", ok.kernel_image_path);
     }
 }

@@ -17,8 +17,7 @@ use oci_spec::runtime::{
 };
 use tokio::process::Command;
 
-use super::{Booted, GuestNetwork, MachineFiles, RuntimeError, process};
-use crate::store::machines::MachineRecord;
+use super::{BootSpec, Booted, MachineFiles, RuntimeError, process};
 
 /// Where the agent's socket directory is mounted inside the container.
 const AGENT_DIR_IN_GUEST: &str = "/run/hyperfleet";
@@ -63,28 +62,38 @@ impl Container {
     }
 
     async fn runc_ok(&self, args: &[&str]) -> Result<String, RuntimeError> {
-        let out = self
-            .runc()?
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| RuntimeError::Failed(format!("runc {}: {e}", args.join(" "))))?;
+        let out = self.runc()?.args(args).stdin(Stdio::null()).output().await.map_err(|e| RuntimeError::Command {
+            command: format!("runc {}", args.join(" ")),
+            message: e.to_string(),
+        })?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
-            Err(RuntimeError::Failed(format!(
-                "runc {}: {}",
-                args.first().unwrap_or(&""),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )))
+            Err(RuntimeError::Command {
+                command: format!("runc {}", args.first().unwrap_or(&"")),
+                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+
+    /// Runs runc for a clean-up step whose refusal is expected (nothing to act on); the reason is kept at debug.
+    async fn runc_quiet(&self, args: &[&str]) {
+        if let Err(e) = self.runc_ok(args).await {
+            tracing::debug!(error = %e, "runc {} refused", args.join(" "));
+        }
+    }
+
+    /// Runs runc for a step that should work; a failure is logged.
+    async fn runc_logged(&self, args: &[&str]) {
+        if let Err(e) = self.runc_ok(args).await {
+            tracing::warn!(error = %e, "runc {} failed", args.join(" "));
         }
     }
 
     /// Mounts the machine's disk as the bundle's root (idempotent).
     pub async fn mount_root(files: &MachineFiles) -> Result<(), RuntimeError> {
         let root = files.bundle.join("rootfs");
-        std::fs::create_dir_all(&root).map_err(|e| RuntimeError::Failed(format!("create {}: {e}", root.display())))?;
+        std::fs::create_dir_all(&root).map_err(RuntimeError::io("create", &root))?;
         if is_mountpoint(&root) {
             return Ok(());
         }
@@ -94,13 +103,12 @@ impl Container {
             .arg(&root)
             .output()
             .await
-            .map_err(|e| RuntimeError::Failed(format!("mount: {e}")))?;
+            .map_err(|e| RuntimeError::Command { command: "mount".into(), message: e.to_string() })?;
         if !out.status.success() {
-            return Err(RuntimeError::Failed(format!(
-                "mount {}: {}",
-                files.disk.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            return Err(RuntimeError::Command {
+                command: format!("mount {}", files.disk.display()),
+                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
         }
         Ok(())
     }
@@ -109,21 +117,26 @@ impl Container {
     pub async fn unmount_root(files: &MachineFiles) {
         let root = files.bundle.join("rootfs");
         if is_mountpoint(&root) {
-            // -d releases the loop device too.
-            let _ = Command::new("umount").arg("-d").arg(&root).output().await;
+            // -d releases the loop device too; a busy mount is detached lazily instead.
+            if let Err(e) = Command::new("umount").arg("-d").arg(&root).output().await {
+                tracing::warn!(error = %e, "umount {}", root.display());
+            }
+            if is_mountpoint(&root)
+                && let Err(e) = Command::new("umount").args(["-l", "-d"]).arg(&root).output().await
+            {
+                tracing::warn!(error = %e, "umount -l {}", root.display());
+            }
             if is_mountpoint(&root) {
-                let _ = Command::new("umount").args(["-l", "-d"]).arg(&root).output().await;
+                tracing::warn!(path = %root.display(), "the machine's root is still mounted");
             }
         }
     }
 
-    pub fn spec(
-        m: &MachineRecord,
-        files: &MachineFiles,
-        net: &GuestNetwork,
-        netns: &Path,
-    ) -> Result<Spec, RuntimeError> {
-        let e = |e: oci_spec::OciSpecError| RuntimeError::Failed(format!("OCI spec: {e}"));
+    /// The OCI `config.json` of a machine: its init (the agent) with the agent socket and DNS in its
+    /// environment, cgroup limits from the machine's vCPUs and memory, the namespace made for it.
+    pub fn spec(m: &BootSpec, files: &MachineFiles, netns: &Path) -> Result<Spec, RuntimeError> {
+        let net = &m.net;
+        let e = RuntimeError::Spec;
         let caps: HashSet<Capability> = [
             Capability::AuditWrite,
             Capability::Chown,
@@ -224,28 +237,20 @@ impl Container {
 
     /// Writes the bundle and starts the container (`runc run --detach`), its init's output going to the
     /// machine's console log. Expects the root mounted and the network namespace ready.
-    pub async fn boot(
-        &self,
-        m: &MachineRecord,
-        files: &MachineFiles,
-        net: &GuestNetwork,
-        netns: &Path,
-    ) -> Result<Booted, RuntimeError> {
+    pub async fn boot(&self, m: &BootSpec, files: &MachineFiles, netns: &Path) -> Result<Booted, RuntimeError> {
         if let Some(why) = self.unavailable() {
             return Err(RuntimeError::Unavailable(why));
         }
-        std::fs::create_dir_all(&files.agent_dir).map_err(|e| RuntimeError::Failed(format!("agent dir: {e}")))?;
-        let _ = std::fs::remove_file(files.agent_dir.join("agent.sock"));
-        Self::spec(m, files, net, netns)?
-            .save(files.bundle.join("config.json"))
-            .map_err(|e| RuntimeError::Failed(format!("write config.json: {e}")))?;
+        std::fs::create_dir_all(&files.agent_dir).map_err(RuntimeError::io("create", &files.agent_dir))?;
+        process::remove_file_logged(&files.agent_dir.join("agent.sock"));
+        Self::spec(m, files, netns)?.save(files.bundle.join("config.json"))?;
         let cid = container_id(&m.id);
-        // A container of that name left by a crash would make `run` fail.
-        let _ = self.runc_ok(&["delete", "--force", &cid]).await;
+        // A container of that name left by a crash would make `run` fail; usually there is none to delete.
+        self.runc_quiet(&["delete", "--force", &cid]).await;
         let pid_file = files.dir.join("container.pid");
-        let _ = std::fs::remove_file(&pid_file);
+        process::remove_file_logged(&pid_file);
         let console = files.open_console_log()?;
-        let console_err = console.try_clone().map_err(|e| RuntimeError::Failed(format!("console log: {e}")))?;
+        let console_err = console.try_clone().map_err(RuntimeError::io("open", &files.console_log))?;
         let status = self
             .runc()?
             .arg("run")
@@ -260,18 +265,18 @@ impl Container {
             .stderr(console_err)
             .status()
             .await
-            .map_err(|e| RuntimeError::Failed(format!("runc run: {e}")))?;
+            .map_err(|e| RuntimeError::Command { command: "runc run".into(), message: e.to_string() })?;
         if !status.success() {
-            let _ = self.runc_ok(&["delete", "--force", &cid]).await;
-            return Err(RuntimeError::Failed(format!(
-                "runc run failed: {}",
-                process::tail(&files.console_log, 3).join(" | ")
-            )));
+            self.runc_quiet(&["delete", "--force", &cid]).await;
+            return Err(RuntimeError::Command {
+                command: "runc run".into(),
+                message: process::tail(&files.console_log, 3).join(" | "),
+            });
         }
         let pid: u32 = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| RuntimeError::Failed("runc wrote no pid file".into()))?;
+            .ok_or_else(|| RuntimeError::Command { command: "runc run".into(), message: "wrote no pid file".into() })?;
         Ok(Booted { pid, socket_path: None })
     }
 
@@ -293,21 +298,22 @@ impl Container {
     /// Asks the agent to shut down, then `runc kill` TERM and KILL; finally removes the container.
     pub async fn stop(&self, machine_id: &str, pid: Option<u32>, files: &MachineFiles, grace: Duration) {
         let cid = container_id(machine_id);
-        // A frozen container cannot act on a signal, not even SIGKILL: thaw it first (harmless if running).
-        let _ = self.runc_ok(&["resume", &cid]).await;
+        // A frozen container cannot act on a signal, not even SIGKILL: thaw it first (refused if not frozen).
+        self.runc_quiet(&["resume", &cid]).await;
         if let Some(pid) = pid.filter(|p| process::alive(*p)) {
             let asked = tokio::time::timeout(Duration::from_millis(1500), Self::agent(files).shutdown()).await;
             let graceful = matches!(asked, Ok(Ok(()))) && process::wait_exit(pid, grace).await;
             if !graceful {
-                let _ = self.runc_ok(&["kill", &cid, "TERM"]).await;
+                self.runc_logged(&["kill", &cid, "TERM"]).await;
                 if !process::wait_exit(pid, Duration::from_secs(3)).await {
-                    let _ = self.runc_ok(&["kill", "--all", &cid, "KILL"]).await;
+                    self.runc_logged(&["kill", "--all", &cid, "KILL"]).await;
                     process::wait_exit(pid, Duration::from_secs(5)).await;
                 }
             }
         }
-        let _ = self.runc_ok(&["delete", "--force", &cid]).await;
-        let _ = std::fs::remove_file(files.agent_dir.join("agent.sock"));
+        // Refused when the container is already gone, which is the usual case after a clean shutdown.
+        self.runc_quiet(&["delete", "--force", &cid]).await;
+        process::remove_file_logged(&files.agent_dir.join("agent.sock"));
     }
 }
 

@@ -70,3 +70,38 @@ fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
+
+/// How much of this host machines may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostCapacity {
+    pub cpus: u32,
+    pub mem_mib: u64,
+}
+
+impl HostCapacity {
+    /// Reads the CPU count and /proc/meminfo (1 GiB assumed if it cannot be read).
+    pub fn detect() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+        let mem_mib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| mem_total_mib(&t)).unwrap_or(1024);
+        Self { cpus, mem_mib }
+    }
+}
+
+/// `MemTotal` of a /proc/meminfo text, in MiB.
+fn mem_total_mib(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo() {
+        assert_eq!(mem_total_mib("MemTotal:       24576000 kB\nMemFree: 1 kB\n"), Some(24000));
+        assert_eq!(mem_total_mib("MemFree: 1 kB\n"), None);
+        assert_eq!(mem_total_mib("MemTotal: lots kB\n"), None);
+    }
+}

@@ -1,6 +1,7 @@
 //! What runs a machine: Firecracker (the product) or runc (hosts without hardware virtualization). Both are
 //! driven through [`Runtimes`], the one place that dispatches on the machine's runtime kind, with the same
-//! life cycle: prepare (disk, container root and namespace) → boot → stop → release.
+//! life cycle: prepare (disk, container root and namespace) → boot → stop → release. A runtime is given what
+//! it needs ([`BootSpec`], [`Instance`]), never a database row.
 
 pub mod container;
 pub mod disk;
@@ -15,8 +16,8 @@ use std::time::Duration;
 
 use hyperfleet_agent_proto::client::AgentClient;
 use hyperfleet_types::RuntimeKind;
+use tracing::warn;
 
-use crate::store::machines::MachineRecord;
 pub use container::Container;
 pub use firecracker::Firecracker;
 
@@ -28,8 +29,34 @@ pub enum RuntimeError {
     /// Firecracker refused a configuration request.
     #[error("firecracker rejected {action}: {message}")]
     Firecracker { action: String, status: u16, message: String },
-    #[error("{0}")]
-    Failed(String),
+    /// Firecracker's API could not be reached or answered something unreadable.
+    #[error("firecracker API {request}: {message}")]
+    FirecrackerApi { request: String, message: String },
+    /// A file or directory operation on the host failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    /// A host command (runc, mount) failed.
+    #[error("{command}: {message}")]
+    Command { command: String, message: String },
+    /// The machine's process ended while it was being started.
+    #[error("{process} exited at start: {console}")]
+    ExitedAtStart { process: &'static str, console: String },
+    #[error("{0} did not happen in time")]
+    Timeout(&'static str),
+    /// The container's OCI configuration could not be built.
+    #[error("OCI spec: {0}")]
+    Spec(#[from] oci_spec::OciSpecError),
+    #[error("network namespace: {0}")]
+    Namespace(#[from] hyperfleet_net::NetError),
+    #[error("background task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl RuntimeError {
+    pub fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| Self::Io { what, path, source }
+    }
 }
 
 /// Every host path that belongs to one machine.
@@ -61,18 +88,17 @@ impl MachineFiles {
 
     /// The console log, opened for appending by the machine's process.
     pub fn open_console_log(&self) -> Result<File, RuntimeError> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| RuntimeError::Failed(format!("create {}: {e}", self.dir.display())))?;
+        std::fs::create_dir_all(&self.dir).map_err(RuntimeError::io("create", &self.dir))?;
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.console_log)
-            .map_err(|e| RuntimeError::Failed(format!("open {}: {e}", self.console_log.display())))
+            .map_err(RuntimeError::io("open", &self.console_log))
     }
 }
 
 /// The network a guest boots with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GuestNetwork {
     /// Host-side interface (TAP, or the veth's host end).
     pub iface: String,
@@ -83,6 +109,27 @@ pub struct GuestNetwork {
     pub mac: String,
     pub dns: Vec<Ipv4Addr>,
     pub hostname: String,
+}
+
+/// Everything a runtime needs to boot one machine, decided by the orchestration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BootSpec {
+    pub id: String,
+    pub runtime: RuntimeKind,
+    pub vcpu_count: u32,
+    pub mem_size_mib: u32,
+    pub kernel_image_path: PathBuf,
+    pub kernel_args: String,
+    pub rootfs_path: PathBuf,
+    pub net: GuestNetwork,
+}
+
+/// A machine that may have a process: enough to find, pause, stop or clean it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub runtime: RuntimeKind,
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,29 +154,38 @@ impl Runtimes {
 
     /// Makes the machine's own disk (first start only) and, for containers, mounts it and creates the
     /// network namespace. Returns the namespace name the network layer must attach to, if any.
-    pub async fn prepare(&self, m: &MachineRecord, files: &MachineFiles) -> Result<Option<String>, RuntimeError> {
-        if let Some(why) = self.unavailable(m.runtime) {
+    pub async fn prepare(&self, spec: &BootSpec, files: &MachineFiles) -> Result<Option<String>, RuntimeError> {
+        if let Some(why) = self.unavailable(spec.runtime) {
             return Err(RuntimeError::Unavailable(why));
         }
-        std::fs::create_dir_all(&files.dir)
-            .map_err(|e| RuntimeError::Failed(format!("create {}: {e}", files.dir.display())))?;
-        if !files.disk.exists() {
-            let (src, dst) = (PathBuf::from(&m.rootfs_path), files.disk.clone());
-            tokio::task::spawn_blocking(move || disk::sparse_copy(&src, &dst))
-                .await
-                .map_err(|e| RuntimeError::Failed(e.to_string()))?
-                .map_err(|e| RuntimeError::Failed(format!("copy {} for the machine: {e}", m.rootfs_path)))?;
-        }
-        match m.runtime {
+        let (src, dst, dir) = (spec.rootfs_path.clone(), files.disk.clone(), files.dir.clone());
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(RuntimeError::io("create", &dir))?;
+            if !dst.exists() {
+                disk::sparse_copy(&src, &dst).map_err(RuntimeError::io("copy the machine's disk from", &src))?;
+            }
+            Ok::<_, RuntimeError>(())
+        })
+        .await??;
+        match spec.runtime {
             RuntimeKind::Firecracker => Ok(None),
             RuntimeKind::Container => {
                 Container::mount_root(files).await?;
-                let ns = container::netns_name(&m.id);
-                // A namespace left by a crash is replaced.
-                let _ = hyperfleet_net::netns::delete(&ns);
-                if let Err(e) = hyperfleet_net::netns::create(&ns) {
+                let ns = container::netns_name(&spec.id);
+                let created = tokio::task::spawn_blocking({
+                    let ns = ns.clone();
+                    move || {
+                        // A namespace left by a crash is replaced.
+                        if let Err(e) = hyperfleet_net::netns::delete(&ns) {
+                            warn!(netns = %ns, error = %e, "could not remove a leftover namespace");
+                        }
+                        hyperfleet_net::netns::create(&ns)
+                    }
+                })
+                .await?;
+                if let Err(e) = created {
                     Container::unmount_root(files).await;
-                    return Err(RuntimeError::Failed(e.to_string()));
+                    return Err(e.into());
                 }
                 Ok(Some(ns))
             }
@@ -138,22 +194,23 @@ impl Runtimes {
 
     pub async fn boot(
         &self,
-        m: &MachineRecord,
+        spec: &BootSpec,
         files: &MachineFiles,
-        net: &GuestNetwork,
         netns: Option<&str>,
     ) -> Result<Booted, RuntimeError> {
-        match (m.runtime, netns) {
-            (RuntimeKind::Firecracker, _) => self.firecracker.boot(m, files, net).await,
+        match (spec.runtime, netns) {
+            (RuntimeKind::Firecracker, _) => self.firecracker.boot(spec, files).await,
             (RuntimeKind::Container, Some(ns)) => {
-                self.container.boot(m, files, net, &hyperfleet_net::netns::path_of(ns)).await
+                self.container.boot(spec, files, &hyperfleet_net::netns::path_of(ns)).await
             }
-            (RuntimeKind::Container, None) => Err(RuntimeError::Failed("container has no network namespace".into())),
+            (RuntimeKind::Container, None) => {
+                Err(RuntimeError::Unavailable("container has no network namespace".into()))
+            }
         }
     }
 
     /// Stops the machine's process (gracefully first) and releases everything but its disk.
-    pub async fn stop(&self, m: &MachineRecord, files: &MachineFiles) {
+    pub async fn stop(&self, m: &Instance, files: &MachineFiles) {
         match m.runtime {
             RuntimeKind::Firecracker => {
                 if let Some(pid) = m.pid {
@@ -164,13 +221,13 @@ impl Runtimes {
             RuntimeKind::Container => {
                 self.container.stop(&m.id, m.pid, files, self.stop_grace).await;
                 Container::unmount_root(files).await;
-                let _ = hyperfleet_net::netns::delete(&container::netns_name(&m.id));
+                remove_netns(&m.id).await;
             }
         }
     }
 
     /// Pauses or resumes a running machine: Firecracker's `PATCH /vm`, or runc's freezer.
-    pub async fn set_paused(&self, m: &MachineRecord, files: &MachineFiles, pause: bool) -> Result<(), RuntimeError> {
+    pub async fn set_paused(&self, m: &Instance, files: &MachineFiles, pause: bool) -> Result<(), RuntimeError> {
         match m.runtime {
             RuntimeKind::Firecracker => {
                 let state = if pause { "Paused" } else { "Resumed" };
@@ -183,27 +240,60 @@ impl Runtimes {
     }
 
     /// The PID of the machine's process if it still runs and is really this machine's.
-    pub async fn live_pid(&self, m: &MachineRecord, files: &MachineFiles) -> Option<u32> {
+    pub async fn live_pid(&self, m: &Instance, files: &MachineFiles) -> Option<u32> {
         match m.runtime {
             RuntimeKind::Firecracker => {
-                m.pid.filter(|pid| Firecracker::owns(*pid, files)).or_else(|| Firecracker::find(files))
+                let (pid, files) = (m.pid, files.clone());
+                // /proc reads and scans: off the async workers.
+                tokio::task::spawn_blocking(move || {
+                    pid.filter(|pid| Firecracker::owns(*pid, &files)).or_else(|| Firecracker::find(&files))
+                })
+                .await
+                .ok()
+                .flatten()
             }
             RuntimeKind::Container => self.container.running_pid(&m.id).await,
         }
     }
 
-    pub fn agent(&self, m: &MachineRecord, files: &MachineFiles) -> AgentClient {
+    pub fn agent(&self, m: &Instance, files: &MachineFiles) -> AgentClient {
         match m.runtime {
             RuntimeKind::Firecracker => Firecracker::agent(files),
             RuntimeKind::Container => Container::agent(files),
         }
     }
 
+    /// Removes what a machine of any runtime may have left on the host when it has no process: a container's
+    /// mount and namespace, firecracker's sockets. Idempotent.
+    pub async fn remove_leftovers(&self, id: &str, files: &MachineFiles) {
+        Container::unmount_root(files).await;
+        remove_netns(id).await;
+        Firecracker::remove_sockets(files);
+    }
+
     /// Removes the machine's directory (disk, logs, bundle) at delete.
-    pub async fn destroy(&self, m: &MachineRecord, files: &MachineFiles) {
+    pub async fn destroy(&self, m: &Instance, files: &MachineFiles) -> Result<(), RuntimeError> {
         if m.runtime == RuntimeKind::Container {
             Container::unmount_root(files).await;
         }
-        let _ = tokio::fs::remove_dir_all(&files.dir).await;
+        match tokio::fs::remove_dir_all(&files.dir).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RuntimeError::io("remove", &files.dir)(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Deletes a container machine's network namespace if it exists, logging a failure.
+async fn remove_netns(machine_id: &str) {
+    let ns = container::netns_name(machine_id);
+    let res = tokio::task::spawn_blocking({
+        let ns = ns.clone();
+        move || if hyperfleet_net::netns::exists(&ns) { hyperfleet_net::netns::delete(&ns) } else { Ok(()) }
+    })
+    .await;
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(netns = %ns, error = %e, "could not remove the namespace"),
+        Err(e) => warn!(netns = %ns, error = %e, "namespace removal task failed"),
     }
 }

@@ -146,3 +146,12 @@ mod tests {
         assert!(tail(&dir.path().join("missing"), 3).is_empty());
     }
 }
+
+/// Removes a file the daemon made (a socket, a pid file); "already gone" is fine, anything else is logged.
+pub fn remove_file_logged(path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove");
+    }
+}

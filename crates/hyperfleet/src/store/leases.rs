@@ -102,9 +102,8 @@ mod tests {
 
     fn add_machine(conn: &Connection, id: &str) {
         conn.execute(
-            "INSERT INTO machines (id, name, status, runtime, vcpu_count, mem_size_mib, kernel_image_path, \
-             kernel_args, rootfs_path, exposed_ports, dns, egress, created_at, updated_at) \
-             VALUES (?1, ?1, 'pending', 'container', 1, 128, 'k', '', 'r', '[]', '[]', '\"allow\"', 'now', 'now')",
+            "INSERT INTO machines (id, name, status, spec, created_at, updated_at) \
+             VALUES (?1, ?1, 'pending', '{}', 'now', 'now')",
             [id],
         )
         .unwrap();

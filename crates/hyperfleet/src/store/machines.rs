@@ -1,51 +1,25 @@
 //! The `machines` table. State changes are compare-and-set (`UPDATE … WHERE status IN (…)`), so two requests
 //! for one machine can never both act.
 
-use std::net::Ipv4Addr;
-
-use hyperfleet_types::{EgressPolicy, MachineStatus, RuntimeKind};
+use hyperfleet_types::{MachineSpec, MachineStatus, timestamp};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
+use time::OffsetDateTime;
 
 use super::leases::{self, LeaseError};
-use super::{StoreError, StoreResult, now};
+use super::{StoreError, StoreResult};
 
-/// A machine as persisted, with its address block.
+/// A machine as persisted: what was asked for (`spec`), what it is doing, and its address block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MachineRecord {
     pub id: String,
-    pub name: String,
+    pub spec: MachineSpec,
     pub status: MachineStatus,
-    pub runtime: RuntimeKind,
-    pub vcpu_count: u32,
-    pub mem_size_mib: u32,
-    pub kernel_image_path: String,
-    pub kernel_args: String,
-    pub rootfs_path: String,
-    pub exposed_ports: Vec<u16>,
-    pub dns: Vec<Ipv4Addr>,
-    pub egress: EgressPolicy,
     pub socket_path: Option<String>,
     pub pid: Option<u32>,
     pub error_message: Option<String>,
-    pub created_at: String,
-    pub updated_at: String,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
     pub block: u32,
-}
-
-/// What a create request leaves to be stored.
-#[derive(Debug, Clone)]
-pub struct NewMachine {
-    pub id: String,
-    pub name: String,
-    pub runtime: RuntimeKind,
-    pub vcpu_count: u32,
-    pub mem_size_mib: u32,
-    pub kernel_image_path: String,
-    pub kernel_args: String,
-    pub rootfs_path: String,
-    pub exposed_ports: Vec<u16>,
-    pub dns: Vec<Ipv4Addr>,
-    pub egress: EgressPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,96 +54,81 @@ impl Changes {
     pub fn process_gone() -> Self {
         Self { pid: Some(None), socket_path: Some(None), error_message: None }
     }
+
+    /// The process is gone and the machine failed for `why`.
+    pub fn failed(why: impl Into<String>) -> Self {
+        Self { error_message: Some(Some(why.into())), ..Self::process_gone() }
+    }
 }
 
-const SELECT: &str = "SELECT m.id, m.name, m.status, m.runtime, m.vcpu_count, m.mem_size_mib, m.kernel_image_path, \
-     m.kernel_args, m.rootfs_path, m.exposed_ports, m.dns, m.egress, m.socket_path, m.pid, m.error_message, \
-     m.created_at, m.updated_at, l.block FROM machines m JOIN leases l ON l.machine_id = m.id";
+const SELECT: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
+     m.updated_at, l.block FROM machines m JOIN leases l ON l.machine_id = m.id";
 
-fn json_col<T: serde::de::DeserializeOwned>(row: &Row, idx: usize) -> rusqlite::Result<T> {
-    let text: String = row.get(idx)?;
-    serde_json::from_str(&text)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+fn conversion_error(col: &str, e: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("column {col}: {e}").into())
 }
 
-fn enum_col<T>(row: &Row, idx: usize, parse: fn(&str) -> Option<T>) -> rusqlite::Result<T> {
-    let text: String = row.get(idx)?;
-    parse(&text).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            idx,
-            rusqlite::types::Type::Text,
-            format!("unknown value '{text}'").into(),
-        )
-    })
+fn time_col(row: &Row, col: &str) -> rusqlite::Result<OffsetDateTime> {
+    let text: String = row.get(col)?;
+    timestamp::parse(&text).ok_or_else(|| conversion_error(col, format!("'{text}' is not an RFC 3339 time")))
 }
 
 fn from_row(row: &Row) -> rusqlite::Result<MachineRecord> {
+    let spec: String = row.get("spec")?;
+    let status: String = row.get("status")?;
     Ok(MachineRecord {
-        id: row.get(0)?,
-        name: row.get(1)?,
-        status: enum_col(row, 2, MachineStatus::parse)?,
-        runtime: enum_col(row, 3, RuntimeKind::parse)?,
-        vcpu_count: row.get(4)?,
-        mem_size_mib: row.get(5)?,
-        kernel_image_path: row.get(6)?,
-        kernel_args: row.get(7)?,
-        rootfs_path: row.get(8)?,
-        exposed_ports: json_col(row, 9)?,
-        dns: json_col(row, 10)?,
-        egress: json_col(row, 11)?,
-        socket_path: row.get(12)?,
-        pid: row.get(13)?,
-        error_message: row.get(14)?,
-        created_at: row.get(15)?,
-        updated_at: row.get(16)?,
-        block: row.get(17)?,
+        id: row.get("id")?,
+        spec: serde_json::from_str(&spec).map_err(|e| conversion_error("spec", e))?,
+        status: MachineStatus::parse(&status)
+            .ok_or_else(|| conversion_error("status", format!("unknown status '{status}'")))?,
+        socket_path: row.get("socket_path")?,
+        pid: row.get("pid")?,
+        error_message: row.get("error_message")?,
+        created_at: time_col(row, "created_at")?,
+        updated_at: time_col(row, "updated_at")?,
+        block: row.get("block")?,
     })
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).expect("plain data serializes")
+fn now() -> String {
+    timestamp::format(timestamp::now())
+}
+
+fn spec_json(spec: &MachineSpec) -> StoreResult<String> {
+    serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(format!("machine spec: {e}")))
 }
 
 /// Inserts the machine and leases it the lowest free block, in one transaction.
-pub fn insert(conn: &mut Connection, m: &NewMachine, block_count: u32) -> Result<MachineRecord, InsertError> {
+pub fn insert(
+    conn: &mut Connection,
+    id: &str,
+    spec: &MachineSpec,
+    block_count: u32,
+) -> Result<MachineRecord, InsertError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
     let ts = now();
     let inserted = tx.execute(
-        "INSERT INTO machines (id, name, status, runtime, vcpu_count, mem_size_mib, kernel_image_path, kernel_args, \
-         rootfs_path, exposed_ports, dns, egress, created_at, updated_at) \
-         VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
-        params![
-            m.id,
-            m.name,
-            m.runtime.as_str(),
-            m.vcpu_count,
-            m.mem_size_mib,
-            m.kernel_image_path,
-            m.kernel_args,
-            m.rootfs_path,
-            to_json(&m.exposed_ports),
-            to_json(&m.dns),
-            to_json(&m.egress),
-            ts
-        ],
+        "INSERT INTO machines (id, name, status, spec, created_at, updated_at) VALUES (?1, ?2, 'pending', ?3, ?4, ?4)",
+        params![id, spec.name, spec_json(spec)?, ts],
     );
     match inserted {
         Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
             if e.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("machines.name") =>
         {
-            return Err(InsertError::NameTaken(m.name.clone()));
+            return Err(InsertError::NameTaken(spec.name.clone()));
         }
         other => {
             other.map_err(StoreError::from)?;
         }
     }
-    leases::allocate(&tx, &m.id, block_count)?;
-    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [&m.id], from_row).map_err(StoreError::from)?;
+    leases::allocate(&tx, id, block_count)?;
+    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).map_err(StoreError::from)?;
     tx.commit().map_err(StoreError::from)?;
     Ok(rec)
 }
 
-/// Looks a machine up by id, or else by name.
+/// Looks a machine up by id, or else by name. (Names shaped like ids are refused at create, so the two
+/// cannot name different machines.)
 pub fn get(conn: &Connection, id_or_name: &str) -> StoreResult<Option<MachineRecord>> {
     let by_id = conn.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id_or_name], from_row).optional()?;
     if by_id.is_some() {
@@ -197,6 +156,11 @@ pub fn list(
     let rows =
         conn.prepare(&sql)?.query_map(params_from_iter(args.iter()), from_row)?.collect::<Result<Vec<_>, _>>()?;
     Ok((rows, total))
+}
+
+/// Every machine id.
+pub fn ids(conn: &Connection) -> StoreResult<Vec<String>> {
+    Ok(conn.prepare("SELECT id FROM machines")?.query_map([], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?)
 }
 
 /// Machines in any of `statuses`.
@@ -272,11 +236,9 @@ pub fn delete(conn: &mut Connection, id: &str, from: &[MachineStatus]) -> StoreR
     Ok(Cas::Done(rec))
 }
 
-pub fn set_exposed_ports(conn: &Connection, id: &str, ports: &[u16]) -> StoreResult<Option<MachineRecord>> {
-    conn.execute(
-        "UPDATE machines SET exposed_ports = ?1, updated_at = ?2 WHERE id = ?3",
-        params![to_json(&ports), now(), id],
-    )?;
+/// Replaces the stored spec (the fields that may change after create); `None` if the machine is gone.
+pub fn update_spec(conn: &mut Connection, id: &str, spec: &MachineSpec) -> StoreResult<Option<MachineRecord>> {
+    conn.execute("UPDATE machines SET spec = ?1, updated_at = ?2 WHERE id = ?3", params![spec_json(spec)?, now(), id])?;
     Ok(conn.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()?)
 }
 
@@ -285,10 +247,11 @@ mod tests {
     use super::*;
     use crate::store::temp_store;
     use MachineStatus::*;
+    use hyperfleet_types::{EgressPolicy, MachineNetwork, RuntimeKind};
+    use std::net::Ipv4Addr;
 
-    fn new(id: &str, name: &str) -> NewMachine {
-        NewMachine {
-            id: id.into(),
+    pub(crate) fn spec(name: &str) -> MachineSpec {
+        MachineSpec {
             name: name.into(),
             runtime: RuntimeKind::Container,
             vcpu_count: 1,
@@ -297,8 +260,12 @@ mod tests {
             kernel_args: "a".into(),
             rootfs_path: "r".into(),
             exposed_ports: vec![80],
-            dns: vec![Ipv4Addr::new(10, 0, 0, 1)],
-            egress: EgressPolicy::Deny,
+            network: MachineNetwork {
+                prefix_len: None,
+                gateway: None,
+                dns: vec![Ipv4Addr::new(10, 0, 0, 1)],
+                egress: EgressPolicy::Deny,
+            },
         }
     }
 
@@ -307,10 +274,11 @@ mod tests {
         let (_d, store) = temp_store();
         store
             .call_blocking(|c| {
-                let a = insert(c, &new("ida", "alpha"), 10).unwrap();
-                assert_eq!((a.block, a.status, a.egress.clone()), (0, Pending, EgressPolicy::Deny));
-                assert!(matches!(insert(c, &new("idb", "alpha"), 10), Err(InsertError::NameTaken(_))));
-                let b = insert(c, &new("idb", "beta"), 10).unwrap();
+                let a = insert(c, "ida", &spec("alpha"), 10).unwrap();
+                assert_eq!((a.block, a.status, a.spec.network.egress.clone()), (0, Pending, EgressPolicy::Deny));
+                assert_eq!(a.spec, spec("alpha"), "the spec round-trips");
+                assert!(matches!(insert(c, "idb", &spec("alpha"), 10), Err(InsertError::NameTaken(_))));
+                let b = insert(c, "idb", &spec("beta"), 10).unwrap();
                 assert_eq!(b.block, 1, "the failed insert leased nothing");
                 assert_eq!(get(c, "beta")?.unwrap().id, "idb");
                 assert_eq!(get(c, "ida")?.unwrap(), a);
@@ -330,7 +298,7 @@ mod tests {
         let (_d, store) = temp_store();
         store
             .call_blocking(|c| {
-                insert(c, &new("id1", "m1"), 10).unwrap();
+                insert(c, "id1", &spec("m1"), 10).unwrap();
                 let ch = Changes { pid: Some(Some(42)), ..Default::default() };
                 let Cas::Done(r) = transition(c, "id1", &[Pending, Stopped], Starting, &ch)? else { panic!() };
                 assert_eq!((r.status, r.pid), (Starting, Some(42)));

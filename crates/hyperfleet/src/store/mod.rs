@@ -68,6 +68,24 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX api_keys_by_prefix ON api_keys (key_prefix);
     "#,
+    // 2: a machine's configuration is one JSON document (`MachineSpec`); only what queries filter on, or the
+    // database must enforce, keeps a column of its own.
+    r#"
+    ALTER TABLE machines ADD COLUMN spec TEXT NOT NULL DEFAULT '{}';
+    UPDATE machines SET spec = json_object(
+        'name', name, 'runtime', runtime, 'vcpu_count', vcpu_count, 'mem_size_mib', mem_size_mib,
+        'kernel_image_path', kernel_image_path, 'kernel_args', kernel_args, 'rootfs_path', rootfs_path,
+        'exposed_ports', json(exposed_ports), 'network', json_object('dns', json(dns), 'egress', json(egress)));
+    ALTER TABLE machines DROP COLUMN runtime;
+    ALTER TABLE machines DROP COLUMN vcpu_count;
+    ALTER TABLE machines DROP COLUMN mem_size_mib;
+    ALTER TABLE machines DROP COLUMN kernel_image_path;
+    ALTER TABLE machines DROP COLUMN kernel_args;
+    ALTER TABLE machines DROP COLUMN rootfs_path;
+    ALTER TABLE machines DROP COLUMN exposed_ports;
+    ALTER TABLE machines DROP COLUMN dns;
+    ALTER TABLE machines DROP COLUMN egress;
+    "#,
 ];
 
 #[derive(Clone)]
@@ -170,4 +188,38 @@ pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("test.db")).unwrap();
     (dir, store)
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    #[test]
+    fn machines_of_the_first_schema_keep_their_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            tx.execute_batch(MIGRATIONS[0]).unwrap();
+            tx.pragma_update(None, "user_version", 1).unwrap();
+            tx.execute(
+                "INSERT INTO machines (id, name, status, runtime, vcpu_count, mem_size_mib, kernel_image_path, \
+                 kernel_args, rootfs_path, exposed_ports, dns, egress, created_at, updated_at) VALUES \
+                 ('abc', 'web', 'stopped', 'container', 2, 256, '/k', 'console=ttyS0', '/r', '[80,443]', \
+                 '[\"10.0.0.53\"]', '[\"10.1.0.0/16\"]', '2026-11-30T10:00:00.000Z', '2026-11-30T10:00:01.000Z')",
+                [],
+            )
+            .unwrap();
+            tx.execute("INSERT INTO leases (block, machine_id, created_at) VALUES (3, 'abc', 'x')", []).unwrap();
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let m = store.call_blocking(|c| machines::get(c, "web")).unwrap().unwrap();
+        assert_eq!((m.id.as_str(), m.block, m.spec.vcpu_count, m.spec.mem_size_mib), ("abc", 3, 2, 256));
+        assert_eq!(m.spec.exposed_ports, vec![80, 443]);
+        assert_eq!(m.spec.network.dns, vec![std::net::Ipv4Addr::new(10, 0, 0, 53)]);
+        assert_eq!(m.spec.network.egress, hyperfleet_types::EgressPolicy::Cidrs(vec!["10.1.0.0/16".parse().unwrap()]));
+        assert_eq!(hyperfleet_types::timestamp::format(m.created_at), "2026-11-30T10:00:00.000Z");
+    }
 }

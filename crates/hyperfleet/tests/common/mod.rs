@@ -308,7 +308,7 @@ pub fn machine(name: &str) -> CreateMachine {
 /// Creates and starts a machine, asserting it runs.
 pub async fn running(d: &Daemon, req: CreateMachine) -> Machine {
     let m = d.client.create_machine(&req).await.unwrap();
-    let m = d.client.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start {}: {e}\n{}", m.name, d.logs()));
+    let m = d.client.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start {}: {e}\n{}", m.spec.name, d.logs()));
     assert_eq!(m.status, MachineStatus::Running);
     m
 }

@@ -27,8 +27,9 @@ impl FirecrackerApi {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Bytes), RuntimeError> {
-        let io_err = |e: &dyn std::fmt::Display| {
-            RuntimeError::Failed(format!("firecracker API {} {path}: {e}", method.as_str()))
+        let io_err = |e: &dyn std::fmt::Display| RuntimeError::FirecrackerApi {
+            request: format!("{} {path}", method.as_str()),
+            message: e.to_string(),
         };
         let stream = UnixStream::connect(&self.socket).await.map_err(|e| io_err(&e))?;
         let (mut sender, conn) =
@@ -76,6 +77,7 @@ impl FirecrackerApi {
 
     pub async fn get(&self, path: &str) -> Result<Value, RuntimeError> {
         let bytes = self.expect_ok(Method::GET, path, None).await?;
-        serde_json::from_slice(&bytes).map_err(|e| RuntimeError::Failed(format!("firecracker API GET {path}: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| RuntimeError::FirecrackerApi { request: format!("GET {path}"), message: e.to_string() })
     }
 }

@@ -12,8 +12,7 @@ use hyperfleet_agent_proto::client::{AgentClient, Endpoint};
 use serde_json::json;
 
 use super::host::{KvmKind, PVM_BOOT_ARGS};
-use super::{Booted, GuestNetwork, MachineFiles, RuntimeError, process};
-use crate::store::machines::MachineRecord;
+use super::{BootSpec, Booted, MachineFiles, RuntimeError, process};
 pub use api::FirecrackerApi;
 
 /// Guest context id of every machine (each has its own vsock device, so they need not differ).
@@ -50,11 +49,12 @@ impl Firecracker {
 
     /// The full kernel command line: the machine's arguments, the network (`ip=` with gateway and DNS, so
     /// the guest kernel configures eth0), and the PVM workarounds only on a PVM host.
-    pub fn boot_args(&self, m: &MachineRecord, net: &GuestNetwork) -> String {
+    pub fn boot_args(&self, spec: &BootSpec) -> String {
+        let net = &spec.net;
         let dns = |i: usize| net.dns.get(i).map(|d| d.to_string()).unwrap_or_default();
         let mut args = format!(
             "{} ip={}::{}:{}:{}:eth0:off:{}:{}",
-            m.kernel_args.trim(),
+            spec.kernel_args.trim(),
             net.guest_ip,
             net.tap_ip,
             net.netmask,
@@ -93,31 +93,25 @@ impl Firecracker {
     }
 
     /// Spawns and configures firecracker and starts the guest. On error the process is gone again.
-    pub async fn boot(
-        &self,
-        m: &MachineRecord,
-        files: &MachineFiles,
-        net: &GuestNetwork,
-    ) -> Result<Booted, RuntimeError> {
-        if let Some(why) = self.unavailable() {
-            return Err(RuntimeError::Unavailable(why));
-        }
-        let bin = self.bin.clone().expect("checked above");
+    pub async fn boot(&self, spec: &BootSpec, files: &MachineFiles) -> Result<Booted, RuntimeError> {
+        let (Some(bin), None) = (self.bin.clone(), self.unavailable()) else {
+            return Err(RuntimeError::Unavailable(self.unavailable().unwrap_or_default()));
+        };
         Self::remove_sockets(files);
         let console = files.open_console_log()?;
-        let console_err = console.try_clone().map_err(|e| RuntimeError::Failed(format!("console log: {e}")))?;
+        let console_err = console.try_clone().map_err(RuntimeError::io("open", &files.console_log))?;
         let pid = process::spawn_detached(
             Command::new(&bin)
                 .arg("--api-sock")
                 .arg(&files.api_socket)
                 .arg("--id")
-                .arg(&m.id)
+                .arg(&spec.id)
                 .stdin(Stdio::null())
                 .stdout(console)
                 .stderr(console_err),
         )
         .map_err(|e| RuntimeError::Unavailable(format!("cannot run {}: {e}", bin.display())))?;
-        match self.configure(m, files, net, pid).await {
+        match self.configure(spec, files, pid).await {
             Ok(()) => Ok(Booted { pid, socket_path: Some(files.api_socket.display().to_string()) }),
             Err(e) => {
                 process::terminate(pid, Duration::from_secs(1)).await;
@@ -127,36 +121,31 @@ impl Firecracker {
         }
     }
 
-    async fn configure(
-        &self,
-        m: &MachineRecord,
-        files: &MachineFiles,
-        net: &GuestNetwork,
-        pid: u32,
-    ) -> Result<(), RuntimeError> {
+    async fn configure(&self, spec: &BootSpec, files: &MachineFiles, pid: u32) -> Result<(), RuntimeError> {
+        let net = &spec.net;
         // The API socket appears within milliseconds of the spawn.
         let deadline = Instant::now() + Duration::from_secs(5);
         while !files.api_socket.exists() {
             if !process::alive(pid) {
-                return Err(RuntimeError::Failed(format!(
-                    "firecracker exited at start: {}",
-                    process::tail(&files.console_log, 5).join(" | ")
-                )));
+                return Err(RuntimeError::ExitedAtStart {
+                    process: "firecracker",
+                    console: process::tail(&files.console_log, 5).join(" | "),
+                });
             }
             if Instant::now() > deadline {
-                return Err(RuntimeError::Failed("firecracker API socket did not appear within 5 s".into()));
+                return Err(RuntimeError::Timeout("firecracker's API socket appearing within 5 s"));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let api = FirecrackerApi::new(&files.api_socket);
         api.put(
             "/machine-config",
-            &json!({ "vcpu_count": m.vcpu_count, "mem_size_mib": m.mem_size_mib, "smt": false }),
+            &json!({ "vcpu_count": spec.vcpu_count, "mem_size_mib": spec.mem_size_mib, "smt": false }),
         )
         .await?;
         api.put(
             "/boot-source",
-            &json!({ "kernel_image_path": m.kernel_image_path, "boot_args": self.boot_args(m, net) }),
+            &json!({ "kernel_image_path": spec.kernel_image_path, "boot_args": self.boot_args(spec) }),
         )
         .await?;
         api.put(
@@ -177,10 +166,10 @@ impl Firecracker {
         api.put("/vsock", &json!({ "guest_cid": GUEST_CID, "uds_path": files.vsock_socket })).await?;
         api.put("/actions", &json!({ "action_type": "InstanceStart" })).await?;
         if !process::alive(pid) {
-            return Err(RuntimeError::Failed(format!(
-                "firecracker exited after InstanceStart: {}",
-                process::tail(&files.console_log, 5).join(" | ")
-            )));
+            return Err(RuntimeError::ExitedAtStart {
+                process: "firecracker (after InstanceStart)",
+                console: process::tail(&files.console_log, 5).join(" | "),
+            });
         }
         Ok(())
     }
@@ -205,8 +194,10 @@ impl Firecracker {
         Self::remove_sockets(files);
     }
 
+    /// Removes the machine's API and vsock sockets (idempotent; a failure other than "not there" is logged).
     pub fn remove_sockets(files: &MachineFiles) {
-        let _ = std::fs::remove_file(&files.api_socket);
-        let _ = std::fs::remove_file(&files.vsock_socket);
+        for path in [&files.api_socket, &files.vsock_socket] {
+            process::remove_file_logged(path);
+        }
     }
 }

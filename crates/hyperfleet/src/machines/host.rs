@@ -1,0 +1,181 @@
+//! Everything the machine flows do to the host — disks, processes, interfaces, the firewall — behind one
+//! trait, [`Host`]. The daemon uses [`LinuxHost`] (runc/firecracker and netlink/nftables); the flows'
+//! unit tests use a fake that records what exists, so rollback and reconcile are tested without root.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use hyperfleet_agent_proto::client::AgentClient;
+use hyperfleet_types::RuntimeKind;
+use tracing::info;
+
+use super::network::HostNetwork;
+use super::{Error, Result};
+use crate::runtime::{BootSpec, Booted, Instance, MachineFiles, RuntimeError, Runtimes, process};
+use crate::store::machines::MachineRecord;
+
+/// The host side of machines. Every method is idempotent where it removes something: flows and reconcile
+/// may call it for state that is already gone.
+pub trait Host: Send + Sync + 'static {
+    /// Why machines of `runtime` cannot run here, if they cannot.
+    fn unavailable(&self, runtime: RuntimeKind) -> Option<String>;
+    /// The machine's own disk and, for a container, its root mount and network namespace (returned).
+    fn prepare(&self, m: &MachineRecord) -> impl Future<Output = Result<Option<String>>> + Send;
+    /// Creates the machine's host interface (into `netns` for a container).
+    fn attach(&self, m: &MachineRecord, netns: Option<&str>) -> impl Future<Output = Result<()>> + Send;
+    /// Starts the machine's process; on error no process is left.
+    fn boot(&self, m: &MachineRecord, netns: Option<&str>) -> impl Future<Output = Result<Booted>> + Send;
+    /// Ends the machine's process (gracefully first, if it has one) and releases what `prepare` made,
+    /// except the disk. Failures are logged; the next reconcile retries what is left.
+    fn stop(&self, m: &Instance) -> impl Future<Output = ()> + Send;
+    /// Removes the machine's host interface.
+    fn detach(&self, m: &MachineRecord) -> impl Future<Output = Result<()>> + Send;
+    /// Adds (`true`) or removes the machine's firewall entries, incrementally; an error means the table
+    /// is not as expected and must be rebuilt.
+    fn firewall_edit(&self, m: &MachineRecord, add: bool) -> impl Future<Output = Result<()>> + Send;
+    /// Replaces the firewall table with one for exactly these machines.
+    fn firewall_rebuild(&self, active: &[MachineRecord]) -> impl Future<Output = Result<()>> + Send;
+    fn set_paused(&self, m: &Instance, pause: bool) -> impl Future<Output = Result<()>> + Send;
+    /// The machine's process if it still runs and is really this machine's.
+    fn live_pid(&self, m: &Instance) -> impl Future<Output = Option<u32>> + Send;
+    /// Resolves when process `pid` has ended.
+    fn exited(&self, pid: u32) -> impl Future<Output = ()> + Send;
+    /// The last `lines` of the machine's console (firecracker) or init output (container).
+    fn console_tail(&self, id: &str, lines: usize) -> impl Future<Output = Vec<String>> + Send;
+    fn agent(&self, m: &Instance) -> AgentClient;
+    /// Removes the machine's directory (disk, logs) at delete.
+    fn destroy(&self, m: &Instance) -> impl Future<Output = Result<()>> + Send;
+    /// Removes interfaces, namespaces, mounts and sockets of machines not in `live`, and the data
+    /// directories of machines not in `known`. Returns a line per thing removed.
+    fn remove_strays(
+        &self,
+        live: &HashSet<String>,
+        known: &HashSet<String>,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// Removes the host-wide state: the firewall table and the subnet's route.
+    fn remove_host_wide(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The real host: runc or firecracker processes, netlink interfaces, an nftables table, files under the
+/// data and socket directories.
+pub struct LinuxHost {
+    pub runtimes: Runtimes,
+    pub net: HostNetwork,
+    pub data_dir: PathBuf,
+    pub socket_dir: PathBuf,
+}
+
+impl LinuxHost {
+    fn files(&self, id: &str) -> MachineFiles {
+        MachineFiles::new(&self.data_dir, &self.socket_dir, id)
+    }
+
+    fn boot_spec(&self, m: &MachineRecord) -> BootSpec {
+        BootSpec {
+            id: m.id.clone(),
+            runtime: m.spec.runtime,
+            vcpu_count: m.spec.vcpu_count,
+            mem_size_mib: m.spec.mem_size_mib,
+            kernel_image_path: PathBuf::from(&m.spec.kernel_image_path),
+            kernel_args: m.spec.kernel_args.clone(),
+            rootfs_path: PathBuf::from(&m.spec.rootfs_path),
+            net: self.net.addressing.guest(m),
+        }
+    }
+}
+
+impl Host for LinuxHost {
+    fn unavailable(&self, runtime: RuntimeKind) -> Option<String> {
+        self.runtimes.unavailable(runtime)
+    }
+
+    async fn prepare(&self, m: &MachineRecord) -> Result<Option<String>> {
+        Ok(self.runtimes.prepare(&self.boot_spec(m), &self.files(&m.id)).await?)
+    }
+
+    async fn attach(&self, m: &MachineRecord, netns: Option<&str>) -> Result<()> {
+        Ok(self.net.attach(m, netns).await?)
+    }
+
+    async fn boot(&self, m: &MachineRecord, netns: Option<&str>) -> Result<Booted> {
+        Ok(self.runtimes.boot(&self.boot_spec(m), &self.files(&m.id), netns).await?)
+    }
+
+    async fn stop(&self, m: &Instance) {
+        self.runtimes.stop(m, &self.files(&m.id)).await
+    }
+
+    async fn detach(&self, m: &MachineRecord) -> Result<()> {
+        Ok(self.net.detach(m).await?)
+    }
+
+    async fn firewall_edit(&self, m: &MachineRecord, add: bool) -> Result<()> {
+        let entry = self.net.addressing.firewall_entry(m);
+        let done = if add { self.net.firewall.add(&entry).await } else { self.net.firewall.delete(&entry).await };
+        Ok(done?)
+    }
+
+    async fn firewall_rebuild(&self, active: &[MachineRecord]) -> Result<()> {
+        Ok(self.net.apply_firewall(active).await?)
+    }
+
+    async fn set_paused(&self, m: &Instance, pause: bool) -> Result<()> {
+        Ok(self.runtimes.set_paused(m, &self.files(&m.id), pause).await?)
+    }
+
+    async fn live_pid(&self, m: &Instance) -> Option<u32> {
+        self.runtimes.live_pid(m, &self.files(&m.id)).await
+    }
+
+    async fn exited(&self, pid: u32) {
+        process::exited(pid).await
+    }
+
+    async fn console_tail(&self, id: &str, lines: usize) -> Vec<String> {
+        let path = self.files(id).console_log;
+        tokio::task::spawn_blocking(move || process::tail(&path, lines)).await.unwrap_or_default()
+    }
+
+    fn agent(&self, m: &Instance) -> AgentClient {
+        self.runtimes.agent(m, &self.files(&m.id))
+    }
+
+    async fn destroy(&self, m: &Instance) -> Result<()> {
+        Ok(self.runtimes.destroy(m, &self.files(&m.id)).await?)
+    }
+
+    async fn remove_strays(&self, live: &HashSet<String>, known: &HashSet<String>) -> Result<Vec<String>> {
+        let mut removed: Vec<String> =
+            self.net.remove_stray_links(live).await?.into_iter().map(|l| format!("interface {l}")).collect();
+        let data_dir = self.data_dir.clone();
+        let on_disk: Vec<String> = tokio::task::spawn_blocking(move || {
+            std::fs::read_dir(data_dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Task { what: "list the data directory", message: e.to_string() })?;
+        // Only this daemon's machines: its database and its data directory. (Other daemons on the host use
+        // the same namespace prefix, so namespaces alone say nothing about whose they are.)
+        let candidates: HashSet<&String> = known.iter().chain(on_disk.iter()).collect();
+        for id in candidates.into_iter().filter(|id| !live.contains(*id)) {
+            let files = self.files(id);
+            self.runtimes.remove_leftovers(id, &files).await;
+            if !known.contains(id) && on_disk.contains(id) {
+                info!(dir = %files.dir.display(), "removing the data of a machine that no longer exists");
+                tokio::fs::remove_dir_all(&files.dir).await.map_err(RuntimeError::io("remove", &files.dir))?;
+                removed.push(format!("directory {}", files.dir.display()));
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn remove_host_wide(&self) -> Result<()> {
+        self.net.firewall.remove().await?;
+        self.net.remove_route().await?;
+        Ok(())
+    }
+}

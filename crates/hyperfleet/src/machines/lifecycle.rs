@@ -1,0 +1,327 @@
+//! Create, read and update machines, and the flows that change what runs: start, stop, pause, resume,
+//! restart, delete. Every state change is a compare-and-set in the store, so two requests for one machine
+//! never both act; every flow runs in a task of its own, so a client that hangs up cannot leave it half done.
+//! A start records each host change as it makes it and, if a later step fails, undoes them in reverse.
+
+use std::sync::Arc;
+
+use hyperfleet_types::{CreateMachine, Machine, MachineList, MachineLogs, MachineStatus, UpdateMachine};
+use tracing::{info, warn};
+
+use super::{Action, Error, Host, Result, Service, validate};
+use crate::runtime::{Booted, Instance};
+use crate::store::leases::LeaseError;
+use crate::store::machines::{self as records, Cas, Changes, InsertError, MachineRecord};
+
+use MachineStatus::*;
+
+/// Statuses in which a machine has (or is getting, or is losing) a process and a host interface.
+pub(super) const ACTIVE: [MachineStatus; 4] = [Starting, Running, Paused, Stopping];
+
+/// A host change made by a start, undone in reverse order when a later step fails.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    /// Disk copied; a container's root mounted and its namespace made.
+    Prepared,
+    /// Host interface created.
+    Attached,
+    /// Firewall entries added.
+    Filtered,
+    /// The machine's process runs.
+    Booted(u32),
+}
+
+/// Runs a flow in a task of its own: a client that hangs up drops this future, not the flow.
+async fn detached<T: Send + 'static>(
+    what: &'static str,
+    flow: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(flow).await.map_err(|e| Error::Task { what, message: e.to_string() })?
+}
+
+pub(super) fn instance(m: &MachineRecord) -> Instance {
+    Instance { id: m.id.clone(), runtime: m.spec.runtime, pid: m.pid }
+}
+
+impl<H: Host> Service<H> {
+    pub(super) async fn record(&self, id: &str) -> Result<MachineRecord> {
+        let key = id.to_string();
+        self.store.call(move |c| records::get(c, &key)).await?.ok_or_else(|| Error::NotFound(id.to_string()))
+    }
+
+    /// Compare-and-set on the status (from the statuses `action` allows); publishes the change.
+    pub(super) async fn transition(
+        &self,
+        id: &str,
+        action: Action,
+        to: MachineStatus,
+        changes: Changes,
+    ) -> Result<MachineRecord> {
+        // The transition table of MachineStatus decides; staying in the same state (adoption) is always allowed.
+        let from: Vec<MachineStatus> =
+            action.from(to).iter().copied().filter(|f| *f == to || f.can_become(to)).collect();
+        debug_assert_eq!(from.len(), action.from(to).len(), "the state table forbids {action} -> {to}");
+        let key = id.to_string();
+        match self.store.call(move |c| records::transition(c, &key, &from, to, &changes)).await? {
+            Cas::Done(m) => {
+                self.events.publish(&m);
+                Ok(m)
+            }
+            Cas::WrongState(m) => Err(Error::InvalidState { action, status: m.status }),
+            Cas::Missing => Err(Error::NotFound(id.to_string())),
+        }
+    }
+
+    /// Like [`Self::transition`] for a flow that must not stop on a failure: logs it and goes on.
+    pub(super) async fn transition_logged(&self, id: &str, action: Action, to: MachineStatus, changes: Changes) {
+        if let Err(e) = self.transition(id, action, to, changes).await {
+            warn!(machine = %id, %action, to = %to, error = %e, "could not record the machine's new state");
+        }
+    }
+
+    pub async fn create(&self, req: CreateMachine) -> Result<Machine> {
+        let policy = self.policy.clone();
+        let spec = tokio::task::spawn_blocking(move || validate::create(&req, &policy))
+            .await
+            .map_err(|e| Error::Task { what: "validate", message: e.to_string() })?
+            .map_err(Error::Invalid)?;
+        if let Some(why) = self.host.unavailable(spec.runtime) {
+            return Err(Error::RuntimeUnavailable { runtime: spec.runtime, why });
+        }
+        let blocks = self.addressing.subnet.block_count();
+        let id = crate::store::random_id();
+        let rec = self.store.call(move |c| Ok(records::insert(c, &id, &spec, blocks))).await?.map_err(|e| match e {
+            InsertError::NameTaken(n) => Error::NameTaken(n),
+            InsertError::Lease(LeaseError::Exhausted(blocks)) => {
+                Error::PoolExhausted { subnet: self.addressing.subnet.to_string(), blocks }
+            }
+            InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
+        })?;
+        info!(machine = %rec.id, name = %rec.spec.name, runtime = %rec.spec.runtime, tap = %self.addressing.iface(&rec), "machine created");
+        self.events.publish(&rec);
+        Ok(self.to_wire(&rec))
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Machine> {
+        Ok(self.to_wire(&self.record(id).await?))
+    }
+
+    pub async fn list(&self, status: Option<MachineStatus>, limit: u32, offset: u64) -> Result<MachineList> {
+        let (rows, total) = self.store.call(move |c| records::list(c, status, limit, offset)).await?;
+        Ok(MachineList { machines: rows.iter().map(|m| self.to_wire(m)).collect(), total })
+    }
+
+    /// Every machine in one of `statuses`.
+    pub async fn with_status(&self, statuses: &'static [MachineStatus]) -> Result<Vec<Machine>> {
+        let rows = self.store.call(move |c| records::with_status(c, statuses)).await?;
+        Ok(rows.iter().map(|m| self.to_wire(m)).collect())
+    }
+
+    pub async fn update(&self, id: &str, req: UpdateMachine) -> Result<Machine> {
+        let rec = self.record(id).await?;
+        let Some(ports) = req.exposed_ports else {
+            return Ok(self.to_wire(&rec));
+        };
+        let mut spec = rec.spec.clone();
+        spec.exposed_ports = validate::ports("exposed_ports", &ports).map_err(Error::Invalid)?;
+        let rid = rec.id.clone();
+        let updated = self
+            .store
+            .call(move |c| records::update_spec(c, &rid, &spec))
+            .await?
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        self.events.publish(&updated);
+        Ok(self.to_wire(&updated))
+    }
+
+    /// Rebuilds the firewall from the machines that currently have a host interface.
+    pub(super) async fn firewall_rebuild(&self) -> Result<()> {
+        let _order = self.firewall_order.lock().await;
+        let active = self.store.call(|c| records::with_status(c, &ACTIVE)).await?;
+        self.host.firewall_rebuild(&active).await
+    }
+
+    /// Adds (`true`) or removes one machine's firewall entries. The fast path edits set elements; if that
+    /// fails (table missing, entries not as expected after a crash) the table is rebuilt from the database,
+    /// which is always right. Removal is called once the machine's new status is stored, so a rebuild leaves
+    /// it out.
+    pub(super) async fn firewall_change(&self, m: &MachineRecord, add: bool) -> Result<()> {
+        let _order = self.firewall_order.lock().await;
+        if let Err(e) = self.host.firewall_edit(m, add).await {
+            tracing::debug!(machine = %m.id, error = %e, "incremental firewall update failed; rebuilding the table");
+            let active = self.store.call(|c| records::with_status(c, &ACTIVE)).await?;
+            self.host.firewall_rebuild(&active).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops the machine's process (if any) and removes its host interface. Idempotent; failures are logged
+    /// (reconcile retries what is left). The caller updates the firewall once the new status is stored.
+    pub(super) async fn release_host(&self, m: &MachineRecord) {
+        self.host.stop(&instance(m)).await;
+        if let Err(e) = self.host.detach(m).await {
+            warn!(machine = %m.id, error = %e, "could not remove the host interface");
+        }
+    }
+
+    /// Starts a machine: pending|stopped|failed → starting → running, or failed with everything undone.
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Machine> {
+        let rec = self.record(id).await?;
+        detached("start", self.clone().start_flow(rec)).await
+    }
+
+    async fn start_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
+        let rec = self.transition(&rec.id, Action::Start, Starting, Changes::default()).await?;
+        let mut done = Vec::new();
+        match self.start_steps(&rec, &mut done).await {
+            Ok(booted) => {
+                let changes = Changes {
+                    pid: Some(Some(booted.pid)),
+                    socket_path: Some(booted.socket_path.clone()),
+                    error_message: None,
+                };
+                match self.transition(&rec.id, Action::Start, Running, changes).await {
+                    Ok(running) => {
+                        info!(machine = %rec.id, pid = booted.pid, "machine running");
+                        self.monitor(running.id.clone(), booted.pid);
+                        Ok(self.to_wire(&running))
+                    }
+                    // Deleted or changed under us (only reconcile touches a starting machine): undo.
+                    Err(e) => Err(self.undo_start(&rec, done, e).await),
+                }
+            }
+            Err(e) => Err(self.undo_start(&rec, done, e).await),
+        }
+    }
+
+    /// The host side of a start, each step recorded in `done` once it has changed the host.
+    async fn start_steps(&self, rec: &MachineRecord, done: &mut Vec<Step>) -> Result<Booted> {
+        let netns = self.host.prepare(rec).await?;
+        done.push(Step::Prepared);
+        self.host.attach(rec, netns.as_deref()).await?;
+        done.push(Step::Attached);
+        self.firewall_change(rec, true).await?;
+        done.push(Step::Filtered);
+        let booted = self.host.boot(rec, netns.as_deref()).await?;
+        done.push(Step::Booted(booted.pid));
+        Ok(booted)
+    }
+
+    /// Undoes a failed start in reverse order, marks the machine failed with the cause, and returns the
+    /// error to answer with (the cause, plus every undo step that failed).
+    async fn undo_start(&self, rec: &MachineRecord, done: Vec<Step>, cause: Error) -> Error {
+        warn!(machine = %rec.id, error = %cause, "start failed; undoing");
+        let mut failures = Vec::new();
+        let mut firewall_pending = false;
+        for step in done.into_iter().rev() {
+            match step {
+                Step::Booted(pid) => self.host.stop(&Instance { pid: Some(pid), ..instance(rec) }).await,
+                // Removed after the status change below, so that a rebuild leaves the machine out.
+                Step::Filtered => firewall_pending = true,
+                Step::Attached => {
+                    if let Err(e) = self.host.detach(rec).await {
+                        failures.push(format!("remove the host interface: {e}"));
+                    }
+                }
+                Step::Prepared => self.host.stop(&Instance { pid: None, ..instance(rec) }).await,
+            }
+        }
+        if let Err(e) = self.transition(&rec.id, Action::Start, Failed, Changes::failed(cause.to_string())).await {
+            failures.push(format!("record the failure: {e}"));
+        }
+        if firewall_pending && let Err(e) = self.firewall_change(rec, false).await {
+            failures.push(format!("remove the firewall entries: {e}"));
+        }
+        for f in &failures {
+            warn!(machine = %rec.id, "undoing the start: could not {f}");
+        }
+        if failures.is_empty() { cause } else { Error::UndoFailed { cause: Box::new(cause), undo: failures } }
+    }
+
+    /// Stops a machine: running|paused → stopping → stopped.
+    pub async fn stop(self: &Arc<Self>, id: &str) -> Result<Machine> {
+        let rec = self.record(id).await?;
+        detached("stop", self.clone().stop_flow(rec)).await
+    }
+
+    async fn stop_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
+        let rec = self.transition(&rec.id, Action::Stop, Stopping, Changes::default()).await?;
+        self.release_host(&rec).await;
+        let stopped = self.transition(&rec.id, Action::Stop, Stopped, Changes::process_gone()).await?;
+        if let Err(e) = self.firewall_change(&rec, false).await {
+            warn!(machine = %rec.id, error = %e, "could not remove the machine from the firewall");
+        }
+        info!(machine = %rec.id, "machine stopped");
+        Ok(self.to_wire(&stopped))
+    }
+
+    /// Suspends the machine's vCPUs (firecracker) or freezes its processes (container): running → paused.
+    pub async fn pause(&self, id: &str) -> Result<Machine> {
+        self.suspend_or_resume(id, Action::Pause).await
+    }
+
+    /// paused → running.
+    pub async fn resume(&self, id: &str) -> Result<Machine> {
+        self.suspend_or_resume(id, Action::Resume).await
+    }
+
+    async fn suspend_or_resume(&self, id: &str, action: Action) -> Result<Machine> {
+        let rec = self.record(id).await?;
+        let (pause, to, back) = match action {
+            Action::Pause => (true, Paused, Running),
+            _ => (false, Running, Paused),
+        };
+        // The state changes first, so two requests cannot both act; a refusal by the runtime puts it back.
+        let changed = self.transition(&rec.id, action, to, Changes::default()).await?;
+        if let Err(e) = self.host.set_paused(&instance(&changed), pause).await {
+            let undo = if pause { Action::Resume } else { Action::Pause };
+            self.transition_logged(&rec.id, undo, back, Changes::default()).await;
+            return Err(e);
+        }
+        info!(machine = %rec.id, "machine {action}d");
+        Ok(self.to_wire(&changed))
+    }
+
+    pub async fn restart(self: &Arc<Self>, id: &str) -> Result<Machine> {
+        let rec = self.record(id).await?;
+        if !Action::Restart.allowed_in(rec.status) {
+            return Err(Error::InvalidState { action: Action::Restart, status: rec.status });
+        }
+        self.stop(&rec.id).await?;
+        self.start(&rec.id).await
+    }
+
+    /// Deletes a machine at rest (or, with `force`, stops it first), its disk, logs and lease.
+    pub async fn delete(self: &Arc<Self>, id: &str, force: bool) -> Result<()> {
+        let rec = self.record(id).await?;
+        if force && Action::Stop.allowed_in(rec.status) {
+            match self.stop(&rec.id).await {
+                Ok(_) | Err(Error::InvalidState { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let rid = rec.id.clone();
+        match self.store.call(move |c| records::delete(c, &rid, &MachineStatus::AT_REST)).await? {
+            Cas::Done(m) => {
+                self.events.publish(&m);
+                // Defensive: a machine at rest has no process, interface or firewall entries; a start the
+                // daemon did not finish is cleaned by reconcile.
+                self.release_host(&m).await;
+                if let Err(e) = self.host.destroy(&instance(&m)).await {
+                    warn!(machine = %m.id, error = %e, "could not remove the machine's files");
+                }
+                self.ports.forget(&m.id);
+                info!(machine = %m.id, "machine deleted");
+                Ok(())
+            }
+            Cas::WrongState(m) => Err(Error::InvalidState { action: Action::Delete, status: m.status }),
+            Cas::Missing => Err(Error::NotFound(id.to_string())),
+        }
+    }
+
+    pub async fn logs(&self, id: &str, lines: usize) -> Result<MachineLogs> {
+        let rec = self.record(id).await?;
+        let lines = self.host.console_tail(&rec.id, lines).await;
+        Ok(MachineLogs { machine_id: rec.id, lines })
+    }
+}

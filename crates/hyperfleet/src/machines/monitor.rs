@@ -1,0 +1,50 @@
+//! Watches each running machine's process: one that ends while the machine is meant to run makes the machine
+//! `failed`, with the last console lines as the reason, and its host resources are released.
+
+use std::sync::Arc;
+
+use hyperfleet_types::{MachineStatus, RuntimeKind};
+use tracing::warn;
+
+use super::{Action, Host, Service};
+use crate::store::machines::{Changes, MachineRecord};
+
+impl<H: Host> Service<H> {
+    pub(super) fn monitor(self: &Arc<Self>, id: String, pid: u32) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.host.exited(pid).await;
+            let rec = match this.record(&id).await {
+                Ok(rec) => rec,
+                Err(super::Error::NotFound(_)) => return,
+                Err(e) => {
+                    warn!(machine = %id, pid, error = %e, "the machine's process ended; could not read the machine");
+                    return;
+                }
+            };
+            if rec.pid != Some(pid) || !matches!(rec.status, MachineStatus::Running | MachineStatus::Paused) {
+                return; // stopped on purpose, or restarted with another process
+            }
+            let last = this.host.console_tail(&id, 5).await.join(" | ");
+            let msg = format!("{} (pid {pid}) exited unexpectedly; last console lines: {last}", process_name(&rec));
+            match this.transition(&id, Action::Fail, MachineStatus::Failed, Changes::failed(msg.clone())).await {
+                Ok(failed) => {
+                    warn!(machine = %id, "{msg}");
+                    this.release_host(&MachineRecord { pid: None, ..failed.clone() }).await;
+                    if let Err(e) = this.firewall_change(&failed, false).await {
+                        warn!(machine = %id, error = %e, "could not remove the machine from the firewall");
+                    }
+                }
+                // A stop got there first: it cleans up.
+                Err(e) => tracing::debug!(machine = %id, error = %e, "process ended during a state change"),
+            }
+        });
+    }
+}
+
+fn process_name(m: &MachineRecord) -> &'static str {
+    match m.spec.runtime {
+        RuntimeKind::Firecracker => "firecracker",
+        RuntimeKind::Container => "the container's init",
+    }
+}

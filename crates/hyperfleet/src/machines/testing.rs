@@ -1,0 +1,430 @@
+//! A fake [`Host`] that keeps in memory what a real one would create on the host (disks, interfaces,
+//! firewall entries, processes), can be told to fail at any step, and the Service's flows tested over it
+//! with a real SQLite store: rollback at every step of a start, stop, and reconcile of every leftover.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyperfleet_agent_proto::client::{AgentClient, Endpoint};
+use hyperfleet_net::{Subnet, TapNaming};
+use hyperfleet_types::{CreateMachine, MachineStatus, RuntimeKind};
+use tokio::sync::watch;
+
+use super::network::Addressing;
+use super::{Error, Host, Policy, Result, Service};
+use crate::runtime::host::HostCapacity;
+use crate::runtime::{Booted, Instance, RuntimeError};
+use crate::store::Store;
+use crate::store::machines::MachineRecord;
+
+/// What exists on the fake host.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct World {
+    /// Machines whose disk/root/namespace is prepared (and not released).
+    pub prepared: BTreeSet<String>,
+    pub interfaces: BTreeSet<String>,
+    pub firewall: BTreeSet<String>,
+    /// Running processes: pid → machine id.
+    pub processes: HashMap<u32, String>,
+    pub disks: BTreeSet<String>,
+}
+
+#[derive(Default)]
+pub struct FakeHost {
+    pub world: Mutex<World>,
+    /// The step that fails next: "prepare", "attach", "firewall", "boot", "detach", "firewall_edit".
+    pub fail: Mutex<HashSet<&'static str>>,
+    next_pid: Mutex<u32>,
+    /// Tells `exited` waiters which processes ended.
+    ended: Mutex<HashMap<u32, watch::Sender<bool>>>,
+}
+
+impl FakeHost {
+    fn failing(&self, step: &'static str) -> bool {
+        self.fail.lock().unwrap().contains(step)
+    }
+
+    fn refuse(step: &'static str) -> Error {
+        Error::Runtime(RuntimeError::Unavailable(format!("{step} refused by the test")))
+    }
+
+    pub fn world(&self) -> World {
+        self.world.lock().unwrap().clone()
+    }
+
+    /// Ends a process as if it crashed.
+    pub fn kill(&self, pid: u32) {
+        self.world.lock().unwrap().processes.remove(&pid);
+        if let Some(tx) = self.ended.lock().unwrap().get(&pid) {
+            tx.send_replace(true);
+        }
+    }
+
+    fn end(&self, pid: u32) {
+        self.kill(pid);
+    }
+}
+
+impl Host for FakeHost {
+    fn unavailable(&self, _runtime: RuntimeKind) -> Option<String> {
+        None
+    }
+
+    async fn prepare(&self, m: &MachineRecord) -> Result<Option<String>> {
+        if self.failing("prepare") {
+            return Err(Self::refuse("prepare"));
+        }
+        let mut w = self.world.lock().unwrap();
+        w.disks.insert(m.id.clone());
+        w.prepared.insert(m.id.clone());
+        Ok(Some(format!("ns-{}", m.id)))
+    }
+
+    async fn attach(&self, m: &MachineRecord, _netns: Option<&str>) -> Result<()> {
+        if self.failing("attach") {
+            return Err(Self::refuse("attach"));
+        }
+        self.world.lock().unwrap().interfaces.insert(m.id.clone());
+        Ok(())
+    }
+
+    async fn boot(&self, m: &MachineRecord, _netns: Option<&str>) -> Result<Booted> {
+        if self.failing("boot") {
+            return Err(Self::refuse("boot"));
+        }
+        let pid = {
+            let mut next = self.next_pid.lock().unwrap();
+            *next += 1;
+            1000 + *next
+        };
+        self.world.lock().unwrap().processes.insert(pid, m.id.clone());
+        self.ended.lock().unwrap().insert(pid, watch::channel(false).0);
+        Ok(Booted { pid, socket_path: None })
+    }
+
+    async fn stop(&self, m: &Instance) {
+        if let Some(pid) = m.pid {
+            self.end(pid);
+        }
+        self.world.lock().unwrap().prepared.remove(&m.id);
+    }
+
+    async fn detach(&self, m: &MachineRecord) -> Result<()> {
+        if self.failing("detach") {
+            return Err(Self::refuse("detach"));
+        }
+        self.world.lock().unwrap().interfaces.remove(&m.id);
+        Ok(())
+    }
+
+    async fn firewall_edit(&self, m: &MachineRecord, add: bool) -> Result<()> {
+        if self.failing("firewall") && add {
+            return Err(Self::refuse("firewall"));
+        }
+        if self.failing("firewall_edit") {
+            return Err(Self::refuse("firewall_edit"));
+        }
+        let mut w = self.world.lock().unwrap();
+        if add {
+            w.firewall.insert(m.id.clone())
+        } else {
+            w.firewall.remove(&m.id)
+        };
+        Ok(())
+    }
+
+    async fn firewall_rebuild(&self, active: &[MachineRecord]) -> Result<()> {
+        if self.failing("firewall") {
+            return Err(Self::refuse("firewall"));
+        }
+        self.world.lock().unwrap().firewall = active.iter().map(|m| m.id.clone()).collect();
+        Ok(())
+    }
+
+    async fn set_paused(&self, _m: &Instance, _pause: bool) -> Result<()> {
+        if self.failing("pause") {
+            return Err(Self::refuse("pause"));
+        }
+        Ok(())
+    }
+
+    async fn live_pid(&self, m: &Instance) -> Option<u32> {
+        let w = self.world.lock().unwrap();
+        w.processes.iter().find(|(_, id)| **id == m.id).map(|(pid, _)| *pid)
+    }
+
+    async fn exited(&self, pid: u32) {
+        let rx = self.ended.lock().unwrap().entry(pid).or_insert_with(|| watch::channel(false).0).subscribe();
+        let mut rx = rx;
+        // Waits until the flag turns true (or the sender goes away with the host).
+        let _ended = rx.wait_for(|ended| *ended).await;
+    }
+
+    async fn console_tail(&self, id: &str, _lines: usize) -> Vec<String> {
+        vec![format!("console of {id}")]
+    }
+
+    fn agent(&self, m: &Instance) -> AgentClient {
+        AgentClient::new(Endpoint::Unix(PathBuf::from(format!("/nonexistent/{}.sock", m.id))))
+    }
+
+    async fn destroy(&self, m: &Instance) -> Result<()> {
+        self.world.lock().unwrap().disks.remove(&m.id);
+        Ok(())
+    }
+
+    async fn remove_strays(&self, live: &HashSet<String>, known: &HashSet<String>) -> Result<Vec<String>> {
+        let mut w = self.world.lock().unwrap();
+        let World { interfaces, prepared, disks, .. } = &mut *w;
+        let mut removed = Vec::new();
+        for set in [interfaces, prepared] {
+            let stray: Vec<String> = set.iter().filter(|id| !live.contains(*id)).cloned().collect();
+            for id in stray {
+                set.remove(&id);
+                removed.push(id);
+            }
+        }
+        disks.retain(|id| known.contains(id));
+        Ok(removed)
+    }
+
+    async fn remove_host_wide(&self) -> Result<()> {
+        self.world.lock().unwrap().firewall.clear();
+        Ok(())
+    }
+}
+
+/// A service over a fake host and a real SQLite file.
+pub fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("test.db")).unwrap();
+    let (kernel, rootfs) = (dir.path().join("vmlinux"), dir.path().join("rootfs.ext4"));
+    std::fs::write(&kernel, b"k").unwrap();
+    std::fs::write(&rootfs, b"r").unwrap();
+    let addressing =
+        Addressing { subnet: "10.9.0.0/24".parse::<Subnet>().unwrap(), naming: TapNaming::new("tap").unwrap() };
+    let policy = Policy {
+        assets_dir: dir.path().to_path_buf(),
+        default_kernel: kernel,
+        default_rootfs: rootfs,
+        default_kernel_args: "console=ttyS0".into(),
+        default_runtime: RuntimeKind::Container,
+        default_dns: vec![Ipv4Addr::new(10, 0, 0, 53)],
+        capacity: HostCapacity { cpus: 2, mem_mib: 1024 },
+        file_max_size: 1 << 20,
+        file_transfer_timeout: Duration::from_secs(5),
+    };
+    (dir, Service::new(store, FakeHost::default(), addressing, policy))
+}
+
+pub fn create_req(name: &str) -> CreateMachine {
+    CreateMachine { name: Some(name.into()), vcpu_count: Some(1), mem_size_mib: Some(64), ..Default::default() }
+}
+
+mod flows {
+    use super::*;
+    use MachineStatus::*;
+
+    #[tokio::test]
+    async fn start_and_stop_make_and_remove_everything() {
+        let (_d, svc) = service();
+        let m = svc.create(create_req("web")).await.unwrap();
+        let running = svc.start(&m.id).await.unwrap();
+        assert_eq!(running.status, Running);
+        let pid = running.pid.unwrap();
+        let w = svc.host().world();
+        assert!(w.prepared.contains(&m.id) && w.interfaces.contains(&m.id) && w.firewall.contains(&m.id));
+        assert_eq!(w.processes.get(&pid), Some(&m.id));
+        let stopped = svc.stop(&m.id).await.unwrap();
+        assert_eq!((stopped.status, stopped.pid), (Stopped, None));
+        let w = svc.host().world();
+        assert_eq!((w.prepared.len(), w.interfaces.len(), w.firewall.len(), w.processes.len()), (0, 0, 0, 0));
+        assert!(w.disks.contains(&m.id), "the disk survives a stop");
+        svc.delete(&m.id, false).await.unwrap();
+        assert!(svc.host().world().disks.is_empty(), "delete removes the disk");
+    }
+
+    #[tokio::test]
+    async fn a_failed_start_at_any_step_leaves_nothing_behind() {
+        for step in ["prepare", "attach", "firewall", "boot"] {
+            let (_d, svc) = service();
+            let m = svc.create(create_req("web")).await.unwrap();
+            svc.host().fail.lock().unwrap().insert(step);
+            let e = svc.start(&m.id).await.unwrap_err();
+            assert!(e.to_string().contains(&format!("{step} refused")), "{step}: {e}");
+            let after = svc.get(&m.id).await.unwrap();
+            assert_eq!(after.status, Failed, "{step}");
+            assert!(after.error_message.unwrap().contains("refused"), "{step}: the reason is kept");
+            let w = svc.host().world();
+            assert_eq!(
+                (w.prepared.len(), w.interfaces.len(), w.firewall.len(), w.processes.len()),
+                (0, 0, 0, 0),
+                "{step}: {w:?}"
+            );
+            // Once the cause is gone the same machine starts.
+            svc.host().fail.lock().unwrap().clear();
+            assert_eq!(svc.start(&m.id).await.unwrap().status, Running, "{step}: retry");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_undo_is_reported_with_the_cause() {
+        let (_d, svc) = service();
+        let m = svc.create(create_req("web")).await.unwrap();
+        svc.host().fail.lock().unwrap().extend(["boot", "detach"]);
+        let e = svc.start(&m.id).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("boot refused") && msg.contains("undoing it also failed") && msg.contains("detach"),
+            "{msg}"
+        );
+        assert!(matches!(e.cause(), Error::Runtime(_)));
+        assert_eq!(svc.get(&m.id).await.unwrap().status, Failed);
+        // What could be undone was: no process, no firewall entry.
+        let w = svc.host().world();
+        assert_eq!((w.processes.len(), w.firewall.len()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn the_firewall_is_rebuilt_when_an_edit_fails() {
+        let (_d, svc) = service();
+        let a = svc.create(create_req("a")).await.unwrap();
+        let b = svc.create(create_req("b")).await.unwrap();
+        svc.start(&a.id).await.unwrap();
+        svc.host().fail.lock().unwrap().insert("firewall_edit");
+        svc.start(&b.id).await.unwrap();
+        assert_eq!(svc.host().world().firewall, [a.id.clone(), b.id.clone()].into_iter().collect());
+        svc.stop(&a.id).await.unwrap();
+        assert_eq!(svc.host().world().firewall, [b.id.clone()].into_iter().collect(), "a stopped machine is left out");
+    }
+
+    #[tokio::test]
+    async fn two_starts_of_one_machine_do_not_both_act() {
+        let (_d, svc) = service();
+        let m = svc.create(create_req("web")).await.unwrap();
+        let (a, b) = tokio::join!(svc.start(&m.id), svc.start(&m.id));
+        assert!(a.is_ok() != b.is_ok(), "exactly one start wins: {a:?} {b:?}");
+        let lost = a.err().or(b.err()).unwrap();
+        assert!(matches!(lost, Error::InvalidState { .. }), "{lost}");
+        assert_eq!(svc.host().world().processes.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_process_that_dies_makes_the_machine_failed_and_is_cleaned_up() {
+        let (_d, svc) = service();
+        let m = svc.create(create_req("web")).await.unwrap();
+        let pid = svc.start(&m.id).await.unwrap().pid.unwrap();
+        svc.host().kill(pid);
+        // `wait` for `failed` reports the failure itself as an error; either way the machine must get there.
+        match svc.wait(&m.id, Failed, Duration::from_secs(5)).await {
+            Ok(_) | Err(Error::WaitFailed { .. }) => {}
+            Err(e) => panic!("the machine did not fail: {e}"),
+        }
+        let after = svc.get(&m.id).await.unwrap();
+        assert_eq!(after.status, Failed);
+        assert!(after.error_message.unwrap().contains("exited unexpectedly"));
+        let w = svc.host().world();
+        assert_eq!((w.interfaces.len(), w.firewall.len(), w.prepared.len()), (0, 0, 0), "{w:?}");
+    }
+
+    #[tokio::test]
+    async fn reconcile_adopts_the_living_and_settles_the_rest() {
+        let (_d, svc) = service();
+        let mut ids = HashMap::new();
+        for name in ["alive", "dead", "starting", "stopping"] {
+            let m = svc.create(create_req(name)).await.unwrap();
+            svc.start(&m.id).await.unwrap();
+            ids.insert(name, m.id);
+        }
+        // The daemon "crashed": one process died meanwhile, one start and one stop were interrupted.
+        let pid_of = |id: &str| svc.host().world().processes.iter().find(|(_, m)| m.as_str() == id).map(|(p, _)| *p);
+        svc.host().kill(pid_of(&ids["dead"]).unwrap());
+        let set = |id: &str, status: MachineStatus| {
+            let id = id.to_string();
+            svc.store
+                .call_blocking(move |c| {
+                    c.execute("UPDATE machines SET status = ?1 WHERE id = ?2", [status.as_str(), &id])?;
+                    Ok(())
+                })
+                .unwrap()
+        };
+        set(&ids["starting"], Starting);
+        set(&ids["stopping"], Stopping);
+        // Leftovers of a machine the database no longer knows.
+        svc.host().world.lock().unwrap().interfaces.insert("ghost".into());
+        svc.host().world.lock().unwrap().disks.insert("ghost".into());
+
+        svc.reconcile().await.unwrap();
+        let status = |name: &str| {
+            let svc = svc.clone();
+            let id = ids[name].clone();
+            async move { svc.get(&id).await.unwrap() }
+        };
+        assert_eq!(status("alive").await.status, Running);
+        assert_eq!(status("dead").await.status, Stopped);
+        let s = status("starting").await;
+        assert_eq!(s.status, Failed);
+        assert!(s.error_message.unwrap().contains("starting"));
+        assert_eq!(status("stopping").await.status, Stopped);
+        let w = svc.host().world();
+        assert_eq!(w.interfaces, [ids["alive"].clone()].into_iter().collect(), "{w:?}");
+        assert_eq!(w.firewall, [ids["alive"].clone()].into_iter().collect());
+        assert_eq!(w.processes.len(), 1);
+        assert!(!w.disks.contains("ghost"));
+    }
+
+    #[tokio::test]
+    async fn purge_stops_everything_and_keeps_records() {
+        let (_d, svc) = service();
+        let m = svc.create(create_req("web")).await.unwrap();
+        svc.start(&m.id).await.unwrap();
+        let stopped = svc.purge_host().await.unwrap();
+        assert_eq!(stopped, vec![m.id.clone()]);
+        assert_eq!(svc.get(&m.id).await.unwrap().status, Stopped);
+        let w = svc.host().world();
+        assert_eq!((w.interfaces.len(), w.firewall.len(), w.processes.len()), (0, 0, 0));
+        assert!(w.disks.contains(&m.id));
+    }
+
+    #[tokio::test]
+    async fn a_refused_pause_puts_the_state_back() {
+        let (_d, svc) = service();
+        let m = svc.create(create_req("web")).await.unwrap();
+        svc.start(&m.id).await.unwrap();
+        svc.host().fail.lock().unwrap().insert("pause");
+        assert!(svc.pause(&m.id).await.is_err());
+        assert_eq!(svc.get(&m.id).await.unwrap().status, Running);
+        svc.host().fail.lock().unwrap().clear();
+        assert_eq!(svc.pause(&m.id).await.unwrap().status, Paused);
+        assert_eq!(svc.resume(&m.id).await.unwrap().status, Running);
+        let e = svc.resume(&m.id).await.unwrap_err();
+        assert_eq!(e.to_string(), "Cannot resume machine in 'running' state");
+    }
+
+    #[tokio::test]
+    async fn names_and_ids_never_name_two_machines() {
+        let (_d, svc) = service();
+        let a = svc.create(create_req("first")).await.unwrap();
+        // The bug this guards against: a machine named after another's id.
+        let e = svc.create(create_req(&a.id)).await.unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e}");
+        assert_eq!(svc.get("first").await.unwrap().id, a.id);
+        assert!(matches!(svc.create(create_req("first")).await.unwrap_err(), Error::NameTaken(_)));
+    }
+
+    #[tokio::test]
+    async fn delete_refuses_a_running_machine_unless_forced() {
+        let (_d, svc) = service();
+        let m = svc.create(create_req("web")).await.unwrap();
+        svc.start(&m.id).await.unwrap();
+        let e = svc.delete(&m.id, false).await.unwrap_err();
+        assert!(e.to_string().contains("stop the machine first"), "{e}");
+        svc.delete(&m.id, true).await.unwrap();
+        assert!(matches!(svc.get(&m.id).await.unwrap_err(), Error::NotFound(_)));
+        let w = svc.host().world();
+        assert_eq!(w, World::default(), "nothing left: {w:?}");
+    }
+}

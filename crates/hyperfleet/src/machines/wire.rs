@@ -1,0 +1,69 @@
+//! A stored machine as the API shows it: its spec, its addresses from its block, and the last probe of its
+//! exposed ports (kept in memory, filled by the proxy's poller).
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use hyperfleet_types::{ExposedPortStatus, Machine};
+
+use super::{Host, Service};
+use crate::store::machines::MachineRecord;
+
+/// The latest probe of each machine's exposed ports.
+#[derive(Default)]
+pub(super) struct PortStatus(RwLock<HashMap<String, HashMap<u16, ExposedPortStatus>>>);
+
+impl PortStatus {
+    fn of(&self, m: &MachineRecord) -> Vec<ExposedPortStatus> {
+        let all = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let probed = all.get(&m.id);
+        m.spec
+            .exposed_ports
+            .iter()
+            .map(|p| {
+                probed.and_then(|s| s.get(p).cloned()).unwrap_or(ExposedPortStatus {
+                    port: *p,
+                    listening: false,
+                    checked_at: None,
+                })
+            })
+            .collect()
+    }
+
+    fn set(&self, id: &str, status: Vec<ExposedPortStatus>) {
+        let by_port = status.into_iter().map(|s| (s.port, s)).collect();
+        self.0.write().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), by_port);
+    }
+
+    pub(super) fn forget(&self, id: &str) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+}
+
+impl<H: Host> Service<H> {
+    pub(super) fn to_wire(&self, m: &MachineRecord) -> Machine {
+        let b = self.addressing.block(m);
+        let mut spec = m.spec.clone();
+        spec.network = self.addressing.wire(m);
+        Machine {
+            id: m.id.clone(),
+            spec,
+            status: m.status,
+            socket_path: m.socket_path.clone(),
+            pid: m.pid,
+            exposed_ports_status: self.ports.of(m),
+            tap_device: self.addressing.iface(m),
+            tap_ip: b.tap_ip(),
+            guest_ip: b.guest_ip(),
+            guest_mac: b.guest_mac().to_string(),
+            error_message: m.error_message.clone(),
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+        }
+    }
+
+    /// Records the latest probe of a machine's exposed ports (the proxy's poller).
+    pub fn set_port_status(&self, id: &str, status: Vec<ExposedPortStatus>) {
+        self.ports.set(id, status);
+    }
+}
