@@ -53,6 +53,8 @@ pub async fn exec_stream(
     let timeout_msg = plan.timeout_error().to_string();
     // State: the session until the exit or an error has been sent.
     let stream = futures::stream::unfold(Some(session), move |state| {
+        // The plan holds the machine's exec slot: it lives as long as the stream.
+        let _slot = &plan;
         let timeout_msg = timeout_msg.clone();
         async move {
             let mut session = state?;

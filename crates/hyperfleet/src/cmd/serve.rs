@@ -61,6 +61,7 @@ pub fn build_service(settings: Arc<Settings>, store: Store) -> anyhow::Result<Ar
         capacity: HostCapacity::detect(),
         file_max_size: settings.file_max_size,
         file_transfer_timeout: settings.file_transfer_timeout,
+        max_execs_per_machine: crate::machines::DEFAULT_MAX_EXECS,
     };
     Ok(Service::new(store, host, addressing, policy))
 }

@@ -33,6 +33,9 @@ pub enum Error {
     WaitTimedOut { id: String, want: MachineStatus },
     #[error("Machine {id} failed instead of reaching status {want}: {reason}")]
     WaitFailed { id: String, want: MachineStatus, reason: String },
+    /// Too many commands already run in this machine at once.
+    #[error("Machine {id} already runs {limit} commands at once; wait for one to finish")]
+    TooManyExecs { id: String, limit: usize },
     #[error("Command execution timed out after {secs} seconds")]
     ExecTimedOut { secs: u64 },
     #[error("File transfer timed out after {secs} seconds")]

@@ -1,6 +1,7 @@
 //! Exec and file transfer in a running machine, through its guest agent (vsock for Firecracker, a unix
 //! socket for containers). While a machine boots, requests wait for its agent within their timeout.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -8,12 +9,15 @@ use bytes::Bytes;
 use hyperfleet_agent_proto::client::{AgentClient, ClientError, ExecSession, FileReader};
 use hyperfleet_agent_proto::{ErrorKind, ExecSpec};
 use hyperfleet_types::{ExecRequest, ExecResult, FileStat, FileWritten};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::lifecycle::instance;
 use super::{Error, Host, Result, Service};
 use crate::store::machines::MachineRecord;
 
 pub const DEFAULT_EXEC_TIMEOUT: u64 = 30;
+/// Commands one machine may run at once unless configured otherwise.
+pub const DEFAULT_MAX_EXECS: usize = 64;
 pub const MAX_EXEC_TIMEOUT: u64 = 3600;
 /// Output kept per stream by the buffered exec API.
 pub const EXEC_OUTPUT_CAP: u64 = 10 << 20;
@@ -41,11 +45,28 @@ pub fn check_guest_path(path: &str) -> Result<()> {
     Ok(())
 }
 
+/// Commands running per machine, so one client cannot make a machine (and the daemon) run unboundedly many.
+#[derive(Default)]
+pub(super) struct ExecSlots(std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>);
+
+impl ExecSlots {
+    pub(super) fn acquire(&self, id: &str, limit: usize) -> Result<OwnedSemaphorePermit> {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget machines with nothing running, so the map does not grow with every machine ever seen.
+        // (Under the lock, so a semaphore is never replaced while a permit of it is being taken.)
+        all.retain(|_, s| s.available_permits() < limit);
+        let sem = all.entry(id.to_string()).or_insert_with(|| Arc::new(Semaphore::new(limit))).clone();
+        sem.try_acquire_owned().map_err(|_| Error::TooManyExecs { id: id.to_string(), limit })
+    }
+}
+
 /// A validated exec request.
 pub struct ExecPlan {
     pub spec: ExecSpec,
     pub stdin: Vec<u8>,
     pub timeout: Duration,
+    /// Held while the command runs (for a streamed exec: until the stream ends).
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl ExecPlan {
@@ -70,6 +91,7 @@ impl ExecPlan {
             },
             stdin: req.stdin.map(String::into_bytes).unwrap_or_default(),
             timeout: Duration::from_secs(secs),
+            slot: None,
         })
     }
 
@@ -103,8 +125,9 @@ impl<H: Host> Service<H> {
     }
 
     pub async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResult> {
-        let plan = ExecPlan::new(req, Some(EXEC_OUTPUT_CAP))?;
+        let mut plan = ExecPlan::new(req, Some(EXEC_OUTPUT_CAP))?;
         let rec = self.running(id, "execute commands").await?;
+        plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
         let started = Instant::now();
         let agent = self.ready_agent(&rec, plan.timeout).await?;
         let mut spec = plan.spec.clone();
@@ -144,8 +167,9 @@ impl<H: Host> Service<H> {
 
     /// Starts a command whose output the caller streams; stdin is already sent and closed.
     pub async fn exec_stream(&self, id: &str, req: ExecRequest) -> Result<(ExecSession, ExecPlan)> {
-        let plan = ExecPlan::new(req, None)?;
+        let mut plan = ExecPlan::new(req, None)?;
         let rec = self.running(id, "execute commands").await?;
+        plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
         let agent = self.ready_agent(&rec, plan.timeout).await?;
         let max = self.policy.file_max_size;
         let mut session = agent.exec(plan.spec.clone()).await.map_err(|e| agent_error(e, "", max))?;

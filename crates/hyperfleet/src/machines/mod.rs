@@ -34,7 +34,7 @@ use hyperfleet_types::{Health, RuntimeAvailability, RuntimeKind};
 pub use action::Action;
 pub use error::{Error, Result};
 pub use events::MachineEvent;
-pub use guest::ExecPlan;
+pub use guest::{DEFAULT_MAX_EXECS, ExecPlan};
 pub use host::{Host, LinuxHost};
 use network::Addressing;
 
@@ -53,6 +53,8 @@ pub struct Policy {
     pub capacity: HostCapacity,
     pub file_max_size: u64,
     pub file_transfer_timeout: Duration,
+    /// Most commands (exec and streamed exec) running in one machine at once.
+    pub max_execs_per_machine: usize,
 }
 
 pub struct Service<H: Host = LinuxHost> {
@@ -62,6 +64,7 @@ pub struct Service<H: Host = LinuxHost> {
     policy: Policy,
     events: events::Events,
     ports: wire::PortStatus,
+    execs: guest::ExecSlots,
     /// Held across every firewall change, and for a rebuild across the database read it is made from, so an
     /// older view of the machines never replaces a newer one.
     firewall_order: tokio::sync::Mutex<()>,
@@ -76,6 +79,7 @@ impl<H: Host> Service<H> {
             policy,
             events: events::Events::new(),
             ports: wire::PortStatus::default(),
+            execs: guest::ExecSlots::default(),
             firewall_order: tokio::sync::Mutex::new(()),
         })
     }

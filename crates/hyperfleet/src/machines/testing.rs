@@ -63,6 +63,11 @@ impl FakeHost {
         }
     }
 
+    /// Ends a process while no daemon watches (it "crashed" before): nobody is told.
+    pub fn vanish(&self, pid: u32) {
+        self.world.lock().unwrap().processes.remove(&pid);
+    }
+
     fn end(&self, pid: u32) {
         self.kill(pid);
     }
@@ -216,6 +221,7 @@ pub fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
         capacity: HostCapacity { cpus: 2, mem_mib: 1024 },
         file_max_size: 1 << 20,
         file_transfer_timeout: Duration::from_secs(5),
+        max_execs_per_machine: 4,
     };
     (dir, Service::new(store, FakeHost::default(), addressing, policy))
 }
@@ -341,7 +347,7 @@ mod flows {
         }
         // The daemon "crashed": one process died meanwhile, one start and one stop were interrupted.
         let pid_of = |id: &str| svc.host().world().processes.iter().find(|(_, m)| m.as_str() == id).map(|(p, _)| *p);
-        svc.host().kill(pid_of(&ids["dead"]).unwrap());
+        svc.host().vanish(pid_of(&ids["dead"]).unwrap());
         let set = |id: &str, status: MachineStatus| {
             let id = id.to_string();
             svc.store
@@ -426,5 +432,24 @@ mod flows {
         assert!(matches!(svc.get(&m.id).await.unwrap_err(), Error::NotFound(_)));
         let w = svc.host().world();
         assert_eq!(w, World::default(), "nothing left: {w:?}");
+    }
+}
+
+mod limits {
+    use super::*;
+
+    #[tokio::test]
+    async fn execs_per_machine_are_bounded_and_slots_come_back() {
+        let (_d, svc) = service();
+        let m = svc.create(create_req("web")).await.unwrap();
+        svc.start(&m.id).await.unwrap();
+        // The fake agent does not answer, so each slot is held until its exec gives up; take them directly.
+        let held: Vec<_> = (0..4).map(|_| svc.execs.acquire(&m.id, 4).unwrap()).collect();
+        let e = svc.execs.acquire(&m.id, 4).unwrap_err();
+        assert!(matches!(e, Error::TooManyExecs { limit: 4, .. }), "{e}");
+        let other = svc.create(create_req("other")).await.unwrap();
+        assert!(svc.execs.acquire(&other.id, 4).is_ok(), "another machine has its own slots");
+        drop(held);
+        assert!(svc.execs.acquire(&m.id, 4).is_ok(), "finished commands free their slots");
     }
 }

@@ -14,6 +14,8 @@ pub const MIN_MEM_MIB: i64 = 4;
 pub const MAX_VCPUS: i64 = 32;
 const MAX_KERNEL_ARGS: usize = 2048;
 const MAX_DNS: usize = 3;
+/// Most ports one machine may expose: enough for any service, small enough that a machine's JSON stays small.
+pub const MAX_EXPOSED_PORTS: usize = 64;
 
 pub fn name(n: &str) -> Result<(), String> {
     let b = n.as_bytes();
@@ -43,6 +45,9 @@ fn looks_like_an_id(s: &str) -> bool {
 }
 
 pub fn ports(field: &str, list: &[i64]) -> Result<Vec<u16>, String> {
+    if list.len() > MAX_EXPOSED_PORTS {
+        return Err(format!("{field} lists {} ports; at most {MAX_EXPOSED_PORTS} are allowed", list.len()));
+    }
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(list.len());
     for &p in list {
@@ -173,6 +178,7 @@ mod tests {
                 capacity: crate::runtime::host::HostCapacity { cpus: 2, mem_mib: 1024 },
                 file_max_size: 1 << 20,
                 file_transfer_timeout: std::time::Duration::from_secs(5),
+                max_execs_per_machine: 4,
             }
         }
     }
@@ -223,6 +229,10 @@ mod tests {
         assert!(err(&a, base(serde_json::json!([0]))).contains("0 is not a port"));
         assert!(err(&a, base(serde_json::json!([70000]))).contains("70000 is not a port"));
         assert!(err(&a, base(serde_json::json!([80, 80]))).contains("listed twice"));
+        let all: Vec<i64> = (1..=65535).collect();
+        assert!(err(&a, base(serde_json::json!(all))).contains("at most 64"));
+        let most: Vec<i64> = (1..=64).collect();
+        assert!(create(&req(base(serde_json::json!(most))), &a.limits()).is_ok());
         let ok = create(&req(base(serde_json::json!([80, 443]))), &a.limits()).unwrap();
         assert_eq!(ok.exposed_ports, vec![80, 443]);
         assert_eq!(ok.network.dns, vec![Ipv4Addr::new(10, 0, 0, 53)]);
