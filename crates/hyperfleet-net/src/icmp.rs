@@ -137,11 +137,8 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs root: a raw ICMP socket"]
     fn loopback_answers() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: raw ICMP sockets need root");
-            return;
-        }
         let rtt = ping(Ipv4Addr::LOCALHOST, Duration::from_secs(2)).unwrap();
         assert!(rtt.is_some(), "127.0.0.1 did not answer");
     }
