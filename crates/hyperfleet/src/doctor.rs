@@ -4,7 +4,7 @@
 use hyperfleet_net::Subnet;
 use hyperfleet_types::{Check, MachineStatus};
 
-use crate::config::Settings;
+use crate::config::{NetworkSettings, RuntimeSettings, StoreSettings};
 use crate::machines::network::HostNetwork;
 use crate::runtime::host::{self, KvmKind};
 use crate::store::{Store, machines as records};
@@ -37,7 +37,7 @@ pub fn route_check(present: bool, subnet: &Subnet) -> Check {
 }
 
 /// Host-wide checks: virtualization, binaries, assets, forwarding, firewall, route.
-pub async fn host_checks(settings: &Settings, net: &HostNetwork) -> Vec<Check> {
+pub async fn host_checks(settings: &RuntimeSettings, net: &HostNetwork) -> Vec<Check> {
     let kvm = KvmKind::detect();
     let fc = host::find_firecracker(settings.firecracker_bin.as_deref(), &settings.assets_dir);
     let runc = host::find_on_path(&settings.runc_bin);
@@ -102,8 +102,12 @@ pub async fn host_checks(settings: &Settings, net: &HostNetwork) -> Vec<Check> {
 }
 
 /// Runs every check; returns the report text and whether all passed.
-pub async fn run(settings: &Settings) -> anyhow::Result<(String, bool)> {
-    let net = HostNetwork::new(settings.subnet, settings.tap_naming.clone(), &settings.nft_table)?;
+pub async fn run(
+    store: &StoreSettings,
+    runtime: &RuntimeSettings,
+    network: &NetworkSettings,
+) -> anyhow::Result<(String, bool)> {
+    let net = HostNetwork::new(network.subnet, network.tap_naming.clone(), &network.nft_table)?;
     let mut out = String::new();
     let mut all_ok = true;
     let mut section = |title: &str, checks: &[Check], out: &mut String| {
@@ -116,9 +120,9 @@ pub async fn run(settings: &Settings) -> anyhow::Result<(String, bool)> {
             }
         }
     };
-    section("host", &host_checks(settings, &net).await, &mut out);
-    if settings.database_path.exists() {
-        let store = Store::open(&settings.database_path)?;
+    section("host", &host_checks(runtime, &net).await, &mut out);
+    if store.database_path.exists() {
+        let store = Store::open(&store.database_path)?;
         let running = store.call(|c| records::with_status(c, &[MachineStatus::Running])).await?;
         let table = net.firewall.current().await.ok().flatten();
         for m in &running {
@@ -129,7 +133,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<(String, bool)> {
             out.push_str("no running machines\n");
         }
     } else {
-        out.push_str(&format!("no database at {} (no machines yet)\n", settings.database_path.display()));
+        out.push_str(&format!("no database at {} (no machines yet)\n", store.database_path.display()));
     }
     Ok((out, all_ok))
 }

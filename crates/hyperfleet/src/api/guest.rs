@@ -113,7 +113,7 @@ pub async fn upload(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/json"));
-    let max = s.service.settings.file_max_size;
+    let max = s.service.settings.files.max_size;
     let too_large = || MachineError::TooLarge(format!("File is larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)"));
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut body = req.into_body().into_data_stream();

@@ -153,7 +153,7 @@ impl Service {
     }
 
     fn transfer_timeout(&self) -> Duration {
-        self.settings.file_transfer_timeout
+        self.settings.files.transfer_timeout
     }
 
     async fn with_timeout<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
@@ -163,10 +163,10 @@ impl Service {
     }
 
     fn check_size(&self, size: u64) -> Result<()> {
-        if size > self.settings.file_max_size {
+        if size > self.settings.files.max_size {
             return Err(Error::TooLarge(format!(
                 "File is {size} bytes, larger than HYPERFLEET_FILE_MAX_SIZE ({} bytes)",
-                self.settings.file_max_size
+                self.settings.files.max_size
             )));
         }
         Ok(())
@@ -202,7 +202,7 @@ impl Service {
             return Err(Error::Validation(format!("mode {m:o} is not a permission mode (at most 0o7777)")));
         }
         let rec = self.running(id, "transfer files").await?;
-        let max = self.settings.file_max_size;
+        let max = self.settings.files.max_size;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
             let mut w = agent.write_file(path, mode, Some(max)).await.map_err(|e| agent_error(e, path))?;
@@ -224,7 +224,7 @@ impl Service {
         let rec = self.running(id, "transfer files").await?;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
-            agent.read_file(path, Some(self.settings.file_max_size)).await.map_err(|e| agent_error(e, path))
+            agent.read_file(path, Some(self.settings.files.max_size)).await.map_err(|e| agent_error(e, path))
         })
         .await
     }

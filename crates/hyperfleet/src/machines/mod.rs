@@ -131,7 +131,7 @@ impl Service {
     }
 
     pub fn files(&self, id: &str) -> MachineFiles {
-        MachineFiles::new(&self.settings.data_dir, &self.settings.socket_dir, id)
+        MachineFiles::new(&self.settings.runtime.data_dir, &self.settings.runtime.socket_dir, id)
     }
 
     pub fn to_wire(&self, m: &MachineRecord) -> Machine {
@@ -217,10 +217,10 @@ impl Service {
         let limits = validate::Limits {
             host_cpus: self.host_cpus,
             host_mem_mib: self.host_mem_mib,
-            assets_dir: &self.settings.assets_dir,
-            default_kernel: &self.settings.kernel_image_path,
-            default_rootfs: &self.settings.rootfs_path,
-            default_kernel_args: &self.settings.kernel_args,
+            assets_dir: &self.settings.runtime.assets_dir,
+            default_kernel: &self.settings.runtime.kernel_image_path,
+            default_rootfs: &self.settings.runtime.rootfs_path,
+            default_kernel_args: &self.settings.runtime.kernel_args,
             default_runtime: self.default_runtime,
             default_dns: &self.default_dns,
         };
@@ -586,7 +586,7 @@ impl Service {
     async fn remove_stray_machine_state(&self, live: &HashSet<String>) -> Result<()> {
         let known: HashSet<String> =
             self.store.call(|c| Ok(records::list(c, None, u32::MAX, 0)?.0.into_iter().map(|m| m.id).collect())).await?;
-        let on_disk: Vec<String> = std::fs::read_dir(&self.settings.data_dir)
+        let on_disk: Vec<String> = std::fs::read_dir(&self.settings.runtime.data_dir)
             .into_iter()
             .flatten()
             .flatten()
