@@ -13,8 +13,8 @@ fn check(name: &str, ok: bool, detail: impl Into<String>, fix: Option<&str>) -> 
     Check { name: name.into(), ok, detail: detail.into(), fix: if ok { None } else { fix.map(str::to_string) } }
 }
 
-pub fn ip_forward_check() -> Check {
-    let on = hyperfleet_net::sysctl::ip_forward_enabled();
+pub async fn ip_forward_check() -> Check {
+    let on = hyperfleet_net::sysctl::ip_forward_enabled().await;
     check(
         "ip forwarding",
         on,
@@ -77,7 +77,7 @@ pub async fn host_checks(settings: &RuntimeSettings, net: &HostNetwork) -> Vec<C
             settings.rootfs_path.display().to_string(),
             Some("make setup   (builds .hyperfleet/rootfs.ext4)"),
         ),
-        ip_forward_check(),
+        ip_forward_check().await,
     ];
     let table = net.firewall.current().await;
     let (ok, detail) = match &table {

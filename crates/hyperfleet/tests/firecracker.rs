@@ -110,11 +110,7 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
     assert!(logs.lines.iter().any(|l| l.contains("IP-Config: Complete")), "logs endpoint shows the console");
     let guest = m.guest_ip;
     wait_for("the guest to answer ping", 300, async || {
-        tokio::task::spawn_blocking(move || {
-            hyperfleet_net::icmp::ping(guest, Duration::from_secs(2)).ok().flatten().is_some()
-        })
-        .await
-        .unwrap()
+        hyperfleet_net::icmp::ping(guest, Duration::from_secs(2)).await.ok().flatten().is_some()
     })
     .await;
 

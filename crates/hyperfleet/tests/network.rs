@@ -82,7 +82,7 @@ async fn nat_isolation_and_egress_policy() {
         "host services must not be reachable from a guest"
     );
     // ...while the host still reaches guests (the proxy and the health checks need it).
-    assert!(hyperfleet_net::icmp::ping(a.guest_ip, Duration::from_secs(2)).unwrap().is_some());
+    assert!(hyperfleet_net::icmp::ping(a.guest_ip, Duration::from_secs(2)).await.unwrap().is_some());
 
     // Egress policies.
     assert!(pings(&d, &b.id, &b.tap_ip.to_string()).await, "deny still allows the gateway");
@@ -96,7 +96,7 @@ async fn nat_isolation_and_egress_policy() {
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("unreachable") || text.contains("No route"), "route for a stopped machine: {text}");
     assert!(!text.contains("dev eth0"), "{text}");
-    assert_eq!(hyperfleet_net::icmp::ping(a.guest_ip, Duration::from_millis(500)).unwrap(), None);
+    assert_eq!(hyperfleet_net::icmp::ping(a.guest_ip, Duration::from_millis(500)).await.unwrap(), None);
 }
 
 #[ignore = "needs root: nftables sets and runc containers on veths"]

@@ -154,7 +154,7 @@ async fn good_neighbour_on_a_shared_host() {
     // foreign interface too.
     d.stop();
     assert!(d.table_exists(), "the table outlives the daemon");
-    assert!(hyperfleet_net::icmp::ping(first.guest_ip, Duration::from_secs(2)).unwrap().is_some());
+    assert!(hyperfleet_net::icmp::ping(first.guest_ip, Duration::from_secs(2)).await.unwrap().is_some());
     d.spawn().await;
     assert!(d.host_links().contains(&squatter));
     drop(d);

@@ -23,7 +23,7 @@ pub async fn run(args: PurgeArgs) -> anyhow::Result<i32> {
     let settings =
         Settings::without_serving(args.store.validate()?, args.runtime.validate()?, args.network.validate()?);
     let store = Store::open(&settings.store.database_path)?;
-    let service = super::serve::build_service(Arc::new(settings), store)?;
+    let service = super::serve::build_service(Arc::new(settings), store).await?;
     let stopped = service.purge_host().await?;
     println!(
         "stopped {} machine(s); removed hyperfleet's interfaces, namespaces, firewall table and route",

@@ -30,7 +30,7 @@ fn default_runtime(settings: &RuntimeSettings, kvm: KvmKind, fc: &Firecracker) -
 }
 
 /// The orchestration service over this configuration, without touching the host yet.
-pub fn build_service(settings: Arc<Settings>, store: Store) -> anyhow::Result<Arc<Service>> {
+pub async fn build_service(settings: Arc<Settings>, store: Store) -> anyhow::Result<Arc<Service>> {
     let kvm = KvmKind::detect();
     let rt = &settings.runtime;
     let firecracker = Firecracker::new(host::find_firecracker(rt.firecracker_bin.as_deref(), &rt.assets_dir), kvm);
@@ -41,8 +41,9 @@ pub fn build_service(settings: Arc<Settings>, store: Store) -> anyhow::Result<Ar
         info!("container machines share the host kernel: their isolation is a container's, not a VM's");
     }
     let network = &settings.network;
-    let dns =
-        HostNetwork::dns_default(network.dns.as_ref()).map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
+    let dns = HostNetwork::dns_default(network.dns.as_ref())
+        .await
+        .map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
     let net = HostNetwork::new(network.subnet, network.tap_naming.clone(), &network.nft_table)?;
     let runtimes = Runtimes { firecracker, container, stop_grace: rt.stop_timeout };
     Ok(Service::new(store, settings.clone(), runtimes, net, default, dns))
@@ -74,7 +75,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
-    let service = build_service(settings.clone(), store.clone())?;
+    let service = build_service(settings.clone(), store.clone()).await?;
     service.net.init().await.context("prepare host networking (are we root?)")?;
     service.reconcile().await.context("reconcile with the host")?;
 

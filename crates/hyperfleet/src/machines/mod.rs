@@ -481,7 +481,7 @@ impl Service {
         }
         let table = self.net.firewall.current().await.ok().flatten();
         let mut checks = self.net.checks(&rec, table.as_deref()).await;
-        checks.insert(0, crate::doctor::ip_forward_check());
+        checks.insert(0, crate::doctor::ip_forward_check().await);
         checks.insert(1, crate::doctor::route_check(self.net.has_unreachable_route().await, &self.net.subnet));
         Ok(NetworkReport { machine_id: rec.id, ok: checks.iter().all(|c| c.ok), checks })
     }
@@ -598,9 +598,9 @@ impl Service {
             }
             let files = self.files(id);
             let ns = crate::runtime::container::netns_name(id);
-            if hyperfleet_net::netns::exists(&ns) || files.bundle.join("rootfs").exists() {
+            if hyperfleet_net::netns::exists(&ns).await || files.bundle.join("rootfs").exists() {
                 crate::runtime::Container::unmount_root(&files).await;
-                let _ = hyperfleet_net::netns::delete(&ns);
+                let _ = hyperfleet_net::netns::delete(&ns).await;
             }
             crate::runtime::Firecracker::remove_sockets(&files);
             if !known.contains(id) {

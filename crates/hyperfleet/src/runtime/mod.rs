@@ -126,8 +126,8 @@ impl Runtimes {
                 Container::mount_root(files).await?;
                 let ns = container::netns_name(&m.id);
                 // A namespace left by a crash is replaced.
-                let _ = hyperfleet_net::netns::delete(&ns);
-                if let Err(e) = hyperfleet_net::netns::create(&ns) {
+                let _ = hyperfleet_net::netns::delete(&ns).await;
+                if let Err(e) = hyperfleet_net::netns::create(&ns).await {
                     Container::unmount_root(files).await;
                     return Err(RuntimeError::Failed(e.to_string()));
                 }
@@ -164,7 +164,7 @@ impl Runtimes {
             RuntimeKind::Container => {
                 self.container.stop(&m.id, m.pid, files, self.stop_grace).await;
                 Container::unmount_root(files).await;
-                let _ = hyperfleet_net::netns::delete(&container::netns_name(&m.id));
+                let _ = hyperfleet_net::netns::delete(&container::netns_name(&m.id)).await;
             }
         }
     }
