@@ -22,12 +22,18 @@ pub fn parse_resolv_conf(text: &str) -> Vec<Ipv4Addr> {
 }
 
 /// The host's non-loopback resolvers, or `None` when there are none usable by a guest.
-pub fn host_resolvers() -> Option<Vec<Ipv4Addr>> {
-    RESOLV_FILES
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(Path::new(p)).ok())
-        .map(|t| parse_resolv_conf(&t))
-        .find(|v| !v.is_empty())
+pub async fn host_resolvers() -> Option<Vec<Ipv4Addr>> {
+    for file in RESOLV_FILES {
+        // A missing or unreadable file is the normal case for one of the two; the other may have servers.
+        let Ok(text) = tokio::fs::read_to_string(Path::new(file)).await else {
+            continue;
+        };
+        let servers = parse_resolv_conf(&text);
+        if !servers.is_empty() {
+            return Some(servers);
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -1,12 +1,16 @@
 //! The one nftables table Hyperfleet owns (`inet hyperfleet`): NAT for the machine subnet, isolation between
-//! machines and from the host, anti-spoofing and per-machine egress policy. The whole table is rendered from
-//! the list of running machines and replaced in one `nft -f` transaction, so it is never half-updated and
-//! other tables (the user's own rules) are never touched. Deleting the table leaves the host clean.
+//! machines and from the host, anti-spoofing and per-machine egress policy. The rules are fixed; each machine
+//! is a few set elements, added at start and deleted at stop in one `nft -f` transaction. The whole table is
+//! replaced (also one transaction, never half-updated) only at reconcile and when an element update fails.
+//! Other tables (the user's own rules) are never touched; deleting the table leaves the host clean.
+//!
+//! Every change holds the firewall's own lock, so changes from concurrent starts and stops never interleave.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use tokio::io::AsyncWriteExt;
@@ -34,16 +38,20 @@ pub struct FirewallEntry {
     pub egress: Egress,
 }
 
+/// The table's handle; clones share one lock.
 #[derive(Debug, Clone)]
 pub struct Firewall {
     table: String,
     subnet: Ipv4Net,
     nft: PathBuf,
+    /// Held for every change, and across a read-then-replace in [`Firewall::rebuild`] and
+    /// [`Firewall::update`], so that an older view of the machines never overwrites a newer one.
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Firewall {
     pub fn new(table: &str, subnet: Ipv4Net) -> Self {
-        Self { table: table.to_string(), subnet, nft: PathBuf::from("nft") }
+        Self { table: table.to_string(), subnet, nft: PathBuf::from("nft"), lock: Arc::default() }
     }
 
     pub fn table(&self) -> &str {
@@ -73,6 +81,7 @@ impl Firewall {
         let t = &self.table;
         let subnet = self.subnet;
         let mut s = String::new();
+        // Here and in `set`, `let _ =` drops the result of writing to a String, which is always Ok.
         // "add" makes the delete valid when the table does not exist yet; all three lines are one transaction.
         let _ = writeln!(s, "add table inet {t}\ndelete table inet {t}\ntable inet {t} {{");
         let all: Vec<(&str, String)> = machines.iter().flat_map(Self::elements).collect();
@@ -125,7 +134,41 @@ impl Firewall {
 
     /// Replaces the table with the rules for `machines`.
     pub async fn apply(&self, machines: &[FirewallEntry]) -> Result<(), NetError> {
+        let _guard = self.lock.lock().await;
+        self.replace(machines).await
+    }
+
+    async fn replace(&self, machines: &[FirewallEntry]) -> Result<(), NetError> {
         self.run(&["-f", "-"], Some(self.render(machines))).await.map(|_| ())
+    }
+
+    /// Replaces the table with the machines `running` returns, read while the lock is held (`running` must
+    /// not call this firewall).
+    pub async fn rebuild<E: From<NetError>>(
+        &self,
+        running: impl AsyncFnOnce() -> Result<Vec<FirewallEntry>, E>,
+    ) -> Result<(), E> {
+        let _guard = self.lock.lock().await;
+        let machines = running().await?;
+        Ok(self.replace(&machines).await?)
+    }
+
+    /// Adds (`add`) or deletes one machine's elements. If that fails (table missing, elements not what a
+    /// crash left expected) the table is replaced with the machines `running` returns, which is always
+    /// right; all under one hold of the lock (`running` must not call this firewall).
+    pub async fn update<E: From<NetError>>(
+        &self,
+        m: &FirewallEntry,
+        add: bool,
+        running: impl AsyncFnOnce() -> Result<Vec<FirewallEntry>, E>,
+    ) -> Result<(), E> {
+        let _guard = self.lock.lock().await;
+        if let Err(e) = self.run(&["-f", "-"], Some(self.element_script(if add { "add" } else { "delete" }, m))).await {
+            tracing::debug!(iface = %m.iface, error = %e, "incremental firewall update failed; replacing the table");
+            let machines = running().await?;
+            self.replace(&machines).await?;
+        }
+        Ok(())
     }
 
     fn element_script(&self, op: &str, m: &FirewallEntry) -> String {
@@ -138,16 +181,19 @@ impl Firewall {
     /// Adds one machine to the existing table, in one transaction (a few milliseconds, where replacing the
     /// table costs a kernel RCU grace period). Fails if the table is missing or the machine already listed.
     pub async fn add(&self, m: &FirewallEntry) -> Result<(), NetError> {
+        let _guard = self.lock.lock().await;
         self.run(&["-f", "-"], Some(self.element_script("add", m))).await.map(|_| ())
     }
 
     /// Removes one machine from the table, in one transaction. Fails if any of its elements is missing.
     pub async fn delete(&self, m: &FirewallEntry) -> Result<(), NetError> {
+        let _guard = self.lock.lock().await;
         self.run(&["-f", "-"], Some(self.element_script("delete", m))).await.map(|_| ())
     }
 
     /// Deletes the table (and with it every rule Hyperfleet made); a missing table is not an error.
     pub async fn remove(&self) -> Result<(), NetError> {
+        let _guard = self.lock.lock().await;
         let script = format!("add table inet {t}\ndelete table inet {t}\n", t = self.table);
         self.run(&["-f", "-"], Some(script)).await.map(|_| ())
     }
@@ -233,6 +279,47 @@ mod tests {
         assert!(add.contains(r#"add element inet hftest egress_allowed { "tap3" . 192.0.2.1/32 }"#), "{add}");
         let del = fw.element_script("delete", &entry(4, Egress::Allow));
         assert_eq!(del.lines().count(), 3, "an unrestricted machine has no egress elements: {del}");
+    }
+
+    /// A stand-in for `nft` that logs each script it is given and refuses element edits, as the kernel does
+    /// when the table is missing or a crash left other elements.
+    fn refusing_nft(dir: &std::path::Path) -> Firewall {
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("nft");
+        let log = dir.join("log");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nin=$(cat)\nprintf '%s\\n--\\n' \"$in\" >> {log}\n\
+                 case \"$in\" in *' element '*) echo 'Error: No such file or directory' >&2; exit 1;; esac\n",
+                log = log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Firewall { nft: script, ..Firewall::new("hftest", "172.16.0.0/16".parse().unwrap()) }
+    }
+
+    #[tokio::test]
+    async fn a_failed_element_edit_falls_back_to_replacing_the_table() {
+        let dir = std::env::temp_dir().join(format!("hf-fw-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fw = refusing_nft(&dir);
+        let running = vec![entry(0, Egress::Allow), entry(5, Egress::Deny)];
+        let read = running.clone();
+        fw.update(&entry(5, Egress::Deny), true, async || Ok::<_, NetError>(read)).await.unwrap();
+        let log = std::fs::read_to_string(dir.join("log")).unwrap();
+        let scripts: Vec<&str> = log.split("\n--\n").filter(|s| !s.is_empty()).collect();
+        assert_eq!(scripts.len(), 2, "{log}");
+        assert!(scripts[0].starts_with("add element inet hftest machine_ifaces"), "{log}");
+        assert_eq!(scripts[1], fw.render(&running).trim_end(), "the table is replaced with what `running` read");
+
+        // The machines could not be read: nothing is replaced and the caller gets that error.
+        let e = fw.update(&entry(6, Egress::Allow), false, async || Err(NetError::Nft("store down".into()))).await;
+        assert!(matches!(e, Err(NetError::Nft(m)) if m == "store down"));
+        let log = std::fs::read_to_string(dir.join("log")).unwrap();
+        assert_eq!(log.matches("\n--\n").count(), 3, "only the refused delete was run: {log}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -23,7 +23,12 @@ impl Drop for Fd {
 
 /// Sends one echo request to `target` and waits up to `timeout` for the matching reply.
 /// Returns the round-trip time, `Ok(None)` on timeout.
-pub fn ping(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>> {
+pub async fn ping(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>> {
+    crate::blocking(move || ping_blocking(target, timeout)).await
+}
+
+/// The raw socket waits with SO_RCVTIMEO, so this holds its thread for up to `timeout`.
+fn ping_blocking(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>> {
     // SAFETY: plain socket syscall; the fd is owned by `Fd` and closed on every path.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
     if fd < 0 {
@@ -136,13 +141,10 @@ mod tests {
         assert_eq!(checksum(&[8, 0, 0, 0, 0, 1, 0, 1]), 0xf7fd);
     }
 
-    #[test]
-    fn loopback_answers() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: raw ICMP sockets need root");
-            return;
-        }
-        let rtt = ping(Ipv4Addr::LOCALHOST, Duration::from_secs(2)).unwrap();
+    #[tokio::test]
+    #[ignore = "needs root: a raw ICMP socket"]
+    async fn loopback_answers() {
+        let rtt = ping(Ipv4Addr::LOCALHOST, Duration::from_secs(2)).await.unwrap();
         assert!(rtt.is_some(), "127.0.0.1 did not answer");
     }
 }

@@ -108,7 +108,7 @@ impl Netlink {
     /// Creates a persistent TAP device (Firecracker opens it by name), marks it ours, gives it `addr` and
     /// brings it up.
     pub async fn create_tap(&self, name: &str, owner: &str, addr: Ipv4Net) -> Result<LinkState, NetError> {
-        crate::tap::create_persistent(name)?;
+        crate::tap::create_persistent(name).await?;
         let link = self.require(name).await?;
         self.finish_host_end(link, owner, addr).await
     }
@@ -149,8 +149,10 @@ impl Netlink {
             self.require(&link.name).await
         }
         .await;
-        if result.is_err() {
-            let _ = self.delete(index).await;
+        if let Err(failed) = &result
+            && let Err(e) = self.delete(index).await
+        {
+            tracing::warn!(iface = %link.name, error = %e, cause = %failed, "could not remove a half-configured interface");
         }
         result
     }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 
-use crate::NetError;
 use crate::link::Netlink;
+use crate::{NetError, blocking};
 
 pub const NETNS_DIR: &str = "/run/netns";
 
@@ -45,64 +45,80 @@ fn prepare_dir() -> Result<(), NetError> {
 }
 
 /// Creates the namespace `name` (fails if it exists) and returns its path.
-pub fn create(name: &str) -> Result<PathBuf, NetError> {
+pub async fn create(name: &str) -> Result<PathBuf, NetError> {
     let path = path_of(name);
-    prepare_dir()?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| err(format!("create {}", path.display()), e))?;
     let target = path.clone();
-    // unshare() changes only the calling thread's namespace: do it on a throwaway thread.
-    let made = std::thread::spawn(move || -> Result<(), NetError> {
-        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| err("unshare(CLONE_NEWNET)".into(), e))?;
-        let tid = nix::unistd::gettid();
-        let own = format!("/proc/self/task/{tid}/ns/net");
-        nix::mount::mount(Some(own.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(|e| err(format!("bind-mount {own} on {}", target.display()), e))
-    })
-    .join()
-    .map_err(|_| NetError::Netns("namespace thread panicked".into()))?;
-    if let Err(e) = made {
-        let _ = std::fs::remove_file(&path);
-        return Err(e);
-    }
+    // unshare() changes only the calling thread's namespace, so it runs on a throwaway thread (never a pooled
+    // one, which would stay in the new namespace); the runtime worker only awaits its answer.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let made = (|| {
+            prepare_dir()?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&target)
+                .map_err(|e| err(format!("create {}", target.display()), e))?;
+            let bound = (|| {
+                nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| err("unshare(CLONE_NEWNET)".into(), e))?;
+                let own = format!("/proc/self/task/{}/ns/net", nix::unistd::gettid());
+                nix::mount::mount(Some(own.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                    .map_err(|e| err(format!("bind-mount {own} on {}", target.display()), e))
+            })();
+            if bound.is_err()
+                && let Err(e) = std::fs::remove_file(&target)
+            {
+                tracing::warn!(path = %target.display(), error = %e, "could not remove the half-made namespace file");
+            }
+            bound
+        })();
+        // The receiver is gone only if the caller was dropped; the namespace is then a stray that reconcile
+        // or purge removes.
+        let _ = tx.send(made);
+    });
+    rx.await.map_err(|_| NetError::Netns("namespace thread panicked".into()))??;
     Ok(path)
 }
 
-pub fn exists(name: &str) -> bool {
-    path_of(name).exists()
+pub async fn exists(name: &str) -> bool {
+    tokio::fs::try_exists(path_of(name)).await.unwrap_or(false)
 }
 
 /// Removes the namespace `name`; a missing one is not an error. The namespace itself goes away once no
 /// process lives in it any more, taking its interfaces (and so a veth pair's host end) with it.
-pub fn delete(name: &str) -> Result<(), NetError> {
+pub async fn delete(name: &str) -> Result<(), NetError> {
     let path = path_of(name);
-    if !path.exists() {
-        return Ok(());
-    }
-    match nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
-        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-        Err(e) => return Err(err(format!("unmount {}", path.display()), e)),
-    }
-    std::fs::remove_file(&path).map_err(|e| err(format!("remove {}", path.display()), e))
+    blocking(move || {
+        if !path.exists() {
+            return Ok(());
+        }
+        match nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(err(format!("unmount {}", path.display()), e)),
+        }
+        std::fs::remove_file(&path).map_err(|e| err(format!("remove {}", path.display()), e))
+    })
+    .await
 }
 
 /// Names of the namespaces under /run/netns that start with `prefix`.
-pub fn list(prefix: &str) -> Vec<String> {
-    std::fs::read_dir(NETNS_DIR)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with(prefix))
-        .collect()
+pub async fn list(prefix: &str) -> Vec<String> {
+    let prefix = prefix.to_string();
+    blocking(move || {
+        std::fs::read_dir(NETNS_DIR)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&prefix))
+            .collect()
+    })
+    .await
 }
 
-pub fn open(name: &str) -> Result<File, NetError> {
+pub async fn open(name: &str) -> Result<File, NetError> {
     let path = path_of(name);
-    File::open(&path).map_err(|e| err(format!("open {}", path.display()), e))
+    blocking(move || File::open(&path).map_err(|e| err(format!("open {}", path.display()), e))).await
 }
 
 /// Runs `f` with a netlink connection inside the namespace `name`, on a dedicated thread with its own
@@ -113,10 +129,11 @@ where
     Fut: Future<Output = Result<T, NetError>>,
     T: Send + 'static,
 {
-    let ns = open(name)?;
+    let path = path_of(name);
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let result = (|| {
+            let ns = File::open(&path).map_err(|e| err(format!("open {}", path.display()), e))?;
             nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| err("setns".into(), e))?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -124,6 +141,7 @@ where
                 .map_err(|e| err("runtime".into(), e))?;
             rt.block_on(async move { f(Netlink::connect()?).await })
         })();
+        // The receiver is gone only if the caller was dropped; nobody is left to tell.
         let _ = tx.send(result);
     });
     rx.await.map_err(|_| NetError::Netns("namespace thread panicked".into()))?

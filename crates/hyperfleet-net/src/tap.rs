@@ -19,8 +19,14 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// Creates the TAP `name` so that it outlives this process (flags as Firecracker opens it).
-pub fn create_persistent(name: &str) -> Result<(), NetError> {
+/// Creates the TAP `name` so that it outlives this process (flags as Firecracker opens it). Blocking: the
+/// ioctls wait for the kernel's rtnl lock.
+pub(crate) async fn create_persistent(name: &str) -> Result<(), NetError> {
+    let name = name.to_string();
+    crate::blocking(move || create_persistent_blocking(&name)).await
+}
+
+fn create_persistent_blocking(name: &str) -> Result<(), NetError> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(NetError::Tap(format!("interface name '{name}' must be 1-15 bytes")));
     }

@@ -1,25 +1,54 @@
 //! Every setting of the daemon in one place: read from flags or the environment (same names as upstream),
 //! validated once at start-up into [`Settings`], then trusted. A bad value stops the daemon with a message
 //! naming the variable.
+//!
+//! The flags come in groups (API, proxy, store, runtime, network, files), each validated into its own
+//! settings struct, so a command takes only the groups it uses (`doctor` has no API port).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, FromArgMatches};
 use hyperfleet_net::{Subnet, TapNaming};
 use hyperfleet_types::RuntimeKind;
 
 pub const DEFAULT_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
+/// Everything `hyperfleet serve` reads.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+    #[command(flatten)]
+    pub files: FileArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "API")]
+pub struct ApiArgs {
     /// Address the API and the proxy listen on.
     #[arg(long, env = "HYPERFLEET_BIND_ADDRESS", default_value = "0.0.0.0")]
     pub bind: IpAddr,
     /// API port (1-65535).
     #[arg(long, env = "PORT", default_value_t = 3000, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
+    /// Turn API-key authentication off (only for a trusted, local setup).
+    #[arg(long, env = "DISABLE_AUTH", default_value = "false", value_parser = clap::builder::BoolishValueParser::new())]
+    pub disable_auth: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Proxy")]
+pub struct ProxyArgs {
     /// Reverse proxy port; 0 disables the proxy.
     #[arg(long, env = "PROXY_PORT", default_value_t = 4000)]
     pub proxy_port: u16,
@@ -38,12 +67,19 @@ pub struct ServeArgs {
     /// Seconds to wait for a guest to accept a proxied connection and send response headers.
     #[arg(long, env = "PROXY_UPSTREAM_TIMEOUT", default_value_t = 30)]
     pub proxy_upstream_timeout: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Store")]
+pub struct StoreArgs {
     /// SQLite database file; its directory must exist.
     #[arg(long, env = "DATABASE_PATH", default_value = "./hyperfleet.db")]
     pub database_path: PathBuf,
-    /// Turn API-key authentication off (only for a trusted, local setup).
-    #[arg(long, env = "DISABLE_AUTH", default_value = "false", value_parser = clap::builder::BoolishValueParser::new())]
-    pub disable_auth: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Runtime")]
+pub struct RuntimeArgs {
     /// Directory for Firecracker API and vsock sockets.
     #[arg(long, env = "HYPERFLEET_SOCKET_DIR", default_value = "/tmp")]
     pub socket_dir: PathBuf,
@@ -69,6 +105,14 @@ pub struct ServeArgs {
     /// hardware KVM, container elsewhere).
     #[arg(long, env = "HYPERFLEET_RUNTIME", default_value = "auto")]
     pub runtime: String,
+    /// Seconds a guest gets to shut down before its process is terminated.
+    #[arg(long, env = "HYPERFLEET_STOP_TIMEOUT", default_value_t = 10)]
+    pub stop_timeout: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Network")]
+pub struct NetworkArgs {
     /// Pool of machine addresses, cut into /30 blocks.
     #[arg(long, env = "HYPERFLEET_SUBNET", default_value = "172.16.0.0/16")]
     pub subnet: String,
@@ -81,9 +125,11 @@ pub struct ServeArgs {
     /// Name of the nftables table (family inet) Hyperfleet owns.
     #[arg(long, env = "HYPERFLEET_NFT_TABLE", default_value = "hyperfleet")]
     pub nft_table: String,
-    /// Seconds a guest gets to shut down before its process is terminated.
-    #[arg(long, env = "HYPERFLEET_STOP_TIMEOUT", default_value_t = 10)]
-    pub stop_timeout: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Files")]
+pub struct FileArgs {
     /// Largest file accepted or returned by the files API: bytes, or with a unit (100MB, 1GiB).
     #[arg(long, env = "HYPERFLEET_FILE_MAX_SIZE", default_value = "100MB")]
     pub file_max_size: String,
@@ -95,12 +141,39 @@ pub struct ServeArgs {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    pub api: ApiSettings,
+    pub proxy: ProxySettings,
+    pub store: StoreSettings,
+    pub runtime: RuntimeSettings,
+    pub network: NetworkSettings,
+    pub files: FileSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
     pub bind: IpAddr,
     pub port: u16,
-    pub proxy: Option<ProxySettings>,
-    pub proxy_poll_interval: Duration,
-    pub database_path: PathBuf,
     pub disable_auth: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// `None`: no proxy listener (PROXY_PORT=0); exposed ports are still probed for the API.
+    pub port: Option<u16>,
+    pub prefix: String,
+    pub host_suffix: Option<String>,
+    pub poll_interval: Duration,
+    pub max_connections: usize,
+    pub upstream_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub database_path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
     pub socket_dir: PathBuf,
     pub data_dir: PathBuf,
     pub assets_dir: PathBuf,
@@ -109,23 +182,23 @@ pub struct Settings {
     pub rootfs_path: PathBuf,
     pub firecracker_bin: Option<PathBuf>,
     pub runc_bin: PathBuf,
-    pub runtime: Option<RuntimeKind>,
+    /// `None`: auto, chosen from the host at start.
+    pub default_runtime: Option<RuntimeKind>,
+    pub stop_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
     pub subnet: Subnet,
     pub tap_naming: TapNaming,
     pub dns: Option<Vec<Ipv4Addr>>,
     pub nft_table: String,
-    pub stop_timeout: Duration,
-    pub file_max_size: u64,
-    pub file_transfer_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
-pub struct ProxySettings {
-    pub port: u16,
-    pub prefix: String,
-    pub host_suffix: Option<String>,
-    pub max_connections: usize,
-    pub upstream_timeout: Duration,
+pub struct FileSettings {
+    pub max_size: u64,
+    pub transfer_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,16 +247,54 @@ pub fn parse_dns_list(s: &str) -> Result<Vec<Ipv4Addr>, String> {
 
 impl ServeArgs {
     pub fn validate(&self) -> Result<Settings, ConfigError> {
-        let database_path = absolute(&self.database_path);
-        let db_dir = database_path.parent().unwrap_or(Path::new("/"));
-        if !db_dir.is_dir() {
-            return Err(bad("DATABASE_PATH", format!("directory {} does not exist", db_dir.display())));
+        let api = self.api.validate();
+        let proxy = self.proxy.validate()?;
+        if proxy.port == Some(api.port) {
+            return Err(bad("PROXY_PORT", format!("{} is also the API PORT", api.port)));
         }
+        Ok(Settings {
+            api,
+            proxy,
+            store: self.store.validate()?,
+            runtime: self.runtime.validate()?,
+            network: self.network.validate()?,
+            files: self.files.validate()?,
+        })
+    }
+}
+
+impl Settings {
+    /// Settings for a command that drives the machines but serves nothing and transfers no files (`purge`):
+    /// the API, proxy and file groups keep their defaults, whatever the environment says.
+    pub fn without_serving(store: StoreSettings, runtime: RuntimeSettings, network: NetworkSettings) -> Self {
+        Self {
+            api: defaults::<ApiArgs>().validate(),
+            proxy: defaults::<ProxyArgs>().validate().expect("the default proxy settings are valid"),
+            store,
+            runtime,
+            network,
+            files: defaults::<FileArgs>().validate().expect("the default file settings are valid"),
+        }
+    }
+}
+
+/// A group's default values, read from its clap attributes (so they are written down once) with the
+/// environment ignored.
+fn defaults<A: Args + FromArgMatches>() -> A {
+    let cmd = A::augment_args(clap::Command::new("defaults")).mut_args(|a| a.env(None));
+    A::from_arg_matches(&cmd.get_matches_from(["defaults"])).expect("every flag of the group has a default")
+}
+
+impl ApiArgs {
+    pub fn validate(&self) -> ApiSettings {
+        ApiSettings { bind: self.bind, port: self.port, disable_auth: self.disable_auth }
+    }
+}
+
+impl ProxyArgs {
+    pub fn validate(&self) -> Result<ProxySettings, ConfigError> {
         if self.proxy_poll_interval_ms == 0 {
             return Err(bad("PROXY_EXPOSED_PORT_POLL_INTERVAL_MS", "must be a positive number of milliseconds"));
-        }
-        if self.proxy_port != 0 && self.proxy_port == self.port {
-            return Err(bad("PROXY_PORT", format!("{} is also the API PORT", self.proxy_port)));
         }
         let prefix = self.proxy_prefix.trim_end_matches('/').to_string();
         if !prefix.starts_with('/') || prefix.len() < 2 || prefix.contains(['?', '#', ' ']) {
@@ -200,13 +311,57 @@ impl ServeArgs {
         if self.proxy_upstream_timeout == 0 {
             return Err(bad("PROXY_UPSTREAM_TIMEOUT", "must be at least 1 second"));
         }
-        let runtime =
+        Ok(ProxySettings {
+            port: (self.proxy_port != 0).then_some(self.proxy_port),
+            prefix,
+            host_suffix: self.proxy_host_suffix.clone(),
+            poll_interval: Duration::from_millis(self.proxy_poll_interval_ms),
+            max_connections: self.proxy_max_connections,
+            upstream_timeout: Duration::from_secs(self.proxy_upstream_timeout),
+        })
+    }
+}
+
+impl StoreArgs {
+    pub fn validate(&self) -> Result<StoreSettings, ConfigError> {
+        let database_path = absolute(&self.database_path);
+        let db_dir = database_path.parent().unwrap_or(Path::new("/"));
+        if !db_dir.is_dir() {
+            return Err(bad("DATABASE_PATH", format!("directory {} does not exist", db_dir.display())));
+        }
+        Ok(StoreSettings { database_path })
+    }
+}
+
+impl RuntimeArgs {
+    pub fn validate(&self) -> Result<RuntimeSettings, ConfigError> {
+        let default_runtime =
             match self.runtime.as_str() {
                 "auto" => None,
                 other => Some(RuntimeKind::parse(other).ok_or_else(|| {
                     bad("HYPERFLEET_RUNTIME", format!("'{other}': use auto, firecracker or container"))
                 })?),
             };
+        if self.kernel_args.contains(['\n', '\0']) {
+            return Err(bad("HYPERFLEET_KERNEL_ARGS", "must be one line"));
+        }
+        Ok(RuntimeSettings {
+            socket_dir: absolute(&self.socket_dir),
+            data_dir: absolute(&self.data_dir),
+            assets_dir: absolute(&self.assets_dir),
+            kernel_image_path: absolute(&self.kernel_image_path),
+            kernel_args: self.kernel_args.clone(),
+            rootfs_path: absolute(&self.rootfs_path),
+            firecracker_bin: self.firecracker_bin.as_deref().map(absolute),
+            runc_bin: self.runc_bin.clone(),
+            default_runtime,
+            stop_timeout: Duration::from_secs(self.stop_timeout),
+        })
+    }
+}
+
+impl NetworkArgs {
+    pub fn validate(&self) -> Result<NetworkSettings, ConfigError> {
         let subnet: Subnet = self.subnet.parse().map_err(|e| bad("HYPERFLEET_SUBNET", format!("{e}")))?;
         let tap_naming = TapNaming::new(&self.tap_prefix).map_err(|e| bad("HYPERFLEET_TAP_PREFIX", e.to_string()))?;
         let dns = match &self.dns {
@@ -222,53 +377,26 @@ impl ServeArgs {
         if self.nft_table.is_empty() || !self.nft_table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(bad("HYPERFLEET_NFT_TABLE", "use letters, digits and '_'"));
         }
-        let file_max_size = parse_size(&self.file_max_size).filter(|n| *n > 0).ok_or_else(|| {
+        Ok(NetworkSettings { subnet, tap_naming, dns, nft_table: self.nft_table.clone() })
+    }
+}
+
+impl FileArgs {
+    pub fn validate(&self) -> Result<FileSettings, ConfigError> {
+        let max_size = parse_size(&self.file_max_size).filter(|n| *n > 0).ok_or_else(|| {
             bad("HYPERFLEET_FILE_MAX_SIZE", format!("'{}': use bytes or 100MB, 1GiB", self.file_max_size))
         })?;
         if self.file_transfer_timeout == 0 {
             return Err(bad("HYPERFLEET_FILE_TRANSFER_TIMEOUT", "must be at least 1 second"));
         }
-        if self.kernel_args.contains(['\n', '\0']) {
-            return Err(bad("HYPERFLEET_KERNEL_ARGS", "must be one line"));
-        }
-        let proxy = (self.proxy_port != 0).then(|| ProxySettings {
-            port: self.proxy_port,
-            prefix,
-            host_suffix: self.proxy_host_suffix.clone(),
-            max_connections: self.proxy_max_connections,
-            upstream_timeout: Duration::from_secs(self.proxy_upstream_timeout),
-        });
-        Ok(Settings {
-            bind: self.bind,
-            port: self.port,
-            proxy,
-            proxy_poll_interval: Duration::from_millis(self.proxy_poll_interval_ms),
-            database_path,
-            disable_auth: self.disable_auth,
-            socket_dir: absolute(&self.socket_dir),
-            data_dir: absolute(&self.data_dir),
-            assets_dir: absolute(&self.assets_dir),
-            kernel_image_path: absolute(&self.kernel_image_path),
-            kernel_args: self.kernel_args.clone(),
-            rootfs_path: absolute(&self.rootfs_path),
-            firecracker_bin: self.firecracker_bin.as_deref().map(absolute),
-            runc_bin: self.runc_bin.clone(),
-            runtime,
-            subnet,
-            tap_naming,
-            dns,
-            nft_table: self.nft_table.clone(),
-            stop_timeout: Duration::from_secs(self.stop_timeout),
-            file_max_size,
-            file_transfer_timeout: Duration::from_secs(self.file_transfer_timeout),
-        })
+        Ok(FileSettings { max_size, transfer_timeout: Duration::from_secs(self.file_transfer_timeout) })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use clap::{CommandFactory, Parser};
 
     #[derive(Parser)]
     struct Cli {
@@ -286,11 +414,13 @@ mod tests {
     #[test]
     fn defaults_validate() {
         let s = parse(&[]).unwrap();
-        assert_eq!(s.port, 3000);
-        assert_eq!(s.proxy.as_ref().unwrap().port, 4000);
-        assert_eq!(s.subnet.to_string(), "172.16.0.0/16");
-        assert_eq!(s.file_max_size, 100 << 20);
-        assert!(s.kernel_image_path.is_absolute());
+        assert_eq!(s.api.port, 3000);
+        assert_eq!(s.proxy.port, Some(4000));
+        assert_eq!(s.proxy.poll_interval, Duration::from_secs(10));
+        assert_eq!(s.network.subnet.to_string(), "172.16.0.0/16");
+        assert_eq!(s.files.max_size, 100 << 20);
+        assert!(s.runtime.kernel_image_path.is_absolute());
+        assert_eq!(s.runtime.default_runtime, None);
     }
 
     #[test]
@@ -306,7 +436,15 @@ mod tests {
         assert!(parse(&["--file-max-size", "lots"]).unwrap_err().contains("HYPERFLEET_FILE_MAX_SIZE"));
         assert!(parse(&["--tap-prefix", "t1"]).unwrap_err().contains("HYPERFLEET_TAP_PREFIX"));
         assert!(parse(&["--proxy-port", "3000"]).unwrap_err().contains("PROXY_PORT"));
-        assert!(parse(&["--proxy-port", "0"]).unwrap().proxy.is_none());
+        assert!(parse(&["--proxy-port", "0"]).unwrap().proxy.port.is_none());
+    }
+
+    #[test]
+    fn settings_without_serving_have_the_documented_defaults() {
+        let served = parse(&[]).unwrap();
+        let s = Settings::without_serving(served.store, served.runtime, served.network);
+        assert_eq!((s.api.port, s.api.disable_auth, s.proxy.port), (3000, false, Some(4000)));
+        assert_eq!((s.files.max_size, s.files.transfer_timeout), (100 << 20, Duration::from_secs(60)));
     }
 
     #[test]
@@ -317,5 +455,114 @@ mod tests {
         assert_eq!(parse_size("42"), Some(42));
         assert_eq!(parse_size("12XB"), None);
         assert_eq!(parse_size(""), None);
+    }
+
+    /// One non-default value for every variable README.md documents.
+    const SAMPLES: &[(&str, &str)] = &[
+        ("PORT", "3100"),
+        ("PROXY_PORT", "4100"),
+        ("HYPERFLEET_BIND_ADDRESS", "127.0.0.1"),
+        ("DATABASE_PATH", "/tmp/hf-env.db"),
+        ("DISABLE_AUTH", "true"),
+        ("PROXY_PREFIX", "/p"),
+        ("PROXY_HOST_SUFFIX", ".vm.test"),
+        ("PROXY_EXPOSED_PORT_POLL_INTERVAL_MS", "2500"),
+        ("PROXY_MAX_CONNECTIONS", "7"),
+        ("PROXY_UPSTREAM_TIMEOUT", "9"),
+        ("HYPERFLEET_SOCKET_DIR", "/run/hf-sockets"),
+        ("HYPERFLEET_DATA_DIR", "/srv/hf/machines"),
+        ("HYPERFLEET_ASSETS_DIR", "/srv/hf"),
+        ("HYPERFLEET_KERNEL_IMAGE_PATH", "/srv/hf/kernel"),
+        ("HYPERFLEET_KERNEL_ARGS", "console=ttyS0"),
+        ("HYPERFLEET_ROOTFS_PATH", "/srv/hf/root.ext4"),
+        ("FIRECRACKER_BIN", "/opt/fc/firecracker"),
+        ("HYPERFLEET_RUNC_BIN", "/opt/runc"),
+        ("HYPERFLEET_RUNTIME", "container"),
+        ("HYPERFLEET_SUBNET", "10.9.0.0/20"),
+        ("HYPERFLEET_TAP_PREFIX", "hft"),
+        ("HYPERFLEET_DNS", "192.0.2.53, 192.0.2.54"),
+        ("HYPERFLEET_NFT_TABLE", "hf_env"),
+        ("HYPERFLEET_STOP_TIMEOUT", "3"),
+        ("HYPERFLEET_FILE_MAX_SIZE", "1GiB"),
+        ("HYPERFLEET_FILE_TRANSFER_TIMEOUT", "5"),
+    ];
+
+    /// The variables of README.md's configuration table (`PORT` / `PROXY_PORT` rows name two).
+    fn documented() -> Vec<String> {
+        let readme = include_str!("../../../README.md");
+        let table = readme.split("## Configuration").nth(1).unwrap().split("\n## ").next().unwrap();
+        table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| "))
+            .filter_map(|l| l.split(" |").next())
+            .flat_map(|cell| cell.split('`').skip(1).step_by(2).map(str::to_string).collect::<Vec<_>>())
+            .collect()
+    }
+
+    #[test]
+    fn readme_documents_every_variable_and_only_those() {
+        let mut doc = documented();
+        doc.sort();
+        let mut sampled: Vec<String> = SAMPLES.iter().map(|(k, _)| k.to_string()).collect();
+        sampled.sort();
+        assert_eq!(doc, sampled, "README.md's table and SAMPLES differ");
+        let mut read: Vec<String> = Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        read.sort();
+        assert_eq!(doc, read, "README.md's table and the variables `serve` reads differ");
+    }
+
+    const CHILD: &str = "HYPERFLEET_CONFIG_TEST_CHILD";
+
+    /// The environment belongs to the whole process and other tests run on other threads, so the variables
+    /// are set on a child: this test runs itself again there, and the child checks what it parsed.
+    #[test]
+    fn documented_variables_parse_from_the_environment() {
+        if std::env::var_os(CHILD).is_none() {
+            let name = "config::tests::documented_variables_parse_from_the_environment";
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                .envs(SAMPLES.iter().copied())
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && stdout.contains("1 passed"), "child: {stdout}\n{stderr}");
+            return;
+        }
+        let s = Cli::try_parse_from(["hyperfleet"]).unwrap().args.validate().unwrap();
+        let p = PathBuf::from;
+        assert_eq!((s.api.port, s.api.bind, s.api.disable_auth), (3100, IpAddr::from([127, 0, 0, 1]), true));
+        let proxy = &s.proxy;
+        assert_eq!(
+            (proxy.port, proxy.prefix.as_str(), proxy.host_suffix.as_deref()),
+            (Some(4100), "/p", Some(".vm.test"))
+        );
+        assert_eq!(proxy.poll_interval, Duration::from_millis(2500));
+        assert_eq!((proxy.max_connections, proxy.upstream_timeout), (7, Duration::from_secs(9)));
+        assert_eq!(s.store.database_path, p("/tmp/hf-env.db"));
+        let r = &s.runtime;
+        assert_eq!(
+            (&r.socket_dir, &r.data_dir, &r.assets_dir),
+            (&p("/run/hf-sockets"), &p("/srv/hf/machines"), &p("/srv/hf"))
+        );
+        assert_eq!((&r.kernel_image_path, r.kernel_args.as_str()), (&p("/srv/hf/kernel"), "console=ttyS0"));
+        assert_eq!((&r.rootfs_path, &r.firecracker_bin), (&p("/srv/hf/root.ext4"), &Some(p("/opt/fc/firecracker"))));
+        assert_eq!((&r.runc_bin, r.default_runtime), (&p("/opt/runc"), Some(RuntimeKind::Container)));
+        assert_eq!(r.stop_timeout, Duration::from_secs(3));
+        let n = &s.network;
+        assert_eq!(
+            (n.subnet.to_string(), n.tap_naming.name(2), n.nft_table.as_str()),
+            ("10.9.0.0/20".into(), "hft2".into(), "hf_env")
+        );
+        assert_eq!(n.dns, Some(vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)]));
+        assert_eq!((s.files.max_size, s.files.transfer_timeout), (1 << 30, Duration::from_secs(5)));
+
+        // The groups `purge` does not read keep their defaults whatever the environment says.
+        let purge = Settings::without_serving(s.store, s.runtime, s.network);
+        assert_eq!((purge.api.port, purge.proxy.port, purge.files.max_size), (3000, Some(4000), 100 << 20));
     }
 }

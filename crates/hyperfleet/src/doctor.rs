@@ -8,7 +8,7 @@ use hyperfleet_net::ipam::BLOCK_PREFIX;
 use hyperfleet_net::{Firewall, NetError, Netlink, Subnet};
 use hyperfleet_types::{Check, Machine, NetworkReport};
 
-use crate::config::Settings;
+use crate::config::{RuntimeSettings, Settings};
 use crate::runtime::host::{self, KvmKind};
 
 /// Looks at the host's interfaces, firewall table and route for one subnet.
@@ -22,8 +22,8 @@ fn check(name: &str, ok: bool, detail: impl Into<String>, fix: Option<&str>) -> 
     Check { name: name.into(), ok, detail: detail.into(), fix: if ok { None } else { fix.map(str::to_string) } }
 }
 
-pub fn ip_forward_check() -> Check {
-    let on = hyperfleet_net::sysctl::ip_forward_enabled();
+pub async fn ip_forward_check() -> Check {
+    let on = hyperfleet_net::sysctl::ip_forward_enabled().await;
     check(
         "ip forwarding",
         on,
@@ -55,7 +55,7 @@ impl Doctor {
     }
 
     /// Host-wide checks: virtualization, binaries, assets, forwarding, firewall, route.
-    pub async fn host_checks(&self, settings: &Settings) -> Vec<Check> {
+    pub async fn host_checks(&self, settings: &RuntimeSettings) -> Vec<Check> {
         let kvm = KvmKind::detect();
         let fc = host::find_firecracker(settings.firecracker_bin.as_deref(), &settings.assets_dir);
         let runc = host::find_on_path(&settings.runc_bin);
@@ -95,7 +95,7 @@ impl Doctor {
                 settings.rootfs_path.display().to_string(),
                 Some("make setup   (builds .hyperfleet/rootfs.ext4)"),
             ),
-            ip_forward_check(),
+            ip_forward_check().await,
         ];
         let table = self.firewall.current().await;
         let name = self.firewall.table();
@@ -118,7 +118,7 @@ impl Doctor {
     /// The checks for one running machine, with the host-wide forwarding and route checks first.
     pub async fn machine_report(&self, m: &Machine) -> NetworkReport {
         let table = self.firewall.current().await.ok().flatten();
-        let mut checks = vec![ip_forward_check(), route_check(self.route_present().await, &self.subnet)];
+        let mut checks = vec![ip_forward_check().await, route_check(self.route_present().await, &self.subnet)];
         checks.extend(self.machine_checks(m, table.as_deref()).await);
         NetworkReport { machine_id: m.id.clone(), ok: checks.iter().all(|c| c.ok), checks }
     }
@@ -171,11 +171,7 @@ impl Doctor {
             Some("restart the hyperfleet daemon (it rebuilds the table)"),
         ));
         let guest = m.guest_ip;
-        let rtt = tokio::task::spawn_blocking(move || hyperfleet_net::icmp::ping(guest, Duration::from_secs(1)))
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .flatten();
+        let rtt = hyperfleet_net::icmp::ping(guest, Duration::from_secs(1)).await.ok().flatten();
         checks.push(check(
             "guest reachable",
             rtt.is_some(),
@@ -192,7 +188,7 @@ impl Doctor {
 /// Runs every check over the machines `running` (as the service lists them); returns the report text and
 /// whether all passed.
 pub async fn run(settings: &Settings, running: Option<Vec<Machine>>) -> anyhow::Result<(String, bool)> {
-    let doctor = Doctor::new(settings.subnet, &settings.nft_table)?;
+    let doctor = Doctor::new(settings.network.subnet, &settings.network.nft_table)?;
     let mut out = String::new();
     let mut all_ok = true;
     let mut section = |title: &str, checks: &[Check], out: &mut String| {
@@ -205,7 +201,7 @@ pub async fn run(settings: &Settings, running: Option<Vec<Machine>>) -> anyhow::
             }
         }
     };
-    section("host", &doctor.host_checks(settings).await, &mut out);
+    section("host", &doctor.host_checks(&settings.runtime).await, &mut out);
     match running {
         Some(running) => {
             let table = doctor.firewall.current().await.ok().flatten();
@@ -217,7 +213,7 @@ pub async fn run(settings: &Settings, running: Option<Vec<Machine>>) -> anyhow::
                 out.push_str("no running machines\n");
             }
         }
-        None => out.push_str(&format!("no database at {} (no machines yet)\n", settings.database_path.display())),
+        None => out.push_str(&format!("no database at {} (no machines yet)\n", settings.store.database_path.display())),
     }
     Ok((out, all_ok))
 }

@@ -418,9 +418,10 @@ mod tests {
 
     fn cfg(suffix: Option<&str>) -> ProxySettings {
         ProxySettings {
-            port: 4000,
+            port: Some(4000),
             prefix: "/proxy".into(),
             host_suffix: suffix.map(str::to_string),
+            poll_interval: Duration::from_secs(10),
             max_connections: 10,
             upstream_timeout: Duration::from_secs(5),
         }

@@ -1,15 +1,28 @@
 //! `hyperfleet doctor`: runs the checks and exits non-zero when something is wrong.
 
+use clap::Args;
 use hyperfleet_types::MachineStatus;
 
-use crate::config::ServeArgs;
+use crate::config::{NetworkArgs, RuntimeArgs, Settings, StoreArgs};
 use crate::store::Store;
 
-pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
-    let settings = std::sync::Arc::new(args.validate()?);
-    let running = if settings.database_path.exists() {
-        let store = Store::open(&settings.database_path)?;
-        let service = super::serve::build_service(settings.clone(), store)?;
+/// What the checks look at: the database's machines, the runtime's binaries and assets, the host network.
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+pub async fn run(args: DoctorArgs) -> anyhow::Result<i32> {
+    let settings =
+        Settings::without_serving(args.store.validate()?, args.runtime.validate()?, args.network.validate()?);
+    let running = if settings.store.database_path.exists() {
+        let store = Store::open(&settings.store.database_path)?;
+        let service = super::serve::build_service(&settings, store).await?;
         Some(service.with_status(&[MachineStatus::Running]).await?)
     } else {
         None

@@ -24,10 +24,10 @@ pub enum Command {
     /// Manage API keys directly in the database (DATABASE_PATH); works without a running daemon.
     Keys(keys::KeysArgs),
     /// Check the host and every running machine's network; print what is wrong and how to fix it.
-    Doctor(crate::config::ServeArgs),
+    Doctor(doctor::DoctorArgs),
     /// Stop every machine and remove everything Hyperfleet made on this host (TAPs, veths, namespaces,
     /// containers, the nftables table, the subnet route). Machine records and disks are kept.
-    Purge(crate::config::ServeArgs),
+    Purge(purge::PurgeArgs),
     /// Print the OpenAPI document.
     Openapi,
 }

@@ -8,7 +8,7 @@ use hyperfleet_types::{RuntimeKind, Scope};
 use tracing::{info, warn};
 
 use crate::api::{self, AppState, auth::Auth};
-use crate::config::{ServeArgs, Settings};
+use crate::config::{RuntimeSettings, ServeArgs, Settings};
 use crate::doctor::Doctor;
 use crate::machines::{LinuxHost, Policy, Service, network::HostNetwork};
 use crate::runtime::host::{self, HostCapacity, KvmKind};
@@ -16,8 +16,8 @@ use crate::runtime::{Container, Firecracker, Runtimes};
 use crate::store::{Store, api_keys, leases};
 
 /// Picks the runtime for machines that name none, and says why.
-fn default_runtime(settings: &Settings, kvm: KvmKind, fc: &Firecracker) -> (RuntimeKind, String) {
-    if let Some(r) = settings.runtime {
+fn default_runtime(settings: &RuntimeSettings, kvm: KvmKind, fc: &Firecracker) -> (RuntimeKind, String) {
+    if let Some(r) = settings.default_runtime {
         return (r, "set by HYPERFLEET_RUNTIME".into());
     }
     match (kvm, fc.unavailable()) {
@@ -31,36 +31,38 @@ fn default_runtime(settings: &Settings, kvm: KvmKind, fc: &Firecracker) -> (Runt
 }
 
 /// The orchestration service over this configuration, without touching the host yet.
-pub fn build_service(settings: Arc<Settings>, store: Store) -> anyhow::Result<Arc<Service>> {
+pub async fn build_service(settings: &Settings, store: Store) -> anyhow::Result<Arc<Service>> {
     let kvm = KvmKind::detect();
-    let firecracker =
-        Firecracker::new(host::find_firecracker(settings.firecracker_bin.as_deref(), &settings.assets_dir), kvm);
-    let container = Container::new(host::find_on_path(&settings.runc_bin));
-    let (default, why) = default_runtime(&settings, kvm, &firecracker);
+    let rt = &settings.runtime;
+    let firecracker = Firecracker::new(host::find_firecracker(rt.firecracker_bin.as_deref(), &rt.assets_dir), kvm);
+    let container = Container::new(host::find_on_path(&rt.runc_bin));
+    let (default, why) = default_runtime(rt, kvm, &firecracker);
     info!(runtime = %default, kvm = kvm.describe(), "default runtime: {default} ({why})");
     if default == RuntimeKind::Container {
         info!("container machines share the host kernel: their isolation is a container's, not a VM's");
     }
-    let dns =
-        HostNetwork::dns_default(settings.dns.as_ref()).map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
-    let net = HostNetwork::new(settings.subnet, settings.tap_naming.clone(), &settings.nft_table)?;
+    let network = &settings.network;
+    let dns = HostNetwork::dns_default(network.dns.as_ref())
+        .await
+        .map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
+    let net = HostNetwork::new(network.subnet, network.tap_naming.clone(), &network.nft_table)?;
     let addressing = net.addressing.clone();
     let host = LinuxHost {
-        runtimes: Runtimes { firecracker, container, stop_grace: settings.stop_timeout },
+        runtimes: Runtimes { firecracker, container, stop_grace: rt.stop_timeout },
         net,
-        data_dir: settings.data_dir.clone(),
-        socket_dir: settings.socket_dir.clone(),
+        data_dir: rt.data_dir.clone(),
+        socket_dir: rt.socket_dir.clone(),
     };
     let policy = Policy {
-        assets_dir: settings.assets_dir.clone(),
-        default_kernel: settings.kernel_image_path.clone(),
-        default_rootfs: settings.rootfs_path.clone(),
-        default_kernel_args: settings.kernel_args.clone(),
+        assets_dir: rt.assets_dir.clone(),
+        default_kernel: rt.kernel_image_path.clone(),
+        default_rootfs: rt.rootfs_path.clone(),
+        default_kernel_args: rt.kernel_args.clone(),
         default_runtime: default,
         default_dns: dns,
         capacity: HostCapacity::detect(),
-        file_max_size: settings.file_max_size,
-        file_transfer_timeout: settings.file_transfer_timeout,
+        file_max_size: settings.files.max_size,
+        file_transfer_timeout: settings.files.transfer_timeout,
         max_execs_per_machine: crate::machines::DEFAULT_MAX_EXECS,
     };
     Ok(Service::new(store, host, addressing, policy))
@@ -68,21 +70,21 @@ pub fn build_service(settings: Arc<Settings>, store: Store) -> anyhow::Result<Ar
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let settings = Arc::new(args.validate()?);
-    if settings.disable_auth {
+    if settings.api.disable_auth {
         warn!(
             "DISABLE_AUTH is set: the API accepts requests WITHOUT an API key; use this only on a trusted, local host"
         );
     }
-    for dir in [&settings.data_dir, &settings.socket_dir] {
+    for dir in [&settings.runtime.data_dir, &settings.runtime.socket_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    let store =
-        Store::open(&settings.database_path).with_context(|| format!("open {}", settings.database_path.display()))?;
-    let subnet = settings.subnet.to_string();
+    let db = &settings.store.database_path;
+    let store = Store::open(db).with_context(|| format!("open {}", db.display()))?;
+    let subnet = settings.network.subnet.to_string();
     if let Err(msg) = store.call(move |c| leases::bind_subnet(c, &subnet)).await? {
         anyhow::bail!("invalid HYPERFLEET_SUBNET: {msg}");
     }
-    if !settings.disable_auth && store.call(|c| api_keys::count(c)).await? == 0 {
+    if !settings.api.disable_auth && store.call(|c| api_keys::count(c)).await? == 0 {
         let made = store.call(|c| api_keys::create(c, "admin", &[Scope::All], None)).await?;
         // Printed once, to stdout, never logged: the database keeps only its hash.
         println!(
@@ -92,22 +94,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
-    let service = build_service(settings.clone(), store.clone())?;
+    let service = build_service(&settings, store.clone()).await?;
     service.host().net.init().await.context("prepare host networking (are we root?)")?;
     service.reconcile().await.context("reconcile with the host")?;
 
-    let doctor = Arc::new(Doctor::new(settings.subnet, &settings.nft_table)?);
-    let state = AppState { service: service.clone(), auth: Arc::new(Auth::new(store, settings.disable_auth)), doctor };
-    let addr = std::net::SocketAddr::new(settings.bind, settings.port);
+    let network = &settings.network;
+    let doctor = Arc::new(Doctor::new(network.subnet, &network.nft_table)?);
+    let auth = Arc::new(Auth::new(store, settings.api.disable_auth));
+    let state = AppState { service: service.clone(), auth, doctor };
+    let addr = std::net::SocketAddr::new(settings.api.bind, settings.api.port);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr} (PORT)"))?;
-    if let Some(proxy) = settings.proxy.clone() {
-        let proxy_addr = std::net::SocketAddr::new(settings.bind, proxy.port);
-        let prefix = proxy.prefix.clone();
-        crate::proxy::start(proxy_addr, service.clone(), proxy)
+    if let Some(proxy_port) = settings.proxy.port {
+        let proxy_addr = std::net::SocketAddr::new(settings.api.bind, proxy_port);
+        let prefix = settings.proxy.prefix.clone();
+        crate::proxy::start(proxy_addr, service.clone(), settings.proxy.clone())
             .with_context(|| format!("listen on {proxy_addr} (PROXY_PORT)"))?;
         info!("proxy listening on http://{proxy_addr}{prefix}/{{machine}}/{{port}}/");
     }
-    tokio::spawn(crate::proxy::poll_exposed_ports(service.clone(), settings.proxy_poll_interval));
+    tokio::spawn(crate::proxy::poll_exposed_ports(service.clone(), settings.proxy.poll_interval));
     info!("API listening on http://{addr} (docs: /docs)");
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     info!("stopped serving; running machines keep running and are adopted at the next start");

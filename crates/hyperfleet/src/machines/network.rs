@@ -97,7 +97,7 @@ impl HostNetwork {
     /// Host-wide set-up at daemon start: forwarding on, and the subnet's unreachable route so traffic for
     /// addresses without a running machine never leaves the host.
     pub async fn init(&self) -> Result<(), NetError> {
-        hyperfleet_net::sysctl::enable_ip_forward()?;
+        hyperfleet_net::sysctl::enable_ip_forward().await?;
         self.netlink.ensure_unreachable_route(self.addressing.subnet.net()).await
     }
 
@@ -122,7 +122,7 @@ impl HostNetwork {
                 self.netlink.create_tap(&name, &m.id, host_addr).await?;
             }
             Some(ns) => {
-                let ns_file = netns::open(ns)?;
+                let ns_file = netns::open(ns).await?;
                 self.netlink
                     .create_veth_into(&name, &m.id, host_addr, "eth0", std::os::fd::AsFd::as_fd(&ns_file))
                     .await?;
@@ -170,10 +170,10 @@ impl HostNetwork {
         self.netlink.remove_unreachable_route(self.addressing.subnet.net()).await
     }
 
-    pub fn dns_default(configured: Option<&Vec<Ipv4Addr>>) -> Result<Vec<Ipv4Addr>, String> {
+    pub async fn dns_default(configured: Option<&Vec<Ipv4Addr>>) -> Result<Vec<Ipv4Addr>, String> {
         match configured {
             Some(list) => Ok(list.clone()),
-            None => hyperfleet_net::dns::host_resolvers().ok_or_else(|| {
+            None => hyperfleet_net::dns::host_resolvers().await.ok_or_else(|| {
                 "the host has no usable (non-loopback) resolver in /etc/resolv.conf or \
                  /run/systemd/resolve/resolv.conf; set HYPERFLEET_DNS"
                     .to_string()

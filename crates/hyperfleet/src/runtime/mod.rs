@@ -172,17 +172,11 @@ impl Runtimes {
             RuntimeKind::Container => {
                 Container::mount_root(files).await?;
                 let ns = container::netns_name(&spec.id);
-                let created = tokio::task::spawn_blocking({
-                    let ns = ns.clone();
-                    move || {
-                        // A namespace left by a crash is replaced.
-                        if let Err(e) = hyperfleet_net::netns::delete(&ns) {
-                            warn!(netns = %ns, error = %e, "could not remove a leftover namespace");
-                        }
-                        hyperfleet_net::netns::create(&ns)
-                    }
-                })
-                .await?;
+                // A namespace left by a crash is replaced.
+                if let Err(e) = hyperfleet_net::netns::delete(&ns).await {
+                    warn!(netns = %ns, error = %e, "could not remove a leftover namespace");
+                }
+                let created = hyperfleet_net::netns::create(&ns).await;
                 if let Err(e) = created {
                     Container::unmount_root(files).await;
                     return Err(e.into());
@@ -286,14 +280,9 @@ impl Runtimes {
 /// Deletes a container machine's network namespace if it exists, logging a failure.
 async fn remove_netns(machine_id: &str) {
     let ns = container::netns_name(machine_id);
-    let res = tokio::task::spawn_blocking({
-        let ns = ns.clone();
-        move || if hyperfleet_net::netns::exists(&ns) { hyperfleet_net::netns::delete(&ns) } else { Ok(()) }
-    })
-    .await;
-    match res {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(netns = %ns, error = %e, "could not remove the namespace"),
-        Err(e) => warn!(netns = %ns, error = %e, "namespace removal task failed"),
+    if hyperfleet_net::netns::exists(&ns).await
+        && let Err(e) = hyperfleet_net::netns::delete(&ns).await
+    {
+        warn!(netns = %ns, error = %e, "could not remove the namespace");
     }
 }

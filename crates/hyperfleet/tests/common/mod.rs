@@ -26,15 +26,6 @@ pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
 
-/// Tests that touch host networking need root; CI runs as root. Prints why when skipping.
-pub fn require_root(test: &str) -> bool {
-    if !is_root() {
-        eprintln!("SKIPPED {test}: needs root (TAP/veth, nftables, runc); CI runs as root");
-        return false;
-    }
-    true
-}
-
 /// The assets `make setup` builds: kernel, rootfs, firecracker.
 pub fn assets() -> PathBuf {
     let dir = std::env::var_os("HYPERFLEET_TEST_ASSETS")
