@@ -43,6 +43,8 @@ pub struct FirewallEntry {
 pub struct Firewall {
     table: String,
     subnet: Ipv4Net,
+    /// Destinations no machine may reach, whatever its own egress policy.
+    deny: Vec<Ipv4Net>,
     nft: PathBuf,
     /// Held for every change, and across a read-then-replace in [`Firewall::rebuild`] and
     /// [`Firewall::update`], so that an older view of the machines never overwrites a newer one.
@@ -51,7 +53,13 @@ pub struct Firewall {
 
 impl Firewall {
     pub fn new(table: &str, subnet: Ipv4Net) -> Self {
-        Self { table: table.to_string(), subnet, nft: PathBuf::from("nft"), lock: Arc::default() }
+        Self { table: table.to_string(), subnet, deny: vec![], nft: PathBuf::from("nft"), lock: Arc::default() }
+    }
+
+    /// Destinations denied to every machine (e.g. the link-local range with the cloud metadata service).
+    pub fn with_egress_deny(mut self, deny: Vec<Ipv4Net>) -> Self {
+        self.deny = deny;
+        self
     }
 
     pub fn table(&self) -> &str {
@@ -106,18 +114,24 @@ impl Firewall {
              meta nfproto ipv4 iifname . ip daddr @gateways icmp type echo-request accept\n    drop\n  }}"
         );
 
-        // Forwarded traffic: guest -> world, anti-spoofed, never to another machine, with its egress policy;
-        // world -> guest only as replies.
+        // Forwarded traffic: guest -> world, anti-spoofed, never to another machine nor a denied network,
+        // with its egress policy; world -> guest only as replies.
         let _ = writeln!(
             s,
             "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    \
              iifname @machine_ifaces jump guest_out\n    oifname @machine_ifaces jump guest_in\n  }}"
         );
+        let denied = if self.deny.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = self.deny.iter().map(|n| n.to_string()).collect();
+            format!("ip daddr {{ {} }} drop\n    ", list.join(", "))
+        };
         let _ = writeln!(
             s,
             "  chain guest_out {{\n    meta nfproto != ipv4 drop\n    \
              iifname . ip saddr != @guest_addrs drop\n    \
-             oifname @machine_ifaces drop\n    ip daddr {subnet} drop\n    \
+             oifname @machine_ifaces drop\n    ip daddr {subnet} drop\n    {denied}\
              ct state established,related accept\n    \
              iifname @egress_restricted iifname . ip daddr != @egress_allowed drop\n    accept\n  }}"
         );
@@ -268,6 +282,15 @@ mod tests {
         assert!(text.contains(r#"elements = { "tap2" . 10.200.0.0/24 }"#), "{text}");
         assert!(text.contains("iifname @egress_restricted iifname . ip daddr != @egress_allowed drop"));
         assert!(text.contains("ip saddr 172.16.0.0/16 oifname != @machine_ifaces masquerade"));
+        assert!(!text.contains("ip daddr {"), "nothing is denied unless configured");
+    }
+
+    #[test]
+    fn denied_destinations_come_before_any_allowance() {
+        let deny = vec!["169.254.0.0/16".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
+        let text = Firewall::new("hftest", "172.16.0.0/16".parse().unwrap()).with_egress_deny(deny).render(&[]);
+        let denied = text.find("ip daddr { 169.254.0.0/16, 10.0.0.0/8 } drop").expect(&text);
+        assert!(denied < text.find("ct state established,related accept\n    iifname @egress_restricted").unwrap());
     }
 
     #[test]

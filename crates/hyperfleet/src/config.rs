@@ -125,6 +125,10 @@ pub struct NetworkArgs {
     /// Name of the nftables table (family inet) Hyperfleet owns.
     #[arg(long, env = "HYPERFLEET_NFT_TABLE", default_value = "hyperfleet")]
     pub nft_table: String,
+    /// Destinations no machine may reach, whatever its egress policy: comma-separated IPv4 CIDRs, or `none`.
+    /// The default keeps guests away from the cloud metadata service (169.254.169.254) and link-local hosts.
+    #[arg(long, env = "HYPERFLEET_EGRESS_DENY", default_value = "169.254.0.0/16")]
+    pub egress_deny: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -136,6 +140,9 @@ pub struct FileArgs {
     /// Seconds a file transfer may take.
     #[arg(long, env = "HYPERFLEET_FILE_TRANSFER_TIMEOUT", default_value_t = 60)]
     pub file_transfer_timeout: u64,
+    /// Most commands (exec and streamed exec) one machine runs at once; more are refused with 429.
+    #[arg(long, env = "HYPERFLEET_EXEC_MAX_CONCURRENT", default_value_t = 64)]
+    pub exec_max_concurrent: usize,
 }
 
 /// The validated configuration.
@@ -193,12 +200,14 @@ pub struct NetworkSettings {
     pub tap_naming: TapNaming,
     pub dns: Option<Vec<Ipv4Addr>>,
     pub nft_table: String,
+    pub egress_deny: Vec<ipnet::Ipv4Net>,
 }
 
 #[derive(Debug, Clone)]
 pub struct FileSettings {
     pub max_size: u64,
     pub transfer_timeout: Duration,
+    pub exec_max_concurrent: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -377,7 +386,20 @@ impl NetworkArgs {
         if self.nft_table.is_empty() || !self.nft_table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(bad("HYPERFLEET_NFT_TABLE", "use letters, digits and '_'"));
         }
-        Ok(NetworkSettings { subnet, tap_naming, dns, nft_table: self.nft_table.clone() })
+        let egress_deny = match self.egress_deny.trim() {
+            "" | "none" => vec![],
+            list => list
+                .split(',')
+                .map(|c| {
+                    let c = c.trim();
+                    c.parse::<ipnet::Ipv4Net>()
+                        .or_else(|_| c.parse::<Ipv4Addr>().map(ipnet::Ipv4Net::from))
+                        .map(|n| n.trunc())
+                        .map_err(|_| bad("HYPERFLEET_EGRESS_DENY", format!("'{c}' is not an IPv4 CIDR")))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(NetworkSettings { subnet, tap_naming, dns, nft_table: self.nft_table.clone(), egress_deny })
     }
 }
 
@@ -389,7 +411,14 @@ impl FileArgs {
         if self.file_transfer_timeout == 0 {
             return Err(bad("HYPERFLEET_FILE_TRANSFER_TIMEOUT", "must be at least 1 second"));
         }
-        Ok(FileSettings { max_size, transfer_timeout: Duration::from_secs(self.file_transfer_timeout) })
+        if self.exec_max_concurrent == 0 {
+            return Err(bad("HYPERFLEET_EXEC_MAX_CONCURRENT", "must be at least 1"));
+        }
+        Ok(FileSettings {
+            max_size,
+            transfer_timeout: Duration::from_secs(self.file_transfer_timeout),
+            exec_max_concurrent: self.exec_max_concurrent,
+        })
     }
 }
 
@@ -482,6 +511,8 @@ mod tests {
         ("HYPERFLEET_TAP_PREFIX", "hft"),
         ("HYPERFLEET_DNS", "192.0.2.53, 192.0.2.54"),
         ("HYPERFLEET_NFT_TABLE", "hf_env"),
+        ("HYPERFLEET_EGRESS_DENY", "169.254.0.0/16, 10.0.0.0/8"),
+        ("HYPERFLEET_EXEC_MAX_CONCURRENT", "3"),
         ("HYPERFLEET_STOP_TIMEOUT", "3"),
         ("HYPERFLEET_FILE_MAX_SIZE", "1GiB"),
         ("HYPERFLEET_FILE_TRANSFER_TIMEOUT", "5"),
@@ -559,7 +590,9 @@ mod tests {
             ("10.9.0.0/20".into(), "hft2".into(), "hf_env")
         );
         assert_eq!(n.dns, Some(vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)]));
+        assert_eq!(n.egress_deny, vec!["169.254.0.0/16".parse().unwrap(), "10.0.0.0/8".parse().unwrap()]);
         assert_eq!((s.files.max_size, s.files.transfer_timeout), (1 << 30, Duration::from_secs(5)));
+        assert_eq!(s.files.exec_max_concurrent, 3);
 
         // The groups `purge` does not read keep their defaults whatever the environment says.
         let purge = Settings::without_serving(s.store, s.runtime, s.network);

@@ -8,7 +8,7 @@ use hyperfleet_net::ipam::BLOCK_PREFIX;
 use hyperfleet_net::{Firewall, NetError, Netlink, Subnet};
 use hyperfleet_types::{Check, Machine, NetworkReport};
 
-use crate::config::{RuntimeSettings, Settings};
+use crate::config::{NetworkSettings, RuntimeSettings, Settings};
 use crate::runtime::host::{self, KvmKind};
 
 /// Looks at the host's interfaces, firewall table and route for one subnet.
@@ -46,8 +46,9 @@ pub fn route_check(present: bool, subnet: &Subnet) -> Check {
 }
 
 impl Doctor {
-    pub fn new(subnet: Subnet, nft_table: &str) -> Result<Self, NetError> {
-        Ok(Self { netlink: Netlink::connect()?, firewall: Firewall::new(nft_table, subnet.net()), subnet })
+    pub fn new(network: &NetworkSettings) -> Result<Self, NetError> {
+        let subnet = network.subnet;
+        Ok(Self { netlink: Netlink::connect()?, firewall: Firewall::new(&network.nft_table, subnet.net()), subnet })
     }
 
     async fn route_present(&self) -> bool {
@@ -188,7 +189,7 @@ impl Doctor {
 /// Runs every check over the machines `running` (as the service lists them); returns the report text and
 /// whether all passed.
 pub async fn run(settings: &Settings, running: Option<Vec<Machine>>) -> anyhow::Result<(String, bool)> {
-    let doctor = Doctor::new(settings.network.subnet, &settings.network.nft_table)?;
+    let doctor = Doctor::new(&settings.network)?;
     let mut out = String::new();
     let mut all_ok = true;
     let mut section = |title: &str, checks: &[Check], out: &mut String| {

@@ -45,7 +45,7 @@ pub async fn build_service(settings: &Settings, store: Store) -> anyhow::Result<
     let dns = HostNetwork::dns_default(network.dns.as_ref())
         .await
         .map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
-    let net = HostNetwork::new(network.subnet, network.tap_naming.clone(), &network.nft_table)?;
+    let net = HostNetwork::new(network)?;
     let addressing = net.addressing.clone();
     let host = LinuxHost {
         runtimes: Runtimes { firecracker, container, stop_grace: rt.stop_timeout },
@@ -63,7 +63,7 @@ pub async fn build_service(settings: &Settings, store: Store) -> anyhow::Result<
         capacity: HostCapacity::detect(),
         file_max_size: settings.files.max_size,
         file_transfer_timeout: settings.files.transfer_timeout,
-        max_execs_per_machine: crate::machines::DEFAULT_MAX_EXECS,
+        max_execs_per_machine: settings.files.exec_max_concurrent,
     };
     Ok(Service::new(store, host, addressing, policy))
 }
@@ -99,7 +99,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     service.reconcile().await.context("reconcile with the host")?;
 
     let network = &settings.network;
-    let doctor = Arc::new(Doctor::new(network.subnet, &network.nft_table)?);
+    let doctor = Arc::new(Doctor::new(network)?);
     let auth = Arc::new(Auth::new(store, settings.api.disable_auth));
     let state = AppState { service: service.clone(), auth, doctor };
     let addr = std::net::SocketAddr::new(settings.api.bind, settings.api.port);

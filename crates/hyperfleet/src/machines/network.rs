@@ -12,6 +12,7 @@ use hyperfleet_net::{Block, Egress, Firewall, FirewallEntry, NetError, Netlink, 
 use hyperfleet_types::{EgressPolicy, MachineNetwork};
 use ipnet::Ipv4Net;
 
+use crate::config::NetworkSettings;
 use crate::runtime::GuestNetwork;
 use crate::store::machines::MachineRecord;
 
@@ -86,10 +87,11 @@ pub struct HostNetwork {
 }
 
 impl HostNetwork {
-    pub fn new(subnet: Subnet, naming: TapNaming, nft_table: &str) -> Result<Self, NetError> {
+    pub fn new(settings: &NetworkSettings) -> Result<Self, NetError> {
+        let subnet = settings.subnet;
         Ok(Self {
-            addressing: Addressing { subnet, naming },
-            firewall: Firewall::new(nft_table, subnet.net()),
+            addressing: Addressing { subnet, naming: settings.tap_naming.clone() },
+            firewall: Firewall::new(&settings.nft_table, subnet.net()).with_egress_deny(settings.egress_deny.clone()),
             netlink: Netlink::connect()?,
         })
     }

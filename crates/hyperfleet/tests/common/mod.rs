@@ -326,12 +326,18 @@ fn ip(args: &[&str]) {
 
 impl TestNet {
     pub fn new(third_octet: u8) -> Self {
-        let tag = format!("{}{}", std::process::id() % 10000, third_octet);
+        Self::with_addresses(third_octet, &format!("10.200.{third_octet}.1"), &format!("10.200.{third_octet}.2"))
+    }
+
+    /// A test host at `peer_ip`, reached from the host through `host_ip` (both in one /24); `tag` keeps the
+    /// names of concurrent test hosts apart.
+    pub fn with_addresses(tag: u8, host_ip: &str, peer_ip: &str) -> Self {
+        let tag = format!("{}{}", std::process::id() % 10000, tag);
         let t = TestNet {
             ns: format!("hfinet{tag}"),
             host_if: format!("hfiv{tag}"),
-            host_ip: format!("10.200.{third_octet}.1"),
-            peer_ip: format!("10.200.{third_octet}.2"),
+            host_ip: host_ip.to_string(),
+            peer_ip: peer_ip.to_string(),
         };
         let _ = Command::new("ip").args(["netns", "del", &t.ns]).output();
         let _ = Command::new("ip").args(["link", "del", &t.host_if]).output();
