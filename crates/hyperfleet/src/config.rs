@@ -81,10 +81,11 @@ pub struct StoreArgs {
 #[command(next_help_heading = "Runtime")]
 pub struct RuntimeArgs {
     /// Directory for Firecracker API and vsock sockets.
-    #[arg(long, env = "HYPERFLEET_SOCKET_DIR", default_value = "/tmp")]
+    #[arg(long, env = "HYPERFLEET_SOCKET_DIR", default_value = "/run/hyperfleet")]
     pub socket_dir: PathBuf,
-    /// Directory for per-machine disks, console logs and container bundles.
-    #[arg(long, env = "HYPERFLEET_DATA_DIR", default_value = ".hyperfleet/machines")]
+    /// Directory for per-machine disks, console logs and container bundles (0700; never inside the assets
+    /// directory, so no request can name a machine's private disk as its image).
+    #[arg(long, env = "HYPERFLEET_DATA_DIR", default_value = ".hyperfleet-data/machines")]
     pub data_dir: PathBuf,
     /// Kernels and root filesystems given in requests must be regular files inside this directory.
     #[arg(long, env = "HYPERFLEET_ASSETS_DIR", default_value = ".hyperfleet")]
@@ -354,10 +355,22 @@ impl RuntimeArgs {
         if self.kernel_args.contains(['\n', '\0']) {
             return Err(bad("HYPERFLEET_KERNEL_ARGS", "must be one line"));
         }
+        let (data_dir, assets_dir) = (absolute(&self.data_dir), absolute(&self.assets_dir));
+        if data_dir.starts_with(&assets_dir) || assets_dir.starts_with(&data_dir) {
+            return Err(bad(
+                "HYPERFLEET_DATA_DIR",
+                format!(
+                    "{} must not be inside HYPERFLEET_ASSETS_DIR {} (nor contain it): requests name images \
+                     inside the assets directory, and machines' private disks must not be among them",
+                    data_dir.display(),
+                    assets_dir.display()
+                ),
+            ));
+        }
         Ok(RuntimeSettings {
             socket_dir: absolute(&self.socket_dir),
-            data_dir: absolute(&self.data_dir),
-            assets_dir: absolute(&self.assets_dir),
+            data_dir,
+            assets_dir,
             kernel_image_path: absolute(&self.kernel_image_path),
             kernel_args: self.kernel_args.clone(),
             rootfs_path: absolute(&self.rootfs_path),
@@ -456,6 +469,10 @@ mod tests {
     fn bad_values_name_the_setting() {
         assert!(parse(&["--port", "0"]).unwrap_err().contains("--port"));
         assert!(parse(&["--port", "70000"]).unwrap_err().contains("--port"));
+        let nested = parse(&["--assets-dir", "/srv/hf", "--data-dir", "/srv/hf/machines"]).unwrap_err();
+        assert!(nested.contains("HYPERFLEET_DATA_DIR") && nested.contains("must not be inside"), "{nested}");
+        assert!(parse(&["--assets-dir", "/srv/hf/assets", "--data-dir", "/srv/hf"]).is_err(), "nor contain it");
+        assert!(parse(&["--assets-dir", "/srv/hf-assets", "--data-dir", "/srv/hf"]).is_ok(), "siblings are fine");
         assert!(parse(&["--database-path", "/no/such/dir/x.db"]).unwrap_err().contains("DATABASE_PATH"));
         assert!(parse(&["--proxy-poll-interval-ms", "0"]).unwrap_err().contains("PROXY_EXPOSED_PORT_POLL_INTERVAL_MS"));
         assert!(parse(&["--subnet", "10.0.0.0/31"]).unwrap_err().contains("HYPERFLEET_SUBNET"));
@@ -499,7 +516,7 @@ mod tests {
         ("PROXY_MAX_CONNECTIONS", "7"),
         ("PROXY_UPSTREAM_TIMEOUT", "9"),
         ("HYPERFLEET_SOCKET_DIR", "/run/hf-sockets"),
-        ("HYPERFLEET_DATA_DIR", "/srv/hf/machines"),
+        ("HYPERFLEET_DATA_DIR", "/srv/hf-data/machines"),
         ("HYPERFLEET_ASSETS_DIR", "/srv/hf"),
         ("HYPERFLEET_KERNEL_IMAGE_PATH", "/srv/hf/kernel"),
         ("HYPERFLEET_KERNEL_ARGS", "console=ttyS0"),
@@ -578,7 +595,7 @@ mod tests {
         let r = &s.runtime;
         assert_eq!(
             (&r.socket_dir, &r.data_dir, &r.assets_dir),
-            (&p("/run/hf-sockets"), &p("/srv/hf/machines"), &p("/srv/hf"))
+            (&p("/run/hf-sockets"), &p("/srv/hf-data/machines"), &p("/srv/hf"))
         );
         assert_eq!((&r.kernel_image_path, r.kernel_args.as_str()), (&p("/srv/hf/kernel"), "console=ttyS0"));
         assert_eq!((&r.rootfs_path, &r.firecracker_bin), (&p("/srv/hf/root.ext4"), &Some(p("/opt/fc/firecracker"))));

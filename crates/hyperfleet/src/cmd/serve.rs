@@ -52,6 +52,7 @@ pub async fn build_service(settings: &Settings, store: Store) -> anyhow::Result<
         net,
         data_dir: rt.data_dir.clone(),
         socket_dir: rt.socket_dir.clone(),
+        assets_dir: rt.assets_dir.clone(),
     };
     let policy = Policy {
         assets_dir: rt.assets_dir.clone(),
@@ -76,7 +77,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     for dir in [&settings.runtime.data_dir, &settings.runtime.socket_dir] {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        // Made 0700 when new; an existing directory (perhaps shared, like /tmp) keeps its mode, with a warning.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+        let mode = std::fs::metadata(dir).with_context(|| format!("stat {}", dir.display()))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            warn!(
+                dir = %dir.display(),
+                "other users can enter this directory; machine disks, logs and sockets belong in a 0700 directory"
+            );
+        }
     }
     let db = &settings.store.database_path;
     let store = Store::open(db).with_context(|| format!("open {}", db.display()))?;

@@ -63,6 +63,7 @@ pub struct LinuxHost {
     pub net: HostNetwork,
     pub data_dir: PathBuf,
     pub socket_dir: PathBuf,
+    pub assets_dir: PathBuf,
 }
 
 impl LinuxHost {
@@ -79,6 +80,7 @@ impl LinuxHost {
             kernel_image_path: PathBuf::from(&m.spec.kernel_image_path),
             kernel_args: m.spec.kernel_args.clone(),
             rootfs_path: PathBuf::from(&m.spec.rootfs_path),
+            assets_dir: self.assets_dir.clone(),
             net: self.net.addressing.guest(m),
         }
     }

@@ -98,7 +98,8 @@ impl Container {
             return Ok(());
         }
         let out = Command::new("mount")
-            .args(["-o", "loop,nosuid"])
+            // nodev and nosuid: a device node or setuid file the guest makes on its disk means nothing on the host.
+            .args(["-o", "loop,nosuid,nodev"])
             .arg(&files.disk)
             .arg(&root)
             .output()

@@ -9,10 +9,16 @@ use std::path::Path;
 /// image costs only its used blocks. Writes to a temporary name and renames, so a crash never leaves a
 /// half-copied disk under the final name.
 pub fn sparse_copy(src: &Path, dst: &Path) -> io::Result<()> {
-    let input = File::open(src)?;
+    sparse_copy_from(&File::open(src)?, dst)
+}
+
+/// [`sparse_copy`] from a file already open (an asset opened beneath the assets directory). The copy is
+/// readable and writable by its owner only (0600).
+pub fn sparse_copy_from(input: &File, dst: &Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let len = input.metadata()?.len();
     let tmp = dst.with_extension("partial");
-    let output = File::create(&tmp)?;
+    let output = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     output.set_len(len)?;
     let (inf, outf) = (input.as_raw_fd(), output.as_raw_fd());
     let mut pos: i64 = 0;

@@ -3,6 +3,7 @@
 //! life cycle: prepare (disk, container root and namespace) → boot → stop → release. A runtime is given what
 //! it needs ([`BootSpec`], [`Instance`]), never a database row.
 
+pub mod assets;
 pub mod container;
 pub mod disk;
 pub mod firecracker;
@@ -50,6 +51,16 @@ pub enum RuntimeError {
     Namespace(#[from] hyperfleet_net::NetError),
     #[error("background task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A kernel or image is no longer what it was when the machine was created.
+    #[error("{}: {message}", path.display())]
+    Asset { path: PathBuf, message: String },
+}
+
+/// Creates `dir` (and its parents) with mode 0700 for the directory itself: machine data is the daemon's alone.
+pub fn private_dir(dir: &Path) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(RuntimeError::io("create", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(RuntimeError::io("chmod", dir))
 }
 
 impl RuntimeError {
@@ -88,10 +99,12 @@ impl MachineFiles {
 
     /// The console log, opened for appending by the machine's process.
     pub fn open_console_log(&self) -> Result<File, RuntimeError> {
-        std::fs::create_dir_all(&self.dir).map_err(RuntimeError::io("create", &self.dir))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        private_dir(&self.dir)?;
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.console_log)
             .map_err(RuntimeError::io("open", &self.console_log))
     }
@@ -121,6 +134,8 @@ pub struct BootSpec {
     pub kernel_image_path: PathBuf,
     pub kernel_args: String,
     pub rootfs_path: PathBuf,
+    /// Kernels and root filesystems are opened beneath it, never through a symlink.
+    pub assets_dir: PathBuf,
     pub net: GuestNetwork,
 }
 
@@ -159,10 +174,15 @@ impl Runtimes {
             return Err(RuntimeError::Unavailable(why));
         }
         let (src, dst, dir) = (spec.rootfs_path.clone(), files.disk.clone(), files.dir.clone());
+        let assets = spec.assets_dir.clone();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(RuntimeError::io("create", &dir))?;
+            private_dir(&dir)?;
             if !dst.exists() {
-                disk::sparse_copy(&src, &dst).map_err(RuntimeError::io("copy the machine's disk from", &src))?;
+                // Opened again beneath the assets directory: the path was checked at create, but what it
+                // names may have changed since.
+                let image = assets::open_beneath(&assets, &src)
+                    .map_err(|e| RuntimeError::Asset { path: src.clone(), message: e.to_string() })?;
+                disk::sparse_copy_from(&image, &dst).map_err(RuntimeError::io("copy the machine's disk from", &src))?;
             }
             Ok::<_, RuntimeError>(())
         })
