@@ -106,6 +106,9 @@ pub struct RuntimeArgs {
     /// hardware KVM, container elsewhere).
     #[arg(long, env = "HYPERFLEET_RUNTIME", default_value = "auto")]
     pub runtime: String,
+    /// A machine's console log is moved aside (keeping one older part) once larger than this: bytes or 8MiB.
+    #[arg(long, env = "HYPERFLEET_CONSOLE_LOG_MAX_SIZE", default_value = "8MiB")]
+    pub console_log_max_size: String,
     /// Seconds a guest gets to shut down before its process is terminated.
     #[arg(long, env = "HYPERFLEET_STOP_TIMEOUT", default_value_t = 10)]
     pub stop_timeout: u64,
@@ -193,6 +196,7 @@ pub struct RuntimeSettings {
     /// `None`: auto, chosen from the host at start.
     pub default_runtime: Option<RuntimeKind>,
     pub stop_timeout: Duration,
+    pub console_log_max_size: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -378,6 +382,12 @@ impl RuntimeArgs {
             runc_bin: self.runc_bin.clone(),
             default_runtime,
             stop_timeout: Duration::from_secs(self.stop_timeout),
+            console_log_max_size: parse_size(&self.console_log_max_size).filter(|n| *n >= 4096).ok_or_else(|| {
+                bad(
+                    "HYPERFLEET_CONSOLE_LOG_MAX_SIZE",
+                    format!("'{}': use bytes or 8MiB, at least 4096", self.console_log_max_size),
+                )
+            })?,
         })
     }
 }
@@ -531,6 +541,7 @@ mod tests {
         ("HYPERFLEET_EGRESS_DENY", "169.254.0.0/16, 10.0.0.0/8"),
         ("HYPERFLEET_EXEC_MAX_CONCURRENT", "3"),
         ("HYPERFLEET_STOP_TIMEOUT", "3"),
+        ("HYPERFLEET_CONSOLE_LOG_MAX_SIZE", "1MiB"),
         ("HYPERFLEET_FILE_MAX_SIZE", "1GiB"),
         ("HYPERFLEET_FILE_TRANSFER_TIMEOUT", "5"),
     ];
@@ -601,6 +612,7 @@ mod tests {
         assert_eq!((&r.rootfs_path, &r.firecracker_bin), (&p("/srv/hf/root.ext4"), &Some(p("/opt/fc/firecracker"))));
         assert_eq!((&r.runc_bin, r.default_runtime), (&p("/opt/runc"), Some(RuntimeKind::Container)));
         assert_eq!(r.stop_timeout, Duration::from_secs(3));
+        assert_eq!(r.console_log_max_size, 1 << 20);
         let n = &s.network;
         assert_eq!(
             (n.subnet.to_string(), n.tap_naming.name(2), n.nft_table.as_str()),

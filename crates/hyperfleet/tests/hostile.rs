@@ -91,3 +91,29 @@ async fn concurrent_commands_per_machine_are_bounded() {
     // Once they finish, commands run again.
     assert_eq!(sh(&d, &m.id, "echo again").await.1.trim(), "again");
 }
+
+#[ignore = "needs root: runc container guest"]
+#[tokio::test]
+async fn a_guest_cannot_fill_the_disk_through_its_console() {
+    let d = Daemon::start(Options {
+        env: vec![("HYPERFLEET_CONSOLE_LOG_MAX_SIZE".into(), "1MiB".into())],
+        ..Default::default()
+    })
+    .await;
+    let m = running(&d, machine("chatty")).await;
+    // The init's standard output is the console log on the host.
+    let (code, _, err) = sh(&d, &m.id, "head -c 30000000 /dev/zero >> /proc/1/fd/1; echo done >> /proc/1/fd/1").await;
+    assert_eq!(code, 0, "{err}");
+    let dir = d.dir.path().join("machines").join(&m.id);
+    let size = |name: &str| std::fs::metadata(dir.join(name)).map(|m| m.len()).unwrap_or(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while size("console.log") + size("console.log.1") > 2 << 20 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let total = size("console.log") + size("console.log.1");
+    assert!(total <= 2 << 20, "30 MB written, {total} bytes kept");
+    assert!(size("console.log.1") > 0, "the log was rotated, not deleted");
+    // The machine's log stays readable through the API.
+    let logs = d.client.machine_logs(&m.id, 5).await.unwrap();
+    assert!(!logs.lines.is_empty());
+}

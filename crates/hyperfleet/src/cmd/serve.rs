@@ -126,6 +126,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         info!("proxy listening on http://{proxy_addr}{prefix}/{{machine}}/{{port}}/");
     }
     tokio::spawn(crate::proxy::poll_exposed_ports(service.clone(), settings.proxy.poll_interval));
+    let log_cap = settings.runtime.console_log_max_size;
+    tokio::spawn(service.clone().cap_console_logs(log_cap, std::time::Duration::from_secs(2)));
     info!("API listening on http://{addr} (docs: /docs)");
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     info!("stopped serving; running machines keep running and are adopted at the next start");

@@ -52,6 +52,8 @@ pub trait Host: Send + Sync + 'static {
         live: &HashSet<String>,
         known: &HashSet<String>,
     ) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// Moves the machine's console log aside once it passes `max` bytes (see `runtime::console`).
+    fn cap_console(&self, id: &str, max: u64) -> impl Future<Output = Result<()>> + Send;
     /// Removes the host-wide state: the firewall table and the subnet's route.
     fn remove_host_wide(&self) -> impl Future<Output = Result<()>> + Send;
 }
@@ -135,7 +137,14 @@ impl Host for LinuxHost {
 
     async fn console_tail(&self, id: &str, lines: usize) -> Vec<String> {
         let path = self.files(id).console_log;
-        tokio::task::spawn_blocking(move || process::tail(&path, lines)).await.unwrap_or_default()
+        tokio::task::spawn_blocking(move || {
+            // The older part first, when the current one (just rotated) is short.
+            let mut all = process::tail(&crate::runtime::console::previous(&path), lines);
+            all.extend(process::tail(&path, lines));
+            all.split_off(all.len().saturating_sub(lines))
+        })
+        .await
+        .unwrap_or_default()
     }
 
     fn agent(&self, m: &Instance) -> AgentClient {
@@ -173,6 +182,16 @@ impl Host for LinuxHost {
             }
         }
         Ok(removed)
+    }
+
+    async fn cap_console(&self, id: &str, max: u64) -> Result<()> {
+        let path = self.files(id).console_log;
+        tokio::task::spawn_blocking(move || {
+            crate::runtime::console::rotate_if_larger(&path, max).map_err(RuntimeError::io("rotate", &path))
+        })
+        .await
+        .map_err(RuntimeError::from)??;
+        Ok(())
     }
 
     async fn remove_host_wide(&self) -> Result<()> {

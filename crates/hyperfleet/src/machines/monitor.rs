@@ -42,6 +42,29 @@ impl<H: Host> Service<H> {
     }
 }
 
+impl<H: Host> Service<H> {
+    /// Keeps every active machine's console log under `max` bytes, checking every `every`; runs until the
+    /// service goes away.
+    pub async fn cap_console_logs(self: Arc<Self>, max: u64, every: std::time::Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let active =
+                match self.store.call(|c| crate::store::machines::with_status(c, &super::lifecycle::ACTIVE)).await {
+                    Ok(active) => active,
+                    Err(e) => {
+                        warn!(error = %e, "console logs: could not list the machines");
+                        continue;
+                    }
+                };
+            for m in active {
+                if let Err(e) = self.host.cap_console(&m.id, max).await {
+                    warn!(machine = %m.id, error = %e, "could not rotate the console log");
+                }
+            }
+        }
+    }
+}
+
 fn process_name(m: &MachineRecord) -> &'static str {
     match m.spec.runtime {
         RuntimeKind::Firecracker => "firecracker",

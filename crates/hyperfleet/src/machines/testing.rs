@@ -196,6 +196,10 @@ impl Host for FakeHost {
         Ok(removed)
     }
 
+    async fn cap_console(&self, _id: &str, _max: u64) -> Result<()> {
+        Ok(())
+    }
+
     async fn remove_host_wide(&self) -> Result<()> {
         self.world.lock().unwrap().firewall.clear();
         Ok(())

@@ -4,6 +4,7 @@
 //! it needs ([`BootSpec`], [`Instance`]), never a database row.
 
 pub mod assets;
+pub mod console;
 pub mod container;
 pub mod disk;
 pub mod firecracker;
