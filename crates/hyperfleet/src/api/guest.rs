@@ -119,6 +119,12 @@ pub async fn upload(
     let too_large = || MachineError::FileTooLarge { size: None, max };
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut body = req.into_body().into_data_stream();
+    // An unknown or stopped machine is refused before the body is buffered (only drained, so the client
+    // reads the answer instead of a reset connection).
+    if let Err(e) = s.service.accepts_files(&id).await {
+        drain(&mut body, max).await;
+        return Err(e.into());
+    }
     if is_json {
         // Base64 makes the body 4/3 of the file, plus a little JSON.
         let limit = max / 3 * 4 + 64 * 1024;

@@ -109,6 +109,12 @@ impl<H: Host> Service<H> {
         Ok(rec)
     }
 
+    /// Fails unless the machine exists and runs: checked before a client's upload body is read, so a request
+    /// for nothing costs nothing.
+    pub async fn accepts_files(&self, id: &str) -> Result<()> {
+        self.running(id, "transfer files").await.map(|_| ())
+    }
+
     /// The machine's agent once it answers, waiting up to `patience` while the guest boots.
     async fn ready_agent(&self, rec: &MachineRecord, patience: Duration) -> Result<AgentClient> {
         let agent = self.host.agent(&instance(rec));
