@@ -22,6 +22,20 @@ const TRANSITION: &str = "BAD_REQUEST: the state table does not allow this from 
 const FIRECRACKER_API_ERROR: &str =
     "FIRECRACKER_API_ERROR: firecracker refused the request (a 400 from firecracker is answered as 400)";
 
+/// A `status` query parameter: a machine status, or empty for none (`?status=&limit=50`).
+pub struct StatusFilter;
+
+impl utoipa::PartialSchema for StatusFilter {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(utoipa::openapi::Ref::from_schema_name("MachineStatus"))
+            .item(ObjectBuilder::new().schema_type(Type::String).enum_values(Some([""])))
+            .into()
+    }
+}
+impl utoipa::ToSchema for StatusFilter {}
+
 fn status_param(q: &QueryMap, key: &str) -> Result<Option<MachineStatus>, ApiError> {
     q.get(key)
         .filter(|s| !s.is_empty())
@@ -48,7 +62,7 @@ pub async fn create(
 }
 
 #[utoipa::path(get, path = "/machines", tag = "machines",
-    params(("status" = Option<MachineStatus>, Query, description = "only machines in this state"),
+    params(("status" = Option<StatusFilter>, Query, description = "only machines in this state (empty: any)"),
            ("limit" = Option<u32>, Query, description = "page size, 1-500 (default 50)"),
            ("offset" = Option<u64>, Query, description = "machines to skip (default 0)")),
     responses((status = 200, body = MachineList), (status = 400, description = "VALIDATION_ERROR: a query parameter is wrong", body = ErrorBody)),
@@ -142,7 +156,7 @@ pub async fn resume(State(s): State<AppState>, Path(id): Path<String>) -> Result
 
 #[utoipa::path(get, path = "/machines/{id}/wait", tag = "machines",
     params(("id" = String, Path, description = "machine id or name"),
-           ("status" = Option<MachineStatus>, Query, description = "state to wait for (default running)"),
+           ("status" = Option<StatusFilter>, Query, description = "state to wait for (default, and when empty: running)"),
            ("timeout" = Option<u64>, Query, description = "seconds, default and maximum 30 (larger values are capped)")),
     responses((status = 200, body = Machine),
               (status = 400, description = "BAD_REQUEST: the machine failed instead; VALIDATION_ERROR: a query parameter is wrong", body = ErrorBody),

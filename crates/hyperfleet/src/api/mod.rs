@@ -46,6 +46,7 @@ pub const CORRELATION_HEADER: &str = "x-correlation-id";
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
         keys::create, keys::list, keys::revoke,
     ),
+    components(schemas(machines::StatusFilter)),
     modifiers(&BearerAuth, &CommonResponses),
     tags((name = "machines"), (name = "exec"), (name = "files"), (name = "api-keys"))
 )]
@@ -321,6 +322,27 @@ mod tests {
             }
         }
         assert!(secured >= 20, "only {secured} operations need a key");
+    }
+
+    #[test]
+    fn openapi_references_resolve() {
+        fn refs<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    out.extend(m.get("$ref").and_then(|r| r.as_str()));
+                    m.values().for_each(|v| refs(v, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        let mut found = vec![];
+        refs(&doc, &mut found);
+        assert!(found.len() > 50);
+        for r in found {
+            assert!(doc.pointer(r.trim_start_matches('#')).is_some_and(|t| t.is_object()), "{r} does not resolve");
+        }
     }
 
     #[test]
