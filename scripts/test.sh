@@ -5,4 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HYPERFLEET_TEST_ASSETS=${HYPERFLEET_TEST_ASSETS:-$(pwd)/.hyperfleet}
+
+# Schemathesis for the contract test (tests/contract.rs), in a virtualenv of Debian's Python.
+SCHEMATHESIS_VERSION=4.32.5
+export HYPERFLEET_SCHEMATHESIS_VENV=${HYPERFLEET_SCHEMATHESIS_VENV:-$(pwd)/.hyperfleet/venv}
+if [ "$("$HYPERFLEET_SCHEMATHESIS_VENV/bin/st" --version 2>/dev/null)" != "st, version $SCHEMATHESIS_VERSION" ]; then
+  echo "==> installing schemathesis $SCHEMATHESIS_VERSION into $HYPERFLEET_SCHEMATHESIS_VENV" >&2
+  /usr/bin/python3 -m venv "$HYPERFLEET_SCHEMATHESIS_VENV"
+  "$HYPERFLEET_SCHEMATHESIS_VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
 cargo test --workspace --locked --release -- --include-ignored --nocapture 2>&1

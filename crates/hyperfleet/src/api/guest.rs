@@ -14,14 +14,38 @@ use hyperfleet_types::{ErrorBody, ExecEvent, ExecRequest, ExecResult, FileStat, 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryMap, parse_json};
+use super::machines::NOT_FOUND;
 use crate::machines::Error as MachineError;
+
+/// Descriptions of the error responses several operations share.
+const VSOCK_ERROR: &str = "VSOCK_ERROR: the guest agent cannot be reached";
+const EXEC_BAD_REQUEST: &str = "VALIDATION_ERROR: the request is wrong (e.g. an empty command, a timeout out of range); BAD_REQUEST: the machine is not running";
+const FILES_BAD_REQUEST: &str = "VALIDATION_ERROR: the path is missing or not absolute, or mode is not octal; \
+    BAD_REQUEST: the machine is not running, or the guest refused (e.g. a directory where a file was expected)";
+const FILE_NOT_FOUND: &str = "NOT_FOUND: no machine has this id or name, or the file does not exist";
+const TOO_LARGE: &str = "PAYLOAD_TOO_LARGE: the file is larger than HYPERFLEET_FILE_MAX_SIZE";
+const TRANSFER_TIMEOUT: &str = "TIMEOUT: the transfer took longer than HYPERFLEET_FILE_TRANSFER_TIMEOUT";
+
+/// Raw file bytes, as an `application/octet-stream` body.
+struct RawBytes;
+
+impl utoipa::PartialSchema for RawBytes {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .into()
+    }
+}
+impl utoipa::ToSchema for RawBytes {}
 
 #[utoipa::path(post, path = "/machines/{id}/exec", tag = "exec", request_body = ExecRequest,
     params(("id" = String, Path, description = "machine id or name")),
-    responses((status = 200, description = "the command ran (any exit code)", body = ExecResult),
-              (status = 400, description = "machine not running, or bad request", body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 502, description = "VSOCK_ERROR: the guest agent cannot be reached", body = ErrorBody),
-              (status = 504, description = "TIMEOUT: the command was killed", body = ErrorBody)),
+    responses((status = 200, description = "the command ran (any exit code; 127 if it could not be started)", body = ExecResult),
+              (status = 400, description = EXEC_BAD_REQUEST, body = ErrorBody), (status = 404, description = NOT_FOUND, body = ErrorBody),
+              (status = 502, description = VSOCK_ERROR, body = ErrorBody),
+              (status = 504, description = "TIMEOUT: the command ran out of time and was killed", body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
 pub async fn exec(
     State(s): State<AppState>,
@@ -41,7 +65,8 @@ fn ndjson(ev: &ExecEvent) -> Bytes {
     params(("id" = String, Path, description = "machine id or name")),
     responses((status = 200, description = "NDJSON: one ExecEvent per line (stdout/stderr chunks as they come, then exit or error)",
                content_type = "application/x-ndjson", body = ExecEvent),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)),
+              (status = 400, description = EXEC_BAD_REQUEST, body = ErrorBody), (status = 404, description = NOT_FOUND, body = ErrorBody),
+              (status = 502, description = VSOCK_ERROR, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
 pub async fn exec_stream(
     State(s): State<AppState>,
@@ -94,15 +119,14 @@ fn path_param(q: &QueryMap) -> Result<String, ApiError> {
 }
 
 #[utoipa::path(post, path = "/machines/{id}/files", tag = "files",
-    request_body(content(
-        (FileUpload = "application/json"),
-        (Vec<u8> = "application/octet-stream")
-    )),
+    request_body(description = "JSON with base64 content, or the raw bytes (then `path` and `mode` come from the query)",
+        content((FileUpload = "application/json"), (RawBytes = "application/octet-stream"))),
     params(("id" = String, Path, description = "machine id or name"),
-           ("path" = Option<String>, Query, description = "guest path, for a raw (application/octet-stream) upload of a large file"),
-           ("mode" = Option<String>, Query, description = "octal permission bits for a raw upload, e.g. 755")),
-    responses((status = 201, body = FileWritten), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 413, description = "larger than HYPERFLEET_FILE_MAX_SIZE", body = ErrorBody), (status = 502, body = ErrorBody)),
+           ("path" = Option<String>, Query, description = "absolute guest path; required for a raw upload, ignored for JSON"),
+           ("mode" = Option<String>, Query, description = "octal permission bits for a raw upload, e.g. 755; ignored for JSON")),
+    responses((status = 201, body = FileWritten), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+              (status = 404, description = NOT_FOUND, body = ErrorBody), (status = 413, description = TOO_LARGE, body = ErrorBody),
+              (status = 502, description = VSOCK_ERROR, body = ErrorBody), (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
 pub async fn upload(
     State(s): State<AppState>,
@@ -200,9 +224,11 @@ async fn drain(body: &mut axum::body::BodyDataStream, max: u64) {
 
 #[utoipa::path(get, path = "/machines/{id}/files", tag = "files",
     params(("id" = String, Path, description = "machine id or name"), ("path" = String, Query, description = "absolute guest path")),
-    responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream", body = Vec<u8>),
-              (status = 400, body = ErrorBody), (status = 404, description = "machine or file not found", body = ErrorBody),
-              (status = 413, body = ErrorBody), (status = 502, body = ErrorBody)),
+    responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream", body = RawBytes),
+              (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+              (status = 404, description = FILE_NOT_FOUND, body = ErrorBody),
+              (status = 413, description = TOO_LARGE, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
+              (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
 pub async fn download(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Response, ApiError> {
     let path = path_param(&q)?;
@@ -226,7 +252,9 @@ pub async fn download(State(s): State<AppState>, Path(id): Path<String>, q: Quer
 
 #[utoipa::path(get, path = "/machines/{id}/files/stat", tag = "files",
     params(("id" = String, Path, description = "machine id or name"), ("path" = String, Query, description = "absolute guest path")),
-    responses((status = 200, body = FileStat), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = FileStat), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+              (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
+              (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
 pub async fn stat(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Json<FileStat>, ApiError> {
     Ok(Json(s.service.stat_file(&id, &path_param(&q)?).await?))
@@ -235,7 +263,9 @@ pub async fn stat(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap
 #[utoipa::path(delete, path = "/machines/{id}/files", tag = "files",
     params(("id" = String, Path, description = "machine id or name"), ("path" = String, Query, description = "absolute guest path"),
            ("recursive" = Option<bool>, Query, description = "delete a non-empty directory")),
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 204, description = "deleted"), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+              (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
+              (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
 pub async fn delete(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<StatusCode, ApiError> {
     s.service.delete_file(&id, &path_param(&q)?, q.bool("recursive")?).await?;

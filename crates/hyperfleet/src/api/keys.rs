@@ -33,7 +33,8 @@ pub fn validate(req: &CreateApiKey) -> Result<Option<String>, String> {
 }
 
 #[utoipa::path(post, path = "/api-keys", tag = "api-keys", request_body = CreateApiKey,
-    responses((status = 201, description = "the key; its secret is shown only here", body = CreatedApiKey), (status = 400, body = ErrorBody)),
+    responses((status = 201, description = "the key; its secret is shown only here", body = CreatedApiKey),
+              (status = 400, description = "VALIDATION_ERROR: the name, a scope or expires_at is wrong", body = ErrorBody)),
     security(("bearer" = ["keys:admin"])))]
 pub async fn create(
     State(s): State<AppState>,
@@ -50,7 +51,8 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<ApiKeyList>, ApiErro
 }
 
 #[utoipa::path(delete, path = "/api-keys/{id}", tag = "api-keys", params(("id" = String, Path, description = "key id")),
-    responses((status = 204, description = "revoked"), (status = 404, body = ErrorBody)), security(("bearer" = ["keys:admin"])))]
+    responses((status = 204, description = "revoked"), (status = 404, description = "NOT_FOUND: no key has this id", body = ErrorBody)),
+    security(("bearer" = ["keys:admin"])))]
 pub async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let key = id.clone();
     match s.auth.store.call(move |c| api_keys::revoke(c, &key)).await? {

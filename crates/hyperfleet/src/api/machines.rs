@@ -17,6 +17,26 @@ use crate::machines::Error as MachineError;
 pub const MAX_LIST_LIMIT: u32 = 500;
 pub const MAX_WAIT_SECS: u64 = 30;
 
+/// Descriptions of the error responses several operations share.
+pub(super) const NOT_FOUND: &str = "NOT_FOUND: no machine has this id or name";
+const TRANSITION: &str = "BAD_REQUEST: the state table does not allow this from the machine's state (e.g. \"Cannot start machine in 'running' state\")";
+const FIRECRACKER_API_ERROR: &str =
+    "FIRECRACKER_API_ERROR: firecracker refused the request (a 400 from firecracker is answered as 400)";
+
+/// A `status` query parameter: a machine status, or empty for none (`?status=&limit=50`).
+pub struct StatusFilter;
+
+impl utoipa::PartialSchema for StatusFilter {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(utoipa::openapi::Ref::from_schema_name("MachineStatus"))
+            .item(ObjectBuilder::new().schema_type(Type::String).enum_values(Some([""])))
+            .into()
+    }
+}
+impl utoipa::ToSchema for StatusFilter {}
+
 fn status_param(q: &QueryMap, key: &str) -> Result<Option<MachineStatus>, ApiError> {
     q.get(key)
         .filter(|s| !s.is_empty())
@@ -30,8 +50,10 @@ fn status_param(q: &QueryMap, key: &str) -> Result<Option<MachineStatus>, ApiErr
 }
 
 #[utoipa::path(post, path = "/machines", tag = "machines", request_body = CreateMachine,
-    responses((status = 201, body = Machine), (status = 400, body = ErrorBody), (status = 409, description = "name taken", body = ErrorBody),
-              (status = 503, description = "IP_POOL_EXHAUSTED", body = ErrorBody)),
+    responses((status = 201, body = Machine),
+              (status = 400, description = "VALIDATION_ERROR: a field is missing or out of range, an asset path is not allowed, or the runtime cannot run here", body = ErrorBody),
+              (status = 409, description = "CONFLICT: the name is taken", body = ErrorBody),
+              (status = 503, description = "IP_POOL_EXHAUSTED: every address block of the subnet is leased", body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub async fn create(
     State(s): State<AppState>,
@@ -41,10 +63,10 @@ pub async fn create(
 }
 
 #[utoipa::path(get, path = "/machines", tag = "machines",
-    params(("status" = Option<MachineStatus>, Query, description = "only machines in this state"),
+    params(("status" = Option<StatusFilter>, Query, description = "only machines in this state (empty: any)"),
            ("limit" = Option<u32>, Query, description = "page size, 1-500 (default 50)"),
            ("offset" = Option<u64>, Query, description = "machines to skip (default 0)")),
-    responses((status = 200, body = MachineList), (status = 400, body = ErrorBody)),
+    responses((status = 200, body = MachineList), (status = 400, description = "VALIDATION_ERROR: a query parameter is wrong", body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
 pub async fn list(State(s): State<AppState>, q: QueryMap) -> Result<Json<MachineList>, ApiError> {
     let status = status_param(&q, "status")?;
@@ -54,14 +76,16 @@ pub async fn list(State(s): State<AppState>, q: QueryMap) -> Result<Json<Machine
 }
 
 #[utoipa::path(get, path = "/machines/{id}", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
-    responses((status = 200, body = Machine), (status = 404, body = ErrorBody)), security(("bearer" = ["machines:read"])))]
+    responses((status = 200, body = Machine), (status = 404, description = NOT_FOUND, body = ErrorBody)),
+    security(("bearer" = ["machines:read"])))]
 pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.get(&id).await?))
 }
 
 #[utoipa::path(patch, path = "/machines/{id}", tag = "machines", request_body = UpdateMachine,
     params(("id" = String, Path, description = "machine id or name")),
-    responses((status = 200, body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = Machine), (status = 400, description = "VALIDATION_ERROR: a port is out of range or listed twice", body = ErrorBody),
+              (status = 404, description = NOT_FOUND, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub async fn update(
     State(s): State<AppState>,
@@ -73,7 +97,9 @@ pub async fn update(
 
 #[utoipa::path(delete, path = "/machines/{id}", tag = "machines",
     params(("id" = String, Path, description = "machine id or name"), ("force" = Option<bool>, Query, description = "stop a running machine first")),
-    responses((status = 204), (status = 400, description = "running: stop it first", body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 204, description = "deleted"),
+              (status = 400, description = "BAD_REQUEST: the machine is not at rest (stop it first, or pass force); VALIDATION_ERROR: force is not a boolean", body = ErrorBody),
+              (status = 404, description = NOT_FOUND, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub async fn delete(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<StatusCode, ApiError> {
     let force = q.bool("force")?;
@@ -82,22 +108,28 @@ pub async fn delete(State(s): State<AppState>, Path(id): Path<String>, q: QueryM
 }
 
 #[utoipa::path(post, path = "/machines/{id}/start", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
-    responses((status = 200, description = "running", body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 500, description = "RUNTIME_ERROR; the machine is failed", body = ErrorBody)),
+    responses((status = 200, description = "running", body = Machine), (status = 400, description = TRANSITION, body = ErrorBody),
+              (status = 404, description = NOT_FOUND, body = ErrorBody),
+              (status = 500, description = "RUNTIME_ERROR: the runtime or the host network failed, and the machine is failed; INTERNAL_ERROR: the database failed", body = ErrorBody),
+              (status = 502, description = FIRECRACKER_API_ERROR, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub async fn start(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.start(&id).await?))
 }
 
 #[utoipa::path(post, path = "/machines/{id}/stop", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
-    responses((status = 200, description = "stopped", body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, description = "stopped", body = Machine), (status = 400, description = TRANSITION, body = ErrorBody),
+              (status = 404, description = NOT_FOUND, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub async fn stop(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.stop(&id).await?))
 }
 
 #[utoipa::path(post, path = "/machines/{id}/restart", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
-    responses((status = 200, body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, description = "stopped and started again", body = Machine), (status = 400, description = TRANSITION, body = ErrorBody),
+              (status = 404, description = NOT_FOUND, body = ErrorBody),
+              (status = 500, description = "RUNTIME_ERROR: the start failed, and the machine is failed; INTERNAL_ERROR: the database failed", body = ErrorBody),
+              (status = 502, description = FIRECRACKER_API_ERROR, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub async fn restart(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.restart(&id).await?))
@@ -105,14 +137,19 @@ pub async fn restart(State(s): State<AppState>, Path(id): Path<String>) -> Resul
 
 #[utoipa::path(post, path = "/machines/{id}/pause", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
     responses((status = 200, description = "paused: vCPUs suspended (firecracker) or processes frozen (container)", body = Machine),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+              (status = 400, description = TRANSITION, body = ErrorBody), (status = 404, description = NOT_FOUND, body = ErrorBody),
+              (status = 500, description = "RUNTIME_ERROR: the runtime refused (the machine keeps its state); INTERNAL_ERROR", body = ErrorBody),
+              (status = 502, description = FIRECRACKER_API_ERROR, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub async fn pause(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.pause(&id).await?))
 }
 
 #[utoipa::path(post, path = "/machines/{id}/resume", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
-    responses((status = 200, description = "running again", body = Machine), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, description = "running again", body = Machine), (status = 400, description = TRANSITION, body = ErrorBody),
+              (status = 404, description = NOT_FOUND, body = ErrorBody),
+              (status = 500, description = "RUNTIME_ERROR: the runtime refused (the machine keeps its state); INTERNAL_ERROR", body = ErrorBody),
+              (status = 502, description = FIRECRACKER_API_ERROR, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub async fn resume(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.resume(&id).await?))
@@ -120,10 +157,12 @@ pub async fn resume(State(s): State<AppState>, Path(id): Path<String>) -> Result
 
 #[utoipa::path(get, path = "/machines/{id}/wait", tag = "machines",
     params(("id" = String, Path, description = "machine id or name"),
-           ("status" = Option<MachineStatus>, Query, description = "state to wait for (default running)"),
+           ("status" = Option<StatusFilter>, Query, description = "state to wait for (default, and when empty: running)"),
            ("timeout" = Option<u64>, Query, description = "seconds, default and maximum 30 (larger values are capped)")),
-    responses((status = 200, body = Machine), (status = 400, description = "the machine failed instead", body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 504, description = "TIMEOUT", body = ErrorBody)),
+    responses((status = 200, body = Machine),
+              (status = 400, description = "BAD_REQUEST: the machine failed instead; VALIDATION_ERROR: a query parameter is wrong", body = ErrorBody),
+              (status = 404, description = NOT_FOUND, body = ErrorBody),
+              (status = 504, description = "TIMEOUT: the machine did not reach the state in time", body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
 pub async fn wait(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Json<Machine>, ApiError> {
     let want = status_param(&q, "status")?.unwrap_or(MachineStatus::Running);
@@ -133,7 +172,9 @@ pub async fn wait(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap
 
 #[utoipa::path(get, path = "/machines/{id}/logs", tag = "machines",
     params(("id" = String, Path, description = "machine id or name"), ("lines" = Option<usize>, Query, description = "1-10000, default 100")),
-    responses((status = 200, body = MachineLogs), (status = 404, body = ErrorBody)), security(("bearer" = ["machines:read"])))]
+    responses((status = 200, body = MachineLogs), (status = 400, description = "VALIDATION_ERROR: lines is out of range", body = ErrorBody),
+              (status = 404, description = NOT_FOUND, body = ErrorBody)),
+    security(("bearer" = ["machines:read"])))]
 pub async fn logs(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -144,8 +185,8 @@ pub async fn logs(
 }
 
 #[utoipa::path(get, path = "/machines/{id}/network", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
-    responses((status = 200, description = "the doctor's checks for this machine", body = NetworkReport), (status = 400, body = ErrorBody),
-              (status = 404, body = ErrorBody)),
+    responses((status = 200, description = "the doctor's checks for this machine", body = NetworkReport),
+              (status = 400, description = "BAD_REQUEST: the machine is not running", body = ErrorBody), (status = 404, description = NOT_FOUND, body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
 pub async fn network(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<NetworkReport>, ApiError> {
     let machine = s.service.get(&id).await?;

@@ -48,7 +48,8 @@ pub const CORRELATION_HEADER: &str = "x-correlation-id";
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
         keys::create, keys::list, keys::revoke,
     ),
-    modifiers(&BearerAuth),
+    components(schemas(machines::StatusFilter)),
+    modifiers(&BearerAuth, &CommonResponses),
     tags((name = "machines"), (name = "exec"), (name = "files"), (name = "api-keys"))
 )]
 pub struct ApiDoc;
@@ -63,6 +64,57 @@ impl utoipa::Modify for BearerAuth {
                 HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("hf_<32 chars>").build(),
             ),
         );
+    }
+}
+
+/// The responses that come from the layers every operation of a kind goes through, added here once rather
+/// than on each handler: the key check (401, 403, and a 500 if the key store fails) on every operation that
+/// has a `security` requirement, and the JSON body extractor (400, 413 over the body limit) on every one
+/// that takes a JSON body. A handler that documents the same status itself keeps its own description.
+struct CommonResponses;
+
+impl CommonResponses {
+    const RESPONSES: [(&str, &str, &str); 5] = [
+        (
+            "401",
+            "Unauthorized",
+            "UNAUTHORIZED: the Authorization header is missing, or the key is invalid, expired or revoked",
+        ),
+        ("403", "Forbidden", "FORBIDDEN: the key does not have the scope this operation needs"),
+        ("500", "InternalError", "INTERNAL_ERROR: the daemon's database failed"),
+        ("400", "InvalidBody", "VALIDATION_ERROR: the body is not JSON of the documented shape, or a field is wrong"),
+        ("413", "BodyTooLarge", "PAYLOAD_TOO_LARGE: the body is larger than the limit (1 MiB for JSON requests)"),
+    ];
+}
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (_, name, description) in Self::RESPONSES {
+            let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
+            let response = ResponseBuilder::new().description(description).content("application/json", content);
+            components.responses.insert(name.to_string(), RefOr::T(response.build()));
+        }
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for op in ops.into_iter().flatten() {
+                let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
+                let json_body = op.request_body.as_ref().is_some_and(|b| b.content.contains_key("application/json"));
+                for (status, name, _) in Self::RESPONSES {
+                    let applies = match status {
+                        "401" | "403" | "500" => secured,
+                        _ => json_body,
+                    };
+                    if applies {
+                        op.responses
+                            .responses
+                            .entry(status.to_string())
+                            .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -189,5 +241,110 @@ mod tests {
         assert!(doc["components"]["schemas"]["MachineSpec"]["properties"]["vcpu_count"].is_object());
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
         assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    }
+
+    /// A response, with a `$ref` to `#/components/responses/...` resolved.
+    fn resolve<'a>(doc: &'a serde_json::Value, r: &'a serde_json::Value) -> &'a serde_json::Value {
+        match r["$ref"].as_str().and_then(|p| p.strip_prefix("#/components/responses/")) {
+            Some(name) => &doc["components"]["responses"][name],
+            None => r,
+        }
+    }
+
+    #[test]
+    fn openapi_documents_every_error_with_the_envelope() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        let mut secured = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let responses = op["responses"].as_object().unwrap();
+                let needs_key = op["security"].as_array().is_some_and(|s| !s.is_empty());
+                assert_eq!(
+                    needs_key,
+                    auth::required_scope(&method.to_uppercase().parse().unwrap(), path).is_some(),
+                    "{method} {path}: the document and the scope table disagree on whether it needs a key"
+                );
+                if needs_key {
+                    secured += 1;
+                    for status in ["401", "403"] {
+                        assert!(
+                            responses.contains_key(status),
+                            "{method} {path} needs a key but does not list {status}"
+                        );
+                    }
+                }
+                if op["requestBody"]["content"]["application/json"].is_object() {
+                    for status in ["400", "413"] {
+                        assert!(
+                            responses.contains_key(status),
+                            "{method} {path} takes JSON but does not list {status}"
+                        );
+                    }
+                }
+                if path.contains("{id}") {
+                    assert!(responses.contains_key("404"), "{method} {path} does not list 404");
+                }
+                for (status, r) in responses {
+                    let r = resolve(&doc, r);
+                    if status.starts_with('2') {
+                        continue;
+                    }
+                    assert_eq!(
+                        r["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/ErrorBody",
+                        "{method} {path} {status} must have the error envelope as its body"
+                    );
+                    assert_eq!(r["content"].as_object().unwrap().len(), 1, "{method} {path} {status}: JSON only");
+                    let description = r["description"].as_str().unwrap_or_default();
+                    assert!(
+                        description
+                            .split(':')
+                            .next()
+                            .is_some_and(|c| c.chars().all(|c| c.is_ascii_uppercase() || c == '_')),
+                        "{method} {path} {status} must name its error code(s) first, got {description:?}"
+                    );
+                }
+            }
+        }
+        assert!(secured >= 20, "only {secured} operations need a key");
+    }
+
+    #[test]
+    fn openapi_references_resolve() {
+        fn refs<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    out.extend(m.get("$ref").and_then(|r| r.as_str()));
+                    m.values().for_each(|v| refs(v, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        let mut found = vec![];
+        refs(&doc, &mut found);
+        assert!(found.len() > 50);
+        for r in found {
+            assert!(doc.pointer(r.trim_start_matches('#')).is_some_and(|t| t.is_object()), "{r} does not resolve");
+        }
+    }
+
+    #[test]
+    fn openapi_declares_the_media_types_the_handlers_use() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        let p = &doc["paths"];
+        let only = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            only(&p["/machines/{id}/exec/stream"]["post"]["responses"]["200"]["content"]),
+            ["application/x-ndjson"]
+        );
+        let download = &p["/machines/{id}/files"]["get"]["responses"]["200"]["content"];
+        assert_eq!(only(download), ["application/octet-stream"]);
+        let raw = serde_json::json!({"type": "string", "format": "binary"});
+        assert_eq!(doc["components"]["schemas"]["RawBytes"], raw);
+        let upload = &p["/machines/{id}/files"]["post"]["requestBody"]["content"];
+        assert_eq!(only(upload), ["application/json", "application/octet-stream"]);
+        assert_eq!(upload["application/json"]["schema"]["$ref"], "#/components/schemas/FileUpload");
+        assert_eq!(upload["application/octet-stream"]["schema"]["$ref"], "#/components/schemas/RawBytes");
     }
 }
