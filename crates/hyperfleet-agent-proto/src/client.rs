@@ -124,6 +124,12 @@ impl Capped {
         if keep < chunk.len() {
             self.truncated = true;
         }
+        let need = self.data.len() + keep;
+        if need > self.data.capacity() {
+            // Grow as a Vec would (doubling), but never past the cap: the cap is the memory bound.
+            let want = need.max(self.data.capacity().saturating_mul(2)).min(self.cap);
+            self.data.reserve_exact(want - self.data.len());
+        }
         self.data.extend_from_slice(&chunk[..keep]);
     }
 }
