@@ -352,3 +352,14 @@ async fn an_agent_of_another_protocol_version_is_refused() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn stdin_frames_survive_output_arriving_mid_frame() {
+    // `cat` answers while stdin is still streaming in: a stdin frame half-read when output arrives must not
+    // be lost (the agent keeps its read across select iterations).
+    let agent = Agent::start();
+    let data: Vec<u8> = (0..768u32 << 10).map(|i| (i.wrapping_mul(2_654_435_761) >> 11).to_le_bytes()[0]).collect();
+    let out = agent.client().exec_collect(spec(&["cat"]), &data, MAX_OUT).await.unwrap();
+    assert_eq!(out.exit.exit_code, 0, "{:?}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == data, "stdout differs ({} of {} bytes)", out.stdout.len(), data.len());
+}
