@@ -1,7 +1,22 @@
 //! The host side of the protocol: reaching an agent (unix socket, or Firecracker's vsock unix socket with its
 //! `CONNECT` handshake), checking its version, and one method per operation. Large transfers are streamed
 //! chunk by chunk through [`FileWriter`] / [`FileReader`] / [`ExecSession`].
+//!
+//! The agent runs inside the guest, so the host treats whatever it sends as hostile input:
+//! - every frame is bounded by [`crate::MAX_FRAME`] and [`crate::FRAME_TIMEOUT`] (see the crate docs);
+//! - [`AgentClient::exec_collect`] keeps at most `max_output` bytes of each stream, whatever the agent sends
+//!   or claims, so a flooding agent cannot grow the host's memory;
+//! - a file read yields no more than the size the agent announced (and no more than `max_size`);
+//! - operations that the agent answers at once (connect and hello, ping, stat, delete, shutdown, the header of
+//!   a file read, each chunk of a file transfer, the answer to a finished upload) are bounded in time:
+//!   `connect_timeout` for connect + hello and for ping, [`AgentClient::reply_timeout`] for the others. A
+//!   running command may be silent for as long as its own timeout allows, so [`ExecSession::next_event`] has
+//!   no such bound: the caller bounds the whole command (the agent enforces `timeout_ms`; a hostile one may
+//!   not);
+//! - error messages from the agent are clipped to [`MAX_ERROR_MESSAGE`] bytes before they reach logs and
+//!   API answers.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -37,10 +52,19 @@ pub enum ClientError {
     Proto(#[from] ProtoError),
 }
 
+/// The cap on each output stream of [`AgentClient::exec_collect`] that the daemon uses: the same 10 MiB the
+/// agent is asked to apply.
+pub const DEFAULT_MAX_OUTPUT: u64 = 10 << 20;
+/// Longest error message from the agent that is kept (longer ones are cut at a character boundary).
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+/// Default bound on an answer the agent gives at once; see [`AgentClient::with_reply_timeout`].
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     endpoint: Endpoint,
     connect_timeout: Duration,
+    reply_timeout: Duration,
 }
 
 /// One connection after the hello, ready for a request.
@@ -51,14 +75,81 @@ struct Conn {
 
 fn agent_error(resp: Response) -> ClientError {
     match resp {
-        Response::Error { kind, message } => ClientError::Agent { kind, message },
-        other => ClientError::Proto(ProtoError::UnexpectedResponse(format!("{other:?}"))),
+        Response::Error { kind, message } => ClientError::Agent { kind, message: clip(message) },
+        other => ClientError::Proto(ProtoError::UnexpectedResponse(clip(format!("{other:?}")))),
+    }
+}
+
+/// Cuts `s` to at most [`MAX_ERROR_MESSAGE`] bytes, at a character boundary.
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_ERROR_MESSAGE {
+        let mut end = MAX_ERROR_MESSAGE;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// `fut`, or `Unreachable` when the agent does not answer within `limit` (a guest that hangs looks like one
+/// that is gone, and callers that wait for an agent retry it).
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(ClientError::Unreachable(format!("the agent did not answer {what} within {}s", limit.as_secs())))
+    })
+}
+
+/// An output stream kept up to a cap; what arrives past it is dropped and remembered as truncation.
+#[derive(Debug)]
+struct Capped {
+    data: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl Capped {
+    fn new(cap: u64) -> Self {
+        // A cap past the address space cannot be reached anyway.
+        Self { data: Vec::new(), cap: usize::try_from(cap).unwrap_or(usize::MAX), truncated: false }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        let keep = self.cap.saturating_sub(self.data.len()).min(chunk.len());
+        if keep < chunk.len() {
+            self.truncated = true;
+        }
+        let need = self.data.len() + keep;
+        if need > self.data.capacity() {
+            // Grow as a Vec would (doubling), but never past the cap: the cap is the memory bound.
+            let want = need.max(self.data.capacity().saturating_mul(2)).min(self.cap);
+            self.data.reserve_exact(want - self.data.len());
+        }
+        self.data.extend_from_slice(&chunk[..keep]);
     }
 }
 
 impl AgentClient {
     pub fn new(endpoint: Endpoint) -> Self {
-        Self { endpoint, connect_timeout: Duration::from_secs(3) }
+        Self { endpoint, connect_timeout: Duration::from_secs(3), reply_timeout: DEFAULT_REPLY_TIMEOUT }
+    }
+
+    /// Bounds each answer the agent gives at once (stat, delete, shutdown, a file read's header, each chunk
+    /// of a file transfer, the answer to a finished upload, which includes the guest's fsync); default
+    /// [`DEFAULT_REPLY_TIMEOUT`].
+    #[must_use]
+    pub fn with_reply_timeout(mut self, limit: Duration) -> Self {
+        self.reply_timeout = limit;
+        self
+    }
+
+    pub fn reply_timeout(&self) -> Duration {
+        self.reply_timeout
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -120,14 +211,18 @@ impl AgentClient {
         Ok(Conn { r, w })
     }
 
-    /// Connects and checks the version; the cheapest way to know the agent is up.
+    /// Connects and checks the version; the cheapest way to know the agent is up. The answer is bounded by
+    /// the connect timeout: an agent that does not answer a ping at once is not up.
     pub async fn ping(&self) -> Result<(), ClientError> {
         let mut c = self.connect().await?;
-        write_json(&mut c.w, &Request::Ping).await?;
-        match read_json(&mut c.r, "a response").await? {
-            Response::Ok => Ok(()),
-            other => Err(agent_error(other)),
-        }
+        within(self.connect_timeout, "a ping", async {
+            write_json(&mut c.w, &Request::Ping).await?;
+            match read_json(&mut c.r, "a response").await? {
+                Response::Ok => Ok(()),
+                other => Err(agent_error(other)),
+            }
+        })
+        .await
     }
 
     /// Starts a command; feed stdin with [`ExecSession::send_stdin`], then read events.
@@ -137,18 +232,33 @@ impl AgentClient {
         Ok(ExecSession { conn: c, stdin_open: true })
     }
 
-    /// Runs a command to completion and collects its output (as capped by `spec.max_output`).
-    pub async fn exec_collect(&self, spec: ExecSpec, stdin: &[u8]) -> Result<ExecOutput, ClientError> {
+    /// Runs a command to completion and collects its output, keeping at most `max_output` bytes of each
+    /// stream ([`DEFAULT_MAX_OUTPUT`] is the daemon's cap).
+    ///
+    /// The cap is enforced here, on the host, whatever the agent does: bytes past it are read and dropped,
+    /// and the stream's `*_truncated` flag in the result is then `true` even if the agent says otherwise. The
+    /// agent is asked for no more than that either: `spec.max_output` is lowered to `max_output` (it is
+    /// `Some` afterwards). Not bounded in time: the agent enforces `spec.timeout_ms`, and a caller that does
+    /// not trust the guest wraps the call in its own timeout.
+    pub async fn exec_collect(
+        &self,
+        mut spec: ExecSpec,
+        stdin: &[u8],
+        max_output: u64,
+    ) -> Result<ExecOutput, ClientError> {
+        spec.max_output = Some(spec.max_output.map_or(max_output, |m| m.min(max_output)));
         let mut s = self.exec(spec).await?;
         s.send_stdin(stdin).await?;
         s.close_stdin().await?;
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let (mut stdout, mut stderr) = (Capped::new(max_output), Capped::new(max_output));
         loop {
             match s.next_event().await? {
-                ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
-                ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
-                ExecEvent::Exited(exit) => {
-                    return Ok(ExecOutput { exit, stdout, stderr });
+                ExecEvent::Stdout(b) => stdout.push(&b),
+                ExecEvent::Stderr(b) => stderr.push(&b),
+                ExecEvent::Exited(mut exit) => {
+                    exit.stdout_truncated |= stdout.truncated;
+                    exit.stderr_truncated |= stderr.truncated;
+                    return Ok(ExecOutput { exit, stdout: stdout.data, stderr: stderr.data });
                 }
             }
         }
@@ -161,17 +271,41 @@ impl AgentClient {
         max_size: Option<u64>,
     ) -> Result<FileWriter, ClientError> {
         let mut c = self.connect().await?;
-        write_json(&mut c.w, &Request::WriteFile { path: path.to_string(), mode, max_size }).await?;
-        Ok(FileWriter { conn: c, sent: 0 })
+        within(self.reply_timeout, "a file upload", async {
+            write_json(&mut c.w, &Request::WriteFile { path: path.to_string(), mode, max_size }).await?;
+            Ok(())
+        })
+        .await?;
+        Ok(FileWriter { conn: c, sent: 0, reply_timeout: self.reply_timeout })
     }
 
+    /// Opens a file for reading. The agent refuses files over `max_size`; one that announces more anyway is
+    /// a protocol violation, and [`FileReader`] never yields more than the size announced.
     pub async fn read_file(&self, path: &str, max_size: Option<u64>) -> Result<FileReader, ClientError> {
         let mut c = self.connect().await?;
-        write_json(&mut c.w, &Request::ReadFile { path: path.to_string(), max_size }).await?;
-        match read_json(&mut c.r, "a response").await? {
-            Response::File { size, mode } => Ok(FileReader { conn: c, size, mode, done: false }),
-            other => Err(agent_error(other)),
+        let (size, mode) = within(self.reply_timeout, "a file read", async {
+            write_json(&mut c.w, &Request::ReadFile { path: path.to_string(), max_size }).await?;
+            match read_json(&mut c.r, "a response").await? {
+                Response::File { size, mode } => Ok((size, mode)),
+                other => Err(agent_error(other)),
+            }
+        })
+        .await?;
+        if let Some(max) = max_size.filter(|max| size > *max) {
+            return Err(ProtoError::Violation(format!(
+                "the agent announced a {size}-byte file after being asked for at most {max} bytes"
+            ))
+            .into());
         }
+        Ok(FileReader {
+            conn: c,
+            size,
+            mode,
+            received: 0,
+            done: false,
+            failed: false,
+            reply_timeout: self.reply_timeout,
+        })
     }
 
     pub async fn stat(&self, path: &str) -> Result<FileStat, ClientError> {
@@ -198,8 +332,11 @@ impl AgentClient {
 
     async fn simple(&self, req: Request) -> Result<Response, ClientError> {
         let mut c = self.connect().await?;
-        write_json(&mut c.w, &req).await?;
-        Ok(read_json(&mut c.r, "a response").await?)
+        within(self.reply_timeout, "a request", async {
+            write_json(&mut c.w, &req).await?;
+            Ok(read_json(&mut c.r, "a response").await?)
+        })
+        .await
     }
 }
 
@@ -276,14 +413,19 @@ impl ExecSession {
 pub struct FileWriter {
     conn: Conn,
     sent: u64,
+    reply_timeout: Duration,
 }
 
 impl FileWriter {
+    /// Sends `data`; each chunk must be taken by the agent within the reply timeout.
     pub async fn send(&mut self, data: &[u8]) -> Result<(), ClientError> {
         for chunk in data.chunks(crate::CHUNK) {
-            write_frame(&mut self.conn.w, FrameKind::Data, chunk).await?;
+            within(self.reply_timeout, "a file chunk", async {
+                Ok(write_frame(&mut self.conn.w, FrameKind::Data, chunk).await?)
+            })
+            .await?;
         }
-        self.sent += data.len() as u64;
+        self.sent = self.sent.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
         Ok(())
     }
 
@@ -293,32 +435,71 @@ impl FileWriter {
 
     /// Ends the upload and returns the size the agent wrote.
     pub async fn finish(mut self) -> Result<u64, ClientError> {
-        write_frame(&mut self.conn.w, FrameKind::End, b"").await?;
-        self.conn.w.flush().await.map_err(ProtoError::from)?;
-        match read_json(&mut self.conn.r, "a response").await? {
-            Response::Written { size } => Ok(size),
-            other => Err(agent_error(other)),
-        }
+        within(self.reply_timeout, "the end of an upload", async {
+            write_frame(&mut self.conn.w, FrameKind::End, b"").await?;
+            self.conn.w.flush().await.map_err(ProtoError::from)?;
+            match read_json(&mut self.conn.r, "a response").await? {
+                Response::Written { size } => Ok(size),
+                other => Err(agent_error(other)),
+            }
+        })
+        .await
     }
 }
 
 pub struct FileReader {
     conn: Conn,
+    /// The size the agent announced; no more is ever yielded.
     pub size: u64,
     pub mode: u32,
+    received: u64,
     done: bool,
+    /// An earlier call failed: the stream is no longer in step with the protocol.
+    failed: bool,
+    reply_timeout: Duration,
 }
 
 impl FileReader {
-    /// The next chunk of the file, `None` at its end.
+    /// The next chunk of the file, `None` at its end. Fails if the agent sends more or less than the size
+    /// it announced (a file that changed while it was read, or a lying agent), or does not send the next
+    /// chunk within the reply timeout.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientError> {
+        if self.failed {
+            return Err(ProtoError::Violation("the file read already failed".into()).into());
+        }
         if self.done {
             return Ok(None);
         }
+        let limit = self.reply_timeout;
+        let res = within(limit, "with the next file chunk", self.next_chunk_inner()).await;
+        self.failed = res.is_err();
+        res
+    }
+
+    async fn next_chunk_inner(&mut self) -> Result<Option<Bytes>, ClientError> {
         match read_frame(&mut self.conn.r).await? {
-            Some(Frame { kind: FrameKind::Data, payload }) => Ok(Some(payload)),
+            Some(Frame { kind: FrameKind::Data, payload }) => {
+                let len = u64::try_from(payload.len()).unwrap_or(u64::MAX);
+                self.received = self.received.saturating_add(len);
+                if self.received > self.size {
+                    self.done = true;
+                    return Err(ProtoError::Violation(format!(
+                        "the agent sent more than the {} bytes it announced for the file",
+                        self.size
+                    ))
+                    .into());
+                }
+                Ok(Some(payload))
+            }
             Some(Frame { kind: FrameKind::End, .. }) => {
                 self.done = true;
+                if self.received != self.size {
+                    return Err(ProtoError::Violation(format!(
+                        "the file ended after {} of the {} bytes announced",
+                        self.received, self.size
+                    ))
+                    .into());
+                }
                 match read_json(&mut self.conn.r, "a response").await? {
                     Response::Ok => Ok(None),
                     other => Err(agent_error(other)),

@@ -15,10 +15,20 @@
 //! Framing: `u32` big-endian length of what follows, one kind byte ([`FrameKind`]), then the payload (JSON
 //! for `Json`, raw bytes otherwise). Payloads are at most [`MAX_FRAME`] bytes, so neither side ever holds
 //! more than one chunk of a large file in memory.
+//!
+//! Bounds on what a peer can make the reader do (the host treats the guest as hostile):
+//! - a frame's length is checked against [`MAX_FRAME`] before anything is allocated for it, and its payload
+//!   buffer grows with the bytes that actually arrive, never to more than the announced length;
+//! - JSON messages are frames too, so they share that bound; `serde_json`'s recursion limit bounds nesting;
+//! - once the first byte of a frame has arrived, the rest must follow within [`FRAME_TIMEOUT`]: a peer that
+//!   stops mid-frame gets [`ProtoError::Timeout`], not a reader stuck forever. Silence *between* frames is
+//!   not bounded here (a command may print nothing for an hour); callers bound that where the protocol has a
+//!   natural limit (see [`client`]).
 
 pub mod client;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -32,6 +42,9 @@ pub const AGENT_PORT: u32 = 52;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Chunk size used for file data and command output.
 pub const CHUNK: usize = 64 * 1024;
+/// How long the rest of a frame may take once its first byte has arrived. A full [`MAX_FRAME`] frame at
+/// this bound is still ~35 KB/s, far below what a vsock or unix socket does on a live machine.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -81,14 +94,21 @@ pub enum ProtoError {
     Closed,
     #[error("unexpected response {0}")]
     UnexpectedResponse(String),
+    #[error("the peer stopped in the middle of a frame for {}s", .0.as_secs())]
+    Timeout(Duration),
+    /// The peer sent something the protocol rules out (more data than it announced, ...).
+    #[error("the peer broke the protocol: {0}")]
+    Violation(String),
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: FrameKind, payload: &[u8]) -> Result<(), ProtoError> {
     if payload.len() > MAX_FRAME {
         return Err(ProtoError::TooLarge(payload.len()));
     }
+    // At most MAX_FRAME + 1 (checked above), so it always fits.
+    let len = u32::try_from(payload.len() + 1).map_err(|_| ProtoError::TooLarge(payload.len()))?;
     let mut head = [0u8; 5];
-    head[..4].copy_from_slice(&(payload.len() as u32 + 1).to_be_bytes());
+    head[..4].copy_from_slice(&len.to_be_bytes());
     head[4] = kind as u8;
     w.write_all(&head).await?;
     w.write_all(payload).await?;
@@ -101,26 +121,53 @@ pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T)
     Ok(())
 }
 
-/// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames. The rest of a started frame must
+/// arrive within [`FRAME_TIMEOUT`].
+///
+/// Not cancel-safe: a frame partly read when the future is dropped is lost, and the stream with it.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ProtoError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+    read_frame_within(r, FRAME_TIMEOUT).await
+}
+
+/// [`read_frame`] with another bound on the time from a frame's first byte to its last.
+pub async fn read_frame_within<R: AsyncRead + Unpin>(r: &mut R, limit: Duration) -> Result<Option<Frame>, ProtoError> {
+    let mut first = [0u8; 1];
+    // Waiting for a frame to start is not bounded: silence between frames is normal.
+    if r.read(&mut first).await? == 0 {
+        return Ok(None);
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len == 0 {
+    match tokio::time::timeout(limit, read_frame_rest(r, first[0])).await {
+        Ok(frame) => frame.map(Some),
+        Err(_) => Err(ProtoError::Timeout(limit)),
+    }
+}
+
+async fn read_frame_rest<R: AsyncRead + Unpin>(r: &mut R, first: u8) -> Result<Frame, ProtoError> {
+    let mut head = [first, 0, 0, 0, 0];
+    // A stream that ends inside a frame is an error (`UnexpectedEof`), never a clean end.
+    r.read_exact(&mut head[1..4]).await?;
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let len = usize::try_from(len).map_err(|_| ProtoError::TooLarge(usize::MAX))?;
+    let Some(payload_len) = len.checked_sub(1) else {
+        // Not even a kind byte.
         return Err(ProtoError::UnknownKind(0));
+    };
+    if payload_len > MAX_FRAME {
+        return Err(ProtoError::TooLarge(payload_len));
     }
-    if len - 1 > MAX_FRAME {
-        return Err(ProtoError::TooLarge(len - 1));
+    r.read_exact(&mut head[4..5]).await?;
+    let kind = FrameKind::from_byte(head[4]).ok_or(ProtoError::UnknownKind(head[4]))?;
+    // Grow with what arrives (at most twice what was received, and never past `payload_len`): a peer that
+    // announces a megabyte and sends a byte costs a chunk, not a megabyte.
+    let mut buf: Vec<u8> = Vec::new();
+    while buf.len() < payload_len {
+        let have = buf.len();
+        let want = payload_len.min(have.saturating_mul(2).max(CHUNK));
+        buf.reserve_exact(want - have);
+        buf.resize(want, 0);
+        r.read_exact(&mut buf[have..]).await?;
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await?;
-    let kind = FrameKind::from_byte(buf[0]).ok_or(ProtoError::UnknownKind(buf[0]))?;
-    let payload = Bytes::from(buf).slice(1..);
-    Ok(Some(Frame { kind, payload }))
+    Ok(Frame { kind, payload: Bytes::from(buf) })
 }
 
 /// Reads one frame that must be JSON and decodes it.
@@ -279,7 +326,7 @@ mod tests {
         a.write_all(&[0, 0, 0, 2, 9, 0]).await.unwrap();
         assert!(matches!(read_frame(&mut b).await, Err(ProtoError::UnknownKind(9))));
         let (mut a, mut b) = tokio::io::duplex(64);
-        a.write_all(&(MAX_FRAME as u32 + 2).to_be_bytes()).await.unwrap();
+        a.write_all(&u32::try_from(MAX_FRAME + 2).unwrap().to_be_bytes()).await.unwrap();
         assert!(matches!(read_frame(&mut b).await, Err(ProtoError::TooLarge(_))));
     }
 

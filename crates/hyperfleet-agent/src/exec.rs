@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyperfleet_agent_proto::{self as proto, ErrorKind, ExecSpec, FrameKind, Response};
+use hyperfleet_agent_proto::{self as proto, ErrorKind, ExecSpec, Frame, FrameKind, Response};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -40,7 +40,7 @@ where
             return proto::write_json(w, &resp).await;
         }
     };
-    let pgid = Pid::from_raw(child.pid as i32);
+    let pgid = child.pgid;
     let (tx, mut rx) = mpsc::channel::<Output>(16);
     let cap = spec.max_output;
     let out_task = tokio::spawn(pump(child.stdout, FrameKind::Stdout, cap, tx.clone()));
@@ -48,8 +48,11 @@ where
 
     let deadline = tokio::time::sleep(Duration::from_millis(spec.timeout_ms.max(1)));
     tokio::pin!(deadline, exited);
-    // `reading_stdin`: frames still come from the host; `stdin`: the pipe, closed at End or on error.
+    // `reading_stdin`: frames still come from the host, and `stdin_read` is the read under way (it lives
+    // across iterations: dropping a half-read frame would put the stream out of step); `stdin`: the pipe,
+    // closed at End or on error.
     let mut reading_stdin = true;
+    let mut stdin_read = std::pin::pin!(next_frame(r));
     let mut stdin = Some(child.stdin);
     let mut timed_out = false;
     let mut exit_code = None;
@@ -60,13 +63,15 @@ where
             code = &mut exited => exit_code = Some(code.unwrap_or(-1)),
             _ = &mut deadline, if !timed_out => {
                 timed_out = true;
-                let _ = killpg(pgid, Signal::SIGKILL);
+                kill_group(pgid);
             }
-            frame = proto::read_frame(r), if reading_stdin => match frame {
+            (frame, r) = &mut stdin_read, if reading_stdin => match frame {
                 Ok(Some(f)) if f.kind == FrameKind::Data => {
+                    stdin_read.set(next_frame(r));
                     if let Some(pipe) = stdin.as_mut()
                         && pipe.write_all(&f.payload).await.is_err()
                     {
+                        // The command closed its stdin: the rest of the host's stdin is read and dropped.
                         stdin = None;
                     }
                 }
@@ -76,14 +81,14 @@ where
                     reading_stdin = false;
                     stdin = None;
                     link_broken = true;
-                    let _ = killpg(pgid, Signal::SIGKILL);
+                    kill_group(pgid);
                 }
             },
             Some(o) = rx.recv() => {
                 if proto::write_frame(w, o.kind, &o.data).await.is_err() {
                     // Nobody is listening any more: do not leave the command running unobserved.
                     link_broken = true;
-                    let _ = killpg(pgid, Signal::SIGKILL);
+                    kill_group(pgid);
                 }
             }
         }
@@ -91,8 +96,18 @@ where
     drop(stdin);
     if reading_stdin && !link_broken {
         // The host may still be sending stdin (or its End): consume it, so closing the connection does not
-        // turn into a reset that loses our answer.
-        let _ = tokio::time::timeout(DRAIN_GRACE, drain_stdin(r)).await;
+        // turn into a reset that loses our answer. A host still sending after the grace period is answered
+        // all the same.
+        let drain = async {
+            if let (Ok(Some(f)), r) = (&mut stdin_read).await
+                && f.kind == FrameKind::Data
+            {
+                drain_stdin(r).await;
+            }
+        };
+        if tokio::time::timeout(DRAIN_GRACE, drain).await.is_err() {
+            eprintln!("hyperfleet-agent: the host was still sending stdin after the command ended");
+        }
     }
     // Output still buffered or held open by background children: forward it for a short grace period.
     let grace = tokio::time::sleep(DRAIN_GRACE);
@@ -108,7 +123,7 @@ where
     }
     if timed_out {
         // A timed-out command leaves nothing behind in its group.
-        let _ = killpg(pgid, Signal::SIGKILL);
+        kill_group(pgid);
     }
     let (stdout_truncated, stderr_truncated) = (
         out_task.is_finished() && out_task.await.unwrap_or(false),
@@ -124,14 +139,30 @@ where
             timed_out,
             stdout_truncated,
             stderr_truncated,
-            duration_ms: started.elapsed().as_millis() as u64,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         },
     )
     .await
 }
 
+/// Reads the next frame and hands `r` back with it, so that the read can be kept (pinned) across `select!`
+/// iterations and re-armed with the same reader.
+async fn next_frame<R: AsyncRead + Unpin>(r: &mut R) -> (Result<Option<Frame>, proto::ProtoError>, &mut R) {
+    let frame = proto::read_frame(r).await;
+    (frame, r)
+}
+
+/// SIGKILL to the command's process group. ESRCH (the group is gone already) is the expected failure.
+fn kill_group(pgid: Pid) {
+    match killpg(pgid, Signal::SIGKILL) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => eprintln!("hyperfleet-agent: kill process group {pgid}: {e}"),
+    }
+}
+
 struct Spawned {
-    pid: u32,
+    /// The command's process group (it is its session leader, so the group id is its pid).
+    pgid: Pid,
     stdin: pipe::Sender,
     stdout: pipe::Receiver,
     stderr: pipe::Receiver,
@@ -175,7 +206,9 @@ fn spawn(reaper: &Reaper, spec: &ExecSpec) -> Result<(Spawned, tokio::sync::ones
         pipe::Receiver::from_file(File::from(take(child.stdout.take().map(OwnedFd::from))?)).map_err(io_err)?;
     let stderr =
         pipe::Receiver::from_file(File::from(take(child.stderr.take().map(OwnedFd::from))?)).map_err(io_err)?;
-    Ok((Spawned { pid: child.id(), stdin, stdout, stderr }, exited))
+    // pid_t is an i32 that std hands out as u32: reinterpreting the bits gives it back exactly.
+    let pgid = Pid::from_raw(child.id().cast_signed());
+    Ok((Spawned { pgid, stdin, stdout, stderr }, exited))
 }
 
 /// Reads one output pipe to its end; returns whether anything was dropped over the cap.
@@ -189,14 +222,15 @@ async fn pump(mut pipe: pipe::Receiver, kind: FrameKind, cap: Option<u64>, tx: m
             Ok(n) => n,
         };
         let keep = match cap {
-            Some(c) => (c.saturating_sub(sent)).min(n as u64) as usize,
+            // Room left under the cap; one past the address space is as good as unlimited.
+            Some(c) => usize::try_from(c.saturating_sub(sent)).unwrap_or(usize::MAX).min(n),
             None => n,
         };
         if keep < n {
             truncated = true;
         }
         if keep > 0 {
-            sent += keep as u64;
+            sent = sent.saturating_add(u64::try_from(keep).unwrap_or(u64::MAX));
             if tx.send(Output { kind, data: Bytes::copy_from_slice(&buf[..keep]) }).await.is_err() {
                 return truncated;
             }

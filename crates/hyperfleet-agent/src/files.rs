@@ -51,14 +51,14 @@ pub async fn write<R: AsyncRead + Unpin>(r: &mut R, path: &str, mode: Option<u32
             Ok(Some(f)) => f,
             Ok(None) | Err(_) => {
                 if let Ok((_, tmp, _)) = &state {
-                    let _ = tokio::fs::remove_file(tmp).await;
+                    remove_tmp(tmp).await;
                 }
                 return fail(ErrorKind::Io, "connection closed before the end of the file");
             }
         };
         match frame.kind {
             FrameKind::Data => {
-                size += frame.payload.len() as u64;
+                size = size.saturating_add(u64::try_from(frame.payload.len()).unwrap_or(u64::MAX));
                 if let Ok((file, tmp, _)) = &mut state {
                     let res = if max.is_some_and(|m| size > m) {
                         Err(fail(ErrorKind::TooLarge, format!("file is larger than {} bytes", max.unwrap_or(0))))
@@ -66,7 +66,7 @@ pub async fn write<R: AsyncRead + Unpin>(r: &mut R, path: &str, mode: Option<u32
                         file.write_all(&frame.payload).await.map_err(|e| io_fail("write", tmp, e))
                     };
                     if let Err(e) = res {
-                        let _ = tokio::fs::remove_file(&tmp).await;
+                        remove_tmp(tmp).await;
                         state = Err(e);
                     }
                 }
@@ -96,9 +96,18 @@ pub async fn write<R: AsyncRead + Unpin>(r: &mut R, path: &str, mode: Option<u32
     match done {
         Ok(()) => Response::Written { size },
         Err(e) => {
-            let _ = tokio::fs::remove_file(&tmp).await;
+            remove_tmp(&tmp).await;
             e
         }
+    }
+}
+
+/// Removes an upload's temporary file; a failure leaves a stray dot-file, worth a line on the console.
+async fn remove_tmp(tmp: &Path) {
+    if let Err(e) = tokio::fs::remove_file(tmp).await
+        && e.kind() != IoKind::NotFound
+    {
+        eprintln!("hyperfleet-agent: remove {}: {e}", tmp.display());
     }
 }
 

@@ -2,6 +2,7 @@
 //! write /etc/resolv.conf, and power the machine off cleanly on request.
 
 use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -25,7 +26,9 @@ pub fn mount_filesystems() {
         if mounted.lines().any(|l| l.split_whitespace().nth(1) == Some(target)) {
             continue;
         }
-        let _ = std::fs::create_dir_all(target);
+        if let Err(e) = std::fs::create_dir_all(target) {
+            eprintln!("hyperfleet-agent: create {target}: {e}");
+        }
         if let Err(e) = mount(Some(src), target, Some(fstype), MsFlags::MS_NOSUID, data) {
             eprintln!("hyperfleet-agent: mount {target}: {e}");
         }
@@ -33,22 +36,31 @@ pub fn mount_filesystems() {
 }
 
 /// Sets IFF_UP on `lo` with the classic ioctls (no netlink needed for one flag).
-pub fn loopback_up() {
-    // SAFETY: plain socket + ioctl on a zeroed ifreq naming "lo"; the fd is closed before returning.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return;
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        req.ifr_name[0] = b'l' as libc::c_char;
-        req.ifr_name[1] = b'o' as libc::c_char;
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
-        }
-        libc::close(fd);
+pub fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: socket() takes integer arguments only; its result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: `raw` is a descriptor socket() just opened and nothing else owns; the OwnedFd closes it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is a plain C struct (arrays and a union of integers) for which all-zero bytes are valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    req.ifr_name[0] = libc::c_char::from_ne_bytes([b'l']);
+    req.ifr_name[1] = libc::c_char::from_ne_bytes([b'o']);
+    let up = libc::c_short::try_from(libc::IFF_UP).map_err(std::io::Error::other)?;
+    // SAFETY: `fd` is an open socket and `req` a valid ifreq naming "lo" (NUL-terminated by the zeroing);
+    // SIOCGIFFLAGS writes only into `req`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS above filled the `ifru_flags` member of the union, so it is the one to read.
+    unsafe { req.ifr_ifru.ifru_flags |= up };
+    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Resolvers from `HYPERFLEET_DNS` (container runtime), else the ones the guest kernel got from `ip=`
@@ -72,10 +84,15 @@ pub fn write_resolv_conf(servers: &[Ipv4Addr]) {
     let text: String = servers.iter().map(|s| format!("nameserver {s}\n")).collect();
     let path = Path::new("/etc/resolv.conf");
     // A symlink (e.g. into /run/systemd) would point nowhere here: replace it with a file.
-    if path.is_symlink() {
-        let _ = std::fs::remove_file(path);
+    if path.is_symlink()
+        && let Err(e) = std::fs::remove_file(path)
+    {
+        eprintln!("hyperfleet-agent: remove the /etc/resolv.conf symlink: {e}");
     }
-    let _ = std::fs::create_dir_all("/etc");
+    // A failure here shows as the write's error just below.
+    if let Err(e) = std::fs::create_dir_all("/etc") {
+        eprintln!("hyperfleet-agent: create /etc: {e}");
+    }
     if let Err(e) = std::fs::write(path, text) {
         eprintln!("hyperfleet-agent: write /etc/resolv.conf: {e}");
     }
@@ -90,15 +107,18 @@ pub fn set_hostname_from_env() {
 }
 
 /// Ends every other process, syncs, and then powers the VM off (Firecracker exits on the guest's reset) or,
-/// in a container, exits, which ends the container.
-pub async fn shutdown(in_vm: bool) -> ! {
+/// in a container, exits, which ends the container. Blocking: called once the runtime is done.
+pub fn shutdown(in_vm: bool) -> ! {
+    // kill(-1) fails only with ESRCH, when no other process is left: nothing to end then.
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::thread::sleep(Duration::from_millis(500));
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     nix::unistd::sync();
     if in_vm {
         // With `reboot=k` a reset goes through the keyboard controller, which makes Firecracker exit.
-        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+        // reboot() returns only when it failed.
+        let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+        eprintln!("hyperfleet-agent: reboot: {e}");
     }
     std::process::exit(0)
 }

@@ -61,24 +61,31 @@ fn main() {
     }
     if pid1 {
         init::mount_filesystems();
-        init::loopback_up();
+        if let Err(e) = init::loopback_up() {
+            eprintln!("hyperfleet-agent: bring up lo: {e}");
+        }
         init::set_hostname_from_env();
         init::write_resolv_conf(&init::boot_resolvers());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let in_vm = matches!(listen, Listen::Vsock(_));
-    let code = rt.block_on(async move {
-        match serve(listen).await {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("hyperfleet-agent: {e}");
-                1
+    let code = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt.block_on(async move {
+            match serve(listen).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("hyperfleet-agent: {e}");
+                    1
+                }
             }
+        }),
+        Err(e) => {
+            eprintln!("hyperfleet-agent: cannot start the runtime: {e}");
+            1
         }
-    });
+    };
     if pid1 {
         // PID 1 must never simply return: the kernel would panic. Power off instead.
-        rt.block_on(init::shutdown(in_vm));
+        init::shutdown(in_vm);
     }
     std::process::exit(code);
 }
@@ -112,7 +119,12 @@ async fn serve(listen: Listen) -> std::io::Result<()> {
             accept_loop!(l)
         }
         Listen::Unix(path) => {
-            let _ = std::fs::remove_file(&path);
+            // A socket left by an earlier run; a failure other than "not there" shows as bind's error.
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!("hyperfleet-agent: remove {path}: {e}");
+            }
             if let Some(dir) = std::path::Path::new(&path).parent() {
                 std::fs::create_dir_all(dir)?;
             }
@@ -137,11 +149,15 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(ctx: Arc<Ctx>, stream: S) {
         Ok(req) => req,
         Err(proto::ProtoError::Closed) => return,
         Err(e) => {
-            let _ = proto::write_json(&mut w, &files::fail(ErrorKind::BadRequest, e.to_string())).await;
+            // Best effort: a host that sent garbage may not be listening for the answer.
+            if let Err(e) = proto::write_json(&mut w, &files::fail(ErrorKind::BadRequest, e.to_string())).await {
+                eprintln!("hyperfleet-agent: answering a bad request: {e}");
+            }
             return;
         }
     };
-    let _ = match req {
+    let op = request_name(&req);
+    let res = match req {
         Request::Ping => proto::write_json(&mut w, &Response::Ok).await,
         Request::Exec(spec) => exec::run(&ctx.reaper, &mut r, &mut w, spec).await,
         Request::WriteFile { path, mode, max_size } => {
@@ -153,8 +169,26 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(ctx: Arc<Ctx>, stream: S) {
         Request::Delete { path, recursive } => proto::write_json(&mut w, &files::delete(&path, recursive).await).await,
         Request::Shutdown => {
             let res = proto::write_json(&mut w, &Response::Ok).await;
+            // Fails only when the accept loop has ended already, i.e. the agent is stopping anyway.
             let _ = ctx.shutdown.send(()).await;
             res
         }
     };
+    match res {
+        // The host hung up (it gave up waiting, or the command's output was no longer wanted): routine.
+        Ok(()) | Err(proto::ProtoError::Closed) => {}
+        Err(e) => eprintln!("hyperfleet-agent: {op}: {e}"),
+    }
+}
+
+fn request_name(req: &Request) -> &'static str {
+    match req {
+        Request::Ping => "ping",
+        Request::Exec(_) => "exec",
+        Request::WriteFile { .. } => "write file",
+        Request::ReadFile { .. } => "read file",
+        Request::Stat { .. } => "stat",
+        Request::Delete { .. } => "delete",
+        Request::Shutdown => "shutdown",
+    }
 }

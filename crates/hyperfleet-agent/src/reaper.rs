@@ -39,7 +39,8 @@ impl Reaper {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         let child = cmd.spawn()?;
         let (tx, rx) = oneshot::channel();
-        waiting.insert(child.id() as i32, tx);
+        // pid_t is an i32 that std hands out as u32: reinterpreting the bits gives it back exactly.
+        waiting.insert(child.id().cast_signed(), tx);
         Ok((child, rx))
     }
 
@@ -53,6 +54,7 @@ impl Reaper {
                 Ok(_) => continue,
             };
             if let Some(tx) = waiting.remove(&pid.as_raw()) {
+                // Fails only when the exec that waited for it is gone (its host hung up): nobody to tell.
                 let _ = tx.send(code);
             }
         }

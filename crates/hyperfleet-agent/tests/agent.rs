@@ -1,11 +1,12 @@
 //! The real agent binary on the host, driven through the real host-side client: over its unix socket, and
 //! through a stand-in for Firecracker's vsock unix socket that implements its `CONNECT` handshake exactly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use hyperfleet_agent_proto::client::{AgentClient, ClientError, Endpoint, ExecEvent};
+use hyperfleet_agent_proto::client::{AgentClient, ClientError, DEFAULT_MAX_OUTPUT as MAX_OUT, Endpoint, ExecEvent};
 use hyperfleet_agent_proto::{ErrorKind, ExecSpec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -44,6 +45,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // Both fail only if the agent exited already (a test that shut it down): nothing left to stop.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -71,7 +73,7 @@ async fn exec_returns_exit_code_and_both_streams() {
     let agent = Agent::start();
     let c = agent.client();
     c.ping().await.unwrap();
-    let out = c.exec_collect(spec(&["sh", "-c", "echo out; echo err >&2; exit 3"]), b"").await.unwrap();
+    let out = c.exec_collect(spec(&["sh", "-c", "echo out; echo err >&2; exit 3"]), b"", MAX_OUT).await.unwrap();
     assert_eq!(out.exit.exit_code, 3);
     assert_eq!(out.stdout, b"out\n");
     assert_eq!(out.stderr, b"err\n");
@@ -80,7 +82,7 @@ async fn exec_returns_exit_code_and_both_streams() {
     let mut s = spec(&["sh", "-c", "pwd; echo $GREETING; cat"]);
     s.cwd = Some(agent.dir.path().display().to_string());
     s.env.insert("GREETING".into(), "hello".into());
-    let out = c.exec_collect(s, b"from stdin").await.unwrap();
+    let out = c.exec_collect(s, b"from stdin", MAX_OUT).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{}\nhello\nfrom stdin", agent.dir.path().display()));
     assert_eq!(out.exit.exit_code, 0);
 }
@@ -89,7 +91,7 @@ async fn exec_returns_exit_code_and_both_streams() {
 async fn exec_of_a_missing_program_or_cwd_is_a_clear_error() {
     let agent = Agent::start();
     let c = agent.client();
-    match c.exec_collect(spec(&["/no/such/program"]), b"").await {
+    match c.exec_collect(spec(&["/no/such/program"]), b"", MAX_OUT).await {
         Err(ClientError::Agent { kind: ErrorKind::SpawnFailed, message }) => {
             assert!(message.contains("/no/such/program"))
         }
@@ -97,7 +99,10 @@ async fn exec_of_a_missing_program_or_cwd_is_a_clear_error() {
     }
     let mut s = spec(&["true"]);
     s.cwd = Some("/no/such/dir".into());
-    assert!(matches!(c.exec_collect(s, b"").await, Err(ClientError::Agent { kind: ErrorKind::InvalidPath, .. })));
+    assert!(matches!(
+        c.exec_collect(s, b"", MAX_OUT).await,
+        Err(ClientError::Agent { kind: ErrorKind::InvalidPath, .. })
+    ));
 }
 
 #[tokio::test]
@@ -107,7 +112,7 @@ async fn timeout_kills_the_whole_process_group() {
     let mut s = spec(&["sh", "-c", &format!("sleep 300 & echo $! > {pidfile}; sleep 300")]);
     s.timeout_ms = 500;
     let t = Instant::now();
-    let out = agent.client().exec_collect(s, b"").await.unwrap();
+    let out = agent.client().exec_collect(s, b"", MAX_OUT).await.unwrap();
     assert!(out.exit.timed_out);
     assert_eq!(out.exit.exit_code, 137, "killed by SIGKILL");
     assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
@@ -126,7 +131,7 @@ async fn background_children_do_not_hold_exec_open() {
     let t = Instant::now();
     let out = agent
         .client()
-        .exec_collect(spec(&["sh", "-c", &format!("sleep 30 & echo $! > {pidfile}; echo started")]), b"")
+        .exec_collect(spec(&["sh", "-c", &format!("sleep 30 & echo $! > {pidfile}; echo started")]), b"", MAX_OUT)
         .await
         .unwrap();
     assert_eq!(out.stdout, b"started\n");
@@ -141,7 +146,7 @@ async fn output_over_the_cap_is_truncated_and_flagged() {
     let agent = Agent::start();
     let mut s = spec(&["sh", "-c", "head -c 300000 /dev/zero"]);
     s.max_output = Some(1000);
-    let out = agent.client().exec_collect(s, b"").await.unwrap();
+    let out = agent.client().exec_collect(s, b"", MAX_OUT).await.unwrap();
     assert_eq!(out.stdout.len(), 1000);
     assert!(out.exit.stdout_truncated);
     assert!(!out.exit.stderr_truncated);
@@ -185,7 +190,7 @@ async fn upload(c: &AgentClient, path: &str, data: &[u8], mode: Option<u32>) -> 
 
 async fn download(c: &AgentClient, path: &str) -> Result<Vec<u8>, ClientError> {
     let mut r = c.read_file(path, None).await?;
-    let mut out = Vec::with_capacity(r.size as usize);
+    let mut out = Vec::new();
     while let Some(chunk) = r.next_chunk().await? {
         out.extend_from_slice(&chunk);
     }
@@ -196,7 +201,7 @@ async fn download(c: &AgentClient, path: &str) -> Result<Vec<u8>, ClientError> {
 async fn large_files_round_trip_byte_exact() {
     let agent = Agent::start();
     let c = agent.client();
-    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0]).collect();
     let path = agent.path("deep/nested/dir/big.bin");
     assert_eq!(upload(&c, &path, &data, Some(0o600)).await.unwrap(), data.len() as u64);
     let st = c.stat(&path).await.unwrap();
@@ -252,7 +257,8 @@ async fn concurrent_requests_are_served_independently() {
             let c = c.clone();
             let path = agent.path(&format!("f{i}"));
             tokio::spawn(async move {
-                let out = c.exec_collect(spec(&["sh", "-c", &format!("sleep 0.2; echo {i}")]), b"").await.unwrap();
+                let out =
+                    c.exec_collect(spec(&["sh", "-c", &format!("sleep 0.2; echo {i}")]), b"", MAX_OUT).await.unwrap();
                 assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{i}\n"));
                 upload(&c, &path, format!("content {i}").as_bytes(), None).await.unwrap();
                 assert_eq!(download(&c, &path).await.unwrap(), format!("content {i}").as_bytes());
@@ -293,6 +299,7 @@ async fn fake_firecracker_vsock(uds: PathBuf, guest_port: u32, guest: PathBuf) {
             };
             let mut stream = stream.into_inner();
             stream.write_all(format!("OK {host_port}\n").as_bytes()).await.unwrap();
+            // Ends with an error when either side hangs up, which is how every connection ends here.
             let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
         });
     }
@@ -307,7 +314,7 @@ async fn through_firecrackers_vsock_handshake() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let c = AgentClient::new(Endpoint::FirecrackerVsock { uds: uds.clone(), port: 52 });
-    let out = c.exec_collect(spec(&["echo", "over vsock"]), b"").await.unwrap();
+    let out = c.exec_collect(spec(&["echo", "over vsock"]), b"", MAX_OUT).await.unwrap();
     assert_eq!(out.stdout, b"over vsock\n");
 
     // A port nothing listens on in the guest: Firecracker closes the connection.
@@ -319,6 +326,7 @@ async fn through_firecrackers_vsock_handshake() {
 
     // A dead guest: Firecracker gone, its socket file left behind.
     mux.abort();
+    // A JoinError saying "cancelled" is what aborting it means.
     let _ = mux.await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(matches!(c.ping().await, Err(ClientError::Unreachable(_))));
@@ -343,4 +351,15 @@ async fn an_agent_of_another_protocol_version_is_refused() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn stdin_frames_survive_output_arriving_mid_frame() {
+    // `cat` answers while stdin is still streaming in: a stdin frame half-read when output arrives must not
+    // be lost (the agent keeps its read across select iterations).
+    let agent = Agent::start();
+    let data: Vec<u8> = (0..768u32 << 10).map(|i| (i.wrapping_mul(2_654_435_761) >> 11).to_le_bytes()[0]).collect();
+    let out = agent.client().exec_collect(spec(&["cat"]), &data, MAX_OUT).await.unwrap();
+    assert_eq!(out.exit.exit_code, 0, "{:?}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == data, "stdout differs ({} of {} bytes)", out.stdout.len(), data.len());
 }

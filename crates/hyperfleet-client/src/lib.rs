@@ -68,6 +68,10 @@ pub struct Client {
 }
 
 impl Client {
+    #[allow(
+        clippy::expect_used,
+        reason = "reqwest is built without TLS and without a custom resolver, the only settings whose set-up can fail"
+    )]
     pub fn new(base_url: &str, api_key: Option<String>) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))

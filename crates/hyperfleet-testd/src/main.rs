@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -20,6 +21,12 @@ type Body = BoxBody<Bytes, hyper::Error>;
 
 fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn status(code: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = code;
+    r
 }
 
 fn pattern(n: u64) -> Body {
@@ -78,17 +85,19 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
                         }
                     }
                 });
-                Response::builder()
-                    .status(StatusCode::SWITCHING_PROTOCOLS)
-                    .header("upgrade", "websocket")
-                    .header("connection", "upgrade")
-                    .header("sec-websocket-accept", accept)
-                    .body(full(""))
-                    .expect("valid response")
+                // The accept key is base64, always a valid header value.
+                let Ok(accept) = HeaderValue::from_str(&accept) else {
+                    return Ok(status(StatusCode::INTERNAL_SERVER_ERROR, "bad accept key"));
+                };
+                let mut r = status(StatusCode::SWITCHING_PROTOCOLS, "");
+                r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                r.headers_mut().insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+                r
             }
-            None => Response::builder().status(400).body(full("not a websocket request")).expect("valid response"),
+            None => status(StatusCode::BAD_REQUEST, "not a websocket request"),
         },
-        _ => Response::builder().status(404).body(full("no such route")).expect("valid response"),
+        _ => status(StatusCode::NOT_FOUND, "no such route"),
     };
     Ok(resp)
 }
@@ -96,17 +105,27 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(8080);
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
+    let listener = match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("hyperfleet-testd: bind port {port}: {e}");
+            std::process::exit(1);
+        }
+    };
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(handle);
-            let _ = hyper::server::conn::http1::Builder::new()
+            let served = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades()
                 .await;
+            // A client that hangs up mid-request is routine for the tests; say so on stderr and go on.
+            if let Err(e) = served {
+                eprintln!("hyperfleet-testd: connection: {e}");
+            }
         });
     }
 }
