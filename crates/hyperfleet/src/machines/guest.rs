@@ -140,9 +140,12 @@ impl<H: Host> Service<H> {
         spec.timeout_ms =
             u64::try_from(plan.timeout.saturating_sub(started.elapsed()).as_millis()).unwrap_or(u64::MAX).max(1);
         // The agent enforces the timeout; the margin only covers a guest that stops answering.
-        let out = tokio::time::timeout(plan.timeout + Duration::from_secs(5), agent.exec_collect(spec, &plan.stdin))
-            .await
-            .map_err(|_| plan.timeout_error())?;
+        let out = tokio::time::timeout(
+            plan.timeout + Duration::from_secs(5),
+            agent.exec_collect(spec, &plan.stdin, EXEC_OUTPUT_CAP),
+        )
+        .await
+        .map_err(|_| plan.timeout_error())?;
         let out = match out {
             Ok(o) => o,
             // A program that cannot be started answers like a shell would: exit code 127.
