@@ -15,19 +15,26 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::reaper::Reaper;
 
-const USAGE: &str = "usage: hyperfleet-agent [--listen vsock:PORT | --listen unix:PATH]\n\
-  Default: unix:$HYPERFLEET_AGENT_SOCKET when set, else vsock:52. Run as PID 1 it also mounts /proc, /sys,\n\
+const USAGE: &str = "usage: hyperfleet-agent [--listen vsock:PORT | --listen unix:PATH | --listen fd:N]\n\
+  Default: fd:3 when LISTEN_FDS=1 (a listening socket handed over by the host), else\n\
+  unix:$HYPERFLEET_AGENT_SOCKET when set, else vsock:52. Run as PID 1 it also mounts /proc, /sys,\n\
   /dev, /run, /tmp, brings up lo, writes /etc/resolv.conf and reaps orphans.";
+
+/// The first descriptor of socket activation (`LISTEN_FDS`): 0-2 are stdio.
+const FIRST_LISTEN_FD: i32 = 3;
 
 #[derive(Debug, Clone)]
 enum Listen {
     Vsock(u32),
     Unix(String),
+    /// A listening unix socket the host made and passed in: the guest never sees its path on the host.
+    Fd(i32),
 }
 
 fn parse_args() -> Result<Listen, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let spec = match args.as_slice() {
+        [] if std::env::var("LISTEN_FDS").is_ok_and(|n| n.trim() == "1") => format!("fd:{FIRST_LISTEN_FD}"),
         [] => match std::env::var("HYPERFLEET_AGENT_SOCKET") {
             Ok(p) => format!("unix:{p}"),
             Err(_) => format!("vsock:{}", proto::AGENT_PORT),
@@ -41,6 +48,9 @@ fn parse_args() -> Result<Listen, String> {
     }
     if let Some(path) = spec.strip_prefix("unix:") {
         return Ok(Listen::Unix(path.to_string()));
+    }
+    if let Some(fd) = spec.strip_prefix("fd:") {
+        return fd.parse().ok().filter(|n| *n > 2).map(Listen::Fd).ok_or_else(|| format!("bad fd '{fd}'\n{USAGE}"));
     }
     Err(format!("bad --listen '{spec}'\n{USAGE}"))
 }
@@ -116,6 +126,17 @@ async fn serve(listen: Listen) -> std::io::Result<()> {
     match listen {
         Listen::Vsock(port) => {
             let l = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port))?;
+            accept_loop!(l)
+        }
+        Listen::Fd(fd) => {
+            use std::os::fd::FromRawFd;
+            // Not inherited by the commands we run: only the agent answers on it.
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+            // SAFETY: the host handed us `fd` as an open listening unix socket (LISTEN_FDS convention) and
+            // nothing else in this process uses it; the listener owns and closes it from here on.
+            let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+            std_listener.set_nonblocking(true)?;
+            let l = tokio::net::UnixListener::from_std(std_listener)?;
             accept_loop!(l)
         }
         Listen::Unix(path) => {

@@ -1,5 +1,7 @@
 //! Attacks a guest or a client can try, each asserted to fail against the real daemon: reaching the cloud
-//! metadata address, exposing every port, running unboundedly many commands at once.
+//! metadata address, exposing every port, running unboundedly many commands at once, filling the disk through
+//! the console, planting device nodes or setuid files for the host, redirecting the agent channel, making
+//! namespaces or mounts inside, and naming files outside the assets directory as images.
 
 mod common;
 
@@ -116,4 +118,150 @@ async fn a_guest_cannot_fill_the_disk_through_its_console() {
     // The machine's log stays readable through the API.
     let logs = d.client.machine_logs(&m.id, 5).await.unwrap();
     assert!(!logs.lines.is_empty());
+}
+
+/// The mount options of the mount point `path` on the host.
+fn mount_options(path: &std::path::Path) -> String {
+    let canon = path.canonicalize().unwrap();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find(|l| l.split_whitespace().nth(4) == Some(canon.to_str().unwrap()))
+        .map(|l| l.split_whitespace().nth(5).unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+#[ignore = "needs root: runc container guest, setpriv as another user"]
+#[tokio::test]
+async fn a_guest_cannot_plant_devices_or_setuid_files_for_the_host() {
+    let d = Daemon::start(Options::default()).await;
+    let m = running(&d, machine("planter")).await;
+    // No device nodes at all inside.
+    let (code, _, _) = sh(&d, &m.id, "mknod /root/disk b 7 0").await;
+    assert_ne!(code, 0, "mknod worked in the guest");
+    // A setuid-root program is easy to make inside (the guest is root there)...
+    let id_bin = std::fs::read("/usr/bin/id").unwrap();
+    d.client.upload_file(&m.id, "/root/id", &id_bin, Some(0o4755)).await.unwrap();
+    let (_, mode, _) = sh(&d, &m.id, "stat -c %a /root/id").await;
+    assert_eq!(mode.trim(), "4755");
+    // ...but the machine's disk is mounted nosuid,nodev on the host, so it grants nothing there.
+    let root = d.dir.path().join("machines").join(&m.id).join("bundle/rootfs");
+    let opts = mount_options(&root);
+    assert!(opts.contains("nosuid") && opts.contains("nodev"), "{opts}");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(root.join("root/id"))
+        .arg("-u")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65534", "the setuid bit was honoured on the host");
+    // And no host directory is shared with the guest at all.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.parent().unwrap().join("config.json")).unwrap()).unwrap();
+    assert!(config["mounts"].as_array().unwrap().iter().all(|m| m["type"] != "bind"), "{}", config["mounts"]);
+}
+
+#[ignore = "needs root: runc container guests"]
+#[tokio::test]
+async fn a_guest_cannot_redirect_the_agent_channel_to_another_machine() {
+    let d = Daemon::start(Options::default()).await;
+    let a = running(&d, machine("alpha")).await;
+    let b = running(&d, machine("bravo")).await;
+    // Where the agent socket used to be shared, and where the host keeps B's socket: neither is the guest's
+    // to see. Plant symlinks everywhere it could matter anyway.
+    let host_b = d.dir.path().join(format!("hyperfleet-{}.agent", b.id));
+    let script = format!(
+        "mkdir -p /run/hyperfleet $(dirname {p}); ln -sf {p} /run/hyperfleet/agent.sock; ln -sf {p} {p}.x; ls {dir}",
+        p = host_b.display(),
+        dir = d.dir.path().display()
+    );
+    let (_, _, listed) = sh(&d, &a.id, &script).await;
+    assert!(
+        !listed.contains(".agent") || listed.contains("No such file"),
+        "the host's socket directory is visible: {listed}"
+    );
+    for _ in 0..3 {
+        let (_, name, _) = sh(&d, &a.id, "hostname").await;
+        assert_eq!(name.trim(), "alpha", "exec in A ran elsewhere");
+    }
+    let (_, name, _) = sh(&d, &b.id, "hostname").await;
+    assert_eq!(name.trim(), "bravo");
+    // Stopping A stops A only.
+    d.client.stop_machine(&a.id).await.unwrap();
+    assert_eq!(d.client.get_machine(&b.id).await.unwrap().status, MachineStatus::Running);
+    assert_eq!(sh(&d, &b.id, "hostname").await.1.trim(), "bravo");
+}
+
+#[ignore = "needs root: runc container guests"]
+#[tokio::test]
+async fn namespaces_mounts_and_kernel_keyrings_are_refused_inside() {
+    let d = Daemon::start(Options::default()).await;
+    let m = running(&d, machine("escaper")).await;
+    for (what, cmd) in [
+        ("a user namespace", "unshare -Urn true"),
+        ("a mount namespace", "unshare -m true"),
+        ("a mount", "mount -t tmpfs none /mnt"),
+        ("joining the host's namespaces", "nsenter -t 1 -m true"),
+    ] {
+        let (code, out, err) = sh(&d, &m.id, cmd).await;
+        assert_ne!(code, 0, "{what} was allowed: {out}{err}");
+    }
+    let (_, status, _) = sh(&d, &m.id, "grep -E '^(Seccomp|NoNewPrivs|CapEff)' /proc/self/status").await;
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    // Ordinary work still works: files, users' ownership, ping of the gateway.
+    let (code, _, err) =
+        sh(&d, &m.id, &format!("touch /root/f && chown 1000:1000 /root/f && ping -c 1 -W 2 {}", m.tap_ip)).await;
+    assert_eq!(code, 0, "{err}");
+}
+
+#[ignore = "needs root: the daemon sets up host networking"]
+#[tokio::test]
+async fn images_are_confined_to_the_assets_directory() {
+    // Assets of its own, so the test can change them.
+    let assets = tempfile::tempdir().unwrap();
+    let shared = common::assets();
+    for f in ["vmlinux", "rootfs.ext4"] {
+        let ok = std::process::Command::new("cp")
+            .args(["--sparse=always"])
+            .arg(shared.join(f))
+            .arg(assets.path().join(f))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+    let a = assets.path().display().to_string();
+    let d = Daemon::start(Options {
+        env: vec![
+            ("HYPERFLEET_ASSETS_DIR".into(), a.clone()),
+            ("HYPERFLEET_KERNEL_IMAGE_PATH".into(), format!("{a}/vmlinux")),
+            ("HYPERFLEET_ROOTFS_PATH".into(), format!("{a}/rootfs.ext4")),
+        ],
+        ..Default::default()
+    })
+    .await;
+    // Another machine's private disk is not an image.
+    let victim = running(&d, machine("victim")).await;
+    let disk = d.dir.path().join("machines").join(&victim.id).join("rootfs.ext4");
+    assert!(disk.exists());
+    let req = CreateMachine { rootfs_path: Some(disk.display().to_string()), ..machine("thief") };
+    let e = d.client.create_machine(&req).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    // A symlink inside the assets directory is refused at create...
+    std::os::unix::fs::symlink("/etc/shadow", assets.path().join("link.ext4")).unwrap();
+    let req = CreateMachine { rootfs_path: Some(format!("{a}/link.ext4")), ..machine("linked") };
+    let e = d.client.create_machine(&req).await.unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    // ...and a file swapped for one between create and start is refused at start.
+    let custom = assets.path().join("custom.ext4");
+    std::fs::copy(assets.path().join("vmlinux"), &custom).unwrap();
+    let req = CreateMachine { rootfs_path: Some(custom.display().to_string()), ..machine("swapped") };
+    let m = d.client.create_machine(&req).await.unwrap();
+    std::fs::remove_file(&custom).unwrap();
+    std::os::unix::fs::symlink(&disk, &custom).unwrap();
+    let e = d.client.start_machine(&m.id).await.unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    let after = d.client.get_machine(&m.id).await.unwrap();
+    assert_eq!(after.status, MachineStatus::Failed);
+    assert!(!d.dir.path().join("machines").join(&m.id).join("rootfs.ext4").exists(), "nothing was copied");
 }

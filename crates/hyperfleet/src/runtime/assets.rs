@@ -4,7 +4,6 @@
 //! machine at another file of the host.
 
 use std::fs::File;
-use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Component, Path, PathBuf};
 
@@ -90,7 +89,7 @@ mod tests {
         std::fs::rename(root.join("disk"), root.join("old")).unwrap();
         std::os::unix::fs::symlink("/etc/hostname", root.join("disk")).unwrap();
         let mut text = String::new();
-        io::Read::read_to_string(&mut &file, &mut text).unwrap();
+        std::io::Read::read_to_string(&mut &file, &mut text).unwrap();
         assert_eq!(text, "original");
     }
 }

@@ -10,17 +10,20 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use hyperfleet_agent_proto::client::{AgentClient, Endpoint};
+use std::os::fd::AsRawFd;
+
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder,
-    Spec,
+    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp,
+    LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator, LinuxSyscallBuilder, Mount,
+    MountBuilder, ProcessBuilder, RootBuilder, Spec,
 };
 use tokio::process::Command;
 
 use super::{BootSpec, Booted, MachineFiles, RuntimeError, process};
 
-/// Where the agent's socket directory is mounted inside the container.
-const AGENT_DIR_IN_GUEST: &str = "/run/hyperfleet";
+/// The descriptor the agent's listening socket has inside the container (socket activation: `LISTEN_FDS=1`).
+const AGENT_FD: i32 = 3;
 /// runc's state directory for our containers, apart from anyone else's.
 const RUNC_ROOT: &str = "/run/hyperfleet/runc";
 
@@ -50,7 +53,7 @@ impl Container {
     }
 
     pub fn agent(files: &MachineFiles) -> AgentClient {
-        AgentClient::new(Endpoint::Unix(files.agent_dir.join("agent.sock")))
+        AgentClient::new(Endpoint::Unix(files.agent_socket.clone()))
     }
 
     fn runc(&self) -> Result<Command, RuntimeError> {
@@ -133,22 +136,22 @@ impl Container {
         }
     }
 
-    /// The OCI `config.json` of a machine: its init (the agent) with the agent socket and DNS in its
-    /// environment, cgroup limits from the machine's vCPUs and memory, the namespace made for it.
-    pub fn spec(m: &BootSpec, files: &MachineFiles, netns: &Path) -> Result<Spec, RuntimeError> {
+    /// The OCI `config.json` of a machine: its init (the agent) with its listening socket as descriptor 3 and
+    /// DNS in its environment, cgroup limits from the machine's vCPUs and memory, the namespace made for it,
+    /// a minimal capability set, no new privileges and a seccomp filter. Nothing of the host is mounted in.
+    pub fn spec(m: &BootSpec, netns: &Path) -> Result<Spec, RuntimeError> {
         let net = &m.net;
         let e = RuntimeError::Spec;
+        // What root in a sandbox needs for ordinary work (file ownership, users, low ports, ping), and no more:
+        // no device nodes (MKNOD), no file capabilities (SETFCAP), no audit, nothing of CAP_SYS_*/NET_ADMIN.
         let caps: HashSet<Capability> = [
-            Capability::AuditWrite,
             Capability::Chown,
             Capability::DacOverride,
             Capability::Fowner,
             Capability::Fsetid,
             Capability::Kill,
-            Capability::Mknod,
             Capability::NetBindService,
             Capability::NetRaw,
-            Capability::Setfcap,
             Capability::Setgid,
             Capability::Setpcap,
             Capability::Setuid,
@@ -162,7 +165,7 @@ impl Container {
             .args(vec!["/sbin/init".to_string()])
             .env(vec![
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-                format!("HYPERFLEET_AGENT_SOCKET={AGENT_DIR_IN_GUEST}/agent.sock"),
+                "LISTEN_FDS=1".to_string(),
                 format!("HYPERFLEET_DNS={}", dns.join(",")),
             ])
             .cwd("/")
@@ -172,6 +175,9 @@ impl Container {
                     .bounding(caps.clone())
                     .effective(caps.clone())
                     .permitted(caps)
+                    // Explicitly empty: the builder's defaults name capabilities outside the bounding set.
+                    .inheritable(HashSet::new())
+                    .ambient(HashSet::new())
                     .build()
                     .map_err(e)?,
             )
@@ -186,17 +192,7 @@ impl Container {
                 .options(vec!["nosuid".into(), "nodev".into(), format!("mode={mode}")])
                 .build()
         };
-        // /run first, so the agent sees it mounted and the socket directory below stays visible.
         mounts.push(tmpfs("/run", "755").map_err(e)?);
-        mounts.push(
-            MountBuilder::default()
-                .destination(AGENT_DIR_IN_GUEST)
-                .typ("bind")
-                .source(&files.agent_dir)
-                .options(vec!["rbind".into(), "rw".into()])
-                .build()
-                .map_err(e)?,
-        );
         mounts.push(tmpfs("/tmp", "1777").map_err(e)?);
         let ns = |typ: LinuxNamespaceType| LinuxNamespaceBuilder::default().typ(typ).build();
         let namespaces = vec![
@@ -225,6 +221,7 @@ impl Container {
             .cgroups_path(PathBuf::from(format!("/hyperfleet/{}", m.id)))
             .masked_paths(oci_spec::runtime::get_default_maskedpaths())
             .readonly_paths(oci_spec::runtime::get_default_readonly_paths())
+            .seccomp(seccomp()?)
             .build()
             .map_err(e)?;
         let mut spec = Spec::default();
@@ -242,9 +239,9 @@ impl Container {
         if let Some(why) = self.unavailable() {
             return Err(RuntimeError::Unavailable(why));
         }
-        std::fs::create_dir_all(&files.agent_dir).map_err(RuntimeError::io("create", &files.agent_dir))?;
-        process::remove_file_logged(&files.agent_dir.join("agent.sock"));
-        Self::spec(m, files, netns)?.save(files.bundle.join("config.json"))?;
+        Self::spec(m, netns)?.save(files.bundle.join("config.json"))?;
+        // The agent's socket: made here, in a directory only the daemon can enter, and passed in open.
+        let agent = agent_listener(&files.agent_socket)?;
         let cid = container_id(&m.id);
         // A container of that name left by a crash would make `run` fail; usually there is none to delete.
         self.runc_quiet(&["delete", "--force", &cid]).await;
@@ -252,18 +249,34 @@ impl Container {
         process::remove_file_logged(&pid_file);
         let console = files.open_console_log()?;
         let console_err = console.try_clone().map_err(RuntimeError::io("open", &files.console_log))?;
-        let status = self
-            .runc()?
-            .arg("run")
+        let mut run = self.runc()?;
+        run.arg("run")
             .arg("--detach")
             .arg("--bundle")
             .arg(&files.bundle)
             .arg("--pid-file")
             .arg(&pid_file)
+            .arg("--preserve-fds")
+            .arg("1")
             .arg(&cid)
             .stdin(Stdio::null())
             .stdout(console)
-            .stderr(console_err)
+            .stderr(console_err);
+        let listener_fd = agent.as_raw_fd();
+        // SAFETY: runs in the forked child before exec and only calls dup2/fcntl, which are async-signal-safe;
+        // it touches no memory shared with the parent. It puts the agent's listening socket at descriptor 3
+        // without close-on-exec, which `--preserve-fds 1` hands on to the container's init.
+        unsafe {
+            run.pre_exec(move || {
+                if listener_fd == AGENT_FD {
+                    nix::fcntl::fcntl(AGENT_FD, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+                } else {
+                    nix::unistd::dup2(listener_fd, AGENT_FD)?;
+                }
+                Ok(())
+            });
+        }
+        let status = run
             .status()
             .await
             .map_err(|e| RuntimeError::Command { command: "runc run".into(), message: e.to_string() })?;
@@ -314,8 +327,126 @@ impl Container {
         }
         // Refused when the container is already gone, which is the usual case after a clean shutdown.
         self.runc_quiet(&["delete", "--force", &cid]).await;
-        process::remove_file_logged(&files.agent_dir.join("agent.sock"));
+        process::remove_file_logged(&files.agent_socket);
     }
+}
+
+/// A fresh listening socket at `path` (replacing a stale one), readable by the daemon only.
+fn agent_listener(path: &Path) -> Result<std::os::unix::net::UnixListener, RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    process::remove_file_logged(path);
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(RuntimeError::io("listen on", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(RuntimeError::io("chmod", path))?;
+    Ok(listener)
+}
+
+/// System calls a guest may not make (EPERM), on top of what its capabilities already refuse: the kernel
+/// surface container engines close by default — new user (and other) namespaces, mounts, keyrings, BPF,
+/// perf, module and kexec loading, clock and swap changes, reboot, tracing other processes' memory.
+const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "query_module",
+    "quotactl",
+    "quotactl_fd",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "sysfs",
+    "_sysctl",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
+];
+
+/// clone() flags that make new namespaces: refused like `unshare`.
+const NAMESPACE_FLAGS: &[u64] = &[
+    0x0002_0000, // CLONE_NEWNS
+    0x0200_0000, // CLONE_NEWCGROUP
+    0x0400_0000, // CLONE_NEWUTS
+    0x0800_0000, // CLONE_NEWIPC
+    0x1000_0000, // CLONE_NEWUSER
+    0x2000_0000, // CLONE_NEWPID
+    0x4000_0000, // CLONE_NEWNET
+];
+
+fn seccomp() -> Result<LinuxSeccomp, RuntimeError> {
+    let eperm = u32::try_from(libc::EPERM).unwrap_or(1);
+    let mut rules = vec![
+        LinuxSyscallBuilder::default()
+            .names(DENIED_SYSCALLS.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .action(LinuxSeccompAction::ScmpActErrno)
+            .errno_ret(eperm)
+            .build()?,
+        // clone3 passes its flags in memory, where a filter cannot look: make it unavailable, so the C
+        // library falls back to clone, whose flags are checked below.
+        LinuxSyscallBuilder::default()
+            .names(vec!["clone3".to_string()])
+            .action(LinuxSeccompAction::ScmpActErrno)
+            .errno_ret(u32::try_from(libc::ENOSYS).unwrap_or(38))
+            .build()?,
+    ];
+    for flag in NAMESPACE_FLAGS {
+        rules.push(
+            LinuxSyscallBuilder::default()
+                .names(vec!["clone".to_string()])
+                .action(LinuxSeccompAction::ScmpActErrno)
+                .errno_ret(eperm)
+                .args(vec![
+                    LinuxSeccompArgBuilder::default()
+                        .index(0usize)
+                        .value(*flag)
+                        .value_two(*flag)
+                        .op(LinuxSeccompOperator::ScmpCmpMaskedEq)
+                        .build()?,
+                ])
+                .build()?,
+        );
+    }
+    Ok(LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActAllow)
+        .architectures(vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32])
+        .syscalls(rules)
+        .build()?)
 }
 
 fn is_mountpoint(path: &Path) -> bool {
@@ -332,4 +463,66 @@ fn is_mountpoint(path: &Path) -> bool {
 /// /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape_mount(s: &str) -> String {
     s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::GuestNetwork;
+    use hyperfleet_types::RuntimeKind;
+
+    fn boot_spec() -> BootSpec {
+        BootSpec {
+            id: "m1".into(),
+            runtime: RuntimeKind::Container,
+            vcpu_count: 2,
+            mem_size_mib: 256,
+            kernel_image_path: PathBuf::from("/a/vmlinux"),
+            kernel_args: String::new(),
+            rootfs_path: PathBuf::from("/a/rootfs.ext4"),
+            assets_dir: PathBuf::from("/a"),
+            net: GuestNetwork {
+                iface: "tap0".into(),
+                tap_ip: "172.16.0.1".parse().unwrap(),
+                guest_ip: "172.16.0.2".parse().unwrap(),
+                netmask: "255.255.255.252".parse().unwrap(),
+                prefix_len: 30,
+                mac: "AA:FC:00:00:00:01".into(),
+                dns: vec!["10.0.0.53".parse().unwrap()],
+                hostname: "web".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn the_config_confines_the_guest() {
+        let spec = Container::spec(&boot_spec(), Path::new("/run/netns/hf-m1")).unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        let process = &json["process"];
+        assert_eq!(process["args"], serde_json::json!(["/sbin/init"]));
+        assert_eq!(process["noNewPrivileges"], true);
+        let env: Vec<&str> = process["env"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        assert!(env.contains(&"LISTEN_FDS=1") && env.contains(&"HYPERFLEET_DNS=10.0.0.53"), "{env:?}");
+        let caps = process["capabilities"].to_string();
+        for absent in ["CAP_SYS_ADMIN", "CAP_MKNOD", "CAP_NET_ADMIN", "CAP_SYS_PTRACE", "CAP_SETFCAP"] {
+            assert!(!caps.contains(absent), "{absent} in {caps}");
+        }
+        // Nothing of the host is bound in.
+        let mounts = json["mounts"].as_array().unwrap();
+        assert!(mounts.iter().all(|m| m["type"] != "bind"), "{mounts:?}");
+        let linux = &json["linux"];
+        assert_eq!(linux["resources"]["memory"]["limit"], 256 * 1024 * 1024);
+        assert_eq!(linux["resources"]["cpu"]["quota"], 200_000);
+        assert_eq!(linux["resources"]["pids"]["limit"], 4096);
+        let ns = linux["namespaces"].to_string();
+        assert!(ns.contains("/run/netns/hf-m1"), "{ns}");
+        let seccomp = &linux["seccomp"];
+        assert_eq!(seccomp["defaultAction"], "SCMP_ACT_ALLOW");
+        let denied = seccomp["syscalls"][0]["names"].to_string();
+        for name in ["unshare", "mount", "keyctl", "bpf", "perf_event_open", "kexec_load", "setns"] {
+            assert!(denied.contains(&format!("\"{name}\"")), "{name} is not denied");
+        }
+        let clone_rules = seccomp["syscalls"].as_array().unwrap().iter().filter(|r| r["names"][0] == "clone").count();
+        assert_eq!(clone_rules, NAMESPACE_FLAGS.len(), "every namespace flag of clone is refused");
+    }
 }

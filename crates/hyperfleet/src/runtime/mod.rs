@@ -81,7 +81,9 @@ pub struct MachineFiles {
     pub api_socket: PathBuf,
     pub vsock_socket: PathBuf,
     pub bundle: PathBuf,
-    pub agent_dir: PathBuf,
+    /// A container's agent socket: made by the daemon in the (0700) socket directory and handed to the
+    /// agent as an open descriptor, so the guest never sees, renames or replaces it.
+    pub agent_socket: PathBuf,
 }
 
 impl MachineFiles {
@@ -91,7 +93,7 @@ impl MachineFiles {
             disk: dir.join("rootfs.ext4"),
             console_log: dir.join("console.log"),
             bundle: dir.join("bundle"),
-            agent_dir: dir.join("agent"),
+            agent_socket: socket_dir.join(format!("hyperfleet-{id}.agent")),
             api_socket: socket_dir.join(format!("hyperfleet-{id}.sock")),
             vsock_socket: socket_dir.join(format!("hyperfleet-{id}.vsock")),
             dir,
@@ -279,10 +281,11 @@ impl Runtimes {
     }
 
     /// Removes what a machine of any runtime may have left on the host when it has no process: a container's
-    /// mount and namespace, firecracker's sockets. Idempotent.
+    /// mount, namespace and agent socket, firecracker's sockets. Idempotent.
     pub async fn remove_leftovers(&self, id: &str, files: &MachineFiles) {
         Container::unmount_root(files).await;
         remove_netns(id).await;
+        process::remove_file_logged(&files.agent_socket);
         Firecracker::remove_sockets(files);
     }
 
