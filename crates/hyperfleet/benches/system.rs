@@ -612,9 +612,7 @@ fn replace_sections(old: &str, new: &str) -> String {
     fn split(md: &str) -> (String, Vec<(String, String)>) {
         let mut parts = md.split("\n## ");
         let head = parts.next().unwrap_or_default().to_string();
-        let sections = parts
-            .map(|p| (p.lines().next().unwrap_or_default().to_string(), format!("\n## {p}")))
-            .collect();
+        let sections = parts.map(|p| (p.lines().next().unwrap_or_default().to_string(), format!("\n## {p}"))).collect();
         (head, sections)
     }
     let (head, mut sections) = split(old);
