@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use hyperfleet_types::{ErrorBody, ErrorDetail};
 
+use crate::keys::KeyError;
 use crate::machines::Error as MachineError;
 use crate::runtime::RuntimeError;
 
@@ -67,6 +68,19 @@ impl From<MachineError> for ApiError {
             MachineError::Store(_) => (S::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
         };
         Self::new(status, code, message)
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        let message = e.to_string();
+        match e {
+            KeyError::Invalid(_) => Self::validation(message),
+            KeyError::Escalation(_) => Self::new(StatusCode::FORBIDDEN, "FORBIDDEN", message),
+            KeyError::NotFound(_) => Self::not_found(message),
+            KeyError::Unknown | KeyError::Revoked | KeyError::Expired => Self::unauthorized(message),
+            KeyError::Store(e) => e.into(),
+        }
     }
 }
 

@@ -205,5 +205,8 @@ mod tests {
         assert!(doc["components"]["schemas"]["Machine"]["properties"]["guest_ip"].is_object());
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
         assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+        for field in ["created_at", "expires_at", "last_used_at", "revoked_at"] {
+            assert_eq!(doc["components"]["schemas"]["ApiKey"]["properties"][field]["format"], "date-time", "{field}");
+        }
     }
 }
