@@ -201,12 +201,14 @@ pub fn meta_set(conn: &Connection, key: &str, value: &str) -> StoreResult<()> {
     Ok(())
 }
 
-/// 16 random lowercase letters and digits from the OS CSPRNG: machine ids, and the body of key and
-/// request ids. Lowercase so an id can appear in a host name (`{id}-{port}.suffix` proxy routing).
+/// 16 random lowercase letters and digits: machine ids, and the body of key and request ids. Lowercase so an
+/// id can appear in a host name (`{id}-{port}.suffix` proxy routing). From the thread-local CSPRNG (ChaCha,
+/// seeded and reseeded from the OS): reading the OS generator per character was a `getrandom` system call
+/// each, 16 per request for the correlation id. Ids are not secrets; key secrets come from the OS directly.
 pub fn random_id() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rngs::OsRng;
+    let mut rng = rand::thread_rng();
     (0..16).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
 }
 
