@@ -220,7 +220,7 @@ impl Keys {
     }
 
     pub async fn list(&self) -> Result<Vec<ApiKey>, KeyError> {
-        Ok(self.store.read(|c| api_keys::list(c)).await?)
+        Ok(self.store.read(api_keys::list).await?)
     }
 
     /// Revokes a key; requests with it fail from now on (in this process; see [`CACHE_TTL`] for others).
