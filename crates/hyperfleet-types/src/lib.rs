@@ -447,10 +447,14 @@ pub struct ApiKey {
     #[schema(example = "hf_AbCdEfGh")]
     pub key_prefix: String,
     pub scopes: Vec<Scope>,
-    pub expires_at: Option<String>,
-    pub last_used_at: Option<String>,
-    pub created_at: String,
-    pub revoked_at: Option<String>,
+    #[serde(with = "crate::timestamp::option")]
+    pub expires_at: Option<time::OffsetDateTime>,
+    #[serde(with = "crate::timestamp::option")]
+    pub last_used_at: Option<time::OffsetDateTime>,
+    #[serde(with = "crate::timestamp")]
+    pub created_at: time::OffsetDateTime,
+    #[serde(with = "crate::timestamp::option")]
+    pub revoked_at: Option<time::OffsetDateTime>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -459,8 +463,8 @@ pub struct CreateApiKey {
     pub name: String,
     pub scopes: Vec<Scope>,
     /// RFC 3339 time after which the key stops working.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::timestamp::option")]
+    pub expires_at: Option<time::OffsetDateTime>,
 }
 
 /// Returned once, at creation: the only time the secret is shown.
@@ -588,5 +592,21 @@ mod tests {
     fn scopes_use_the_documented_spelling() {
         let s: Vec<Scope> = serde_json::from_str(r#"["machines:read","*","keys:admin"]"#).unwrap();
         assert_eq!(s, vec![Scope::MachinesRead, Scope::All, Scope::KeysAdmin]);
+    }
+
+    #[test]
+    fn key_times_keep_their_json_format() {
+        let json = r#"{"id":"key_a","name":"ci","key_prefix":"hf_AbCdEfGh","scopes":["machines:read"],"expires_at":"2030-01-01T00:00:00.000Z","last_used_at":null,"created_at":"2026-12-01T10:00:00.123Z","revoked_at":null}"#;
+        let key: ApiKey = serde_json::from_str(json).unwrap();
+        assert_eq!(key.created_at, timestamp::parse("2026-12-01T10:00:00.123Z").unwrap());
+        assert_eq!(serde_json::to_string(&key).unwrap(), json);
+        let req: CreateApiKey =
+            serde_json::from_str(r#"{"name":"x","scopes":["*"],"expires_at":"2030-01-01T01:00:00+01:00"}"#).unwrap();
+        assert_eq!(req.expires_at, timestamp::parse("2030-01-01T00:00:00Z"));
+        assert!(serde_json::from_str::<CreateApiKey>(r#"{"name":"x","scopes":["*"],"expires_at":"soon"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&CreateApiKey { name: "x".into(), scopes: vec![], expires_at: None }).unwrap(),
+            r#"{"name":"x","scopes":[]}"#
+        );
     }
 }

@@ -4,6 +4,7 @@ pub mod api;
 pub mod cmd;
 pub mod config;
 pub mod doctor;
+pub mod keys;
 pub mod machines;
 pub mod proxy;
 pub mod runtime;

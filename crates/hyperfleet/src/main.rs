@@ -19,7 +19,7 @@ async fn main() {
             cmd::serve::run(args).await.map(|_| 0)
         }
         Command::Machines(args) => cmd::machines::run(args).await,
-        Command::Keys(args) => cmd::keys::run(args),
+        Command::Keys(args) => cmd::keys::run(args).await,
         Command::Doctor(args) => cmd::doctor::run(args).await,
         Command::Purge(args) => cmd::purge::run(args).await,
         Command::Openapi => {

@@ -328,11 +328,7 @@ async fn auth_matrix() {
     // Expired.
     let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
     let expiring = admin
-        .create_api_key(&CreateApiKey {
-            name: "short".into(),
-            scopes: vec![Scope::All],
-            expires_at: Some(soon.format(&time::format_description::well_known::Rfc3339).unwrap()),
-        })
+        .create_api_key(&CreateApiKey { name: "short".into(), scopes: vec![Scope::All], expires_at: Some(soon) })
         .await
         .unwrap();
     d.client_with(&expiring.key).list_machines(&ListOptions::default()).await.unwrap();
@@ -349,6 +345,73 @@ async fn auth_matrix() {
 }
 
 #[ignore = "needs root: the daemon creates its nftables table at start"]
+#[tokio::test]
+#[ignore = "needs root: starts the daemon (TAP/veth, nftables, runc)"]
+async fn keys_cannot_grant_more_than_they_have() {
+    let d = Daemon::start(Options::default()).await;
+    let fmt = hyperfleet_client::types::timestamp::format;
+    let now = time::OffsetDateTime::now_utc();
+    let limit = now + time::Duration::hours(1);
+    let delegate = d
+        .client
+        .create_api_key(&CreateApiKey {
+            name: "delegate".into(),
+            scopes: vec![Scope::KeysAdmin, Scope::MachinesRead],
+            expires_at: Some(limit),
+        })
+        .await
+        .unwrap();
+    let limit = delegate.api_key.expires_at.unwrap();
+    let c = d.client_with(&delegate.key);
+    let before = d.client.list_api_keys().await.unwrap().api_keys.len();
+    for (body, needle) in [
+        (
+            json!({"name": "w", "scopes": ["machines:read", "machines:write"], "expires_at": fmt(limit)}),
+            "machines:write",
+        ),
+        (json!({"name": "all", "scopes": ["*"], "expires_at": fmt(limit)}), "scope *"),
+        (json!({"name": "forever", "scopes": ["machines:read"]}), "never expires"),
+        (
+            json!({"name": "later", "scopes": ["machines:read"], "expires_at": fmt(limit + time::Duration::seconds(1))}),
+            "this key expires at",
+        ),
+    ] {
+        let (s, e) = raw(&c, Method::POST, "/api-keys", Some(body.clone())).await;
+        assert_eq!((s, err(&e).0), (403, "FORBIDDEN"), "{body}: {e}");
+        assert!(err(&e).1.contains(needle), "{body}: {e}");
+    }
+    // Bad input is still a 400, before any grant check.
+    let (s, e) = raw(&c, Method::POST, "/api-keys", Some(json!({"name": "x", "scopes": []}))).await;
+    assert_eq!((s, err(&e).0), (400, "VALIDATION_ERROR"), "{e}");
+    assert_eq!(d.client.list_api_keys().await.unwrap().api_keys.len(), before, "nothing was created");
+
+    // Within its own scopes and lifetime: allowed, and the new key has exactly what was asked.
+    let (s, made) = raw(
+        &c,
+        Method::POST,
+        "/api-keys",
+        Some(json!({"name": "reader", "scopes": ["machines:read"], "expires_at": fmt(now + time::Duration::minutes(30))})),
+    )
+    .await;
+    assert_eq!(s, 201, "{made}");
+    let reader = d.client_with(made["key"].as_str().unwrap());
+    reader.list_machines(&ListOptions::default()).await.unwrap();
+    let (s, _) = raw(&reader, Method::POST, "/machines", Some(json!({}))).await;
+    assert_eq!(s, 403);
+    let (s, made) = raw(
+        &c,
+        Method::POST,
+        "/api-keys",
+        Some(json!({"name": "peer", "scopes": ["keys:admin", "machines:read"], "expires_at": fmt(limit)})),
+    )
+    .await;
+    assert_eq!(s, 201, "{made}");
+    assert_eq!(made["api_key"]["expires_at"], fmt(limit));
+    // The wildcard key is not limited.
+    let (s, made) = raw(&d.client, Method::POST, "/api-keys", Some(json!({"name": "root2", "scopes": ["*"]}))).await;
+    assert_eq!(s, 201, "{made}");
+}
+
 #[tokio::test]
 async fn correlation_ids_are_echoed_and_logged() {
     let d = Daemon::start(Options::default()).await;

@@ -1,8 +1,6 @@
 //! API-key authentication and the scope each route needs, in one table ([`required_scope`]).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{Method, header};
@@ -12,62 +10,28 @@ use hyperfleet_types::{ApiKey, Scope};
 
 use super::AppState;
 use super::error::ApiError;
-use crate::store::{Store, api_keys, parse_time};
-
-/// How often a key's `last_used_at` is written at most (a write per request would cost throughput).
-const TOUCH_EVERY: Duration = Duration::from_secs(30);
+use crate::keys::Keys;
+use crate::store::Store;
 
 pub struct Auth {
-    pub store: Store,
+    pub keys: Keys,
     pub disabled: bool,
-    touched: Mutex<HashMap<String, Instant>>,
 }
 
 impl Auth {
     pub fn new(store: Store, disabled: bool) -> Self {
-        Self { store, disabled, touched: Mutex::new(HashMap::new()) }
+        Self { keys: Keys::new(store), disabled }
     }
 
     /// Resolves the `Authorization` header to a usable key, or the documented 401.
-    pub async fn authenticate(&self, header: Option<&str>) -> Result<ApiKey, ApiError> {
+    pub async fn authenticate(&self, header: Option<&str>) -> Result<Arc<ApiKey>, ApiError> {
         let header = header.ok_or_else(|| ApiError::unauthorized("Authorization header is required"))?;
         let secret = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
             .map(str::trim)
             .ok_or_else(|| ApiError::unauthorized("Invalid API key"))?;
-        if !api_keys::well_formed(secret) {
-            return Err(ApiError::unauthorized("Invalid API key"));
-        }
-        let s = secret.to_string();
-        let key = self
-            .store
-            .call(move |c| api_keys::find(c, &s))
-            .await?
-            .ok_or_else(|| ApiError::unauthorized("Invalid API key"))?;
-        if key.revoked_at.is_some() {
-            return Err(ApiError::unauthorized("API key has been revoked"));
-        }
-        if let Some(exp) = key.expires_at.as_deref().and_then(parse_time)
-            && exp <= time::OffsetDateTime::now_utc()
-        {
-            return Err(ApiError::unauthorized("API key has expired"));
-        }
-        self.touch(&key.id);
-        Ok(key)
-    }
-
-    fn touch(&self, id: &str) {
-        let now = Instant::now();
-        let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
-        if touched.get(id).is_some_and(|t| now.duration_since(*t) < TOUCH_EVERY) {
-            return;
-        }
-        touched.insert(id.to_string(), now);
-        let (store, id) = (self.store.clone(), id.to_string());
-        tokio::spawn(async move {
-            let _ = store.call(move |c| api_keys::touch(c, &id)).await;
-        });
+        Ok(self.keys.authenticate(secret).await?)
     }
 }
 
@@ -107,7 +71,7 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
         Ok(key) if allows(&key, scope) => {
             tracing::debug!(key = %key.id, scope = %scope, "authorized");
             let mut req = req;
-            req.extensions_mut().insert(Arc::new(key));
+            req.extensions_mut().insert(key);
             next.run(req).await
         }
         Ok(_) => ApiError::forbidden().into_response(),

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use hyperfleet_types::{ErrorBody, ErrorDetail};
 
+use crate::keys::KeyError;
 use crate::machines::Error as MachineError;
 use crate::runtime::RuntimeError;
 
@@ -80,6 +81,19 @@ fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
         }
         MachineError::Agent(_) => (S::BAD_GATEWAY, "VSOCK_ERROR"),
         MachineError::Store(_) | MachineError::Task { .. } => (S::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        let message = e.to_string();
+        match e {
+            KeyError::Invalid(_) => Self::validation(message),
+            KeyError::Escalation(_) => Self::new(StatusCode::FORBIDDEN, "FORBIDDEN", message),
+            KeyError::NotFound(_) => Self::not_found(message),
+            KeyError::Unknown | KeyError::Revoked | KeyError::Expired => Self::unauthorized(message),
+            KeyError::Store(e) => e.into(),
+        }
     }
 }
 

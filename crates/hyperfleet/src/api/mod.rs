@@ -241,6 +241,9 @@ mod tests {
         assert!(doc["components"]["schemas"]["MachineSpec"]["properties"]["vcpu_count"].is_object());
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
         assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+        for field in ["created_at", "expires_at", "last_used_at", "revoked_at"] {
+            assert_eq!(doc["components"]["schemas"]["ApiKey"]["properties"][field]["format"], "date-time", "{field}");
+        }
     }
 
     /// A response, with a `$ref` to `#/components/responses/...` resolved.

@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use hyperfleet_types::{CreateApiKey, Scope};
+use hyperfleet_types::{CreateApiKey, Scope, timestamp};
+use time::OffsetDateTime;
 
 use super::{Output, print_table};
-use crate::store::{Store, api_keys, format_time};
+use crate::keys::{Grantor, KeyError, Keys};
+use crate::store::Store;
 
 #[derive(Args, Debug)]
 pub struct KeysArgs {
@@ -45,7 +47,7 @@ fn parse_scope(s: &str) -> Result<Scope, String> {
 }
 
 /// `30d`, `12h`, `90m` from now, or an RFC 3339 time.
-fn parse_expiry(s: &str) -> Result<String, String> {
+fn parse_expiry(s: &str) -> Result<OffsetDateTime, String> {
     let (num, unit) = s.split_at(s.len().saturating_sub(1));
     let secs = match (num.parse::<i64>(), unit) {
         (Ok(n), "d") => Some(n * 86_400),
@@ -53,24 +55,28 @@ fn parse_expiry(s: &str) -> Result<String, String> {
         (Ok(n), "m") => Some(n * 60),
         _ => None,
     };
-    Ok(match secs {
-        Some(s) => format_time(time::OffsetDateTime::now_utc() + time::Duration::seconds(s)),
-        None => s.to_string(),
-    })
+    match secs {
+        Some(secs) => OffsetDateTime::now_utc()
+            .checked_add(time::Duration::seconds(secs))
+            .ok_or_else(|| format!("--expires {s} is too far in the future")),
+        None => timestamp::parse(s)
+            .ok_or_else(|| format!("--expires must be an RFC 3339 time or a duration such as 30d, got '{s}'")),
+    }
 }
 
-pub fn run(args: KeysArgs) -> anyhow::Result<i32> {
+fn time_or(t: Option<OffsetDateTime>, none: &str) -> String {
+    t.map_or_else(|| none.to_string(), timestamp::format)
+}
+
+/// The root user on the host may create any key (no escalation check: [`Grantor::Host`]); a revoke written
+/// here reaches a running daemon within [`crate::keys::CACHE_TTL`].
+pub async fn run(args: KeysArgs) -> anyhow::Result<i32> {
     let db = crate::config::absolute(&args.database_path);
-    let store = Store::open(&db)?;
+    let keys = Keys::new(Store::open(&db)?);
     match args.command {
         KeysCommand::Create { name, scopes, expires } => {
-            let req = CreateApiKey {
-                name,
-                scopes,
-                expires_at: expires.map(|e| parse_expiry(&e)).transpose().map_err(anyhow::Error::msg)?,
-            };
-            let expires_at = crate::api::keys::validate(&req).map_err(anyhow::Error::msg)?;
-            let made = store.call_blocking(|c| api_keys::create(c, req.name.trim(), &req.scopes, expires_at))?;
+            let expires_at = expires.map(|e| parse_expiry(&e)).transpose().map_err(anyhow::Error::msg)?;
+            let made = keys.create(CreateApiKey { name, scopes, expires_at }, Grantor::Host).await?;
             match args.output {
                 Output::Json => println!(
                     "{}",
@@ -83,7 +89,7 @@ pub fn run(args: KeysArgs) -> anyhow::Result<i32> {
             }
         }
         KeysCommand::List => {
-            let keys = store.call_blocking(|c| api_keys::list(c))?;
+            let keys = keys.list().await?;
             match args.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&keys)?),
                 Output::Table => {
@@ -95,8 +101,8 @@ pub fn run(args: KeysArgs) -> anyhow::Result<i32> {
                                 k.name.clone(),
                                 k.key_prefix.clone(),
                                 k.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","),
-                                k.expires_at.clone().unwrap_or_else(|| "never".into()),
-                                k.last_used_at.clone().unwrap_or_else(|| "-".into()),
+                                time_or(k.expires_at, "never"),
+                                time_or(k.last_used_at, "-"),
                                 if k.revoked_at.is_some() { "revoked".into() } else { "active".into() },
                             ]
                         })
@@ -105,12 +111,13 @@ pub fn run(args: KeysArgs) -> anyhow::Result<i32> {
                 }
             }
         }
-        KeysCommand::Revoke { id } => match store.call_blocking(|c| api_keys::revoke(c, &id))? {
-            Some(_) => println!("revoked {id}"),
-            None => {
-                eprintln!("error: API key with id '{id}' not found");
+        KeysCommand::Revoke { id } => match keys.revoke(&id).await {
+            Ok(_) => println!("revoked {id}"),
+            Err(e @ KeyError::NotFound(_)) => {
+                eprintln!("error: {e}");
                 return Ok(1);
             }
+            Err(e) => return Err(e.into()),
         },
     }
     Ok(0)

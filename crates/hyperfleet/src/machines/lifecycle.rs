@@ -46,7 +46,7 @@ pub(super) fn instance(m: &MachineRecord) -> Instance {
 impl<H: Host> Service<H> {
     pub(super) async fn record(&self, id: &str) -> Result<MachineRecord> {
         let key = id.to_string();
-        self.store.call(move |c| records::get(c, &key)).await?.ok_or_else(|| Error::NotFound(id.to_string()))
+        self.store.read(move |c| records::get(c, &key)).await?.ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
     /// Compare-and-set on the status (from the statuses `action` allows); publishes the change.
@@ -107,13 +107,13 @@ impl<H: Host> Service<H> {
     }
 
     pub async fn list(&self, status: Option<MachineStatus>, limit: u32, offset: u64) -> Result<MachineList> {
-        let (rows, total) = self.store.call(move |c| records::list(c, status, limit, offset)).await?;
+        let (rows, total) = self.store.read(move |c| records::list(c, status, limit, offset)).await?;
         Ok(MachineList { machines: rows.iter().map(|m| self.to_wire(m)).collect(), total })
     }
 
     /// Every machine in one of `statuses`.
     pub async fn with_status(&self, statuses: &'static [MachineStatus]) -> Result<Vec<Machine>> {
-        let rows = self.store.call(move |c| records::with_status(c, statuses)).await?;
+        let rows = self.store.read(move |c| records::with_status(c, statuses)).await?;
         Ok(rows.iter().map(|m| self.to_wire(m)).collect())
     }
 
@@ -137,7 +137,7 @@ impl<H: Host> Service<H> {
     /// Rebuilds the firewall from the machines that currently have a host interface.
     pub(super) async fn firewall_rebuild(&self) -> Result<()> {
         let _order = self.firewall_order.lock().await;
-        let active = self.store.call(|c| records::with_status(c, &ACTIVE)).await?;
+        let active = self.store.read(|c| records::with_status(c, &ACTIVE)).await?;
         self.host.firewall_rebuild(&active).await
     }
 
@@ -149,7 +149,7 @@ impl<H: Host> Service<H> {
         let _order = self.firewall_order.lock().await;
         if let Err(e) = self.host.firewall_edit(m, add).await {
             tracing::debug!(machine = %m.id, error = %e, "incremental firewall update failed; rebuilding the table");
-            let active = self.store.call(|c| records::with_status(c, &ACTIVE)).await?;
+            let active = self.store.read(|c| records::with_status(c, &ACTIVE)).await?;
             self.host.firewall_rebuild(&active).await?;
         }
         Ok(())

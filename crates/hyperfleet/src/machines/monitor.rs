@@ -49,7 +49,7 @@ impl<H: Host> Service<H> {
         loop {
             tokio::time::sleep(every).await;
             let active =
-                match self.store.call(|c| crate::store::machines::with_status(c, &super::lifecycle::ACTIVE)).await {
+                match self.store.read(|c| crate::store::machines::with_status(c, &super::lifecycle::ACTIVE)).await {
                     Ok(active) => active,
                     Err(e) => {
                         warn!(error = %e, "console logs: could not list the machines");

@@ -35,7 +35,7 @@ pub(super) fn verdict(status: MachineStatus, live_pid: Option<u32>) -> Verdict {
 
 impl<H: Host> Service<H> {
     pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
-        let active = self.store.call(|c| records::with_status(c, &ACTIVE)).await?;
+        let active = self.store.read(|c| records::with_status(c, &ACTIVE)).await?;
         let mut live = HashSet::new();
         for rec in active {
             let pid = self.host.live_pid(&instance(&rec)).await;
@@ -72,7 +72,7 @@ impl<H: Host> Service<H> {
     /// containers, mounts, the firewall table and the subnet route. Records, disks and leases stay, so the
     /// machines can be started again. Returns the ids of the machines it stopped.
     pub async fn purge_host(self: &Arc<Self>) -> Result<Vec<String>> {
-        let active = self.store.call(|c| records::with_status(c, &ACTIVE)).await?;
+        let active = self.store.read(|c| records::with_status(c, &ACTIVE)).await?;
         let mut stopped = Vec::new();
         for rec in active {
             let pid = self.host.live_pid(&instance(&rec)).await;
@@ -86,7 +86,7 @@ impl<H: Host> Service<H> {
     }
 
     async fn remove_strays(&self, live: &HashSet<String>) -> Result<()> {
-        let known: HashSet<String> = self.store.call(|c| records::ids(c)).await?.into_iter().collect();
+        let known: HashSet<String> = self.store.read(|c| records::ids(c)).await?.into_iter().collect();
         for what in self.host.remove_strays(live, &known).await? {
             info!("removed a stray {what}");
         }

@@ -1,14 +1,16 @@
 //! The `api_keys` table and the key format: `hf_` + 32 alphanumerics from the OS CSPRNG. Only the SHA-256 of
 //! a key is stored; lookups go by its 11-character prefix and the hash is compared in constant time.
 
-use hyperfleet_types::{ApiKey, Scope};
+use hyperfleet_types::{ApiKey, Scope, timestamp};
 use rand::Rng;
 use rand::distributions::Alphanumeric;
+use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
 
-use super::{StoreResult, now};
+use super::StoreResult;
 
 pub const KEY_PREFIX: &str = "hf_";
 const SECRET_LEN: usize = 32;
@@ -40,6 +42,20 @@ fn scopes_to_text(scopes: &[Scope]) -> String {
     serde_json::to_string(scopes).expect("scopes serialize")
 }
 
+/// A stored time column (RFC 3339 text, as [`timestamp::format`] writes it).
+fn time_at(row: &Row, idx: usize) -> rusqlite::Result<Option<OffsetDateTime>> {
+    match row.get::<_, Option<String>>(idx)? {
+        None => Ok(None),
+        Some(text) => timestamp::parse(&text).map(Some).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                idx,
+                Type::Text,
+                format!("'{text}' is not an RFC 3339 time").into(),
+            )
+        }),
+    }
+}
+
 fn from_row(row: &Row) -> rusqlite::Result<ApiKey> {
     let scopes: String = row.get(3)?;
     Ok(ApiKey {
@@ -47,16 +63,21 @@ fn from_row(row: &Row) -> rusqlite::Result<ApiKey> {
         name: row.get(1)?,
         key_prefix: row.get(2)?,
         scopes: serde_json::from_str(&scopes).unwrap_or_default(),
-        expires_at: row.get(4)?,
-        last_used_at: row.get(5)?,
-        created_at: row.get(6)?,
-        revoked_at: row.get(7)?,
+        expires_at: time_at(row, 4)?,
+        last_used_at: time_at(row, 5)?,
+        created_at: time_at(row, 6)?.ok_or(rusqlite::Error::InvalidColumnType(6, "created_at".into(), Type::Null))?,
+        revoked_at: time_at(row, 7)?,
     })
 }
 
 const COLUMNS: &str = "id, name, key_prefix, scopes, expires_at, last_used_at, created_at, revoked_at";
 
-pub fn create(conn: &Connection, name: &str, scopes: &[Scope], expires_at: Option<String>) -> StoreResult<NewKey> {
+pub fn create(
+    conn: &Connection,
+    name: &str,
+    scopes: &[Scope],
+    expires_at: Option<OffsetDateTime>,
+) -> StoreResult<NewKey> {
     let secret = generate_secret();
     let key = ApiKey {
         id: format!("key_{}", super::random_id()),
@@ -65,7 +86,7 @@ pub fn create(conn: &Connection, name: &str, scopes: &[Scope], expires_at: Optio
         scopes: scopes.to_vec(),
         expires_at,
         last_used_at: None,
-        created_at: now(),
+        created_at: timestamp::now(),
         revoked_at: None,
     };
     conn.execute(
@@ -77,8 +98,8 @@ pub fn create(conn: &Connection, name: &str, scopes: &[Scope], expires_at: Optio
             key.key_prefix,
             &hash(&secret)[..],
             scopes_to_text(scopes),
-            key.expires_at,
-            key.created_at
+            key.expires_at.map(timestamp::format),
+            timestamp::format(key.created_at)
         ],
     )?;
     Ok(NewKey { secret, key })
@@ -101,7 +122,10 @@ pub fn get(conn: &Connection, id: &str) -> StoreResult<Option<ApiKey>> {
 
 /// Marks the key revoked; returns it, or `None` when there is no such key. Revoking twice keeps the first time.
 pub fn revoke(conn: &Connection, id: &str) -> StoreResult<Option<ApiKey>> {
-    conn.execute("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2", params![now(), id])?;
+    conn.execute(
+        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2",
+        params![timestamp::format(timestamp::now()), id],
+    )?;
     get(conn, id)
 }
 
@@ -124,7 +148,10 @@ pub fn find(conn: &Connection, secret: &str) -> StoreResult<Option<ApiKey>> {
 }
 
 pub fn touch(conn: &Connection, id: &str) -> StoreResult<()> {
-    conn.execute("UPDATE api_keys SET last_used_at = ?1 WHERE id = ?2", params![now(), id])?;
+    conn.execute(
+        "UPDATE api_keys SET last_used_at = ?1 WHERE id = ?2",
+        params![timestamp::format(timestamp::now()), id],
+    )?;
     Ok(())
 }
 

@@ -130,11 +130,13 @@ pub fn insert(
 /// Looks a machine up by id, or else by name. (Names shaped like ids are refused at create, so the two
 /// cannot name different machines.)
 pub fn get(conn: &Connection, id_or_name: &str) -> StoreResult<Option<MachineRecord>> {
-    let by_id = conn.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id_or_name], from_row).optional()?;
+    // Prepared once per connection: this runs on every request that names a machine.
+    let by_id =
+        conn.prepare_cached(&format!("{SELECT} WHERE m.id = ?1"))?.query_row([id_or_name], from_row).optional()?;
     if by_id.is_some() {
         return Ok(by_id);
     }
-    Ok(conn.query_row(&format!("{SELECT} WHERE m.name = ?1"), [id_or_name], from_row).optional()?)
+    Ok(conn.prepare_cached(&format!("{SELECT} WHERE m.name = ?1"))?.query_row([id_or_name], from_row).optional()?)
 }
 
 /// A page of machines (oldest first) and the number matching the filter.

@@ -1,5 +1,6 @@
-//! SQLite persistence: one file, WAL mode, migrations by `user_version`. One connection behind a mutex,
-//! used from blocking threads; every multi-step change is one `BEGIN IMMEDIATE` transaction, so uniqueness
+//! SQLite persistence: one file, WAL mode, migrations by `user_version`. One writer connection behind a mutex
+//! ([`Store::call`]) and a few read-only connections ([`Store::read`]) that WAL lets run beside it, all used from
+//! blocking threads; every multi-step change is one `BEGIN IMMEDIATE` transaction on the writer, so uniqueness
 //! (names, address blocks) and compare-and-set state changes are enforced by the database.
 
 pub mod api_keys;
@@ -7,9 +8,11 @@ pub mod leases;
 pub mod machines;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
+use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -88,9 +91,38 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// Read-only connections kept open. Readers are short point queries, and the blocking pool they run on is
+/// what really bounds concurrency; a few connections are enough for the 2-4 cores this runs on.
+const READERS: usize = 4;
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    readers: Arc<ReadPool>,
+}
+
+/// A fixed set of read-only connections; a reader takes the first free one, or waits on one in turn.
+struct ReadPool {
+    conns: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+}
+
+impl ReadPool {
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.conns.len();
+        for i in 0..n {
+            match self.conns[(start + i) % n].try_lock() {
+                Ok(guard) => return f(&guard),
+                Err(TryLockError::Poisoned(e)) => return f(&e.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        let guard = self.conns[start % n].lock().unwrap_or_else(|e| e.into_inner());
+        f(&guard)
+    }
 }
 
 impl Store {
@@ -100,12 +132,39 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         migrate(&mut conn)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        // Opened after the writer switched the file to WAL, so readers never block it nor each other.
+        let conns = (0..READERS)
+            .map(|_| {
+                let c = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+                )?;
+                c.busy_timeout(BUSY_TIMEOUT)?;
+                Ok(Mutex::new(c))
+            })
+            .collect::<StoreResult<_>>()?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), readers: Arc::new(ReadPool { conns, next: AtomicUsize::new(0) }) })
     }
 
-    /// Runs `f` with the connection on a blocking thread.
+    /// Runs the read-only `f` on one of the read connections, on a blocking thread; it does not wait for
+    /// writes in progress (it sees the last committed state). A write through this connection fails.
+    pub async fn read<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || readers.with(f)).await.map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Same as [`Self::read`] for code that is not async (the CLI's key commands).
+    pub fn read_blocking<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+        self.readers.with(f)
+    }
+
+    /// Runs `f` with the writer connection on a blocking thread (writes, and reads that must see them in order).
     pub async fn call<T, F>(&self, f: F) -> StoreResult<T>
     where
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
@@ -160,12 +219,14 @@ pub fn meta_set(conn: &Connection, key: &str, value: &str) -> StoreResult<()> {
     Ok(())
 }
 
-/// 16 random lowercase letters and digits from the OS CSPRNG: machine ids, and the body of key and
-/// request ids. Lowercase so an id can appear in a host name (`{id}-{port}.suffix` proxy routing).
+/// 16 random lowercase letters and digits: machine ids, and the body of key and request ids. Lowercase so an
+/// id can appear in a host name (`{id}-{port}.suffix` proxy routing). From the thread-local CSPRNG (ChaCha,
+/// seeded and reseeded from the OS): reading the OS generator per character was a `getrandom` system call
+/// each, 16 per request for the correlation id. Ids are not secrets; key secrets come from the OS directly.
 pub fn random_id() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rngs::OsRng;
+    let mut rng = rand::thread_rng();
     (0..16).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
 }
 
@@ -188,6 +249,51 @@ pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("test.db")).unwrap();
     (dir, store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_see_commits_without_waiting_for_the_writer_and_cannot_write() {
+        let (_d, store) = temp_store();
+        store.call_blocking(|c| meta_set(c, "k", "committed")).unwrap();
+        store
+            .call_blocking(|w| {
+                // The writer is held, mid-transaction: a reader still answers, with the last committed value.
+                w.execute_batch("BEGIN IMMEDIATE")?;
+                meta_set(w, "k", "pending")?;
+                for _ in 0..READERS + 1 {
+                    assert_eq!(store.read_blocking(|r| meta_get(r, "k"))?.as_deref(), Some("committed"));
+                }
+                w.execute_batch("COMMIT")?;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(store.read_blocking(|r| meta_get(r, "k")).unwrap().as_deref(), Some("pending"));
+        let refused = store.read_blocking(|r| meta_set(r, "k", "x")).unwrap_err();
+        assert!(refused.to_string().contains("readonly"), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_reads_use_several_connections() {
+        let (_d, store) = temp_store();
+        store.call(|c| meta_set(c, "k", "v")).await.unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(READERS));
+        // Each read waits for all the others: this finishes only if READERS reads run at once.
+        let reads: Vec<_> = (0..READERS)
+            .map(|_| {
+                let b = barrier.clone();
+                store.read(move |c| {
+                    b.wait();
+                    meta_get(c, "k")
+                })
+            })
+            .collect();
+        let got = tokio::time::timeout(Duration::from_secs(10), futures::future::try_join_all(reads)).await.unwrap();
+        assert!(got.unwrap().iter().all(|v| v.as_deref() == Some("v")));
+    }
 }
 
 #[cfg(test)]
