@@ -36,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Version of this protocol; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Vsock port the agent listens on inside a Firecracker guest (as the upstream init did).
+/// Vsock port the agent listens on inside a Firecracker guest (the port earlier Hyperfleet guest inits used).
 pub const AGENT_PORT: u32 = 52;
 /// Largest payload of one frame.
 pub const MAX_FRAME: usize = 1 << 20;

@@ -44,7 +44,7 @@ impl MachineStatus {
         Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
-    /// The one place that says which transitions exist. `failed → starting` is ours (upstream only allowed
+    /// The one place that says which transitions exist. `failed → starting` was added later (earlier versions only allowed
     /// deleting a failed machine): a machine keeps its disk and addresses, so retrying it is what users expect.
     pub fn can_become(self, next: MachineStatus) -> bool {
         use MachineStatus::*;
@@ -254,7 +254,7 @@ pub struct NetworkOptions {
     pub egress: Option<EgressPolicy>,
 }
 
-/// `POST /machines`. Required fields are `Option` so a missing one gets the upstream message
+/// `POST /machines`. Required fields are `Option` so a missing one gets the documented message
 /// ("mem_size_mib is required") rather than a serde one.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -328,7 +328,7 @@ impl<'de> Deserialize<'de> for CommandArgs {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
-    /// Argument vector; `cmd` is accepted as an alias (upstream docs used it).
+    /// Argument vector; `cmd` is accepted as an alias (earlier API documentation used it).
     #[serde(alias = "cmd")]
     pub command: CommandArgs,
     /// Seconds before the command's process group is killed (default 30).

@@ -226,7 +226,8 @@ fn bad(name: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError { name, message: message.into() }
 }
 
-/// Resolves a relative path against the working directory, as upstream did.
+/// Resolves a relative path against the working directory (so relative settings mean the same from any
+/// command run in that directory).
 pub fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()

@@ -65,7 +65,7 @@ async fn machine_crud_errors_and_pagination() {
     assert!(m["created_at"].as_str().unwrap().ends_with('Z'));
     let alpha = m["id"].as_str().unwrap().to_string();
 
-    // Validation, with the upstream messages and the field named.
+    // Validation, with the documented messages and the field named.
     for (body, code, needle) in [
         (json!({"vcpu_count": 1, "mem_size_mib": 64}), "VALIDATION_ERROR", "name is required"),
         (
@@ -113,7 +113,7 @@ async fn machine_crud_errors_and_pagination() {
     assert_eq!(resp.status(), 400);
     assert_eq!(err(&resp.json().await.unwrap()).0, "VALIDATION_ERROR");
 
-    // Get by id or name; unknown: 404 with the upstream message.
+    // Get by id or name; unknown: 404 with the documented message.
     assert_eq!(c.get_machine("alpha").await.unwrap().id, alpha);
     let (s, e) = raw(c, Method::GET, "/machines/nope", None).await;
     assert_eq!((s, err(&e)), (404, ("NOT_FOUND", "Machine with id 'nope' not found")));
@@ -295,7 +295,7 @@ async fn auth_matrix() {
     let (s, _) = raw(admin, Method::GET, "/api-keys", None).await;
     assert_eq!(s, 200);
 
-    // 401s with the upstream messages.
+    // 401s with the documented messages.
     let base = d.url();
     let http = reqwest::Client::new();
     let get = |h: Option<&'static str>| {

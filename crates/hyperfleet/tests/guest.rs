@@ -119,7 +119,7 @@ async fn exec_files_and_cleanup() {
     let e = c.delete_file(&m.id, "/root", false).await.unwrap_err();
     assert_eq!(e.status(), Some(400), "non-empty directory needs recursive: {e}");
 
-    // Stopped: exec and files refuse with the upstream message; then delete leaves nothing on the host.
+    // Stopped: exec and files refuse with the documented message; then delete leaves nothing on the host.
     c.stop_machine(&m.id).await.unwrap();
     let e = c.exec(&m.id, &["true"]).await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(400), Some("BAD_REQUEST")));

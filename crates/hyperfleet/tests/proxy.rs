@@ -146,11 +146,11 @@ async fn proxy_routes_streams_upgrades_and_refuses() {
     }
 }
 
-/// The upstream reverse-proxy guide's example (a web server on port 80, reached through the proxy), with
+/// The reverse-proxy guide's example (a web server on port 80, reached through the proxy), with
 /// the image's busybox httpd in place of nginx.
 #[ignore = "needs root: a runc container serving HTTP behind the proxy"]
 #[tokio::test]
-async fn upstream_guide_web_server_example() {
+async fn guide_web_server_example() {
     let d = Daemon::start(Options::default()).await;
     let m = running(&d, CreateMachine { exposed_ports: Some(vec![80]), ..machine("web-server") }).await;
     let (code, _, err) = sh(&d, &m.id, "httpd -p 80 -h /var/www").await;

@@ -183,7 +183,7 @@ mod tests {
     }
 
     #[test]
-    fn upstream_messages() {
+    fn messages_keep_the_documented_wording() {
         let a = Assets::new();
         assert_eq!(err(&a, serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64})), "name is required");
         assert_eq!(

@@ -39,7 +39,8 @@ impl KvmKind {
     }
 }
 
-/// Boot arguments the guest kernel needs under PVM (see ENVIRONMENT.md); none on real KVM.
+/// Boot arguments the guest kernel needs under PVM (software virtualization: it emulates parts of the CPU and
+/// trips over these features and the i8042 probe); none on real KVM.
 pub const PVM_BOOT_ARGS: &str = "clearcpuid=cx16,popcnt,fsgsbase,invpcid,pcid,rdrand,rdseed,smap,movbe noxsave \
      i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
