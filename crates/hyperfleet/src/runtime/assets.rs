@@ -34,7 +34,14 @@ pub fn open_beneath(root: &Path, path: &Path) -> Result<File, AssetError> {
     }
     let absolute = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { crate::config::absolute(p) };
     let (root, path) = (absolute(root), absolute(path));
-    let rel = path.strip_prefix(&root).map_err(|_| AssetError::Outside(root.clone()))?;
+    let Ok(rel) = path.strip_prefix(&root) else {
+        // The documented answer for a path that names nothing at all is "does not exist".
+        return Err(if std::fs::symlink_metadata(&path).is_err() {
+            AssetError::Missing
+        } else {
+            AssetError::Outside(root)
+        });
+    };
     let dir = File::open(&root).map_err(|e| AssetError::Io(format!("assets directory {}: {e}", root.display())))?;
     let how = OpenHow::new()
         .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
@@ -71,6 +78,7 @@ mod tests {
         assert_eq!(open_beneath(root, &root.join("sub")).unwrap_err(), AssetError::NotAFile);
         assert_eq!(open_beneath(root, &root.join("sub/../vmlinux")).unwrap_err(), AssetError::ParentDir);
         assert!(matches!(open_beneath(root, Path::new("/etc/passwd")).unwrap_err(), AssetError::Outside(_)));
+        assert_eq!(open_beneath(root, Path::new("/nonexistent.ext4")).unwrap_err(), AssetError::Missing);
         std::os::unix::fs::symlink("/etc/passwd", root.join("escape")).unwrap();
         assert_eq!(open_beneath(root, &root.join("escape")).unwrap_err(), AssetError::Symlink);
         std::os::unix::fs::symlink(root.join("vmlinux"), root.join("alias")).unwrap();
