@@ -4,6 +4,8 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+#[cfg(test)]
+mod fuzz;
 pub mod guest;
 pub mod keys;
 pub mod machines;

@@ -37,6 +37,7 @@ pub use events::MachineEvent;
 pub use guest::{DEFAULT_MAX_EXECS, ExecPlan};
 pub use host::{Host, LinuxHost};
 use network::Addressing;
+pub use validate::create as validate_create;
 
 use crate::runtime::host::HostCapacity;
 use crate::store::Store;
