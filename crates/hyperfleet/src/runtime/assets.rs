@@ -4,7 +4,6 @@
 //! machine at another file of the host.
 
 use std::fs::File;
-use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Component, Path, PathBuf};
 
@@ -57,6 +56,8 @@ pub fn open_beneath(root: &Path, path: &Path) -> Result<File, AssetError> {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
     use super::*;
 
     #[test]
