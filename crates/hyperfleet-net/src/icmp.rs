@@ -10,7 +10,20 @@ fn checksum(data: &[u8]) -> u16 {
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    // The fold leaves at most 16 bits set, so the low half is the whole sum.
+    !low_u16(sum)
+}
+
+/// The low 16 bits of `x` (what `x as u16` would give).
+fn low_u16(x: u32) -> u16 {
+    let [_, _, hi, lo] = x.to_be_bytes();
+    u16::from_be_bytes([hi, lo])
+}
+
+/// `size_of::<T>()` as a `socklen_t`, for the sockaddr/option structs passed to the kernel.
+fn socklen<T>() -> io::Result<libc::socklen_t> {
+    libc::socklen_t::try_from(std::mem::size_of::<T>())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "struct size does not fit socklen_t"))
 }
 
 struct Fd(i32);
@@ -35,7 +48,7 @@ fn ping_blocking(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Durat
         return Err(io::Error::last_os_error());
     }
     let fd = Fd(fd);
-    let ident = (std::process::id() as u16) ^ 0x4846;
+    let ident = low_u16(std::process::id()) ^ 0x4846;
     let seq: u16 = rand_seq();
     let mut pkt = [0u8; 24];
     pkt[0] = 8; // echo request
@@ -44,8 +57,11 @@ fn ping_blocking(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Durat
     pkt[8..24].copy_from_slice(b"hyperfleet-ping!");
     let sum = checksum(&pkt);
     pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+    let sin_family = libc::sa_family_t::try_from(libc::AF_INET)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "AF_INET does not fit sa_family_t"))?;
+    let addr_len = socklen::<libc::sockaddr_in>()?;
     let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_family,
         sin_port: 0,
         sin_addr: libc::in_addr { s_addr: u32::from(target).to_be() },
         sin_zero: [0; 8],
@@ -53,14 +69,7 @@ fn ping_blocking(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Durat
     let start = Instant::now();
     // SAFETY: pkt and addr are valid for the given lengths.
     let sent = unsafe {
-        libc::sendto(
-            fd.0,
-            pkt.as_ptr().cast(),
-            pkt.len(),
-            0,
-            (&addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
+        libc::sendto(fd.0, pkt.as_ptr().cast(), pkt.len(), 0, (&addr as *const libc::sockaddr_in).cast(), addr_len)
     };
     if sent < 0 {
         let e = io::Error::last_os_error();
@@ -70,6 +79,7 @@ fn ping_blocking(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Durat
         }
         return Err(e);
     }
+    let tv_len = socklen::<libc::timeval>()?;
     let mut buf = [0u8; 1500];
     loop {
         let left = timeout.saturating_sub(start.elapsed());
@@ -77,21 +87,17 @@ fn ping_blocking(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Durat
             return Ok(None);
         }
         let tv = libc::timeval {
-            tv_sec: left.as_secs() as libc::time_t,
+            // `left` is at most `timeout`; a timeout beyond `time_t` is waited as the longest one it can hold.
+            tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
             tv_usec: left.subsec_micros().max(1) as libc::suseconds_t,
         };
         // SAFETY: tv is a valid timeval for the duration of the call.
         unsafe {
-            libc::setsockopt(
-                fd.0,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
+            libc::setsockopt(fd.0, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), tv_len)
         };
+        // SAFETY: sockaddr_in is a plain C struct of integers, for which all-zero bytes are a valid value.
         let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        let mut from_len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let mut from_len = addr_len;
         // SAFETY: buf and from are valid writable buffers of the given sizes.
         let n = unsafe {
             libc::recvfrom(
@@ -103,14 +109,15 @@ fn ping_blocking(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Durat
                 &mut from_len,
             )
         };
-        if n < 0 {
+        // Negative (-1) is an error; anything else is a length that fits usize.
+        let Ok(n) = usize::try_from(n) else {
             let e = io::Error::last_os_error();
             if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) {
                 continue;
             }
             return Err(e);
-        }
-        let data = &buf[..n as usize];
+        };
+        let data = &buf[..n];
         let ihl = usize::from(data.first().map_or(0, |b| b & 0x0f)) * 4;
         let Some(icmp) = data.get(ihl..) else {
             continue;
@@ -128,7 +135,7 @@ fn ping_blocking(target: Ipv4Addr, timeout: Duration) -> io::Result<Option<Durat
 }
 
 fn rand_seq() -> u16 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u16).unwrap_or(1)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| low_u16(d.subsec_nanos())).unwrap_or(1)
 }
 
 #[cfg(test)]

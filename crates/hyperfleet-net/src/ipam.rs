@@ -79,6 +79,7 @@ impl Block {
     fn at(&self, offset: u32) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.network) + offset)
     }
+    #[allow(clippy::expect_used, reason = "BLOCK_PREFIX is the constant 30, a valid IPv4 prefix length (<= 32)")]
     pub fn net(&self) -> Ipv4Net {
         Ipv4Net::new(self.network, BLOCK_PREFIX).expect("30 is a valid prefix")
     }

@@ -1,6 +1,8 @@
 //! System benchmarks: starts real daemons (as the tests do), measures, and writes BENCHMARKS.md.
 //! Every comparison is against a baseline measured in the same run. Run with `make bench` (root).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -19,6 +21,11 @@ use serde_json::json;
 
 fn pct(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "p is a fraction in [0, 1], so the rounded index is in 0..len; f64 has no try_from to usize"
+    )]
     let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
     samples[i]
 }
@@ -73,6 +80,7 @@ struct Report {
     md: String,
 }
 
+// `let _ = write!(…)` below: writing to a String cannot fail.
 impl Report {
     fn section(&mut self, title: &str, intro: &str) {
         let _ = write!(self.md, "\n## {title}\n\n{intro}\n\n");
@@ -372,6 +380,7 @@ async fn bench_start_overhead(r: &mut Report) {
         api.put("/actions", &json!({"action_type": "InstanceStart"})).await.unwrap();
         base_times.push(t.elapsed());
         process::terminate(pid, Duration::from_secs(2)).await;
+        // Dropped: the sockets may be gone with the process already, and they live in the temporary directory.
         let _ = std::fs::remove_file(&sock);
         let _ = std::fs::remove_file(&vsock);
     }
@@ -430,7 +439,7 @@ async fn bench_exec_files(r: &mut Report) {
     }
     let conc_wall = t.elapsed();
     let size = 100usize << 20;
-    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let data: Vec<u8> = (0..=250u8).cycle().take(size).collect();
     let t = Instant::now();
     d.client.upload_stream(&m.id, "/root/big.bin", data.clone(), None).await.unwrap();
     let up = t.elapsed();

@@ -1,6 +1,8 @@
 //! The REST API end to end against the real daemon (container runtime): every endpoint, the error codes,
 //! pagination and filters, the auth matrix, concurrent starts, and a daemon restart keeping machines and keys.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashSet;

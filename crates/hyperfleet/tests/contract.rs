@@ -3,6 +3,8 @@
 //! (container runtime), and checks every answer against the document. Any failed check fails the test with
 //! schemathesis' report.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::PathBuf;

@@ -2,6 +2,8 @@
 //! answers ping but no guest userspace can run, so the machine boots `init=/sbin/hyperfleet-idle` and the
 //! agent is not involved; on a host with hardware KVM the same test runs with the normal init.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

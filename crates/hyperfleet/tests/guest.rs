@@ -1,5 +1,7 @@
 //! Exec and file transfer end to end through the daemon and the real agent in container-runtime guests.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;
@@ -13,7 +15,7 @@ use hyperfleet_client::types::*;
 use serde_json::json;
 
 fn pattern(n: usize) -> Vec<u8> {
-    (0..n).map(|i| ((i * 2_654_435_761) >> 7) as u8).collect()
+    (0..n).map(|i| ((i * 2_654_435_761) >> 7).to_le_bytes()[0]).collect()
 }
 
 #[ignore = "needs root: runc container with a netns and veth, exec through the agent"]

@@ -3,6 +3,8 @@
 //! the console, planting device nodes or setuid files for the host, redirecting the agent channel, making
 //! namespaces or mounts inside, and naming files outside the assets directory as images.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

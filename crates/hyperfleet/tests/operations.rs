@@ -2,6 +2,8 @@
 //! the database, DISABLE_AUTH, and the daemon's manners on a shared host (foreign interfaces, other nftables
 //! tables, NAT surviving a daemon stop, cgroup limits of container machines).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;
@@ -49,6 +51,7 @@ async fn doctor_and_network_report_find_a_broken_machine() {
     let out = d.cli(&["doctor"]);
     assert_eq!(out.status.code(), Some(1), "doctor must fail: {}", stdout(&out));
     assert!(stdout(&out).contains(&format!("fix: ip link set {} up", m.tap_device)), "{}", stdout(&out));
+    // Dropped: restoring the link is a courtesy; the stop below does not depend on it.
     let _ = Command::new("ip").args(["link", "set", &m.tap_device, "up"]).status();
 
     let stopped = d.client.stop_machine(&m.id).await.unwrap();
@@ -143,6 +146,7 @@ async fn good_neighbour_on_a_shared_host() {
     let file = std::env::temp_dir().join(format!("{user_table}.nft"));
     std::fs::write(&file, rules).unwrap();
     assert!(Command::new("nft").arg("-f").arg(&file).status().unwrap().success());
+    // Dropped: a leftover file in the temp directory is harmless.
     let _ = std::fs::remove_file(&file);
     let _cleanup = UserTable(user_table.clone());
     let mut d = Daemon::start(Options::default()).await;
@@ -179,6 +183,7 @@ async fn good_neighbour_on_a_shared_host() {
 struct ForeignLink(String);
 impl Drop for ForeignLink {
     fn drop(&mut self) {
+        // Dropped: best-effort cleanup in a destructor, which has no one to report to.
         let _ = Command::new("ip").args(["link", "del", &self.0]).status();
     }
 }
@@ -187,6 +192,7 @@ impl Drop for ForeignLink {
 struct UserTable(String);
 impl Drop for UserTable {
     fn drop(&mut self) {
+        // Dropped: best-effort cleanup in a destructor, which has no one to report to.
         let _ = Command::new("nft").args(["delete", "table", "inet", &self.0]).status();
     }
 }

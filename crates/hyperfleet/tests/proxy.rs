@@ -1,6 +1,8 @@
 //! The reverse proxy end to end: a real HTTP/WebSocket server (the hyperfleet-testd fixture) runs inside a
 //! container-runtime guest, started with exec, and is reached through the daemon's proxy port.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -11,7 +13,7 @@ use hyperfleet_client::types::*;
 use tokio_tungstenite::tungstenite::Message;
 
 fn pattern(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i * 7 % 251) as u8).collect()
+    (0..n).map(|i| u8::try_from(i * 7 % 251).expect("below 251")).collect()
 }
 
 /// Uploads the fixture server into the guest and starts it on `port` in the background.

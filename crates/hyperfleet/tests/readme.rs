@@ -1,6 +1,8 @@
 //! The README's curl examples, run as written (only `localhost:4000` becomes the test proxy's port) against a
 //! live daemon, in order. A block marked `<!-- readme-test expect="…" -->` must exit 0 and print the text.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{Daemon, Options};

@@ -55,10 +55,10 @@ pub async fn exec(
     Ok(Json(s.service.exec(&id, req).await?))
 }
 
-fn ndjson(ev: &ExecEvent) -> Bytes {
-    let mut line = serde_json::to_vec(ev).expect("events serialize");
+fn ndjson(ev: &ExecEvent) -> std::io::Result<Bytes> {
+    let mut line = serde_json::to_vec(ev)?;
     line.push(b'\n');
-    Bytes::from(line)
+    Ok(Bytes::from(line))
 }
 
 #[utoipa::path(post, path = "/machines/{id}/exec/stream", tag = "exec", request_body = ExecRequest,
@@ -86,15 +86,13 @@ pub async fn exec_stream(
             let ev = match tokio::time::timeout_at(deadline, session.next_event()).await {
                 Ok(Ok(AgentEvent::Stdout(b))) => {
                     return Some((
-                        Ok::<_, std::io::Error>(ndjson(&ExecEvent::Stdout {
-                            data: String::from_utf8_lossy(&b).into_owned(),
-                        })),
+                        ndjson(&ExecEvent::Stdout { data: String::from_utf8_lossy(&b).into_owned() }),
                         Some(session),
                     ));
                 }
                 Ok(Ok(AgentEvent::Stderr(b))) => {
                     return Some((
-                        Ok(ndjson(&ExecEvent::Stderr { data: String::from_utf8_lossy(&b).into_owned() })),
+                        ndjson(&ExecEvent::Stderr { data: String::from_utf8_lossy(&b).into_owned() }),
                         Some(session),
                     ));
                 }
@@ -108,7 +106,7 @@ pub async fn exec_stream(
                 }
                 Err(_) => ExecEvent::Error { code: "TIMEOUT".into(), message: timeout_msg },
             };
-            Some((Ok(ndjson(&ev)), None))
+            Some((ndjson(&ev), None))
         }
     });
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())

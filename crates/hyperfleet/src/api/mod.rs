@@ -146,8 +146,10 @@ async fn correlation(mut req: Request, next: Next) -> Response {
     let id = match req.headers().get(CORRELATION_HEADER) {
         Some(v) if valid_correlation_id(v) => v.clone(),
         _ => {
-            let v = HeaderValue::from_str(&format!("req_{}", crate::store::random_id()))
-                .expect("alphanumeric id is a valid header");
+            let v = HeaderValue::from_str(&format!("req_{}", crate::store::random_id())).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "made-up correlation id is not a valid header value; using a fixed one");
+                HeaderValue::from_static("req_unknown")
+            });
             req.headers_mut().insert(CORRELATION_HEADER, v.clone());
             v
         }

@@ -63,6 +63,8 @@ pub fn open_beneath(root: &Path, path: &Path) -> Result<File, AssetError> {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
     use super::*;
 
     #[test]

@@ -21,9 +21,10 @@ pub fn sparse_copy_from(input: &File, dst: &Path) -> io::Result<()> {
     let output = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     output.set_len(len)?;
     let (inf, outf) = (input.as_raw_fd(), output.as_raw_fd());
+    let end = i64::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large to copy"))?;
     let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: lseek on a valid fd we own.
+    while pos < end {
+        // SAFETY: lseek takes no pointers; `inf` is the open descriptor of `input`, borrowed for this whole call.
         let data = unsafe { libc::lseek(inf, pos, libc::SEEK_DATA) };
         if data < 0 {
             let e = io::Error::last_os_error();
@@ -38,17 +39,19 @@ pub fn sparse_copy_from(input: &File, dst: &Path) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
         let (mut off_in, mut off_out) = (data, data);
-        let mut left = (hole - data) as usize;
+        let mut left = usize::try_from(hole - data)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "SEEK_HOLE returned an offset before SEEK_DATA"))?;
         while left > 0 {
             // SAFETY: offsets are valid pointers to local i64s; fds are open.
             let n = unsafe { libc::copy_file_range(inf, &mut off_in, outf, &mut off_out, left, 0) };
-            if n < 0 {
+            // Negative (-1) is an error; anything else is a byte count that fits usize.
+            let Ok(n) = usize::try_from(n) else {
                 return Err(io::Error::last_os_error());
-            }
+            };
             if n == 0 {
                 break;
             }
-            left -= n as usize;
+            left -= n;
         }
         pos = hole;
     }

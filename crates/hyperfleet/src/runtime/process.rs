@@ -42,22 +42,31 @@ pub fn cmdline_contains(pid: u32, needle: &str) -> bool {
 }
 
 pub fn signal(pid: u32, sig: Signal) {
-    let _ = kill(Pid::from_raw(pid as i32), sig);
+    // A PID is a pid_t the kernel handed out as a u32 here: the same bits back.
+    if let Err(e) = kill(Pid::from_raw(pid.cast_signed()), sig)
+        && e != nix::errno::Errno::ESRCH
+    {
+        tracing::warn!(pid, signal = %sig, error = %e, "could not signal the process");
+    }
 }
 
 /// Collects the exit status of `pid` if it is our exited child; harmless otherwise.
 pub fn reap(pid: u32) {
-    let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
+    // Dropped: ECHILD (not our child, e.g. adopted after a restart) is the expected "otherwise", and there is
+    // nothing to do about any other error of a non-blocking reap.
+    let _ = waitpid(Pid::from_raw(pid.cast_signed()), Some(WaitPidFlag::WNOHANG));
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; on success it returns a new fd that we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.cast_signed(), 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    let fd = std::os::fd::RawFd::try_from(fd)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "pidfd_open returned an out-of-range descriptor"))?;
     // SAFETY: fd is a fresh, valid descriptor returned by the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Waits until `pid` exits (then reaps it if it is our child). Returns immediately when it is already gone.
@@ -68,7 +77,9 @@ pub async fn exited(pid: u32) {
     };
     // SAFETY: `fd` is an owned pidfd that lives inside the AsyncFd until it is dropped here.
     if let Ok(afd) = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
-        let _ = afd.readable().await;
+        if let Err(e) = afd.readable().await {
+            tracing::warn!(pid, error = %e, "waiting on the pidfd failed");
+        }
     } else {
         // No reactor support for this fd: fall back to polling.
         while alive(pid) {
@@ -103,12 +114,23 @@ pub fn tail(path: &std::path::Path, lines: usize) -> Vec<String> {
         return Vec::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    // Best effort, both dropped: a failed seek reads from the start (still only the last `lines` are kept),
+    // a failed read keeps what was read.
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
     let mut buf = Vec::new();
     let _ = f.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].iter().map(|l| l.trim_end_matches('\r').to_string()).collect()
+}
+
+/// Removes a file the daemon made (a socket, a pid file); "already gone" is fine, anything else is logged.
+pub fn remove_file_logged(path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove");
+    }
 }
 
 #[cfg(test)]
@@ -144,14 +166,5 @@ mod tests {
         assert_eq!(tail(&p, 2), vec!["c", "d"]);
         assert_eq!(tail(&p, 10).len(), 4);
         assert!(tail(&dir.path().join("missing"), 3).is_empty());
-    }
-}
-
-/// Removes a file the daemon made (a socket, a pid file); "already gone" is fine, anything else is logged.
-pub fn remove_file_logged(path: &std::path::Path) {
-    if let Err(e) = std::fs::remove_file(path)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %path.display(), error = %e, "could not remove");
     }
 }

@@ -207,6 +207,7 @@ impl Daemon {
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // Dropped: the daemon may have exited already; either way it is gone afterwards.
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -215,8 +216,11 @@ impl Daemon {
     /// SIGTERM and wait, as `systemctl stop` would.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            // Dropped: a daemon already gone is what we want; a live one is killed below after the deadline.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id().cast_signed()),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if c.try_wait().unwrap().is_some() {
@@ -224,6 +228,7 @@ impl Daemon {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            // Dropped: as in `kill9`.
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -339,6 +344,7 @@ impl TestNet {
             host_ip: host_ip.to_string(),
             peer_ip: peer_ip.to_string(),
         };
+        // Dropped: leftovers of an earlier run are removed if present; usually there are none.
         let _ = Command::new("ip").args(["netns", "del", &t.ns]).output();
         let _ = Command::new("ip").args(["link", "del", &t.host_if]).output();
         ip(&["netns", "add", &t.ns]);
@@ -367,6 +373,7 @@ impl TestNet {
                 use std::io::{Read, Write};
                 let peer = s.peer_addr().unwrap();
                 let mut s = s;
+                // Dropped: the answer does not depend on the request, and a peer that hung up gets nothing.
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf);
@@ -383,6 +390,7 @@ impl TestNet {
 
 impl Drop for TestNet {
     fn drop(&mut self) {
+        // Dropped: best-effort cleanup in a destructor, which has no one to report to.
         let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
