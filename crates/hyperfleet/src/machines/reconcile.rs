@@ -86,7 +86,7 @@ impl<H: Host> Service<H> {
     }
 
     async fn remove_strays(&self, live: &HashSet<String>) -> Result<()> {
-        let known: HashSet<String> = self.store.read(|c| records::ids(c)).await?.into_iter().collect();
+        let known: HashSet<String> = self.store.read(records::ids).await?.into_iter().collect();
         for what in self.host.remove_strays(live, &known).await? {
             info!("removed a stray {what}");
         }

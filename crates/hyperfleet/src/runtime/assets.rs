@@ -63,8 +63,6 @@ pub fn open_beneath(root: &Path, path: &Path) -> Result<File, AssetError> {
 
 #[cfg(test)]
 mod tests {
-    use std::io;
-
     use super::*;
 
     #[test]

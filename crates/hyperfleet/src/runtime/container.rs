@@ -202,13 +202,13 @@ impl Container {
             ns(LinuxNamespaceType::Mount).map_err(e)?,
             LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).path(netns).build().map_err(e)?,
         ];
-        let period: u64 = 100_000;
+        const PERIOD: i64 = 100_000;
         let resources = LinuxResourcesBuilder::default()
             .memory(LinuxMemoryBuilder::default().limit(i64::from(m.mem_size_mib) * 1024 * 1024).build().map_err(e)?)
             .cpu(
                 LinuxCpuBuilder::default()
-                    .period(period)
-                    .quota(i64::from(m.vcpu_count) * period as i64)
+                    .period(PERIOD.unsigned_abs())
+                    .quota(i64::from(m.vcpu_count) * PERIOD)
                     .build()
                     .map_err(e)?,
             )

@@ -39,7 +39,9 @@ pub fn generate_secret() -> String {
 }
 
 fn scopes_to_text(scopes: &[Scope]) -> String {
-    serde_json::to_string(scopes).expect("scopes serialize")
+    // Scopes are plain strings: the JSON array is written by hand rather than through a fallible serializer.
+    let quoted: Vec<String> = scopes.iter().map(|s| format!("\"{}\"", s.as_str())).collect();
+    format!("[{}]", quoted.join(","))
 }
 
 /// A stored time column (RFC 3339 text, as [`timestamp::format`] writes it).
