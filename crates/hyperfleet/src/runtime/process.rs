@@ -111,6 +111,15 @@ pub fn tail(path: &std::path::Path, lines: usize) -> Vec<String> {
     all[all.len().saturating_sub(lines)..].iter().map(|l| l.trim_end_matches('\r').to_string()).collect()
 }
 
+/// Removes a file the daemon made (a socket, a pid file); "already gone" is fine, anything else is logged.
+pub fn remove_file_logged(path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,14 +153,5 @@ mod tests {
         assert_eq!(tail(&p, 2), vec!["c", "d"]);
         assert_eq!(tail(&p, 10).len(), 4);
         assert!(tail(&dir.path().join("missing"), 3).is_empty());
-    }
-}
-
-/// Removes a file the daemon made (a socket, a pid file); "already gone" is fine, anything else is logged.
-pub fn remove_file_logged(path: &std::path::Path) {
-    if let Err(e) = std::fs::remove_file(path)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %path.display(), error = %e, "could not remove");
     }
 }

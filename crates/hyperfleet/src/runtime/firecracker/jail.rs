@@ -61,9 +61,9 @@ impl CgroupVersion {
     /// v2 only when /sys/fs/cgroup itself is the unified hierarchy; a hybrid host (v1 controllers, an empty
     /// unified tree beside them) is v1.
     pub fn detect() -> Self {
-        const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-        match nix::sys::statfs::statfs(CGROUP_ROOT) {
-            Ok(fs) if fs.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC => Self::V2,
+        use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+        match statfs(CGROUP_ROOT) {
+            Ok(fs) if fs.filesystem_type() == CGROUP2_SUPER_MAGIC => Self::V2,
             _ => Self::V1,
         }
     }
