@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the system benchmarks (real daemons, runc, firecracker, wrk; nginx as a reference proxy) and rewrites
-# BENCHMARKS.md. HYPERFLEET_BENCH_ONLY=api (comma-separated: api,creates,ipam,network,start,exec,proxy) runs
-# only those sections and replaces just them in BENCHMARKS.md.
+# BENCHMARKS.md. HYPERFLEET_BENCH_ONLY=start (or api, creates, ipam, network, exec, proxy; comma-separated)
+# runs only those sections and replaces just them in BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HYPERFLEET_TEST_ASSETS=${HYPERFLEET_TEST_ASSETS:-$(pwd)/.hyperfleet}

@@ -15,6 +15,11 @@ use hyperfleet_types::RuntimeKind;
 
 pub const DEFAULT_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
+/// First uid of jailed firecrackers: above the usual login, system and subordinate (`/etc/subuid`) ranges.
+pub const DEFAULT_JAILER_UID_BASE: u32 = 900_000;
+/// Room above the uid base: more address blocks than any subnet can have (a /8 cut into /30s is 2^22).
+const JAILER_UID_SPAN: u32 = 1 << 22;
+
 /// Everything `hyperfleet serve` reads.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -80,13 +85,14 @@ pub struct StoreArgs {
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Runtime")]
 pub struct RuntimeArgs {
-    /// Directory for Firecracker API and vsock sockets.
-    #[arg(long, env = "HYPERFLEET_SOCKET_DIR", default_value = "/run/hyperfleet")]
-    pub socket_dir: PathBuf,
-    /// Directory for per-machine disks, console logs and container bundles (0700; never inside the assets
-    /// directory, so no request can name a machine's private disk as its image).
+    /// Directory for per-machine disks, console logs, container bundles and agent sockets (0700; never
+    /// inside the assets directory, so no request can name a machine's private disk as its image).
     #[arg(long, env = "HYPERFLEET_DATA_DIR", default_value = ".hyperfleet-data/machines")]
     pub data_dir: PathBuf,
+    /// Root-only (0700) directory of the Firecracker machines' chroots, which hold their API and vsock
+    /// sockets; default: {data dir}/jail. On the data directory's filesystem (disks are hard-linked in).
+    #[arg(long, env = "HYPERFLEET_CHROOT_DIR")]
+    pub chroot_dir: Option<PathBuf>,
     /// Kernels and root filesystems given in requests must be regular files inside this directory.
     #[arg(long, env = "HYPERFLEET_ASSETS_DIR", default_value = ".hyperfleet")]
     pub assets_dir: PathBuf,
@@ -99,6 +105,12 @@ pub struct RuntimeArgs {
     /// Firecracker binary; default: `firecracker` on PATH, else .hyperfleet/bin/firecracker.
     #[arg(long, env = "FIRECRACKER_BIN")]
     pub firecracker_bin: Option<PathBuf>,
+    /// Firecracker's jailer, which starts every machine; default: `jailer` on PATH, else .hyperfleet/bin/jailer.
+    #[arg(long, env = "JAILER_BIN")]
+    pub jailer_bin: Option<PathBuf>,
+    /// Machine N's firecracker runs as uid and gid BASE + N (N: its address block, unique among machines).
+    #[arg(long, env = "HYPERFLEET_JAILER_UID_BASE", default_value_t = DEFAULT_JAILER_UID_BASE)]
+    pub jailer_uid_base: u32,
     /// OCI runtime for the container runtime.
     #[arg(long, env = "HYPERFLEET_RUNC_BIN", default_value = "runc")]
     pub runc_bin: PathBuf,
@@ -185,13 +197,15 @@ pub struct StoreSettings {
 
 #[derive(Debug, Clone)]
 pub struct RuntimeSettings {
-    pub socket_dir: PathBuf,
     pub data_dir: PathBuf,
+    pub chroot_dir: PathBuf,
     pub assets_dir: PathBuf,
     pub kernel_image_path: PathBuf,
     pub kernel_args: String,
     pub rootfs_path: PathBuf,
     pub firecracker_bin: Option<PathBuf>,
+    pub jailer_bin: Option<PathBuf>,
+    pub jailer_uid_base: u32,
     pub runc_bin: PathBuf,
     /// `None`: auto, chosen from the host at start.
     pub default_runtime: Option<RuntimeKind>,
@@ -360,6 +374,12 @@ impl RuntimeArgs {
         if self.kernel_args.contains(['\n', '\0']) {
             return Err(bad("HYPERFLEET_KERNEL_ARGS", "must be one line"));
         }
+        if self.jailer_uid_base < 1000 || self.jailer_uid_base > i32::MAX as u32 - JAILER_UID_SPAN {
+            return Err(bad(
+                "HYPERFLEET_JAILER_UID_BASE",
+                format!("{} must be between 1000 and {}", self.jailer_uid_base, i32::MAX as u32 - JAILER_UID_SPAN),
+            ));
+        }
         let (data_dir, assets_dir) = (absolute(&self.data_dir), absolute(&self.assets_dir));
         if data_dir.starts_with(&assets_dir) || assets_dir.starts_with(&data_dir) {
             return Err(bad(
@@ -372,14 +392,17 @@ impl RuntimeArgs {
                 ),
             ));
         }
+        let chroot_dir = self.chroot_dir.as_deref().map(absolute).unwrap_or_else(|| data_dir.join("jail"));
         Ok(RuntimeSettings {
-            socket_dir: absolute(&self.socket_dir),
             data_dir,
+            chroot_dir,
             assets_dir,
             kernel_image_path: absolute(&self.kernel_image_path),
             kernel_args: self.kernel_args.clone(),
             rootfs_path: absolute(&self.rootfs_path),
             firecracker_bin: self.firecracker_bin.as_deref().map(absolute),
+            jailer_bin: self.jailer_bin.as_deref().map(absolute),
+            jailer_uid_base: self.jailer_uid_base,
             runc_bin: self.runc_bin.clone(),
             default_runtime,
             stop_timeout: Duration::from_secs(self.stop_timeout),
@@ -474,6 +497,8 @@ mod tests {
         assert_eq!(s.files.max_size, 100 << 20);
         assert!(s.runtime.kernel_image_path.is_absolute());
         assert_eq!(s.runtime.default_runtime, None);
+        assert_eq!(s.runtime.chroot_dir, s.runtime.data_dir.join("jail"));
+        assert_eq!(s.runtime.jailer_uid_base, DEFAULT_JAILER_UID_BASE);
     }
 
     #[test]
@@ -493,6 +518,8 @@ mod tests {
         assert!(parse(&["--file-max-size", "lots"]).unwrap_err().contains("HYPERFLEET_FILE_MAX_SIZE"));
         assert!(parse(&["--tap-prefix", "t1"]).unwrap_err().contains("HYPERFLEET_TAP_PREFIX"));
         assert!(parse(&["--proxy-port", "3000"]).unwrap_err().contains("PROXY_PORT"));
+        assert!(parse(&["--jailer-uid-base", "0"]).unwrap_err().contains("HYPERFLEET_JAILER_UID_BASE"));
+        assert!(parse(&["--jailer-uid-base", "2147483000"]).unwrap_err().contains("HYPERFLEET_JAILER_UID_BASE"));
         assert!(parse(&["--proxy-port", "0"]).unwrap().proxy.port.is_none());
     }
 
@@ -526,13 +553,15 @@ mod tests {
         ("PROXY_EXPOSED_PORT_POLL_INTERVAL_MS", "2500"),
         ("PROXY_MAX_CONNECTIONS", "7"),
         ("PROXY_UPSTREAM_TIMEOUT", "9"),
-        ("HYPERFLEET_SOCKET_DIR", "/run/hf-sockets"),
         ("HYPERFLEET_DATA_DIR", "/srv/hf-data/machines"),
+        ("HYPERFLEET_CHROOT_DIR", "/srv/hf-data/jail"),
         ("HYPERFLEET_ASSETS_DIR", "/srv/hf"),
         ("HYPERFLEET_KERNEL_IMAGE_PATH", "/srv/hf/kernel"),
         ("HYPERFLEET_KERNEL_ARGS", "console=ttyS0"),
         ("HYPERFLEET_ROOTFS_PATH", "/srv/hf/root.ext4"),
         ("FIRECRACKER_BIN", "/opt/fc/firecracker"),
+        ("JAILER_BIN", "/opt/fc/jailer"),
+        ("HYPERFLEET_JAILER_UID_BASE", "50000"),
         ("HYPERFLEET_RUNC_BIN", "/opt/runc"),
         ("HYPERFLEET_RUNTIME", "container"),
         ("HYPERFLEET_SUBNET", "10.9.0.0/20"),
@@ -606,9 +635,10 @@ mod tests {
         assert_eq!(s.store.database_path, p("/tmp/hf-env.db"));
         let r = &s.runtime;
         assert_eq!(
-            (&r.socket_dir, &r.data_dir, &r.assets_dir),
-            (&p("/run/hf-sockets"), &p("/srv/hf-data/machines"), &p("/srv/hf"))
+            (&r.data_dir, &r.chroot_dir, &r.assets_dir),
+            (&p("/srv/hf-data/machines"), &p("/srv/hf-data/jail"), &p("/srv/hf"))
         );
+        assert_eq!((&r.jailer_bin, r.jailer_uid_base), (&Some(p("/opt/fc/jailer")), 50000));
         assert_eq!((&r.kernel_image_path, r.kernel_args.as_str()), (&p("/srv/hf/kernel"), "console=ttyS0"));
         assert_eq!((&r.rootfs_path, &r.firecracker_bin), (&p("/srv/hf/root.ext4"), &Some(p("/opt/fc/firecracker"))));
         assert_eq!((&r.runc_bin, r.default_runtime), (&p("/opt/runc"), Some(RuntimeKind::Container)));

@@ -348,7 +348,6 @@ async fn auth_matrix() {
 
 #[ignore = "needs root: the daemon creates its nftables table at start"]
 #[tokio::test]
-#[ignore = "needs root: starts the daemon (TAP/veth, nftables, runc)"]
 async fn keys_cannot_grant_more_than_they_have() {
     let d = Daemon::start(Options::default()).await;
     let fmt = hyperfleet_client::types::timestamp::format;

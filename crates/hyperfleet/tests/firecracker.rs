@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Options, machine};
+use common::{Daemon, Options, fc_machine, is_pvm};
 use hyperfleet::runtime::firecracker::FirecrackerApi;
 use hyperfleet::runtime::process;
 use hyperfleet_client::types::*;
@@ -19,18 +19,6 @@ use hyperfleet_client::types::*;
 /// rather than pass without running.
 fn require_kvm() {
     assert!(Path::new("/dev/kvm").exists(), "/dev/kvm does not exist on this host: Firecracker cannot run");
-}
-
-fn is_pvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
-
-fn fc_machine(name: &str) -> CreateMachine {
-    let mut args = hyperfleet::config::DEFAULT_KERNEL_ARGS.to_string();
-    if is_pvm() {
-        args.push_str(" init=/sbin/hyperfleet-idle");
-    }
-    CreateMachine { runtime: Some(RuntimeKind::Firecracker), kernel_args: Some(args), ..machine(name) }
 }
 
 /// `ip -j addr show dev IFACE`: (is up, IPv4 addresses with prefix).
@@ -71,7 +59,8 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
     assert_eq!(m.status, MachineStatus::Running);
     let pid = m.pid.unwrap();
     let socket = m.socket_path.clone().unwrap();
-    assert!(process::cmdline_contains(pid, &socket), "pid {pid} is our firecracker");
+    assert!(process::cmdline_contains(pid, &m.id), "pid {pid} is our firecracker");
+    assert!(Path::new(&socket).starts_with(d.chroot(&m.id)), "API socket in the chroot: {socket}");
 
     // Firecracker itself reports the configuration the daemon applied.
     let api = FirecrackerApi::new(Path::new(&socket));
@@ -80,12 +69,12 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
     assert_eq!(cfg["machine-config"]["mem_size_mib"], 128);
     let drive = &cfg["drives"][0];
     assert_eq!(drive["is_root_device"], true);
-    let disk = drive["path_on_host"].as_str().unwrap();
-    assert!(
-        disk.starts_with(&d.dir.path().display().to_string()) && disk.ends_with(&format!("{}/rootfs.ext4", m.id)),
-        "own disk copy: {disk}"
-    );
-    assert_ne!(disk, m.spec.rootfs_path, "never the shared image");
+    // The drive is the machine's own copy, hard-linked into the chroot: one file, never the shared image.
+    assert_eq!(drive["path_on_host"], "/rootfs.ext4");
+    let own = d.dir.path().join("machines").join(&m.id).join("rootfs.ext4");
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    assert_eq!(inode(&d.chroot(&m.id).join("rootfs.ext4")), inode(&own));
+    assert_ne!(inode(&own), inode(Path::new(&m.spec.rootfs_path)), "never the shared image");
     assert_eq!(cfg["network-interfaces"][0]["host_dev_name"], m.tap_device.as_str());
     assert_eq!(cfg["network-interfaces"][0]["guest_mac"].as_str().unwrap().to_uppercase(), m.guest_mac);
     assert_eq!(cfg["vsock"]["guest_cid"], 3);
@@ -129,6 +118,7 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
     assert_eq!((stopped.status, stopped.pid), (MachineStatus::Stopped, None));
     assert!(!process::alive(pid), "firecracker still runs");
     assert!(!Path::new(&socket).exists(), "API socket left behind");
+    assert!(!d.chroot(&m.id).exists(), "chroot left behind");
     assert!(iface(&m.tap_device).is_none(), "TAP left behind");
     assert!(d.firewall_ifaces().is_empty());
 
@@ -168,7 +158,7 @@ async fn firecracker_failures_are_reported_and_cleaned_up() {
     assert_eq!((e.status(), e.code()), (Some(400), Some("BAD_REQUEST")), "wait reports the failure: {e}");
     assert!(e.to_string().contains("failed instead of reaching status running"), "{e}");
     assert!(iface(&m.tap_device).is_none());
-    assert!(!Path::new(&d.dir.path().join(format!("hyperfleet-{}.sock", m.id))).exists());
+    assert!(!d.chroot(&m.id).exists(), "chroot left behind");
     assert!(d.firewall_ifaces().is_empty());
     c.delete_machine(&m.id, false).await.unwrap();
 

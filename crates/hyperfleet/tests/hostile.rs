@@ -1,15 +1,20 @@
 //! Attacks a guest or a client can try, each asserted to fail against the real daemon: reaching the cloud
 //! metadata address, exposing every port, running unboundedly many commands at once, filling the disk through
 //! the console, planting device nodes or setuid files for the host, redirecting the agent channel, making
-//! namespaces or mounts inside, and naming files outside the assets directory as images.
+//! namespaces or mounts inside, naming files outside the assets directory as images, and a guest escaping its
+//! VMM: every firecracker is jailed (own uid, chroot, cgroup, seccomp) so an escape lands nowhere useful.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::time::Duration;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use common::{Daemon, Options, TestNet, machine, running, sh};
+use common::{Daemon, Options, TestNet, fc_machine, machine, running, sh};
+use hyperfleet::runtime::firecracker::jail;
+use hyperfleet::runtime::process;
 use hyperfleet_client::types::*;
 
 /// An HTTP GET from the guest with busybox nc.
@@ -266,4 +271,119 @@ async fn images_are_confined_to_the_assets_directory() {
     let after = d.client.get_machine(&m.id).await.unwrap();
     assert_eq!(after.status, MachineStatus::Failed);
     assert!(!d.dir.path().join("machines").join(&m.id).join("rootfs.ext4").exists(), "nothing was copied");
+}
+
+/// The value of `field` in /proc/PID/status (or a thread's).
+fn status_field(status_path: &Path, field: &str) -> String {
+    let status = std::fs::read_to_string(status_path).unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with(&format!("{field}:"))).unwrap_or_default();
+    line.split_once(':').map(|(_, v)| v.trim().to_string()).unwrap_or_default()
+}
+
+/// Every thread of `pid` has seccomp in filter mode (2), within a few seconds of InstanceStart.
+async fn all_threads_filtered(pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let threads: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .map(|t| t.path().join("status"))
+            .collect();
+        if !threads.is_empty() && threads.iter().all(|t| status_field(t, "Seccomp") == "2") {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    let (a, b) = (std::fs::metadata(a).unwrap(), std::fs::metadata(b).unwrap());
+    (a.dev(), a.ino()) == (b.dev(), b.ino())
+}
+
+/// The memory limit of the machine's cgroup (v1 or v2), if the cgroup exists.
+fn cgroup_memory_limit(id: &str) -> Option<u64> {
+    jail::cgroup_dirs(id).iter().find_map(|d| {
+        ["memory.limit_in_bytes", "memory.max"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(d.join(f)).ok()?.trim().parse().ok())
+    })
+}
+
+#[ignore = "needs root and /dev/kvm: jailed Firecracker microVMs"]
+#[tokio::test]
+async fn firecracker_runs_jailed_and_leaves_nothing_behind() {
+    assert!(Path::new("/dev/kvm").exists(), "/dev/kvm does not exist on this host: Firecracker cannot run");
+    let mut d = Daemon::start(Options { runtime: RuntimeKind::Firecracker, ..Default::default() }).await;
+    let c = d.client.clone();
+    let m = running(&d, fc_machine("jailed")).await;
+    let pid = m.pid.unwrap();
+    let proc_status = PathBuf::from(format!("/proc/{pid}/status"));
+
+    // Its own unprivileged identity: uid = gid = base + the machine's block (the TAP's number).
+    let block: u32 = m.tap_device.strip_prefix(&d.tap_prefix).unwrap().parse().unwrap();
+    let uid = hyperfleet::config::DEFAULT_JAILER_UID_BASE + block;
+    assert_eq!(status_field(&proc_status, "Uid"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+    assert_eq!(status_field(&proc_status, "Gid"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+    assert_eq!(status_field(&proc_status, "Groups"), "", "no supplementary groups");
+
+    // Its root is the machine's chroot, in its own mount namespace; the chroot base is root-only.
+    let chroot = d.chroot(&m.id);
+    assert!(same_dir(Path::new(&format!("/proc/{pid}/root")), &chroot), "/proc/{pid}/root is not {chroot:?}");
+    let ns = |p: &str| std::fs::read_link(p).unwrap();
+    assert_ne!(ns(&format!("/proc/{pid}/ns/mnt")), ns("/proc/self/ns/mnt"));
+    let base = std::fs::metadata(d.dir.path().join("machines/jail")).unwrap();
+    assert_eq!((base.uid(), base.permissions().mode() & 0o777), (0, 0o700));
+    let disk = std::fs::metadata(chroot.join("rootfs.ext4")).unwrap();
+    assert_eq!((disk.uid(), disk.gid(), disk.permissions().mode() & 0o777), (uid, uid, 0o600));
+    assert!(Path::new(m.socket_path.as_deref().unwrap()).starts_with(&chroot));
+
+    // A cgroup caps its memory (the guest's 128 MiB plus the VMM's 128), and holds it.
+    assert_eq!(cgroup_memory_limit(&m.id), Some(256 << 20));
+    let held = jail::cgroup_dirs(&m.id).iter().any(|dir| {
+        std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().any(|l| l == pid.to_string())
+    });
+    assert!(held, "pid {pid} is in none of {:?}", jail::cgroup_dirs(&m.id));
+
+    // Firecracker's default seccomp filters are on, on every thread.
+    assert!(all_threads_filtered(pid).await, "a thread of firecracker runs without a seccomp filter");
+
+    // The daemon is killed and restarted: the jailed firecracker is adopted, then stopped and cleaned up.
+    d.restart_after_crash().await;
+    let adopted = c.get_machine(&m.id).await.unwrap();
+    assert_eq!((adopted.status, adopted.pid), (MachineStatus::Running, Some(pid)));
+    assert!(d.logs().contains("adopted running machine"));
+    let stopped = c.stop_machine(&m.id).await.unwrap();
+    assert_eq!(stopped.status, MachineStatus::Stopped);
+    assert!(!process::alive(pid));
+    assert!(!chroot.exists(), "chroot left after stop");
+    assert!(jail::cgroup_dirs(&m.id).is_empty(), "cgroups left after stop: {:?}", jail::cgroup_dirs(&m.id));
+    assert!(!Path::new(m.socket_path.as_deref().unwrap()).exists());
+    assert!(d.dir.path().join("machines").join(&m.id).join("rootfs.ext4").exists(), "the disk outlives the chroot");
+
+    // Started again, then its firecracker dies while the daemon is down: the restart's reconcile removes the
+    // dead machine's chroot and cgroups.
+    let again = c.start_machine(&m.id).await.unwrap();
+    let pid = again.pid.unwrap();
+    assert!(chroot.exists() && !jail::cgroup_dirs(&m.id).is_empty());
+    d.kill9();
+    process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process::alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.spawn().await;
+    let after = c.get_machine(&m.id).await.unwrap();
+    assert_ne!(after.status, MachineStatus::Running);
+    assert!(!chroot.exists(), "a dead machine's chroot outlived reconcile");
+    assert!(jail::cgroup_dirs(&m.id).is_empty(), "a dead machine's cgroups outlived reconcile");
+
+    // Delete leaves nothing of it on the host.
+    c.delete_machine(&m.id, true).await.unwrap();
+    assert!(!d.dir.path().join("machines").join(&m.id).exists());
+    assert!(!chroot.exists() && jail::cgroup_dirs(&m.id).is_empty());
+    assert!(!d.dir.path().join("machines/jail/firecracker").join(&m.id).exists());
 }

@@ -11,6 +11,7 @@ use crate::api::{self, AppState, auth::Auth};
 use crate::config::{RuntimeSettings, ServeArgs, Settings};
 use crate::doctor::Doctor;
 use crate::machines::{LinuxHost, Policy, Service, network::HostNetwork};
+use crate::runtime::firecracker::JailSettings;
 use crate::runtime::host::{self, HostCapacity, KvmKind};
 use crate::runtime::{Container, Firecracker, Runtimes};
 use crate::store::{Store, api_keys, leases};
@@ -34,7 +35,13 @@ fn default_runtime(settings: &RuntimeSettings, kvm: KvmKind, fc: &Firecracker) -
 pub async fn build_service(settings: &Settings, store: Store) -> anyhow::Result<Arc<Service>> {
     let kvm = KvmKind::detect();
     let rt = &settings.runtime;
-    let firecracker = Firecracker::new(host::find_firecracker(rt.firecracker_bin.as_deref(), &rt.assets_dir), kvm);
+    let firecracker = Firecracker::new(
+        host::find_firecracker(rt.firecracker_bin.as_deref(), &rt.assets_dir),
+        host::find_jailer(rt.jailer_bin.as_deref(), &rt.assets_dir),
+        kvm,
+        JailSettings { chroot_dir: rt.chroot_dir.clone(), uid_base: rt.jailer_uid_base },
+    );
+    let jails_dir = firecracker.jails_dir();
     let container = Container::new(host::find_on_path(&rt.runc_bin));
     let (default, why) = default_runtime(rt, kvm, &firecracker);
     info!(runtime = %default, kvm = kvm.describe(), "default runtime: {default} ({why})");
@@ -51,7 +58,7 @@ pub async fn build_service(settings: &Settings, store: Store) -> anyhow::Result<
         runtimes: Runtimes { firecracker, container, stop_grace: rt.stop_timeout },
         net,
         data_dir: rt.data_dir.clone(),
-        socket_dir: rt.socket_dir.clone(),
+        jails_dir,
         assets_dir: rt.assets_dir.clone(),
     };
     let policy = Policy {
@@ -76,9 +83,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             "DISABLE_AUTH is set: the API accepts requests WITHOUT an API key; use this only on a trusted, local host"
         );
     }
-    for dir in [&settings.runtime.data_dir, &settings.runtime.socket_dir] {
+    {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        // Made 0700 when new; an existing directory (perhaps shared, like /tmp) keeps its mode, with a warning.
+        let dir = &settings.runtime.data_dir;
+        // Made 0700 when new; an existing directory (perhaps shared) keeps its mode, with a warning.
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -86,10 +94,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("create {}", dir.display()))?;
         let mode = std::fs::metadata(dir).with_context(|| format!("stat {}", dir.display()))?.permissions().mode();
         if mode & 0o077 != 0 {
-            warn!(
-                dir = %dir.display(),
-                "other users can enter this directory; machine disks, logs and sockets belong in a 0700 directory"
-            );
+            warn!(dir = %dir.display(), "other users can enter this directory; machine data belongs in a 0700 directory");
         }
     }
     let db = &settings.store.database_path;

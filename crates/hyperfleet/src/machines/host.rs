@@ -64,13 +64,14 @@ pub struct LinuxHost {
     pub runtimes: Runtimes,
     pub net: HostNetwork,
     pub data_dir: PathBuf,
-    pub socket_dir: PathBuf,
     pub assets_dir: PathBuf,
+    /// Where firecracker machines' jails are ([`crate::runtime::Firecracker::jails_dir`]).
+    pub jails_dir: PathBuf,
 }
 
 impl LinuxHost {
     fn files(&self, id: &str) -> MachineFiles {
-        MachineFiles::new(&self.data_dir, &self.socket_dir, id)
+        MachineFiles::new(&self.data_dir, &self.jails_dir, id)
     }
 
     fn boot_spec(&self, m: &MachineRecord) -> BootSpec {
@@ -84,6 +85,7 @@ impl LinuxHost {
             rootfs_path: PathBuf::from(&m.spec.rootfs_path),
             assets_dir: self.assets_dir.clone(),
             net: self.net.addressing.guest(m),
+            block: m.block,
         }
     }
 }
@@ -158,24 +160,33 @@ impl Host for LinuxHost {
     async fn remove_strays(&self, live: &HashSet<String>, known: &HashSet<String>) -> Result<Vec<String>> {
         let mut removed: Vec<String> =
             self.net.remove_stray_links(live).await?.into_iter().map(|l| format!("interface {l}")).collect();
-        let data_dir = self.data_dir.clone();
+        let (data_dir, jails_dir) = (self.data_dir.clone(), self.jails_dir.clone());
         let on_disk: Vec<String> = tokio::task::spawn_blocking(move || {
-            std::fs::read_dir(data_dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
+            let names = |dir: &std::path::Path| {
+                std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect::<Vec<_>>()
+            };
+            // The data directory also holds the chroot directory by default, which is nobody's data.
+            let mut ids: Vec<String> =
+                names(&data_dir).into_iter().filter(|n| !jails_dir.starts_with(data_dir.join(n))).collect();
+            ids.extend(names(&jails_dir));
+            ids.sort();
+            ids.dedup();
+            ids
         })
         .await
         .map_err(|e| Error::Task { what: "list the data directory", message: e.to_string() })?;
-        // Only this daemon's machines: its database and its data directory. (Other daemons on the host use
+        // Only this daemon's machines: its database, its data and chroot directories. (Other daemons on the host use
         // the same namespace prefix, so namespaces alone say nothing about whose they are.)
         let candidates: HashSet<&String> = known.iter().chain(on_disk.iter()).collect();
         for id in candidates.into_iter().filter(|id| !live.contains(*id)) {
             let files = self.files(id);
             self.runtimes.remove_leftovers(id, &files).await;
-            if !known.contains(id) && on_disk.contains(id) {
+            if !known.contains(id) && files.dir.exists() {
                 info!(dir = %files.dir.display(), "removing the data of a machine that no longer exists");
                 tokio::fs::remove_dir_all(&files.dir).await.map_err(RuntimeError::io("remove", &files.dir))?;
                 removed.push(format!("directory {}", files.dir.display()));

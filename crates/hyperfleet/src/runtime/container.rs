@@ -474,6 +474,7 @@ mod tests {
     fn boot_spec() -> BootSpec {
         BootSpec {
             id: "m1".into(),
+            block: 0,
             runtime: RuntimeKind::Container,
             vcpu_count: 2,
             mem_size_mib: 256,

@@ -1,5 +1,5 @@
 //! What this host can run: the kind of KVM (hardware, or PVM software virtualization), and where the
-//! firecracker binary is.
+//! firecracker and jailer binaries are.
 
 use std::path::{Path, PathBuf};
 
@@ -46,11 +46,20 @@ pub const PVM_BOOT_ARGS: &str = "clearcpuid=cx16,popcnt,fsgsbase,invpcid,pcid,rd
 
 /// The firecracker binary: FIRECRACKER_BIN, else `firecracker` on PATH, else what `make setup` installed.
 pub fn find_firecracker(configured: Option<&Path>, assets_dir: &Path) -> Option<PathBuf> {
+    find_tool("firecracker", configured, assets_dir)
+}
+
+/// Firecracker's jailer, found the same way: JAILER_BIN, else `jailer` on PATH, else .hyperfleet/bin/jailer.
+pub fn find_jailer(configured: Option<&Path>, assets_dir: &Path) -> Option<PathBuf> {
+    find_tool("jailer", configured, assets_dir)
+}
+
+fn find_tool(name: &str, configured: Option<&Path>, assets_dir: &Path) -> Option<PathBuf> {
     if let Some(p) = configured {
         return is_executable(p).then(|| p.to_path_buf());
     }
-    find_on_path(Path::new("firecracker")).or_else(|| {
-        let installed = assets_dir.join("bin/firecracker");
+    find_on_path(Path::new(name)).or_else(|| {
+        let installed = assets_dir.join("bin").join(name);
         is_executable(&installed).then_some(installed)
     })
 }

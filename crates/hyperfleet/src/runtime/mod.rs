@@ -78,6 +78,9 @@ pub struct MachineFiles {
     pub dir: PathBuf,
     pub disk: PathBuf,
     pub console_log: PathBuf,
+    /// A Firecracker machine's jail while it runs, `{jails dir}/{id}`: its `root/` is the chroot.
+    pub jail: PathBuf,
+    /// Host paths of the API and vsock sockets firecracker makes in its chroot.
     pub api_socket: PathBuf,
     pub vsock_socket: PathBuf,
     pub bundle: PathBuf,
@@ -87,15 +90,19 @@ pub struct MachineFiles {
 }
 
 impl MachineFiles {
-    pub fn new(data_dir: &Path, socket_dir: &Path, id: &str) -> Self {
+    /// `jails_dir`: where the jailer makes the machines' jails ([`Firecracker::jails_dir`]).
+    pub fn new(data_dir: &Path, jails_dir: &Path, id: &str) -> Self {
         let dir = data_dir.join(id);
+        let jail = jails_dir.join(id);
+        let chroot = jail.join("root");
         Self {
             disk: dir.join("rootfs.ext4"),
             console_log: dir.join("console.log"),
             bundle: dir.join("bundle"),
-            agent_socket: socket_dir.join(format!("hyperfleet-{id}.agent")),
-            api_socket: socket_dir.join(format!("hyperfleet-{id}.sock")),
-            vsock_socket: socket_dir.join(format!("hyperfleet-{id}.vsock")),
+            agent_socket: dir.join("agent.sock"),
+            api_socket: chroot.join(firecracker::jail::API_SOCKET),
+            vsock_socket: chroot.join(firecracker::jail::VSOCK_SOCKET),
+            jail,
             dir,
         }
     }
@@ -140,6 +147,9 @@ pub struct BootSpec {
     /// Kernels and root filesystems are opened beneath it, never through a symlink.
     pub assets_dir: PathBuf,
     pub net: GuestNetwork,
+    /// The machine's address block: unique among existing machines, so it also numbers the machine's own
+    /// host identity (its jailed firecracker's uid and gid).
+    pub block: u32,
 }
 
 /// A machine that may have a process: enough to find, pause, stop or clean it up.
@@ -233,7 +243,7 @@ impl Runtimes {
                 if let Some(pid) = m.pid {
                     self.firecracker.stop(pid, files, self.stop_grace).await;
                 }
-                Firecracker::remove_sockets(files);
+                Firecracker::release(&m.id, files).await;
             }
             RuntimeKind::Container => {
                 self.container.stop(&m.id, m.pid, files, self.stop_grace).await;
@@ -262,8 +272,9 @@ impl Runtimes {
             RuntimeKind::Firecracker => {
                 let (pid, files) = (m.pid, files.clone());
                 // /proc reads and scans: off the async workers.
+                let fc = self.firecracker.clone();
                 tokio::task::spawn_blocking(move || {
-                    pid.filter(|pid| Firecracker::owns(*pid, &files)).or_else(|| Firecracker::find(&files))
+                    pid.filter(|pid| Firecracker::owns(*pid, &files)).or_else(|| fc.find(&files))
                 })
                 .await
                 .ok()
@@ -281,18 +292,19 @@ impl Runtimes {
     }
 
     /// Removes what a machine of any runtime may have left on the host when it has no process: a container's
-    /// mount, namespace and agent socket, firecracker's sockets. Idempotent.
+    /// mount, namespace and agent socket, firecracker's chroot (with its sockets) and cgroups. Idempotent.
     pub async fn remove_leftovers(&self, id: &str, files: &MachineFiles) {
         Container::unmount_root(files).await;
         remove_netns(id).await;
         process::remove_file_logged(&files.agent_socket);
-        Firecracker::remove_sockets(files);
+        Firecracker::release(id, files).await;
     }
 
     /// Removes the machine's directory (disk, logs, bundle) at delete.
     pub async fn destroy(&self, m: &Instance, files: &MachineFiles) -> Result<(), RuntimeError> {
-        if m.runtime == RuntimeKind::Container {
-            Container::unmount_root(files).await;
+        match m.runtime {
+            RuntimeKind::Container => Container::unmount_root(files).await,
+            RuntimeKind::Firecracker => Firecracker::release(&m.id, files).await,
         }
         match tokio::fs::remove_dir_all(&files.dir).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RuntimeError::io("remove", &files.dir)(e)),

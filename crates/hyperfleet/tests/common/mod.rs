@@ -98,11 +98,11 @@ impl Daemon {
             ("HYPERFLEET_BIND_ADDRESS".into(), "127.0.0.1".into()),
             ("DATABASE_PATH".into(), d.join("hyperfleet.db").display().to_string()),
             ("HYPERFLEET_DATA_DIR".into(), d.join("machines").display().to_string()),
-            ("HYPERFLEET_SOCKET_DIR".into(), d.display().to_string()),
             ("HYPERFLEET_ASSETS_DIR".into(), assets.display().to_string()),
             ("HYPERFLEET_KERNEL_IMAGE_PATH".into(), assets.join("vmlinux").display().to_string()),
             ("HYPERFLEET_ROOTFS_PATH".into(), assets.join("rootfs.ext4").display().to_string()),
             ("FIRECRACKER_BIN".into(), assets.join("bin/firecracker").display().to_string()),
+            ("JAILER_BIN".into(), assets.join("bin/jailer").display().to_string()),
             ("HYPERFLEET_RUNTIME".into(), opts.runtime.as_str().into()),
             ("HYPERFLEET_SUBNET".into(), subnet.clone()),
             ("HYPERFLEET_TAP_PREFIX".into(), tap_prefix.clone()),
@@ -157,6 +157,11 @@ impl Daemon {
 
     pub fn env(&self) -> &[(String, String)] {
         &self.env
+    }
+
+    /// The chroot of a firecracker machine of this daemon (default HYPERFLEET_CHROOT_DIR).
+    pub fn chroot(&self, id: &str) -> PathBuf {
+        self.dir.path().join("machines/jail/firecracker").join(id).join("root")
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -299,6 +304,20 @@ pub fn printed_keys(log: &str) -> Vec<String> {
 
 pub fn machine(name: &str) -> CreateMachine {
     CreateMachine { name: Some(name.into()), vcpu_count: Some(1), mem_size_mib: Some(128), ..Default::default() }
+}
+
+/// Whether /dev/kvm is PVM here: the guest kernel boots but no guest userspace runs.
+pub fn is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A Firecracker machine; under PVM it boots `init=/sbin/hyperfleet-idle`, as no guest userspace can run.
+pub fn fc_machine(name: &str) -> CreateMachine {
+    let mut args = hyperfleet::config::DEFAULT_KERNEL_ARGS.to_string();
+    if is_pvm() {
+        args.push_str(" init=/sbin/hyperfleet-idle");
+    }
+    CreateMachine { runtime: Some(RuntimeKind::Firecracker), kernel_args: Some(args), ..machine(name) }
 }
 
 /// Creates and starts a machine, asserting it runs.

@@ -1,11 +1,13 @@
-//! The Firecracker runtime: one firecracker process per machine in its own session, configured over its API
-//! socket (machine, kernel, root drive, network, vsock), console captured to the machine's log. The guest
-//! kernel configures eth0 itself from the `ip=` boot argument, so networking needs no guest agent.
+//! The Firecracker runtime: one firecracker per machine, started by Firecracker's jailer in its own session
+//! (own uid/gid, chroot, cgroups, seccomp: see [`jail`]), configured over its API socket (machine, kernel,
+//! root drive, network, vsock), console captured to the machine's log. The guest kernel configures eth0
+//! itself from the `ip=` boot argument, so networking needs no guest agent.
 
 pub mod api;
+pub mod jail;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use hyperfleet_agent_proto::client::{AgentClient, Endpoint};
@@ -14,23 +16,48 @@ use serde_json::json;
 use super::host::{KvmKind, PVM_BOOT_ARGS};
 use super::{BootSpec, Booted, MachineFiles, RuntimeError, process};
 pub use api::FirecrackerApi;
+use jail::{CgroupVersion, Identity, JailerCommand};
 
 /// Guest context id of every machine (each has its own vsock device, so they need not differ).
 const GUEST_CID: u32 = 3;
 
+/// Where and as whom the jailer runs machines.
+#[derive(Debug, Clone)]
+pub struct JailSettings {
+    /// Root-only base of the chroots (the jailer's `--chroot-base-dir`).
+    pub chroot_dir: PathBuf,
+    /// Machine N runs as uid and gid `uid_base + N`.
+    pub uid_base: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct Firecracker {
     bin: Option<PathBuf>,
+    jailer: Option<PathBuf>,
     kvm: KvmKind,
+    jail: JailSettings,
+    cgroup_version: CgroupVersion,
+    /// File name of the (canonical) firecracker binary: the jailer names the jails' directory after it.
+    exec_name: String,
 }
 
 impl Firecracker {
-    pub fn new(bin: Option<PathBuf>, kvm: KvmKind) -> Self {
-        Self { bin, kvm }
+    pub fn new(bin: Option<PathBuf>, jailer: Option<PathBuf>, kvm: KvmKind, jail: JailSettings) -> Self {
+        let exec_name = bin
+            .as_deref()
+            .and_then(|b| b.canonicalize().ok())
+            .and_then(|b| b.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "firecracker".into());
+        Self { bin, jailer, kvm, jail, cgroup_version: CgroupVersion::detect(), exec_name }
     }
 
     pub fn binary(&self) -> Option<&PathBuf> {
         self.bin.as_ref()
+    }
+
+    /// Where the jailer makes each machine's jail: `{chroot dir}/{firecracker's file name}`.
+    pub fn jails_dir(&self) -> PathBuf {
+        self.jail.chroot_dir.join(&self.exec_name)
     }
 
     /// Why this runtime cannot start machines here, if it cannot.
@@ -41,8 +68,21 @@ impl Firecracker {
                     .into(),
             );
         }
+        if self.jailer.is_none() {
+            return Some(
+                "Firecracker's jailer not found: set JAILER_BIN, put jailer on PATH, or run `make setup`".into(),
+            );
+        }
         if self.kvm == KvmKind::Missing {
             return Some("KVM is unavailable: /dev/kvm is missing or not accessible".into());
+        }
+        // A unix socket address holds 107 bytes; machine ids are 16.
+        let longest = self.jails_dir().join("0123456789abcdef/root").join(jail::VSOCK_SOCKET);
+        if longest.as_os_str().len() > 107 {
+            return Some(format!(
+                "socket paths in the chroots ({}) exceed a unix socket address: shorten HYPERFLEET_CHROOT_DIR",
+                longest.display()
+            ));
         }
         None
     }
@@ -76,46 +116,68 @@ impl Firecracker {
         })
     }
 
-    /// Whether `pid` is the firecracker of this machine (checked by its socket path in /proc/PID/cmdline).
+    /// Whether `pid` is the firecracker of this machine: its `--id` and its chroot, so neither a reused PID
+    /// nor another daemon's machine of the same id is taken for it.
     pub fn owns(pid: u32, files: &MachineFiles) -> bool {
-        process::alive(pid) && process::cmdline_contains(pid, &files.api_socket.display().to_string())
+        let id = files.jail.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        process::alive(pid) && process::cmdline_contains(pid, &id) && jail::runs_in(pid, files)
     }
 
-    /// Finds this machine's firecracker by its socket path, for a process whose PID was never recorded (the
-    /// daemon died between spawning it and saving the PID).
-    pub fn find(files: &MachineFiles) -> Option<u32> {
-        let needle = files.api_socket.display().to_string();
+    /// Finds this machine's firecracker when its PID was never recorded (the daemon died between spawning it
+    /// and saving the PID): the jailer's pid file in the chroot, else a scan of /proc.
+    pub fn find(&self, files: &MachineFiles) -> Option<u32> {
+        if let Some(pid) = jail::recorded_pid(files, &self.exec_name).filter(|pid| Self::owns(*pid, files)) {
+            return Some(pid);
+        }
         std::fs::read_dir("/proc")
             .ok()?
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .find(|pid| process::alive(*pid) && process::cmdline_contains(*pid, &needle))
+            .find(|pid| Self::owns(*pid, files))
     }
 
-    /// Spawns and configures firecracker and starts the guest. On error the process is gone again.
+    /// Makes the machine's jail and starts firecracker in it through the jailer, configures it and starts the
+    /// guest. On error the process, chroot and cgroups are gone again.
     pub async fn boot(&self, spec: &BootSpec, files: &MachineFiles) -> Result<Booted, RuntimeError> {
-        let (Some(bin), None) = (self.bin.clone(), self.unavailable()) else {
+        let (Some(bin), Some(jailer), None) = (self.bin.clone(), self.jailer.clone(), self.unavailable()) else {
             return Err(RuntimeError::Unavailable(self.unavailable().unwrap_or_default()));
         };
-        Self::remove_sockets(files);
+        // What a crash may have left of an earlier run (mknod in the chroot fails on existing devices).
+        Self::release(&spec.id, files).await;
+        let identity = Identity::of_block(self.jail.uid_base, spec.block);
+        let (chroot_dir, kernel, jail_files) =
+            (self.jail.chroot_dir.clone(), spec.kernel_image_path.clone(), files.clone());
+        tokio::task::spawn_blocking(move || {
+            jail::secure_base(&chroot_dir).map_err(RuntimeError::io("secure the chroot directory", &chroot_dir))?;
+            jail::populate(&jail_files, &kernel, identity)
+                .map_err(RuntimeError::io("place kernel and disk in the chroot", &jail_files.jail))
+        })
+        .await??;
         let console = files.open_console_log()?;
         let console_err = console.try_clone().map_err(RuntimeError::io("open", &files.console_log))?;
-        let pid = process::spawn_detached(
-            Command::new(&bin)
-                .arg("--api-sock")
-                .arg(&files.api_socket)
-                .arg("--id")
-                .arg(&spec.id)
-                .stdin(Stdio::null())
-                .stdout(console)
-                .stderr(console_err),
-        )
-        .map_err(|e| RuntimeError::Unavailable(format!("cannot run {}: {e}", bin.display())))?;
+        let mut cmd = JailerCommand {
+            jailer: &jailer,
+            firecracker: &bin,
+            chroot_dir: &self.jail.chroot_dir,
+            id: &spec.id,
+            identity,
+            cgroup_version: self.cgroup_version,
+            cgroup_limits: self.cgroup_version.limits(spec.vcpu_count, spec.mem_size_mib),
+        }
+        .build();
+        let spawned = process::spawn_detached(cmd.stdin(Stdio::null()).stdout(console).stderr(console_err));
+        let pid = match spawned {
+            Ok(pid) => pid,
+            Err(e) => {
+                Self::release(&spec.id, files).await;
+                return Err(RuntimeError::Unavailable(format!("cannot run {}: {e}", jailer.display())));
+            }
+        };
         match self.configure(spec, files, pid).await {
             Ok(()) => Ok(Booted { pid, socket_path: Some(files.api_socket.display().to_string()) }),
             Err(e) => {
                 process::terminate(pid, Duration::from_secs(1)).await;
-                Self::remove_sockets(files);
+                Self::release(&spec.id, files).await;
                 Err(e)
             }
         }
@@ -128,12 +190,12 @@ impl Firecracker {
         while !files.api_socket.exists() {
             if !process::alive(pid) {
                 return Err(RuntimeError::ExitedAtStart {
-                    process: "firecracker",
+                    process: "jailer (firecracker)",
                     console: process::tail(&files.console_log, 5).join(" | "),
                 });
             }
             if Instant::now() > deadline {
-                return Err(RuntimeError::Timeout("firecracker's API socket appearing within 5 s"));
+                return Err(RuntimeError::Timeout("firecracker's API socket appearing in its chroot within 5 s"));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -145,14 +207,14 @@ impl Firecracker {
         .await?;
         api.put(
             "/boot-source",
-            &json!({ "kernel_image_path": spec.kernel_image_path, "boot_args": self.boot_args(spec) }),
+            &json!({ "kernel_image_path": jail::inside(jail::KERNEL), "boot_args": self.boot_args(spec) }),
         )
         .await?;
         api.put(
             "/drives/rootfs",
             &json!({
                 "drive_id": "rootfs",
-                "path_on_host": files.disk,
+                "path_on_host": jail::inside(jail::DISK),
                 "is_root_device": true,
                 "is_read_only": false
             }),
@@ -163,7 +225,7 @@ impl Firecracker {
             &json!({ "iface_id": "eth0", "guest_mac": net.mac, "host_dev_name": net.iface }),
         )
         .await?;
-        api.put("/vsock", &json!({ "guest_cid": GUEST_CID, "uds_path": files.vsock_socket })).await?;
+        api.put("/vsock", &json!({ "guest_cid": GUEST_CID, "uds_path": jail::inside(jail::VSOCK_SOCKET) })).await?;
         api.put("/actions", &json!({ "action_type": "InstanceStart" })).await?;
         if !process::alive(pid) {
             return Err(RuntimeError::ExitedAtStart {
@@ -175,7 +237,7 @@ impl Firecracker {
     }
 
     /// Stops the guest: the agent's shutdown, else Ctrl-Alt-Del, each given `grace`; then SIGTERM, SIGKILL.
-    /// Returns once the process is gone.
+    /// Returns once the process is gone; [`Self::release`] then removes its jail.
     pub async fn stop(&self, pid: u32, files: &MachineFiles, grace: Duration) {
         if Self::owns(pid, files) {
             let agent = Self::agent(files);
@@ -191,13 +253,11 @@ impl Firecracker {
                 process::terminate(pid, Duration::from_secs(3)).await;
             }
         }
-        Self::remove_sockets(files);
     }
 
-    /// Removes the machine's API and vsock sockets (idempotent; a failure other than "not there" is logged).
-    pub fn remove_sockets(files: &MachineFiles) {
-        for path in [&files.api_socket, &files.vsock_socket] {
-            process::remove_file_logged(path);
-        }
+    /// Removes the machine's jail: the chroot (with the sockets, the kernel link and the disk's link; the disk
+    /// itself stays in the data directory) and its cgroups. Idempotent; only once its process is gone.
+    pub async fn release(id: &str, files: &MachineFiles) {
+        jail::remove(files, id).await;
     }
 }
