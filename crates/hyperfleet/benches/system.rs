@@ -565,14 +565,34 @@ async fn main() {
             kvm.describe()
         ),
     };
-    bench_api(&mut r).await;
-    bench_concurrent_creates(&mut r).await;
-    bench_ipam(&mut r);
-    bench_network_setup(&mut r).await;
-    bench_start_overhead(&mut r).await;
-    bench_exec_files(&mut r).await;
-    bench_proxy(&mut r).await;
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
-    std::fs::write(&path, &r.md).unwrap();
+    // HYPERFLEET_BENCH_ONLY=api,proxy runs only those sections and prints them without rewriting BENCHMARKS.md.
+    let only: Option<Vec<String>> =
+        std::env::var("HYPERFLEET_BENCH_ONLY").ok().map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == name));
+    if wanted("api") {
+        bench_api(&mut r).await;
+    }
+    if wanted("creates") {
+        bench_concurrent_creates(&mut r).await;
+    }
+    if wanted("ipam") {
+        bench_ipam(&mut r);
+    }
+    if wanted("network") {
+        bench_network_setup(&mut r).await;
+    }
+    if wanted("start") {
+        bench_start_overhead(&mut r).await;
+    }
+    if wanted("exec") {
+        bench_exec_files(&mut r).await;
+    }
+    if wanted("proxy") {
+        bench_proxy(&mut r).await;
+    }
+    if only.is_none() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
+        std::fs::write(&path, &r.md).unwrap();
+    }
     println!("{}", r.md);
 }
