@@ -4,6 +4,7 @@ pub mod api;
 pub mod cmd;
 pub mod config;
 pub mod doctor;
+pub mod listener;
 pub mod machines;
 pub mod proxy;
 pub mod runtime;
