@@ -324,8 +324,12 @@ pub async fn serve_connection<S, B, F>(
     let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service).with_upgrades();
     let mut conn = pin!(conn);
     let mut closing = false;
+    // A deadline can move earlier (a request ends: the idle clock replaces the header clock), so the watchdog
+    // also looks again this often and closes at most this late.
+    let step = timeouts.header_read.min(timeouts.idle) / 2;
     loop {
-        let (Due::Close(wake) | Due::LookAgain(wake)) = activity.deadline(&timeouts);
+        let (Due::Close(due) | Due::LookAgain(due)) = activity.deadline(&timeouts);
+        let wake = due.min(Instant::now() + step);
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {

@@ -212,6 +212,10 @@ async fn slowloris_starves_neither_listener() {
             "{open} of {N} slowloris connections to the {listener} still open after {:?}",
             started.elapsed()
         );
+        eprintln!(
+            "{listener}: {N} slowloris opened in {opening:?}, all closed by the server {:?} after",
+            started.elapsed()
+        );
         drop(hostile);
     }
 }
