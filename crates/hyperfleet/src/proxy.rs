@@ -1,7 +1,9 @@
 //! The reverse proxy for exposed guest ports (PROXY_PORT, default 4000): `{prefix}/{machine}/{port}/…` or,
 //! with PROXY_HOST_SUFFIX, `{machine}-{port}{suffix}` in the Host header. It forwards only to a running
 //! machine's own guest address and only to ports in its `exposed_ports`; bodies stream both ways, WebSocket
-//! upgrades are spliced, and connections to guests are kept alive. It does no authentication of its own.
+//! upgrades are spliced (and closed after PROXY_WEBSOCKET_IDLE_TIMEOUT without a byte), and connections to
+//! guests are kept alive. Client connections are capped and timed by [`crate::listener`], as the API's are.
+//! It does no authentication of its own.
 //! Also here: the poller that records which exposed ports accept connections.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

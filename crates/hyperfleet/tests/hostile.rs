@@ -289,7 +289,7 @@ async fn idle_connections_and_tunnels_are_closed() {
 #[ignore = "needs root: the daemon sets up host networking"]
 #[tokio::test]
 async fn connections_past_the_per_address_cap_are_refused_at_once() {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const CAP: usize = 8;
     let d = Daemon::start(Options {
         env: vec![("HYPERFLEET_MAX_CONNECTIONS_PER_IP".into(), CAP.to_string())],
@@ -305,8 +305,7 @@ async fn connections_past_the_per_address_cap_are_refused_at_once() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(held.iter().all(|s| !closed_by_server(s)), "a connection within the cap was closed");
         // One more from the same address is answered and closed at once, not queued.
-        let extra = tokio::net::TcpStream::from_std(connect_from([127, 0, 0, 2], port).await.unwrap()).unwrap();
-        let mut extra = extra;
+        let mut extra = tokio::net::TcpStream::from_std(connect_from([127, 0, 0, 2], port).await.unwrap()).unwrap();
         let mut answer = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(1), extra.read_to_end(&mut answer)).await;
         assert!(read.is_ok(), "the {listener} left a connection past the cap hanging");
@@ -321,7 +320,6 @@ async fn connections_past_the_per_address_cap_are_refused_at_once() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut again = tokio::net::TcpStream::from_std(connect_from([127, 0, 0, 2], port).await.unwrap()).unwrap();
         let path = if port == d.port { "/health" } else { "/proxy/x/1/" };
-        use tokio::io::AsyncWriteExt;
         again
             .write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").as_bytes())
             .await
