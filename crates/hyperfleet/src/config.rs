@@ -13,6 +13,8 @@ use clap::{Args, FromArgMatches};
 use hyperfleet_net::{Subnet, TapNaming};
 use hyperfleet_types::RuntimeKind;
 
+use crate::listener::Timeouts;
+
 pub const DEFAULT_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
 /// First uid of jailed firecrackers: above the usual login, system and subordinate (`/etc/subuid`) ranges.
@@ -49,6 +51,20 @@ pub struct ApiArgs {
     /// Turn API-key authentication off (only for a trusted, local setup).
     #[arg(long, env = "DISABLE_AUTH", default_value = "false", value_parser = clap::builder::BoolishValueParser::new())]
     pub disable_auth: bool,
+    /// Most connections the API holds at once; more are answered 503 and closed. Lowered at start to fit
+    /// the open-files limit.
+    #[arg(long, env = "HYPERFLEET_API_MAX_CONNECTIONS", default_value_t = 8192)]
+    pub api_max_connections: usize,
+    /// Most connections one client address holds on the API, and separately on the proxy.
+    #[arg(long, env = "HYPERFLEET_MAX_CONNECTIONS_PER_IP", default_value_t = 1024)]
+    pub max_connections_per_ip: usize,
+    /// Seconds a client has to send a request's headers (API and proxy), counted from the opening of the
+    /// connection or the first byte of the request.
+    #[arg(long, env = "HYPERFLEET_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    pub header_read_timeout: u64,
+    /// Seconds a connection may stay open with no request in flight and no byte either way (API and proxy).
+    #[arg(long, env = "HYPERFLEET_IDLE_TIMEOUT", default_value_t = 60)]
+    pub idle_timeout: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -66,12 +82,16 @@ pub struct ProxyArgs {
     /// How often exposed ports are probed, in milliseconds.
     #[arg(long, env = "PROXY_EXPOSED_PORT_POLL_INTERVAL_MS", default_value_t = 10_000)]
     pub proxy_poll_interval_ms: u64,
-    /// Most concurrent proxied connections.
-    #[arg(long, env = "PROXY_MAX_CONNECTIONS", default_value_t = 1024)]
+    /// Most concurrent proxied connections; more are answered 503 and closed. Lowered at start to fit the
+    /// open-files limit.
+    #[arg(long, env = "PROXY_MAX_CONNECTIONS", default_value_t = 8192)]
     pub proxy_max_connections: usize,
     /// Seconds to wait for a guest to accept a proxied connection and send response headers.
     #[arg(long, env = "PROXY_UPSTREAM_TIMEOUT", default_value_t = 30)]
     pub proxy_upstream_timeout: u64,
+    /// Seconds a WebSocket (or other upgraded) tunnel may pass no byte either way before it is closed.
+    #[arg(long, env = "PROXY_WEBSOCKET_IDLE_TIMEOUT", default_value_t = 300)]
+    pub proxy_websocket_idle_timeout: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -177,6 +197,11 @@ pub struct ApiSettings {
     pub bind: IpAddr,
     pub port: u16,
     pub disable_auth: bool,
+    pub max_connections: usize,
+    /// Per listener.
+    pub max_connections_per_ip: usize,
+    /// Of both listeners.
+    pub timeouts: Timeouts,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +213,7 @@ pub struct ProxySettings {
     pub poll_interval: Duration,
     pub max_connections: usize,
     pub upstream_timeout: Duration,
+    pub websocket_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -276,7 +302,7 @@ pub fn parse_dns_list(s: &str) -> Result<Vec<Ipv4Addr>, String> {
 
 impl ServeArgs {
     pub fn validate(&self) -> Result<Settings, ConfigError> {
-        let api = self.api.validate();
+        let api = self.api.validate()?;
         let proxy = self.proxy.validate()?;
         if proxy.port == Some(api.port) {
             return Err(bad("PROXY_PORT", format!("{} is also the API PORT", api.port)));
@@ -297,7 +323,7 @@ impl Settings {
     /// the API, proxy and file groups keep their defaults, whatever the environment says.
     pub fn without_serving(store: StoreSettings, runtime: RuntimeSettings, network: NetworkSettings) -> Self {
         Self {
-            api: defaults::<ApiArgs>().validate(),
+            api: defaults::<ApiArgs>().validate().expect("the default API settings are valid"),
             proxy: defaults::<ProxyArgs>().validate().expect("the default proxy settings are valid"),
             store,
             runtime,
@@ -315,8 +341,23 @@ fn defaults<A: Args + FromArgMatches>() -> A {
 }
 
 impl ApiArgs {
-    pub fn validate(&self) -> ApiSettings {
-        ApiSettings { bind: self.bind, port: self.port, disable_auth: self.disable_auth }
+    pub fn validate(&self) -> Result<ApiSettings, ConfigError> {
+        let at_least_one = |name, n: u64| if n == 0 { Err(bad(name, "must be at least 1")) } else { Ok(()) };
+        at_least_one("HYPERFLEET_API_MAX_CONNECTIONS", self.api_max_connections as u64)?;
+        at_least_one("HYPERFLEET_MAX_CONNECTIONS_PER_IP", self.max_connections_per_ip as u64)?;
+        at_least_one("HYPERFLEET_HEADER_READ_TIMEOUT", self.header_read_timeout)?;
+        at_least_one("HYPERFLEET_IDLE_TIMEOUT", self.idle_timeout)?;
+        Ok(ApiSettings {
+            bind: self.bind,
+            port: self.port,
+            disable_auth: self.disable_auth,
+            max_connections: self.api_max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            timeouts: Timeouts {
+                header_read: Duration::from_secs(self.header_read_timeout),
+                idle: Duration::from_secs(self.idle_timeout),
+            },
+        })
     }
 }
 
@@ -340,6 +381,9 @@ impl ProxyArgs {
         if self.proxy_upstream_timeout == 0 {
             return Err(bad("PROXY_UPSTREAM_TIMEOUT", "must be at least 1 second"));
         }
+        if self.proxy_websocket_idle_timeout == 0 {
+            return Err(bad("PROXY_WEBSOCKET_IDLE_TIMEOUT", "must be at least 1 second"));
+        }
         Ok(ProxySettings {
             port: (self.proxy_port != 0).then_some(self.proxy_port),
             prefix,
@@ -347,6 +391,7 @@ impl ProxyArgs {
             poll_interval: Duration::from_millis(self.proxy_poll_interval_ms),
             max_connections: self.proxy_max_connections,
             upstream_timeout: Duration::from_secs(self.proxy_upstream_timeout),
+            websocket_idle_timeout: Duration::from_secs(self.proxy_websocket_idle_timeout),
         })
     }
 }
@@ -521,6 +566,9 @@ mod tests {
         assert!(parse(&["--jailer-uid-base", "0"]).unwrap_err().contains("HYPERFLEET_JAILER_UID_BASE"));
         assert!(parse(&["--jailer-uid-base", "2147483000"]).unwrap_err().contains("HYPERFLEET_JAILER_UID_BASE"));
         assert!(parse(&["--proxy-port", "0"]).unwrap().proxy.port.is_none());
+        assert!(parse(&["--header-read-timeout", "0"]).unwrap_err().contains("HYPERFLEET_HEADER_READ_TIMEOUT"));
+        assert!(parse(&["--max-connections-per-ip", "0"]).unwrap_err().contains("HYPERFLEET_MAX_CONNECTIONS_PER_IP"));
+        assert!(parse(&["--proxy-websocket-idle-timeout", "0"]).unwrap_err().contains("PROXY_WEBSOCKET_IDLE_TIMEOUT"));
     }
 
     #[test]
@@ -553,6 +601,11 @@ mod tests {
         ("PROXY_EXPOSED_PORT_POLL_INTERVAL_MS", "2500"),
         ("PROXY_MAX_CONNECTIONS", "7"),
         ("PROXY_UPSTREAM_TIMEOUT", "9"),
+        ("PROXY_WEBSOCKET_IDLE_TIMEOUT", "11"),
+        ("HYPERFLEET_API_MAX_CONNECTIONS", "500"),
+        ("HYPERFLEET_MAX_CONNECTIONS_PER_IP", "20"),
+        ("HYPERFLEET_HEADER_READ_TIMEOUT", "4"),
+        ("HYPERFLEET_IDLE_TIMEOUT", "12"),
         ("HYPERFLEET_DATA_DIR", "/srv/hf-data/machines"),
         ("HYPERFLEET_CHROOT_DIR", "/srv/hf-data/jail"),
         ("HYPERFLEET_ASSETS_DIR", "/srv/hf"),
@@ -632,6 +685,12 @@ mod tests {
         );
         assert_eq!(proxy.poll_interval, Duration::from_millis(2500));
         assert_eq!((proxy.max_connections, proxy.upstream_timeout), (7, Duration::from_secs(9)));
+        assert_eq!(proxy.websocket_idle_timeout, Duration::from_secs(11));
+        assert_eq!((s.api.max_connections, s.api.max_connections_per_ip), (500, 20));
+        assert_eq!(
+            (s.api.timeouts.header_read, s.api.timeouts.idle),
+            (Duration::from_secs(4), Duration::from_secs(12))
+        );
         assert_eq!(s.store.database_path, p("/tmp/hf-env.db"));
         let r = &s.runtime;
         assert_eq!(

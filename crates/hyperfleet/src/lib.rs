@@ -5,6 +5,7 @@ pub mod cmd;
 pub mod config;
 pub mod doctor;
 pub mod keys;
+pub mod listener;
 pub mod machines;
 pub mod proxy;
 pub mod runtime;

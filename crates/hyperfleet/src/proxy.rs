@@ -1,7 +1,9 @@
 //! The reverse proxy for exposed guest ports (PROXY_PORT, default 4000): `{prefix}/{machine}/{port}/…` or,
 //! with PROXY_HOST_SUFFIX, `{machine}-{port}{suffix}` in the Host header. It forwards only to a running
 //! machine's own guest address and only to ports in its `exposed_ports`; bodies stream both ways, WebSocket
-//! upgrades are spliced, and connections to guests are kept alive. It does no authentication of its own.
+//! upgrades are spliced (and closed after PROXY_WEBSOCKET_IDLE_TIMEOUT without a byte), and connections to
+//! guests are kept alive. Client connections are capped and timed by [`crate::listener`], as the API's are.
+//! It does no authentication of its own.
 //! Also here: the poller that records which exposed ports accept connections.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -18,10 +20,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyperfleet_types::{ErrorBody, ErrorDetail, ExposedPortStatus, MachineStatus};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::config::ProxySettings;
+use crate::listener::{self, Activity, Limits, Timeouts};
 use crate::machines::{Error as MachineError, Service};
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -163,7 +165,8 @@ struct Shared {
     service: Arc<Service>,
     cfg: ProxySettings,
     targets: Targets,
-    slots: Arc<Semaphore>,
+    limits: Arc<Limits>,
+    timeouts: Timeouts,
 }
 
 /// One proxy thread: the shared state and its own pool of connections to guests.
@@ -173,7 +176,12 @@ struct Proxy {
 }
 
 impl Proxy {
-    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        activity: Arc<Activity>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
         let route = route(req.uri(), host.as_deref(), &self.shared.cfg).ok_or_else(|| {
             ProxyError::new(
@@ -272,10 +280,19 @@ impl Proxy {
             && let Some(client_upgrade) = client_upgrade
         {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let idle = self.shared.cfg.websocket_idle_timeout;
             tokio::spawn(async move {
                 match (client_upgrade.await, upstream_upgrade.await) {
+                    // The client's socket sees every byte either way, so its activity says when the tunnel
+                    // went quiet.
                     (Ok(c), Ok(u)) => {
-                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
+                            () = activity.idle_for(idle) => {
+                                debug!(%peer, "closed a tunnel idle for {} s", idle.as_secs());
+                            }
+                        }
                     }
                     (c, u) => debug!(client = c.is_ok(), upstream = u.is_ok(), "upgrade failed"),
                 }
@@ -294,21 +311,21 @@ impl Proxy {
 
 /// Starts the proxy on `addr`: one thread per CPU, each with its own single-threaded runtime, its own
 /// listening socket on the same port (SO_REUSEPORT, the kernel spreads connections) and its own pool of
-/// connections to guests, so a request is never handed between threads. Binding errors surface here.
-pub fn start(addr: SocketAddr, service: Arc<Service>, cfg: ProxySettings) -> std::io::Result<()> {
+/// connections to guests, so a request is never handed between threads. The threads share the connection
+/// caps (PROXY_MAX_CONNECTIONS in all, `max_per_ip` from one address). Binding errors surface here.
+pub fn start(
+    addr: SocketAddr,
+    service: Arc<Service>,
+    cfg: ProxySettings,
+    timeouts: Timeouts,
+    max_per_ip: usize,
+) -> std::io::Result<()> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mut listeners = Vec::with_capacity(threads);
-    for _ in 0..threads {
-        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.set_nodelay(true)?;
-        socket.bind(addr)?;
-        // Handed to its thread's runtime below.
-        listeners.push(socket.listen(1024)?.into_std()?);
-    }
+    // Each handed to its thread's runtime below.
+    let listeners = (0..threads).map(|_| listener::bind(addr, true)).collect::<std::io::Result<Vec<_>>>()?;
     let shared = Arc::new(Shared {
-        slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        limits: Limits::new(cfg.max_connections, max_per_ip),
+        timeouts,
         service,
         cfg,
         targets: Targets::default(),
@@ -347,38 +364,20 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     connector.set_connect_timeout(Some(shared.cfg.upstream_timeout));
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+    let (limits, timeouts) = (shared.limits.clone(), shared.timeouts);
     let proxy = Arc::new(Proxy { shared, client });
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "proxy accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = proxy.shared.slots.clone().acquire_owned().await else {
-            return;
-        };
-        let _ = stream.set_nodelay(true);
+    listener::serve(listener, limits, timeouts, std::future::pending(), move |peer, activity| {
         let proxy = proxy.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(
-                        proxy.handle(req, peer).await.unwrap_or_else(ProxyError::into_response),
-                    )
-                }
-            });
-            let conn =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades();
-            if let Err(e) = conn.await {
-                debug!(error = %e, "proxy connection ended with an error");
+        service_fn(move |req| {
+            let (proxy, activity) = (proxy.clone(), activity.clone());
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    proxy.handle(req, peer, activity).await.unwrap_or_else(ProxyError::into_response),
+                )
             }
-            drop(permit);
-        });
-    }
+        })
+    })
+    .await;
 }
 
 /// Every `interval`, records which exposed ports of each running machine accept a TCP connection.
@@ -424,6 +423,7 @@ mod tests {
             poll_interval: Duration::from_secs(10),
             max_connections: 10,
             upstream_timeout: Duration::from_secs(5),
+            websocket_idle_timeout: Duration::from_secs(300),
         }
     }
 

@@ -1,8 +1,9 @@
 //! Attacks a guest or a client can try, each asserted to fail against the real daemon: reaching the cloud
-//! metadata address, exposing every port, running unboundedly many commands at once, filling the disk through
-//! the console, planting device nodes or setuid files for the host, redirecting the agent channel, making
-//! namespaces or mounts inside, naming files outside the assets directory as images, and a guest escaping its
-//! VMM: every firecracker is jailed (own uid, chroot, cgroup, seccomp) so an escape lands nowhere useful.
+//! metadata address, exposing every port, running unboundedly many commands at once, holding the API's and
+//! the proxy's connections open (slowloris, idle connections and tunnels, one address taking every place),
+//! filling the disk through the console, planting device nodes or setuid files for the host, redirecting the
+//! agent channel, making namespaces or mounts inside, naming files outside the assets directory as images, and a
+//! guest escaping its VMM: every firecracker is jailed (own uid, chroot, cgroup, seccomp).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,9 +14,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Options, TestNet, fc_machine, machine, running, sh};
+use futures::{SinkExt, StreamExt};
 use hyperfleet::runtime::firecracker::jail;
 use hyperfleet::runtime::process;
 use hyperfleet_client::types::*;
+use tokio_tungstenite::tungstenite::Message;
 
 /// An HTTP GET from the guest with busybox nc.
 async fn reaches(d: &Daemon, id: &str, host: &str, port: u16) -> bool {
@@ -386,4 +389,240 @@ async fn firecracker_runs_jailed_and_leaves_nothing_behind() {
     assert!(!d.dir.path().join("machines").join(&m.id).exists());
     assert!(!chroot.exists() && jail::cgroup_dirs(&m.id).is_empty());
     assert!(!d.dir.path().join("machines/jail/firecracker").join(&m.id).exists());
+}
+
+/// Uploads the hyperfleet-testd fixture (HTTP and WebSocket echo) into the guest and starts it on `port`.
+async fn start_testd(d: &Daemon, id: &str, port: u16) {
+    let bin = std::fs::read(common::assets().join("bin/hyperfleet-testd")).expect("hyperfleet-testd: run `make setup`");
+    d.client.upload_file(id, "/usr/local/bin/testd", &bin, Some(0o755)).await.unwrap();
+    let (code, _, err) = sh(d, id, &format!("testd {port} >/dev/null 2>&1 &")).await;
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sh(d, id, &format!("nc -w 1 127.0.0.1 {port} </dev/null")).await.0 != 0 {
+        assert!(Instant::now() < deadline, "nothing listens on {port} in the guest");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A machine serving HTTP and WebSocket echo on port 8080, exposed through the proxy.
+async fn web_machine(d: &Daemon) -> String {
+    let m = running(d, CreateMachine { exposed_ports: Some(vec![8080]), ..machine("web") }).await;
+    start_testd(d, &m.id, 8080).await;
+    m.id
+}
+
+/// One GET on a fresh connection, as a new visitor would make it; `Err` unless it answers 200 within 1 s.
+async fn answers_within_a_second(url: &str) -> Result<(), String> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(1)).pool_max_idle_per_host(0).build().unwrap();
+    let started = Instant::now();
+    match http.get(url).send().await {
+        Ok(r) if r.status() == 200 => Ok(()),
+        Ok(r) => Err(format!("{url}: {} after {:?}", r.status(), started.elapsed())),
+        Err(e) => Err(format!("{url}: {e} after {:?}", started.elapsed())),
+    }
+}
+
+/// Whether the server has closed this connection (EOF or reset), without waiting.
+fn closed_by_server(s: &std::net::TcpStream) -> bool {
+    match s.peek(&mut [0u8; 1]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+/// A TCP connection to `port` on loopback from the source address `from`, left non-blocking.
+async fn connect_from(from: [u8; 4], port: u16) -> std::io::Result<std::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((std::net::Ipv4Addr::from(from), 0).into())?;
+    let s = tokio::time::timeout(Duration::from_secs(5), socket.connect(([127, 0, 0, 1], port).into()))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.into_std()
+}
+
+/// `n` slowloris connections to `port`: each sends half a request line, then nothing. They come from
+/// 127.0.0.2-11 (loopback), so the per-address cap is not what stops them and 127.0.0.1 stays a fresh client.
+async fn slowloris(port: u16, n: usize) -> Vec<std::net::TcpStream> {
+    use futures::stream::{self, StreamExt as _};
+    use std::io::Write;
+    let opened: Vec<_> = stream::iter(0..n)
+        .map(|i| async move {
+            let mut s = connect_from([127, 0, 0, 2 + (i % 10) as u8], port).await?;
+            s.write_all(b"GET /health HT")?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .buffer_unordered(200)
+        .collect()
+        .await;
+    opened.into_iter().collect::<Result<_, _>>().unwrap_or_else(|e| panic!("opening slowloris connection: {e}"))
+}
+
+/// Raises this test process's open-files limit to its hard limit: 5,000 connections need more than 1024.
+fn raise_own_open_files_limit(needed: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(hard >= needed, "the hard open-files limit ({hard}) is below the {needed} this test needs");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+}
+
+#[ignore = "needs root: runc container behind the proxy; 10,000 loopback connections"]
+#[tokio::test]
+async fn slowloris_starves_neither_listener() {
+    const N: usize = 5_000;
+    let header_timeout = Duration::from_secs(5);
+    raise_own_open_files_limit(3 * N as u64);
+    let d = Daemon::start(Options {
+        env: vec![("HYPERFLEET_HEADER_READ_TIMEOUT".into(), header_timeout.as_secs().to_string())],
+        ..Default::default()
+    })
+    .await;
+    let id = web_machine(&d).await;
+    let health = format!("{}/health", d.url());
+    let proxied = format!("{}/proxy/{id}/8080/headers", d.proxy_url());
+    answers_within_a_second(&proxied).await.unwrap();
+
+    for (listener, port) in [("API", d.port), ("proxy", d.proxy_port)] {
+        let started = Instant::now();
+        let hostile = slowloris(port, N).await;
+        let opening = started.elapsed();
+        assert!(opening < header_timeout - Duration::from_secs(1), "opening {N} connections took {opening:?}");
+        // While they are all still open, a new client gets answers from both listeners within 1 s.
+        for _ in 0..3 {
+            answers_within_a_second(&health).await.unwrap_or_else(|e| panic!("{N} slowloris on the {listener}: {e}"));
+            answers_within_a_second(&proxied).await.unwrap_or_else(|e| panic!("{N} slowloris on the {listener}: {e}"));
+        }
+        let closed = hostile.iter().filter(|s| closed_by_server(s)).count();
+        assert_eq!(closed, 0, "{closed} slowloris connections to the {listener} were closed before their time");
+
+        // Once the header-read timeout is past, the server has closed every one of them.
+        let deadline = started + header_timeout + Duration::from_secs(5);
+        let mut open = N;
+        while open > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            open = hostile.iter().filter(|s| !closed_by_server(s)).count();
+        }
+        assert_eq!(
+            open,
+            0,
+            "{open} of {N} slowloris connections to the {listener} still open after {:?}",
+            started.elapsed()
+        );
+        eprintln!(
+            "{listener}: {N} slowloris opened in {opening:?}, all closed by the server {:?} after",
+            started.elapsed()
+        );
+        drop(hostile);
+    }
+}
+
+/// A keep-alive HTTP/1.1 GET on `s`; true when a 200 came back.
+async fn get_on(s: &mut tokio::net::TcpStream, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Enough of the response to see its status and that it is complete (bodies here are small JSON).
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"}") {
+        match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return false,
+        }
+    }
+    got.starts_with(b"HTTP/1.1 200")
+}
+
+/// Waits up to `within` for the server to close `s`.
+async fn closes_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(within, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[ignore = "needs root: runc container behind the proxy"]
+#[tokio::test]
+async fn idle_connections_and_tunnels_are_closed() {
+    let idle = Duration::from_secs(2);
+    let d = Daemon::start(Options {
+        env: vec![
+            ("HYPERFLEET_IDLE_TIMEOUT".into(), idle.as_secs().to_string()),
+            ("PROXY_WEBSOCKET_IDLE_TIMEOUT".into(), idle.as_secs().to_string()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let id = web_machine(&d).await;
+
+    for (listener, port, path) in
+        [("API", d.port, "/health".to_string()), ("proxy", d.proxy_port, format!("/proxy/{id}/8080/headers"))]
+    {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        // A connection in use, one request a second for twice the idle timeout, stays open...
+        for i in 0..4 {
+            assert!(get_on(&mut s, &path).await, "request {i} on a kept-alive {listener} connection");
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+        // ...and once it has nothing to do, the server closes it.
+        assert!(
+            closes_within(&mut s, idle + Duration::from_secs(3)).await,
+            "an idle {listener} connection stayed open"
+        );
+    }
+
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/proxy/{id}/8080/ws", d.proxy_port)).await.unwrap();
+    for i in 0..4 {
+        ws.send(Message::text(format!("ping {i}"))).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(format!("ping {i}")), "a busy tunnel");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    let end = tokio::time::timeout(idle + Duration::from_secs(3), ws.next()).await;
+    assert!(matches!(end, Ok(None | Some(Err(_)))), "an idle WebSocket tunnel stayed open: {end:?}");
+}
+
+#[ignore = "needs root: the daemon sets up host networking"]
+#[tokio::test]
+async fn connections_past_the_per_address_cap_are_refused_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CAP: usize = 8;
+    let d = Daemon::start(Options {
+        env: vec![("HYPERFLEET_MAX_CONNECTIONS_PER_IP".into(), CAP.to_string())],
+        ..Default::default()
+    })
+    .await;
+    for (listener, port) in [("API", d.port), ("proxy", d.proxy_port)] {
+        // CAP connections from 127.0.0.2 that say nothing (yet): they are held, not refused.
+        let mut held = Vec::new();
+        for _ in 0..CAP {
+            held.push(connect_from([127, 0, 0, 2], port).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(held.iter().all(|s| !closed_by_server(s)), "a connection within the cap was closed");
+        // One more from the same address is answered and closed at once, not queued.
+        let mut extra = tokio::net::TcpStream::from_std(connect_from([127, 0, 0, 2], port).await.unwrap()).unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(1), extra.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "the {listener} left a connection past the cap hanging");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 503"), "{listener}: {answer}");
+        // Another address is not affected.
+        let url = if port == d.port { format!("{}/health", d.url()) } else { format!("{}/proxy/x/1/", d.proxy_url()) };
+        let status = reqwest::get(&url).await.unwrap().status().as_u16();
+        assert!(status == 200 || status == 404, "{listener} from 127.0.0.1: {status}");
+        // A place given back is taken again.
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut again = tokio::net::TcpStream::from_std(connect_from([127, 0, 0, 2], port).await.unwrap()).unwrap();
+        let path = if port == d.port { "/health" } else { "/proxy/x/1/" };
+        again
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut resp = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), again.read_to_end(&mut resp)).await.unwrap().unwrap();
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.1 404"), "{listener}: {resp}");
+    }
 }

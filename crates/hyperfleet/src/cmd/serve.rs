@@ -4,12 +4,14 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use hyper_util::service::TowerToHyperService;
 use hyperfleet_types::{RuntimeKind, Scope};
 use tracing::{info, warn};
 
 use crate::api::{self, AppState, auth::Auth};
 use crate::config::{RuntimeSettings, ServeArgs, Settings};
 use crate::doctor::Doctor;
+use crate::listener::{self, Limits};
 use crate::machines::{LinuxHost, Policy, Service, network::HostNetwork};
 use crate::runtime::firecracker::JailSettings;
 use crate::runtime::host::{self, HostCapacity, KvmKind};
@@ -77,7 +79,9 @@ pub async fn build_service(settings: &Settings, store: Store) -> anyhow::Result<
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let settings = Arc::new(args.validate()?);
+    let mut settings = args.validate()?;
+    fit_connection_caps(&mut settings);
+    let settings = Arc::new(settings);
     if settings.api.disable_auth {
         warn!(
             "DISABLE_AUTH is set: the API accepts requests WITHOUT an API key; use this only on a trusted, local host"
@@ -122,21 +126,63 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let auth = Arc::new(Auth::new(store, settings.api.disable_auth));
     let state = AppState { service: service.clone(), auth, doctor };
     let addr = std::net::SocketAddr::new(settings.api.bind, settings.api.port);
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr} (PORT)"))?;
+    let listener = listener::bind(addr, false)
+        .and_then(tokio::net::TcpListener::from_std)
+        .with_context(|| format!("listen on {addr} (PORT)"))?;
     if let Some(proxy_port) = settings.proxy.port {
         let proxy_addr = std::net::SocketAddr::new(settings.api.bind, proxy_port);
         let prefix = settings.proxy.prefix.clone();
-        crate::proxy::start(proxy_addr, service.clone(), settings.proxy.clone())
-            .with_context(|| format!("listen on {proxy_addr} (PROXY_PORT)"))?;
+        let api = &settings.api;
+        crate::proxy::start(
+            proxy_addr,
+            service.clone(),
+            settings.proxy.clone(),
+            api.timeouts,
+            api.max_connections_per_ip,
+        )
+        .with_context(|| format!("listen on {proxy_addr} (PROXY_PORT)"))?;
         info!("proxy listening on http://{proxy_addr}{prefix}/{{machine}}/{{port}}/");
     }
     tokio::spawn(crate::proxy::poll_exposed_ports(service.clone(), settings.proxy.poll_interval));
     let log_cap = settings.runtime.console_log_max_size;
     tokio::spawn(service.clone().cap_console_logs(log_cap, std::time::Duration::from_secs(2)));
     info!("API listening on http://{addr} (docs: /docs)");
-    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    let api = &settings.api;
+    let limits = Limits::new(api.max_connections, api.max_connections_per_ip);
+    let router = api::router(state);
+    listener::serve(listener, limits, api.timeouts, shutdown_signal(), move |_, _| {
+        TowerToHyperService::new(router.clone())
+    })
+    .await;
     info!("stopped serving; running machines keep running and are adopted at the next start");
     Ok(())
+}
+
+/// Raises the open-files limit as far as it goes and lowers the connection caps to fit under it.
+fn fit_connection_caps(settings: &mut Settings) {
+    let open_files = match listener::raise_open_files_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "could not read or raise the open-files limit (RLIMIT_NOFILE)");
+            return;
+        }
+    };
+    let (api, proxy) = (settings.api.max_connections, settings.proxy.max_connections);
+    let (fit_api, fit_proxy) = listener::fit_caps(open_files, api, proxy);
+    info!(
+        open_files,
+        api_connections = fit_api,
+        proxy_connections = fit_proxy,
+        "open-files limit raised to {open_files}"
+    );
+    if (fit_api, fit_proxy) != (api, proxy) {
+        warn!(
+            "the open-files limit ({open_files}) is too low for HYPERFLEET_API_MAX_CONNECTIONS={api} and \
+             PROXY_MAX_CONNECTIONS={proxy}: using {fit_api} and {fit_proxy}; raise the hard limit (LimitNOFILE=)"
+        );
+    }
+    settings.api.max_connections = fit_api;
+    settings.proxy.max_connections = fit_proxy;
 }
 
 async fn shutdown_signal() {
