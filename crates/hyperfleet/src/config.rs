@@ -321,23 +321,28 @@ impl ServeArgs {
 impl Settings {
     /// Settings for a command that drives the machines but serves nothing and transfers no files (`purge`):
     /// the API, proxy and file groups keep their defaults, whatever the environment says.
-    pub fn without_serving(store: StoreSettings, runtime: RuntimeSettings, network: NetworkSettings) -> Self {
-        Self {
-            api: defaults::<ApiArgs>().validate().expect("the default API settings are valid"),
-            proxy: defaults::<ProxyArgs>().validate().expect("the default proxy settings are valid"),
+    pub fn without_serving(
+        store: StoreSettings,
+        runtime: RuntimeSettings,
+        network: NetworkSettings,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self {
+            api: defaults::<ApiArgs>()?.validate()?,
+            proxy: defaults::<ProxyArgs>()?.validate()?,
             store,
             runtime,
             network,
-            files: defaults::<FileArgs>().validate().expect("the default file settings are valid"),
-        }
+            files: defaults::<FileArgs>()?.validate()?,
+        })
     }
 }
 
 /// A group's default values, read from its clap attributes (so they are written down once) with the
 /// environment ignored.
-fn defaults<A: Args + FromArgMatches>() -> A {
+fn defaults<A: Args + FromArgMatches>() -> Result<A, ConfigError> {
     let cmd = A::augment_args(clap::Command::new("defaults")).mut_args(|a| a.env(None));
-    A::from_arg_matches(&cmd.get_matches_from(["defaults"])).expect("every flag of the group has a default")
+    let matches = cmd.try_get_matches_from(["defaults"]).map_err(|e| bad("defaults", e.to_string()))?;
+    A::from_arg_matches(&matches).map_err(|e| bad("defaults", e.to_string()))
 }
 
 impl ApiArgs {
@@ -574,7 +579,7 @@ mod tests {
     #[test]
     fn settings_without_serving_have_the_documented_defaults() {
         let served = parse(&[]).unwrap();
-        let s = Settings::without_serving(served.store, served.runtime, served.network);
+        let s = Settings::without_serving(served.store, served.runtime, served.network).unwrap();
         assert_eq!((s.api.port, s.api.disable_auth, s.proxy.port), (3000, false, Some(4000)));
         assert_eq!((s.files.max_size, s.files.transfer_timeout), (100 << 20, Duration::from_secs(60)));
     }
@@ -714,7 +719,7 @@ mod tests {
         assert_eq!(s.files.exec_max_concurrent, 3);
 
         // The groups `purge` does not read keep their defaults whatever the environment says.
-        let purge = Settings::without_serving(s.store, s.runtime, s.network);
+        let purge = Settings::without_serving(s.store, s.runtime, s.network).unwrap();
         assert_eq!((purge.api.port, purge.proxy.port, purge.files.max_size), (3000, Some(4000), 100 << 20));
     }
 }

@@ -145,7 +145,7 @@ impl Activity {
     }
 
     fn now(&self) -> u64 {
-        self.opened.elapsed().as_millis() as u64
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn on_read(&self) {
@@ -346,7 +346,12 @@ pub async fn serve_connection<S, B, F>(
                     return;
                 }
             }
-            changed = async { shutdown.as_mut().expect("guarded").changed().await }, if shutdown.is_some() && !closing => {
+            changed = async {
+                match shutdown.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            }, if shutdown.is_some() && !closing => {
                 let _ = changed;
                 closing = true;
                 conn.as_mut().graceful_shutdown();

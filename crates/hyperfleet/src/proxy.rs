@@ -58,14 +58,21 @@ impl ProxyError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into() }
     }
+    /// The API's error envelope, as every Hyperfleet error is answered.
     fn into_response(self) -> Response<ProxyBody> {
         let body = ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message } };
-        let bytes = Bytes::from(serde_json::to_vec(&body).expect("error body serializes"));
-        Response::builder()
-            .status(self.status)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(bytes).map_err(|never| match never {}).boxed())
-            .expect("static response parts are valid")
+        // Serializing two strings cannot fail; an empty body would still carry the status.
+        let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+        let mut resp = Response::new(Full::new(bytes).map_err(|never| match never {}).boxed());
+        *resp.status_mut() = self.status;
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp
+    }
+
+    /// A machine lookup that failed, with the status and code the API gives the same error.
+    fn from_machine(e: MachineError) -> Self {
+        let api = crate::api::error::ApiError::from(e);
+        Self { status: api.status, code: api.code, message: api.message }
     }
 }
 
@@ -190,19 +197,8 @@ impl Proxy {
                 format!("Use {}/{{machine}}/{{port}}/path to reach an exposed port", self.shared.cfg.prefix),
             )
         })?;
-        let rec = match self.shared.targets.get(&self.shared.service, &route.machine).await {
-            Ok(r) => r,
-            Err(MachineError::NotFound(id)) => {
-                return Err(ProxyError::new(
-                    StatusCode::NOT_FOUND,
-                    "NOT_FOUND",
-                    format!("Machine with id '{id}' not found"),
-                ));
-            }
-            Err(e) => {
-                return Err(ProxyError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", e.to_string()));
-            }
-        };
+        let rec =
+            self.shared.targets.get(&self.shared.service, &route.machine).await.map_err(ProxyError::from_machine)?;
         if rec.status != MachineStatus::Running {
             return Err(ProxyError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

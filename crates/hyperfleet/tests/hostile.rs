@@ -448,7 +448,7 @@ async fn slowloris(port: u16, n: usize) -> Vec<std::net::TcpStream> {
     use std::io::Write;
     let opened: Vec<_> = stream::iter(0..n)
         .map(|i| async move {
-            let mut s = connect_from([127, 0, 0, 2 + (i % 10) as u8], port).await?;
+            let mut s = connect_from([127, 0, 0, 2 + u8::try_from(i % 10).unwrap_or(0)], port).await?;
             s.write_all(b"GET /health HT")?;
             Ok::<_, std::io::Error>(s)
         })

@@ -19,7 +19,7 @@ pub struct DoctorArgs {
 
 pub async fn run(args: DoctorArgs) -> anyhow::Result<i32> {
     let settings =
-        Settings::without_serving(args.store.validate()?, args.runtime.validate()?, args.network.validate()?);
+        Settings::without_serving(args.store.validate()?, args.runtime.validate()?, args.network.validate()?)?;
     let running = if settings.store.database_path.exists() {
         let store = Store::open(&settings.store.database_path)?;
         let service = super::serve::build_service(&settings, store).await?;

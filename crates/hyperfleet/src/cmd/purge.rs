@@ -19,7 +19,7 @@ pub struct PurgeArgs {
 
 pub async fn run(args: PurgeArgs) -> anyhow::Result<i32> {
     let settings =
-        Settings::without_serving(args.store.validate()?, args.runtime.validate()?, args.network.validate()?);
+        Settings::without_serving(args.store.validate()?, args.runtime.validate()?, args.network.validate()?)?;
     let store = Store::open(&settings.store.database_path)?;
     let service = super::serve::build_service(&settings, store).await?;
     let stopped = service.purge_host().await?;

@@ -186,9 +186,20 @@ fn fit_connection_caps(settings: &mut Settings) {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    let sigterm = async {
+        match term {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM; stop the daemon with ctrl-c (SIGINT)");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        () = sigterm => {}
     }
 }
