@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Options, machine, running, sh};
-use hyperfleet::runtime::MachineFiles;
-use hyperfleet::runtime::firecracker::{FirecrackerApi, jail};
-use hyperfleet::runtime::process;
+use hyperfleet::testing::MachineFiles;
+use hyperfleet::testing::process;
+use hyperfleet::testing::{FirecrackerApi, jail};
 use hyperfleet_client::types::*;
 use serde_json::json;
 
@@ -179,10 +179,10 @@ async fn bench_concurrent_creates(r: &mut Report) {
 }
 
 fn bench_ipam(r: &mut Report) {
-    use hyperfleet::store::machines::insert;
+    use hyperfleet::testing::machine_rows::insert;
     use hyperfleet_types::{MachineNetwork, MachineSpec};
     let dir = tempfile::tempdir().unwrap();
-    let store = hyperfleet::store::Store::open(&dir.path().join("ipam.db")).unwrap();
+    let store = hyperfleet::testing::Store::open(&dir.path().join("ipam.db")).unwrap();
     let blocks = 16_384u32;
     let new = |i: u32| MachineSpec {
         name: format!("n{i}"),
@@ -210,7 +210,7 @@ fn bench_ipam(r: &mut Report) {
     store
         .call_blocking(|c| {
             for i in 0..blocks {
-                hyperfleet::store::machines::delete(c, &format!("id{i}"), &[MachineStatus::Pending])?;
+                hyperfleet::testing::machine_rows::delete(c, &format!("id{i}"), &[MachineStatus::Pending])?;
             }
             Ok(())
         })
@@ -342,7 +342,7 @@ async fn bench_start_overhead(r: &mut Report) {
     let nl = hyperfleet_net::Netlink::connect().unwrap();
     nl.create_tap("hfbase0", "baseline", "10.241.0.1/30".parse().unwrap()).await.unwrap();
     let disk = d.dir.path().join("baseline.ext4");
-    hyperfleet::runtime::disk::sparse_copy(&assets.join("rootfs.ext4"), &disk).unwrap();
+    hyperfleet::testing::sparse_copy(&assets.join("rootfs.ext4"), &disk).unwrap();
     let mut base_times = Vec::new();
     for i in 0..rounds {
         let sock = d.dir.path().join(format!("base{i}.sock"));
@@ -394,7 +394,7 @@ async fn bench_start_overhead(r: &mut Report) {
     std::fs::rename(&disk, &own_disk).unwrap();
     jail::secure_base(&jail_base).unwrap();
     let cgroups = jail::CgroupVersion::detect();
-    let identity = jail::Identity::of_block(hyperfleet::config::DEFAULT_JAILER_UID_BASE, 60_000);
+    let identity = jail::Identity::of_block(hyperfleet::testing::DEFAULT_JAILER_UID_BASE, 60_000);
     let jailer_bin = assets.join("bin/jailer");
     let mut jailed_times = Vec::new();
     for _ in 0..rounds {
@@ -614,7 +614,7 @@ struct Nginx {
 
 impl Nginx {
     fn start(dir: &Path, upstream: &str) -> Option<Self> {
-        let bin = hyperfleet::runtime::host::find_on_path(Path::new("nginx"))?;
+        let bin = hyperfleet::testing::find_on_path(Path::new("nginx"))?;
         let prefix = dir.join("nginx");
         std::fs::create_dir_all(&prefix).ok()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
@@ -651,7 +651,7 @@ async fn main() {
         eprintln!("benchmarks need root (TAPs, nftables, runc); run `make bench` as root");
         std::process::exit(1);
     }
-    let kvm = hyperfleet::runtime::host::KvmKind::detect();
+    let kvm = hyperfleet::testing::KvmKind::detect();
     let uname = Command::new("uname")
         .arg("-r")
         .output()
@@ -661,7 +661,7 @@ async fn main() {
         md: format!(
             "# Benchmarks\n\nReproduce with `make bench` (root); this file is written by \
              `crates/hyperfleet/benches/system.rs`. Last run: {} on {} CPUs, Linux {uname}, {}. Release build.\n",
-            hyperfleet::store::now(),
+            hyperfleet::testing::now(),
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             kvm.describe()
         ),

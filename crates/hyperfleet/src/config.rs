@@ -268,7 +268,7 @@ fn bad(name: &'static str, message: impl Into<String>) -> ConfigError {
 
 /// Resolves a relative path against the working directory (so relative settings mean the same from any
 /// command run in that directory).
-pub fn absolute(p: &Path) -> PathBuf {
+pub(crate) fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
@@ -277,7 +277,7 @@ pub fn absolute(p: &Path) -> PathBuf {
 }
 
 /// Parses `100MB`, `1GiB`, `512k` or plain bytes.
-pub fn parse_size(s: &str) -> Option<u64> {
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -292,7 +292,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-pub fn parse_dns_list(s: &str) -> Result<Vec<Ipv4Addr>, String> {
+pub(crate) fn parse_dns_list(s: &str) -> Result<Vec<Ipv4Addr>, String> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())

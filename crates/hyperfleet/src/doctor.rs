@@ -12,7 +12,7 @@ use crate::config::{NetworkSettings, RuntimeSettings, Settings};
 use crate::runtime::host::{self, KvmKind};
 
 /// Looks at the host's interfaces, firewall table and route for one subnet.
-pub struct Doctor {
+pub(crate) struct Doctor {
     netlink: Netlink,
     firewall: Firewall,
     subnet: Subnet,
@@ -22,7 +22,7 @@ fn check(name: &str, ok: bool, detail: impl Into<String>, fix: Option<&str>) -> 
     Check { name: name.into(), ok, detail: detail.into(), fix: if ok { None } else { fix.map(str::to_string) } }
 }
 
-pub async fn ip_forward_check() -> Check {
+pub(crate) async fn ip_forward_check() -> Check {
     let on = hyperfleet_net::sysctl::ip_forward_enabled().await;
     check(
         "ip forwarding",
@@ -32,7 +32,7 @@ pub async fn ip_forward_check() -> Check {
     )
 }
 
-pub fn route_check(present: bool, subnet: &Subnet) -> Check {
+pub(crate) fn route_check(present: bool, subnet: &Subnet) -> Check {
     check(
         "subnet route",
         present,
@@ -46,7 +46,7 @@ pub fn route_check(present: bool, subnet: &Subnet) -> Check {
 }
 
 impl Doctor {
-    pub fn new(network: &NetworkSettings) -> Result<Self, NetError> {
+    pub(crate) fn new(network: &NetworkSettings) -> Result<Self, NetError> {
         let subnet = network.subnet;
         Ok(Self { netlink: Netlink::connect()?, firewall: Firewall::new(&network.nft_table, subnet.net()), subnet })
     }
@@ -56,7 +56,7 @@ impl Doctor {
     }
 
     /// Host-wide checks: virtualization, binaries, assets, forwarding, firewall, route.
-    pub async fn host_checks(&self, settings: &RuntimeSettings) -> Vec<Check> {
+    pub(crate) async fn host_checks(&self, settings: &RuntimeSettings) -> Vec<Check> {
         let kvm = KvmKind::detect();
         let fc = host::find_firecracker(settings.firecracker_bin.as_deref(), &settings.assets_dir);
         let runc = host::find_on_path(&settings.runc_bin);
@@ -117,7 +117,7 @@ impl Doctor {
     }
 
     /// The checks for one running machine, with the host-wide forwarding and route checks first.
-    pub async fn machine_report(&self, m: &Machine) -> NetworkReport {
+    pub(crate) async fn machine_report(&self, m: &Machine) -> NetworkReport {
         let table = self.firewall.current().await.ok().flatten();
         let mut checks = vec![ip_forward_check().await, route_check(self.route_present().await, &self.subnet)];
         checks.extend(self.machine_checks(m, table.as_deref()).await);
@@ -125,7 +125,7 @@ impl Doctor {
     }
 
     /// The troubleshooting steps for one running machine: its interface, address, firewall entry, ping.
-    pub async fn machine_checks(&self, m: &Machine, table: Option<&str>) -> Vec<Check> {
+    pub(crate) async fn machine_checks(&self, m: &Machine, table: Option<&str>) -> Vec<Check> {
         let name = &m.tap_device;
         let owned = |l: &hyperfleet_net::link::LinkState| l.owner() == Some(m.id.as_str());
         let link = self.netlink.link(name).await.ok().flatten();
@@ -188,7 +188,7 @@ impl Doctor {
 
 /// Runs every check over the machines `running` (as the service lists them); returns the report text and
 /// whether all passed.
-pub async fn run(settings: &Settings, running: Option<Vec<Machine>>) -> anyhow::Result<(String, bool)> {
+pub(crate) async fn run(settings: &Settings, running: Option<Vec<Machine>>) -> anyhow::Result<(String, bool)> {
     let doctor = Doctor::new(&settings.network)?;
     let mut out = String::new();
     let mut all_ok = true;

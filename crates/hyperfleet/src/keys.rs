@@ -15,7 +15,7 @@ use crate::store::{Store, StoreError};
 /// How long a resolved key is reused without reading the database. A revoke through the API takes effect at
 /// once (it clears the entry); one written to the database by `hyperfleet keys revoke` takes effect within
 /// this time. Expiry is checked on every request.
-pub const CACHE_TTL: Duration = Duration::from_secs(5);
+pub(crate) const CACHE_TTL: Duration = Duration::from_secs(5);
 
 /// Resolved keys kept at most; past this, stale entries are dropped, then all if every one is fresh.
 const CACHE_MAX: usize = 1024;
@@ -24,7 +24,7 @@ const CACHE_MAX: usize = 1024;
 const TOUCH_EVERY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     /// The request is malformed (400).
     #[error("{0}")]
     Invalid(String),
@@ -46,21 +46,21 @@ pub enum KeyError {
 /// Who asks for a new key: the host's administrator (offline CLI, or a daemon with auth disabled) may create
 /// any key; a key may create only keys within its own scopes and lifetime.
 #[derive(Debug, Clone, Copy)]
-pub enum Grantor<'a> {
+pub(crate) enum Grantor<'a> {
     Host,
     Key(&'a ApiKey),
 }
 
 /// A key request that passed [`validate`]: trimmed name, at least one scope, a future expiry in milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyRequest {
+pub(crate) struct KeyRequest {
     pub name: String,
     pub scopes: Vec<Scope>,
     pub expires_at: Option<OffsetDateTime>,
 }
 
 /// Checks a key request against the clock `now`.
-pub fn validate(req: CreateApiKey, now: OffsetDateTime) -> Result<KeyRequest, KeyError> {
+pub(crate) fn validate(req: CreateApiKey, now: OffsetDateTime) -> Result<KeyRequest, KeyError> {
     let name = req.name.trim();
     if name.is_empty() || req.name.len() > 100 {
         return Err(KeyError::Invalid("name must be 1-100 characters".into()));
@@ -80,7 +80,7 @@ pub fn validate(req: CreateApiKey, now: OffsetDateTime) -> Result<KeyRequest, Ke
 
 /// The no-escalation rule: a key grants only scopes it has itself (`*` only if it has `*`) and no longer
 /// lifetime than its own.
-pub fn check_grant(by: Grantor<'_>, req: &KeyRequest) -> Result<(), KeyError> {
+pub(crate) fn check_grant(by: Grantor<'_>, req: &KeyRequest) -> Result<(), KeyError> {
     let Grantor::Key(creator) = by else {
         return Ok(());
     };
@@ -129,7 +129,7 @@ fn usable(key: &ApiKey, now: OffsetDateTime) -> Result<(), KeyError> {
     Ok(())
 }
 
-pub struct Keys {
+pub(crate) struct Keys {
     store: Store,
     cache: Mutex<Cache>,
     touched: Mutex<HashMap<String, Instant>>,
@@ -148,12 +148,12 @@ struct Cached {
 }
 
 impl Keys {
-    pub fn new(store: Store) -> Self {
+    pub(crate) fn new(store: Store) -> Self {
         Self { store, cache: Mutex::default(), touched: Mutex::default() }
     }
 
     /// Resolves a secret (`hf_…`) to a usable key; records its use at most every [`TOUCH_EVERY`].
-    pub async fn authenticate(&self, secret: &str) -> Result<Arc<ApiKey>, KeyError> {
+    pub(crate) async fn authenticate(&self, secret: &str) -> Result<Arc<ApiKey>, KeyError> {
         if !api_keys::well_formed(secret) {
             return Err(KeyError::Unknown);
         }
@@ -213,18 +213,18 @@ impl Keys {
     }
 
     /// Creates a key for `by`, within what `by` may grant; the secret is in the result, and only there.
-    pub async fn create(&self, req: CreateApiKey, by: Grantor<'_>) -> Result<NewKey, KeyError> {
+    pub(crate) async fn create(&self, req: CreateApiKey, by: Grantor<'_>) -> Result<NewKey, KeyError> {
         let req = validate(req, OffsetDateTime::now_utc())?;
         check_grant(by, &req)?;
         Ok(self.store.call(move |c| api_keys::create(c, &req.name, &req.scopes, req.expires_at)).await?)
     }
 
-    pub async fn list(&self) -> Result<Vec<ApiKey>, KeyError> {
+    pub(crate) async fn list(&self) -> Result<Vec<ApiKey>, KeyError> {
         Ok(self.store.read(api_keys::list).await?)
     }
 
     /// Revokes a key; requests with it fail from now on (in this process; see [`CACHE_TTL`] for others).
-    pub async fn revoke(&self, id: &str) -> Result<ApiKey, KeyError> {
+    pub(crate) async fn revoke(&self, id: &str) -> Result<ApiKey, KeyError> {
         let key = id.to_string();
         let revoked = self.store.call(move |c| api_keys::revoke(c, &key)).await?;
         self.forget(id);

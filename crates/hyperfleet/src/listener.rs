@@ -25,11 +25,11 @@ use tracing::{debug, warn};
 
 /// File descriptors kept back from the connection caps for everything else the daemon opens: the
 /// database, machines' sockets, logs and disks, runc and firecracker.
-pub const RESERVED_FDS: u64 = 1024;
+pub(crate) const RESERVED_FDS: u64 = 1024;
 
 /// Raises the soft open-files limit to the hard limit (or the kernel's ceiling, `fs.nr_open`, when the hard
 /// limit is unlimited); returns the limit now in force.
-pub fn raise_open_files_limit() -> io::Result<u64> {
+pub(crate) fn raise_open_files_limit() -> io::Result<u64> {
     use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok());
@@ -43,7 +43,7 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
 
 /// The largest connection caps an open-files limit allows: each listener gets at most a third of what is
 /// left after [`RESERVED_FDS`], since a proxied connection holds two descriptors (client and guest).
-pub fn fit_caps(open_files: u64, api: usize, proxy: usize) -> (usize, usize) {
+pub(crate) fn fit_caps(open_files: u64, api: usize, proxy: usize) -> (usize, usize) {
     let share = (open_files.saturating_sub(RESERVED_FDS) / 3).max(16) as usize;
     (api.min(share), proxy.min(share))
 }
@@ -58,19 +58,19 @@ pub struct Timeouts {
 }
 
 /// How many connections a listener holds: in all, and from one client address.
-pub struct Limits {
+pub(crate) struct Limits {
     max: usize,
     per_ip: usize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
 impl Limits {
-    pub fn new(max: usize, per_ip: usize) -> Arc<Self> {
+    pub(crate) fn new(max: usize, per_ip: usize) -> Arc<Self> {
         Arc::new(Self { max, per_ip, open: Mutex::new((0, HashMap::new())) })
     }
 
     /// A place for one more connection from `ip`, or `None` past either cap.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
         let ip = ip.to_canonical();
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.0 >= self.max {
@@ -86,13 +86,14 @@ impl Limits {
     }
 
     /// Connections open now.
-    pub fn open(&self) -> usize {
+    #[cfg(test)]
+    fn open(&self) -> usize {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 }
 
 /// One admitted connection; its place is given back on drop.
-pub struct Slot {
+pub(crate) struct Slot {
     limits: Arc<Limits>,
     ip: IpAddr,
 }
@@ -111,7 +112,7 @@ impl Drop for Slot {
 }
 
 /// Answers a connection refused by the caps and closes it, without waiting for anything.
-pub fn refuse(stream: TcpStream) {
+pub(crate) fn refuse(stream: TcpStream) {
     let _ = stream.try_write(
         b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 25\r\n\r\ntoo many open connections",
     );
@@ -123,7 +124,7 @@ const NONE: u64 = u64::MAX;
 /// written and of the first byte of a request whose headers are not in yet, and how many requests are in
 /// flight. Owned by the connection's socket, so it lives as long as an upgraded tunnel does, and so does the
 /// connection's [`Slot`].
-pub struct Activity {
+pub(crate) struct Activity {
     opened: Instant,
     last_io: AtomicU64,
     head_since: AtomicU64,
@@ -177,7 +178,7 @@ impl Activity {
     }
 
     /// Resolves once no byte has gone either way for `idle`: for upgraded tunnels, whose requests are over.
-    pub async fn idle_for(&self, idle: Duration) {
+    pub(crate) async fn idle_for(&self, idle: Duration) {
         loop {
             let due = self.opened + Duration::from_millis(self.last_io.load(Ordering::Relaxed)) + idle;
             if Instant::now() >= due {
@@ -206,7 +207,7 @@ impl Drop for InFlight {
 }
 
 /// A socket that tells its connection's [`Activity`] about every byte.
-pub struct Watched<S> {
+pub(crate) struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
 }
@@ -280,7 +281,7 @@ where
 }
 
 /// A response body that ends its request's time in flight when it is dropped.
-pub struct CountedBody<B> {
+pub(crate) struct CountedBody<B> {
     body: B,
     _in_flight: InFlight,
 }
@@ -302,7 +303,7 @@ impl<B: Body + Unpin> Body for CountedBody<B> {
 /// Serves one admitted HTTP/1.1 connection (with upgrades) until it ends, its client is too slow with a
 /// request's headers or idle too long, or `shutdown` fires (then it is closed once its request is done).
 /// `make_service` gets the connection's [`Activity`], for tunnels that outlive the connection.
-pub async fn serve_connection<S, B, F>(
+pub(crate) async fn serve_connection<S, B, F>(
     stream: TcpStream,
     slot: Slot,
     timeouts: Timeouts,
@@ -362,7 +363,7 @@ pub async fn serve_connection<S, B, F>(
 
 /// Listening socket on `addr` with a backlog deep enough for a burst of connections; `reuse_port` lets
 /// several threads each have their own on the same port.
-pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     if reuse_port {
@@ -376,7 +377,7 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListe
 /// Accepts connections until `stop` resolves, refusing those past `limits`, and serves each on its own task
 /// with [`serve_connection`]. Once stopped, open connections finish their request in flight and close; this
 /// returns when they all have.
-pub async fn serve<M, S, B>(
+pub(crate) async fn serve<M, S, B>(
     listener: TcpListener,
     limits: Arc<Limits>,
     timeouts: Timeouts,

@@ -41,7 +41,7 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 #[derive(Debug, PartialEq, Eq)]
-pub struct Route {
+pub(crate) struct Route {
     pub machine: String,
     pub port: u16,
     /// Path and query to request from the guest.
@@ -77,7 +77,7 @@ impl ProxyError {
 }
 
 /// Finds the machine and port a request is for.
-pub fn route(uri: &Uri, host: Option<&str>, cfg: &ProxySettings) -> Option<Route> {
+pub(crate) fn route(uri: &Uri, host: Option<&str>, cfg: &ProxySettings) -> Option<Route> {
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     if let (Some(suffix), Some(host)) = (&cfg.host_suffix, host) {
         let host =
@@ -309,7 +309,7 @@ impl Proxy {
 /// listening socket on the same port (SO_REUSEPORT, the kernel spreads connections) and its own pool of
 /// connections to guests, so a request is never handed between threads. The threads share the connection
 /// caps (PROXY_MAX_CONNECTIONS in all, `max_per_ip` from one address). Binding errors surface here.
-pub fn start(
+pub(crate) fn start(
     addr: SocketAddr,
     service: Arc<Service>,
     cfg: ProxySettings,
@@ -377,7 +377,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Every `interval`, records which exposed ports of each running machine accept a TCP connection.
-pub async fn poll_exposed_ports(service: Arc<Service>, interval: Duration) {
+pub(crate) async fn poll_exposed_ports(service: Arc<Service>, interval: Duration) {
     loop {
         if let Ok(running) = service.with_status(&[MachineStatus::Running]).await {
             let checks = running.into_iter().filter(|m| !m.spec.exposed_ports.is_empty()).map(|m| {

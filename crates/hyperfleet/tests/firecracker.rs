@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Options, fc_machine, is_pvm};
-use hyperfleet::runtime::firecracker::FirecrackerApi;
-use hyperfleet::runtime::process;
+use hyperfleet::testing::FirecrackerApi;
+use hyperfleet::testing::process;
 use hyperfleet_client::types::*;
 
 /// These tests are ignored by default; run with `--include-ignored` on a host without KVM they fail here

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, Options, TestNet, fc_machine, machine, running, sh};
 use futures::{SinkExt, StreamExt};
-use hyperfleet::runtime::firecracker::jail;
-use hyperfleet::runtime::process;
+use hyperfleet::testing::jail;
+use hyperfleet::testing::process;
 use hyperfleet_client::types::*;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -328,7 +328,7 @@ async fn firecracker_runs_jailed_and_leaves_nothing_behind() {
 
     // Its own unprivileged identity: uid = gid = base + the machine's block (the TAP's number).
     let block: u32 = m.tap_device.strip_prefix(&d.tap_prefix).unwrap().parse().unwrap();
-    let uid = hyperfleet::config::DEFAULT_JAILER_UID_BASE + block;
+    let uid = hyperfleet::testing::DEFAULT_JAILER_UID_BASE + block;
     assert_eq!(status_field(&proc_status, "Uid"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
     assert_eq!(status_field(&proc_status, "Gid"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
     assert_eq!(status_field(&proc_status, "Groups"), "", "no supplementary groups");

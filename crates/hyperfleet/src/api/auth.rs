@@ -13,18 +13,18 @@ use super::error::ApiError;
 use crate::keys::Keys;
 use crate::store::Store;
 
-pub struct Auth {
+pub(crate) struct Auth {
     pub keys: Keys,
     pub disabled: bool,
 }
 
 impl Auth {
-    pub fn new(store: Store, disabled: bool) -> Self {
+    pub(crate) fn new(store: Store, disabled: bool) -> Self {
         Self { keys: Keys::new(store), disabled }
     }
 
     /// Resolves the `Authorization` header to a usable key, or the documented 401.
-    pub async fn authenticate(&self, header: Option<&str>) -> Result<Arc<ApiKey>, ApiError> {
+    pub(crate) async fn authenticate(&self, header: Option<&str>) -> Result<Arc<ApiKey>, ApiError> {
         let header = header.ok_or_else(|| ApiError::unauthorized("Authorization header is required"))?;
         let secret = header
             .strip_prefix("Bearer ")
@@ -36,7 +36,7 @@ impl Auth {
 }
 
 /// The scope a route needs; `None` for the public ones.
-pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
+pub(crate) fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     use Scope::*;
     let p = path.strip_prefix("/machines").unwrap_or(path);
     match (method, path) {
@@ -49,12 +49,12 @@ pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     }
 }
 
-pub fn allows(key: &ApiKey, scope: Scope) -> bool {
+pub(crate) fn allows(key: &ApiKey, scope: Scope) -> bool {
     key.scopes.iter().any(|s| *s == scope || *s == Scope::All)
 }
 
 /// Middleware: authenticates and checks the route's scope.
-pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
     let scope = match path {
         Some(p) => required_scope(req.method(), &p),

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use super::error::ApiError;
 
 /// A JSON body decoded with the path of the field that failed (e.g. `vcpu_count: invalid type ...`).
-pub struct JsonBody<T>(pub T);
+pub(crate) struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
@@ -29,7 +29,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::validation("request body is required (JSON)"));
     }
@@ -50,7 +50,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 /// Query parameters as text; handlers parse each one with a message naming it.
-pub struct QueryMap(pub HashMap<String, String>);
+pub(crate) struct QueryMap(pub HashMap<String, String>);
 
 impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
     type Rejection = ApiError;
@@ -66,12 +66,12 @@ fn serde_urlencoded_map(q: &str) -> Result<HashMap<String, String>, String> {
 }
 
 impl QueryMap {
-    pub fn get(&self, key: &str) -> Option<&str> {
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
     }
 
     /// An optional integer parameter within `range`.
-    pub fn int<T>(&self, key: &str, range: std::ops::RangeInclusive<T>) -> Result<Option<T>, ApiError>
+    pub(crate) fn int<T>(&self, key: &str, range: std::ops::RangeInclusive<T>) -> Result<Option<T>, ApiError>
     where
         T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
     {
@@ -87,7 +87,7 @@ impl QueryMap {
         Ok(Some(v))
     }
 
-    pub fn bool(&self, key: &str) -> Result<bool, ApiError> {
+    pub(crate) fn bool(&self, key: &str) -> Result<bool, ApiError> {
         match self.get(key) {
             None => Ok(false),
             Some("true" | "1" | "") => Ok(true),

@@ -47,7 +47,7 @@ impl utoipa::ToSchema for RawBytes {}
               (status = 502, description = VSOCK_ERROR, body = ErrorBody),
               (status = 504, description = "TIMEOUT: the command ran out of time and was killed", body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn exec(
+pub(crate) async fn exec(
     State(s): State<AppState>,
     Path(id): Path<String>,
     JsonBody(req): JsonBody<ExecRequest>,
@@ -68,7 +68,7 @@ fn ndjson(ev: &ExecEvent) -> std::io::Result<Bytes> {
               (status = 400, description = EXEC_BAD_REQUEST, body = ErrorBody), (status = 404, description = NOT_FOUND, body = ErrorBody),
               (status = 502, description = VSOCK_ERROR, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn exec_stream(
+pub(crate) async fn exec_stream(
     State(s): State<AppState>,
     Path(id): Path<String>,
     JsonBody(req): JsonBody<ExecRequest>,
@@ -126,7 +126,7 @@ fn path_param(q: &QueryMap) -> Result<String, ApiError> {
               (status = 404, description = NOT_FOUND, body = ErrorBody), (status = 413, description = TOO_LARGE, body = ErrorBody),
               (status = 502, description = VSOCK_ERROR, body = ErrorBody), (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn upload(
+pub(crate) async fn upload(
     State(s): State<AppState>,
     Path(id): Path<String>,
     q: QueryMap,
@@ -228,7 +228,11 @@ async fn drain(body: &mut axum::body::BodyDataStream, max: u64) {
               (status = 413, description = TOO_LARGE, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
               (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn download(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Response, ApiError> {
+pub(crate) async fn download(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryMap,
+) -> Result<Response, ApiError> {
     let path = path_param(&q)?;
     let reader = s.service.read_file(&id, &path).await?;
     let size = reader.size;
@@ -254,7 +258,11 @@ pub async fn download(State(s): State<AppState>, Path(id): Path<String>, q: Quer
               (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
               (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn stat(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Json<FileStat>, ApiError> {
+pub(crate) async fn stat(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryMap,
+) -> Result<Json<FileStat>, ApiError> {
     Ok(Json(s.service.stat_file(&id, &path_param(&q)?).await?))
 }
 
@@ -265,7 +273,11 @@ pub async fn stat(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap
               (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
               (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
-pub async fn delete(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<StatusCode, ApiError> {
+pub(crate) async fn delete(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryMap,
+) -> Result<StatusCode, ApiError> {
     s.service.delete_file(&id, &path_param(&q)?, q.bool("recursive")?).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -16,7 +16,7 @@ use crate::keys::Grantor;
     responses((status = 201, description = "the key; its secret is shown only here", body = CreatedApiKey),
               (status = 400, description = "VALIDATION_ERROR: the name, a scope or expires_at is wrong", body = ErrorBody)),
     security(("bearer" = ["keys:admin"])))]
-pub async fn create(
+pub(crate) async fn create(
     State(s): State<AppState>,
     creator: Option<Extension<Arc<ApiKey>>>,
     JsonBody(req): JsonBody<CreateApiKey>,
@@ -31,14 +31,14 @@ pub async fn create(
 }
 
 #[utoipa::path(get, path = "/api-keys", tag = "api-keys", responses((status = 200, body = ApiKeyList)), security(("bearer" = ["keys:admin"])))]
-pub async fn list(State(s): State<AppState>) -> Result<Json<ApiKeyList>, ApiError> {
+pub(crate) async fn list(State(s): State<AppState>) -> Result<Json<ApiKeyList>, ApiError> {
     Ok(Json(ApiKeyList { api_keys: s.auth.keys.list().await? }))
 }
 
 #[utoipa::path(delete, path = "/api-keys/{id}", tag = "api-keys", params(("id" = String, Path, description = "key id")),
     responses((status = 204, description = "revoked"), (status = 404, description = "NOT_FOUND: no key has this id", body = ErrorBody)),
     security(("bearer" = ["keys:admin"])))]
-pub async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub(crate) async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     s.auth.keys.revoke(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

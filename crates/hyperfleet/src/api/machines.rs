@@ -14,8 +14,8 @@ use super::error::ApiError;
 use super::extract::{JsonBody, QueryMap};
 use crate::machines::Error as MachineError;
 
-pub const MAX_LIST_LIMIT: u32 = 500;
-pub const MAX_WAIT_SECS: u64 = 30;
+pub(crate) const MAX_LIST_LIMIT: u32 = 500;
+pub(crate) const MAX_WAIT_SECS: u64 = 30;
 
 /// Descriptions of the error responses several operations share.
 pub(super) const NOT_FOUND: &str = "NOT_FOUND: no machine has this id or name";
@@ -24,7 +24,7 @@ const FIRECRACKER_API_ERROR: &str =
     "FIRECRACKER_API_ERROR: firecracker refused the request (a 400 from firecracker is answered as 400)";
 
 /// A `status` query parameter: a machine status, or empty for none (`?status=&limit=50`).
-pub struct StatusFilter;
+pub(crate) struct StatusFilter;
 
 impl utoipa::PartialSchema for StatusFilter {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
@@ -55,7 +55,7 @@ fn status_param(q: &QueryMap, key: &str) -> Result<Option<MachineStatus>, ApiErr
               (status = 409, description = "CONFLICT: the name is taken", body = ErrorBody),
               (status = 503, description = "IP_POOL_EXHAUSTED: every address block of the subnet is leased", body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn create(
+pub(crate) async fn create(
     State(s): State<AppState>,
     JsonBody(req): JsonBody<CreateMachine>,
 ) -> Result<(StatusCode, Json<Machine>), ApiError> {
@@ -68,7 +68,7 @@ pub async fn create(
            ("offset" = Option<u64>, Query, description = "machines to skip (default 0)")),
     responses((status = 200, body = MachineList), (status = 400, description = "VALIDATION_ERROR: a query parameter is wrong", body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
-pub async fn list(State(s): State<AppState>, q: QueryMap) -> Result<Json<MachineList>, ApiError> {
+pub(crate) async fn list(State(s): State<AppState>, q: QueryMap) -> Result<Json<MachineList>, ApiError> {
     let status = status_param(&q, "status")?;
     let limit = q.int("limit", 1..=MAX_LIST_LIMIT)?.unwrap_or(50);
     let offset = q.int("offset", 0..=u64::from(u32::MAX))?.unwrap_or(0);
@@ -78,7 +78,7 @@ pub async fn list(State(s): State<AppState>, q: QueryMap) -> Result<Json<Machine
 #[utoipa::path(get, path = "/machines/{id}", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
     responses((status = 200, body = Machine), (status = 404, description = NOT_FOUND, body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
-pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+pub(crate) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.get(&id).await?))
 }
 
@@ -87,7 +87,7 @@ pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Js
     responses((status = 200, body = Machine), (status = 400, description = "VALIDATION_ERROR: a port is out of range or listed twice", body = ErrorBody),
               (status = 404, description = NOT_FOUND, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn update(
+pub(crate) async fn update(
     State(s): State<AppState>,
     Path(id): Path<String>,
     JsonBody(req): JsonBody<UpdateMachine>,
@@ -101,7 +101,11 @@ pub async fn update(
               (status = 400, description = "BAD_REQUEST: the machine is not at rest (stop it first, or pass force); VALIDATION_ERROR: force is not a boolean", body = ErrorBody),
               (status = 404, description = NOT_FOUND, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn delete(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<StatusCode, ApiError> {
+pub(crate) async fn delete(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryMap,
+) -> Result<StatusCode, ApiError> {
     let force = q.bool("force")?;
     s.service.delete(&id, force).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -113,7 +117,7 @@ pub async fn delete(State(s): State<AppState>, Path(id): Path<String>, q: QueryM
               (status = 500, description = "RUNTIME_ERROR: the runtime or the host network failed, and the machine is failed; INTERNAL_ERROR: the database failed", body = ErrorBody),
               (status = 502, description = FIRECRACKER_API_ERROR, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn start(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+pub(crate) async fn start(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.start(&id).await?))
 }
 
@@ -121,7 +125,7 @@ pub async fn start(State(s): State<AppState>, Path(id): Path<String>) -> Result<
     responses((status = 200, description = "stopped", body = Machine), (status = 400, description = TRANSITION, body = ErrorBody),
               (status = 404, description = NOT_FOUND, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn stop(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+pub(crate) async fn stop(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.stop(&id).await?))
 }
 
@@ -131,7 +135,7 @@ pub async fn stop(State(s): State<AppState>, Path(id): Path<String>) -> Result<J
               (status = 500, description = "RUNTIME_ERROR: the start failed, and the machine is failed; INTERNAL_ERROR: the database failed", body = ErrorBody),
               (status = 502, description = FIRECRACKER_API_ERROR, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn restart(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+pub(crate) async fn restart(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.restart(&id).await?))
 }
 
@@ -141,7 +145,7 @@ pub async fn restart(State(s): State<AppState>, Path(id): Path<String>) -> Resul
               (status = 500, description = "RUNTIME_ERROR: the runtime refused (the machine keeps its state); INTERNAL_ERROR", body = ErrorBody),
               (status = 502, description = FIRECRACKER_API_ERROR, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn pause(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+pub(crate) async fn pause(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.pause(&id).await?))
 }
 
@@ -151,7 +155,7 @@ pub async fn pause(State(s): State<AppState>, Path(id): Path<String>) -> Result<
               (status = 500, description = "RUNTIME_ERROR: the runtime refused (the machine keeps its state); INTERNAL_ERROR", body = ErrorBody),
               (status = 502, description = FIRECRACKER_API_ERROR, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
-pub async fn resume(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+pub(crate) async fn resume(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.resume(&id).await?))
 }
 
@@ -164,7 +168,11 @@ pub async fn resume(State(s): State<AppState>, Path(id): Path<String>) -> Result
               (status = 404, description = NOT_FOUND, body = ErrorBody),
               (status = 504, description = "TIMEOUT: the machine did not reach the state in time", body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
-pub async fn wait(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap) -> Result<Json<Machine>, ApiError> {
+pub(crate) async fn wait(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryMap,
+) -> Result<Json<Machine>, ApiError> {
     let want = status_param(&q, "status")?.unwrap_or(MachineStatus::Running);
     let secs = q.int("timeout", 0..=u64::MAX)?.unwrap_or(MAX_WAIT_SECS).min(MAX_WAIT_SECS);
     Ok(Json(s.service.wait(&id, want, Duration::from_secs(secs)).await?))
@@ -175,7 +183,7 @@ pub async fn wait(State(s): State<AppState>, Path(id): Path<String>, q: QueryMap
     responses((status = 200, body = MachineLogs), (status = 400, description = "VALIDATION_ERROR: lines is out of range", body = ErrorBody),
               (status = 404, description = NOT_FOUND, body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
-pub async fn logs(
+pub(crate) async fn logs(
     State(s): State<AppState>,
     Path(id): Path<String>,
     q: QueryMap,
@@ -188,7 +196,10 @@ pub async fn logs(
     responses((status = 200, description = "the doctor's checks for this machine", body = NetworkReport),
               (status = 400, description = "BAD_REQUEST: the machine is not running", body = ErrorBody), (status = 404, description = NOT_FOUND, body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
-pub async fn network(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<NetworkReport>, ApiError> {
+pub(crate) async fn network(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<NetworkReport>, ApiError> {
     let machine = s.service.get(&id).await?;
     if machine.status != MachineStatus::Running {
         return Err(MachineError::NotRunning { what: "check its network", status: machine.status }.into());

@@ -1,14 +1,14 @@
 //! The REST API: routes, the auth and correlation-id middleware, the error envelope and the OpenAPI
 //! document, which is generated from the same types and handler annotations the server uses.
 
-pub mod auth;
-pub mod error;
-pub mod extract;
+pub(crate) mod auth;
+pub(crate) mod error;
+pub(crate) mod extract;
 #[cfg(test)]
 mod fuzz;
-pub mod guest;
-pub mod keys;
-pub mod machines;
+pub(crate) mod guest;
+pub(crate) mod keys;
+pub(crate) mod machines;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,13 +31,13 @@ use auth::Auth;
 use error::ApiError;
 
 #[derive(Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     pub service: Arc<Service>,
     pub auth: Arc<Auth>,
     pub doctor: Arc<Doctor>,
 }
 
-pub const CORRELATION_HEADER: &str = "x-correlation-id";
+pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
 
 #[derive(OpenApi)]
 #[openapi(
@@ -54,7 +54,7 @@ pub const CORRELATION_HEADER: &str = "x-correlation-id";
     modifiers(&BearerAuth, &CommonResponses),
     tags((name = "machines"), (name = "exec"), (name = "files"), (name = "api-keys"))
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 struct BearerAuth;
 impl utoipa::Modify for BearerAuth {
@@ -121,7 +121,7 @@ impl utoipa::Modify for CommonResponses {
 }
 
 #[utoipa::path(get, path = "/health", tag = "machines", responses((status = 200, body = Health)))]
-pub async fn health(State(s): State<AppState>) -> Json<Health> {
+pub(crate) async fn health(State(s): State<AppState>) -> Json<Health> {
     Json(s.service.health().await)
 }
 
@@ -169,7 +169,7 @@ async fn correlation(mut req: Request, next: Next) -> Response {
     resp
 }
 
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     let machines = Router::new()
         .route("/machines", post(machines::create).get(machines::list))
         .route("/machines/{id}", get(machines::get).patch(machines::update).delete(machines::delete))

@@ -17,7 +17,7 @@ pub struct DoctorArgs {
     pub network: NetworkArgs,
 }
 
-pub async fn run(args: DoctorArgs) -> anyhow::Result<i32> {
+pub(crate) async fn run(args: DoctorArgs) -> anyhow::Result<i32> {
     let settings =
         Settings::without_serving(args.store.validate()?, args.runtime.validate()?, args.network.validate()?)?;
     let running = if settings.store.database_path.exists() {

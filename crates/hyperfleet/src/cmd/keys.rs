@@ -70,7 +70,7 @@ fn time_or(t: Option<OffsetDateTime>, none: &str) -> String {
 
 /// The root user on the host may create any key (no escalation check: [`Grantor::Host`]); a revoke written
 /// here reaches a running daemon within [`crate::keys::CACHE_TTL`].
-pub async fn run(args: KeysArgs) -> anyhow::Result<i32> {
+pub(crate) async fn run(args: KeysArgs) -> anyhow::Result<i32> {
     let db = crate::config::absolute(&args.database_path);
     let keys = Keys::new(Store::open(&db)?);
     match args.command {

@@ -186,7 +186,7 @@ fn print_one(output: Output, m: &Machine) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
+pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
     let hf = Client::new(&args.url, args.api_key.clone());
     let out = args.output;
     match args.command {

@@ -1,12 +1,37 @@
 //! The command-line interface: one module per command.
 
-pub mod doctor;
-pub mod keys;
-pub mod machines;
-pub mod purge;
-pub mod serve;
+pub(crate) mod doctor;
+pub(crate) mod keys;
+pub(crate) mod machines;
+pub(crate) mod purge;
+pub(crate) mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+fn init_logging() {
+    // netlink-packet-route warns about every attribute newer than itself; that is noise for users.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,netlink_packet_route=error".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Runs one command; the exit code on success.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging();
+            serve::run(args).await.map(|()| 0)
+        }
+        Command::Machines(args) => machines::run(args).await,
+        Command::Keys(args) => keys::run(args).await,
+        Command::Doctor(args) => doctor::run(args).await,
+        Command::Purge(args) => purge::run(args).await,
+        Command::Openapi => {
+            println!("{}", crate::api::openapi_json());
+            Ok(0)
+        }
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "hyperfleet", version, about = "Firecracker microVM orchestrator: daemon and CLI")]
@@ -33,13 +58,13 @@ pub enum Command {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Output {
+pub(crate) enum Output {
     Table,
     Json,
 }
 
 /// Prints rows as aligned columns.
-pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {

@@ -17,7 +17,7 @@ pub struct PurgeArgs {
     pub network: NetworkArgs,
 }
 
-pub async fn run(args: PurgeArgs) -> anyhow::Result<i32> {
+pub(crate) async fn run(args: PurgeArgs) -> anyhow::Result<i32> {
     let settings =
         Settings::without_serving(args.store.validate()?, args.runtime.validate()?, args.network.validate()?)?;
     let store = Store::open(&settings.store.database_path)?;

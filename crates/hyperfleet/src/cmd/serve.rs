@@ -34,7 +34,7 @@ fn default_runtime(settings: &RuntimeSettings, kvm: KvmKind, fc: &Firecracker) -
 }
 
 /// The orchestration service over this configuration, without touching the host yet.
-pub async fn build_service(settings: &Settings, store: Store) -> anyhow::Result<Arc<Service>> {
+pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::Result<Arc<Service>> {
     let kvm = KvmKind::detect();
     let rt = &settings.runtime;
     let firecracker = Firecracker::new(
@@ -78,7 +78,7 @@ pub async fn build_service(settings: &Settings, store: Store) -> anyhow::Result<
     Ok(Service::new(store, host, addressing, policy))
 }
 
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut settings = args.validate()?;
     fit_connection_caps(&mut settings);
     let settings = Arc::new(settings);

@@ -5,7 +5,7 @@ use std::fmt;
 use hyperfleet_types::MachineStatus::{self, *};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     Start,
     Stop,
     Restart,
@@ -23,7 +23,7 @@ pub enum Action {
 impl Action {
     /// The statuses from which this action may move a machine to `to`: the first step of a flow starts from
     /// where a client may ask for it, its later steps from the flow's own intermediate state.
-    pub fn from(self, to: MachineStatus) -> &'static [MachineStatus] {
+    pub(crate) fn from(self, to: MachineStatus) -> &'static [MachineStatus] {
         match (self, to) {
             (Self::Start, Starting) => &[Pending, Stopped, Failed],
             (Self::Start, _) => &[Starting],
@@ -38,7 +38,7 @@ impl Action {
     }
 
     /// Whether a client may ask for this action of a machine in `status`.
-    pub fn allowed_in(self, status: MachineStatus) -> bool {
+    pub(crate) fn allowed_in(self, status: MachineStatus) -> bool {
         let first = match self {
             Self::Start => Starting,
             Self::Stop | Self::Restart => Stopping,
@@ -47,7 +47,7 @@ impl Action {
         self.from(first).contains(&status)
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Start => "start",
             Self::Stop => "stop",
@@ -62,7 +62,7 @@ impl Action {
     }
 
     /// What to add to a refusal, when there is a way forward.
-    pub fn hint(self) -> &'static str {
+    pub(crate) fn hint(self) -> &'static str {
         match self {
             Self::Delete => "; stop the machine first (or pass ?force=true)",
             _ => "",

@@ -9,7 +9,7 @@ use crate::runtime::RuntimeError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("Machine with id '{0}' not found")]
     NotFound(String),
     /// The state table does not allow `action` from `status`.
@@ -69,7 +69,7 @@ pub enum Error {
 
 impl Error {
     /// The error a client should be answered with: the original cause of a failed flow.
-    pub fn cause(&self) -> &Error {
+    pub(crate) fn cause(&self) -> &Error {
         match self {
             Self::UndoFailed { cause, .. } => cause.cause(),
             other => other,
@@ -77,7 +77,7 @@ impl Error {
     }
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {

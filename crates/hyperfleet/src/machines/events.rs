@@ -8,11 +8,10 @@ use tokio::sync::broadcast;
 use super::{Error, Host, Result, Service};
 use crate::store::machines::MachineRecord;
 
-/// A machine's status changed, its exposed ports changed, or it was deleted.
+/// A machine's status changed, its exposed ports changed, or it was deleted: listeners look it up again.
 #[derive(Debug, Clone)]
-pub struct MachineEvent {
-    pub id: String,
-    pub status: MachineStatus,
+pub(crate) struct MachineEvent {
+    pub(crate) id: String,
 }
 
 pub(super) struct Events {
@@ -27,7 +26,7 @@ impl Events {
     pub(super) fn publish(&self, m: &MachineRecord) {
         // Sending fails only when nobody listens, which is the normal case between requests.
         if self.tx.receiver_count() > 0 {
-            let _ignored_when_no_listener = self.tx.send(MachineEvent { id: m.id.clone(), status: m.status });
+            let _ignored_when_no_listener = self.tx.send(MachineEvent { id: m.id.clone() });
         }
     }
 
@@ -38,12 +37,12 @@ impl Events {
 
 impl<H: Host> Service<H> {
     /// Every change to a machine (status, exposed ports, deletion), for long-polls and the proxy's cache.
-    pub fn subscribe(&self) -> broadcast::Receiver<MachineEvent> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<MachineEvent> {
         self.events.subscribe()
     }
 
     /// Long-polls until the machine reaches `want`, it fails instead, or `timeout` passes.
-    pub async fn wait(&self, id: &str, want: MachineStatus, timeout: Duration) -> Result<Machine> {
+    pub(crate) async fn wait(&self, id: &str, want: MachineStatus, timeout: Duration) -> Result<Machine> {
         let mut events = self.events.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

@@ -15,12 +15,10 @@ use super::lifecycle::instance;
 use super::{Error, Host, Result, Service};
 use crate::store::machines::MachineRecord;
 
-pub const DEFAULT_EXEC_TIMEOUT: u64 = 30;
-/// Commands one machine may run at once unless configured otherwise.
-pub const DEFAULT_MAX_EXECS: usize = 64;
-pub const MAX_EXEC_TIMEOUT: u64 = 3600;
+pub(super) const DEFAULT_EXEC_TIMEOUT: u64 = 30;
+pub(super) const MAX_EXEC_TIMEOUT: u64 = 3600;
 /// Output kept per stream by the buffered exec API.
-pub const EXEC_OUTPUT_CAP: u64 = 10 << 20;
+pub(super) const EXEC_OUTPUT_CAP: u64 = 10 << 20;
 
 fn agent_error(e: ClientError, path: &str, max: u64) -> Error {
     match e {
@@ -32,7 +30,7 @@ fn agent_error(e: ClientError, path: &str, max: u64) -> Error {
     }
 }
 
-pub fn check_guest_path(path: &str) -> Result<()> {
+pub(super) fn check_guest_path(path: &str) -> Result<()> {
     if path.is_empty() {
         return Err(Error::Invalid("path is required".into()));
     }
@@ -61,7 +59,7 @@ impl ExecSlots {
 }
 
 /// A validated exec request.
-pub struct ExecPlan {
+pub(crate) struct ExecPlan {
     pub spec: ExecSpec,
     pub stdin: Vec<u8>,
     pub timeout: Duration,
@@ -70,7 +68,7 @@ pub struct ExecPlan {
 }
 
 impl ExecPlan {
-    pub fn new(req: ExecRequest, max_output: Option<u64>) -> Result<Self> {
+    pub(crate) fn new(req: ExecRequest, max_output: Option<u64>) -> Result<Self> {
         let secs = req.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT);
         if !(1..=MAX_EXEC_TIMEOUT).contains(&secs) {
             return Err(Error::Invalid(format!("timeout must be between 1 and {MAX_EXEC_TIMEOUT} seconds")));
@@ -95,7 +93,7 @@ impl ExecPlan {
         })
     }
 
-    pub fn timeout_error(&self) -> Error {
+    pub(crate) fn timeout_error(&self) -> Error {
         Error::ExecTimedOut { secs: self.timeout.as_secs() }
     }
 }
@@ -111,7 +109,7 @@ impl<H: Host> Service<H> {
 
     /// Fails unless the machine exists and runs: checked before a client's upload body is read, so a request
     /// for nothing costs nothing.
-    pub async fn accepts_files(&self, id: &str) -> Result<()> {
+    pub(crate) async fn accepts_files(&self, id: &str) -> Result<()> {
         self.running(id, "transfer files").await.map(|_| ())
     }
 
@@ -130,7 +128,7 @@ impl<H: Host> Service<H> {
         }
     }
 
-    pub async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResult> {
+    pub(crate) async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResult> {
         let mut plan = ExecPlan::new(req, Some(EXEC_OUTPUT_CAP))?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
@@ -175,7 +173,7 @@ impl<H: Host> Service<H> {
     }
 
     /// Starts a command whose output the caller streams; stdin is already sent and closed.
-    pub async fn exec_stream(&self, id: &str, req: ExecRequest) -> Result<(ExecSession, ExecPlan)> {
+    pub(crate) async fn exec_stream(&self, id: &str, req: ExecRequest) -> Result<(ExecSession, ExecPlan)> {
         let mut plan = ExecPlan::new(req, None)?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
@@ -201,7 +199,7 @@ impl<H: Host> Service<H> {
     }
 
     /// Writes a file from a base64 body.
-    pub async fn write_file_base64(
+    pub(crate) async fn write_file_base64(
         &self,
         id: &str,
         path: &str,
@@ -220,7 +218,13 @@ impl<H: Host> Service<H> {
     }
 
     /// Writes a file from a stream of chunks, refusing it once it passes the size limit.
-    pub async fn write_file_stream<S>(&self, id: &str, path: &str, mode: Option<u32>, body: S) -> Result<FileWritten>
+    pub(crate) async fn write_file_stream<S>(
+        &self,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        body: S,
+    ) -> Result<FileWritten>
     where
         S: futures::Stream<Item = Result<Bytes>> + Send,
     {
@@ -247,7 +251,7 @@ impl<H: Host> Service<H> {
     }
 
     /// Opens a file for download; the caller streams its chunks.
-    pub async fn read_file(&self, id: &str, path: &str) -> Result<FileReader> {
+    pub(crate) async fn read_file(&self, id: &str, path: &str) -> Result<FileReader> {
         check_guest_path(path)?;
         let rec = self.running(id, "transfer files").await?;
         self.with_timeout(async {
@@ -258,7 +262,7 @@ impl<H: Host> Service<H> {
         .await
     }
 
-    pub async fn stat_file(&self, id: &str, path: &str) -> Result<FileStat> {
+    pub(crate) async fn stat_file(&self, id: &str, path: &str) -> Result<FileStat> {
         check_guest_path(path)?;
         let rec = self.running(id, "transfer files").await?;
         let st = self
@@ -272,7 +276,7 @@ impl<H: Host> Service<H> {
         Ok(FileStat { path: path.to_string(), size: st.size, mode: st.mode, is_dir: st.is_dir, modified_at: modified })
     }
 
-    pub async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
+    pub(crate) async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
         check_guest_path(path)?;
         let rec = self.running(id, "transfer files").await?;
         self.with_timeout(async {

@@ -16,7 +16,7 @@ use crate::store::machines::MachineRecord;
 
 /// The host side of machines. Every method is idempotent where it removes something: flows and reconcile
 /// may call it for state that is already gone.
-pub trait Host: Send + Sync + 'static {
+pub(crate) trait Host: Send + Sync + 'static {
     /// Why machines of `runtime` cannot run here, if they cannot.
     fn unavailable(&self, runtime: RuntimeKind) -> Option<String>;
     /// The machine's own disk and, for a container, its root mount and network namespace (returned).
@@ -60,7 +60,7 @@ pub trait Host: Send + Sync + 'static {
 
 /// The real host: runc or firecracker processes, netlink interfaces, an nftables table, files under the
 /// data and socket directories.
-pub struct LinuxHost {
+pub(crate) struct LinuxHost {
     pub runtimes: Runtimes,
     pub net: HostNetwork,
     pub data_dir: PathBuf,

@@ -79,7 +79,7 @@ impl<H: Host> Service<H> {
         }
     }
 
-    pub async fn create(&self, req: CreateMachine) -> Result<Machine> {
+    pub(crate) async fn create(&self, req: CreateMachine) -> Result<Machine> {
         let policy = self.policy.clone();
         let spec = tokio::task::spawn_blocking(move || validate::create(&req, &policy))
             .await
@@ -102,22 +102,22 @@ impl<H: Host> Service<H> {
         Ok(self.to_wire(&rec))
     }
 
-    pub async fn get(&self, id: &str) -> Result<Machine> {
+    pub(crate) async fn get(&self, id: &str) -> Result<Machine> {
         Ok(self.to_wire(&self.record(id).await?))
     }
 
-    pub async fn list(&self, status: Option<MachineStatus>, limit: u32, offset: u64) -> Result<MachineList> {
+    pub(crate) async fn list(&self, status: Option<MachineStatus>, limit: u32, offset: u64) -> Result<MachineList> {
         let (rows, total) = self.store.read(move |c| records::list(c, status, limit, offset)).await?;
         Ok(MachineList { machines: rows.iter().map(|m| self.to_wire(m)).collect(), total })
     }
 
     /// Every machine in one of `statuses`.
-    pub async fn with_status(&self, statuses: &'static [MachineStatus]) -> Result<Vec<Machine>> {
+    pub(crate) async fn with_status(&self, statuses: &'static [MachineStatus]) -> Result<Vec<Machine>> {
         let rows = self.store.read(move |c| records::with_status(c, statuses)).await?;
         Ok(rows.iter().map(|m| self.to_wire(m)).collect())
     }
 
-    pub async fn update(&self, id: &str, req: UpdateMachine) -> Result<Machine> {
+    pub(crate) async fn update(&self, id: &str, req: UpdateMachine) -> Result<Machine> {
         let rec = self.record(id).await?;
         let Some(ports) = req.exposed_ports else {
             return Ok(self.to_wire(&rec));
@@ -165,7 +165,7 @@ impl<H: Host> Service<H> {
     }
 
     /// Starts a machine: pending|stopped|failed → starting → running, or failed with everything undone.
-    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Machine> {
+    pub(crate) async fn start(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
         detached("start", self.clone().start_flow(rec)).await
     }
@@ -239,7 +239,7 @@ impl<H: Host> Service<H> {
     }
 
     /// Stops a machine: running|paused → stopping → stopped.
-    pub async fn stop(self: &Arc<Self>, id: &str) -> Result<Machine> {
+    pub(crate) async fn stop(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
         detached("stop", self.clone().stop_flow(rec)).await
     }
@@ -256,12 +256,12 @@ impl<H: Host> Service<H> {
     }
 
     /// Suspends the machine's vCPUs (firecracker) or freezes its processes (container): running → paused.
-    pub async fn pause(&self, id: &str) -> Result<Machine> {
+    pub(crate) async fn pause(&self, id: &str) -> Result<Machine> {
         self.suspend_or_resume(id, Action::Pause).await
     }
 
     /// paused → running.
-    pub async fn resume(&self, id: &str) -> Result<Machine> {
+    pub(crate) async fn resume(&self, id: &str) -> Result<Machine> {
         self.suspend_or_resume(id, Action::Resume).await
     }
 
@@ -282,7 +282,7 @@ impl<H: Host> Service<H> {
         Ok(self.to_wire(&changed))
     }
 
-    pub async fn restart(self: &Arc<Self>, id: &str) -> Result<Machine> {
+    pub(crate) async fn restart(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
         if !Action::Restart.allowed_in(rec.status) {
             return Err(Error::InvalidState { action: Action::Restart, status: rec.status });
@@ -292,7 +292,7 @@ impl<H: Host> Service<H> {
     }
 
     /// Deletes a machine at rest (or, with `force`, stops it first), its disk, logs and lease.
-    pub async fn delete(self: &Arc<Self>, id: &str, force: bool) -> Result<()> {
+    pub(crate) async fn delete(self: &Arc<Self>, id: &str, force: bool) -> Result<()> {
         let rec = self.record(id).await?;
         if force && Action::Stop.allowed_in(rec.status) {
             match self.stop(&rec.id).await {
@@ -319,7 +319,7 @@ impl<H: Host> Service<H> {
         }
     }
 
-    pub async fn logs(&self, id: &str, lines: usize) -> Result<MachineLogs> {
+    pub(crate) async fn logs(&self, id: &str, lines: usize) -> Result<MachineLogs> {
         let rec = self.record(id).await?;
         let lines = self.host.console_tail(&rec.id, lines).await;
         Ok(MachineLogs { machine_id: rec.id, lines })

@@ -15,10 +15,10 @@ mod action;
 mod error;
 mod events;
 mod guest;
-pub mod host;
+pub(crate) mod host;
 mod lifecycle;
 mod monitor;
-pub mod network;
+pub(crate) mod network;
 mod reconcile;
 #[cfg(test)]
 mod testing;
@@ -31,20 +31,19 @@ use std::time::Duration;
 
 use hyperfleet_types::{Health, RuntimeAvailability, RuntimeKind};
 
-pub use action::Action;
-pub use error::{Error, Result};
-pub use events::MachineEvent;
-pub use guest::{DEFAULT_MAX_EXECS, ExecPlan};
-pub use host::{Host, LinuxHost};
+pub(crate) use action::Action;
+pub(crate) use error::{Error, Result};
+pub(crate) use host::{Host, LinuxHost};
 use network::Addressing;
-pub use validate::create as validate_create;
+#[cfg(test)]
+pub(crate) use validate::create as validate_create;
 
 use crate::runtime::host::HostCapacity;
 use crate::store::Store;
 
 /// The defaults and limits the service applies to create requests and guest operations.
 #[derive(Debug, Clone)]
-pub struct Policy {
+pub(crate) struct Policy {
     pub assets_dir: std::path::PathBuf,
     pub default_kernel: std::path::PathBuf,
     pub default_rootfs: std::path::PathBuf,
@@ -58,7 +57,7 @@ pub struct Policy {
     pub max_execs_per_machine: usize,
 }
 
-pub struct Service<H: Host = LinuxHost> {
+pub(crate) struct Service<H: Host = LinuxHost> {
     store: Store,
     host: H,
     addressing: Addressing,
@@ -72,7 +71,7 @@ pub struct Service<H: Host = LinuxHost> {
 }
 
 impl<H: Host> Service<H> {
-    pub fn new(store: Store, host: H, addressing: Addressing, policy: Policy) -> Arc<Self> {
+    pub(crate) fn new(store: Store, host: H, addressing: Addressing, policy: Policy) -> Arc<Self> {
         Arc::new(Self {
             store,
             host,
@@ -85,17 +84,17 @@ impl<H: Host> Service<H> {
         })
     }
 
-    pub fn host(&self) -> &H {
+    pub(crate) fn host(&self) -> &H {
         &self.host
     }
 
     /// The largest file the files API accepts or returns.
-    pub fn file_max_size(&self) -> u64 {
+    pub(crate) fn file_max_size(&self) -> u64 {
         self.policy.file_max_size
     }
 
     /// What `GET /health` reports: the database and each runtime's availability.
-    pub async fn health(&self) -> Health {
+    pub(crate) async fn health(&self) -> Health {
         let database = match self.store.ping().await {
             Ok(()) => "ok".to_string(),
             Err(e) => format!("error: {e}"),

@@ -45,7 +45,7 @@ impl<H: Host> Service<H> {
 impl<H: Host> Service<H> {
     /// Keeps every active machine's console log under `max` bytes, checking every `every`; runs until the
     /// service goes away.
-    pub async fn cap_console_logs(self: Arc<Self>, max: u64, every: std::time::Duration) {
+    pub(crate) async fn cap_console_logs(self: Arc<Self>, max: u64, every: std::time::Duration) {
         loop {
             tokio::time::sleep(every).await;
             let active =

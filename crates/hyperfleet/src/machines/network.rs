@@ -18,7 +18,7 @@ use crate::store::machines::MachineRecord;
 
 /// Where a machine's addresses and interface name come from: its block of the subnet.
 #[derive(Debug, Clone)]
-pub struct Addressing {
+pub(crate) struct Addressing {
     pub subnet: Subnet,
     pub naming: TapNaming,
 }
@@ -26,19 +26,19 @@ pub struct Addressing {
 impl Addressing {
     /// The machine's block. Leases are cut from this subnet (checked against the database at daemon start),
     /// so a block outside it means a corrupt database; the subnet's first block stands in rather than panicking.
-    pub fn block(&self, m: &MachineRecord) -> Block {
+    pub(crate) fn block(&self, m: &MachineRecord) -> Block {
         self.subnet
             .block(m.block)
             .or_else(|| self.subnet.block(0))
             .unwrap_or_else(|| unreachable!("a subnet has at least one block (checked when the setting is parsed)"))
     }
 
-    pub fn iface(&self, m: &MachineRecord) -> String {
+    pub(crate) fn iface(&self, m: &MachineRecord) -> String {
         self.naming.name(m.block)
     }
 
     /// The machine's network as responses show it: the spec's options plus gateway and prefix.
-    pub fn wire(&self, m: &MachineRecord) -> MachineNetwork {
+    pub(crate) fn wire(&self, m: &MachineRecord) -> MachineNetwork {
         MachineNetwork {
             prefix_len: Some(BLOCK_PREFIX),
             gateway: Some(self.block(m).tap_ip()),
@@ -46,7 +46,7 @@ impl Addressing {
         }
     }
 
-    pub fn guest(&self, m: &MachineRecord) -> GuestNetwork {
+    pub(crate) fn guest(&self, m: &MachineRecord) -> GuestNetwork {
         let b = self.block(m);
         GuestNetwork {
             iface: self.iface(m),
@@ -61,7 +61,7 @@ impl Addressing {
     }
 
     /// The firewall's view of one machine.
-    pub fn firewall_entry(&self, m: &MachineRecord) -> FirewallEntry {
+    pub(crate) fn firewall_entry(&self, m: &MachineRecord) -> FirewallEntry {
         let b = self.block(m);
         FirewallEntry {
             iface: self.iface(m),
@@ -80,14 +80,14 @@ fn net_of(addr: Ipv4Addr) -> Ipv4Net {
     Ipv4Net::new(addr, BLOCK_PREFIX).unwrap_or_else(|_| unreachable!("{BLOCK_PREFIX} is a valid IPv4 prefix"))
 }
 
-pub struct HostNetwork {
+pub(crate) struct HostNetwork {
     pub addressing: Addressing,
     pub firewall: Firewall,
     netlink: Netlink,
 }
 
 impl HostNetwork {
-    pub fn new(settings: &NetworkSettings) -> Result<Self, NetError> {
+    pub(crate) fn new(settings: &NetworkSettings) -> Result<Self, NetError> {
         let subnet = settings.subnet;
         Ok(Self {
             addressing: Addressing { subnet, naming: settings.tap_naming.clone() },
@@ -98,14 +98,14 @@ impl HostNetwork {
 
     /// Host-wide set-up at daemon start: forwarding on, and the subnet's unreachable route so traffic for
     /// addresses without a running machine never leaves the host.
-    pub async fn init(&self) -> Result<(), NetError> {
+    pub(crate) async fn init(&self) -> Result<(), NetError> {
         hyperfleet_net::sysctl::enable_ip_forward().await?;
         self.netlink.ensure_unreachable_route(self.addressing.subnet.net()).await
     }
 
     /// Creates the machine's host interface with tap_ip/30, up. With `netns` it is a veth pair whose other
     /// end becomes eth0 (guest_ip, MAC, default route) in that namespace; otherwise a TAP for Firecracker.
-    pub async fn attach(&self, m: &MachineRecord, netns_name: Option<&str>) -> Result<(), NetError> {
+    pub(crate) async fn attach(&self, m: &MachineRecord, netns_name: Option<&str>) -> Result<(), NetError> {
         let name = self.addressing.iface(m);
         let b = self.addressing.block(m);
         let host_addr = net_of(b.tap_ip());
@@ -144,18 +144,18 @@ impl HostNetwork {
     }
 
     /// Removes the machine's host interface, if it exists and is ours.
-    pub async fn detach(&self, m: &MachineRecord) -> Result<(), NetError> {
+    pub(crate) async fn detach(&self, m: &MachineRecord) -> Result<(), NetError> {
         self.netlink.delete_owned(&self.addressing.iface(m), &m.id).await.map(|_| ())
     }
 
     /// Rebuilds the firewall table for exactly these machines.
-    pub async fn apply_firewall(&self, machines: &[MachineRecord]) -> Result<(), NetError> {
+    pub(crate) async fn apply_firewall(&self, machines: &[MachineRecord]) -> Result<(), NetError> {
         let entries: Vec<FirewallEntry> = machines.iter().map(|m| self.addressing.firewall_entry(m)).collect();
         self.firewall.apply(&entries).await
     }
 
     /// Deletes interfaces of ours (our prefix and alias) that belong to no machine in `live`. Returns their names.
-    pub async fn remove_stray_links(&self, live: &HashSet<String>) -> Result<Vec<String>, NetError> {
+    pub(crate) async fn remove_stray_links(&self, live: &HashSet<String>) -> Result<Vec<String>, NetError> {
         let mut removed = Vec::new();
         for l in self.netlink.links().await? {
             let ours = self.addressing.naming.block_of(&l.name).is_some()
@@ -168,11 +168,11 @@ impl HostNetwork {
         Ok(removed)
     }
 
-    pub async fn remove_route(&self) -> Result<(), NetError> {
+    pub(crate) async fn remove_route(&self) -> Result<(), NetError> {
         self.netlink.remove_unreachable_route(self.addressing.subnet.net()).await
     }
 
-    pub async fn dns_default(configured: Option<&Vec<Ipv4Addr>>) -> Result<Vec<Ipv4Addr>, String> {
+    pub(crate) async fn dns_default(configured: Option<&Vec<Ipv4Addr>>) -> Result<Vec<Ipv4Addr>, String> {
         match configured {
             Some(list) => Ok(list.clone()),
             None => hyperfleet_net::dns::host_resolvers().await.ok_or_else(|| {

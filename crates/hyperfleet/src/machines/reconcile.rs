@@ -34,7 +34,7 @@ pub(super) fn verdict(status: MachineStatus, live_pid: Option<u32>) -> Verdict {
 }
 
 impl<H: Host> Service<H> {
-    pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
+    pub(crate) async fn reconcile(self: &Arc<Self>) -> Result<()> {
         let active = self.store.read(|c| records::with_status(c, &ACTIVE)).await?;
         let mut live = HashSet::new();
         for rec in active {
@@ -71,7 +71,7 @@ impl<H: Host> Service<H> {
     /// Stops every machine and removes everything Hyperfleet made on the host: interfaces, namespaces,
     /// containers, mounts, the firewall table and the subnet route. Records, disks and leases stay, so the
     /// machines can be started again. Returns the ids of the machines it stopped.
-    pub async fn purge_host(self: &Arc<Self>) -> Result<Vec<String>> {
+    pub(crate) async fn purge_host(self: &Arc<Self>) -> Result<Vec<String>> {
         let active = self.store.read(|c| records::with_status(c, &ACTIVE)).await?;
         let mut stopped = Vec::new();
         for rec in active {

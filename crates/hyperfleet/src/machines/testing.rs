@@ -22,7 +22,7 @@ use crate::store::machines::MachineRecord;
 
 /// What exists on the fake host.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct World {
+pub(super) struct World {
     /// Machines whose disk/root/namespace is prepared (and not released).
     pub prepared: BTreeSet<String>,
     pub interfaces: BTreeSet<String>,
@@ -33,7 +33,7 @@ pub struct World {
 }
 
 #[derive(Default)]
-pub struct FakeHost {
+pub(super) struct FakeHost {
     pub world: Mutex<World>,
     /// The step that fails next: "prepare", "attach", "firewall", "boot", "detach", "firewall_edit".
     pub fail: Mutex<HashSet<&'static str>>,
@@ -51,12 +51,12 @@ impl FakeHost {
         Error::Runtime(RuntimeError::Unavailable(format!("{step} refused by the test")))
     }
 
-    pub fn world(&self) -> World {
+    pub(super) fn world(&self) -> World {
         self.world.lock().unwrap().clone()
     }
 
     /// Ends a process as if it crashed.
-    pub fn kill(&self, pid: u32) {
+    pub(super) fn kill(&self, pid: u32) {
         self.world.lock().unwrap().processes.remove(&pid);
         if let Some(tx) = self.ended.lock().unwrap().get(&pid) {
             tx.send_replace(true);
@@ -64,7 +64,7 @@ impl FakeHost {
     }
 
     /// Ends a process while no daemon watches (it "crashed" before): nobody is told.
-    pub fn vanish(&self, pid: u32) {
+    pub(super) fn vanish(&self, pid: u32) {
         self.world.lock().unwrap().processes.remove(&pid);
     }
 
@@ -207,7 +207,7 @@ impl Host for FakeHost {
 }
 
 /// A service over a fake host and a real SQLite file.
-pub fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
+pub(super) fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("test.db")).unwrap();
     let (kernel, rootfs) = (dir.path().join("vmlinux"), dir.path().join("rootfs.ext4"));
@@ -230,7 +230,7 @@ pub fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
     (dir, Service::new(store, FakeHost::default(), addressing, policy))
 }
 
-pub fn create_req(name: &str) -> CreateMachine {
+pub(super) fn create_req(name: &str) -> CreateMachine {
     CreateMachine { name: Some(name.into()), vcpu_count: Some(1), mem_size_mib: Some(64), ..Default::default() }
 }
 

@@ -10,15 +10,15 @@ use hyperfleet_types::{CreateMachine, EgressPolicy, MachineNetwork, MachineSpec}
 use super::Policy;
 use crate::runtime::assets;
 
-pub const MIN_MEM_MIB: i64 = 4;
+pub(super) const MIN_MEM_MIB: i64 = 4;
 /// Firecracker's limit of vCPUs per microVM.
-pub const MAX_VCPUS: i64 = 32;
+pub(super) const MAX_VCPUS: i64 = 32;
 const MAX_KERNEL_ARGS: usize = 2048;
 const MAX_DNS: usize = 3;
 /// Most ports one machine may expose: enough for any service, small enough that a machine's JSON stays small.
-pub const MAX_EXPOSED_PORTS: usize = 64;
+pub(super) const MAX_EXPOSED_PORTS: usize = 64;
 
-pub fn name(n: &str) -> Result<(), String> {
+pub(super) fn name(n: &str) -> Result<(), String> {
     let b = n.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 63
@@ -45,7 +45,7 @@ fn looks_like_an_id(s: &str) -> bool {
     s.len() == 16 && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
 }
 
-pub fn ports(field: &str, list: &[i64]) -> Result<Vec<u16>, String> {
+pub(super) fn ports(field: &str, list: &[i64]) -> Result<Vec<u16>, String> {
     if list.len() > MAX_EXPOSED_PORTS {
         return Err(format!("{field} lists {} ports; at most {MAX_EXPOSED_PORTS} are allowed", list.len()));
     }
@@ -64,7 +64,7 @@ pub fn ports(field: &str, list: &[i64]) -> Result<Vec<u16>, String> {
 
 /// An asset path must name a regular file inside the assets directory, reached without any symlink. The
 /// path is stored as given (made absolute); a start opens it again the same way.
-pub fn asset(field: &str, given: Option<&str>, default: &Path, assets_dir: &Path) -> Result<String, String> {
+pub(super) fn asset(field: &str, given: Option<&str>, default: &Path, assets_dir: &Path) -> Result<String, String> {
     let raw = match given {
         Some(p) if p.trim().is_empty() => return Err(format!("{field} must not be empty")),
         Some(p) if p.contains('\0') => return Err(format!("{field} must not contain NUL bytes")),
@@ -76,7 +76,7 @@ pub fn asset(field: &str, given: Option<&str>, default: &Path, assets_dir: &Path
     Ok(abs.display().to_string())
 }
 
-pub fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec, String> {
+pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec, String> {
     let name_val = req.name.as_deref().ok_or("name is required")?;
     name(name_val)?;
     let vcpus = req.vcpu_count.ok_or("vcpu_count is required")?;

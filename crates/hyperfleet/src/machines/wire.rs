@@ -63,7 +63,7 @@ impl<H: Host> Service<H> {
     }
 
     /// Records the latest probe of a machine's exposed ports (the proxy's poller).
-    pub fn set_port_status(&self, id: &str, status: Vec<ExposedPortStatus>) {
+    pub(crate) fn set_port_status(&self, id: &str, status: Vec<ExposedPortStatus>) {
         self.ports.set(id, status);
     }
 }

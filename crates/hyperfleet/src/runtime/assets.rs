@@ -11,7 +11,7 @@ use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 
 /// Why a requested asset path is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum AssetError {
+pub(crate) enum AssetError {
     #[error("must not contain '..'")]
     ParentDir,
     #[error("must be inside the assets directory {0}")]
@@ -28,7 +28,7 @@ pub enum AssetError {
 
 /// Opens `path` (absolute, or relative to the working directory) for reading if it is a regular file inside
 /// `root`, reached without any symlink. Blocking: call it off the async workers.
-pub fn open_beneath(root: &Path, path: &Path) -> Result<File, AssetError> {
+pub(crate) fn open_beneath(root: &Path, path: &Path) -> Result<File, AssetError> {
     if path.components().any(|c| c == Component::ParentDir) {
         return Err(AssetError::ParentDir);
     }

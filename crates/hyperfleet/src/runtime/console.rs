@@ -9,14 +9,14 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The rotated-out previous part of a console log.
-pub fn previous(path: &Path) -> PathBuf {
+pub(crate) fn previous(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".1");
     PathBuf::from(name)
 }
 
 /// Rotates `path` if it is larger than `max` bytes. Returns whether it did.
-pub fn rotate_if_larger(path: &Path, max: u64) -> io::Result<bool> {
+pub(crate) fn rotate_if_larger(path: &Path, max: u64) -> io::Result<bool> {
     let mut current = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),

@@ -28,31 +28,31 @@ const AGENT_FD: i32 = 3;
 const RUNC_ROOT: &str = "/run/hyperfleet/runc";
 
 #[derive(Debug, Clone)]
-pub struct Container {
+pub(crate) struct Container {
     runc: Option<PathBuf>,
 }
 
 /// Container and network namespace names of a machine.
-pub fn container_id(machine_id: &str) -> String {
+pub(crate) fn container_id(machine_id: &str) -> String {
     format!("hf-{machine_id}")
 }
 
-pub fn netns_name(machine_id: &str) -> String {
+pub(crate) fn netns_name(machine_id: &str) -> String {
     format!("hf-{machine_id}")
 }
 
 impl Container {
-    pub fn new(runc: Option<PathBuf>) -> Self {
+    pub(crate) fn new(runc: Option<PathBuf>) -> Self {
         Self { runc }
     }
 
-    pub fn unavailable(&self) -> Option<String> {
+    pub(crate) fn unavailable(&self) -> Option<String> {
         self.runc
             .is_none()
             .then(|| "runc not found: install it (apt-get install runc) or set HYPERFLEET_RUNC_BIN".into())
     }
 
-    pub fn agent(files: &MachineFiles) -> AgentClient {
+    pub(crate) fn agent(files: &MachineFiles) -> AgentClient {
         AgentClient::new(Endpoint::Unix(files.agent_socket.clone()))
     }
 
@@ -94,7 +94,7 @@ impl Container {
     }
 
     /// Mounts the machine's disk as the bundle's root (idempotent).
-    pub async fn mount_root(files: &MachineFiles) -> Result<(), RuntimeError> {
+    pub(crate) async fn mount_root(files: &MachineFiles) -> Result<(), RuntimeError> {
         let root = files.bundle.join("rootfs");
         std::fs::create_dir_all(&root).map_err(RuntimeError::io("create", &root))?;
         if is_mountpoint(&root) {
@@ -118,7 +118,7 @@ impl Container {
     }
 
     /// Unmounts the root and frees its loop device (idempotent).
-    pub async fn unmount_root(files: &MachineFiles) {
+    pub(crate) async fn unmount_root(files: &MachineFiles) {
         let root = files.bundle.join("rootfs");
         if is_mountpoint(&root) {
             // -d releases the loop device too; a busy mount is detached lazily instead.
@@ -139,7 +139,7 @@ impl Container {
     /// The OCI `config.json` of a machine: its init (the agent) with its listening socket as descriptor 3 and
     /// DNS in its environment, cgroup limits from the machine's vCPUs and memory, the namespace made for it,
     /// a minimal capability set, no new privileges and a seccomp filter. Nothing of the host is mounted in.
-    pub fn spec(m: &BootSpec, netns: &Path) -> Result<Spec, RuntimeError> {
+    pub(crate) fn spec(m: &BootSpec, netns: &Path) -> Result<Spec, RuntimeError> {
         let net = &m.net;
         let e = RuntimeError::Spec;
         // What root in a sandbox needs for ordinary work (file ownership, users, low ports, ping), and no more:
@@ -235,7 +235,7 @@ impl Container {
 
     /// Writes the bundle and starts the container (`runc run --detach`), its init's output going to the
     /// machine's console log. Expects the root mounted and the network namespace ready.
-    pub async fn boot(&self, m: &BootSpec, files: &MachineFiles, netns: &Path) -> Result<Booted, RuntimeError> {
+    pub(crate) async fn boot(&self, m: &BootSpec, files: &MachineFiles, netns: &Path) -> Result<Booted, RuntimeError> {
         if let Some(why) = self.unavailable() {
             return Err(RuntimeError::Unavailable(why));
         }
@@ -295,7 +295,7 @@ impl Container {
     }
 
     /// The PID of the container's init if runc says it runs.
-    pub async fn running_pid(&self, machine_id: &str) -> Option<u32> {
+    pub(crate) async fn running_pid(&self, machine_id: &str) -> Option<u32> {
         let out = self.runc_ok(&["state", &container_id(machine_id)]).await.ok()?;
         let v: serde_json::Value = serde_json::from_str(&out).ok()?;
         (v.get("status")?.as_str()? == "running").then_some(())?;
@@ -304,13 +304,13 @@ impl Container {
     }
 
     /// Freezes (`runc pause`) or thaws (`runc resume`) every process of the container.
-    pub async fn set_paused(&self, machine_id: &str, pause: bool) -> Result<(), RuntimeError> {
+    pub(crate) async fn set_paused(&self, machine_id: &str, pause: bool) -> Result<(), RuntimeError> {
         let verb = if pause { "pause" } else { "resume" };
         self.runc_ok(&[verb, &container_id(machine_id)]).await.map(|_| ())
     }
 
     /// Asks the agent to shut down, then `runc kill` TERM and KILL; finally removes the container.
-    pub async fn stop(&self, machine_id: &str, pid: Option<u32>, files: &MachineFiles, grace: Duration) {
+    pub(crate) async fn stop(&self, machine_id: &str, pid: Option<u32>, files: &MachineFiles, grace: Duration) {
         let cid = container_id(machine_id);
         // A frozen container cannot act on a signal, not even SIGKILL: thaw it first (refused if not frozen).
         self.runc_quiet(&["resume", &cid]).await;

@@ -14,7 +14,7 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> io::Result<()> {
 
 /// [`sparse_copy`] from a file already open (an asset opened beneath the assets directory). The copy is
 /// readable and writable by its owner only (0600).
-pub fn sparse_copy_from(input: &File, dst: &Path) -> io::Result<()> {
+pub(crate) fn sparse_copy_from(input: &File, dst: &Path) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let len = input.metadata()?.len();
     let tmp = dst.with_extension("partial");

@@ -41,16 +41,16 @@ impl KvmKind {
 
 /// Boot arguments the guest kernel needs under PVM (software virtualization: it emulates parts of the CPU and
 /// trips over these features and the i8042 probe); none on real KVM.
-pub const PVM_BOOT_ARGS: &str = "clearcpuid=cx16,popcnt,fsgsbase,invpcid,pcid,rdrand,rdseed,smap,movbe noxsave \
+pub(crate) const PVM_BOOT_ARGS: &str = "clearcpuid=cx16,popcnt,fsgsbase,invpcid,pcid,rdrand,rdseed,smap,movbe noxsave \
      i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// The firecracker binary: FIRECRACKER_BIN, else `firecracker` on PATH, else what `make setup` installed.
-pub fn find_firecracker(configured: Option<&Path>, assets_dir: &Path) -> Option<PathBuf> {
+pub(crate) fn find_firecracker(configured: Option<&Path>, assets_dir: &Path) -> Option<PathBuf> {
     find_tool("firecracker", configured, assets_dir)
 }
 
 /// Firecracker's jailer, found the same way: JAILER_BIN, else `jailer` on PATH, else .hyperfleet/bin/jailer.
-pub fn find_jailer(configured: Option<&Path>, assets_dir: &Path) -> Option<PathBuf> {
+pub(crate) fn find_jailer(configured: Option<&Path>, assets_dir: &Path) -> Option<PathBuf> {
     find_tool("jailer", configured, assets_dir)
 }
 
@@ -83,14 +83,14 @@ fn is_executable(p: &Path) -> bool {
 
 /// How much of this host machines may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HostCapacity {
+pub(crate) struct HostCapacity {
     pub cpus: u32,
     pub mem_mib: u64,
 }
 
 impl HostCapacity {
     /// Reads the CPU count and /proc/meminfo (1 GiB assumed if it cannot be read).
-    pub fn detect() -> Self {
+    pub(crate) fn detect() -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
         let mem_mib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| mem_total_mib(&t)).unwrap_or(1024);
         Self { cpus, mem_mib }

@@ -3,12 +3,12 @@
 //! life cycle: prepare (disk, container root and namespace) → boot → stop → release. A runtime is given what
 //! it needs ([`BootSpec`], [`Instance`]), never a database row.
 
-pub mod assets;
-pub mod console;
-pub mod container;
-pub mod disk;
-pub mod firecracker;
-pub mod host;
+pub(crate) mod assets;
+pub(crate) mod console;
+pub(crate) mod container;
+pub(crate) mod disk;
+pub(crate) mod firecracker;
+pub(crate) mod host;
 pub mod process;
 
 use std::fs::File;
@@ -20,8 +20,8 @@ use hyperfleet_agent_proto::client::AgentClient;
 use hyperfleet_types::RuntimeKind;
 use tracing::warn;
 
-pub use container::Container;
-pub use firecracker::Firecracker;
+pub(crate) use container::Container;
+pub(crate) use firecracker::Firecracker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -58,7 +58,7 @@ pub enum RuntimeError {
 }
 
 /// Creates `dir` (and its parents) with mode 0700 for the directory itself: machine data is the daemon's alone.
-pub fn private_dir(dir: &Path) -> Result<(), RuntimeError> {
+pub(crate) fn private_dir(dir: &Path) -> Result<(), RuntimeError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(RuntimeError::io("create", dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(RuntimeError::io("chmod", dir))
@@ -122,7 +122,7 @@ impl MachineFiles {
 
 /// The network a guest boots with.
 #[derive(Debug, Clone, PartialEq)]
-pub struct GuestNetwork {
+pub(crate) struct GuestNetwork {
     /// Host-side interface (TAP, or the veth's host end).
     pub iface: String,
     pub tap_ip: Ipv4Addr,
@@ -136,7 +136,7 @@ pub struct GuestNetwork {
 
 /// Everything a runtime needs to boot one machine, decided by the orchestration.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BootSpec {
+pub(crate) struct BootSpec {
     pub id: String,
     pub runtime: RuntimeKind,
     pub vcpu_count: u32,
@@ -154,26 +154,26 @@ pub struct BootSpec {
 
 /// A machine that may have a process: enough to find, pause, stop or clean it up.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Instance {
+pub(crate) struct Instance {
     pub id: String,
     pub runtime: RuntimeKind,
     pub pid: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
-pub struct Booted {
+pub(crate) struct Booted {
     pub pid: u32,
     pub socket_path: Option<String>,
 }
 
-pub struct Runtimes {
+pub(crate) struct Runtimes {
     pub firecracker: Firecracker,
     pub container: Container,
     pub stop_grace: Duration,
 }
 
 impl Runtimes {
-    pub fn unavailable(&self, kind: RuntimeKind) -> Option<String> {
+    pub(crate) fn unavailable(&self, kind: RuntimeKind) -> Option<String> {
         match kind {
             RuntimeKind::Firecracker => self.firecracker.unavailable(),
             RuntimeKind::Container => self.container.unavailable(),
@@ -182,7 +182,7 @@ impl Runtimes {
 
     /// Makes the machine's own disk (first start only) and, for containers, mounts it and creates the
     /// network namespace. Returns the namespace name the network layer must attach to, if any.
-    pub async fn prepare(&self, spec: &BootSpec, files: &MachineFiles) -> Result<Option<String>, RuntimeError> {
+    pub(crate) async fn prepare(&self, spec: &BootSpec, files: &MachineFiles) -> Result<Option<String>, RuntimeError> {
         if let Some(why) = self.unavailable(spec.runtime) {
             return Err(RuntimeError::Unavailable(why));
         }
@@ -219,7 +219,7 @@ impl Runtimes {
         }
     }
 
-    pub async fn boot(
+    pub(crate) async fn boot(
         &self,
         spec: &BootSpec,
         files: &MachineFiles,
@@ -237,7 +237,7 @@ impl Runtimes {
     }
 
     /// Stops the machine's process (gracefully first) and releases everything but its disk.
-    pub async fn stop(&self, m: &Instance, files: &MachineFiles) {
+    pub(crate) async fn stop(&self, m: &Instance, files: &MachineFiles) {
         match m.runtime {
             RuntimeKind::Firecracker => {
                 if let Some(pid) = m.pid {
@@ -254,7 +254,7 @@ impl Runtimes {
     }
 
     /// Pauses or resumes a running machine: Firecracker's `PATCH /vm`, or runc's freezer.
-    pub async fn set_paused(&self, m: &Instance, files: &MachineFiles, pause: bool) -> Result<(), RuntimeError> {
+    pub(crate) async fn set_paused(&self, m: &Instance, files: &MachineFiles, pause: bool) -> Result<(), RuntimeError> {
         match m.runtime {
             RuntimeKind::Firecracker => {
                 let state = if pause { "Paused" } else { "Resumed" };
@@ -267,7 +267,7 @@ impl Runtimes {
     }
 
     /// The PID of the machine's process if it still runs and is really this machine's.
-    pub async fn live_pid(&self, m: &Instance, files: &MachineFiles) -> Option<u32> {
+    pub(crate) async fn live_pid(&self, m: &Instance, files: &MachineFiles) -> Option<u32> {
         match m.runtime {
             RuntimeKind::Firecracker => {
                 let (pid, files) = (m.pid, files.clone());
@@ -284,7 +284,7 @@ impl Runtimes {
         }
     }
 
-    pub fn agent(&self, m: &Instance, files: &MachineFiles) -> AgentClient {
+    pub(crate) fn agent(&self, m: &Instance, files: &MachineFiles) -> AgentClient {
         match m.runtime {
             RuntimeKind::Firecracker => Firecracker::agent(files),
             RuntimeKind::Container => Container::agent(files),
@@ -293,7 +293,7 @@ impl Runtimes {
 
     /// Removes what a machine of any runtime may have left on the host when it has no process: a container's
     /// mount, namespace and agent socket, firecracker's chroot (with its sockets) and cgroups. Idempotent.
-    pub async fn remove_leftovers(&self, id: &str, files: &MachineFiles) {
+    pub(crate) async fn remove_leftovers(&self, id: &str, files: &MachineFiles) {
         Container::unmount_root(files).await;
         remove_netns(id).await;
         process::remove_file_logged(&files.agent_socket);
@@ -301,7 +301,7 @@ impl Runtimes {
     }
 
     /// Removes the machine's directory (disk, logs, bundle) at delete.
-    pub async fn destroy(&self, m: &Instance, files: &MachineFiles) -> Result<(), RuntimeError> {
+    pub(crate) async fn destroy(&self, m: &Instance, files: &MachineFiles) -> Result<(), RuntimeError> {
         match m.runtime {
             RuntimeKind::Container => Container::unmount_root(files).await,
             RuntimeKind::Firecracker => Firecracker::release(&m.id, files).await,

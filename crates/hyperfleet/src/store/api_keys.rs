@@ -12,28 +12,28 @@ use time::OffsetDateTime;
 
 use super::StoreResult;
 
-pub const KEY_PREFIX: &str = "hf_";
+pub(crate) const KEY_PREFIX: &str = "hf_";
 const SECRET_LEN: usize = 32;
 const SHOWN_PREFIX_LEN: usize = 11;
 
 /// A freshly made key: the secret (shown once) and the row stored for it.
-pub struct NewKey {
+pub(crate) struct NewKey {
     pub secret: String,
     pub key: ApiKey,
 }
 
-pub fn hash(secret: &str) -> [u8; 32] {
+pub(crate) fn hash(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
 /// Whether `s` has the shape of a key, before any lookup.
-pub fn well_formed(s: &str) -> bool {
+pub(crate) fn well_formed(s: &str) -> bool {
     s.len() == KEY_PREFIX.len() + SECRET_LEN
         && s.starts_with(KEY_PREFIX)
         && s[KEY_PREFIX.len()..].bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
-pub fn generate_secret() -> String {
+pub(crate) fn generate_secret() -> String {
     let body: String = rand::rngs::OsRng.sample_iter(&Alphanumeric).take(SECRET_LEN).map(char::from).collect();
     format!("{KEY_PREFIX}{body}")
 }
@@ -74,7 +74,7 @@ fn from_row(row: &Row) -> rusqlite::Result<ApiKey> {
 
 const COLUMNS: &str = "id, name, key_prefix, scopes, expires_at, last_used_at, created_at, revoked_at";
 
-pub fn create(
+pub(crate) fn create(
     conn: &Connection,
     name: &str,
     scopes: &[Scope],
@@ -107,23 +107,23 @@ pub fn create(
     Ok(NewKey { secret, key })
 }
 
-pub fn list(conn: &Connection) -> StoreResult<Vec<ApiKey>> {
+pub(crate) fn list(conn: &Connection) -> StoreResult<Vec<ApiKey>> {
     Ok(conn
         .prepare(&format!("SELECT {COLUMNS} FROM api_keys ORDER BY created_at, id"))?
         .query_map([], from_row)?
         .collect::<Result<_, _>>()?)
 }
 
-pub fn count(conn: &Connection) -> StoreResult<u64> {
+pub(crate) fn count(conn: &Connection) -> StoreResult<u64> {
     Ok(conn.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?)
 }
 
-pub fn get(conn: &Connection, id: &str) -> StoreResult<Option<ApiKey>> {
+pub(crate) fn get(conn: &Connection, id: &str) -> StoreResult<Option<ApiKey>> {
     Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM api_keys WHERE id = ?1"), [id], from_row).optional()?)
 }
 
 /// Marks the key revoked; returns it, or `None` when there is no such key. Revoking twice keeps the first time.
-pub fn revoke(conn: &Connection, id: &str) -> StoreResult<Option<ApiKey>> {
+pub(crate) fn revoke(conn: &Connection, id: &str) -> StoreResult<Option<ApiKey>> {
     conn.execute(
         "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2",
         params![timestamp::format(timestamp::now()), id],
@@ -132,7 +132,7 @@ pub fn revoke(conn: &Connection, id: &str) -> StoreResult<Option<ApiKey>> {
 }
 
 /// The stored key matching `secret`, compared by hash in constant time.
-pub fn find(conn: &Connection, secret: &str) -> StoreResult<Option<ApiKey>> {
+pub(crate) fn find(conn: &Connection, secret: &str) -> StoreResult<Option<ApiKey>> {
     if !well_formed(secret) {
         return Ok(None);
     }
@@ -149,7 +149,7 @@ pub fn find(conn: &Connection, secret: &str) -> StoreResult<Option<ApiKey>> {
     Ok(found)
 }
 
-pub fn touch(conn: &Connection, id: &str) -> StoreResult<()> {
+pub(crate) fn touch(conn: &Connection, id: &str) -> StoreResult<()> {
     conn.execute(
         "UPDATE api_keys SET last_used_at = ?1 WHERE id = ?2",
         params![timestamp::format(timestamp::now()), id],

@@ -21,7 +21,7 @@ impl From<rusqlite::Error> for LeaseError {
 }
 
 /// Leases the lowest free block of a pool of `block_count` blocks to `machine_id`.
-pub fn allocate(tx: &Transaction, machine_id: &str, block_count: u32) -> Result<u32, LeaseError> {
+pub(crate) fn allocate(tx: &Transaction, machine_id: &str, block_count: u32) -> Result<u32, LeaseError> {
     let lowest_free: Option<u32> = tx.query_row("SELECT MIN(block) FROM free_blocks", [], |r| r.get(0))?;
     let next_fresh: u32 = tx.query_row("SELECT COALESCE(MAX(block) + 1, 0) FROM leases", [], |r| r.get(0))?;
     let block = lowest_free.map_or(next_fresh, |f| f.min(next_fresh));
@@ -37,7 +37,7 @@ pub fn allocate(tx: &Transaction, machine_id: &str, block_count: u32) -> Result<
 }
 
 /// Frees the block of `machine_id`, if it has one.
-pub fn release(tx: &Transaction, machine_id: &str) -> StoreResult<Option<u32>> {
+pub(crate) fn release(tx: &Transaction, machine_id: &str) -> StoreResult<Option<u32>> {
     let block: Option<u32> =
         tx.query_row("SELECT block FROM leases WHERE machine_id = ?1", [machine_id], |r| r.get(0)).optional()?;
     if let Some(b) = block {
@@ -55,7 +55,7 @@ fn trim_free_blocks(conn: &Connection) -> StoreResult<()> {
 }
 
 /// Frees leases whose machine no longer exists (possible only if rows were removed by hand).
-pub fn free_orphans(conn: &mut Connection) -> StoreResult<usize> {
+pub(crate) fn free_orphans(conn: &mut Connection) -> StoreResult<usize> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let orphans: Vec<String> = tx
         .prepare("SELECT machine_id FROM leases WHERE machine_id NOT IN (SELECT id FROM machines)")?
@@ -68,13 +68,13 @@ pub fn free_orphans(conn: &mut Connection) -> StoreResult<usize> {
     Ok(orphans.len())
 }
 
-pub fn count(conn: &Connection) -> StoreResult<u64> {
+pub(crate) fn count(conn: &Connection) -> StoreResult<u64> {
     Ok(conn.query_row("SELECT COUNT(*) FROM leases", [], |r| r.get(0))?)
 }
 
 /// Records the subnet leases are cut from. Changing it while leases exist is refused: those machines'
 /// addresses would silently stop matching their blocks.
-pub fn bind_subnet(conn: &mut Connection, subnet: &str) -> StoreResult<Result<(), String>> {
+pub(crate) fn bind_subnet(conn: &mut Connection, subnet: &str) -> StoreResult<Result<(), String>> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let stored = meta_get(&tx, "subnet")?;
     let outstanding = count(&tx)?;

@@ -3,8 +3,8 @@
 //! blocking threads; every multi-step change is one `BEGIN IMMEDIATE` transaction on the writer, so uniqueness
 //! (names, address blocks) and compare-and-set state changes are enforced by the database.
 
-pub mod api_keys;
-pub mod leases;
+pub(crate) mod api_keys;
+pub(crate) mod leases;
 pub mod machines;
 
 use std::path::Path;
@@ -24,7 +24,7 @@ pub enum StoreError {
     Task(String),
 }
 
-pub type StoreResult<T> = Result<T, StoreError>;
+pub(crate) type StoreResult<T> = Result<T, StoreError>;
 
 const MIGRATIONS: &[&str] = &[
     // 1: machines, address leases, API keys.
@@ -207,11 +207,11 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
-pub fn meta_get(conn: &Connection, key: &str) -> StoreResult<Option<String>> {
+pub(crate) fn meta_get(conn: &Connection, key: &str) -> StoreResult<Option<String>> {
     Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
 }
 
-pub fn meta_set(conn: &Connection, key: &str, value: &str) -> StoreResult<()> {
+pub(crate) fn meta_set(conn: &Connection, key: &str, value: &str) -> StoreResult<()> {
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         [key, value],
@@ -223,7 +223,7 @@ pub fn meta_set(conn: &Connection, key: &str, value: &str) -> StoreResult<()> {
 /// id can appear in a host name (`{id}-{port}.suffix` proxy routing). From the thread-local CSPRNG (ChaCha,
 /// seeded and reseeded from the OS): reading the OS generator per character was a `getrandom` system call
 /// each, 16 per request for the correlation id. Ids are not secrets; key secrets come from the OS directly.
-pub fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::thread_rng();
@@ -235,13 +235,9 @@ pub fn now() -> String {
     format_time(time::OffsetDateTime::now_utc())
 }
 
-pub fn format_time(t: time::OffsetDateTime) -> String {
+pub(crate) fn format_time(t: time::OffsetDateTime) -> String {
     let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     t.to_offset(time::UtcOffset::UTC).format(&fmt).unwrap_or_default()
-}
-
-pub fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ pub fn bin() -> &'static str {
 }
 
 pub fn process_alive(pid: u32) -> bool {
-    hyperfleet::runtime::process::alive(pid)
+    hyperfleet::testing::process::alive(pid)
 }
 
 pub fn is_root() -> bool {
@@ -313,7 +313,7 @@ pub fn is_pvm() -> bool {
 
 /// A Firecracker machine; under PVM it boots `init=/sbin/hyperfleet-idle`, as no guest userspace can run.
 pub fn fc_machine(name: &str) -> CreateMachine {
-    let mut args = hyperfleet::config::DEFAULT_KERNEL_ARGS.to_string();
+    let mut args = hyperfleet::testing::DEFAULT_KERNEL_ARGS.to_string();
     if is_pvm() {
         args.push_str(" init=/sbin/hyperfleet-idle");
     }

@@ -3,7 +3,7 @@
 //! root drive, network, vsock), console captured to the machine's log. The guest kernel configures eth0
 //! itself from the `ip=` boot argument, so networking needs no guest agent.
 
-pub mod api;
+pub(crate) mod api;
 pub mod jail;
 
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ const GUEST_CID: u32 = 3;
 
 /// Where and as whom the jailer runs machines.
 #[derive(Debug, Clone)]
-pub struct JailSettings {
+pub(crate) struct JailSettings {
     /// Root-only base of the chroots (the jailer's `--chroot-base-dir`).
     pub chroot_dir: PathBuf,
     /// Machine N runs as uid and gid `uid_base + N`.
@@ -31,7 +31,7 @@ pub struct JailSettings {
 }
 
 #[derive(Debug, Clone)]
-pub struct Firecracker {
+pub(crate) struct Firecracker {
     bin: Option<PathBuf>,
     jailer: Option<PathBuf>,
     kvm: KvmKind,
@@ -42,7 +42,7 @@ pub struct Firecracker {
 }
 
 impl Firecracker {
-    pub fn new(bin: Option<PathBuf>, jailer: Option<PathBuf>, kvm: KvmKind, jail: JailSettings) -> Self {
+    pub(crate) fn new(bin: Option<PathBuf>, jailer: Option<PathBuf>, kvm: KvmKind, jail: JailSettings) -> Self {
         let exec_name = bin
             .as_deref()
             .and_then(|b| b.canonicalize().ok())
@@ -51,17 +51,13 @@ impl Firecracker {
         Self { bin, jailer, kvm, jail, cgroup_version: CgroupVersion::detect(), exec_name }
     }
 
-    pub fn binary(&self) -> Option<&PathBuf> {
-        self.bin.as_ref()
-    }
-
     /// Where the jailer makes each machine's jail: `{chroot dir}/{firecracker's file name}`.
-    pub fn jails_dir(&self) -> PathBuf {
+    pub(crate) fn jails_dir(&self) -> PathBuf {
         self.jail.chroot_dir.join(&self.exec_name)
     }
 
     /// Why this runtime cannot start machines here, if it cannot.
-    pub fn unavailable(&self) -> Option<String> {
+    pub(crate) fn unavailable(&self) -> Option<String> {
         if self.bin.is_none() {
             return Some(
                 "firecracker binary not found: set FIRECRACKER_BIN, put firecracker on PATH, or run `make setup`"
@@ -89,7 +85,7 @@ impl Firecracker {
 
     /// The full kernel command line: the machine's arguments, the network (`ip=` with gateway and DNS, so
     /// the guest kernel configures eth0), and the PVM workarounds only on a PVM host.
-    pub fn boot_args(&self, spec: &BootSpec) -> String {
+    pub(crate) fn boot_args(&self, spec: &BootSpec) -> String {
         let net = &spec.net;
         let dns = |i: usize| net.dns.get(i).map(|d| d.to_string()).unwrap_or_default();
         let mut args = format!(
@@ -109,7 +105,7 @@ impl Firecracker {
         args
     }
 
-    pub fn agent(files: &MachineFiles) -> AgentClient {
+    pub(crate) fn agent(files: &MachineFiles) -> AgentClient {
         AgentClient::new(Endpoint::FirecrackerVsock {
             uds: files.vsock_socket.clone(),
             port: hyperfleet_agent_proto::AGENT_PORT,
@@ -118,14 +114,14 @@ impl Firecracker {
 
     /// Whether `pid` is the firecracker of this machine: its `--id` and its chroot, so neither a reused PID
     /// nor another daemon's machine of the same id is taken for it.
-    pub fn owns(pid: u32, files: &MachineFiles) -> bool {
+    pub(crate) fn owns(pid: u32, files: &MachineFiles) -> bool {
         let id = files.jail.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         process::alive(pid) && process::cmdline_contains(pid, &id) && jail::runs_in(pid, files)
     }
 
     /// Finds this machine's firecracker when its PID was never recorded (the daemon died between spawning it
     /// and saving the PID): the jailer's pid file in the chroot, else a scan of /proc.
-    pub fn find(&self, files: &MachineFiles) -> Option<u32> {
+    pub(crate) fn find(&self, files: &MachineFiles) -> Option<u32> {
         if let Some(pid) = jail::recorded_pid(files, &self.exec_name).filter(|pid| Self::owns(*pid, files)) {
             return Some(pid);
         }
@@ -138,7 +134,7 @@ impl Firecracker {
 
     /// Makes the machine's jail and starts firecracker in it through the jailer, configures it and starts the
     /// guest. On error the process, chroot and cgroups are gone again.
-    pub async fn boot(&self, spec: &BootSpec, files: &MachineFiles) -> Result<Booted, RuntimeError> {
+    pub(crate) async fn boot(&self, spec: &BootSpec, files: &MachineFiles) -> Result<Booted, RuntimeError> {
         let (Some(bin), Some(jailer), None) = (self.bin.clone(), self.jailer.clone(), self.unavailable()) else {
             return Err(RuntimeError::Unavailable(self.unavailable().unwrap_or_default()));
         };
@@ -238,7 +234,7 @@ impl Firecracker {
 
     /// Stops the guest: the agent's shutdown, else Ctrl-Alt-Del, each given `grace`; then SIGTERM, SIGKILL.
     /// Returns once the process is gone; [`Self::release`] then removes its jail.
-    pub async fn stop(&self, pid: u32, files: &MachineFiles, grace: Duration) {
+    pub(crate) async fn stop(&self, pid: u32, files: &MachineFiles, grace: Duration) {
         if Self::owns(pid, files) {
             let agent = Self::agent(files);
             let asked = tokio::time::timeout(Duration::from_millis(1500), agent.shutdown()).await;
@@ -257,7 +253,7 @@ impl Firecracker {
 
     /// Removes the machine's jail: the chroot (with the sockets, the kernel link and the disk's link; the disk
     /// itself stays in the data directory) and its cgroups. Idempotent; only once its process is gone.
-    pub async fn release(id: &str, files: &MachineFiles) {
+    pub(crate) async fn release(id: &str, files: &MachineFiles) {
         jail::remove(files, id).await;
     }
 }
