@@ -257,3 +257,57 @@ impl Firecracker {
         jail::remove(files, id).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::GuestNetwork;
+    use hyperfleet_types::RuntimeKind;
+
+    fn spec(dns: Vec<std::net::Ipv4Addr>) -> BootSpec {
+        BootSpec {
+            id: "m1".into(),
+            block: 1,
+            runtime: RuntimeKind::Firecracker,
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            kernel_image_path: PathBuf::from("/a/vmlinux"),
+            kernel_args: "  console=ttyS0 reboot=k  ".into(),
+            rootfs_path: PathBuf::from("/a/rootfs.ext4"),
+            assets_dir: PathBuf::from("/a"),
+            net: GuestNetwork {
+                iface: "tap1".into(),
+                tap_ip: "172.16.0.5".parse().unwrap(),
+                guest_ip: "172.16.0.6".parse().unwrap(),
+                netmask: "255.255.255.252".parse().unwrap(),
+                prefix_len: 30,
+                mac: "AA:FC:00:00:00:02".into(),
+                dns,
+                hostname: "web".into(),
+            },
+        }
+    }
+
+    fn firecracker(kvm: KvmKind) -> Firecracker {
+        Firecracker::new(None, None, kvm, JailSettings { chroot_dir: PathBuf::from("/j"), uid_base: 900_000 })
+    }
+
+    #[test]
+    fn boot_args_configure_the_guest_network_in_the_kernel() {
+        let two = vec!["10.0.0.53".parse().unwrap(), "10.0.0.54".parse().unwrap()];
+        let args = firecracker(KvmKind::Hardware).boot_args(&spec(two));
+        assert_eq!(
+            args,
+            "console=ttyS0 reboot=k ip=172.16.0.6::172.16.0.5:255.255.255.252:web:eth0:off:10.0.0.53:10.0.0.54"
+        );
+        let none = firecracker(KvmKind::Hardware).boot_args(&spec(vec![]));
+        assert!(none.ends_with(":web:eth0:off::"), "{none}");
+    }
+
+    #[test]
+    fn pvm_workarounds_only_on_pvm() {
+        let dns = vec!["10.0.0.53".parse().unwrap()];
+        assert!(!firecracker(KvmKind::Hardware).boot_args(&spec(dns.clone())).contains("clearcpuid"));
+        assert!(firecracker(KvmKind::Pvm).boot_args(&spec(dns)).ends_with(PVM_BOOT_ARGS));
+    }
+}
