@@ -318,6 +318,25 @@ impl ServeArgs {
     }
 }
 
+/// The groups of a command that works on this host's machines without serving (`doctor`, `purge`): the
+/// database, the runtimes, the network.
+#[derive(Args, Debug, Clone)]
+pub struct HostArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+impl HostArgs {
+    /// Full settings: these groups validated, the others at their defaults.
+    pub(crate) fn settings(&self) -> Result<Settings, ConfigError> {
+        Settings::without_serving(self.store.validate()?, self.runtime.validate()?, self.network.validate()?)
+    }
+}
+
 impl Settings {
     /// Settings for a command that drives the machines but serves nothing and transfers no files (`purge`):
     /// the API, proxy and file groups keep their defaults, whatever the environment says.

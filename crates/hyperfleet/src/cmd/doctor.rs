@@ -1,25 +1,12 @@
 //! `hyperfleet doctor`: runs the checks and exits non-zero when something is wrong.
 
-use clap::Args;
 use hyperfleet_types::MachineStatus;
 
-use crate::config::{NetworkArgs, RuntimeArgs, Settings, StoreArgs};
+use crate::config::HostArgs;
 use crate::store::Store;
 
-/// What the checks look at: the database's machines, the runtime's binaries and assets, the host network.
-#[derive(Args, Debug)]
-pub struct DoctorArgs {
-    #[command(flatten)]
-    pub store: StoreArgs,
-    #[command(flatten)]
-    pub runtime: RuntimeArgs,
-    #[command(flatten)]
-    pub network: NetworkArgs,
-}
-
-pub(crate) async fn run(args: DoctorArgs) -> anyhow::Result<i32> {
-    let settings =
-        Settings::without_serving(args.store.validate()?, args.runtime.validate()?, args.network.validate()?)?;
+pub(crate) async fn run(args: HostArgs) -> anyhow::Result<i32> {
+    let settings = args.settings()?;
     let running = if settings.store.database_path.exists() {
         let store = Store::open(&settings.store.database_path)?;
         let service = super::serve::build_service(&settings, store).await?;

@@ -49,10 +49,10 @@ pub enum Command {
     /// Manage API keys directly in the database (DATABASE_PATH); works without a running daemon.
     Keys(keys::KeysArgs),
     /// Check the host and every running machine's network; print what is wrong and how to fix it.
-    Doctor(doctor::DoctorArgs),
+    Doctor(crate::config::HostArgs),
     /// Stop every machine and remove everything Hyperfleet made on this host (TAPs, veths, namespaces,
     /// containers, the nftables table, the subnet route). Machine records and disks are kept.
-    Purge(purge::PurgeArgs),
+    Purge(crate::config::HostArgs),
     /// Print the OpenAPI document.
     Openapi,
 }
