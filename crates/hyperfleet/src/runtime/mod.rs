@@ -84,7 +84,8 @@ pub struct MachineFiles {
     pub api_socket: PathBuf,
     pub vsock_socket: PathBuf,
     pub bundle: PathBuf,
-    /// A container's agent socket: made by the daemon in the (0700) socket directory and handed to the
+    /// A container's agent socket: made by the daemon in the machine's (0700) directory, outside the
+    /// container's root, and handed to the
     /// agent as an open descriptor, so the guest never sees, renames or replaces it.
     pub agent_socket: PathBuf,
 }
