@@ -20,6 +20,7 @@ use crate::machines::Error as MachineError;
 /// Descriptions of the error responses several operations share.
 const VSOCK_ERROR: &str = "VSOCK_ERROR: the guest agent cannot be reached";
 const EXEC_BAD_REQUEST: &str = "VALIDATION_ERROR: the request is wrong (e.g. an empty command, a timeout out of range); BAD_REQUEST: the machine is not running";
+const TOO_MANY_EXECS: &str = "TOO_MANY_REQUESTS: the machine already runs HYPERFLEET_EXEC_MAX_CONCURRENT commands";
 const FILES_BAD_REQUEST: &str = "VALIDATION_ERROR: the path is missing or not absolute, or mode is not octal; \
     BAD_REQUEST: the machine is not running, or the guest refused (e.g. a directory where a file was expected)";
 const FILE_NOT_FOUND: &str = "NOT_FOUND: no machine has this id or name, or the file does not exist";
@@ -44,6 +45,7 @@ impl utoipa::ToSchema for RawBytes {}
     params(("id" = String, Path, description = "machine id or name")),
     responses((status = 200, description = "the command ran (any exit code; 127 if it could not be started)", body = ExecResult),
               (status = 400, description = EXEC_BAD_REQUEST, body = ErrorBody), (status = 404, description = NOT_FOUND, body = ErrorBody),
+              (status = 429, description = TOO_MANY_EXECS, body = ErrorBody),
               (status = 502, description = VSOCK_ERROR, body = ErrorBody),
               (status = 504, description = "TIMEOUT: the command ran out of time and was killed", body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
@@ -66,6 +68,7 @@ fn ndjson(ev: &ExecEvent) -> std::io::Result<Bytes> {
     responses((status = 200, description = "NDJSON: one ExecEvent per line (stdout/stderr chunks as they come, then exit or error)",
                content_type = "application/x-ndjson", body = ExecEvent),
               (status = 400, description = EXEC_BAD_REQUEST, body = ErrorBody), (status = 404, description = NOT_FOUND, body = ErrorBody),
+              (status = 429, description = TOO_MANY_EXECS, body = ErrorBody),
               (status = 502, description = VSOCK_ERROR, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
 pub(crate) async fn exec_stream(
