@@ -177,7 +177,7 @@ pub struct FileArgs {
     #[arg(long, env = "HYPERFLEET_FILE_TRANSFER_TIMEOUT", default_value_t = 60)]
     pub file_transfer_timeout: u64,
     /// Most commands (exec and streamed exec) one machine runs at once; more are refused with 429.
-    #[arg(long, env = "HYPERFLEET_EXEC_MAX_CONCURRENT", default_value_t = 64)]
+    #[arg(long, env = "HYPERFLEET_EXEC_MAX_CONCURRENT", default_value_t = 128)]
     pub exec_max_concurrent: usize,
 }
 

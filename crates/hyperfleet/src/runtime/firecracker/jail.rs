@@ -199,7 +199,9 @@ pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
 pub async fn remove(files: &MachineFiles, id: &str) {
     let (jail, id) = (files.jail.clone(), id.to_string());
     // Directory trees and cgroupfs: off the async workers.
-    let _ = tokio::task::spawn_blocking(move || remove_blocking(&jail, &id)).await;
+    if let Err(e) = tokio::task::spawn_blocking(move || remove_blocking(&jail, &id)).await {
+        tracing::warn!(error = %e, "removing a firecracker jail: the task failed");
+    }
 }
 
 fn remove_blocking(jail: &Path, id: &str) {
