@@ -119,8 +119,13 @@ impl Capped {
         Self { data: Vec::new(), cap: usize::try_from(cap).unwrap_or(usize::MAX), truncated: false }
     }
 
-    fn push(&mut self, chunk: &[u8]) {
-        let keep = self.cap.saturating_sub(self.data.len()).min(chunk.len());
+    /// Keeps what fits of `chunk`, if `grant` allows that many more bytes; once refused, keeps nothing more.
+    fn push(&mut self, chunk: &[u8], grant: &mut (dyn FnMut(usize) -> bool + Send)) {
+        let mut keep = self.cap.saturating_sub(self.data.len()).min(chunk.len());
+        if keep > 0 && !grant(keep) {
+            self.cap = self.data.len();
+            keep = 0;
+        }
         if keep < chunk.len() {
             self.truncated = true;
         }
@@ -240,11 +245,19 @@ impl AgentClient {
     /// agent is asked for no more than that either: `spec.max_output` is lowered to `max_output` (it is
     /// `Some` afterwards). Not bounded in time: the agent enforces `spec.timeout_ms`, and a caller that does
     /// not trust the guest wraps the call in its own timeout.
-    pub async fn exec_collect(
+    pub async fn exec_collect(&self, spec: ExecSpec, stdin: &[u8], max_output: u64) -> Result<ExecOutput, ClientError> {
+        self.exec_collect_within(spec, stdin, max_output, &mut |_| true).await
+    }
+
+    /// [`Self::exec_collect`], asking `grant` before keeping each piece of output (its length in bytes): a
+    /// caller bounding the memory of many commands at once refuses when its budget is spent, and the rest of
+    /// that stream is then dropped and flagged as truncated, as past the cap.
+    pub async fn exec_collect_within(
         &self,
         mut spec: ExecSpec,
         stdin: &[u8],
         max_output: u64,
+        grant: &mut (dyn FnMut(usize) -> bool + Send),
     ) -> Result<ExecOutput, ClientError> {
         spec.max_output = Some(spec.max_output.map_or(max_output, |m| m.min(max_output)));
         let mut s = self.exec(spec).await?;
@@ -253,8 +266,8 @@ impl AgentClient {
         let (mut stdout, mut stderr) = (Capped::new(max_output), Capped::new(max_output));
         loop {
             match s.next_event().await? {
-                ExecEvent::Stdout(b) => stdout.push(&b),
-                ExecEvent::Stderr(b) => stderr.push(&b),
+                ExecEvent::Stdout(b) => stdout.push(&b, grant),
+                ExecEvent::Stderr(b) => stderr.push(&b, grant),
                 ExecEvent::Exited(mut exit) => {
                     exit.stdout_truncated |= stdout.truncated;
                     exit.stderr_truncated |= stderr.truncated;

@@ -179,6 +179,10 @@ pub struct FileArgs {
     /// Most commands (exec and streamed exec) one machine runs at once; more are refused with 429.
     #[arg(long, env = "HYPERFLEET_EXEC_MAX_CONCURRENT", default_value_t = 128)]
     pub exec_max_concurrent: usize,
+    /// Memory all buffered commands' output may take at once, host-wide (bytes or 256MiB); past it, output
+    /// is cut and flagged as truncated. Streamed exec is not buffered.
+    #[arg(long, env = "HYPERFLEET_EXEC_OUTPUT_BUDGET", default_value = "256MiB")]
+    pub exec_output_budget: String,
 }
 
 /// The validated configuration.
@@ -253,6 +257,7 @@ pub struct FileSettings {
     pub max_size: u64,
     pub transfer_timeout: Duration,
     pub exec_max_concurrent: usize,
+    pub exec_output_budget: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -530,10 +535,17 @@ impl FileArgs {
         if self.exec_max_concurrent == 0 {
             return Err(bad("HYPERFLEET_EXEC_MAX_CONCURRENT", "must be at least 1"));
         }
+        let exec_output_budget = parse_size(&self.exec_output_budget).filter(|n| *n >= 1 << 20).ok_or_else(|| {
+            bad(
+                "HYPERFLEET_EXEC_OUTPUT_BUDGET",
+                format!("'{}': use bytes or 256MiB, at least 1MiB", self.exec_output_budget),
+            )
+        })?;
         Ok(FileSettings {
             max_size,
             transfer_timeout: Duration::from_secs(self.file_transfer_timeout),
             exec_max_concurrent: self.exec_max_concurrent,
+            exec_output_budget,
         })
     }
 }
@@ -647,6 +659,7 @@ mod tests {
         ("HYPERFLEET_NFT_TABLE", "hf_env"),
         ("HYPERFLEET_EGRESS_DENY", "169.254.0.0/16, 10.0.0.0/8"),
         ("HYPERFLEET_EXEC_MAX_CONCURRENT", "3"),
+        ("HYPERFLEET_EXEC_OUTPUT_BUDGET", "64MiB"),
         ("HYPERFLEET_STOP_TIMEOUT", "3"),
         ("HYPERFLEET_CONSOLE_LOG_MAX_SIZE", "1MiB"),
         ("HYPERFLEET_FILE_MAX_SIZE", "1GiB"),
@@ -735,7 +748,7 @@ mod tests {
         assert_eq!(n.dns, Some(vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)]));
         assert_eq!(n.egress_deny, vec!["169.254.0.0/16".parse().unwrap(), "10.0.0.0/8".parse().unwrap()]);
         assert_eq!((s.files.max_size, s.files.transfer_timeout), (1 << 30, Duration::from_secs(5)));
-        assert_eq!(s.files.exec_max_concurrent, 3);
+        assert_eq!((s.files.exec_max_concurrent, s.files.exec_output_budget), (3, 64 << 20));
 
         // The groups `purge` does not read keep their defaults whatever the environment says.
         let purge = Settings::without_serving(s.store, s.runtime, s.network).unwrap();

@@ -626,3 +626,48 @@ async fn connections_past_the_per_address_cap_are_refused_at_once() {
         assert!(resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.1 404"), "{listener}: {resp}");
     }
 }
+
+/// The daemon's peak resident memory so far, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[ignore = "needs root: runc container guest"]
+#[tokio::test]
+async fn floods_of_output_do_not_take_the_daemons_memory() {
+    let d = Daemon::start(Options {
+        env: vec![("HYPERFLEET_EXEC_OUTPUT_BUDGET".into(), "64MiB".into())],
+        ..Default::default()
+    })
+    .await;
+    let m = running(&d, machine("flood")).await;
+    let before = peak_rss_kib(d.pid());
+    // Ten commands at once, each printing 20 MB of NUL bytes: as JSON, 120 MB each if all were kept.
+    let flood = ExecRequest {
+        command: CommandArgs(vec!["sh".into(), "-c".into(), "head -c 20000000 /dev/zero".into()]),
+        timeout: Some(60),
+        env: None,
+        cwd: None,
+        stdin: None,
+    };
+    let runs: Vec<_> = (0..10)
+        .map(|_| {
+            let (c, id, req) = (d.client.clone(), m.id.clone(), flood.clone());
+            tokio::spawn(async move { c.exec_with(&id, &req).await })
+        })
+        .collect();
+    for r in runs {
+        let out = r.await.unwrap().unwrap();
+        assert_eq!(out.exit_code, 0);
+        assert!(out.stdout_truncated, "20 MB is past the cap: the result says it was cut");
+        assert!(out.stdout.len() <= 10 << 20);
+    }
+    let grown = peak_rss_kib(d.pid()).saturating_sub(before);
+    // The budget (64 MiB) bounds what is held at once; allow for the HTTP buffers around it.
+    assert!(grown < 200 * 1024, "the daemon's peak memory grew by {grown} KiB");
+    // The budget comes back: a small command's output is whole again.
+    let (code, out, _) = sh(&d, &m.id, "echo whole").await;
+    assert_eq!((code, out.trim()), (0, "whole"));
+}

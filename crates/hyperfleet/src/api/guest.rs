@@ -53,8 +53,12 @@ pub(crate) async fn exec(
     State(s): State<AppState>,
     Path(id): Path<String>,
     JsonBody(req): JsonBody<ExecRequest>,
-) -> Result<Json<ExecResult>, ApiError> {
-    Ok(Json(s.service.exec(&id, req).await?))
+) -> Result<Response, ApiError> {
+    let (result, lease) = s.service.exec(&id, req).await?;
+    // Serialized while the output's share of the budget is still held.
+    let response = Json(result).into_response();
+    drop(lease);
+    Ok(response)
 }
 
 fn ndjson(ev: &ExecEvent) -> std::io::Result<Bytes> {

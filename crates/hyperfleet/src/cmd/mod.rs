@@ -20,7 +20,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => {
             init_logging();
-            serve::run(args).await.map(|()| 0)
+            serve::run(*args).await.map(|()| 0)
         }
         Command::Machines(args) => machines::run(args).await,
         Command::Keys(args) => keys::run(args).await,
@@ -43,7 +43,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: REST API (PORT, default 3000) and reverse proxy (PROXY_PORT, default 4000).
-    Serve(crate::config::ServeArgs),
+    Serve(Box<crate::config::ServeArgs>),
     /// Manage machines through the API (HYPERFLEET_URL, HYPERFLEET_API_KEY).
     Machines(machines::MachinesArgs),
     /// Manage API keys directly in the database (DATABASE_PATH); works without a running daemon.

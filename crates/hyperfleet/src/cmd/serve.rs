@@ -74,6 +74,7 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
         file_max_size: settings.files.max_size,
         file_transfer_timeout: settings.files.transfer_timeout,
         max_execs_per_machine: settings.files.exec_max_concurrent,
+        exec_output_budget: settings.files.exec_output_budget,
     };
     Ok(Service::new(store, host, addressing, policy))
 }

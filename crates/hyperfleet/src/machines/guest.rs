@@ -43,6 +43,18 @@ pub(super) fn check_guest_path(path: &str) -> Result<()> {
     Ok(())
 }
 
+/// Budget bytes one byte of kept output may cost: the byte, the buffer's growth, and up to six bytes of JSON
+/// escape (a control character is written as `\u0000`).
+const OUTPUT_COST_PER_BYTE: usize = 8;
+
+/// A command's share of the host-wide output budget, given back when dropped.
+pub(crate) struct OutputLease(Option<OwnedSemaphorePermit>);
+
+/// Output bytes as text, without a copy when they are valid UTF-8.
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 /// Commands running per machine, so one client cannot make a machine (and the daemon) run unboundedly many.
 #[derive(Default)]
 pub(super) struct ExecSlots(std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>);
@@ -128,7 +140,9 @@ impl<H: Host> Service<H> {
         }
     }
 
-    pub(crate) async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResult> {
+    /// Runs a command and collects its output. The [`OutputLease`] is the output's share of the host-wide
+    /// budget: hold it until the result has been serialized.
+    pub(crate) async fn exec(&self, id: &str, req: ExecRequest) -> Result<(ExecResult, OutputLease)> {
         let mut plan = ExecPlan::new(req, Some(EXEC_OUTPUT_CAP))?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
@@ -137,10 +151,27 @@ impl<H: Host> Service<H> {
         let mut spec = plan.spec.clone();
         spec.timeout_ms =
             u64::try_from(plan.timeout.saturating_sub(started.elapsed()).as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut lease = OutputLease(None);
+        let budget = self.output_budget.clone();
+        // Output is kept only while the host-wide budget has room for it (and for its JSON form); past that
+        // it is dropped and flagged as truncated, so many floods at once cannot exhaust the daemon's memory.
+        let mut grant = |n: usize| {
+            let kib = u32::try_from(n.saturating_mul(OUTPUT_COST_PER_BYTE).div_ceil(1024)).unwrap_or(u32::MAX);
+            match budget.clone().try_acquire_many_owned(kib) {
+                Ok(more) => {
+                    match &mut lease.0 {
+                        Some(held) => held.merge(more),
+                        None => lease.0 = Some(more),
+                    }
+                    true
+                }
+                Err(_) => false,
+            }
+        };
         // The agent enforces the timeout; the margin only covers a guest that stops answering.
         let out = tokio::time::timeout(
             plan.timeout + Duration::from_secs(5),
-            agent.exec_collect(spec, &plan.stdin, EXEC_OUTPUT_CAP),
+            agent.exec_collect_within(spec, &plan.stdin, EXEC_OUTPUT_CAP, &mut grant),
         )
         .await
         .map_err(|_| plan.timeout_error())?;
@@ -148,28 +179,30 @@ impl<H: Host> Service<H> {
             Ok(o) => o,
             // A program that cannot be started answers like a shell would: exit code 127.
             Err(ClientError::Agent { kind: ErrorKind::SpawnFailed, message }) => {
-                return Ok(ExecResult {
+                let result = ExecResult {
                     exit_code: 127,
                     stdout: String::new(),
                     stderr: message,
                     stdout_truncated: false,
                     stderr_truncated: false,
                     duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                });
+                };
+                return Ok((result, lease));
             }
             Err(e) => return Err(agent_error(e, "", self.policy.file_max_size)),
         };
         if out.exit.timed_out {
             return Err(plan.timeout_error());
         }
-        Ok(ExecResult {
+        let result = ExecResult {
             exit_code: out.exit.exit_code,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            stdout: text(out.stdout),
+            stderr: text(out.stderr),
             stdout_truncated: out.exit.stdout_truncated,
             stderr_truncated: out.exit.stderr_truncated,
             duration_ms: out.exit.duration_ms,
-        })
+        };
+        Ok((result, lease))
     }
 
     /// Starts a command whose output the caller streams; stdin is already sent and closed.

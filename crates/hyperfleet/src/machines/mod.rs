@@ -55,6 +55,8 @@ pub(crate) struct Policy {
     pub file_transfer_timeout: Duration,
     /// Most commands (exec and streamed exec) running in one machine at once.
     pub max_execs_per_machine: usize,
+    /// Bytes all buffered commands' output (and its JSON form) may take at once, host-wide.
+    pub exec_output_budget: u64,
 }
 
 pub(crate) struct Service<H: Host = LinuxHost> {
@@ -65,6 +67,8 @@ pub(crate) struct Service<H: Host = LinuxHost> {
     events: events::Events,
     ports: wire::PortStatus,
     execs: guest::ExecSlots,
+    /// The host-wide budget for buffered command output, in KiB.
+    output_budget: Arc<tokio::sync::Semaphore>,
     /// Held across every firewall change, and for a rebuild across the database read it is made from, so an
     /// older view of the machines never replaces a newer one.
     firewall_order: tokio::sync::Mutex<()>,
@@ -72,6 +76,9 @@ pub(crate) struct Service<H: Host = LinuxHost> {
 
 impl<H: Host> Service<H> {
     pub(crate) fn new(store: Store, host: H, addressing: Addressing, policy: Policy) -> Arc<Self> {
+        let budget_kib = usize::try_from(policy.exec_output_budget / 1024)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         Arc::new(Self {
             store,
             host,
@@ -80,6 +87,7 @@ impl<H: Host> Service<H> {
             events: events::Events::new(),
             ports: wire::PortStatus::default(),
             execs: guest::ExecSlots::default(),
+            output_budget: Arc::new(tokio::sync::Semaphore::new(budget_kib)),
             firewall_order: tokio::sync::Mutex::new(()),
         })
     }

@@ -226,6 +226,7 @@ pub(super) fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
         file_max_size: 1 << 20,
         file_transfer_timeout: Duration::from_secs(5),
         max_execs_per_machine: 4,
+        exec_output_budget: 1 << 20,
     };
     (dir, Service::new(store, FakeHost::default(), addressing, policy))
 }

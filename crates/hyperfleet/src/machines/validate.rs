@@ -170,6 +170,7 @@ mod tests {
                 file_max_size: 1 << 20,
                 file_transfer_timeout: std::time::Duration::from_secs(5),
                 max_execs_per_machine: 4,
+                exec_output_budget: 1 << 20,
             }
         }
     }
