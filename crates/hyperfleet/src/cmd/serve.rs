@@ -88,6 +88,15 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             "DISABLE_AUTH is set: the API accepts requests WITHOUT an API key; use this only on a trusted, local host"
         );
     }
+    if let Some(old) = legacy_machine_data(&settings.runtime.assets_dir, &settings.runtime.data_dir) {
+        anyhow::bail!(
+            "{old} holds machines of an earlier Hyperfleet, which kept its data inside the assets directory; \
+             that is no longer allowed (a request could name a machine's disk as its image). Stop every machine \
+             of the old version, then move the data: mv {old} {new}",
+            old = old.display(),
+            new = settings.runtime.data_dir.display()
+        );
+    }
     {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let dir = &settings.runtime.data_dir;
@@ -186,6 +195,14 @@ fn fit_connection_caps(settings: &mut Settings) {
     settings.proxy.max_connections = fit_proxy;
 }
 
+/// The data directory earlier versions used by default (`{assets}/machines`), if it still holds machines and
+/// is not the data directory in use: starting without it would give those machines fresh disks.
+fn legacy_machine_data(assets_dir: &std::path::Path, data_dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let old = assets_dir.join("machines");
+    let in_use = old != data_dir && std::fs::read_dir(&old).is_ok_and(|mut entries| entries.next().is_some());
+    in_use.then_some(old)
+}
+
 async fn shutdown_signal() {
     let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
     let sigterm = async {
@@ -202,5 +219,21 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = sigterm => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machines_left_in_the_old_data_directory_are_found() {
+        let assets = tempfile::tempdir().unwrap();
+        let data = assets.path().parent().unwrap().join("hf-test-data-elsewhere");
+        assert_eq!(legacy_machine_data(assets.path(), &data), None, "no old directory");
+        std::fs::create_dir(assets.path().join("machines")).unwrap();
+        assert_eq!(legacy_machine_data(assets.path(), &data), None, "an empty one is harmless");
+        std::fs::create_dir(assets.path().join("machines/abcdefgh12345678")).unwrap();
+        assert_eq!(legacy_machine_data(assets.path(), &data), Some(assets.path().join("machines")));
     }
 }
