@@ -90,8 +90,10 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
 
     // The guest kernel configures eth0 from ip= and answers ping from the host.
     let log = d.dir.path().join("machines").join(&m.id).join("console.log");
+    // The nameserver line is the last of the kernel's IP-Config block: wait for it, not just the first.
     wait_for("the guest kernel's IP-Config on the console", 420, async || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("IP-Config: Complete")
+        let console = std::fs::read_to_string(&log).unwrap_or_default();
+        console.contains("IP-Config: Complete") && console.contains("nameserver0=")
     })
     .await;
     let console = std::fs::read_to_string(&log).unwrap();
