@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, 
 use time::OffsetDateTime;
 
 use super::leases::{self, LeaseError};
-use super::{StoreError, StoreResult};
+use super::{StoreError, StoreResult, now};
 
 /// A machine as persisted: what was asked for (`spec`), what it is doing, and its address block.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,10 +88,6 @@ fn from_row(row: &Row) -> rusqlite::Result<MachineRecord> {
         updated_at: time_col(row, "updated_at")?,
         block: row.get("block")?,
     })
-}
-
-fn now() -> String {
-    timestamp::format(timestamp::now())
 }
 
 fn spec_json(spec: &MachineSpec) -> StoreResult<String> {

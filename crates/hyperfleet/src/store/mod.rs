@@ -230,14 +230,9 @@ pub(crate) fn random_id() -> String {
     (0..16).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
 }
 
-/// Current time as stored and shown: RFC 3339, UTC, milliseconds.
+/// Current time as stored and shown: RFC 3339, UTC, milliseconds (the wire types' one format).
 pub fn now() -> String {
-    format_time(time::OffsetDateTime::now_utc())
-}
-
-pub(crate) fn format_time(t: time::OffsetDateTime) -> String {
-    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-    t.to_offset(time::UtcOffset::UTC).format(&fmt).unwrap_or_default()
+    hyperfleet_types::timestamp::format(hyperfleet_types::timestamp::now())
 }
 
 #[cfg(test)]
