@@ -275,7 +275,7 @@ pub(crate) async fn stat(
 
 #[utoipa::path(delete, path = "/machines/{id}/files", tag = "files",
     params(("id" = String, Path, description = "machine id or name"), ("path" = String, Query, description = "absolute guest path"),
-           ("recursive" = Option<bool>, Query, description = "delete a non-empty directory")),
+           ("recursive" = Option<super::machines::Flag>, Query, description = "delete a non-empty directory (`?recursive` alone means true)")),
     responses((status = 204, description = "deleted"), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
               (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
               (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),

@@ -37,6 +37,21 @@ impl utoipa::PartialSchema for StatusFilter {
 }
 impl utoipa::ToSchema for StatusFilter {}
 
+/// A flag in the query: `true`/`false`, `1`/`0`, or present and empty (`?force`, meaning true), as
+/// `QueryMap::bool` reads it.
+pub(crate) struct Flag;
+
+impl utoipa::PartialSchema for Flag {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::Boolean))
+            .item(ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["", "1", "0", "true", "false"])))
+            .into()
+    }
+}
+impl utoipa::ToSchema for Flag {}
+
 fn status_param(q: &QueryMap, key: &str) -> Result<Option<MachineStatus>, ApiError> {
     q.get(key)
         .filter(|s| !s.is_empty())
@@ -96,7 +111,7 @@ pub(crate) async fn update(
 }
 
 #[utoipa::path(delete, path = "/machines/{id}", tag = "machines",
-    params(("id" = String, Path, description = "machine id or name"), ("force" = Option<bool>, Query, description = "stop a running machine first")),
+    params(("id" = String, Path, description = "machine id or name"), ("force" = Option<Flag>, Query, description = "stop a running machine first (`?force` alone means true)")),
     responses((status = 204, description = "deleted"),
               (status = 400, description = "BAD_REQUEST: the machine is not at rest (stop it first, or pass force); VALIDATION_ERROR: force is not a boolean", body = ErrorBody),
               (status = 404, description = NOT_FOUND, body = ErrorBody)),

@@ -50,7 +50,7 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
         keys::create, keys::list, keys::revoke,
     ),
-    components(schemas(machines::StatusFilter)),
+    components(schemas(machines::StatusFilter, machines::Flag)),
     modifiers(&BearerAuth, &CommonResponses),
     tags((name = "machines"), (name = "exec"), (name = "files"), (name = "api-keys"))
 )]
