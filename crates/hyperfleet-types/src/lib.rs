@@ -212,6 +212,9 @@ pub struct MachineSpec {
     pub rootfs_path: String,
     pub exposed_ports: Vec<u16>,
     pub network: MachineNetwork,
+    /// Environment variables set for every command run in the machine (exec, terminal, an image's main process).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 /// A machine: its spec, plus what the daemon decided (id, addresses) and observes (status, process).
@@ -281,6 +284,10 @@ pub struct CreateMachine {
     pub runtime: Option<RuntimeKind>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkOptions>,
+    /// Environment variables for every command run in the machine: names are letters, digits and '_', not
+    /// starting with a digit; at most 128 of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
 }
 
 /// `PATCH /machines/{id}`: change what can change without a restart.

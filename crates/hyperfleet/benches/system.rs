@@ -194,6 +194,7 @@ fn bench_ipam(r: &mut Report) {
         rootfs_path: "r".into(),
         exposed_ports: vec![],
         network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
+        env: Default::default(),
     };
     let t = Instant::now();
     store

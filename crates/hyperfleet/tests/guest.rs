@@ -23,7 +23,9 @@ fn pattern(n: usize) -> Vec<u8> {
 async fn exec_files_and_cleanup() {
     let d = Daemon::start(Options::default()).await;
     let c = &d.client;
-    let m = running(&d, machine("worker")).await;
+    let env = [("GREETING", "hello"), ("NAME", "machine")].map(|(k, v)| (k.to_string(), v.to_string()));
+    let m = running(&d, CreateMachine { env: Some(env.into()), ..machine("worker") }).await;
+    assert_eq!(m.spec.env.get("GREETING").map(String::as_str), Some("hello"));
 
     // The guest's network as configured by the host, and its resolver.
     let (code, out, _) = sh(&d, &m.id, "ip addr show eth0").await;
@@ -37,13 +39,14 @@ async fn exec_files_and_cleanup() {
     let r = c.exec(&m.id, &["sh", "-c", "echo out; echo err >&2; exit 7"]).await.unwrap();
     assert_eq!((r.exit_code, r.stdout.as_str(), r.stderr.as_str()), (7, "out\n", "err\n"));
     let req = ExecRequest {
-        command: CommandArgs(vec!["sh".into(), "-c".into(), "pwd; echo $NAME; cat".into()]),
+        command: CommandArgs(vec!["sh".into(), "-c".into(), "pwd; echo $NAME $GREETING; cat".into()]),
         timeout: Some(5),
         env: Some([("NAME".to_string(), "value".to_string())].into()),
         cwd: Some("/tmp".into()),
         stdin: Some("from stdin".into()),
     };
-    assert_eq!(c.exec_with(&m.id, &req).await.unwrap().stdout, "/tmp\nvalue\nfrom stdin");
+    // The machine's env is under the request's: NAME comes from the request, GREETING from the machine.
+    assert_eq!(c.exec_with(&m.id, &req).await.unwrap().stdout, "/tmp\nvalue hello\nfrom stdin");
     let resp = c
         .raw(Method::POST, &format!("/machines/{}/exec", m.id))
         .json(&json!({"cmd": ["echo", "alias"]}))

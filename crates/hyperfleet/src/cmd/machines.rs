@@ -52,6 +52,9 @@ enum MachinesCommand {
         rootfs: Option<String>,
         #[arg(long)]
         kernel_args: Option<String>,
+        /// An environment variable for every command run in the machine (repeat: --env A=1 --env B=2).
+        #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_pair)]
+        env: Vec<(String, String)>,
         #[arg(long)]
         start: bool,
     },
@@ -142,6 +145,10 @@ fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
     RuntimeKind::parse(s).ok_or_else(|| format!("unknown runtime '{s}': use firecracker or container"))
 }
 
+fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("'{s}' is not NAME=VALUE"))
+}
+
 fn parse_egress(s: &str) -> anyhow::Result<EgressPolicy> {
     let json = match s {
         "allow" | "deny" => format!("\"{s}\""),
@@ -201,6 +208,7 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             kernel,
             rootfs,
             kernel_args,
+            env,
             start,
         } => {
             let network = (!dns.is_empty() || egress.is_some()).then(|| -> anyhow::Result<NetworkOptions> {
@@ -219,6 +227,7 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 exposed_ports: (!exposed_ports.is_empty()).then_some(exposed_ports),
                 runtime,
                 network: network.transpose()?,
+                env: (!env.is_empty()).then(|| env.into_iter().collect()),
             };
             let mut m = hf.create_machine(&req).await?;
             if start {

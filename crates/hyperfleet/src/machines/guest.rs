@@ -1,6 +1,7 @@
 //! Exec and file transfer in a running machine, through its guest agent (vsock for Firecracker, a unix
 //! socket for containers). While a machine boots, requests wait for its agent within their timeout.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,13 @@ impl ExecPlan {
         })
     }
 
+    /// The machine's `env` under the request's own: a variable the request sets wins.
+    fn with_machine_env(&mut self, machine: &BTreeMap<String, String>) {
+        let mut env = machine.clone();
+        env.append(&mut self.spec.env);
+        self.spec.env = env;
+    }
+
     pub(crate) fn timeout_error(&self) -> Error {
         Error::ExecTimedOut { secs: self.timeout.as_secs() }
     }
@@ -146,6 +154,7 @@ impl<H: Host> Service<H> {
         let mut plan = ExecPlan::new(req, Some(EXEC_OUTPUT_CAP))?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
+        plan.with_machine_env(&rec.spec.env);
         let started = Instant::now();
         let agent = self.ready_agent(&rec, plan.timeout).await?;
         let mut spec = plan.spec.clone();
@@ -210,6 +219,7 @@ impl<H: Host> Service<H> {
         let mut plan = ExecPlan::new(req, None)?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
+        plan.with_machine_env(&rec.spec.env);
         let agent = self.ready_agent(&rec, plan.timeout).await?;
         let max = self.policy.file_max_size;
         let mut session = agent.exec(plan.spec.clone()).await.map_err(|e| agent_error(e, "", max))?;

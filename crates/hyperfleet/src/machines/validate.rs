@@ -2,7 +2,7 @@
 //! keep the wording the API's users know ("vcpu_count must be at least 1"). Blocking (it resolves paths):
 //! call it off the async workers.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use hyperfleet_types::{CreateMachine, EgressPolicy, MachineNetwork, MachineSpec};
@@ -15,6 +15,10 @@ pub(super) const MIN_MEM_MIB: i64 = 4;
 pub(super) const MAX_VCPUS: i64 = 32;
 const MAX_KERNEL_ARGS: usize = 2048;
 const MAX_DNS: usize = 3;
+/// Most environment variables a machine may set, and the longest name and value.
+const MAX_ENV: usize = 128;
+const MAX_ENV_NAME: usize = 256;
+const MAX_ENV_VALUE: usize = 32 * 1024;
 /// Most ports one machine may expose: enough for any service, small enough that a machine's JSON stays small.
 pub(super) const MAX_EXPOSED_PORTS: usize = 64;
 
@@ -60,6 +64,31 @@ pub(super) fn ports(field: &str, list: &[i64]) -> Result<Vec<u16>, String> {
         out.push(port);
     }
     Ok(out)
+}
+
+/// Environment variables: POSIX-portable names (letters, digits, '_', not starting with a digit), values
+/// without NUL bytes, bounded in count and size.
+pub(super) fn env(field: &str, vars: &BTreeMap<String, String>) -> Result<(), String> {
+    if vars.len() > MAX_ENV {
+        return Err(format!("{field} sets {} variables; at most {MAX_ENV} are allowed", vars.len()));
+    }
+    for (k, v) in vars {
+        let b = k.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= MAX_ENV_NAME
+            && !b[0].is_ascii_digit()
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_');
+        if !ok {
+            let shown: String = k.chars().take(64).collect();
+            return Err(format!(
+                "{field}: '{shown}' is not a variable name (letters, digits and '_', not starting with a digit, at most {MAX_ENV_NAME})"
+            ));
+        }
+        if v.len() > MAX_ENV_VALUE || v.contains('\0') {
+            return Err(format!("{field}.{k} must be at most {MAX_ENV_VALUE} bytes with no NUL byte"));
+        }
+    }
+    Ok(())
 }
 
 /// An asset path must name a regular file inside the assets directory, reached without any symlink. The
@@ -117,6 +146,8 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
         None => limits.default_dns.clone(),
     };
     let egress = network.egress.unwrap_or(EgressPolicy::Allow);
+    let env_vars = req.env.clone().unwrap_or_default();
+    env("env", &env_vars)?;
     Ok(MachineSpec {
         name: name_val.to_string(),
         runtime: req.runtime.unwrap_or(limits.default_runtime),
@@ -132,6 +163,7 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
         rootfs_path: asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?,
         exposed_ports,
         network: MachineNetwork { prefix_len: None, gateway: None, dns, egress },
+        env: env_vars,
     })
 }
 
@@ -229,6 +261,22 @@ mod tests {
         assert_eq!(ok.exposed_ports, vec![80, 443]);
         assert_eq!(ok.network.dns, vec![Ipv4Addr::new(10, 0, 0, 53)]);
         assert_eq!(ok.runtime, RuntimeKind::Container);
+    }
+
+    #[test]
+    fn env_names_and_sizes_are_checked() {
+        let a = Assets::new();
+        let with =
+            |e: serde_json::Value| serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64, "env": e});
+        assert!(err(&a, with(serde_json::json!({"1X": "v"}))).contains("'1X' is not a variable name"));
+        assert!(err(&a, with(serde_json::json!({"A=B": "v"}))).contains("is not a variable name"));
+        assert!(err(&a, with(serde_json::json!({"": "v"}))).contains("is not a variable name"));
+        assert!(err(&a, with(serde_json::json!({"A": "x\u{0}y"}))).contains("env.A must be"));
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..=MAX_ENV).map(|i| (format!("V{i}"), serde_json::json!("x"))).collect();
+        assert!(err(&a, with(serde_json::Value::Object(many))).contains("at most 128"));
+        let ok = create(&req(with(serde_json::json!({"LANG": "C.UTF-8", "_x1": ""}))), &a.limits()).unwrap();
+        assert_eq!(ok.env.get("LANG").map(String::as_str), Some("C.UTF-8"));
     }
 
     #[test]

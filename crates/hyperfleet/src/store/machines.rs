@@ -264,6 +264,7 @@ mod tests {
                 dns: vec![Ipv4Addr::new(10, 0, 0, 1)],
                 egress: EgressPolicy::Deny,
             },
+            env: Default::default(),
         }
     }
 
