@@ -6,6 +6,7 @@ mod exec;
 mod files;
 mod init;
 mod reaper;
+mod volumes;
 
 use std::sync::Arc;
 
@@ -78,6 +79,9 @@ fn main() {
         init::write_resolv_conf(&init::boot_resolvers());
     }
     let in_vm = matches!(listen, Listen::Vsock(_));
+    if pid1 && in_vm {
+        volumes::mount_all();
+    }
     let code = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt.block_on(async move {
             match serve(listen).await {

@@ -286,6 +286,30 @@ impl Client {
         Self::empty(self.req(Method::DELETE, &format!("/machines/{id}/files")).query(&q)).await
     }
 
+    pub async fn create_volume(&self, req: &CreateVolume) -> Result<Volume> {
+        Self::json(self.req(Method::POST, "/volumes").json(req)).await
+    }
+
+    pub async fn list_volumes(&self) -> Result<VolumeList> {
+        Self::json(self.req(Method::GET, "/volumes")).await
+    }
+
+    pub async fn get_volume(&self, id: &str) -> Result<Volume> {
+        Self::json(self.req(Method::GET, &format!("/volumes/{id}"))).await
+    }
+
+    pub async fn resize_volume(&self, id: &str, req: &ResizeVolume) -> Result<Volume> {
+        Self::json(self.req(Method::POST, &format!("/volumes/{id}/resize")).json(req)).await
+    }
+
+    pub async fn clone_volume(&self, id: &str, req: &CloneVolume) -> Result<Volume> {
+        Self::json(self.req(Method::POST, &format!("/volumes/{id}/clone")).json(req)).await
+    }
+
+    pub async fn delete_volume(&self, id: &str) -> Result<()> {
+        Self::empty(self.req(Method::DELETE, &format!("/volumes/{id}"))).await
+    }
+
     pub async fn create_api_key(&self, req: &CreateApiKey) -> Result<CreatedApiKey> {
         Self::json(self.req(Method::POST, "/api-keys").json(req)).await
     }

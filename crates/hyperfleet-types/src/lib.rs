@@ -215,6 +215,80 @@ pub struct MachineSpec {
     /// Environment variables set for every command run in the machine (exec, terminal, an image's main process).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Volumes the machine mounts while it runs (`volume` is the volume's id).
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+    /// Size of the machine's own root disk: the image's size unless `disk_size_mib` asked for more.
+    #[serde(default)]
+    pub disk_size_mib: u32,
+}
+
+/// A volume a machine mounts: `{"volume": "cache", "mount_path": "/data", "read_only": false}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    /// The volume's name or id in a request; its id once stored.
+    pub volume: String,
+    /// Absolute path in the guest: letters, digits and `/._-`; not `/` nor under /proc, /sys or /dev.
+    pub mount_path: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A volume: an ext4 file system that outlives machines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Volume {
+    pub id: String,
+    pub name: String,
+    pub size_mib: u32,
+    /// Machines that name this volume, and whether each holds it now (is starting, running, paused or stopping).
+    pub machines: Vec<VolumeUser>,
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: time::OffsetDateTime,
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: time::OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeUser {
+    pub machine_id: String,
+    pub read_only: bool,
+    pub attached: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeList {
+    pub volumes: Vec<Volume>,
+}
+
+/// `POST /volumes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    /// Unique, like a machine name: lowercase letters, digits and '-', 1-63 characters.
+    #[schema(required = true, example = "cache")]
+    pub name: Option<String>,
+    #[schema(required = true, minimum = 8, example = 1024)]
+    pub size_mib: Option<i64>,
+}
+
+/// `POST /volumes/{id}/resize`: grow only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeVolume {
+    #[schema(required = true, example = 2048)]
+    pub size_mib: Option<i64>,
+}
+
+/// `POST /volumes/{id}/clone`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneVolume {
+    /// The new volume's name.
+    #[schema(required = true, example = "cache-copy")]
+    pub name: Option<String>,
 }
 
 /// A machine: its spec, plus what the daemon decided (id, addresses) and observes (status, process).
@@ -288,6 +362,12 @@ pub struct CreateMachine {
     /// starting with a digit; at most 128 of them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
+    /// Volumes to mount while the machine runs (at most 8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<VolumeMount>>,
+    /// Grow the machine's own root disk (and its file system) to this size; at least the image's size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_size_mib: Option<i64>,
 }
 
 /// `PATCH /machines/{id}`: change what can change without a restart.
@@ -296,6 +376,9 @@ pub struct CreateMachine {
 pub struct UpdateMachine {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exposed_ports: Option<Vec<i64>>,
+    /// Replaces the machine's volumes; only while it is not running (pending, stopped or failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<VolumeMount>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -195,6 +195,8 @@ fn bench_ipam(r: &mut Report) {
         exposed_ports: vec![],
         network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
         env: Default::default(),
+        volumes: vec![],
+        disk_size_mib: 0,
     };
     let t = Instant::now();
     store

@@ -113,6 +113,9 @@ pub struct RuntimeArgs {
     /// sockets; default: {data dir}/jail. On the data directory's filesystem (disks are hard-linked in).
     #[arg(long, env = "HYPERFLEET_CHROOT_DIR")]
     pub chroot_dir: Option<PathBuf>,
+    /// Directory of the volumes' files (0700, each 0600); default: {data dir}/volumes.
+    #[arg(long, env = "HYPERFLEET_VOLUMES_DIR")]
+    pub volumes_dir: Option<PathBuf>,
     /// Kernels and root filesystems given in requests must be regular files inside this directory.
     #[arg(long, env = "HYPERFLEET_ASSETS_DIR", default_value = ".hyperfleet")]
     pub assets_dir: PathBuf,
@@ -229,6 +232,7 @@ pub struct StoreSettings {
 pub struct RuntimeSettings {
     pub data_dir: PathBuf,
     pub chroot_dir: PathBuf,
+    pub volumes_dir: PathBuf,
     pub assets_dir: PathBuf,
     pub kernel_image_path: PathBuf,
     pub kernel_args: String,
@@ -467,9 +471,17 @@ impl RuntimeArgs {
             ));
         }
         let chroot_dir = self.chroot_dir.as_deref().map(absolute).unwrap_or_else(|| data_dir.join("jail"));
+        let volumes_dir = self.volumes_dir.as_deref().map(absolute).unwrap_or_else(|| data_dir.join("volumes"));
+        if volumes_dir.starts_with(&assets_dir) {
+            return Err(bad(
+                "HYPERFLEET_VOLUMES_DIR",
+                format!("{} must not be inside HYPERFLEET_ASSETS_DIR {}", volumes_dir.display(), assets_dir.display()),
+            ));
+        }
         Ok(RuntimeSettings {
             data_dir,
             chroot_dir,
+            volumes_dir,
             assets_dir,
             kernel_image_path: absolute(&self.kernel_image_path),
             kernel_args: self.kernel_args.clone(),
@@ -643,6 +655,7 @@ mod tests {
         ("HYPERFLEET_HEADER_READ_TIMEOUT", "4"),
         ("HYPERFLEET_IDLE_TIMEOUT", "12"),
         ("HYPERFLEET_DATA_DIR", "/srv/hf-data/machines"),
+        ("HYPERFLEET_VOLUMES_DIR", "/srv/hf-data/volumes"),
         ("HYPERFLEET_CHROOT_DIR", "/srv/hf-data/jail"),
         ("HYPERFLEET_ASSETS_DIR", "/srv/hf"),
         ("HYPERFLEET_KERNEL_IMAGE_PATH", "/srv/hf/kernel"),

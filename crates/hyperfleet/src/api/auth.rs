@@ -103,6 +103,11 @@ mod tests {
             (Method::GET, "/machines/{id}/files/stat", Some(MachinesExec)),
             (Method::GET, "/machines/{id}/files/list", Some(MachinesExec)),
             (Method::POST, "/machines/{id}/files/mkdir", Some(MachinesExec)),
+            (Method::GET, "/volumes", Some(MachinesRead)),
+            (Method::GET, "/volumes/{id}", Some(MachinesRead)),
+            (Method::POST, "/volumes", Some(MachinesWrite)),
+            (Method::POST, "/volumes/{id}/clone", Some(MachinesWrite)),
+            (Method::DELETE, "/volumes/{id}", Some(MachinesWrite)),
             (Method::GET, "/api-keys", Some(KeysAdmin)),
             (Method::DELETE, "/api-keys/{id}", Some(KeysAdmin)),
         ];

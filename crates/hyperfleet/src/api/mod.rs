@@ -9,6 +9,7 @@ mod fuzz;
 pub(crate) mod guest;
 pub(crate) mod keys;
 pub(crate) mod machines;
+pub(crate) mod volumes;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,10 +51,11 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
         guest::list, guest::mkdir,
         keys::create, keys::list, keys::revoke,
+        volumes::create, volumes::list, volumes::get, volumes::delete, volumes::resize, volumes::clone,
     ),
     components(schemas(machines::StatusFilter, machines::Flag)),
     modifiers(&BearerAuth, &CommonResponses),
-    tags((name = "machines"), (name = "exec"), (name = "files"), (name = "api-keys"))
+    tags((name = "machines"), (name = "exec"), (name = "files"), (name = "volumes"), (name = "api-keys"))
 )]
 pub(crate) struct ApiDoc;
 
@@ -187,6 +189,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/machines/{id}/files/stat", get(guest::stat))
         .route("/machines/{id}/files/list", get(guest::list))
         .route("/machines/{id}/files/mkdir", post(guest::mkdir))
+        .route("/volumes", post(volumes::create).get(volumes::list))
+        .route("/volumes/{id}", get(volumes::get).delete(volumes::delete))
+        .route("/volumes/{id}/resize", post(volumes::resize))
+        .route("/volumes/{id}/clone", post(volumes::clone))
         .route("/api-keys", post(keys::create).get(keys::list))
         .route("/api-keys/{id}", axum::routing::delete(keys::revoke))
         .route("/health", get(health))
@@ -237,6 +243,10 @@ mod tests {
             ("/machines/{id}/files/stat", &["get"]),
             ("/machines/{id}/files/list", &["get"]),
             ("/machines/{id}/files/mkdir", &["post"]),
+            ("/volumes", &["get", "post"]),
+            ("/volumes/{id}", &["delete", "get"]),
+            ("/volumes/{id}/resize", &["post"]),
+            ("/volumes/{id}/clone", &["post"]),
             ("/api-keys", &["get", "post"]),
             ("/api-keys/{id}", &["delete"]),
         ] {

@@ -4,23 +4,18 @@ use std::io::Write;
 
 use clap::{Args, Subcommand};
 use futures::StreamExt;
-use hyperfleet_client::{Client, ListOptions};
+use hyperfleet_client::ListOptions;
 use hyperfleet_types::{
     CommandArgs, CreateMachine, EgressPolicy, EntryType, ExecEvent, ExecRequest, Machine, MachineStatus, MakeDir,
-    NetworkOptions, RuntimeKind, UpdateMachine, timestamp,
+    NetworkOptions, RuntimeKind, UpdateMachine, VolumeMount, timestamp,
 };
 
-use super::{Output, print_table};
+use super::{ApiArgs, Output, print_table};
 
 #[derive(Args, Debug)]
 pub struct MachinesArgs {
-    /// API base URL.
-    #[arg(long, env = "HYPERFLEET_URL", default_value = "http://127.0.0.1:3000", global = true)]
-    url: String,
-    #[arg(long, env = "HYPERFLEET_API_KEY", global = true, hide_env_values = true)]
-    api_key: Option<String>,
-    #[arg(long, value_enum, default_value = "table", global = true)]
-    output: Output,
+    #[command(flatten)]
+    api: ApiArgs,
     #[command(subcommand)]
     command: MachinesCommand,
 }
@@ -52,6 +47,12 @@ enum MachinesCommand {
         rootfs: Option<String>,
         #[arg(long)]
         kernel_args: Option<String>,
+        /// A volume to mount: NAME:/path, or NAME:/path:ro (repeat for more).
+        #[arg(long = "volume", value_name = "NAME:PATH[:ro]", value_parser = parse_volume)]
+        volumes: Vec<VolumeMount>,
+        /// Grow the machine's root disk to this size (MiB).
+        #[arg(long = "disk-size")]
+        disk_size_mib: Option<i64>,
         /// An environment variable for every command run in the machine (repeat: --env A=1 --env B=2).
         #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_pair)]
         env: Vec<(String, String)>,
@@ -159,6 +160,20 @@ fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
     RuntimeKind::parse(s).ok_or_else(|| format!("unknown runtime '{s}': use firecracker or container"))
 }
 
+fn parse_volume(s: &str) -> Result<VolumeMount, String> {
+    let mut parts = s.splitn(3, ':');
+    let (volume, path, mode) = (parts.next().unwrap_or(""), parts.next(), parts.next());
+    let read_only = match mode {
+        None | Some("rw") => false,
+        Some("ro") => true,
+        Some(other) => return Err(format!("'{other}' is not a mode: use ro or rw")),
+    };
+    match path {
+        Some(p) if !volume.is_empty() => Ok(VolumeMount { volume: volume.into(), mount_path: p.into(), read_only }),
+        _ => Err(format!("'{s}' is not NAME:/path[:ro]")),
+    }
+}
+
 fn parse_env_pair(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("'{s}' is not NAME=VALUE"))
 }
@@ -208,8 +223,7 @@ fn print_one(output: Output, m: &Machine) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
-    let hf = Client::new(&args.url, args.api_key.clone());
-    let out = args.output;
+    let (hf, out) = args.api.client();
     match args.command {
         MachinesCommand::Create {
             name,
@@ -222,6 +236,8 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             kernel,
             rootfs,
             kernel_args,
+            volumes,
+            disk_size_mib,
             env,
             start,
         } => {
@@ -242,6 +258,8 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 runtime,
                 network: network.transpose()?,
                 env: (!env.is_empty()).then(|| env.into_iter().collect()),
+                volumes: (!volumes.is_empty()).then_some(volumes),
+                disk_size_mib,
             };
             let mut m = hf.create_machine(&req).await?;
             if start {
@@ -276,9 +294,10 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 Output::Table => logs.lines.iter().for_each(|l| println!("{l}")),
             }
         }
-        MachinesCommand::Expose { id, ports } => {
-            print_one(out, &hf.update_machine(&id, &UpdateMachine { exposed_ports: Some(ports) }).await?)?
-        }
+        MachinesCommand::Expose { id, ports } => print_one(
+            out,
+            &hf.update_machine(&id, &UpdateMachine { exposed_ports: Some(ports), ..Default::default() }).await?,
+        )?,
         MachinesCommand::Exec { id, timeout, command } => {
             let req = ExecRequest { command: CommandArgs(command), timeout, env: None, cwd: None, stdin: None };
             let mut events = Box::pin(hf.exec_stream(&id, &req).await?);

@@ -5,6 +5,7 @@ pub(crate) mod keys;
 pub(crate) mod machines;
 pub(crate) mod purge;
 pub(crate) mod serve;
+pub(crate) mod volumes;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -24,6 +25,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Machines(args) => machines::run(args).await,
         Command::Keys(args) => keys::run(args).await,
+        Command::Volumes(args) => volumes::run(args).await,
         Command::Doctor(args) => doctor::run(args).await,
         Command::Purge(args) => purge::run(args).await,
         Command::Openapi => {
@@ -46,6 +48,8 @@ pub enum Command {
     Serve(Box<crate::config::ServeArgs>),
     /// Manage machines through the API (HYPERFLEET_URL, HYPERFLEET_API_KEY).
     Machines(machines::MachinesArgs),
+    /// Manage volumes through the API (HYPERFLEET_URL, HYPERFLEET_API_KEY).
+    Volumes(volumes::VolumesArgs),
     /// Manage API keys directly in the database (DATABASE_PATH); works without a running daemon.
     Keys(keys::KeysArgs),
     /// Check the host and every running machine's network; print what is wrong and how to fix it.
@@ -55,6 +59,24 @@ pub enum Command {
     Purge(crate::config::HostArgs),
     /// Print the OpenAPI document.
     Openapi,
+}
+
+/// Where the API is and how to print its answers: shared by the commands that are API clients.
+#[derive(clap::Args, Debug)]
+pub(crate) struct ApiArgs {
+    /// API base URL.
+    #[arg(long, env = "HYPERFLEET_URL", default_value = "http://127.0.0.1:3000", global = true)]
+    url: String,
+    #[arg(long, env = "HYPERFLEET_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    output: Output,
+}
+
+impl ApiArgs {
+    pub(crate) fn client(&self) -> (hyperfleet_client::Client, Output) {
+        (hyperfleet_client::Client::new(&self.url, self.api_key.clone()), self.output)
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,6 +15,7 @@ use crate::listener::{self, Limits};
 use crate::machines::{LinuxHost, Policy, Service, network::HostNetwork};
 use crate::runtime::firecracker::JailSettings;
 use crate::runtime::host::{self, HostCapacity, KvmKind};
+use crate::runtime::volume::VolumeDir;
 use crate::runtime::{Container, Firecracker, Runtimes};
 use crate::store::{Store, api_keys, leases};
 
@@ -62,6 +63,7 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
         data_dir: rt.data_dir.clone(),
         jails_dir,
         assets_dir: rt.assets_dir.clone(),
+        volumes: VolumeDir::new(rt.volumes_dir.clone()),
     };
     let policy = Policy {
         assets_dir: rt.assets_dir.clone(),

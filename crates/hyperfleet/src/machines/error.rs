@@ -25,6 +25,13 @@ pub(crate) enum Error {
     RuntimeUnavailable { runtime: RuntimeKind, why: String },
     #[error("A machine named '{0}' already exists")]
     NameTaken(String),
+    #[error("Volume with id '{0}' not found")]
+    VolumeNotFound(String),
+    #[error("A volume named '{0}' already exists")]
+    VolumeNameTaken(String),
+    /// The request conflicts with the current state of a volume (attached elsewhere, in use).
+    #[error("{0}")]
+    Conflict(String),
     #[error(
         "no free address block: all {blocks} /30 blocks of {subnet} are leased; delete machines or use a larger HYPERFLEET_SUBNET"
     )]

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use super::{Action, Error, Host, Result, Service, validate};
 use crate::runtime::{Booted, Instance};
 use crate::store::leases::LeaseError;
-use crate::store::machines::{self as records, Cas, Changes, InsertError, MachineRecord};
+use crate::store::machines::{self as records, Cas, Changes, InsertError, MachineRecord, Modify};
 
 use MachineStatus::*;
 
@@ -69,6 +69,7 @@ impl<H: Host> Service<H> {
             }
             Cas::WrongState(m) => Err(Error::InvalidState { action, status: m.status }),
             Cas::Missing => Err(Error::NotFound(id.to_string())),
+            Cas::VolumeBusy(why) => Err(Error::Conflict(why)),
         }
     }
 
@@ -85,6 +86,8 @@ impl<H: Host> Service<H> {
             .await
             .map_err(|e| Error::Task { what: "validate", message: e.to_string() })?
             .map_err(Error::Invalid)?;
+        let mut spec = spec;
+        spec.volumes = self.resolve_volumes(spec.volumes).await?;
         if let Some(why) = self.host.unavailable(spec.runtime) {
             return Err(Error::RuntimeUnavailable { runtime: spec.runtime, why });
         }
@@ -119,17 +122,44 @@ impl<H: Host> Service<H> {
 
     pub(crate) async fn update(&self, id: &str, req: UpdateMachine) -> Result<Machine> {
         let rec = self.record(id).await?;
-        let Some(ports) = req.exposed_ports else {
-            return Ok(self.to_wire(&rec));
+        let ports = match &req.exposed_ports {
+            Some(p) => Some(validate::ports("exposed_ports", p).map_err(Error::Invalid)?),
+            None => None,
         };
-        let mut spec = rec.spec.clone();
-        spec.exposed_ports = validate::ports("exposed_ports", &ports).map_err(Error::Invalid)?;
+        let volumes = match req.volumes {
+            Some(v) => {
+                validate::volumes(&v).map_err(Error::Invalid)?;
+                Some(self.resolve_volumes(v).await?)
+            }
+            None => None,
+        };
+        if ports.is_none() && volumes.is_none() {
+            return Ok(self.to_wire(&rec));
+        }
         let rid = rec.id.clone();
-        let updated = self
+        // Read, checked and written in one transaction: a start in between cannot take the old volumes.
+        let modified = self
             .store
-            .call(move |c| records::update_spec(c, &rid, &spec))
-            .await?
-            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+            .call(move |c| {
+                records::modify_spec(c, &rid, |spec, status| {
+                    if let Some(v) = volumes {
+                        if !MachineStatus::AT_REST.contains(&status) {
+                            return Err(Error::InvalidState { action: Action::ChangeVolumes, status });
+                        }
+                        spec.volumes = v;
+                    }
+                    if let Some(p) = ports {
+                        spec.exposed_ports = p;
+                    }
+                    Ok(())
+                })
+            })
+            .await?;
+        let updated = match modified {
+            Modify::Done(m) => *m,
+            Modify::Missing => return Err(Error::NotFound(id.to_string())),
+            Modify::Refused(e) => return Err(e),
+        };
         self.events.publish(&updated);
         Ok(self.to_wire(&updated))
     }
@@ -171,7 +201,13 @@ impl<H: Host> Service<H> {
     }
 
     async fn start_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
-        let rec = self.transition(&rec.id, Action::Start, Starting, Changes::default()).await?;
+        let rec = if rec.spec.volumes.is_empty() {
+            self.transition(&rec.id, Action::Start, Starting, Changes::default()).await?
+        } else {
+            // Volume resizes and clones hold this lock while they work on a detached volume.
+            let _volumes = self.volume_ops.lock().await;
+            self.transition(&rec.id, Action::Start, Starting, Changes::default()).await?
+        };
         let mut done = Vec::new();
         match self.start_steps(&rec, &mut done).await {
             Ok(booted) => {
@@ -316,6 +352,7 @@ impl<H: Host> Service<H> {
             }
             Cas::WrongState(m) => Err(Error::InvalidState { action: Action::Delete, status: m.status }),
             Cas::Missing => Err(Error::NotFound(id.to_string())),
+            Cas::VolumeBusy(why) => Err(Error::Conflict(why)),
         }
     }
 

@@ -23,6 +23,7 @@ mod reconcile;
 #[cfg(test)]
 mod testing;
 mod validate;
+mod volumes;
 mod wire;
 
 use std::net::Ipv4Addr;
@@ -72,6 +73,8 @@ pub(crate) struct Service<H: Host = LinuxHost> {
     /// Held across every firewall change, and for a rebuild across the database read it is made from, so an
     /// older view of the machines never replaces a newer one.
     firewall_order: tokio::sync::Mutex<()>,
+    /// Held by volume changes (create, resize, clone, delete) and by a start taking volumes.
+    volume_ops: tokio::sync::Mutex<()>,
 }
 
 impl<H: Host> Service<H> {
@@ -89,6 +92,7 @@ impl<H: Host> Service<H> {
             execs: guest::ExecSlots::default(),
             output_budget: Arc::new(tokio::sync::Semaphore::new(budget_kib)),
             firewall_order: tokio::sync::Mutex::new(()),
+            volume_ops: tokio::sync::Mutex::new(()),
         })
     }
 

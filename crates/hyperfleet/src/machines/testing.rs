@@ -30,6 +30,8 @@ pub(super) struct World {
     /// Running processes: pid → machine id.
     pub processes: HashMap<u32, String>,
     pub disks: BTreeSet<String>,
+    /// Volumes whose file exists.
+    pub volumes: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -202,6 +204,34 @@ impl Host for FakeHost {
 
     async fn remove_host_wide(&self) -> Result<()> {
         self.world.lock().unwrap().firewall.clear();
+        Ok(())
+    }
+
+    async fn volume_create(&self, id: &str, _size_mib: u32) -> Result<()> {
+        if self.failing("volume") {
+            return Err(Self::refuse("volume"));
+        }
+        self.world.lock().unwrap().volumes.insert(id.to_string());
+        Ok(())
+    }
+
+    async fn volume_grow(&self, _id: &str, _size_mib: u32) -> Result<()> {
+        if self.failing("volume") {
+            return Err(Self::refuse("volume"));
+        }
+        Ok(())
+    }
+
+    async fn volume_clone(&self, _from: &str, to: &str) -> Result<()> {
+        if self.failing("volume") {
+            return Err(Self::refuse("volume"));
+        }
+        self.world.lock().unwrap().volumes.insert(to.to_string());
+        Ok(())
+    }
+
+    async fn volume_remove(&self, id: &str) -> Result<()> {
+        self.world.lock().unwrap().volumes.remove(id);
         Ok(())
     }
 }

@@ -91,6 +91,59 @@ pub(super) fn env(field: &str, vars: &BTreeMap<String, String>) -> Result<(), St
     Ok(())
 }
 
+/// Most volumes one machine may mount.
+pub(super) const MAX_VOLUMES: usize = 8;
+/// Largest disk or volume: 1 TiB.
+pub(super) const MAX_DISK_MIB: i64 = 1 << 20;
+
+/// A volume's mount path: absolute, plain characters (it travels on the kernel command line of a Firecracker
+/// guest), no `.`/`..` components, and not where the guest's own system lives.
+pub(super) fn mount_path(field: &str, p: &str) -> Result<(), String> {
+    let plain = p.bytes().all(|c| c.is_ascii_alphanumeric() || b"/._-".contains(&c));
+    let parts: Vec<&str> = p.split('/').skip(1).collect();
+    let clean = p.starts_with('/') && p.len() <= 256 && parts.iter().all(|c| !c.is_empty() && *c != "." && *c != "..");
+    if !plain || !clean || p == "/" {
+        return Err(format!(
+            "{field} must be an absolute path of letters, digits and '/._-' (no '.' or '..' parts), got '{p}'"
+        ));
+    }
+    if ["proc", "sys", "dev", "run"].contains(&parts[0])
+        || (parts.len() == 1 && ["sbin", "bin", "etc", "lib", "usr"].contains(&parts[0]))
+    {
+        return Err(format!("{field}: '{p}' is where the guest's system lives; mount volumes elsewhere (e.g. /data)"));
+    }
+    Ok(())
+}
+
+/// Checks a machine's volume list (count, paths, duplicates); names are resolved to ids by the caller.
+pub(super) fn volumes(list: &[hyperfleet_types::VolumeMount]) -> Result<(), String> {
+    if list.len() > MAX_VOLUMES {
+        return Err(format!("volumes lists {} volumes; at most {MAX_VOLUMES} are allowed", list.len()));
+    }
+    let (mut names, mut paths) = (HashSet::new(), HashSet::new());
+    for (i, v) in list.iter().enumerate() {
+        if v.volume.is_empty() {
+            return Err(format!("volumes[{i}].volume is required"));
+        }
+        mount_path(&format!("volumes[{i}].mount_path"), &v.mount_path)?;
+        if !names.insert(v.volume.as_str()) {
+            return Err(format!("volumes[{i}]: volume '{}' is listed twice", v.volume));
+        }
+        if !paths.insert(v.mount_path.trim_end_matches('/')) {
+            return Err(format!("volumes[{i}]: mount_path '{}' is used twice", v.mount_path));
+        }
+    }
+    Ok(())
+}
+
+/// A size in MiB for a disk or volume, within `min..=MAX_DISK_MIB`.
+pub(super) fn size_mib(field: &str, v: i64, min: i64) -> Result<u32, String> {
+    if !(min..=MAX_DISK_MIB).contains(&v) {
+        return Err(format!("{field} must be between {min} and {MAX_DISK_MIB}"));
+    }
+    u32::try_from(v).map_err(|_| format!("{field} must be between {min} and {MAX_DISK_MIB}"))
+}
+
 /// An asset path must name a regular file inside the assets directory, reached without any symlink. The
 /// path is stored as given (made absolute); a start opens it again the same way.
 pub(super) fn asset(field: &str, given: Option<&str>, default: &Path, assets_dir: &Path) -> Result<String, String> {
@@ -148,6 +201,25 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
     let egress = network.egress.unwrap_or(EgressPolicy::Allow);
     let env_vars = req.env.clone().unwrap_or_default();
     env("env", &env_vars)?;
+    let volume_list = req.volumes.clone().unwrap_or_default();
+    volumes(&volume_list)?;
+    let rootfs_path = asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?;
+    let image_bytes = assets::open_beneath(&limits.assets_dir, Path::new(&rootfs_path))
+        .map_err(|e| format!("rootfs_path {e}"))?
+        .metadata()
+        .map_err(|e| format!("rootfs_path: {e}"))?
+        .len();
+    let image_mib = u32::try_from(image_bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+    let disk_size_mib = match req.disk_size_mib {
+        None => image_mib,
+        Some(v) => {
+            let want = size_mib("disk_size_mib", v, 1)?;
+            if want < image_mib {
+                return Err(format!("disk_size_mib must be at least the image's size ({image_mib} MiB), got {want}"));
+            }
+            want
+        }
+    };
     Ok(MachineSpec {
         name: name_val.to_string(),
         runtime: req.runtime.unwrap_or(limits.default_runtime),
@@ -160,10 +232,12 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
             &limits.assets_dir,
         )?,
         kernel_args,
-        rootfs_path: asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?,
+        rootfs_path,
         exposed_ports,
         network: MachineNetwork { prefix_len: None, gateway: None, dns, egress },
         env: env_vars,
+        volumes: volume_list,
+        disk_size_mib,
     })
 }
 

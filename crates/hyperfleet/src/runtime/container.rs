@@ -117,29 +117,54 @@ impl Container {
         Ok(())
     }
 
-    /// Unmounts the root and frees its loop device (idempotent).
-    pub(crate) async fn unmount_root(files: &MachineFiles) {
-        let root = files.bundle.join("rootfs");
-        if is_mountpoint(&root) {
-            // -d releases the loop device too; a busy mount is detached lazily instead.
-            if let Err(e) = Command::new("umount").arg("-d").arg(&root).output().await {
-                tracing::warn!(error = %e, "umount {}", root.display());
+    /// Mounts each volume's file system on the host (loop, nosuid, nodev; read-only if asked), for
+    /// [`Self::spec`] to bind into the container. On error, what was mounted is unmounted again.
+    pub(crate) async fn mount_volumes(m: &BootSpec, files: &MachineFiles) -> Result<(), RuntimeError> {
+        for (i, v) in m.volumes.iter().enumerate() {
+            let target = files.volume_mount(i);
+            std::fs::create_dir_all(&target).map_err(RuntimeError::io("create", &target))?;
+            if is_mountpoint(&target) {
+                continue;
             }
-            if is_mountpoint(&root)
-                && let Err(e) = Command::new("umount").args(["-l", "-d"]).arg(&root).output().await
-            {
-                tracing::warn!(error = %e, "umount -l {}", root.display());
-            }
-            if is_mountpoint(&root) {
-                tracing::warn!(path = %root.display(), "the machine's root is still mounted");
+            let opts = if v.read_only { "loop,nosuid,nodev,noexec,ro" } else { "loop,nosuid,nodev" };
+            let out = Command::new("mount")
+                .args(["-t", "ext4", "-o", opts])
+                .arg(&v.path)
+                .arg(&target)
+                .output()
+                .await
+                .map_err(|e| RuntimeError::Command { command: "mount".into(), message: e.to_string() })?;
+            if !out.status.success() {
+                Self::unmount_volumes(files).await;
+                return Err(RuntimeError::Command {
+                    command: format!("mount volume {}", v.path.display()),
+                    message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
             }
         }
+        Ok(())
+    }
+
+    /// Unmounts every volume of the machine and frees their loop devices (idempotent).
+    async fn unmount_volumes(files: &MachineFiles) {
+        let Ok(entries) = std::fs::read_dir(files.dir.join("volumes")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            unmount(&e.path()).await;
+        }
+    }
+
+    /// Unmounts the volumes and the root and frees their loop devices (idempotent).
+    pub(crate) async fn unmount_root(files: &MachineFiles) {
+        Self::unmount_volumes(files).await;
+        unmount(&files.bundle.join("rootfs")).await;
     }
 
     /// The OCI `config.json` of a machine: its init (the agent) with its listening socket as descriptor 3 and
     /// DNS in its environment, cgroup limits from the machine's vCPUs and memory, the namespace made for it,
     /// a minimal capability set, no new privileges and a seccomp filter. Nothing of the host is mounted in.
-    pub(crate) fn spec(m: &BootSpec, netns: &Path) -> Result<Spec, RuntimeError> {
+    pub(crate) fn spec(m: &BootSpec, files: &MachineFiles, netns: &Path) -> Result<Spec, RuntimeError> {
         let net = &m.net;
         let e = RuntimeError::Spec;
         // What root in a sandbox needs for ordinary work (file ownership, users, low ports, ping), and no more:
@@ -194,6 +219,23 @@ impl Container {
         };
         mounts.push(tmpfs("/run", "755").map_err(e)?);
         mounts.push(tmpfs("/tmp", "1777").map_err(e)?);
+        // Volumes, mounted on the host by `mount_volumes`, bound in at their paths (runc creates the directory
+        // inside the root, resolving it within the root).
+        for (i, v) in m.volumes.iter().enumerate() {
+            let mut options = vec!["rbind".to_string(), "nosuid".into(), "nodev".into()];
+            if v.read_only {
+                options.extend(["ro".into(), "noexec".into()]);
+            }
+            mounts.push(
+                MountBuilder::default()
+                    .destination(&v.mount_path)
+                    .typ("bind")
+                    .source(files.volume_mount(i))
+                    .options(options)
+                    .build()
+                    .map_err(e)?,
+            );
+        }
         let ns = |typ: LinuxNamespaceType| LinuxNamespaceBuilder::default().typ(typ).build();
         let namespaces = vec![
             ns(LinuxNamespaceType::Pid).map_err(e)?,
@@ -239,7 +281,7 @@ impl Container {
         if let Some(why) = self.unavailable() {
             return Err(RuntimeError::Unavailable(why));
         }
-        Self::spec(m, netns)?.save(files.bundle.join("config.json"))?;
+        Self::spec(m, files, netns)?.save(files.bundle.join("config.json"))?;
         // The agent's socket: made here, in a directory only the daemon can enter, and passed in open.
         let agent = agent_listener(&files.agent_socket)?;
         let cid = container_id(&m.id);
@@ -449,6 +491,24 @@ fn seccomp() -> Result<LinuxSeccomp, RuntimeError> {
         .build()?)
 }
 
+/// Unmounts `root` and frees its loop device (idempotent); a busy mount is detached lazily.
+async fn unmount(root: &Path) {
+    if is_mountpoint(root) {
+        // -d releases the loop device too; a busy mount is detached lazily instead.
+        if let Err(e) = Command::new("umount").arg("-d").arg(root).output().await {
+            tracing::warn!(error = %e, "umount {}", root.display());
+        }
+        if is_mountpoint(root)
+            && let Err(e) = Command::new("umount").args(["-l", "-d"]).arg(root).output().await
+        {
+            tracing::warn!(error = %e, "umount -l {}", root.display());
+        }
+        if is_mountpoint(root) {
+            tracing::warn!(path = %root.display(), "a machine's mount is still there");
+        }
+    }
+}
+
 fn is_mountpoint(path: &Path) -> bool {
     let Ok(canon) = path.canonicalize() else {
         return false;
@@ -492,12 +552,15 @@ mod tests {
                 dns: vec!["10.0.0.53".parse().unwrap()],
                 hostname: "web".into(),
             },
+            disk_size_mib: 0,
+            volumes: vec![],
         }
     }
 
     #[test]
     fn the_config_confines_the_guest() {
-        let spec = Container::spec(&boot_spec(), Path::new("/run/netns/hf-m1")).unwrap();
+        let files = MachineFiles::new(Path::new("/data"), Path::new("/jails"), "m1");
+        let spec = Container::spec(&boot_spec(), &files, Path::new("/run/netns/hf-m1")).unwrap();
         let json = serde_json::to_value(&spec).unwrap();
         let process = &json["process"];
         assert_eq!(process["args"], serde_json::json!(["/sbin/init"]));

@@ -10,6 +10,7 @@ pub(crate) mod disk;
 pub(crate) mod firecracker;
 pub(crate) mod host;
 pub mod process;
+pub(crate) mod volume;
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -108,6 +109,11 @@ impl MachineFiles {
         }
     }
 
+    /// Where a container machine's volume `i` is mounted on the host (then bound into the container).
+    pub fn volume_mount(&self, i: usize) -> PathBuf {
+        self.dir.join("volumes").join(i.to_string())
+    }
+
     /// The console log, opened for appending by the machine's process.
     pub fn open_console_log(&self) -> Result<File, RuntimeError> {
         use std::os::unix::fs::OpenOptionsExt;
@@ -151,6 +157,9 @@ pub(crate) struct BootSpec {
     /// The machine's address block: unique among existing machines, so it also numbers the machine's own
     /// host identity (its jailed firecracker's uid and gid).
     pub block: u32,
+    /// The machine's own disk is grown to this size (never shrunk) before it boots.
+    pub disk_size_mib: u32,
+    pub volumes: Vec<volume::VolumeDisk>,
 }
 
 /// A machine that may have a process: enough to find, pause, stop or clean it up.
@@ -201,10 +210,23 @@ impl Runtimes {
             Ok::<_, RuntimeError>(())
         })
         .await??;
+        volume::grow_image(&files.disk, spec.disk_size_mib).await?;
+        for v in &spec.volumes {
+            if !tokio::fs::try_exists(&v.path).await.unwrap_or(false) {
+                return Err(RuntimeError::Asset {
+                    path: v.path.clone(),
+                    message: "the volume's file is missing".into(),
+                });
+            }
+        }
         match spec.runtime {
             RuntimeKind::Firecracker => Ok(None),
             RuntimeKind::Container => {
                 Container::mount_root(files).await?;
+                if let Err(e) = Container::mount_volumes(spec, files).await {
+                    Container::unmount_root(files).await;
+                    return Err(e);
+                }
                 let ns = container::netns_name(&spec.id);
                 // A namespace left by a crash is replaced.
                 if let Err(e) = hyperfleet_net::netns::delete(&ns).await {

@@ -39,6 +39,8 @@ pub enum Cas {
     /// The machine exists but was not in one of the expected states.
     WrongState(MachineRecord),
     Missing,
+    /// A start refused because a volume it names is held by another machine (the message says which).
+    VolumeBusy(String),
 }
 
 /// Fields a transition may set along with the status.
@@ -68,7 +70,7 @@ fn conversion_error(col: &str, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("column {col}: {e}").into())
 }
 
-fn time_col(row: &Row, col: &str) -> rusqlite::Result<OffsetDateTime> {
+pub(super) fn time_col(row: &Row, col: &str) -> rusqlite::Result<OffsetDateTime> {
     let text: String = row.get(col)?;
     timestamp::parse(&text).ok_or_else(|| conversion_error(col, format!("'{text}' is not an RFC 3339 time")))
 }
@@ -211,6 +213,14 @@ pub fn transition(
         format!("UPDATE machines SET {} WHERE id = ?{id_arg} AND status IN ({})", sets.join(", "), marks.join(", "));
     let changed = tx.execute(&sql, params_from_iter(args))?;
     let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()?;
+    // Taking a volume is part of the same transaction as becoming `starting`: two starts cannot both take it.
+    if changed > 0
+        && to == MachineStatus::Starting
+        && let Some(r) = &rec
+        && let Err(busy) = super::volumes::check_free(&tx, r)?
+    {
+        return Ok(Cas::VolumeBusy(busy));
+    }
     tx.commit()?;
     Ok(match (changed, rec) {
         (_, None) => Cas::Missing,
@@ -234,10 +244,35 @@ pub fn delete(conn: &mut Connection, id: &str, from: &[MachineStatus]) -> StoreR
     Ok(Cas::Done(rec))
 }
 
-/// Replaces the stored spec (the fields that may change after create); `None` if the machine is gone.
-pub fn update_spec(conn: &mut Connection, id: &str, spec: &MachineSpec) -> StoreResult<Option<MachineRecord>> {
-    conn.execute("UPDATE machines SET spec = ?1, updated_at = ?2 WHERE id = ?3", params![spec_json(spec)?, now(), id])?;
-    Ok(conn.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()?)
+/// Result of [`modify_spec`].
+#[derive(Debug)]
+pub enum Modify<E> {
+    Done(Box<MachineRecord>),
+    Missing,
+    Refused(E),
+}
+
+/// Reads the machine's spec and status, lets `f` change the spec (or refuse), and writes it back, in one
+/// transaction: no other change to the machine can land in between.
+pub fn modify_spec<E>(
+    conn: &mut Connection,
+    id: &str,
+    f: impl FnOnce(&mut MachineSpec, MachineStatus) -> Result<(), E>,
+) -> StoreResult<Modify<E>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let Some(mut rec) = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()? else {
+        return Ok(Modify::Missing);
+    };
+    if let Err(e) = f(&mut rec.spec, rec.status) {
+        return Ok(Modify::Refused(e));
+    }
+    tx.execute(
+        "UPDATE machines SET spec = ?1, updated_at = ?2 WHERE id = ?3",
+        params![spec_json(&rec.spec)?, now(), id],
+    )?;
+    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row)?;
+    tx.commit()?;
+    Ok(Modify::Done(Box::new(rec)))
 }
 
 #[cfg(test)]
@@ -265,6 +300,8 @@ mod tests {
                 egress: EgressPolicy::Deny,
             },
             env: Default::default(),
+            volumes: vec![],
+            disk_size_mib: 0,
         }
     }
 

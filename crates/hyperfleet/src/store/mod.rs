@@ -6,6 +6,7 @@
 pub(crate) mod api_keys;
 pub(crate) mod leases;
 pub mod machines;
+pub(crate) mod volumes;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,6 +89,17 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE machines DROP COLUMN exposed_ports;
     ALTER TABLE machines DROP COLUMN dns;
     ALTER TABLE machines DROP COLUMN egress;
+    "#,
+    // 3: volumes. Which machines use one is in their specs; a machine holds its volumes while its status
+    // says it may have a process (see volumes.rs), so there is no attachment state to fall out of step.
+    r#"
+    CREATE TABLE volumes (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        size_mib INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
     "#,
 ];
 

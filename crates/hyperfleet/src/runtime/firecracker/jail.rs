@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::super::MachineFiles;
+use super::super::volume::VolumeDisk;
 
 /// Paths inside the chroot (relative to its root): what firecracker is told, and where the host finds them.
 pub const API_SOCKET: &str = "run/api.sock";
@@ -164,6 +165,27 @@ pub fn populate(files: &MachineFiles, kernel: &Path, who: Identity) -> io::Resul
             e
         }
     })
+}
+
+/// Volume `i`'s name inside the chroot.
+pub fn volume_file(i: usize) -> String {
+    format!("volume{i}.ext4")
+}
+
+/// Links the machine's volumes into its chroot, owned by its identity (0600) like its disk. A read-only
+/// volume used by several machines is owned by the last one started; the others opened it already.
+pub(crate) fn link_volumes(files: &MachineFiles, volumes: &[VolumeDisk], who: Identity) -> io::Result<()> {
+    let root = root(files);
+    for (i, v) in volumes.iter().enumerate() {
+        std::os::unix::fs::chown(&v.path, Some(who.uid), Some(who.gid))?;
+        std::fs::set_permissions(&v.path, std::fs::Permissions::from_mode(0o600))?;
+        let inside = root.join(volume_file(i));
+        match std::fs::hard_link(&v.path, &inside) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            other => other?,
+        }
+    }
+    Ok(())
 }
 
 /// Whether `pid` runs in this machine's chroot. The jailer pivots into it inside its own mount namespace,

@@ -98,6 +98,18 @@ impl Firecracker {
             dns(0),
             dns(1)
         );
+        // The root disk is vda; the volumes follow in the order they are attached.
+        let volumes: Vec<String> = spec
+            .volumes
+            .iter()
+            .zip(b'b'..=b'z')
+            .map(|(v, letter)| {
+                format!("vd{}:{}:{}", char::from(letter), v.mount_path, if v.read_only { "ro" } else { "rw" })
+            })
+            .collect();
+        if !volumes.is_empty() {
+            args.push_str(&format!(" hyperfleet.volumes={}", volumes.join(",")));
+        }
         if self.kvm == KvmKind::Pvm {
             args.push(' ');
             args.push_str(PVM_BOOT_ARGS);
@@ -143,10 +155,13 @@ impl Firecracker {
         let identity = Identity::of_block(self.jail.uid_base, spec.block);
         let (chroot_dir, kernel, jail_files) =
             (self.jail.chroot_dir.clone(), spec.kernel_image_path.clone(), files.clone());
+        let volumes = spec.volumes.clone();
         tokio::task::spawn_blocking(move || {
             jail::secure_base(&chroot_dir).map_err(RuntimeError::io("secure the chroot directory", &chroot_dir))?;
             jail::populate(&jail_files, &kernel, identity)
-                .map_err(RuntimeError::io("place kernel and disk in the chroot", &jail_files.jail))
+                .map_err(RuntimeError::io("place kernel and disk in the chroot", &jail_files.jail))?;
+            jail::link_volumes(&jail_files, &volumes, identity)
+                .map_err(RuntimeError::io("place the volumes in the chroot", &jail_files.jail))
         })
         .await??;
         let console = files.open_console_log()?;
@@ -216,6 +231,19 @@ impl Firecracker {
             }),
         )
         .await?;
+        for (i, v) in spec.volumes.iter().enumerate() {
+            let id = format!("volume{i}");
+            api.put(
+                &format!("/drives/{id}"),
+                &json!({
+                    "drive_id": id,
+                    "path_on_host": jail::inside(&jail::volume_file(i)),
+                    "is_root_device": false,
+                    "is_read_only": v.read_only
+                }),
+            )
+            .await?;
+        }
         api.put(
             "/network-interfaces/eth0",
             &json!({ "iface_id": "eth0", "guest_mac": net.mac, "host_dev_name": net.iface }),
@@ -285,6 +313,8 @@ mod tests {
                 dns,
                 hostname: "web".into(),
             },
+            disk_size_mib: 0,
+            volumes: vec![],
         }
     }
 
