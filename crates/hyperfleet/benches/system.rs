@@ -195,6 +195,13 @@ fn bench_ipam(r: &mut Report) {
         exposed_ports: vec![],
         network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
         env: Default::default(),
+        secret_names: vec![],
+        labels: Default::default(),
+        ttl_seconds: None,
+        on_ttl: Default::default(),
+        idle_timeout_seconds: None,
+        idle_max_connection_seconds: None,
+        auto_start: false,
     };
     let t = Instant::now();
     store

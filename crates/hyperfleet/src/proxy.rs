@@ -420,6 +420,7 @@ mod tests {
             max_connections: 10,
             upstream_timeout: Duration::from_secs(5),
             websocket_idle_timeout: Duration::from_secs(300),
+            wake_timeout: Duration::from_secs(60),
         }
     }
 

@@ -67,10 +67,10 @@ async fn a_machine_cannot_expose_every_port() {
     assert!(e.to_string().contains("at most 64"), "{e}");
     // PATCH is held to the same limit.
     let m = d.client.create_machine(&machine("modest")).await.unwrap();
-    let update = UpdateMachine { exposed_ports: Some((1..=65).collect()) };
+    let update = UpdateMachine { exposed_ports: Some((1..=65).collect()), ..Default::default() };
     let e = d.client.update_machine(&m.id, &update).await.unwrap_err();
     assert_eq!(e.status(), Some(400), "{e}");
-    let update = UpdateMachine { exposed_ports: Some((1..=64).collect()) };
+    let update = UpdateMachine { exposed_ports: Some((1..=64).collect()), ..Default::default() };
     assert_eq!(d.client.update_machine(&m.id, &update).await.unwrap().spec.exposed_ports.len(), 64);
 }
 

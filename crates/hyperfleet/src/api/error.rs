@@ -68,6 +68,9 @@ fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
         MachineError::Invalid(_) | MachineError::RuntimeUnavailable { .. } => (S::BAD_REQUEST, "VALIDATION_ERROR"),
         MachineError::NameTaken(_) => (S::CONFLICT, "CONFLICT"),
         MachineError::PoolExhausted { .. } => (S::SERVICE_UNAVAILABLE, "IP_POOL_EXHAUSTED"),
+        MachineError::Asleep { .. } | MachineError::WakeFailed { .. } => {
+            (S::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE")
+        }
         MachineError::WaitTimedOut { .. }
         | MachineError::ExecTimedOut { .. }
         | MachineError::TransferTimedOut { .. } => (S::GATEWAY_TIMEOUT, "TIMEOUT"),
