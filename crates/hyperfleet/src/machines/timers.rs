@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::activity::{from_ms, now_ms, to_ms};
-use super::{Error, Host, Result, Service};
+use super::{Error, Host, Service};
 use crate::store::machines::{self as records, MachineRecord};
 
 /// What the timer task is told.

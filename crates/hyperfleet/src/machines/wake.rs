@@ -50,10 +50,14 @@ impl<H: Host> Service<H> {
                 }
             }
         };
-        let waited = tokio::time::timeout(patience, outcome.wait_for(Option::is_some)).await;
+        // The borrow of the outcome is let go of at once (it holds a lock), before any further await.
+        let waited = tokio::time::timeout(patience, async {
+            outcome.wait_for(Option::is_some).await.map(|v| v.clone()).ok().flatten()
+        })
+        .await;
         let res = match waited {
-            Ok(Ok(v)) => v.clone().unwrap_or_else(|| Err("the wake-up ended without an outcome".into())),
-            Ok(Err(_)) => Err("the wake-up ended without an outcome".into()),
+            Ok(Some(v)) => v,
+            Ok(None) => Err("the wake-up ended without an outcome".into()),
             Err(_) => Err(format!("not running after {} s", patience.as_secs())),
         };
         res.map_err(|reason| Error::WakeFailed { id: rec.id.clone(), reason })?;
