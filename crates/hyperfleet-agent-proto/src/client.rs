@@ -25,8 +25,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
 
 use crate::{
-    ErrorKind, ExecSpec, FileStat, Frame, FrameKind, Hello, PROTOCOL_VERSION, ProtoError, PtyControl, PtySpec,
-    Request, Response, read_frame, read_json, write_frame, write_json,
+    ErrorKind, ExecSpec, FileStat, Frame, FrameKind, Hello, PROTOCOL_VERSION, ProtoError, PtyControl, PtySpec, Request,
+    Response, read_frame, read_json, write_frame, write_json,
 };
 
 /// Where an agent listens.
@@ -573,7 +573,9 @@ impl PtyInput {
 pub enum PtyEvent {
     /// Bytes the terminal printed (at most [`crate::MAX_FRAME`] per event).
     Output(Bytes),
-    Exited { exit_code: i32 },
+    Exited {
+        exit_code: i32,
+    },
 }
 
 /// The terminal's output as the agent sends it. After [`PtyEvent::Exited`] or an error, nothing more.

@@ -436,13 +436,8 @@ async fn hanging_up_a_terminal_ends_its_session() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A program that cannot be started is the agent's error, before any session exists.
-    let bad = PtySpec {
-        argv: Some(vec!["/no/such/program".into()]),
-        env: Default::default(),
-        cwd: None,
-        cols: 80,
-        rows: 24,
-    };
+    let bad =
+        PtySpec { argv: Some(vec!["/no/such/program".into()]), env: Default::default(), cwd: None, cols: 80, rows: 24 };
     let e = agent.client().pty(bad).await.err().unwrap();
     assert!(matches!(e, ClientError::Agent { kind: ErrorKind::SpawnFailed, .. }), "{e}");
 }

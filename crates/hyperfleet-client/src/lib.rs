@@ -57,7 +57,6 @@ pub type PtyStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::Maybe
 /// The messages of a [`PtyStream`].
 pub use tokio_tungstenite::tungstenite::Message as PtyMessage;
 
-
 impl Error {
     /// The API error code (`NOT_FOUND`, `TIMEOUT`, …), if the server sent one.
     pub fn code(&self) -> Option<&str> {
@@ -207,7 +206,8 @@ impl Client {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut request = url.into_client_request().map_err(|e| Error::Decode(format!("terminal URL: {e}")))?;
         if let Some(k) = &self.api_key {
-            let v = format!("Bearer {k}").parse().map_err(|_| Error::Decode("the API key is not a header value".into()))?;
+            let v =
+                format!("Bearer {k}").parse().map_err(|_| Error::Decode("the API key is not a header value".into()))?;
             request.headers_mut().insert("authorization", v);
         }
         match tokio_tungstenite::connect_async(request).await {

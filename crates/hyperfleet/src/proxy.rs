@@ -327,7 +327,9 @@ impl Proxy {
         let addr = SocketAddr::new(IpAddr::V4(m.guest_ip), port);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if let Ok(Ok(_)) = tokio::time::timeout(left.min(Duration::from_secs(1)), tokio::net::TcpStream::connect(addr)).await {
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(left.min(Duration::from_secs(1)), tokio::net::TcpStream::connect(addr)).await
+            {
                 break;
             }
             if left.is_zero() {

@@ -58,7 +58,8 @@ async fn resize(ws: &mut PtyStream, cols: u16, rows: u16) {
 #[tokio::test]
 async fn a_terminal_session_end_to_end() {
     let d = Daemon::start(Options::default()).await;
-    let req = CreateMachine { env: Some([("GREETING".to_string(), "hello-env".to_string())].into()), ..machine("term") };
+    let req =
+        CreateMachine { env: Some([("GREETING".to_string(), "hello-env".to_string())].into()), ..machine("term") };
     let m = running(&d, req).await;
     let opts = PtyOptions { cols: 100, rows: 30, ..Default::default() };
     let mut ws = d.client.pty(&m.id, &opts).await.unwrap();
@@ -223,7 +224,10 @@ async fn ttl_stops_or_deletes_a_machine() {
         running(&d, CreateMachine { ttl_seconds: Some(2), on_ttl: Some(TtlAction::Delete), ..machine("ttl-del") })
             .await;
     let expires = stop.expires_at.expect("a running machine with a ttl shows when it expires");
-    assert!(expires > stop.updated_at - time::Duration::seconds(1) && expires <= stop.updated_at + time::Duration::seconds(3));
+    assert!(
+        expires > stop.updated_at - time::Duration::seconds(1)
+            && expires <= stop.updated_at + time::Duration::seconds(3)
+    );
     // Activity does not matter to a ttl.
     sh(&d, &stop.id, "true").await;
     wait_status(&d, &stop.id, MachineStatus::Stopped, Duration::from_secs(10)).await;
@@ -396,7 +400,7 @@ async fn label_selectors() {
             let list = c.list_machines(&ListOptions { label: Some(sel), ..Default::default() }).await.unwrap();
             let mut n: Vec<String> = list.machines.iter().map(|m| m.spec.name.clone()).collect();
             n.sort();
-            assert_eq!(list.total as usize, n.len());
+            assert_eq!(list.total, n.len() as u64);
             n
         }
     };
@@ -448,7 +452,8 @@ async fn env_and_secrets_reach_commands_and_secret_values_never_leave() {
     read_until(&mut ws, &format!("X={SECRET}")).await;
     drop(ws);
     // A new value through PATCH; the answer shows only the name.
-    let patch = UpdateMachine { secrets: Some([("TOKEN".to_string(), SECRET2.to_string())].into()), ..Default::default() };
+    let patch =
+        UpdateMachine { secrets: Some([("TOKEN".to_string(), SECRET2.to_string())].into()), ..Default::default() };
     let patched =
         d.client.raw(hyperfleet_client::HttpMethod::PATCH, &format!("/machines/{id}")).json(&patch).send().await;
     let patched = patched.unwrap().text().await.unwrap();

@@ -77,7 +77,11 @@ pub(crate) async fn pty(
     let req = parse_query(query.as_deref())?;
     let machine = s.service.get(&id).await?;
     let ws = ws.map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", format!("this endpoint is a WebSocket: {}", e.body_text()))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            format!("this endpoint is a WebSocket: {}", e.body_text()),
+        )
     })?;
     let session = s.service.pty(&machine.id, req).await?;
     let client_timeout = s.pty_client_timeout;

@@ -342,9 +342,10 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 Output::Table => logs.lines.iter().for_each(|l| println!("{l}")),
             }
         }
-        MachinesCommand::Expose { id, ports } => {
-            print_one(out, &hf.update_machine(&id, &UpdateMachine { exposed_ports: Some(ports), ..Default::default() }).await?)?
-        }
+        MachinesCommand::Expose { id, ports } => print_one(
+            out,
+            &hf.update_machine(&id, &UpdateMachine { exposed_ports: Some(ports), ..Default::default() }).await?,
+        )?,
         MachinesCommand::Set { id, settings } => {
             let req = UpdateMachine {
                 labels: settings.labels(),

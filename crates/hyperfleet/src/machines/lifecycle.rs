@@ -106,12 +106,12 @@ impl<H: Host> Service<H> {
             })
             .await?
             .map_err(|e| match e {
-            InsertError::NameTaken(n) => Error::NameTaken(n),
-            InsertError::Lease(LeaseError::Exhausted(blocks)) => {
-                Error::PoolExhausted { subnet: self.addressing.subnet.to_string(), blocks }
-            }
-            InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
-        })?;
+                InsertError::NameTaken(n) => Error::NameTaken(n),
+                InsertError::Lease(LeaseError::Exhausted(blocks)) => {
+                    Error::PoolExhausted { subnet: self.addressing.subnet.to_string(), blocks }
+                }
+                InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
+            })?;
         info!(machine = %rec.id, name = %rec.spec.name, runtime = %rec.spec.runtime, tap = %self.addressing.iface(&rec), "machine created");
         self.events.publish(&rec);
         Ok(self.to_wire(&rec))

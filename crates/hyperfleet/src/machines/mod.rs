@@ -41,11 +41,11 @@ use std::time::Duration;
 use hyperfleet_types::{Health, RuntimeAvailability, RuntimeKind};
 
 pub(crate) use action::Action;
-pub(crate) use error::{Error, Result};
 pub(crate) use activity::{Hold, HoldKind};
+pub(crate) use error::{Error, Result};
 pub(crate) use host::{Host, LinuxHost};
-pub(crate) use pty::{PtyRequest, PtySession};
 use network::Addressing;
+pub(crate) use pty::{PtyRequest, PtySession};
 #[cfg(test)]
 pub(crate) use validate::create as validate_create;
 

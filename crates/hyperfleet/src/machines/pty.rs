@@ -2,9 +2,9 @@
 //! machine's env and secrets; the caller (the API's WebSocket) moves the bytes. A session counts against the
 //! machine's command slots and is activity while its bytes flow (see `activity.rs`).
 
+use hyperfleet_agent_proto::ErrorKind;
 use hyperfleet_agent_proto::PtySpec;
 use hyperfleet_agent_proto::client::{ClientError, PtyInput, PtyOutput};
-use hyperfleet_agent_proto::ErrorKind;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::guest::{agent_error, check_guest_path};

@@ -192,7 +192,9 @@ impl<H: Host> Service<H> {
                     match res {
                         // Stopped or deleted meanwhile by someone else: the policy is satisfied.
                         Ok(()) | Err(Error::InvalidState { .. } | Error::NotFound(_)) => {}
-                        Err(e) => warn!(machine = %id, error = %e, "lifecycle policy: the machine could not be stopped"),
+                        Err(e) => {
+                            warn!(machine = %id, error = %e, "lifecycle policy: the machine could not be stopped")
+                        }
                     }
                 });
             }
@@ -232,7 +234,10 @@ mod tests {
     fn verdicts() {
         use MachineStatus::*;
         assert_eq!(verdict(&rec(Running, Some(10), None, Some(10_000)), None, 9_999), Verdict::WaitUntil(10_000));
-        assert_eq!(verdict(&rec(Running, Some(10), None, Some(10_000)), None, 10_000), Verdict::Expire(TtlAction::Stop));
+        assert_eq!(
+            verdict(&rec(Running, Some(10), None, Some(10_000)), None, 10_000),
+            Verdict::Expire(TtlAction::Stop)
+        );
         assert_eq!(verdict(&rec(Paused, Some(10), None, Some(10_000)), None, 10_000), Verdict::Expire(TtlAction::Stop));
         assert_eq!(verdict(&rec(Stopped, Some(10), None, Some(10_000)), None, 20_000), Verdict::Nothing);
         assert_eq!(verdict(&rec(Running, None, Some(5), None), Some(1_000), 5_999), Verdict::WaitUntil(6_000));

@@ -378,10 +378,7 @@ mod tests {
             base
         };
         for bad in ["", "-a", "a-", "UPPER/x", "a..b/x", "x/", "/x", "a b", &"n".repeat(64)] {
-            assert!(
-                err(&a, with(serde_json::json!({"labels": {bad: "v"}}))).contains("is not a label key"),
-                "{bad:?}"
-            );
+            assert!(err(&a, with(serde_json::json!({"labels": {bad: "v"}}))).contains("is not a label key"), "{bad:?}");
         }
         assert!(err(&a, with(serde_json::json!({"labels": {"team": "-ml"}}))).contains("labels.team must"));
         let ok = create(

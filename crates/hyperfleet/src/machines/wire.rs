@@ -60,9 +60,9 @@ impl<H: Host> Service<H> {
             expires_at: m.expires_at,
             // The live clock (activity since the last write to the store counts too).
             idle_since: match m.status {
-                hyperfleet_types::MachineStatus::Running => self
-                    .effective_idle_since(m, super::activity::now_ms())
-                    .map(super::activity::from_ms),
+                hyperfleet_types::MachineStatus::Running => {
+                    self.effective_idle_since(m, super::activity::now_ms()).map(super::activity::from_ms)
+                }
                 _ => m.idle_since,
             },
             created_at: m.created_at,
