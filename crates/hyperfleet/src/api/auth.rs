@@ -105,6 +105,8 @@ mod tests {
             (Method::GET, "/machines/{id}/files/stat", Some(MachinesExec)),
             (Method::GET, "/machines/{id}/pty", Some(MachinesExec)),
             (Method::POST, "/machines/{id}/keepalive", Some(MachinesWrite)),
+            (Method::GET, "/machines/{id}/files/list", Some(MachinesExec)),
+            (Method::POST, "/machines/{id}/files/mkdir", Some(MachinesExec)),
             (Method::GET, "/api-keys", Some(KeysAdmin)),
             (Method::DELETE, "/api-keys/{id}", Some(KeysAdmin)),
         ];
