@@ -1,10 +1,11 @@
 //! hyperfleet-agent: the guest side of Hyperfleet. Runs as PID 1 (or as the first service of an init) in a
-//! Firecracker guest or a container, and serves exec and file operations to the host (protocol: see the
+//! Firecracker guest or a container, and serves exec, terminal and file operations to the host (protocol: see the
 //! `hyperfleet-agent-proto` crate) on vsock port 52 or a unix socket.
 
 mod exec;
 mod files;
 mod init;
+mod pty;
 mod reaper;
 mod volumes;
 
@@ -192,6 +193,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(ctx: Arc<Ctx>, stream: S) {
         Request::ReadFile { path, max_size } => files::read(&mut w, &path, max_size).await,
         Request::Stat { path } => proto::write_json(&mut w, &files::stat(&path).await).await,
         Request::Delete { path, recursive } => proto::write_json(&mut w, &files::delete(&path, recursive).await).await,
+        Request::Pty(spec) => pty::run(&ctx.reaper, &mut r, &mut w, spec).await,
         Request::ListDir { path, after, limit } => {
             proto::write_json(&mut w, &files::list(path, after, limit).await).await
         }
@@ -223,5 +225,6 @@ fn request_name(req: &Request) -> &'static str {
         Request::ListDir { .. } => "list",
         Request::Mkdir { .. } => "mkdir",
         Request::Shutdown => "shutdown",
+        Request::Pty(_) => "terminal",
     }
 }

@@ -221,6 +221,27 @@ pub struct MachineSpec {
     /// Size of the machine's own root disk: the image's size unless `disk_size_mib` asked for more.
     #[serde(default)]
     pub disk_size_mib: u32,
+    /// Names of the machine's secrets: variables set like `env`, whose values are write-only.
+    #[serde(default)]
+    pub secret_names: Vec<String>,
+    /// Free-form tags (`team=ml`), selectable with `GET /machines?label=…`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Stop (or delete, see `on_ttl`) the machine this many seconds after it started, whatever happens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub on_ttl: TtlAction,
+    /// Stop the machine after this many seconds without activity (see the README for what counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u64>,
+    /// How long an open but silent connection or terminal still counts as activity (default: the idle
+    /// timeout), so a forgotten WebSocket cannot keep a machine alive forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_max_connection_seconds: Option<u64>,
+    /// A proxied request to the stopped or paused machine starts or resumes it.
+    #[serde(default)]
+    pub auto_start: bool,
 }
 
 /// A volume a machine mounts: `{"volume": "cache", "mount_path": "/data", "read_only": false}`.
@@ -291,6 +312,15 @@ pub struct CloneVolume {
     pub name: Option<String>,
 }
 
+/// What happens when a machine's `ttl_seconds` run out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TtlAction {
+    #[default]
+    Stop,
+    Delete,
+}
+
 /// A machine: its spec, plus what the daemon decided (id, addresses) and observes (status, process).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Machine {
@@ -312,6 +342,15 @@ pub struct Machine {
     #[schema(example = "AA:FC:00:00:00:01")]
     pub guest_mac: String,
     pub error_message: Option<String>,
+    /// When `ttl_seconds` runs out (RFC 3339), while the machine runs or is paused.
+    #[serde(default, with = "timestamp::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<time::OffsetDateTime>,
+    /// The last activity (RFC 3339) of a running machine with `idle_timeout_seconds`; it stops at
+    /// `idle_since + idle_timeout_seconds` unless something happens.
+    #[serde(default, with = "timestamp::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub idle_since: Option<time::OffsetDateTime>,
     /// RFC 3339, UTC.
     #[serde(with = "timestamp")]
     #[schema(value_type = String, format = DateTime)]
@@ -368,9 +407,33 @@ pub struct CreateMachine {
     /// Grow the machine's own root disk (and its file system) to this size; at least the image's size.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_size_mib: Option<i64>,
+    /// String tags: keys like Kubernetes label keys (`[prefix/]name`), values up to 63 characters; at most 64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Variables set like `env` whose values are never shown again (responses list `secret_names`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<BTreeMap<String, String>>,
+    /// Seconds after each start before the machine is stopped (or deleted); 0: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub ttl_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_ttl: Option<TtlAction>,
+    /// Seconds without activity before a running machine is stopped; 0: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub idle_timeout_seconds: Option<u64>,
+    /// Seconds an open but silent connection or terminal still counts as activity; 0: the idle timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub idle_max_connection_seconds: Option<u64>,
+    /// Start (or resume) the machine when a proxied request arrives for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_start: Option<bool>,
 }
 
-/// `PATCH /machines/{id}`: change what can change without a restart.
+/// `PATCH /machines/{id}`: change what can change without a restart. Each field given replaces the
+/// machine's (a map replaces the whole map); lifecycle changes take effect at once.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateMachine {
@@ -379,6 +442,32 @@ pub struct UpdateMachine {
     /// Replaces the machine's volumes; only while it is not running (pending, stopped or failed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub volumes: Option<Vec<VolumeMount>>,
+    /// Applies to commands started from now on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// String tags: keys like Kubernetes label keys (`[prefix/]name`), values up to 63 characters; at most 64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Variables set like `env` whose values are never shown again (responses list `secret_names`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<BTreeMap<String, String>>,
+    /// Seconds after each start before the machine is stopped (or deleted); 0: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub ttl_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_ttl: Option<TtlAction>,
+    /// Seconds without activity before a running machine is stopped; 0: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub idle_timeout_seconds: Option<u64>,
+    /// Seconds an open but silent connection or terminal still counts as activity; 0: the idle timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub idle_max_connection_seconds: Option<u64>,
+    /// Start (or resume) the machine when a proxied request arrives for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_start: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -92,6 +92,10 @@ pub struct ProxyArgs {
     /// Seconds a WebSocket (or other upgraded) tunnel may pass no byte either way before it is closed.
     #[arg(long, env = "PROXY_WEBSOCKET_IDLE_TIMEOUT", default_value_t = 300)]
     pub proxy_websocket_idle_timeout: u64,
+    /// Seconds a request to a stopped or paused `auto_start` machine waits for it to start and for the
+    /// port to answer.
+    #[arg(long, env = "PROXY_WAKE_TIMEOUT", default_value_t = 60)]
+    pub proxy_wake_timeout: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -186,6 +190,9 @@ pub struct FileArgs {
     /// is cut and flagged as truncated. Streamed exec is not buffered.
     #[arg(long, env = "HYPERFLEET_EXEC_OUTPUT_BUDGET", default_value = "256MiB")]
     pub exec_output_budget: String,
+    /// Seconds a terminal's WebSocket client may not answer (it is pinged) before its session is hung up.
+    #[arg(long, env = "HYPERFLEET_PTY_CLIENT_TIMEOUT", default_value_t = 30)]
+    pub pty_client_timeout: u64,
 }
 
 /// The validated configuration.
@@ -221,6 +228,7 @@ pub struct ProxySettings {
     pub max_connections: usize,
     pub upstream_timeout: Duration,
     pub websocket_idle_timeout: Duration,
+    pub wake_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -262,6 +270,7 @@ pub struct FileSettings {
     pub transfer_timeout: Duration,
     pub exec_max_concurrent: usize,
     pub exec_output_budget: u64,
+    pub pty_client_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -425,6 +434,7 @@ impl ProxyArgs {
             max_connections: self.proxy_max_connections,
             upstream_timeout: Duration::from_secs(self.proxy_upstream_timeout),
             websocket_idle_timeout: Duration::from_secs(self.proxy_websocket_idle_timeout),
+            wake_timeout: Duration::from_secs(self.proxy_wake_timeout.max(1)),
         })
     }
 }
@@ -553,11 +563,15 @@ impl FileArgs {
                 format!("'{}': use bytes or 256MiB, at least 1MiB", self.exec_output_budget),
             )
         })?;
+        if self.pty_client_timeout == 0 {
+            return Err(bad("HYPERFLEET_PTY_CLIENT_TIMEOUT", "must be at least 1 second"));
+        }
         Ok(FileSettings {
             max_size,
             transfer_timeout: Duration::from_secs(self.file_transfer_timeout),
             exec_max_concurrent: self.exec_max_concurrent,
             exec_output_budget,
+            pty_client_timeout: Duration::from_secs(self.pty_client_timeout),
         })
     }
 }
@@ -672,6 +686,8 @@ mod tests {
         ("HYPERFLEET_NFT_TABLE", "hf_env"),
         ("HYPERFLEET_EGRESS_DENY", "169.254.0.0/16, 10.0.0.0/8"),
         ("HYPERFLEET_EXEC_MAX_CONCURRENT", "3"),
+        ("HYPERFLEET_PTY_CLIENT_TIMEOUT", "5"),
+        ("PROXY_WAKE_TIMEOUT", "10"),
         ("HYPERFLEET_EXEC_OUTPUT_BUDGET", "64MiB"),
         ("HYPERFLEET_STOP_TIMEOUT", "3"),
         ("HYPERFLEET_CONSOLE_LOG_MAX_SIZE", "1MiB"),

@@ -43,7 +43,9 @@ pub(crate) fn required_scope(method: &Method, path: &str) -> Option<Scope> {
         (_, "/health") => None,
         (_, p) if p == "/docs" || p.starts_with("/docs/") => None,
         (_, p) if p.starts_with("/api-keys") => Some(KeysAdmin),
-        _ if p.ends_with("/exec") || p.ends_with("/exec/stream") || p.contains("/files") => Some(MachinesExec),
+        _ if p.ends_with("/exec") || p.ends_with("/exec/stream") || p.ends_with("/pty") || p.contains("/files") => {
+            Some(MachinesExec)
+        }
         (&Method::GET, _) => Some(MachinesRead),
         _ => Some(MachinesWrite),
     }
@@ -101,6 +103,8 @@ mod tests {
             (Method::POST, "/machines/{id}/exec/stream", Some(MachinesExec)),
             (Method::GET, "/machines/{id}/files", Some(MachinesExec)),
             (Method::GET, "/machines/{id}/files/stat", Some(MachinesExec)),
+            (Method::GET, "/machines/{id}/pty", Some(MachinesExec)),
+            (Method::POST, "/machines/{id}/keepalive", Some(MachinesWrite)),
             (Method::GET, "/machines/{id}/files/list", Some(MachinesExec)),
             (Method::POST, "/machines/{id}/files/mkdir", Some(MachinesExec)),
             (Method::GET, "/volumes", Some(MachinesRead)),

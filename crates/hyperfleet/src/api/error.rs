@@ -72,6 +72,9 @@ fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
             (S::CONFLICT, "CONFLICT")
         }
         MachineError::PoolExhausted { .. } => (S::SERVICE_UNAVAILABLE, "IP_POOL_EXHAUSTED"),
+        MachineError::Asleep { .. } | MachineError::WakeFailed { .. } => {
+            (S::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE")
+        }
         MachineError::WaitTimedOut { .. }
         | MachineError::ExecTimedOut { .. }
         | MachineError::TransferTimedOut { .. } => (S::GATEWAY_TIMEOUT, "TIMEOUT"),

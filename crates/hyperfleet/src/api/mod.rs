@@ -9,6 +9,7 @@ mod fuzz;
 pub(crate) mod guest;
 pub(crate) mod keys;
 pub(crate) mod machines;
+pub(crate) mod pty;
 pub(crate) mod volumes;
 
 use std::sync::Arc;
@@ -36,6 +37,8 @@ pub(crate) struct AppState {
     pub service: Arc<Service>,
     pub auth: Arc<Auth>,
     pub doctor: Arc<Doctor>,
+    /// How long a terminal's client may stay silent (pongs included) before its session is hung up.
+    pub pty_client_timeout: std::time::Duration,
 }
 
 pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
@@ -48,6 +51,7 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         health,
         machines::create, machines::list, machines::get, machines::update, machines::delete, machines::start,
         machines::stop, machines::restart, machines::pause, machines::resume, machines::wait, machines::logs, machines::network,
+        machines::keepalive, pty::pty,
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
         guest::list, guest::mkdir,
         keys::create, keys::list, keys::revoke,
@@ -181,6 +185,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/machines/{id}/restart", post(machines::restart))
         .route("/machines/{id}/pause", post(machines::pause))
         .route("/machines/{id}/resume", post(machines::resume))
+        .route("/machines/{id}/keepalive", post(machines::keepalive))
+        .route("/machines/{id}/pty", get(pty::pty))
         .route("/machines/{id}/wait", get(machines::wait))
         .route("/machines/{id}/logs", get(machines::logs))
         .route("/machines/{id}/network", get(machines::network))
@@ -234,6 +240,8 @@ mod tests {
             ("/machines/{id}/restart", &["post"]),
             ("/machines/{id}/pause", &["post"]),
             ("/machines/{id}/resume", &["post"]),
+            ("/machines/{id}/keepalive", &["post"]),
+            ("/machines/{id}/pty", &["get"]),
             ("/machines/{id}/wait", &["get"]),
             ("/machines/{id}/logs", &["get"]),
             ("/machines/{id}/network", &["get"]),
@@ -308,7 +316,8 @@ mod tests {
                 }
                 for (status, r) in responses {
                     let r = resolve(&doc, r);
-                    if status.starts_with('2') {
+                    // 2xx, and 101 (a WebSocket upgrade), are not errors.
+                    if status.starts_with('2') || status == "101" {
                         continue;
                     }
                     assert_eq!(

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use hyperfleet_client::ListOptions;
 use hyperfleet_types::{
     CommandArgs, CreateMachine, EgressPolicy, EntryType, ExecEvent, ExecRequest, Machine, MachineStatus, MakeDir,
-    NetworkOptions, RuntimeKind, UpdateMachine, VolumeMount, timestamp,
+    NetworkOptions, RuntimeKind, TtlAction, UpdateMachine, VolumeMount, timestamp,
 };
 
 use super::{ApiArgs, Output, print_table};
@@ -20,6 +20,8 @@ pub struct MachinesArgs {
     command: MachinesCommand,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum MachinesCommand {
     /// Create a machine (pending; add --start to start it).
@@ -56,6 +58,8 @@ enum MachinesCommand {
         /// An environment variable for every command run in the machine (repeat: --env A=1 --env B=2).
         #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_pair)]
         env: Vec<(String, String)>,
+        #[command(flatten)]
+        settings: Settings,
         #[arg(long)]
         start: bool,
     },
@@ -63,6 +67,9 @@ enum MachinesCommand {
     List {
         #[arg(long, value_parser = parse_status)]
         status: Option<MachineStatus>,
+        /// Label selector: team=ml,env!=prod,gpu,!spot
+        #[arg(long, short = 'l')]
+        label: Option<String>,
         #[arg(long)]
         limit: Option<u32>,
         #[arg(long)]
@@ -112,6 +119,22 @@ enum MachinesCommand {
         id: String,
         ports: Vec<i64>,
     },
+    /// Change labels, secrets and lifecycle settings of a machine (each flag given replaces that setting).
+    Set {
+        id: String,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Activity now: restart the idle clock (and a ttl's count).
+    Keepalive {
+        id: String,
+    },
+    /// Open a terminal in the machine (its shell, or the command after --).
+    Shell {
+        id: String,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Run a command in the machine; its output streams as it comes and its exit code becomes ours.
     Exec {
         id: String,
@@ -150,6 +173,56 @@ enum MachinesCommand {
     Network {
         id: String,
     },
+}
+
+/// Labels, secrets and lifecycle flags, shared by `create` and `set`.
+#[derive(Args, Debug, Default)]
+struct Settings {
+    /// A label (repeat: --label team=ml --label env=dev).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
+    labels: Vec<(String, String)>,
+    /// A secret variable: NAME=VALUE, or NAME alone to take the value from this environment (so it is not
+    /// in the command line).
+    #[arg(long = "secret", value_name = "NAME[=VALUE]", value_parser = parse_secret)]
+    secrets: Vec<(String, String)>,
+    /// Stop (or delete, with --on-ttl delete) this many seconds after each start; 0: never.
+    #[arg(long)]
+    ttl: Option<u64>,
+    #[arg(long, value_parser = parse_ttl_action)]
+    on_ttl: Option<TtlAction>,
+    /// Stop after this many seconds without activity; 0: never.
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// How long a silent open connection or terminal still counts as activity (default: the idle timeout).
+    #[arg(long)]
+    idle_max_connection: Option<u64>,
+    /// Start (or resume) the machine when a proxied request arrives for it.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    auto_start: Option<bool>,
+}
+
+impl Settings {
+    fn labels(&self) -> Option<std::collections::BTreeMap<String, String>> {
+        (!self.labels.is_empty()).then(|| self.labels.iter().cloned().collect())
+    }
+    fn secrets(&self) -> Option<std::collections::BTreeMap<String, String>> {
+        (!self.secrets.is_empty()).then(|| self.secrets.iter().cloned().collect())
+    }
+}
+
+fn parse_secret(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => std::env::var(s).map(|v| (s.to_string(), v)).map_err(|_| format!("{s} is not set in this environment")),
+    }
+}
+
+fn parse_ttl_action(s: &str) -> Result<TtlAction, String> {
+    match s {
+        "stop" => Ok(TtlAction::Stop),
+        "delete" => Ok(TtlAction::Delete),
+        _ => Err(format!("'{s}': use stop or delete")),
+    }
 }
 
 fn parse_status(s: &str) -> Result<MachineStatus, String> {
@@ -204,10 +277,11 @@ fn print_machines(output: Output, machines: &[Machine]) -> anyhow::Result<()> {
                 m.guest_ip.to_string(),
                 m.tap_device.clone(),
                 m.spec.exposed_ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+                m.spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
             ]
         })
         .collect();
-    print_table(&["ID", "NAME", "STATUS", "RUNTIME", "VCPUS", "MEM", "GUEST IP", "TAP", "PORTS"], &rows);
+    print_table(&["ID", "NAME", "STATUS", "RUNTIME", "VCPUS", "MEM", "GUEST IP", "TAP", "PORTS", "LABELS"], &rows);
     Ok(())
 }
 
@@ -239,6 +313,7 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             volumes,
             disk_size_mib,
             env,
+            settings,
             start,
         } => {
             let network = (!dns.is_empty() || egress.is_some()).then(|| -> anyhow::Result<NetworkOptions> {
@@ -260,6 +335,13 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 env: (!env.is_empty()).then(|| env.into_iter().collect()),
                 volumes: (!volumes.is_empty()).then_some(volumes),
                 disk_size_mib,
+                labels: settings.labels(),
+                secrets: settings.secrets(),
+                ttl_seconds: settings.ttl,
+                on_ttl: settings.on_ttl,
+                idle_timeout_seconds: settings.idle_timeout,
+                idle_max_connection_seconds: settings.idle_max_connection,
+                auto_start: settings.auto_start,
             };
             let mut m = hf.create_machine(&req).await?;
             if start {
@@ -267,8 +349,8 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             }
             print_one(out, &m)?;
         }
-        MachinesCommand::List { status, limit, offset } => {
-            let list = hf.list_machines(&ListOptions { status, limit, offset }).await?;
+        MachinesCommand::List { status, label, limit, offset } => {
+            let list = hf.list_machines(&ListOptions { status, label, limit, offset }).await?;
             if out == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -298,6 +380,21 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             out,
             &hf.update_machine(&id, &UpdateMachine { exposed_ports: Some(ports), ..Default::default() }).await?,
         )?,
+        MachinesCommand::Set { id, settings } => {
+            let req = UpdateMachine {
+                labels: settings.labels(),
+                secrets: settings.secrets(),
+                ttl_seconds: settings.ttl,
+                on_ttl: settings.on_ttl,
+                idle_timeout_seconds: settings.idle_timeout,
+                idle_max_connection_seconds: settings.idle_max_connection,
+                auto_start: settings.auto_start,
+                ..Default::default()
+            };
+            print_one(out, &hf.update_machine(&id, &req).await?)?
+        }
+        MachinesCommand::Keepalive { id } => print_one(out, &hf.keepalive(&id).await?)?,
+        MachinesCommand::Shell { id, command } => return super::shell::run(&hf, &id, command).await,
         MachinesCommand::Exec { id, timeout, command } => {
             let req = ExecRequest { command: CommandArgs(command), timeout, env: None, cwd: None, stdin: None };
             let mut events = Box::pin(hf.exec_stream(&id, &req).await?);

@@ -5,6 +5,7 @@ pub(crate) mod keys;
 pub(crate) mod machines;
 pub(crate) mod purge;
 pub(crate) mod serve;
+pub(crate) mod shell;
 pub(crate) mod volumes;
 
 use clap::{Parser, Subcommand, ValueEnum};

@@ -136,7 +136,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let network = &settings.network;
     let doctor = Arc::new(Doctor::new(network)?);
     let auth = Arc::new(Auth::new(store, settings.api.disable_auth));
-    let state = AppState { service: service.clone(), auth, doctor };
+    let state =
+        AppState { service: service.clone(), auth, doctor, pty_client_timeout: settings.files.pty_client_timeout };
+    tokio::spawn(service.clone().run_timers());
     let addr = std::net::SocketAddr::new(settings.api.bind, settings.api.port);
     let listener = listener::bind(addr, false)
         .and_then(tokio::net::TcpListener::from_std)

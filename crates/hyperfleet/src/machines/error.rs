@@ -40,6 +40,12 @@ pub(crate) enum Error {
     WaitTimedOut { id: String, want: MachineStatus },
     #[error("Machine {id} failed instead of reaching status {want}: {reason}")]
     WaitFailed { id: String, want: MachineStatus, reason: String },
+    /// A machine that does not start itself for requests (`auto_start` is off) is not running.
+    #[error("Machine {id} is not running (it is '{status}') and does not start on request (auto_start is off)")]
+    Asleep { id: String, status: MachineStatus },
+    /// Starting or resuming a machine for a request failed.
+    #[error("Machine {id} could not be woken for this request: {reason}")]
+    WakeFailed { id: String, reason: String },
     /// Too many commands already run in this machine at once.
     #[error("Machine {id} already runs {limit} commands at once; wait for one to finish")]
     TooManyExecs { id: String, limit: usize },

@@ -21,7 +21,7 @@ pub(super) const MAX_EXEC_TIMEOUT: u64 = 3600;
 /// Output kept per stream by the buffered exec API.
 pub(super) const EXEC_OUTPUT_CAP: u64 = 10 << 20;
 
-fn agent_error(e: ClientError, path: &str, max: u64) -> Error {
+pub(super) fn agent_error(e: ClientError, path: &str, max: u64) -> Error {
     match e {
         ClientError::Agent { kind: ErrorKind::NotFound, .. } => Error::FileNotFound { path: path.to_string() },
         ClientError::Agent { kind: ErrorKind::InvalidPath, message } => Error::Invalid(message),
@@ -78,6 +78,8 @@ pub(crate) struct ExecPlan {
     pub timeout: Duration,
     /// Held while the command runs (for a streamed exec: until the stream ends).
     slot: Option<OwnedSemaphorePermit>,
+    /// The command is activity in its machine while it runs.
+    hold: Option<super::Hold>,
 }
 
 impl ExecPlan {
@@ -103,12 +105,14 @@ impl ExecPlan {
             stdin: req.stdin.map(String::into_bytes).unwrap_or_default(),
             timeout: Duration::from_secs(secs),
             slot: None,
+            hold: None,
         })
     }
 
-    /// The machine's `env` under the request's own: a variable the request sets wins.
-    fn with_machine_env(&mut self, machine: &BTreeMap<String, String>) {
+    /// The machine's `env` and secrets under the request's own: a variable the request sets wins.
+    fn with_machine_env(&mut self, machine: &BTreeMap<String, String>, mut secrets: BTreeMap<String, String>) {
         let mut env = machine.clone();
+        env.append(&mut secrets);
         env.append(&mut self.spec.env);
         self.spec.env = env;
     }
@@ -133,11 +137,26 @@ fn wire_stat(path: &str, st: &proto::FileStat) -> FileStat {
 }
 
 impl<H: Host> Service<H> {
-    async fn running(&self, id: &str, what: &'static str) -> Result<MachineRecord> {
+    pub(super) async fn running(&self, id: &str, what: &'static str) -> Result<MachineRecord> {
         let rec = self.record(id).await?;
         if rec.status != hyperfleet_types::MachineStatus::Running {
             return Err(Error::NotRunning { what, status: rec.status });
         }
+        Ok(rec)
+    }
+
+    /// The machine's secrets (read only when it has some).
+    pub(super) async fn machine_secrets(&self, rec: &MachineRecord) -> Result<BTreeMap<String, String>> {
+        if rec.spec.secret_names.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        self.secrets(&rec.id).await
+    }
+
+    /// A file operation is activity in its machine.
+    async fn running_for_files(&self, id: &str) -> Result<MachineRecord> {
+        let rec = self.running(id, "transfer files").await?;
+        self.activity.note(&rec.id);
         Ok(rec)
     }
 
@@ -148,7 +167,7 @@ impl<H: Host> Service<H> {
     }
 
     /// The machine's agent once it answers, waiting up to `patience` while the guest boots.
-    async fn ready_agent(&self, rec: &MachineRecord, patience: Duration) -> Result<AgentClient> {
+    pub(super) async fn ready_agent(&self, rec: &MachineRecord, patience: Duration) -> Result<AgentClient> {
         let agent = self.host.agent(&instance(rec));
         let deadline = Instant::now() + patience;
         loop {
@@ -168,7 +187,8 @@ impl<H: Host> Service<H> {
         let mut plan = ExecPlan::new(req, Some(EXEC_OUTPUT_CAP))?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
-        plan.with_machine_env(&rec.spec.env);
+        plan.with_machine_env(&rec.spec.env, self.machine_secrets(&rec).await?);
+        plan.hold = Some(self.activity.hold(&rec.id, super::HoldKind::Command));
         let started = Instant::now();
         let agent = self.ready_agent(&rec, plan.timeout).await?;
         let mut spec = plan.spec.clone();
@@ -233,7 +253,8 @@ impl<H: Host> Service<H> {
         let mut plan = ExecPlan::new(req, None)?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
-        plan.with_machine_env(&rec.spec.env);
+        plan.with_machine_env(&rec.spec.env, self.machine_secrets(&rec).await?);
+        plan.hold = Some(self.activity.hold(&rec.id, super::HoldKind::Command));
         let agent = self.ready_agent(&rec, plan.timeout).await?;
         let max = self.policy.file_max_size;
         let mut session = agent.exec(plan.spec.clone()).await.map_err(|e| agent_error(e, "", max))?;
@@ -290,7 +311,7 @@ impl<H: Host> Service<H> {
         if let Some(m) = mode.filter(|m| *m > 0o7777) {
             return Err(Error::Invalid(format!("mode {m:o} is not a permission mode (at most 0o7777)")));
         }
-        let rec = self.running(id, "transfer files").await?;
+        let rec = self.running_for_files(id).await?;
         let max = self.policy.file_max_size;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
@@ -310,7 +331,7 @@ impl<H: Host> Service<H> {
     /// Opens a file for download; the caller streams its chunks.
     pub(crate) async fn read_file(&self, id: &str, path: &str) -> Result<FileReader> {
         check_guest_path(path)?;
-        let rec = self.running(id, "transfer files").await?;
+        let rec = self.running_for_files(id).await?;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
             let max = self.policy.file_max_size;
@@ -321,7 +342,7 @@ impl<H: Host> Service<H> {
 
     pub(crate) async fn stat_file(&self, id: &str, path: &str) -> Result<FileStat> {
         check_guest_path(path)?;
-        let rec = self.running(id, "transfer files").await?;
+        let rec = self.running_for_files(id).await?;
         let st = self
             .with_timeout(async {
                 let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
@@ -381,7 +402,7 @@ impl<H: Host> Service<H> {
 
     pub(crate) async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
         check_guest_path(path)?;
-        let rec = self.running(id, "transfer files").await?;
+        let rec = self.running_for_files(id).await?;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
             agent.delete(path, recursive).await.map_err(|e| agent_error(e, path, self.policy.file_max_size))

@@ -4,10 +4,12 @@
 //! A start records each host change as it makes it and, if a later step fails, undoes them in reverse.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use hyperfleet_types::{CreateMachine, Machine, MachineList, MachineLogs, MachineStatus, UpdateMachine};
+use hyperfleet_types::{CreateMachine, Machine, MachineList, MachineLogs, MachineSpec, MachineStatus, UpdateMachine};
 use tracing::{info, warn};
 
+use super::selector::Selector;
 use super::{Action, Error, Host, Result, Service, validate};
 use crate::runtime::{Booted, Instance};
 use crate::store::leases::LeaseError;
@@ -37,6 +39,56 @@ async fn detached<T: Send + 'static>(
     flow: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
     tokio::spawn(flow).await.map_err(|e| Error::Task { what, message: e.to_string() })?
+}
+
+/// A PATCH applied to the stored spec of a machine in `status`: each field validated, volumes only at rest.
+fn apply_update(
+    spec: &mut MachineSpec,
+    status: MachineStatus,
+    req: &UpdateMachine,
+    ports: Option<Vec<u16>>,
+    volumes: Option<Vec<hyperfleet_types::VolumeMount>>,
+) -> Result<()> {
+    if let Some(v) = volumes {
+        if !MachineStatus::AT_REST.contains(&status) {
+            return Err(Error::InvalidState { action: Action::ChangeVolumes, status });
+        }
+        spec.volumes = v;
+    }
+    if let Some(p) = ports {
+        spec.exposed_ports = p;
+    }
+    if let Some(env) = &req.env {
+        validate::env("env", env).map_err(Error::Invalid)?;
+        spec.env = env.clone();
+    }
+    if let Some(secrets) = &req.secrets {
+        spec.secret_names = validate::secrets(secrets, &spec.env).map_err(Error::Invalid)?;
+    } else if let Some(both) = spec.secret_names.iter().find(|k| spec.env.contains_key(*k)) {
+        return Err(Error::Invalid(format!("env.{both} is also a secret; set it in one of them")));
+    }
+    if let Some(labels) = &req.labels {
+        validate::labels("labels", labels).map_err(Error::Invalid)?;
+        spec.labels = labels.clone();
+    }
+    if req.ttl_seconds.is_some() {
+        spec.ttl_seconds = validate::timer("ttl_seconds", req.ttl_seconds).map_err(Error::Invalid)?;
+    }
+    if let Some(a) = req.on_ttl {
+        spec.on_ttl = a;
+    }
+    if req.idle_timeout_seconds.is_some() {
+        spec.idle_timeout_seconds =
+            validate::timer("idle_timeout_seconds", req.idle_timeout_seconds).map_err(Error::Invalid)?;
+    }
+    if req.idle_max_connection_seconds.is_some() {
+        spec.idle_max_connection_seconds =
+            validate::timer("idle_max_connection_seconds", req.idle_max_connection_seconds).map_err(Error::Invalid)?;
+    }
+    if let Some(a) = req.auto_start {
+        spec.auto_start = a;
+    }
+    Ok(())
 }
 
 pub(super) fn instance(m: &MachineRecord) -> Instance {
@@ -82,7 +134,8 @@ impl<H: Host> Service<H> {
 
     pub(crate) async fn create(&self, req: CreateMachine) -> Result<Machine> {
         let policy = self.policy.clone();
-        let spec = tokio::task::spawn_blocking(move || validate::create(&req, &policy))
+        let checked = req.clone();
+        let spec = tokio::task::spawn_blocking(move || validate::create(&checked, &policy))
             .await
             .map_err(|e| Error::Task { what: "validate", message: e.to_string() })?
             .map_err(Error::Invalid)?;
@@ -93,13 +146,25 @@ impl<H: Host> Service<H> {
         }
         let blocks = self.addressing.subnet.block_count();
         let id = crate::store::random_id();
-        let rec = self.store.call(move |c| Ok(records::insert(c, &id, &spec, blocks))).await?.map_err(|e| match e {
-            InsertError::NameTaken(n) => Error::NameTaken(n),
-            InsertError::Lease(LeaseError::Exhausted(blocks)) => {
-                Error::PoolExhausted { subnet: self.addressing.subnet.to_string(), blocks }
-            }
-            InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
-        })?;
+        let secrets = req.secrets.unwrap_or_default();
+        let rec = self
+            .store
+            .call(move |c| {
+                Ok(records::insert(c, &id, &spec, blocks).and_then(|rec| {
+                    if !secrets.is_empty() {
+                        records::set_secrets(c, &rec.id, &secrets)?;
+                    }
+                    Ok(rec)
+                }))
+            })
+            .await?
+            .map_err(|e| match e {
+                InsertError::NameTaken(n) => Error::NameTaken(n),
+                InsertError::Lease(LeaseError::Exhausted(blocks)) => {
+                    Error::PoolExhausted { subnet: self.addressing.subnet.to_string(), blocks }
+                }
+                InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
+            })?;
         info!(machine = %rec.id, name = %rec.spec.name, runtime = %rec.spec.runtime, tap = %self.addressing.iface(&rec), "machine created");
         self.events.publish(&rec);
         Ok(self.to_wire(&rec))
@@ -109,9 +174,28 @@ impl<H: Host> Service<H> {
         Ok(self.to_wire(&self.record(id).await?))
     }
 
-    pub(crate) async fn list(&self, status: Option<MachineStatus>, limit: u32, offset: u64) -> Result<MachineList> {
-        let (rows, total) = self.store.read(move |c| records::list(c, status, limit, offset)).await?;
-        Ok(MachineList { machines: rows.iter().map(|m| self.to_wire(m)).collect(), total })
+    pub(crate) async fn list(
+        &self,
+        status: Option<MachineStatus>,
+        labels: &Selector,
+        limit: u32,
+        offset: u64,
+    ) -> Result<MachineList> {
+        if labels.is_empty() {
+            let (rows, total) = self.store.read(move |c| records::list(c, status, limit, offset)).await?;
+            return Ok(MachineList { machines: rows.iter().map(|m| self.to_wire(m)).collect(), total });
+        }
+        // Labels live in the spec's JSON: filter here, then page. A host runs at most a few thousand machines.
+        let (rows, _) = self.store.read(move |c| records::list(c, status, u32::MAX, 0)).await?;
+        let matching: Vec<&MachineRecord> = rows.iter().filter(|m| labels.matches(&m.spec.labels)).collect();
+        let total = matching.len() as u64;
+        let machines = matching
+            .into_iter()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .map(|m| self.to_wire(m))
+            .collect();
+        Ok(MachineList { machines, total })
     }
 
     /// Every machine in one of `statuses`.
@@ -126,42 +210,87 @@ impl<H: Host> Service<H> {
             Some(p) => Some(validate::ports("exposed_ports", p).map_err(Error::Invalid)?),
             None => None,
         };
-        let volumes = match req.volumes {
+        let volumes = match req.volumes.clone() {
             Some(v) => {
                 validate::volumes(&v).map_err(Error::Invalid)?;
                 Some(self.resolve_volumes(v).await?)
             }
             None => None,
         };
-        if ports.is_none() && volumes.is_none() {
-            return Ok(self.to_wire(&rec));
-        }
+        let ttl_changed = req.ttl_seconds.is_some();
+        let idle_changed = req.idle_timeout_seconds.is_some();
         let rid = rec.id.clone();
-        // Read, checked and written in one transaction: a start in between cannot take the old volumes.
+        // Read, checked and written in one transaction: a start in between cannot take the old volumes, and
+        // two PATCHes of different fields cannot undo each other.
         let modified = self
             .store
             .call(move |c| {
-                records::modify_spec(c, &rid, |spec, status| {
-                    if let Some(v) = volumes {
-                        if !MachineStatus::AT_REST.contains(&status) {
-                            return Err(Error::InvalidState { action: Action::ChangeVolumes, status });
-                        }
-                        spec.volumes = v;
-                    }
-                    if let Some(p) = ports {
-                        spec.exposed_ports = p;
-                    }
-                    Ok(())
-                })
+                let modified =
+                    records::modify_spec(c, &rid, |spec, status| apply_update(spec, status, &req, ports, volumes))?;
+                if let (Modify::Done(_), Some(secrets)) = (&modified, &req.secrets) {
+                    records::set_secrets(c, &rid, secrets)?;
+                }
+                Ok(modified)
             })
             .await?;
-        let updated = match modified {
+        let mut updated = match modified {
             Modify::Done(m) => *m,
             Modify::Missing => return Err(Error::NotFound(id.to_string())),
             Modify::Refused(e) => return Err(e),
         };
+        if (ttl_changed || idle_changed) && matches!(updated.status, Running | Paused) {
+            // A new ttl counts from now; a new idle timeout keeps the idle clock (or starts it now).
+            let now = hyperfleet_types::timestamp::now();
+            let expires_at = match updated.spec.ttl_seconds {
+                Some(t) if ttl_changed => Some(now + Duration::from_secs(t)),
+                Some(_) => updated.expires_at,
+                None => None,
+            };
+            let idle_since = updated.spec.idle_timeout_seconds.map(|_| updated.idle_since.unwrap_or(now));
+            updated = self.set_deadlines(&updated.id, expires_at, idle_since).await?.unwrap_or(updated);
+        }
         self.events.publish(&updated);
+        self.recheck(&updated.id);
         Ok(self.to_wire(&updated))
+    }
+
+    async fn set_deadlines(
+        &self,
+        id: &str,
+        expires_at: Option<time::OffsetDateTime>,
+        idle_since: Option<time::OffsetDateTime>,
+    ) -> Result<Option<MachineRecord>> {
+        let rid = id.to_string();
+        Ok(self
+            .store
+            .call(move |c| records::set_deadlines(c, &rid, &[Running, Paused], expires_at, idle_since))
+            .await?)
+    }
+
+    /// `POST /machines/{id}/keepalive`: activity now, and a machine with `ttl_seconds` expires that long
+    /// from now (never sooner than it would have).
+    pub(crate) async fn keepalive(&self, id: &str) -> Result<Machine> {
+        let rec = self.record(id).await?;
+        if !matches!(rec.status, Running | Paused) {
+            return Err(Error::NotRunning { what: "keep it alive", status: rec.status });
+        }
+        self.activity.note(&rec.id);
+        let now = hyperfleet_types::timestamp::now();
+        let expires_at = rec.spec.ttl_seconds.map(|t| {
+            let extended = now + Duration::from_secs(t);
+            rec.expires_at.map_or(extended, |e| e.max(extended))
+        });
+        let idle_since = rec.spec.idle_timeout_seconds.map(|_| now);
+        let updated = self.set_deadlines(&rec.id, expires_at, idle_since).await?.unwrap_or(rec);
+        self.events.publish(&updated);
+        self.recheck(&updated.id);
+        Ok(self.to_wire(&updated))
+    }
+
+    /// A machine's secrets, for a command's environment.
+    pub(super) async fn secrets(&self, id: &str) -> Result<std::collections::BTreeMap<String, String>> {
+        let key = id.to_string();
+        Ok(self.store.read(move |c| records::secrets(c, &key)).await?)
     }
 
     /// Rebuilds the firewall from the machines that currently have a host interface.
@@ -211,15 +340,20 @@ impl<H: Host> Service<H> {
         let mut done = Vec::new();
         match self.start_steps(&rec, &mut done).await {
             Ok(booted) => {
+                let now = hyperfleet_types::timestamp::now();
                 let changes = Changes {
                     pid: Some(Some(booted.pid)),
                     socket_path: Some(booted.socket_path.clone()),
                     error_message: None,
+                    expires_at: Some(rec.spec.ttl_seconds.map(|t| now + Duration::from_secs(t))),
+                    idle_since: Some(rec.spec.idle_timeout_seconds.map(|_| now)),
                 };
                 match self.transition(&rec.id, Action::Start, Running, changes).await {
                     Ok(running) => {
                         info!(machine = %rec.id, pid = booted.pid, "machine running");
                         self.monitor(running.id.clone(), booted.pid);
+                        self.activity.reset(&running.id);
+                        self.recheck(&running.id);
                         Ok(self.to_wire(&running))
                     }
                     // Deleted or changed under us (only reconcile touches a starting machine): undo.
@@ -284,6 +418,7 @@ impl<H: Host> Service<H> {
         let rec = self.transition(&rec.id, Action::Stop, Stopping, Changes::default()).await?;
         self.release_host(&rec).await;
         let stopped = self.transition(&rec.id, Action::Stop, Stopped, Changes::process_gone()).await?;
+        self.activity.reset(&rec.id);
         if let Err(e) = self.firewall_change(&rec, false).await {
             warn!(machine = %rec.id, error = %e, "could not remove the machine from the firewall");
         }
@@ -308,13 +443,21 @@ impl<H: Host> Service<H> {
             _ => (false, Running, Paused),
         };
         // The state changes first, so two requests cannot both act; a refusal by the runtime puts it back.
-        let changed = self.transition(&rec.id, action, to, Changes::default()).await?;
+        // A resumed machine's idle clock starts again.
+        let changes = match (action, rec.spec.idle_timeout_seconds) {
+            (Action::Resume, Some(_)) => {
+                Changes { idle_since: Some(Some(hyperfleet_types::timestamp::now())), ..Changes::default() }
+            }
+            _ => Changes::default(),
+        };
+        let changed = self.transition(&rec.id, action, to, changes).await?;
         if let Err(e) = self.host.set_paused(&instance(&changed), pause).await {
             let undo = if pause { Action::Resume } else { Action::Pause };
             self.transition_logged(&rec.id, undo, back, Changes::default()).await;
             return Err(e);
         }
         info!(machine = %rec.id, "machine {action}d");
+        self.recheck(&rec.id);
         Ok(self.to_wire(&changed))
     }
 
@@ -347,6 +490,7 @@ impl<H: Host> Service<H> {
                     warn!(machine = %m.id, error = %e, "could not remove the machine's files");
                 }
                 self.ports.forget(&m.id);
+                self.activity.reset(&m.id);
                 info!(machine = %m.id, "machine deleted");
                 Ok(())
             }

@@ -9,9 +9,14 @@
 //! - `wire.rs`: a stored machine as the API shows it, with its exposed ports' last probe
 //! - `guest.rs`: exec and files through the guest agent
 //! - `validate.rs`: a create request into a [`MachineSpec`](hyperfleet_types::MachineSpec)
+//! - `activity.rs` / `timers.rs`: what counts as use, and the one task that enforces `ttl_seconds` and
+//!   `idle_timeout_seconds` from deadlines kept in the store
+//! - `wake.rs`: starting or resuming an `auto_start` machine for a proxied request, once for many requests
+//! - `pty.rs`: terminal sessions through the guest agent
 //! - `host.rs` / `network.rs`: the host side ([`Host`], [`LinuxHost`], addressing, interfaces, firewall)
 
 mod action;
+pub(crate) mod activity;
 mod error;
 mod events;
 mod guest;
@@ -19,11 +24,15 @@ pub(crate) mod host;
 mod lifecycle;
 mod monitor;
 pub(crate) mod network;
+mod pty;
 mod reconcile;
+pub(crate) mod selector;
 #[cfg(test)]
 mod testing;
+mod timers;
 mod validate;
 mod volumes;
+mod wake;
 mod wire;
 
 use std::net::Ipv4Addr;
@@ -33,9 +42,11 @@ use std::time::Duration;
 use hyperfleet_types::{Health, RuntimeAvailability, RuntimeKind};
 
 pub(crate) use action::Action;
+pub(crate) use activity::{Hold, HoldKind};
 pub(crate) use error::{Error, Result};
 pub(crate) use host::{Host, LinuxHost};
 use network::Addressing;
+pub(crate) use pty::{PtyRequest, PtySession};
 #[cfg(test)]
 pub(crate) use validate::create as validate_create;
 
@@ -75,6 +86,13 @@ pub(crate) struct Service<H: Host = LinuxHost> {
     firewall_order: tokio::sync::Mutex<()>,
     /// Held by volume changes (create, resize, clone, delete) and by a start taking volumes.
     volume_ops: tokio::sync::Mutex<()>,
+    /// What counts as use of each machine (idle timeouts).
+    activity: Arc<activity::ActivityLog>,
+    timer_tx: tokio::sync::mpsc::UnboundedSender<timers::TimerMsg>,
+    /// Taken by [`Service::run_timers`].
+    timer_inbox: std::sync::Mutex<Option<timers::TimerInbox>>,
+    /// Wake-ups under way, one per machine however many requests wait for it.
+    wakes: wake::Wakes,
 }
 
 impl<H: Host> Service<H> {
@@ -82,7 +100,13 @@ impl<H: Host> Service<H> {
         let budget_kib = usize::try_from(policy.exec_output_budget / 1024)
             .unwrap_or(usize::MAX)
             .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let (timer_tx, checks) = tokio::sync::mpsc::unbounded_channel();
+        let (touch_tx, touches) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Self {
+            activity: activity::ActivityLog::new(touch_tx),
+            timer_tx,
+            timer_inbox: std::sync::Mutex::new(Some(timers::TimerInbox { checks, touches })),
+            wakes: wake::Wakes::default(),
             store,
             host,
             addressing,
@@ -94,6 +118,16 @@ impl<H: Host> Service<H> {
             firewall_order: tokio::sync::Mutex::new(()),
             volume_ops: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// A moment of activity in a machine (a proxied request, ...), for its idle timeout.
+    pub(crate) fn note_activity(&self, id: &str) {
+        self.activity.note(id);
+    }
+
+    /// Something open in a machine (a proxied connection, ...): activity while held.
+    pub(crate) fn hold_activity(&self, id: &str, kind: HoldKind) -> Hold {
+        self.activity.hold(id, kind)
     }
 
     pub(crate) fn host(&self) -> &H {

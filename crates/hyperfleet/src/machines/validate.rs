@@ -19,6 +19,12 @@ const MAX_DNS: usize = 3;
 const MAX_ENV: usize = 128;
 const MAX_ENV_NAME: usize = 256;
 const MAX_ENV_VALUE: usize = 32 * 1024;
+/// Most labels a machine may carry, and the longest label name (after the prefix), prefix and value.
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_NAME: usize = 63;
+const MAX_LABEL_PREFIX: usize = 253;
+/// Longest lifecycle timer: a year.
+const MAX_TIMER_SECS: u64 = 365 * 24 * 3600;
 /// Most ports one machine may expose: enough for any service, small enough that a machine's JSON stays small.
 pub(super) const MAX_EXPOSED_PORTS: usize = 64;
 
@@ -136,12 +142,86 @@ pub(super) fn volumes(list: &[hyperfleet_types::VolumeMount]) -> Result<(), Stri
     Ok(())
 }
 
+/// A label name or value: alphanumeric at both ends, `-`, `_`, `.` between (Kubernetes' rule).
+fn label_word(w: &str) -> bool {
+    let b = w.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_LABEL_NAME
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// A label key as Kubernetes has them: `name` or `prefix/name`, the prefix a DNS subdomain.
+pub(super) fn label_key(k: &str) -> bool {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        p.len() <= MAX_LABEL_PREFIX
+            && p.split('.').all(|part| {
+                let b = part.as_bytes();
+                !b.is_empty()
+                    && b.len() <= 63
+                    && b[0].is_ascii_alphanumeric()
+                    && b[b.len() - 1].is_ascii_alphanumeric()
+                    && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            })
+    });
+    prefix_ok && label_word(name)
+}
+
+pub(super) fn labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!("{field} has {} labels; at most {MAX_LABELS} are allowed", labels.len()));
+    }
+    for (k, v) in labels {
+        if !label_key(k) {
+            let shown: String = k.chars().take(64).collect();
+            return Err(format!(
+                "{field}: '{shown}' is not a label key ([prefix/]name: a name of 1-63 letters, digits, '-', '_', '.', \
+                 alphanumeric at both ends; a prefix a lowercase DNS subdomain)"
+            ));
+        }
+        if !v.is_empty() && !label_word(v) {
+            return Err(format!(
+                "{field}.{k} must be empty or 1-63 letters, digits, '-', '_', '.', alphanumeric at both ends"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A size in MiB for a disk or volume, within `min..=MAX_DISK_MIB`.
 pub(super) fn size_mib(field: &str, v: i64, min: i64) -> Result<u32, String> {
     if !(min..=MAX_DISK_MIB).contains(&v) {
         return Err(format!("{field} must be between {min} and {MAX_DISK_MIB}"));
     }
     u32::try_from(v).map_err(|_| format!("{field} must be between {min} and {MAX_DISK_MIB}"))
+}
+
+/// A timer in seconds: 0 (or absent) is none.
+pub(super) fn timer(field: &str, secs: Option<u64>) -> Result<Option<u64>, String> {
+    match secs {
+        None | Some(0) => Ok(None),
+        Some(s) if s > MAX_TIMER_SECS => Err(format!("{field} must be at most {MAX_TIMER_SECS} seconds (a year)")),
+        Some(s) => Ok(Some(s)),
+    }
+}
+
+/// Secrets: named like variables, and no name both a secret and an `env` variable (which one would win is
+/// not obvious to a reader of the machine).
+pub(super) fn secrets(
+    secrets: &BTreeMap<String, String>,
+    env_vars: &BTreeMap<String, String>,
+) -> Result<Vec<String>, String> {
+    // The messages of `env` name the variable, never its value.
+    env("secrets", secrets)?;
+    if let Some(both) = secrets.keys().find(|k| env_vars.contains_key(*k)) {
+        return Err(format!("secrets.{both} is also set in env; set it in one of them"));
+    }
+    Ok(secrets.keys().cloned().collect())
 }
 
 /// An asset path must name a regular file inside the assets directory, reached without any symlink. The
@@ -220,6 +300,9 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
             want
         }
     };
+    let secret_names = secrets(req.secrets.as_ref().unwrap_or(&BTreeMap::new()), &env_vars)?;
+    let label_map = req.labels.clone().unwrap_or_default();
+    labels("labels", &label_map)?;
     Ok(MachineSpec {
         name: name_val.to_string(),
         runtime: req.runtime.unwrap_or(limits.default_runtime),
@@ -238,6 +321,13 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
         env: env_vars,
         volumes: volume_list,
         disk_size_mib,
+        secret_names,
+        labels: label_map,
+        ttl_seconds: timer("ttl_seconds", req.ttl_seconds)?,
+        on_ttl: req.on_ttl.unwrap_or_default(),
+        idle_timeout_seconds: timer("idle_timeout_seconds", req.idle_timeout_seconds)?,
+        idle_max_connection_seconds: timer("idle_max_connection_seconds", req.idle_max_connection_seconds)?,
+        auto_start: req.auto_start.unwrap_or(false),
     })
 }
 
@@ -351,6 +441,43 @@ mod tests {
         assert!(err(&a, with(serde_json::Value::Object(many))).contains("at most 128"));
         let ok = create(&req(with(serde_json::json!({"LANG": "C.UTF-8", "_x1": ""}))), &a.limits()).unwrap();
         assert_eq!(ok.env.get("LANG").map(String::as_str), Some("C.UTF-8"));
+    }
+
+    #[test]
+    fn labels_secrets_and_timers_are_checked() {
+        let a = Assets::new();
+        let with = |extra: serde_json::Value| {
+            let mut base = serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64});
+            base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            base
+        };
+        for bad in ["", "-a", "a-", "UPPER/x", "a..b/x", "x/", "/x", "a b", &"n".repeat(64)] {
+            assert!(err(&a, with(serde_json::json!({"labels": {bad: "v"}}))).contains("is not a label key"), "{bad:?}");
+        }
+        assert!(err(&a, with(serde_json::json!({"labels": {"team": "-ml"}}))).contains("labels.team must"));
+        let ok = create(
+            &req(with(serde_json::json!({"labels": {"team": "ml", "example.com/tier": "Gold_1", "flag": ""}}))),
+            &a.limits(),
+        )
+        .unwrap();
+        assert_eq!(ok.labels.len(), 3);
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..=MAX_LABELS).map(|i| (format!("l{i}"), serde_json::json!("x"))).collect();
+        assert!(err(&a, with(serde_json::json!({"labels": many}))).contains("at most 64"));
+        let e = err(&a, with(serde_json::json!({"secrets": {"TOKEN": "s3cr3t-value"}, "env": {"TOKEN": "x"}})));
+        assert!(e.contains("also set in env") && !e.contains("s3cr3t"), "{e}");
+        let e = err(&a, with(serde_json::json!({"secrets": {"BAD NAME": "s3cr3t-value"}})));
+        assert!(e.contains("secrets: 'BAD NAME'") && !e.contains("s3cr3t"), "{e}");
+        let ok = create(&req(with(serde_json::json!({"secrets": {"TOKEN": "v"}}))), &a.limits()).unwrap();
+        assert_eq!(ok.secret_names, vec!["TOKEN"]);
+        assert!(err(&a, with(serde_json::json!({"ttl_seconds": MAX_TIMER_SECS + 1}))).contains("ttl_seconds"));
+        let ok = create(
+            &req(with(serde_json::json!({"ttl_seconds": 0, "idle_timeout_seconds": 1, "on_ttl": "delete"}))),
+            &a.limits(),
+        )
+        .unwrap();
+        assert_eq!((ok.ttl_seconds, ok.idle_timeout_seconds), (None, Some(1)));
+        assert_eq!(ok.on_ttl, hyperfleet_types::TtlAction::Delete);
     }
 
     #[test]

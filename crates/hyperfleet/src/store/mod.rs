@@ -101,6 +101,17 @@ const MIGRATIONS: &[&str] = &[
         updated_at TEXT NOT NULL
     );
     "#,
+    // 4: lifecycle deadlines (stored so they survive a restart) and write-only secrets.
+    r#"
+    ALTER TABLE machines ADD COLUMN expires_at TEXT;
+    ALTER TABLE machines ADD COLUMN idle_since TEXT;
+    CREATE TABLE machine_secrets (
+        machine_id TEXT NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        value BLOB NOT NULL,
+        PRIMARY KEY (machine_id, name)
+    );
+    "#,
 ];
 
 /// Read-only connections kept open. Readers are short point queries, and the blocking pool they run on is
@@ -146,6 +157,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         migrate(&mut conn)?;
+        restrict_permissions(path);
         // Opened after the writer switched the file to WAL, so readers never block it nor each other.
         let conns = (0..READERS)
             .map(|_| {
@@ -199,6 +211,24 @@ impl Store {
 
     pub async fn ping(&self) -> StoreResult<()> {
         self.call(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?)).await
+    }
+}
+
+/// The database holds key hashes and machines' secrets: only its owner may read it (and its WAL files).
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        files.push(p.into());
+    }
+    for f in files {
+        if let Err(e) = std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %f.display(), error = %e, "could not make the database private to its owner");
+        }
     }
 }
 
