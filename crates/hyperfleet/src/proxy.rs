@@ -315,17 +315,12 @@ pub(crate) fn start(
     cfg: ProxySettings,
     timeouts: Timeouts,
     max_per_ip: usize,
-) -> std::io::Result<()> {
+) -> std::io::Result<Arc<Limits>> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     // Each handed to its thread's runtime below.
     let listeners = (0..threads).map(|_| listener::bind(addr, true)).collect::<std::io::Result<Vec<_>>>()?;
-    let shared = Arc::new(Shared {
-        limits: Limits::new(cfg.max_connections, max_per_ip),
-        timeouts,
-        service,
-        cfg,
-        targets: Targets::default(),
-    });
+    let limits = Limits::new(cfg.max_connections, max_per_ip);
+    let shared = Arc::new(Shared { limits: limits.clone(), timeouts, service, cfg, targets: Targets::default() });
     let mut events = shared.service.subscribe();
     let watcher = Arc::downgrade(&shared);
     tokio::spawn(async move {
@@ -352,7 +347,7 @@ pub(crate) fn start(
             });
         })?;
     }
-    Ok(())
+    Ok(limits)
 }
 
 async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -367,9 +362,10 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         service_fn(move |req| {
             let (proxy, activity) = (proxy.clone(), activity.clone());
             async move {
-                Ok::<_, std::convert::Infallible>(
-                    proxy.handle(req, peer, activity).await.unwrap_or_else(ProxyError::into_response),
-                )
+                let started = std::time::Instant::now();
+                let resp = proxy.handle(req, peer, activity).await.unwrap_or_else(ProxyError::into_response);
+                proxy.shared.service.metrics().proxy_request(resp.status().as_u16(), started.elapsed());
+                Ok::<_, std::convert::Infallible>(resp)
             }
         })
     })

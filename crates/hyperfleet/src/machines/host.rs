@@ -11,6 +11,7 @@ use tracing::info;
 
 use super::network::HostNetwork;
 use super::{Error, Result};
+use crate::runtime::stats::Usage;
 use crate::runtime::{BootSpec, Booted, Instance, MachineFiles, RuntimeError, Runtimes, process};
 use crate::store::machines::MachineRecord;
 
@@ -56,6 +57,8 @@ pub(crate) trait Host: Send + Sync + 'static {
     fn cap_console(&self, id: &str, max: u64) -> impl Future<Output = Result<()>> + Send;
     /// Removes the host-wide state: the firewall table and the subnet's route.
     fn remove_host_wide(&self) -> impl Future<Output = Result<()>> + Send;
+    /// What the machine uses now: CPU, memory, disk, its interface's counters (see `runtime::stats`).
+    fn usage(&self, m: &MachineRecord) -> impl Future<Output = Usage> + Send;
 }
 
 /// The real host: runc or firecracker processes, netlink interfaces, an nftables table, files under the
@@ -209,5 +212,12 @@ impl Host for LinuxHost {
         self.net.firewall.remove().await?;
         self.net.remove_route().await?;
         Ok(())
+    }
+
+    async fn usage(&self, m: &MachineRecord) -> Usage {
+        let (id, pid, disk, iface) = (m.id.clone(), m.pid, self.files(&m.id).disk, self.net.addressing.iface(m));
+        tokio::task::spawn_blocking(move || crate::runtime::stats::read(&id, pid, &disk, &iface))
+            .await
+            .unwrap_or_default()
     }
 }

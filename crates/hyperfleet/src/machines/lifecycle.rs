@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 
-use hyperfleet_types::{CreateMachine, Machine, MachineList, MachineLogs, MachineStatus, UpdateMachine};
+use hyperfleet_types::{CreateMachine, EventKind, Machine, MachineList, MachineLogs, MachineStatus, UpdateMachine};
 use tracing::{info, warn};
 
-use super::{Action, Error, Host, Result, Service, validate};
+use super::{Action, Error, Host, Result, Service, events, validate};
+use crate::metrics::Operation;
 use crate::runtime::{Booted, Instance};
 use crate::store::leases::LeaseError;
 use crate::store::machines::{self as records, Cas, Changes, InsertError, MachineRecord};
@@ -62,11 +63,16 @@ impl<H: Host> Service<H> {
             action.from(to).iter().copied().filter(|f| *f == to || f.can_become(to)).collect();
         debug_assert_eq!(from.len(), action.from(to).len(), "the state table forbids {action} -> {to}");
         let key = id.to_string();
-        match self.store.call(move |c| records::transition(c, &key, &from, to, &changes)).await? {
-            Cas::Done(m) => {
-                self.events.publish(&m);
-                Ok(m)
+        let events = self.events.clone();
+        let cas = self.store.call(move |c| {
+            let cas = records::transition(c, &key, &from, to, &changes)?;
+            if let Cas::Done(m) = &cas {
+                events.append(c, events::draft(EventKind::of_status(m.status), m));
             }
+            Ok(cas)
+        });
+        match cas.await? {
+            Cas::Done(m) => Ok(m),
             Cas::WrongState(m) => Err(Error::InvalidState { action, status: m.status }),
             Cas::Missing => Err(Error::NotFound(id.to_string())),
         }
@@ -90,7 +96,15 @@ impl<H: Host> Service<H> {
         }
         let blocks = self.addressing.subnet.block_count();
         let id = crate::store::random_id();
-        let rec = self.store.call(move |c| Ok(records::insert(c, &id, &spec, blocks))).await?.map_err(|e| match e {
+        let events = self.events.clone();
+        let inserted = self.store.call(move |c| {
+            let rec = records::insert(c, &id, &spec, blocks);
+            if let Ok(m) = &rec {
+                events.append(c, events::draft(EventKind::Created, m));
+            }
+            Ok(rec)
+        });
+        let rec = inserted.await?.map_err(|e| match e {
             InsertError::NameTaken(n) => Error::NameTaken(n),
             InsertError::Lease(LeaseError::Exhausted(blocks)) => {
                 Error::PoolExhausted { subnet: self.addressing.subnet.to_string(), blocks }
@@ -98,7 +112,6 @@ impl<H: Host> Service<H> {
             InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
         })?;
         info!(machine = %rec.id, name = %rec.spec.name, runtime = %rec.spec.runtime, tap = %self.addressing.iface(&rec), "machine created");
-        self.events.publish(&rec);
         Ok(self.to_wire(&rec))
     }
 
@@ -125,12 +138,18 @@ impl<H: Host> Service<H> {
         let mut spec = rec.spec.clone();
         spec.exposed_ports = validate::ports("exposed_ports", &ports).map_err(Error::Invalid)?;
         let rid = rec.id.clone();
+        let events = self.events.clone();
         let updated = self
             .store
-            .call(move |c| records::update_spec(c, &rid, &spec))
+            .call(move |c| {
+                let updated = records::update_spec(c, &rid, &spec)?;
+                if let Some(m) = &updated {
+                    events.append(c, events::draft(EventKind::Updated, m));
+                }
+                Ok(updated)
+            })
             .await?
             .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        self.events.publish(&updated);
         Ok(self.to_wire(&updated))
     }
 
@@ -167,7 +186,10 @@ impl<H: Host> Service<H> {
     /// Starts a machine: pending|stopped|failed → starting → running, or failed with everything undone.
     pub(crate) async fn start(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
-        detached("start", self.clone().start_flow(rec)).await
+        let started = std::time::Instant::now();
+        let done = detached("start", self.clone().start_flow(rec)).await;
+        self.metrics.operation(Operation::Start, done.is_ok(), started.elapsed());
+        done
     }
 
     async fn start_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
@@ -241,7 +263,10 @@ impl<H: Host> Service<H> {
     /// Stops a machine: running|paused → stopping → stopped.
     pub(crate) async fn stop(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
-        detached("stop", self.clone().stop_flow(rec)).await
+        let started = std::time::Instant::now();
+        let done = detached("stop", self.clone().stop_flow(rec)).await;
+        self.metrics.operation(Operation::Stop, done.is_ok(), started.elapsed());
+        done
     }
 
     async fn stop_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
@@ -301,9 +326,16 @@ impl<H: Host> Service<H> {
             }
         }
         let rid = rec.id.clone();
-        match self.store.call(move |c| records::delete(c, &rid, &MachineStatus::AT_REST)).await? {
+        let events = self.events.clone();
+        let deleted = self.store.call(move |c| {
+            let cas = records::delete(c, &rid, &MachineStatus::AT_REST)?;
+            if let Cas::Done(m) = &cas {
+                events.append(c, events::draft(EventKind::Deleted, m));
+            }
+            Ok(cas)
+        });
+        match deleted.await? {
             Cas::Done(m) => {
-                self.events.publish(&m);
                 // Defensive: a machine at rest has no process, interface or firewall entries; a start the
                 // daemon did not finish is cleaned by reconcile.
                 self.release_host(&m).await;
@@ -311,6 +343,7 @@ impl<H: Host> Service<H> {
                     warn!(machine = %m.id, error = %e, "could not remove the machine's files");
                 }
                 self.ports.forget(&m.id);
+                self.cpu_readings.forget(&m.id);
                 info!(machine = %m.id, "machine deleted");
                 Ok(())
             }

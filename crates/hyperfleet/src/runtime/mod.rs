@@ -10,6 +10,7 @@ pub(crate) mod disk;
 pub(crate) mod firecracker;
 pub(crate) mod host;
 pub mod process;
+pub(crate) mod stats;
 
 use std::fs::File;
 use std::net::Ipv4Addr;

@@ -4,6 +4,7 @@
 //! (names, address blocks) and compare-and-set state changes are enforced by the database.
 
 pub(crate) mod api_keys;
+pub(crate) mod events;
 pub(crate) mod leases;
 pub mod machines;
 
@@ -88,6 +89,16 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE machines DROP COLUMN exposed_ports;
     ALTER TABLE machines DROP COLUMN dns;
     ALTER TABLE machines DROP COLUMN egress;
+    "#,
+    // 3: the machine events `GET /events` resumes from (a bounded backlog, trimmed as it grows; see events.rs).
+    r#"
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        machine_id TEXT NOT NULL,
+        machine_name TEXT NOT NULL,
+        type TEXT NOT NULL,
+        body TEXT NOT NULL
+    );
     "#,
 ];
 
