@@ -1,6 +1,7 @@
 //! The command-line interface: one module per command.
 
 pub(crate) mod doctor;
+pub(crate) mod events;
 pub(crate) mod keys;
 pub(crate) mod machines;
 pub(crate) mod purge;
@@ -35,6 +36,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             serve::run(*args).await.map(|()| 0)
         }
         Command::Machines(args) => machines::run(args).await,
+        Command::Events(args) => events::run(args).await,
         Command::Keys(args) => keys::run(args).await,
         Command::Doctor(args) => doctor::run(args).await,
         Command::Purge(args) => purge::run(args).await,
@@ -58,6 +60,8 @@ pub enum Command {
     Serve(Box<crate::config::ServeArgs>),
     /// Manage machines through the API (HYPERFLEET_URL, HYPERFLEET_API_KEY).
     Machines(machines::MachinesArgs),
+    /// Follow machine events as they happen (HYPERFLEET_URL, HYPERFLEET_API_KEY).
+    Events(events::EventsArgs),
     /// Manage API keys directly in the database (DATABASE_PATH); works without a running daemon.
     Keys(keys::KeysArgs),
     /// Check the host and every running machine's network; print what is wrong and how to fix it.
