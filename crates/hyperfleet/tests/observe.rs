@@ -81,6 +81,12 @@ async fn events_follow_a_lifecycle_in_order_filter_and_resume_across_a_restart()
     assert_eq!((deleted.kind, deleted.status), (EventKind::Deleted, None));
     assert!(deleted.id > seen[7].id);
 
+    // ?follow=false: the stored events of this machine, then the end of the stream.
+    let stored =
+        d.client.raw(reqwest::Method::GET, &format!("/events?follow=false&machine={}", m.id)).send().await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(10), stored.text()).await.expect("a finite stream").unwrap();
+    assert_eq!(body.lines().filter(|l| l.starts_with("event:")).count(), 9, "{body}");
+
     // Bad filters are a 400 with the envelope.
     let bad = d.client.raw(reqwest::Method::GET, "/events?type=exploded").send().await.unwrap();
     assert_eq!(bad.status(), 400);

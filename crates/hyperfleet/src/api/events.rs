@@ -81,6 +81,8 @@ struct Cursor {
     behind: bool,
     /// A backlog read failed: the stream ends (the client resumes with `Last-Event-ID`).
     failed: bool,
+    /// `?follow=false`: end once the stored backlog has been sent.
+    follow: bool,
 }
 
 impl Cursor {
@@ -106,6 +108,9 @@ impl Cursor {
                 self.pending.extend(page.events);
                 continue;
             }
+            if !self.follow {
+                return None;
+            }
             match self.live.recv().await {
                 Ok(e) if e.id <= self.last => {}
                 Ok(e) if self.filter.matches(&e) => {
@@ -125,6 +130,7 @@ impl Cursor {
     params(("machine" = Option<String>, Query, description = "only this machine's events (id or name)"),
            ("type" = Option<EventTypes>, Query, description = "only these event types, comma-separated"),
            ("last_event_id" = Option<u64>, Query, description = "resume after this event (the Last-Event-ID header wins)"),
+           ("follow" = Option<super::machines::Flag>, Query, description = "false: send the stored events (after Last-Event-ID, else all) and end instead of following"),
            ("Last-Event-ID" = Option<u64>, Header, description = "resume after this event: the stored events since are sent first")),
     responses((status = 200, description = "a text/event-stream: each event's SSE id is its id, its SSE event its type, its data the Event as JSON", content_type = "text/event-stream", body = Event),
               (status = 400, description = "VALIDATION_ERROR: an unknown type, or a Last-Event-ID that is not an event id", body = ErrorBody)),
@@ -132,10 +138,12 @@ impl Cursor {
 pub(crate) async fn stream(State(s): State<AppState>, headers: HeaderMap, q: QueryMap) -> Result<Response, ApiError> {
     let filter = filter(&q)?;
     let resume = resume_from(&headers, &q)?;
+    let follow = q.get("follow").is_none() || q.bool("follow")?;
     // Subscribed before reading where the backlog ends, so nothing falls between the two.
     let live = s.service.subscribe();
     let (last, behind) = match resume {
         Some(after) => (after, true),
+        None if !follow => (0, true),
         None => (s.service.last_event_id().await?, false),
     };
     let cursor = Cursor {
@@ -147,6 +155,7 @@ pub(crate) async fn stream(State(s): State<AppState>, headers: HeaderMap, q: Que
         scanned_to: 0,
         behind,
         failed: false,
+        follow,
     };
     let events = futures::stream::unfold(cursor, |mut c| async move {
         let sse = match c.next().await? {

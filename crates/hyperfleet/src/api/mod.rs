@@ -189,9 +189,9 @@ async fn correlation(State(state): State<AppState>, mut req: Request, next: Next
     state.service.metrics().request(method.as_str(), route, status);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     if matches!(route, Some("/health" | "/metrics")) {
-        tracing::debug!(target: "hyperfleet::request", %method, %path, status, ms, correlation_id = %cid);
+        tracing::debug!(target: "hyperfleet::request", %method, %path, status, ms, correlation_id = %cid, "request done");
     } else {
-        tracing::info!(target: "hyperfleet::request", %method, %path, status, ms, correlation_id = %cid);
+        tracing::info!(target: "hyperfleet::request", %method, %path, status, ms, correlation_id = %cid, "request done");
     }
     resp.headers_mut().insert(CORRELATION_HEADER, id);
     resp
