@@ -286,6 +286,43 @@ impl Client {
         Ok(ndjson_lines(bytes))
     }
 
+    /// What the machine uses now (CPU, memory, disk, network, uptime).
+    pub async fn machine_stats(&self, id: &str) -> Result<MachineStats> {
+        Self::json(self.req(Method::GET, &format!("/machines/{id}/stats"))).await
+    }
+
+    /// Machine events as they happen (`GET /events`, Server-Sent Events): only `machine`'s (id or name) and
+    /// only `types` when given; after `last_event_id` when given (the stored events since come first).
+    pub async fn events(
+        &self,
+        machine: Option<&str>,
+        types: &[EventKind],
+        last_event_id: Option<u64>,
+    ) -> Result<impl Stream<Item = Result<Event>> + use<>> {
+        use eventsource_stream::Eventsource;
+        let mut q = vec![];
+        if let Some(m) = machine {
+            q.push(("machine", m.to_string()));
+        }
+        if !types.is_empty() {
+            q.push(("type", types.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",")));
+        }
+        let mut rb = self.req(Method::GET, "/events").query(&q);
+        if let Some(id) = last_event_id {
+            rb = rb.header("last-event-id", id.to_string());
+        }
+        let resp = Self::check(rb.send().await?).await?;
+        Ok(resp.bytes_stream().eventsource().filter_map(|e| async move {
+            match e {
+                Ok(e) if e.event == "error" => Some(Err(Error::Decode(format!("event stream: {}", e.data)))),
+                Ok(e) => Some(
+                    serde_json::from_str::<Event>(&e.data).map_err(|err| Error::Decode(format!("{err}: {}", e.data))),
+                ),
+                Err(e) => Some(Err(Error::Decode(format!("event stream: {e}")))),
+            }
+        }))
+    }
+
     pub async fn upload_file(&self, id: &str, path: &str, content: &[u8], mode: Option<u32>) -> Result<FileWritten> {
         use base64::Engine;
         let body = FileUpload {

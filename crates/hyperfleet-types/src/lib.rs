@@ -638,13 +638,16 @@ pub enum Scope {
     MachinesExec,
     #[serde(rename = "keys:admin")]
     KeysAdmin,
+    /// `GET /metrics` only.
+    #[serde(rename = "metrics:read")]
+    MetricsRead,
     #[serde(rename = "*")]
     All,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] =
-        [Self::MachinesRead, Self::MachinesWrite, Self::MachinesExec, Self::KeysAdmin, Self::All];
+    pub const ALL: [Scope; 6] =
+        [Self::MachinesRead, Self::MachinesWrite, Self::MachinesExec, Self::KeysAdmin, Self::MetricsRead, Self::All];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -652,6 +655,7 @@ impl Scope {
             Self::MachinesWrite => "machines:write",
             Self::MachinesExec => "machines:exec",
             Self::KeysAdmin => "keys:admin",
+            Self::MetricsRead => "metrics:read",
             Self::All => "*",
         }
     }
@@ -765,6 +769,169 @@ pub struct MachineLogs {
     pub machine_id: String,
     /// The last lines of the machine's console (firecracker) or init output (container).
     pub lines: Vec<String>,
+}
+
+/// What happened to a machine, as `GET /events` streams it (`type` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum EventKind {
+    #[serde(rename = "created")]
+    Created,
+    #[serde(rename = "starting")]
+    Starting,
+    #[serde(rename = "running")]
+    Running,
+    #[serde(rename = "paused")]
+    Paused,
+    #[serde(rename = "stopping")]
+    Stopping,
+    #[serde(rename = "stopped")]
+    Stopped,
+    /// `reason` says why.
+    #[serde(rename = "failed")]
+    Failed,
+    #[serde(rename = "deleted")]
+    Deleted,
+    /// Its settings changed (exposed ports).
+    #[serde(rename = "updated")]
+    Updated,
+    #[serde(rename = "exec.started")]
+    ExecStarted,
+    /// `exit_code` (absent when it timed out or the agent went away).
+    #[serde(rename = "exec.finished")]
+    ExecFinished,
+    /// `path` was written through the files API.
+    #[serde(rename = "file.written")]
+    FileWritten,
+    /// The proxy woke the machine for a request to `port`.
+    #[serde(rename = "proxy.wake")]
+    ProxyWake,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 13] = [
+        Self::Created,
+        Self::Starting,
+        Self::Running,
+        Self::Paused,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Failed,
+        Self::Deleted,
+        Self::Updated,
+        Self::ExecStarted,
+        Self::ExecFinished,
+        Self::FileWritten,
+        Self::ProxyWake,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+            Self::Deleted => "deleted",
+            Self::Updated => "updated",
+            Self::ExecStarted => "exec.started",
+            Self::ExecFinished => "exec.finished",
+            Self::FileWritten => "file.written",
+            Self::ProxyWake => "proxy.wake",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The event a change into `status` is.
+    pub fn of_status(status: MachineStatus) -> Self {
+        match status {
+            MachineStatus::Pending => Self::Created,
+            MachineStatus::Starting => Self::Starting,
+            MachineStatus::Running => Self::Running,
+            MachineStatus::Paused => Self::Paused,
+            MachineStatus::Stopping => Self::Stopping,
+            MachineStatus::Stopped => Self::Stopped,
+            MachineStatus::Failed => Self::Failed,
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One machine event: the SSE `data` of `GET /events` (its SSE `id` is `id`, its SSE `event` is `type`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// Increases with every event; give the last one seen as `Last-Event-ID` to resume.
+    pub id: u64,
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    pub machine_id: String,
+    pub machine_name: String,
+    /// The machine's status after the event (absent once deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<MachineStatus>,
+    /// RFC 3339, UTC.
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: time::OffsetDateTime,
+    /// Why the machine failed (`failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The program run (`exec.*`): the command's first word only, never its arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
+    /// `exec.finished`: the exit code, absent when the command timed out or the agent went away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// `exec.finished`: how long it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// `file.written`: the guest path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `proxy.wake`: the port the request was for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// What a machine uses now (`GET /machines/{id}/stats`). Values a runtime cannot tell are absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MachineStats {
+    pub machine_id: String,
+    pub status: MachineStatus,
+    /// Share of one CPU used since the previous stats request for this machine (or over the last 200 ms),
+    /// 100 = one whole CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// CPU time used since it started (the machine's cgroup, or its process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_used_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// Bytes the machine's disk (a sparse copy) takes on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_used_bytes: Option<u64>,
+    /// The disk's size as the guest sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size_bytes: Option<u64>,
+    /// Bytes the guest received / sent (its host interface's counters, seen from the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_rx_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_tx_bytes: Option<u64>,
+    /// Seconds since its process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_seconds: Option<f64>,
 }
 
 #[cfg(test)]

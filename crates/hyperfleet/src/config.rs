@@ -65,6 +65,13 @@ pub struct ApiArgs {
     /// Seconds a connection may stay open with no request in flight and no byte either way (API and proxy).
     #[arg(long, env = "HYPERFLEET_IDLE_TIMEOUT", default_value_t = 60)]
     pub idle_timeout: u64,
+    /// A bearer token that may read `GET /metrics` (and nothing else), for a Prometheus server; API keys
+    /// with the `metrics:read` scope work too.
+    #[arg(long, env = "HYPERFLEET_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// Log lines as `text` (one line per event) or `json` (one object per line).
+    #[arg(long, env = "HYPERFLEET_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -104,6 +111,9 @@ pub struct StoreArgs {
     /// SQLite database file; its directory must exist.
     #[arg(long, env = "DATABASE_PATH", default_value = "./hyperfleet.db")]
     pub database_path: PathBuf,
+    /// Machine events kept in the database for `GET /events` to resume from (`Last-Event-ID`).
+    #[arg(long, env = "HYPERFLEET_EVENTS_BACKLOG", default_value_t = 10_000)]
+    pub events_backlog: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -216,6 +226,14 @@ pub struct ApiSettings {
     pub max_connections_per_ip: usize,
     /// Of both listeners.
     pub timeouts: Timeouts,
+    pub metrics_token: Option<String>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +252,7 @@ pub struct ProxySettings {
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
     pub database_path: PathBuf,
+    pub events_backlog: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -389,7 +408,21 @@ impl ApiArgs {
         at_least_one("HYPERFLEET_MAX_CONNECTIONS_PER_IP", self.max_connections_per_ip as u64)?;
         at_least_one("HYPERFLEET_HEADER_READ_TIMEOUT", self.header_read_timeout)?;
         at_least_one("HYPERFLEET_IDLE_TIMEOUT", self.idle_timeout)?;
+        let metrics_token = match self.metrics_token.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(t) if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(bad("HYPERFLEET_METRICS_TOKEN", "use at least 16 printable characters, no spaces"));
+            }
+            Some(t) => Some(t.to_string()),
+        };
+        let log_format = match self.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(bad("HYPERFLEET_LOG_FORMAT", format!("'{other}': use text or json"))),
+        };
         Ok(ApiSettings {
+            metrics_token,
+            log_format,
             bind: self.bind,
             port: self.port,
             disable_auth: self.disable_auth,
@@ -446,7 +479,10 @@ impl StoreArgs {
         if !db_dir.is_dir() {
             return Err(bad("DATABASE_PATH", format!("directory {} does not exist", db_dir.display())));
         }
-        Ok(StoreSettings { database_path })
+        if !(100..=10_000_000).contains(&self.events_backlog) {
+            return Err(bad("HYPERFLEET_EVENTS_BACKLOG", "must be between 100 and 10000000"));
+        }
+        Ok(StoreSettings { database_path, events_backlog: self.events_backlog })
     }
 }
 
@@ -631,6 +667,9 @@ mod tests {
         assert!(parse(&["--header-read-timeout", "0"]).unwrap_err().contains("HYPERFLEET_HEADER_READ_TIMEOUT"));
         assert!(parse(&["--max-connections-per-ip", "0"]).unwrap_err().contains("HYPERFLEET_MAX_CONNECTIONS_PER_IP"));
         assert!(parse(&["--proxy-websocket-idle-timeout", "0"]).unwrap_err().contains("PROXY_WEBSOCKET_IDLE_TIMEOUT"));
+        assert!(parse(&["--metrics-token", "short"]).unwrap_err().contains("HYPERFLEET_METRICS_TOKEN"));
+        assert!(parse(&["--log-format", "xml"]).unwrap_err().contains("HYPERFLEET_LOG_FORMAT"));
+        assert!(parse(&["--events-backlog", "5"]).unwrap_err().contains("HYPERFLEET_EVENTS_BACKLOG"));
     }
 
     #[test]
@@ -693,6 +732,9 @@ mod tests {
         ("HYPERFLEET_CONSOLE_LOG_MAX_SIZE", "1MiB"),
         ("HYPERFLEET_FILE_MAX_SIZE", "1GiB"),
         ("HYPERFLEET_FILE_TRANSFER_TIMEOUT", "5"),
+        ("HYPERFLEET_METRICS_TOKEN", "prometheus-scrape-token-1234"),
+        ("HYPERFLEET_LOG_FORMAT", "json"),
+        ("HYPERFLEET_EVENTS_BACKLOG", "500"),
     ];
 
     /// The variables of README.md's configuration table (`PORT` / `PROXY_PORT` rows name two).
@@ -758,6 +800,9 @@ mod tests {
             (Duration::from_secs(4), Duration::from_secs(12))
         );
         assert_eq!(s.store.database_path, p("/tmp/hf-env.db"));
+        assert_eq!(s.store.events_backlog, 500);
+        assert_eq!(s.api.metrics_token.as_deref(), Some("prometheus-scrape-token-1234"));
+        assert_eq!(s.api.log_format, LogFormat::Json);
         let r = &s.runtime;
         assert_eq!(
             (&r.data_dir, &r.chroot_dir, &r.assets_dir),

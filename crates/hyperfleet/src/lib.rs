@@ -12,6 +12,7 @@ mod doctor;
 mod keys;
 mod listener;
 mod machines;
+mod metrics;
 mod proxy;
 mod runtime;
 mod store;

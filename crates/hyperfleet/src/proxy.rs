@@ -323,7 +323,7 @@ impl Proxy {
     async fn wake(&self, id: &str, port: u16) -> Result<Arc<Target>, ProxyError> {
         let patience = self.shared.cfg.wake_timeout;
         let deadline = tokio::time::Instant::now() + patience;
-        let m = self.shared.service.wake(id, patience).await.map_err(ProxyError::from_machine)?;
+        let m = self.shared.service.wake(id, port, patience).await.map_err(ProxyError::from_machine)?;
         let addr = SocketAddr::new(IpAddr::V4(m.guest_ip), port);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -390,17 +390,12 @@ pub(crate) fn start(
     cfg: ProxySettings,
     timeouts: Timeouts,
     max_per_ip: usize,
-) -> std::io::Result<()> {
+) -> std::io::Result<Arc<Limits>> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     // Each handed to its thread's runtime below.
     let listeners = (0..threads).map(|_| listener::bind(addr, true)).collect::<std::io::Result<Vec<_>>>()?;
-    let shared = Arc::new(Shared {
-        limits: Limits::new(cfg.max_connections, max_per_ip),
-        timeouts,
-        service,
-        cfg,
-        targets: Targets::default(),
-    });
+    let limits = Limits::new(cfg.max_connections, max_per_ip);
+    let shared = Arc::new(Shared { limits: limits.clone(), timeouts, service, cfg, targets: Targets::default() });
     let mut events = shared.service.subscribe();
     let watcher = Arc::downgrade(&shared);
     tokio::spawn(async move {
@@ -427,7 +422,7 @@ pub(crate) fn start(
             });
         })?;
     }
-    Ok(())
+    Ok(limits)
 }
 
 async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -442,9 +437,10 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         service_fn(move |req| {
             let (proxy, activity) = (proxy.clone(), activity.clone());
             async move {
-                Ok::<_, std::convert::Infallible>(
-                    proxy.handle(req, peer, activity).await.unwrap_or_else(ProxyError::into_response),
-                )
+                let started = std::time::Instant::now();
+                let resp = proxy.handle(req, peer, activity).await.unwrap_or_else(ProxyError::into_response);
+                proxy.shared.service.metrics().proxy_request(resp.status().as_u16(), started.elapsed());
+                Ok::<_, std::convert::Infallible>(resp)
             }
         })
     })

@@ -1,4 +1,4 @@
-//! Machine endpoints: create, list, get, update, start, stop, restart, delete, wait, logs, network checks.
+//! Machine endpoints: create, list, get, update, start, stop, restart, delete, wait, logs, network checks, stats.
 
 use std::time::Duration;
 
@@ -6,7 +6,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use hyperfleet_types::{
-    CreateMachine, ErrorBody, Machine, MachineList, MachineLogs, MachineStatus, NetworkReport, UpdateMachine,
+    CreateMachine, ErrorBody, Machine, MachineList, MachineLogs, MachineStats, MachineStatus, NetworkReport,
+    UpdateMachine,
 };
 
 use super::AppState;
@@ -232,4 +233,11 @@ pub(crate) async fn network(
         return Err(MachineError::NotRunning { what: "check its network", status: machine.status }.into());
     }
     Ok(Json(s.doctor.machine_report(&machine).await))
+}
+
+#[utoipa::path(get, path = "/machines/{id}/stats", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, body = MachineStats), (status = 404, description = NOT_FOUND, body = ErrorBody)),
+    security(("bearer" = ["machines:read"])))]
+pub(crate) async fn stats(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<MachineStats>, ApiError> {
+    Ok(Json(s.service.stats(&id).await?))
 }

@@ -77,6 +77,7 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
         file_transfer_timeout: settings.files.transfer_timeout,
         max_execs_per_machine: settings.files.exec_max_concurrent,
         exec_output_budget: settings.files.exec_output_budget,
+        events_backlog: settings.store.events_backlog,
     };
     Ok(Service::new(store, host, addressing, policy))
 }
@@ -135,34 +136,49 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let network = &settings.network;
     let doctor = Arc::new(Doctor::new(network)?);
-    let auth = Arc::new(Auth::new(store, settings.api.disable_auth));
-    let state =
-        AppState { service: service.clone(), auth, doctor, pty_client_timeout: settings.files.pty_client_timeout };
+    let auth = Arc::new(Auth::new(store, settings.api.disable_auth, settings.api.metrics_token.clone()));
     tokio::spawn(service.clone().run_timers());
+    let api = &settings.api;
+    let limits = Limits::new(api.max_connections, api.max_connections_per_ip);
     let addr = std::net::SocketAddr::new(settings.api.bind, settings.api.port);
     let listener = listener::bind(addr, false)
         .and_then(tokio::net::TcpListener::from_std)
         .with_context(|| format!("listen on {addr} (PORT)"))?;
+    let mut proxy_limits = None;
     if let Some(proxy_port) = settings.proxy.port {
         let proxy_addr = std::net::SocketAddr::new(settings.api.bind, proxy_port);
         let prefix = settings.proxy.prefix.clone();
         let api = &settings.api;
-        crate::proxy::start(
-            proxy_addr,
-            service.clone(),
-            settings.proxy.clone(),
-            api.timeouts,
-            api.max_connections_per_ip,
-        )
-        .with_context(|| format!("listen on {proxy_addr} (PROXY_PORT)"))?;
+        proxy_limits = Some(
+            crate::proxy::start(
+                proxy_addr,
+                service.clone(),
+                settings.proxy.clone(),
+                api.timeouts,
+                api.max_connections_per_ip,
+            )
+            .with_context(|| format!("listen on {proxy_addr} (PROXY_PORT)"))?,
+        );
         info!("proxy listening on http://{proxy_addr}{prefix}/{{machine}}/{{port}}/");
     }
     tokio::spawn(crate::proxy::poll_exposed_ports(service.clone(), settings.proxy.poll_interval));
     let log_cap = settings.runtime.console_log_max_size;
     tokio::spawn(service.clone().cap_console_logs(log_cap, std::time::Duration::from_secs(2)));
-    info!("API listening on http://{addr} (docs: /docs)");
-    let api = &settings.api;
-    let limits = Limits::new(api.max_connections, api.max_connections_per_ip);
+    info!("API listening on http://{addr} (docs: /docs, dashboard: /ui)");
+    let ui = Arc::new(api::ui::UiConfig {
+        proxy_port: settings.proxy.port,
+        proxy_prefix: settings.proxy.prefix.clone(),
+        proxy_host_suffix: settings.proxy.host_suffix.clone(),
+    });
+    let listeners = Arc::new(api::Listeners { api: limits.clone(), proxy: proxy_limits });
+    let state = AppState {
+        service: service.clone(),
+        auth,
+        doctor,
+        listeners,
+        ui,
+        pty_client_timeout: settings.files.pty_client_timeout,
+    };
     let router = api::router(state);
     listener::serve(listener, limits, api.timeouts, shutdown_signal(), move |_, _| {
         TowerToHyperService::new(router.clone())

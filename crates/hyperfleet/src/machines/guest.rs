@@ -9,11 +9,14 @@ use base64::Engine;
 use bytes::Bytes;
 use hyperfleet_agent_proto::client::{AgentClient, ClientError, ExecSession, FileReader};
 use hyperfleet_agent_proto::{self as proto, ErrorKind, ExecSpec};
-use hyperfleet_types::{DirEntry, DirListing, EntryType, ExecRequest, ExecResult, FileStat, FileWritten, MakeDir};
+use hyperfleet_types::{
+    DirEntry, DirListing, EntryType, Event, EventKind, ExecRequest, ExecResult, FileStat, FileWritten, MakeDir,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::lifecycle::instance;
-use super::{Error, Host, Result, Service};
+use super::{Error, Host, Result, Service, events};
+use crate::metrics::Operation;
 use crate::store::machines::MachineRecord;
 
 pub(super) const DEFAULT_EXEC_TIMEOUT: u64 = 30;
@@ -80,6 +83,8 @@ pub(crate) struct ExecPlan {
     slot: Option<OwnedSemaphorePermit>,
     /// The command is activity in its machine while it runs.
     hold: Option<super::Hold>,
+    /// The `exec.started` event, once sent, and when: `exec.finished` is made from it.
+    started: Option<(Event, Instant)>,
 }
 
 impl ExecPlan {
@@ -106,6 +111,7 @@ impl ExecPlan {
             timeout: Duration::from_secs(secs),
             slot: None,
             hold: None,
+            started: None,
         })
     }
 
@@ -176,7 +182,12 @@ impl<H: Host> Service<H> {
                 Err(ClientError::Unreachable(_)) if Instant::now() + Duration::from_millis(200) < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(e) => return Err(Error::Agent(e)),
+                Err(e) => {
+                    if matches!(e, ClientError::Unreachable(_)) {
+                        self.metrics.agent_failure();
+                    }
+                    return Err(Error::Agent(e));
+                }
             }
         }
     }
@@ -189,8 +200,39 @@ impl<H: Host> Service<H> {
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
         plan.with_machine_env(&rec.spec.env, self.machine_secrets(&rec).await?);
         plan.hold = Some(self.activity.hold(&rec.id, super::HoldKind::Command));
+        self.exec_started(&rec, &mut plan).await;
+        let done = self.exec_collect(&rec, &plan).await;
+        self.exec_finished(&plan, done.as_ref().ok().map(|(r, _)| r.exit_code)).await;
+        done
+    }
+
+    /// Sends `exec.started` for `plan` (its program only, never the arguments).
+    async fn exec_started(&self, rec: &MachineRecord, plan: &mut ExecPlan) {
+        let program = plan.spec.argv.first().cloned();
+        let event = Event { program, ..events::draft(EventKind::ExecStarted, rec) };
+        plan.started = Some((event.clone(), Instant::now()));
+        self.emit(event).await;
+    }
+
+    /// Sends `exec.finished` for a command started by [`Self::exec_started`] and records its duration;
+    /// `exit_code` is `None` when it did not finish by itself (timeout, agent gone).
+    pub(crate) async fn exec_finished(&self, plan: &ExecPlan, exit_code: Option<i32>) {
+        let Some((started, at)) = &plan.started else { return };
+        let took = at.elapsed();
+        self.metrics.operation(Operation::Exec, exit_code.is_some(), took);
+        let event = Event {
+            kind: EventKind::ExecFinished,
+            at: hyperfleet_types::timestamp::now(),
+            exit_code,
+            duration_ms: Some(u64::try_from(took.as_millis()).unwrap_or(u64::MAX)),
+            ..started.clone()
+        };
+        self.emit(event).await;
+    }
+
+    async fn exec_collect(&self, rec: &MachineRecord, plan: &ExecPlan) -> Result<(ExecResult, OutputLease)> {
         let started = Instant::now();
-        let agent = self.ready_agent(&rec, plan.timeout).await?;
+        let agent = self.ready_agent(rec, plan.timeout).await?;
         let mut spec = plan.spec.clone();
         spec.timeout_ms =
             u64::try_from(plan.timeout.saturating_sub(started.elapsed()).as_millis()).unwrap_or(u64::MAX).max(1);
@@ -260,6 +302,7 @@ impl<H: Host> Service<H> {
         let mut session = agent.exec(plan.spec.clone()).await.map_err(|e| agent_error(e, "", max))?;
         session.send_stdin(&plan.stdin).await.map_err(|e| agent_error(e, "", max))?;
         session.close_stdin().await.map_err(|e| agent_error(e, "", max))?;
+        self.exec_started(&rec, &mut plan).await;
         Ok((session, plan))
     }
 
@@ -313,19 +356,22 @@ impl<H: Host> Service<H> {
         }
         let rec = self.running_for_files(id).await?;
         let max = self.policy.file_max_size;
-        self.with_timeout(async {
-            let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
-            let mut w = agent.write_file(path, mode, Some(max)).await.map_err(|e| agent_error(e, path, max))?;
-            futures::pin_mut!(body);
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk?;
-                self.check_size(w.sent() + chunk.len() as u64)?;
-                w.send(&chunk).await.map_err(|e| agent_error(e, path, max))?;
-            }
-            let size = w.finish().await.map_err(|e| agent_error(e, path, max))?;
-            Ok(FileWritten { path: path.to_string(), size })
-        })
-        .await
+        let written = self
+            .with_timeout(async {
+                let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
+                let mut w = agent.write_file(path, mode, Some(max)).await.map_err(|e| agent_error(e, path, max))?;
+                futures::pin_mut!(body);
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk?;
+                    self.check_size(w.sent() + chunk.len() as u64)?;
+                    w.send(&chunk).await.map_err(|e| agent_error(e, path, max))?;
+                }
+                let size = w.finish().await.map_err(|e| agent_error(e, path, max))?;
+                Ok(FileWritten { path: path.to_string(), size })
+            })
+            .await?;
+        self.emit(Event { path: Some(written.path.clone()), ..events::draft(EventKind::FileWritten, &rec) }).await;
+        Ok(written)
     }
 
     /// Opens a file for download; the caller streams its chunks.

@@ -11,6 +11,7 @@ use tracing::info;
 
 use super::network::HostNetwork;
 use super::{Error, Result};
+use crate::runtime::stats::Usage;
 use crate::runtime::volume::{VolumeDir, VolumeDisk};
 use crate::runtime::{BootSpec, Booted, Instance, MachineFiles, RuntimeError, Runtimes, process};
 use crate::store::machines::MachineRecord;
@@ -65,6 +66,8 @@ pub(crate) trait Host: Send + Sync + 'static {
     fn volume_clone(&self, from: &str, to: &str) -> impl Future<Output = Result<()>> + Send;
     /// Removes volume `id`'s file (idempotent).
     fn volume_remove(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// What the machine uses now: CPU, memory, disk, its interface's counters (see `runtime::stats`).
+    fn usage(&self, m: &MachineRecord) -> impl Future<Output = Usage> + Send;
 }
 
 /// The real host: runc or firecracker processes, netlink interfaces, an nftables table, files under the
@@ -249,5 +252,12 @@ impl Host for LinuxHost {
 
     async fn volume_remove(&self, id: &str) -> Result<()> {
         Ok(self.volumes.remove(id).await?)
+    }
+
+    async fn usage(&self, m: &MachineRecord) -> Usage {
+        let (id, pid, disk, iface) = (m.id.clone(), m.pid, self.files(&m.id).disk, self.net.addressing.iface(m));
+        tokio::task::spawn_blocking(move || crate::runtime::stats::read(&id, pid, &disk, &iface))
+            .await
+            .unwrap_or_default()
     }
 }

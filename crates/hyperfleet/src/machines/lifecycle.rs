@@ -6,11 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyperfleet_types::{CreateMachine, Machine, MachineList, MachineLogs, MachineSpec, MachineStatus, UpdateMachine};
+use hyperfleet_types::{
+    CreateMachine, EventKind, Machine, MachineList, MachineLogs, MachineSpec, MachineStatus, UpdateMachine,
+};
 use tracing::{info, warn};
 
 use super::selector::Selector;
-use super::{Action, Error, Host, Result, Service, validate};
+use super::{Action, Error, Host, Result, Service, events, validate};
+use crate::metrics::Operation;
 use crate::runtime::{Booted, Instance};
 use crate::store::leases::LeaseError;
 use crate::store::machines::{self as records, Cas, Changes, InsertError, MachineRecord, Modify};
@@ -114,11 +117,16 @@ impl<H: Host> Service<H> {
             action.from(to).iter().copied().filter(|f| *f == to || f.can_become(to)).collect();
         debug_assert_eq!(from.len(), action.from(to).len(), "the state table forbids {action} -> {to}");
         let key = id.to_string();
-        match self.store.call(move |c| records::transition(c, &key, &from, to, &changes)).await? {
-            Cas::Done(m) => {
-                self.events.publish(&m);
-                Ok(m)
+        let events = self.events.clone();
+        let cas = self.store.call(move |c| {
+            let cas = records::transition(c, &key, &from, to, &changes)?;
+            if let Cas::Done(m) = &cas {
+                events.append(c, events::draft(EventKind::of_status(m.status), m));
             }
+            Ok(cas)
+        });
+        match cas.await? {
+            Cas::Done(m) => Ok(m),
             Cas::WrongState(m) => Err(Error::InvalidState { action, status: m.status }),
             Cas::Missing => Err(Error::NotFound(id.to_string())),
             Cas::VolumeBusy(why) => Err(Error::Conflict(why)),
@@ -147,26 +155,27 @@ impl<H: Host> Service<H> {
         let blocks = self.addressing.subnet.block_count();
         let id = crate::store::random_id();
         let secrets = req.secrets.unwrap_or_default();
-        let rec = self
-            .store
-            .call(move |c| {
-                Ok(records::insert(c, &id, &spec, blocks).and_then(|rec| {
-                    if !secrets.is_empty() {
-                        records::set_secrets(c, &rec.id, &secrets)?;
-                    }
-                    Ok(rec)
-                }))
-            })
-            .await?
-            .map_err(|e| match e {
-                InsertError::NameTaken(n) => Error::NameTaken(n),
-                InsertError::Lease(LeaseError::Exhausted(blocks)) => {
-                    Error::PoolExhausted { subnet: self.addressing.subnet.to_string(), blocks }
+        let events = self.events.clone();
+        let inserted = self.store.call(move |c| {
+            let rec = records::insert(c, &id, &spec, blocks).and_then(|rec| {
+                if !secrets.is_empty() {
+                    records::set_secrets(c, &rec.id, &secrets)?;
                 }
-                InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
-            })?;
+                Ok(rec)
+            });
+            if let Ok(m) = &rec {
+                events.append(c, events::draft(EventKind::Created, m));
+            }
+            Ok(rec)
+        });
+        let rec = inserted.await?.map_err(|e| match e {
+            InsertError::NameTaken(n) => Error::NameTaken(n),
+            InsertError::Lease(LeaseError::Exhausted(blocks)) => {
+                Error::PoolExhausted { subnet: self.addressing.subnet.to_string(), blocks }
+            }
+            InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
+        })?;
         info!(machine = %rec.id, name = %rec.spec.name, runtime = %rec.spec.runtime, tap = %self.addressing.iface(&rec), "machine created");
-        self.events.publish(&rec);
         Ok(self.to_wire(&rec))
     }
 
@@ -222,13 +231,17 @@ impl<H: Host> Service<H> {
         let rid = rec.id.clone();
         // Read, checked and written in one transaction: a start in between cannot take the old volumes, and
         // two PATCHes of different fields cannot undo each other.
+        let events = self.events.clone();
         let modified = self
             .store
             .call(move |c| {
                 let modified =
                     records::modify_spec(c, &rid, |spec, status| apply_update(spec, status, &req, ports, volumes))?;
-                if let (Modify::Done(_), Some(secrets)) = (&modified, &req.secrets) {
-                    records::set_secrets(c, &rid, secrets)?;
+                if let Modify::Done(m) = &modified {
+                    if let Some(secrets) = &req.secrets {
+                        records::set_secrets(c, &rid, secrets)?;
+                    }
+                    events.append(c, events::draft(EventKind::Updated, m));
                 }
                 Ok(modified)
             })
@@ -249,7 +262,6 @@ impl<H: Host> Service<H> {
             let idle_since = updated.spec.idle_timeout_seconds.map(|_| updated.idle_since.unwrap_or(now));
             updated = self.set_deadlines(&updated.id, expires_at, idle_since).await?.unwrap_or(updated);
         }
-        self.events.publish(&updated);
         self.recheck(&updated.id);
         Ok(self.to_wire(&updated))
     }
@@ -282,7 +294,7 @@ impl<H: Host> Service<H> {
         });
         let idle_since = rec.spec.idle_timeout_seconds.map(|_| now);
         let updated = self.set_deadlines(&rec.id, expires_at, idle_since).await?.unwrap_or(rec);
-        self.events.publish(&updated);
+        self.emit(events::draft(EventKind::Updated, &updated)).await;
         self.recheck(&updated.id);
         Ok(self.to_wire(&updated))
     }
@@ -326,7 +338,10 @@ impl<H: Host> Service<H> {
     /// Starts a machine: pending|stopped|failed → starting → running, or failed with everything undone.
     pub(crate) async fn start(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
-        detached("start", self.clone().start_flow(rec)).await
+        let started = std::time::Instant::now();
+        let done = detached("start", self.clone().start_flow(rec)).await;
+        self.metrics.operation(Operation::Start, done.is_ok(), started.elapsed());
+        done
     }
 
     async fn start_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
@@ -411,7 +426,10 @@ impl<H: Host> Service<H> {
     /// Stops a machine: running|paused → stopping → stopped.
     pub(crate) async fn stop(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
-        detached("stop", self.clone().stop_flow(rec)).await
+        let started = std::time::Instant::now();
+        let done = detached("stop", self.clone().stop_flow(rec)).await;
+        self.metrics.operation(Operation::Stop, done.is_ok(), started.elapsed());
+        done
     }
 
     async fn stop_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
@@ -480,9 +498,16 @@ impl<H: Host> Service<H> {
             }
         }
         let rid = rec.id.clone();
-        match self.store.call(move |c| records::delete(c, &rid, &MachineStatus::AT_REST)).await? {
+        let events = self.events.clone();
+        let deleted = self.store.call(move |c| {
+            let cas = records::delete(c, &rid, &MachineStatus::AT_REST)?;
+            if let Cas::Done(m) = &cas {
+                events.append(c, events::draft(EventKind::Deleted, m));
+            }
+            Ok(cas)
+        });
+        match deleted.await? {
             Cas::Done(m) => {
-                self.events.publish(&m);
                 // Defensive: a machine at rest has no process, interface or firewall entries; a start the
                 // daemon did not finish is cleaned by reconcile.
                 self.release_host(&m).await;
@@ -491,6 +516,7 @@ impl<H: Host> Service<H> {
                 }
                 self.ports.forget(&m.id);
                 self.activity.reset(&m.id);
+                self.cpu_readings.forget(&m.id);
                 info!(machine = %m.id, "machine deleted");
                 Ok(())
             }

@@ -5,7 +5,8 @@
 //! - `lifecycle.rs`: create, read, update, and the start/stop/pause/delete flows with their undo lists
 //! - `reconcile.rs`: adoption and cleanup after a daemon restart, and `purge`
 //! - `monitor.rs`: a machine whose process dies on its own becomes `failed`
-//! - `events.rs`: status changes for long-polls and the proxy's cache
+//! - `events.rs`: machine events (stored backlog + broadcast) for `GET /events`, long-polls and the proxy's cache
+//! - `stats.rs`: what a machine uses (CPU, memory, disk, network), for `GET /machines/{id}/stats` and metrics
 //! - `wire.rs`: a stored machine as the API shows it, with its exposed ports' last probe
 //! - `guest.rs`: exec and files through the guest agent
 //! - `validate.rs`: a create request into a [`MachineSpec`](hyperfleet_types::MachineSpec)
@@ -27,6 +28,7 @@ pub(crate) mod network;
 mod pty;
 mod reconcile;
 pub(crate) mod selector;
+mod stats;
 #[cfg(test)]
 mod testing;
 mod timers;
@@ -44,12 +46,14 @@ use hyperfleet_types::{Health, RuntimeAvailability, RuntimeKind};
 pub(crate) use action::Action;
 pub(crate) use activity::{Hold, HoldKind};
 pub(crate) use error::{Error, Result};
+pub(crate) use events::EventFilter;
 pub(crate) use host::{Host, LinuxHost};
 use network::Addressing;
 pub(crate) use pty::{PtyRequest, PtySession};
 #[cfg(test)]
 pub(crate) use validate::create as validate_create;
 
+use crate::metrics::Metrics;
 use crate::runtime::host::HostCapacity;
 use crate::store::Store;
 
@@ -69,6 +73,8 @@ pub(crate) struct Policy {
     pub max_execs_per_machine: usize,
     /// Bytes all buffered commands' output (and its JSON form) may take at once, host-wide.
     pub exec_output_budget: u64,
+    /// Machine events kept in the backlog `GET /events` resumes from.
+    pub events_backlog: u64,
 }
 
 pub(crate) struct Service<H: Host = LinuxHost> {
@@ -77,6 +83,9 @@ pub(crate) struct Service<H: Host = LinuxHost> {
     addressing: Addressing,
     policy: Policy,
     events: events::Events,
+    metrics: Arc<Metrics>,
+    /// The last CPU reading of each machine whose stats were asked for, for `cpu_percent`.
+    cpu_readings: stats::CpuReadings,
     ports: wire::PortStatus,
     execs: guest::ExecSlots,
     /// The host-wide budget for buffered command output, in KiB.
@@ -110,8 +119,10 @@ impl<H: Host> Service<H> {
             store,
             host,
             addressing,
+            events: events::Events::new(policy.events_backlog),
             policy,
-            events: events::Events::new(),
+            metrics: Arc::new(Metrics::new()),
+            cpu_readings: stats::CpuReadings::default(),
             ports: wire::PortStatus::default(),
             execs: guest::ExecSlots::default(),
             output_budget: Arc::new(tokio::sync::Semaphore::new(budget_kib)),
@@ -128,6 +139,11 @@ impl<H: Host> Service<H> {
     /// Something open in a machine (a proxied connection, ...): activity while held.
     pub(crate) fn hold_activity(&self, id: &str, kind: HoldKind) -> Hold {
         self.activity.hold(id, kind)
+    }
+
+    /// The daemon's metrics, recorded into by the service, the API and the proxy.
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub(crate) fn host(&self) -> &H {

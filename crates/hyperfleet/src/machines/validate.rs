@@ -367,6 +367,7 @@ mod tests {
                 file_transfer_timeout: std::time::Duration::from_secs(5),
                 max_execs_per_machine: 4,
                 exec_output_budget: 1 << 20,
+                events_backlog: 1000,
             }
         }
     }

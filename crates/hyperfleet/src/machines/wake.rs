@@ -22,7 +22,7 @@ pub(super) struct Wakes(Mutex<HashMap<String, watch::Receiver<Outcome>>>);
 impl<H: Host> Service<H> {
     /// Brings an `auto_start` machine to `running` for a request, waiting at most `patience`; a running
     /// machine is returned at once.
-    pub(crate) async fn wake(self: &Arc<Self>, id: &str, patience: Duration) -> Result<Machine> {
+    pub(crate) async fn wake(self: &Arc<Self>, id: &str, port: u16, patience: Duration) -> Result<Machine> {
         let rec = self.record(id).await?;
         if rec.status == MachineStatus::Running {
             return Ok(self.to_wire(&rec));
@@ -41,7 +41,7 @@ impl<H: Host> Service<H> {
                     let mid = rec.id.clone();
                     // Its own task: the flight finishes even if every waiting client hangs up.
                     tokio::spawn(async move {
-                        let res = svc.wake_flight(&mid, patience).await.map_err(|e| e.to_string());
+                        let res = svc.wake_flight(&mid, port, patience).await.map_err(|e| e.to_string());
                         svc.wakes.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&mid);
                         // Fails only when no request waits any more.
                         let _ = tx.send(Some(res));
@@ -65,7 +65,7 @@ impl<H: Host> Service<H> {
     }
 
     /// The one start or resume of a wake-up.
-    async fn wake_flight(self: &Arc<Self>, id: &str, patience: Duration) -> Result<()> {
+    async fn wake_flight(self: &Arc<Self>, id: &str, port: u16, patience: Duration) -> Result<()> {
         let rec = self.record(id).await?;
         match rec.status {
             MachineStatus::Running => return Ok(()),
@@ -88,6 +88,6 @@ impl<H: Host> Service<H> {
                 self.start(id).await?;
             }
         }
-        Ok(())
+        self.proxy_woke(id, port).await
     }
 }

@@ -10,6 +10,7 @@ pub(crate) mod disk;
 pub(crate) mod firecracker;
 pub(crate) mod host;
 pub mod process;
+pub(crate) mod stats;
 pub(crate) mod volume;
 
 use std::fs::File;

@@ -1,7 +1,7 @@
 //! The `machines` table. State changes are compare-and-set (`UPDATE … WHERE status IN (…)`), so two requests
 //! for one machine can never both act.
 
-use hyperfleet_types::{MachineSpec, MachineStatus, timestamp};
+use hyperfleet_types::{MachineSpec, MachineStatus, RuntimeKind, timestamp};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 use time::OffsetDateTime;
 
@@ -185,6 +185,25 @@ pub fn list(
 /// Every machine id.
 pub fn ids(conn: &Connection) -> StoreResult<Vec<String>> {
     Ok(conn.prepare("SELECT id FROM machines")?.query_map([], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// How many machines there are of each status and runtime.
+pub(crate) fn counts(conn: &Connection) -> StoreResult<Vec<(MachineStatus, RuntimeKind, u64)>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT status, json_extract(spec, '$.runtime'), COUNT(*) FROM machines GROUP BY 1, 2")?;
+    let rows =
+        stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, i64>(2)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (status, runtime, n) = row?;
+        let status = MachineStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?;
+        let runtime = runtime
+            .as_deref()
+            .and_then(RuntimeKind::parse)
+            .ok_or_else(|| StoreError::Corrupt(format!("runtime {runtime:?}")))?;
+        out.push((status, runtime, u64::try_from(n).unwrap_or(0)));
+    }
+    Ok(out)
 }
 
 /// Machines in any of `statuses`.

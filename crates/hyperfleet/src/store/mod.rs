@@ -4,6 +4,7 @@
 //! (names, address blocks) and compare-and-set state changes are enforced by the database.
 
 pub(crate) mod api_keys;
+pub(crate) mod events;
 pub(crate) mod leases;
 pub mod machines;
 pub(crate) mod volumes;
@@ -110,6 +111,16 @@ const MIGRATIONS: &[&str] = &[
         name TEXT NOT NULL,
         value BLOB NOT NULL,
         PRIMARY KEY (machine_id, name)
+    );
+    "#,
+    // 5: the machine events `GET /events` resumes from (a bounded backlog, trimmed as it grows; see events.rs).
+    r#"
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        machine_id TEXT NOT NULL,
+        machine_name TEXT NOT NULL,
+        type TEXT NOT NULL,
+        body TEXT NOT NULL
     );
     "#,
 ];
