@@ -13,14 +13,14 @@ use hyperfleet_agent_proto::client::{AgentClient, Endpoint};
 use std::os::fd::AsRawFd;
 
 use oci_spec::runtime::{
-    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
+    Arch, Capability, LinuxBuilder, LinuxIdMappingBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
     LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp,
     LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator, LinuxSyscallBuilder, Mount,
     MountBuilder, ProcessBuilder, RootBuilder, Spec,
 };
 use tokio::process::Command;
 
-use super::{BootSpec, Booted, MachineFiles, RuntimeError, process};
+use super::{BootSpec, Booted, MachineFiles, RuntimeError, idmap, process};
 
 /// The descriptor the agent's listening socket has inside the container (socket activation: `LISTEN_FDS=1`).
 const AGENT_FD: i32 = 3;
@@ -30,6 +30,16 @@ const RUNC_ROOT: &str = "/run/hyperfleet/runc";
 #[derive(Debug, Clone)]
 pub(crate) struct Container {
     runc: Option<PathBuf>,
+    /// `Some(base)`: each container runs in its own user namespace, its ids 0..65535 being host ids
+    /// `base + block * 65536 ..`, its root an idmapped mount of its disk. `None`: containers share the host's
+    /// user namespace (root in a container is root on the host, confined by capabilities and seccomp).
+    userns_base: Option<u32>,
+}
+
+/// A container's user namespace: its ids 0..[`idmap::RANGE_SIZE`] are host ids `base..`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HostIds {
+    pub base: u32,
 }
 
 /// Container and network namespace names of a machine.
@@ -42,8 +52,22 @@ pub(crate) fn netns_name(machine_id: &str) -> String {
 }
 
 impl Container {
-    pub(crate) fn new(runc: Option<PathBuf>) -> Self {
-        Self { runc }
+    pub(crate) fn new(runc: Option<PathBuf>, userns_base: Option<u32>) -> Self {
+        Self { runc, userns_base }
+    }
+
+    /// The host ids of the machine with address block `block`: `base + block * 65536`, 65,536 of them,
+    /// unique per machine; refused when they would pass 2^31 (ids above are unusable to much software).
+    pub(crate) fn host_ids(&self, block: u32) -> Result<Option<HostIds>, RuntimeError> {
+        let Some(base) = self.userns_base else { return Ok(None) };
+        let first = block.checked_mul(idmap::RANGE_SIZE).and_then(|o| o.checked_add(base));
+        match first.filter(|f| f.checked_add(idmap::RANGE_SIZE).is_some_and(|end| end <= 1 << 31)) {
+            Some(base) => Ok(Some(HostIds { base })),
+            None => Err(RuntimeError::Unavailable(format!(
+                "the user namespace of address block {block} would pass uid 2^31: lower \
+                 HYPERFLEET_CONTAINER_UID_BASE or the subnet's size, or set HYPERFLEET_CONTAINER_USERNS=false"
+            ))),
+        }
     }
 
     pub(crate) fn unavailable(&self) -> Option<String> {
@@ -93,13 +117,42 @@ impl Container {
         }
     }
 
-    /// Mounts the machine's disk as the bundle's root (idempotent).
-    pub(crate) async fn mount_root(files: &MachineFiles) -> Result<(), RuntimeError> {
+    /// Mounts the machine's disk as the bundle's root (idempotent), idmapped through the machine's user
+    /// namespace when it has one.
+    pub(crate) async fn mount_root(files: &MachineFiles, userns: bool) -> Result<(), RuntimeError> {
         let root = files.bundle.join("rootfs");
         std::fs::create_dir_all(&root).map_err(RuntimeError::io("create", &root))?;
-        if is_mountpoint(&root) {
+        if !is_mountpoint(&root) {
+            Self::mount_disk(files, &root).await?;
+        }
+        if !userns || idmap::is_idmapped(&root) {
             return Ok(());
         }
+        let (at, ns) = (root.clone(), files.userns());
+        let mapped = tokio::task::spawn_blocking(move || idmap::idmap_in_place(&at, &ns)).await?;
+        if let Err(e) = mapped {
+            Self::unmount_root(files).await;
+            return Err(RuntimeError::Command {
+                command: format!("idmapped mount of {} (HYPERFLEET_CONTAINER_USERNS=false turns it off)", root.display()),
+                message: e.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes the machine's user namespace and its network namespace `netns` (owned by it).
+    pub(crate) async fn create_namespaces(files: &MachineFiles, ids: HostIds, netns: &str) -> Result<(), RuntimeError> {
+        let (file, name) = (files.userns(), netns.to_string());
+        std::fs::create_dir_all(&files.bundle).map_err(RuntimeError::io("create", &files.bundle))?;
+        idmap::release_user_namespace(&file);
+        let made = tokio::task::spawn_blocking(move || idmap::create_namespaces(ids.base, &file, &name)).await?;
+        made.map_err(|e| RuntimeError::Command {
+            command: "create the machine's user and network namespaces".into(),
+            message: e.to_string(),
+        })
+    }
+
+    async fn mount_disk(files: &MachineFiles, root: &Path) -> Result<(), RuntimeError> {
         let out = Command::new("mount")
             // nodev and nosuid: a device node or setuid file the guest makes on its disk means nothing on the host.
             .args(["-o", "loop,nosuid,nodev"])
@@ -117,8 +170,9 @@ impl Container {
         Ok(())
     }
 
-    /// Unmounts the root and frees its loop device (idempotent).
+    /// Unmounts the root (freeing its loop device) and the user namespace's file (idempotent).
     pub(crate) async fn unmount_root(files: &MachineFiles) {
+        idmap::release_user_namespace(&files.userns());
         let root = files.bundle.join("rootfs");
         if is_mountpoint(&root) {
             // -d releases the loop device too; a busy mount is detached lazily instead.
@@ -139,7 +193,7 @@ impl Container {
     /// The OCI `config.json` of a machine: its init (the agent) with its listening socket as descriptor 3 and
     /// DNS in its environment, cgroup limits from the machine's vCPUs and memory, the namespace made for it,
     /// a minimal capability set, no new privileges and a seccomp filter. Nothing of the host is mounted in.
-    pub(crate) fn spec(m: &BootSpec, netns: &Path) -> Result<Spec, RuntimeError> {
+    pub(crate) fn spec(m: &BootSpec, netns: &Path, userns: Option<(HostIds, &Path)>) -> Result<Spec, RuntimeError> {
         let net = &m.net;
         let e = RuntimeError::Spec;
         // What root in a sandbox needs for ordinary work (file ownership, users, low ports, ping), and no more:
@@ -195,13 +249,26 @@ impl Container {
         mounts.push(tmpfs("/run", "755").map_err(e)?);
         mounts.push(tmpfs("/tmp", "1777").map_err(e)?);
         let ns = |typ: LinuxNamespaceType| LinuxNamespaceBuilder::default().typ(typ).build();
-        let namespaces = vec![
+        let mut namespaces = vec![
             ns(LinuxNamespaceType::Pid).map_err(e)?,
             ns(LinuxNamespaceType::Ipc).map_err(e)?,
             ns(LinuxNamespaceType::Uts).map_err(e)?,
             ns(LinuxNamespaceType::Mount).map_err(e)?,
             LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).path(netns).build().map_err(e)?,
         ];
+        let mut id_mappings = Vec::new();
+        if let Some((ids, file)) = userns {
+            // Joined, not made: the network namespace belongs to this user namespace (see `create_namespaces`).
+            namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).path(file).build().map_err(e)?);
+            id_mappings.push(
+                LinuxIdMappingBuilder::default()
+                    .container_id(0u32)
+                    .host_id(ids.base)
+                    .size(idmap::RANGE_SIZE)
+                    .build()
+                    .map_err(e)?,
+            );
+        }
         const PERIOD: i64 = 100_000;
         let resources = LinuxResourcesBuilder::default()
             .memory(LinuxMemoryBuilder::default().limit(i64::from(m.mem_size_mib) * 1024 * 1024).build().map_err(e)?)
@@ -217,6 +284,8 @@ impl Container {
             .map_err(e)?;
         let linux = LinuxBuilder::default()
             .namespaces(namespaces)
+            .uid_mappings(id_mappings.clone())
+            .gid_mappings(id_mappings)
             .resources(resources)
             .cgroups_path(PathBuf::from(format!("/hyperfleet/{}", m.id)))
             .masked_paths(oci_spec::runtime::get_default_maskedpaths())
@@ -239,7 +308,9 @@ impl Container {
         if let Some(why) = self.unavailable() {
             return Err(RuntimeError::Unavailable(why));
         }
-        Self::spec(m, netns)?.save(files.bundle.join("config.json"))?;
+        let userns = files.userns();
+        let ids = self.host_ids(m.block)?;
+        Self::spec(m, netns, ids.map(|i| (i, userns.as_path())))?.save(files.bundle.join("config.json"))?;
         // The agent's socket: made here, in a directory only the daemon can enter, and passed in open.
         let agent = agent_listener(&files.agent_socket)?;
         let cid = container_id(&m.id);
@@ -497,7 +568,7 @@ mod tests {
 
     #[test]
     fn the_config_confines_the_guest() {
-        let spec = Container::spec(&boot_spec(), Path::new("/run/netns/hf-m1")).unwrap();
+        let spec = Container::spec(&boot_spec(), Path::new("/run/netns/hf-m1"), None).unwrap();
         let json = serde_json::to_value(&spec).unwrap();
         let process = &json["process"];
         assert_eq!(process["args"], serde_json::json!(["/sbin/init"]));

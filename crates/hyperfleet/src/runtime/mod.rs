@@ -4,11 +4,13 @@
 //! it needs ([`BootSpec`], [`Instance`]), never a database row.
 
 pub(crate) mod assets;
+pub mod cgroups;
 pub(crate) mod console;
 pub(crate) mod container;
 pub(crate) mod disk;
 pub(crate) mod firecracker;
 pub(crate) mod host;
+pub(crate) mod idmap;
 pub mod process;
 
 use std::fs::File;
@@ -108,6 +110,11 @@ impl MachineFiles {
         }
     }
 
+    /// A container machine's user namespace (an nsfs bind mount) while it runs in one.
+    pub fn userns(&self) -> PathBuf {
+        self.bundle.join("userns")
+    }
+
     /// The console log, opened for appending by the machine's process.
     pub fn open_console_log(&self) -> Result<File, RuntimeError> {
         use std::os::unix::fs::OpenOptionsExt;
@@ -204,16 +211,21 @@ impl Runtimes {
         match spec.runtime {
             RuntimeKind::Firecracker => Ok(None),
             RuntimeKind::Container => {
-                Container::mount_root(files).await?;
+                let ids = self.container.host_ids(spec.block)?;
                 let ns = container::netns_name(&spec.id);
                 // A namespace left by a crash is replaced.
                 if let Err(e) = hyperfleet_net::netns::delete(&ns).await {
                     warn!(netns = %ns, error = %e, "could not remove a leftover namespace");
                 }
-                let created = hyperfleet_net::netns::create(&ns).await;
-                if let Err(e) = created {
+                let made = match ids {
+                    Some(ids) => Container::create_namespaces(files, ids, &ns).await,
+                    None => hyperfleet_net::netns::create(&ns).await.map(|_| ()).map_err(RuntimeError::from),
+                };
+                made?;
+                if let Err(e) = Container::mount_root(files, ids.is_some()).await {
                     Container::unmount_root(files).await;
-                    return Err(e.into());
+                    remove_netns(&spec.id).await;
+                    return Err(e);
                 }
                 Ok(Some(ns))
             }
