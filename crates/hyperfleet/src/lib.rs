@@ -27,7 +27,7 @@ pub mod testing {
     pub use crate::runtime::disk::sparse_copy;
     pub use crate::runtime::firecracker::{FirecrackerApi, jail};
     pub use crate::runtime::host::{KvmKind, find_on_path};
-    pub use crate::runtime::{MachineFiles, process};
+    pub use crate::runtime::{MachineFiles, ROOTS_DIR, process};
     pub use crate::store::machines as machine_rows;
     pub use crate::store::{Store, now};
 }

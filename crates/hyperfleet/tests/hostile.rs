@@ -160,7 +160,7 @@ async fn a_guest_cannot_plant_devices_or_setuid_files_for_the_host() {
     let (_, mode, _) = sh(&d, &m.id, "stat -c %a /root/id").await;
     assert_eq!(mode.trim(), "4755");
     // ...but the machine's disk is mounted nosuid,nodev on the host, so it grants nothing there.
-    let root = d.dir.path().join("machines").join(&m.id).join("bundle/rootfs");
+    let root = Path::new(hyperfleet::testing::ROOTS_DIR).join(&m.id);
     let opts = mount_options(&root);
     assert!(opts.contains("nosuid") && opts.contains("nodev"), "{opts}");
     let out = std::process::Command::new("setpriv")
@@ -172,7 +172,8 @@ async fn a_guest_cannot_plant_devices_or_setuid_files_for_the_host() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65534", "the setuid bit was honoured on the host");
     // And no host directory is shared with the guest at all.
     let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(root.parent().unwrap().join("config.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(d.dir.path().join("machines").join(&m.id).join("bundle/config.json")).unwrap())
+            .unwrap();
     assert!(config["mounts"].as_array().unwrap().iter().all(|m| m["type"] != "bind"), "{}", config["mounts"]);
 }
 
@@ -204,7 +205,7 @@ async fn a_guests_root_is_an_unprivileged_user_on_the_host() {
     // Files it makes, as root or as another user, belong to the mapped ids on the host's view of its disk.
     let (code, _, err) = sh(&d, &m.id, "touch /root/mine /root/theirs && chown 1000:1000 /root/theirs").await;
     assert_eq!(code, 0, "{err}");
-    let root = d.dir.path().join("machines").join(&m.id).join("bundle/rootfs");
+    let root = Path::new(hyperfleet::testing::ROOTS_DIR).join(&m.id);
     let owner = |p: &str| {
         let meta = std::fs::metadata(root.join(p)).unwrap();
         (meta.uid(), meta.gid())
@@ -225,9 +226,10 @@ async fn a_guests_root_is_an_unprivileged_user_on_the_host() {
     d.client.resume_machine(&m.id).await.unwrap();
     assert_eq!(sh(&d, &m.id, "id -u").await.1.trim(), "0");
     d.client.stop_machine(&m.id).await.unwrap();
-    let bundle = root.parent().unwrap().to_path_buf();
+    let bundle = d.dir.path().join("machines").join(&m.id).join("bundle");
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!info.contains(bundle.to_str().unwrap()), "mounts left under {bundle:?}");
+    assert!(!info.contains(root.to_str().unwrap()), "{root:?} is still mounted");
     assert!(!bundle.join("userns").exists());
 
     // With the setting off, the same guest's root is the host's root.

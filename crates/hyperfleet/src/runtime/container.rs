@@ -120,7 +120,8 @@ impl Container {
     /// Mounts the machine's disk as the bundle's root (idempotent), idmapped through the machine's user
     /// namespace when it has one.
     pub(crate) async fn mount_root(files: &MachineFiles, userns: bool) -> Result<(), RuntimeError> {
-        let root = files.bundle.join("rootfs");
+        let root = files.root.clone();
+        roots_dir()?;
         std::fs::create_dir_all(&root).map_err(RuntimeError::io("create", &root))?;
         if !is_mountpoint(&root) {
             Self::mount_disk(files, &root).await?;
@@ -173,7 +174,7 @@ impl Container {
     /// Unmounts the root (freeing its loop device) and the user namespace's file (idempotent).
     pub(crate) async fn unmount_root(files: &MachineFiles) {
         idmap::release_user_namespace(&files.userns());
-        let root = files.bundle.join("rootfs");
+        let root = files.root.clone();
         if is_mountpoint(&root) {
             // -d releases the loop device too; a busy mount is detached lazily instead.
             if let Err(e) = Command::new("umount").arg("-d").arg(&root).output().await {
@@ -186,14 +187,26 @@ impl Container {
             }
             if is_mountpoint(&root) {
                 tracing::warn!(path = %root.display(), "the machine's root is still mounted");
+                return;
             }
+        }
+        match std::fs::remove_dir(&root) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %root.display(), error = %e, "could not remove the root's mount point");
+            }
+            _ => {}
         }
     }
 
     /// The OCI `config.json` of a machine: its init (the agent) with its listening socket as descriptor 3 and
     /// DNS in its environment, cgroup limits from the machine's vCPUs and memory, the namespace made for it,
     /// a minimal capability set, no new privileges and a seccomp filter. Nothing of the host is mounted in.
-    pub(crate) fn spec(m: &BootSpec, netns: &Path, userns: Option<(HostIds, &Path)>) -> Result<Spec, RuntimeError> {
+    pub(crate) fn spec(
+        m: &BootSpec,
+        root: &Path,
+        netns: &Path,
+        userns: Option<(HostIds, &Path)>,
+    ) -> Result<Spec, RuntimeError> {
         let net = &m.net;
         let e = RuntimeError::Spec;
         // What root in a sandbox needs for ordinary work (file ownership, users, low ports, ping), and no more:
@@ -295,7 +308,7 @@ impl Container {
             .map_err(e)?;
         let mut spec = Spec::default();
         spec.set_process(Some(process))
-            .set_root(Some(RootBuilder::default().path("rootfs").readonly(false).build().map_err(e)?))
+            .set_root(Some(RootBuilder::default().path(root).readonly(false).build().map_err(e)?))
             .set_hostname(Some(net.hostname.clone()))
             .set_mounts(Some(mounts))
             .set_linux(Some(linux));
@@ -308,9 +321,10 @@ impl Container {
         if let Some(why) = self.unavailable() {
             return Err(RuntimeError::Unavailable(why));
         }
+        std::fs::create_dir_all(&files.bundle).map_err(RuntimeError::io("create", &files.bundle))?;
         let userns = files.userns();
         let ids = self.host_ids(m.block)?;
-        Self::spec(m, netns, ids.map(|i| (i, userns.as_path())))?.save(files.bundle.join("config.json"))?;
+        Self::spec(m, &files.root, netns, ids.map(|i| (i, userns.as_path())))?.save(files.bundle.join("config.json"))?;
         // The agent's socket: made here, in a directory only the daemon can enter, and passed in open.
         let agent = agent_listener(&files.agent_socket)?;
         let cid = container_id(&m.id);
@@ -400,6 +414,14 @@ impl Container {
         self.runc_quiet(&["delete", "--force", &cid]).await;
         process::remove_file_logged(&files.agent_socket);
     }
+}
+
+/// Makes [`super::ROOTS_DIR`] (root's, 0711).
+fn roots_dir() -> Result<(), RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Path::new(super::ROOTS_DIR);
+    std::fs::create_dir_all(dir).map_err(RuntimeError::io("create", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(RuntimeError::io("chmod", dir))
 }
 
 /// A fresh listening socket at `path` (replacing a stale one), readable by the daemon only.
@@ -568,7 +590,7 @@ mod tests {
 
     #[test]
     fn the_config_confines_the_guest() {
-        let spec = Container::spec(&boot_spec(), Path::new("/run/netns/hf-m1"), None).unwrap();
+        let spec = Container::spec(&boot_spec(), Path::new("/r/m1"), Path::new("/run/netns/hf-m1"), None).unwrap();
         let json = serde_json::to_value(&spec).unwrap();
         let process = &json["process"];
         assert_eq!(process["args"], serde_json::json!(["/sbin/init"]));

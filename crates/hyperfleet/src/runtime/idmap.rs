@@ -55,6 +55,9 @@ pub(crate) fn create_namespaces(base: u32, userns_file: &Path, netns: &str) -> i
             // SAFETY: raw system calls on descriptors this child owns and a one-byte stack buffer. Each step
             // is reported with one byte; the parent treats a closed pipe as failure.
             unsafe {
+                // Only the parent keeps these ends: the child's last read must see the parent close its end.
+                libc::close(to_child_w.as_raw_fd());
+                libc::close(to_parent_r.as_raw_fd());
                 if libc::unshare(libc::CLONE_NEWUSER) != 0 {
                     libc::_exit(1);
                 }

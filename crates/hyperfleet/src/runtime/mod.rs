@@ -90,7 +90,14 @@ pub struct MachineFiles {
     /// container's root, and handed to the
     /// agent as an open descriptor, so the guest never sees, renames or replaces it.
     pub agent_socket: PathBuf,
+    /// A container's root: the mount point of its disk, under [`ROOTS_DIR`].
+    pub root: PathBuf,
 }
+
+/// Where container roots are mounted: a root-owned directory others may pass through but not list (0711),
+/// because a container in its own user namespace (an unprivileged uid on the host) must reach its root by
+/// path, which a 0700 data directory (or its parents) would refuse.
+pub const ROOTS_DIR: &str = "/run/hyperfleet-roots";
 
 impl MachineFiles {
     /// `jails_dir`: where the jailer makes the machines' jails ([`Firecracker::jails_dir`]).
@@ -103,6 +110,7 @@ impl MachineFiles {
             console_log: dir.join("console.log"),
             bundle: dir.join("bundle"),
             agent_socket: dir.join("agent.sock"),
+            root: Path::new(ROOTS_DIR).join(id),
             api_socket: chroot.join(firecracker::jail::API_SOCKET),
             vsock_socket: chroot.join(firecracker::jail::VSOCK_SOCKET),
             jail,
