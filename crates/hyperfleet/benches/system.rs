@@ -521,9 +521,11 @@ async fn create_to_first_exec(d: &Daemon, n: usize) -> Vec<Duration> {
 
 async fn bench_exec_files(r: &mut Report) {
     // The same without the containers' user namespaces (HYPERFLEET_CONTAINER_USERNS=false), in this run.
-    let plain =
-        Daemon::start(Options { env: vec![("HYPERFLEET_CONTAINER_USERNS".into(), "false".into())], ..Default::default() })
-            .await;
+    let plain = Daemon::start(Options {
+        env: vec![("HYPERFLEET_CONTAINER_USERNS".into(), "false".into())],
+        ..Default::default()
+    })
+    .await;
     let mut first_plain = create_to_first_exec(&plain, 10).await;
     drop(plain);
     let d = Daemon::start(Options::default()).await;

@@ -105,7 +105,9 @@ impl Doctor {
                 } else {
                     "off: each cgroup move at a machine's start waits for an RCU grace period (~10 ms)"
                 },
-                Some("start hyperfleet serve (it remounts cgroup2 with favordynmods), or set HYPERFLEET_CGROUP_FAVORDYNMODS=false"),
+                Some(
+                    "start hyperfleet serve (it remounts cgroup2 with favordynmods), or set HYPERFLEET_CGROUP_FAVORDYNMODS=false",
+                ),
             ),
         ];
         let table = self.firewall.current().await;

@@ -171,9 +171,10 @@ async fn a_guest_cannot_plant_devices_or_setuid_files_for_the_host() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65534", "the setuid bit was honoured on the host");
     // And no host directory is shared with the guest at all.
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(d.dir.path().join("machines").join(&m.id).join("bundle/config.json")).unwrap())
-            .unwrap();
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.dir.path().join("machines").join(&m.id).join("bundle/config.json")).unwrap(),
+    )
+    .unwrap();
     assert!(config["mounts"].as_array().unwrap().iter().all(|m| m["type"] != "bind"), "{}", config["mounts"]);
 }
 
@@ -234,9 +235,11 @@ async fn a_guests_root_is_an_unprivileged_user_on_the_host() {
 
     // With the setting off, the same guest's root is the host's root.
     drop(d);
-    let plain =
-        Daemon::start(Options { env: vec![("HYPERFLEET_CONTAINER_USERNS".into(), "false".into())], ..Default::default() })
-            .await;
+    let plain = Daemon::start(Options {
+        env: vec![("HYPERFLEET_CONTAINER_USERNS".into(), "false".into())],
+        ..Default::default()
+    })
+    .await;
     let m = running(&plain, machine("unmapped")).await;
     let status = PathBuf::from(format!("/proc/{}/status", m.pid.unwrap()));
     assert_eq!(status_field(&status, "Uid"), "0\t0\t0\t0");

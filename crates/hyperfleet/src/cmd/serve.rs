@@ -47,7 +47,9 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
     let userns = match rt.container_uid_base {
         Some(base) if crate::runtime::idmap::supported() => Some(base),
         Some(_) => {
-            warn!("this kernel has no idmapped mounts (Linux 5.12+): container machines share the host's user namespace");
+            warn!(
+                "this kernel has no idmapped mounts (Linux 5.12+): container machines share the host's user namespace"
+            );
             None
         }
         None => None,

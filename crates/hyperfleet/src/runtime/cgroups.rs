@@ -49,8 +49,7 @@ fn plan(mountinfo: &str) -> Result<Option<Remount>, String> {
             cgroup2 = Some((unescape(target), *mount_opts, *super_opts));
         }
     }
-    let (target, mount_opts, super_opts) =
-        cgroup2.ok_or("no cgroup2 hierarchy is mounted (pure cgroup v1 host)")?;
+    let (target, mount_opts, super_opts) = cgroup2.ok_or("no cgroup2 hierarchy is mounted (pure cgroup v1 host)")?;
     let mut flags = MsFlags::MS_REMOUNT;
     for opt in mount_opts.split(',') {
         flags |= match opt {
@@ -88,8 +87,7 @@ pub fn favor_dynamic_moves() -> DynMods {
     };
     match plan(&mountinfo) {
         Ok(None) => DynMods::AlreadyOn,
-        Ok(Some(r)) => match nix::mount::mount(None::<&str>, &r.target, None::<&str>, r.flags, Some(r.data.as_str()))
-        {
+        Ok(Some(r)) => match nix::mount::mount(None::<&str>, &r.target, None::<&str>, r.flags, Some(r.data.as_str())) {
             Ok(()) => DynMods::TurnedOn(r.target),
             Err(e) => DynMods::Unavailable(format!("remounting {} with favordynmods: {e}", r.target.display())),
         },

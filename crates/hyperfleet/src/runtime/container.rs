@@ -13,10 +13,10 @@ use hyperfleet_agent_proto::client::{AgentClient, Endpoint};
 use std::os::fd::AsRawFd;
 
 use oci_spec::runtime::{
-    Arch, Capability, LinuxBuilder, LinuxIdMappingBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp,
-    LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator, LinuxSyscallBuilder, Mount,
-    MountBuilder, ProcessBuilder, RootBuilder, Spec,
+    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxIdMappingBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
+    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator,
+    LinuxSyscallBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec,
 };
 use tokio::process::Command;
 
@@ -134,7 +134,10 @@ impl Container {
         if let Err(e) = mapped {
             Self::unmount_root(files).await;
             return Err(RuntimeError::Command {
-                command: format!("idmapped mount of {} (HYPERFLEET_CONTAINER_USERNS=false turns it off)", root.display()),
+                command: format!(
+                    "idmapped mount of {} (HYPERFLEET_CONTAINER_USERNS=false turns it off)",
+                    root.display()
+                ),
                 message: e.to_string(),
             });
         }
@@ -158,7 +161,7 @@ impl Container {
             // nodev and nosuid: a device node or setuid file the guest makes on its disk means nothing on the host.
             .args(["-o", "loop,nosuid,nodev"])
             .arg(&files.disk)
-            .arg(&root)
+            .arg(root)
             .output()
             .await
             .map_err(|e| RuntimeError::Command { command: "mount".into(), message: e.to_string() })?;
@@ -272,7 +275,8 @@ impl Container {
         let mut id_mappings = Vec::new();
         if let Some((ids, file)) = userns {
             // Joined, not made: the network namespace belongs to this user namespace (see `create_namespaces`).
-            namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).path(file).build().map_err(e)?);
+            namespaces
+                .push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).path(file).build().map_err(e)?);
             id_mappings.push(
                 LinuxIdMappingBuilder::default()
                     .container_id(0u32)
@@ -324,7 +328,8 @@ impl Container {
         std::fs::create_dir_all(&files.bundle).map_err(RuntimeError::io("create", &files.bundle))?;
         let userns = files.userns();
         let ids = self.host_ids(m.block)?;
-        Self::spec(m, &files.root, netns, ids.map(|i| (i, userns.as_path())))?.save(files.bundle.join("config.json"))?;
+        Self::spec(m, &files.root, netns, ids.map(|i| (i, userns.as_path())))?
+            .save(files.bundle.join("config.json"))?;
         // The agent's socket: made here, in a directory only the daemon can enter, and passed in open.
         let agent = agent_listener(&files.agent_socket)?;
         let cid = container_id(&m.id);

@@ -90,7 +90,13 @@ pub(crate) fn create_namespaces(base: u32, userns_file: &Path, netns: &str) -> i
         step("make a network namespace")?;
         std::fs::File::create(userns_file)?;
         let flags = nix::mount::MsFlags::MS_BIND;
-        nix::mount::mount(Some(format!("/proc/{child}/ns/user").as_str()), userns_file, None::<&str>, flags, None::<&str>)?;
+        nix::mount::mount(
+            Some(format!("/proc/{child}/ns/user").as_str()),
+            userns_file,
+            None::<&str>,
+            flags,
+            None::<&str>,
+        )?;
         hyperfleet_net::netns::name_existing(netns, Path::new(&format!("/proc/{child}/ns/net")))
             .map_err(io::Error::other)?;
         Ok(())

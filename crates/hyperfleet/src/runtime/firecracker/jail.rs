@@ -214,9 +214,7 @@ pub fn parent_cgroup_dirs() -> Vec<PathBuf> {
     let base = Path::new(CGROUP_ROOT);
     let mut dirs = vec![base.join(CGROUP_PARENT)];
     let controllers = std::fs::read_dir(base).into_iter().flatten().flatten();
-    dirs.extend(
-        controllers.filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path().join(CGROUP_PARENT)),
-    );
+    dirs.extend(controllers.filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path().join(CGROUP_PARENT)));
     dirs.retain(|d| d.is_dir());
     dirs
 }

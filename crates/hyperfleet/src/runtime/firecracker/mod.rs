@@ -173,7 +173,12 @@ impl Firecracker {
         };
         let socket = Self::wait_for_socket(files, pid).await;
         drop(parent);
-        match async { socket?; self.configure(spec, files, pid).await }.await {
+        match async {
+            socket?;
+            self.configure(spec, files, pid).await
+        }
+        .await
+        {
             Ok(()) => Ok(Booted { pid, socket_path: Some(files.api_socket.display().to_string()) }),
             Err(e) => {
                 process::terminate(pid, Duration::from_secs(1)).await;
