@@ -48,6 +48,7 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         machines::create, machines::list, machines::get, machines::update, machines::delete, machines::start,
         machines::stop, machines::restart, machines::pause, machines::resume, machines::wait, machines::logs, machines::network,
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
+        guest::list, guest::mkdir,
         keys::create, keys::list, keys::revoke,
     ),
     components(schemas(machines::StatusFilter, machines::Flag)),
@@ -184,6 +185,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/machines/{id}/exec", post(guest::exec))
         .route("/machines/{id}/exec/stream", post(guest::exec_stream))
         .route("/machines/{id}/files/stat", get(guest::stat))
+        .route("/machines/{id}/files/list", get(guest::list))
+        .route("/machines/{id}/files/mkdir", post(guest::mkdir))
         .route("/api-keys", post(keys::create).get(keys::list))
         .route("/api-keys/{id}", axum::routing::delete(keys::revoke))
         .route("/health", get(health))
@@ -232,6 +235,8 @@ mod tests {
             ("/machines/{id}/exec/stream", &["post"]),
             ("/machines/{id}/files", &["get", "post", "delete"]),
             ("/machines/{id}/files/stat", &["get"]),
+            ("/machines/{id}/files/list", &["get"]),
+            ("/machines/{id}/files/mkdir", &["post"]),
             ("/api-keys", &["get", "post"]),
             ("/api-keys/{id}", &["delete"]),
         ] {
