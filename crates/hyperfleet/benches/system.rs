@@ -358,7 +358,7 @@ async fn bench_start_overhead(r: &mut Report) {
                 .stderr(Stdio::null()),
         )
         .unwrap();
-        while !sock.exists() {
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         base_socket.push(t.elapsed());
@@ -418,7 +418,7 @@ async fn bench_start_overhead(r: &mut Report) {
             .stderr(Stdio::null()),
         )
         .unwrap();
-        while !files.api_socket.exists() {
+        while std::os::unix::net::UnixStream::connect(&files.api_socket).is_err() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         jailed_socket.push(t.elapsed());

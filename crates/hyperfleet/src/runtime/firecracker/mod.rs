@@ -192,7 +192,8 @@ impl Firecracker {
     /// made the cgroup and execed firecracker).
     async fn wait_for_socket(files: &MachineFiles, pid: u32) -> Result<(), RuntimeError> {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !files.api_socket.exists() {
+        // The file appears at bind(), a moment before listen(): wait until a connection is accepted.
+        while std::os::unix::net::UnixStream::connect(&files.api_socket).is_err() {
             if !process::alive(pid) {
                 return Err(RuntimeError::ExitedAtStart {
                     process: "jailer (firecracker)",
