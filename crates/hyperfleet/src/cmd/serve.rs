@@ -45,7 +45,20 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
         JailSettings { chroot_dir: rt.chroot_dir.clone(), uid_base: rt.jailer_uid_base },
     );
     let jails_dir = firecracker.jails_dir();
-    let container = Container::new(host::find_on_path(&rt.runc_bin));
+    let userns = match rt.container_uid_base {
+        Some(base) if crate::runtime::idmap::supported() => Some(base),
+        Some(_) => {
+            warn!(
+                "this kernel has no idmapped mounts (Linux 5.12+): container machines share the host's user namespace"
+            );
+            None
+        }
+        None => None,
+    };
+    let container = Container::new(host::find_on_path(&rt.runc_bin), userns);
+    if userns.is_some() {
+        info!("container machines run in their own user namespace (HYPERFLEET_CONTAINER_USERNS)");
+    }
     let (default, why) = default_runtime(rt, kvm, &firecracker);
     info!(runtime = %default, kvm = kvm.describe(), "default runtime: {default} ({why})");
     if default == RuntimeKind::Container {
@@ -130,6 +143,19 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
+    if settings.runtime.cgroup_favordynmods {
+        use crate::runtime::cgroups::{DynMods, favor_dynamic_moves};
+        match favor_dynamic_moves() {
+            DynMods::AlreadyOn => {}
+            DynMods::TurnedOn(at) => info!(
+                mount = %at.display(),
+                "cgroup favordynmods turned on host-wide (cheap cgroup moves at start; HYPERFLEET_CGROUP_FAVORDYNMODS)"
+            ),
+            DynMods::Unavailable(why) => {
+                warn!("cgroup favordynmods is off ({why}): each start waits ~10 ms per cgroup move")
+            }
+        }
+    }
     let service = build_service(&settings, store.clone()).await?;
     service.host().net.init().await.context("prepare host networking (are we root?)")?;
     service.reconcile().await.context("reconcile with the host")?;

@@ -176,15 +176,24 @@ impl Firecracker {
             cgroup_limits: self.cgroup_version.limits(spec.vcpu_count, spec.mem_size_mib),
         }
         .build();
+        let parent = jail::PARENT_CGROUPS.read().await;
         let spawned = process::spawn_detached(cmd.stdin(Stdio::null()).stdout(console).stderr(console_err));
         let pid = match spawned {
             Ok(pid) => pid,
             Err(e) => {
+                drop(parent);
                 Self::release(&spec.id, files).await;
                 return Err(RuntimeError::Unavailable(format!("cannot run {}: {e}", jailer.display())));
             }
         };
-        match self.configure(spec, files, pid).await {
+        let socket = Self::wait_for_socket(files, pid).await;
+        drop(parent);
+        match async {
+            socket?;
+            self.configure(spec, files, pid).await
+        }
+        .await
+        {
             Ok(()) => Ok(Booted { pid, socket_path: Some(files.api_socket.display().to_string()) }),
             Err(e) => {
                 process::terminate(pid, Duration::from_secs(1)).await;
@@ -194,11 +203,12 @@ impl Firecracker {
         }
     }
 
-    async fn configure(&self, spec: &BootSpec, files: &MachineFiles, pid: u32) -> Result<(), RuntimeError> {
-        let net = &spec.net;
-        // The API socket appears within milliseconds of the spawn.
+    /// Waits for firecracker's API socket, which appears within milliseconds of the spawn (after the jailer
+    /// made the cgroup and execed firecracker).
+    async fn wait_for_socket(files: &MachineFiles, pid: u32) -> Result<(), RuntimeError> {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !files.api_socket.exists() {
+        // The file appears at bind(), a moment before listen(): wait until a connection is accepted.
+        while std::os::unix::net::UnixStream::connect(&files.api_socket).is_err() {
             if !process::alive(pid) {
                 return Err(RuntimeError::ExitedAtStart {
                     process: "jailer (firecracker)",
@@ -208,8 +218,13 @@ impl Firecracker {
             if Instant::now() > deadline {
                 return Err(RuntimeError::Timeout("firecracker's API socket appearing in its chroot within 5 s"));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        Ok(())
+    }
+
+    async fn configure(&self, spec: &BootSpec, files: &MachineFiles, pid: u32) -> Result<(), RuntimeError> {
+        let net = &spec.net;
         let api = FirecrackerApi::new(&files.api_socket);
         api.put(
             "/machine-config",
