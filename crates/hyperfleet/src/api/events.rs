@@ -60,9 +60,12 @@ fn resume_from(headers: &HeaderMap, q: &QueryMap) -> Result<Option<u64>, ApiErro
     };
     raw.filter(|v| !v.trim().is_empty())
         .map(|v| {
+            // Event ids are SQLite integers: 0..=i64::MAX, as the OpenAPI document says.
             v.trim()
-                .parse::<u64>()
-                .map_err(|_| ApiError::validation(format!("Last-Event-ID: '{v}' is not an event id")))
+                .parse::<i64>()
+                .ok()
+                .and_then(|id| u64::try_from(id).ok())
+                .ok_or_else(|| ApiError::validation(format!("Last-Event-ID: '{v}' is not an event id")))
         })
         .transpose()
 }
@@ -126,13 +129,38 @@ impl Cursor {
     }
 }
 
+/// One Server-Sent Event of `GET /events` as a client parses it: `id`, `event` (the type), and `data`, the
+/// [`Event`] as JSON (`contentMediaType` + `contentSchema`, so schema checkers validate the payload too).
+pub(crate) struct SseEvent;
+
+impl utoipa::PartialSchema for SseEvent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::extensions::Extensions;
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let text = || ObjectBuilder::new().schema_type(Type::String);
+        let mut data = text().content_media_type("application/json").description(Some("the Event, as JSON")).build();
+        // utoipa has no builder for `contentSchema` (JSON Schema 2020-12); its extensions serialize verbatim.
+        data.extensions = Some(Extensions::from_iter([(
+            "contentSchema",
+            serde_json::json!({"$ref": "#/components/schemas/Event"}),
+        )]));
+        ObjectBuilder::new()
+            .property("id", text().description(Some("the event's id, for Last-Event-ID")))
+            .property("event", text().description(Some("the event's type")))
+            .property("data", data)
+            .required("data")
+            .into()
+    }
+}
+impl utoipa::ToSchema for SseEvent {}
+
 #[utoipa::path(get, path = "/events", tag = "events",
     params(("machine" = Option<String>, Query, description = "only this machine's events (id or name)"),
            ("type" = Option<EventTypes>, Query, description = "only these event types, comma-separated"),
            ("last_event_id" = Option<u64>, Query, description = "resume after this event (the Last-Event-ID header wins)"),
            ("follow" = Option<super::machines::Flag>, Query, description = "false: send the stored events (after Last-Event-ID, else all) and end instead of following"),
            ("Last-Event-ID" = Option<u64>, Header, description = "resume after this event: the stored events since are sent first")),
-    responses((status = 200, description = "a text/event-stream: each event's SSE id is its id, its SSE event its type, its data the Event as JSON", content_type = "text/event-stream", body = Event),
+    responses((status = 200, description = "a text/event-stream: each event's SSE id is its id, its SSE event its type, its data the Event as JSON", content_type = "text/event-stream", body = SseEvent),
               (status = 400, description = "VALIDATION_ERROR: an unknown type, or a Last-Event-ID that is not an event id", body = ErrorBody)),
     security(("bearer" = ["machines:read"])))]
 pub(crate) async fn stream(State(s): State<AppState>, headers: HeaderMap, q: QueryMap) -> Result<Response, ApiError> {

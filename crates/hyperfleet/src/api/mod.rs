@@ -79,7 +79,7 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         keys::create, keys::list, keys::revoke,
         volumes::create, volumes::list, volumes::get, volumes::delete, volumes::resize, volumes::clone,
     ),
-    components(schemas(machines::StatusFilter, machines::Flag, events::EventTypes)),
+    components(schemas(machines::StatusFilter, machines::Flag, events::EventTypes, hyperfleet_types::Event)),
     modifiers(&BearerAuth, &CommonResponses),
     tags((name = "machines"), (name = "exec"), (name = "files"), (name = "volumes"), (name = "api-keys"), (name = "events"))
 )]
