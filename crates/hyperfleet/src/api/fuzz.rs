@@ -75,6 +75,7 @@ fn validates(req: &CreateMachine) {
         max_execs_per_machine: 1,
         exec_output_budget: 1 << 20,
         events_backlog: 1000,
+        metrics: true,
     };
     if let Err(msg) = crate::machines::validate_create(req, &policy) {
         assert!(!msg.is_empty());

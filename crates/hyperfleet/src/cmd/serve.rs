@@ -91,6 +91,7 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
         max_execs_per_machine: settings.files.exec_max_concurrent,
         exec_output_budget: settings.files.exec_output_budget,
         events_backlog: settings.store.events_backlog,
+        metrics: settings.api.metrics,
     };
     Ok(Service::new(store, host, addressing, policy))
 }

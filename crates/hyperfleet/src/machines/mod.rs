@@ -75,6 +75,8 @@ pub(crate) struct Policy {
     pub exec_output_budget: u64,
     /// Machine events kept in the backlog `GET /events` resumes from.
     pub events_backlog: u64,
+    /// `HYPERFLEET_METRICS`: record metrics (and serve `GET /metrics`).
+    pub metrics: bool,
 }
 
 pub(crate) struct Service<H: Host = LinuxHost> {
@@ -121,7 +123,7 @@ impl<H: Host> Service<H> {
             addressing,
             events: events::Events::new(policy.events_backlog),
             policy,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(Metrics::new(policy.metrics)),
             cpu_readings: stats::CpuReadings::default(),
             ports: wire::PortStatus::default(),
             execs: guest::ExecSlots::default(),

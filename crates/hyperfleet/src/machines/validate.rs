@@ -368,6 +368,7 @@ mod tests {
                 max_execs_per_machine: 4,
                 exec_output_budget: 1 << 20,
                 events_backlog: 1000,
+                metrics: true,
             }
         }
     }
