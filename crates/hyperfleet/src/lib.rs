@@ -12,6 +12,7 @@ mod doctor;
 mod keys;
 mod listener;
 mod machines;
+mod oci;
 mod proxy;
 mod runtime;
 mod store;

@@ -1,0 +1,190 @@
+//! Pulling an image from a registry (the `oci-client` crate: token and basic auth, image indexes resolved to
+//! linux/amd64, Docker v2 schema 2 and OCI manifests): its manifest, its config and each layer, every blob
+//! checked against its digest before it is kept under its digest's name.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use tokio::io::AsyncWrite;
+
+use super::{Credentials, ImageConfig, OciError, Registries};
+
+/// A resolved image: its manifest's digest, its config, and its layers in order (paths of verified blobs).
+#[derive(Debug, Clone)]
+pub(crate) struct Pulled {
+    pub digest: String,
+    pub config: ImageConfig,
+    pub layers: Vec<PathBuf>,
+}
+
+/// Bytes of a pull so far and in all, shared with whoever shows progress.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
+
+pub(crate) struct Puller {
+    client: Client,
+    registries: Registries,
+}
+
+fn auth(creds: Option<&Credentials>) -> RegistryAuth {
+    match creds {
+        None => RegistryAuth::Anonymous,
+        Some(Credentials::Basic { username, password }) => RegistryAuth::Basic(username.clone(), password.clone()),
+        Some(Credentials::Token(t)) => RegistryAuth::Bearer(t.clone()),
+    }
+}
+
+impl Puller {
+    pub(crate) fn new(registries: Registries) -> Self {
+        let insecure = registries.insecure.clone();
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure),
+            platform_resolver: Some(Box::new(linux_amd64_resolver)),
+            connect_timeout: Some(std::time::Duration::from_secs(10)),
+            read_timeout: Some(std::time::Duration::from_secs(60)),
+            ..Default::default()
+        };
+        Self { client: Client::new(config), registries }
+    }
+
+    /// The registry reference for `image` (docker.io and its `library/` rule by default), through the mirror
+    /// when one is set for docker.io.
+    pub(crate) fn reference(&self, image: &str) -> Result<Reference, OciError> {
+        let mut r: Reference =
+            image.parse().map_err(|e| OciError::Reference(format!("'{image}' is not an image reference: {e}")))?;
+        if let Some(m) = &self.registries.mirror
+            && r.registry() == "docker.io"
+        {
+            r.set_mirror_registry(m.clone());
+        }
+        Ok(r)
+    }
+
+    /// The manifest (resolved to linux/amd64) and config of `image`: one or two small requests, so a create
+    /// learns at once that an image or a credential is wrong.
+    pub(crate) async fn resolve(
+        &self,
+        r: &Reference,
+        creds: Option<&Credentials>,
+    ) -> Result<(String, oci_client::manifest::OciImageManifest, ImageConfig), OciError> {
+        let (manifest, digest, config) =
+            self.client.pull_manifest_and_config(r, &auth(creds)).await.map_err(|e| classify(r, e))?;
+        let config = ImageConfig::parse(&config)?;
+        Ok((digest, manifest, config))
+    }
+
+    /// Downloads every layer not already in `blobs` (named by digest), counting bytes in `progress`.
+    pub(crate) async fn layers(
+        &self,
+        r: &Reference,
+        manifest: &oci_client::manifest::OciImageManifest,
+        blobs: &Path,
+        progress: &Arc<Progress>,
+    ) -> Result<Vec<PathBuf>, OciError> {
+        let total: u64 = manifest.layers.iter().map(|l| u64::try_from(l.size).unwrap_or(0)).sum();
+        progress.total.store(total, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(manifest.layers.len());
+        for layer in &manifest.layers {
+            let path = blob_path(blobs, &layer.digest)?;
+            if path.exists() {
+                progress.done.fetch_add(u64::try_from(layer.size).unwrap_or(0), Ordering::Relaxed);
+                out.push(path);
+                continue;
+            }
+            let partial = path.with_extension(format!("partial-{}", std::process::id()));
+            let file = tokio::fs::File::create(&partial).await.map_err(|e| OciError::io("create", &partial, e))?;
+            let writer = Counting { inner: file, progress: progress.clone() };
+            // oci-client checks the bytes against the layer's digest (and the registry's header) at the end.
+            let pulled = self.client.pull_blob(r, layer, writer).await;
+            if let Err(e) = pulled {
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(classify(r, e));
+            }
+            tokio::fs::rename(&partial, &path).await.map_err(|e| OciError::io("rename", &path, e))?;
+            out.push(path);
+        }
+        Ok(out)
+    }
+}
+
+/// `blobs/sha256/<hex>` for a digest, refusing anything that is not `algorithm:hex`.
+pub(crate) fn blob_path(blobs: &Path, digest: &str) -> Result<PathBuf, OciError> {
+    let (alg, hex) = digest.split_once(':').ok_or_else(|| OciError::Registry(format!("bad digest '{digest}'")))?;
+    let ok = matches!(alg, "sha256" | "sha512") && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    if !ok {
+        return Err(OciError::Registry(format!("bad digest '{digest}'")));
+    }
+    Ok(blobs.join(format!("{alg}-{}", hex.to_ascii_lowercase())))
+}
+
+fn classify(r: &Reference, e: OciDistributionError) -> OciError {
+    let image = r.whole();
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(m) => {
+            OciError::NotFound(format!("image '{image}' not found: {m}"))
+        }
+        OciDistributionError::AuthenticationFailure(m) => {
+            OciError::Auth(format!("the registry refused the credentials for '{image}': {m}"))
+        }
+        OciDistributionError::UnauthorizedError { .. } => {
+            OciError::Auth(format!("the registry refused access to '{image}' (unauthorized)"))
+        }
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let reason: Vec<String> = envelope.errors.iter().map(|e| format!("{:?}: {}", e.code, e.message)).collect();
+            let reason = reason.join("; ");
+            let first = envelope.errors.first().map(|e| &e.code);
+            match first {
+                Some(OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown | OciErrorCode::NotFound) => {
+                    OciError::NotFound(format!("image '{image}' not found: {reason}"))
+                }
+                Some(OciErrorCode::Unauthorized | OciErrorCode::Denied) => {
+                    OciError::Auth(format!("the registry refused access to '{image}': {reason}"))
+                }
+                _ => OciError::Registry(format!("registry error for '{image}': {reason}")),
+            }
+        }
+        OciDistributionError::ServerError { code: 401 | 403, message, .. } => {
+            OciError::Auth(format!("the registry refused access to '{image}': {message}"))
+        }
+        OciDistributionError::ServerError { code: 404, message, .. } => {
+            OciError::NotFound(format!("image '{image}' not found: {message}"))
+        }
+        OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
+            OciError::Unreachable(format!("registry {} unreachable: {e}", r.resolve_registry()))
+        }
+        OciDistributionError::DigestError(e) => OciError::Registry(format!("'{image}': {e}")),
+        other => OciError::Registry(format!("pulling '{image}': {other}")),
+    }
+}
+
+/// A file writer that adds what it writes to a pull's progress.
+struct Counting {
+    inner: tokio::fs::File,
+    progress: Arc<Progress>,
+}
+
+impl AsyncWrite for Counting {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.progress.done.fetch_add(u64::try_from(*n).unwrap_or(0), Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
