@@ -110,7 +110,10 @@ fn rebuild(cmd: Command, program: OsString) -> Command {
 }
 
 fn lookup(name: &str, env: &[String]) -> Option<OsString> {
-    let path = env.iter().find_map(|kv| kv.strip_prefix("PATH=")).unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let path = env
+        .iter()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     path.split(':').map(|d| std::path::Path::new(d).join(name)).find(|p| p.is_file()).map(|p| p.into_os_string())
 }
 
@@ -121,7 +124,10 @@ fn resolve_user(spec: &str) -> std::io::Result<(u32, u32)> {
         None => (spec, None),
     };
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() > 3 && (f[0] == user || f[2] == user));
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && (f[0] == user || f[2] == user));
     let uid = match user.parse::<u32>() {
         Ok(n) => n,
         Err(_) => entry

@@ -43,6 +43,9 @@ pub(crate) fn required_scope(method: &Method, path: &str) -> Option<Scope> {
         (_, "/health") => None,
         (_, p) if p == "/docs" || p.starts_with("/docs/") => None,
         (_, p) if p.starts_with("/api-keys") => Some(KeysAdmin),
+        // The image cache: reading it is reading machines' inputs; pulling and deleting change them.
+        (&Method::GET, p) if p.starts_with("/images") => Some(MachinesRead),
+        (_, p) if p.starts_with("/images") => Some(MachinesWrite),
         _ if p.ends_with("/exec") || p.ends_with("/exec/stream") || p.contains("/files") => Some(MachinesExec),
         (&Method::GET, _) => Some(MachinesRead),
         _ => Some(MachinesWrite),

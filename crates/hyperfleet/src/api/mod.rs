@@ -7,6 +7,7 @@ pub(crate) mod extract;
 #[cfg(test)]
 mod fuzz;
 pub(crate) mod guest;
+pub(crate) mod images;
 pub(crate) mod keys;
 pub(crate) mod machines;
 
@@ -49,10 +50,11 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         machines::stop, machines::restart, machines::pause, machines::resume, machines::wait, machines::logs, machines::network,
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
         keys::create, keys::list, keys::revoke,
+        images::list, images::pull, images::delete,
     ),
     components(schemas(machines::StatusFilter, machines::Flag)),
     modifiers(&BearerAuth, &CommonResponses),
-    tags((name = "machines"), (name = "exec"), (name = "files"), (name = "api-keys"))
+    tags((name = "machines"), (name = "exec"), (name = "files"), (name = "api-keys"), (name = "images"))
 )]
 pub(crate) struct ApiDoc;
 
@@ -184,6 +186,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/machines/{id}/exec", post(guest::exec))
         .route("/machines/{id}/exec/stream", post(guest::exec_stream))
         .route("/machines/{id}/files/stat", get(guest::stat))
+        .route("/images", get(images::list))
+        .route("/images/pull", post(images::pull))
+        .route("/images/{digest}", axum::routing::delete(images::delete))
         .route("/api-keys", post(keys::create).get(keys::list))
         .route("/api-keys/{id}", axum::routing::delete(keys::revoke))
         .route("/health", get(health))

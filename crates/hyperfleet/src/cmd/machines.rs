@@ -55,6 +55,24 @@ enum MachinesCommand {
         /// An environment variable for every command run in the machine (repeat: --env A=1 --env B=2).
         #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_pair)]
         env: Vec<(String, String)>,
+        /// An OCI image to run (instead of --rootfs), e.g. 127.0.0.1:5000/busybox:latest.
+        #[arg(long, conflicts_with = "rootfs")]
+        image: Option<String>,
+        /// Disk size of an image machine in MiB.
+        #[arg(long = "image-size", requires = "image")]
+        image_size_mib: Option<i64>,
+        /// Replaces the image's Entrypoint (repeat for each argument).
+        #[arg(long)]
+        entrypoint: Vec<String>,
+        /// Replaces the image's Cmd (repeat for each argument).
+        #[arg(long)]
+        cmd: Vec<String>,
+        /// What happens when the main process ends: no, on-failure, always.
+        #[arg(long, value_parser = parse_restart)]
+        restart: Option<hyperfleet_types::RestartPolicy>,
+        /// Registry user; the password is read from HYPERFLEET_REGISTRY_PASSWORD.
+        #[arg(long, requires = "image")]
+        registry_user: Option<String>,
         #[arg(long)]
         start: bool,
     },
@@ -209,6 +227,12 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             rootfs,
             kernel_args,
             env,
+            image,
+            image_size_mib,
+            entrypoint,
+            cmd,
+            restart,
+            registry_user,
             start,
         } => {
             let network = (!dns.is_empty() || egress.is_some()).then(|| -> anyhow::Result<NetworkOptions> {
@@ -228,6 +252,12 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 runtime,
                 network: network.transpose()?,
                 env: (!env.is_empty()).then(|| env.into_iter().collect()),
+                image,
+                image_size_mib,
+                registry_auth: registry_auth(registry_user)?,
+                entrypoint: (!entrypoint.is_empty()).then_some(entrypoint),
+                cmd: (!cmd.is_empty()).then_some(cmd),
+                restart_policy: restart,
             };
             let mut m = hf.create_machine(&req).await?;
             if start {
@@ -315,4 +345,18 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+fn parse_restart(s: &str) -> Result<hyperfleet_types::RestartPolicy, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("'{s}': use no, on-failure or always"))
+}
+
+/// Basic credentials from --registry-user and the HYPERFLEET_REGISTRY_PASSWORD variable (never an argument:
+/// arguments show in `ps`).
+pub(crate) fn registry_auth(user: Option<String>) -> anyhow::Result<Option<hyperfleet_types::RegistryAuth>> {
+    let Some(username) = user else { return Ok(None) };
+    let password = std::env::var("HYPERFLEET_REGISTRY_PASSWORD")
+        .map_err(|_| anyhow::anyhow!("--registry-user needs the password in HYPERFLEET_REGISTRY_PASSWORD"))?;
+    Ok(Some(hyperfleet_types::RegistryAuth { username: Some(username), password: Some(password), token: None }))
 }

@@ -32,6 +32,7 @@ impl Action {
             (Self::Pause, _) => &[Running],
             (Self::Resume, _) => &[Paused],
             (Self::Delete, _) => &MachineStatus::AT_REST,
+            // `Fail` to `stopped`: the main process ended with code 0.
             (Self::Fail | Self::Adopt, _) => &[Running, Paused],
             (Self::Reconcile, _) => &[Starting, Running, Paused, Stopping],
         }

@@ -67,6 +67,8 @@ pub(crate) struct LinuxHost {
     pub assets_dir: PathBuf,
     /// Where firecracker machines' jails are ([`crate::runtime::Firecracker::jails_dir`]).
     pub jails_dir: PathBuf,
+    /// The image cache, where image machines' root images are.
+    pub images: std::sync::Arc<super::images::Images>,
 }
 
 impl LinuxHost {
@@ -75,6 +77,7 @@ impl LinuxHost {
     }
 
     fn boot_spec(&self, m: &MachineRecord) -> BootSpec {
+        let image = m.spec.image.is_some();
         BootSpec {
             id: m.id.clone(),
             runtime: m.spec.runtime,
@@ -84,6 +87,14 @@ impl LinuxHost {
             kernel_args: m.spec.kernel_args.clone(),
             rootfs_path: PathBuf::from(&m.spec.rootfs_path),
             assets_dir: self.assets_dir.clone(),
+            rootfs_dir: if image { self.images.dir().to_path_buf() } else { self.assets_dir.clone() },
+            init: image.then(|| crate::oci::rootfs::AGENT_INIT.to_string()),
+            main_spec: super::images::main_process(
+                &m.spec,
+                m.spec.image_digest.as_deref().and_then(|d| self.images.config(d)).as_ref(),
+            )
+            .and_then(|p| serde_json::to_vec(&p).ok()),
+            disk_size_mib: m.spec.image_size_mib,
             net: self.net.addressing.guest(m),
             block: m.block,
         }

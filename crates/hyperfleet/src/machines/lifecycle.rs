@@ -79,15 +79,17 @@ impl<H: Host> Service<H> {
         }
     }
 
-    pub(crate) async fn create(&self, req: CreateMachine) -> Result<Machine> {
+    pub(crate) async fn create(self: &Arc<Self>, req: CreateMachine) -> Result<Machine> {
         let policy = self.policy.clone();
-        let spec = tokio::task::spawn_blocking(move || validate::create(&req, &policy))
+        let auth = req.registry_auth.clone();
+        let mut spec = tokio::task::spawn_blocking(move || validate::create(&req, &policy))
             .await
             .map_err(|e| Error::Task { what: "validate", message: e.to_string() })?
             .map_err(Error::Invalid)?;
         if let Some(why) = self.host.unavailable(spec.runtime) {
             return Err(Error::RuntimeUnavailable { runtime: spec.runtime, why });
         }
+        let creds = self.resolve_image(&mut spec, auth.as_ref()).await?;
         let blocks = self.addressing.subnet.block_count();
         let id = crate::store::random_id();
         let rec = self.store.call(move |c| Ok(records::insert(c, &id, &spec, blocks))).await?.map_err(|e| match e {
@@ -98,6 +100,7 @@ impl<H: Host> Service<H> {
             InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
         })?;
         info!(machine = %rec.id, name = %rec.spec.name, runtime = %rec.spec.runtime, tap = %self.addressing.iface(&rec), "machine created");
+        self.pull_in_background(&rec, creds);
         self.events.publish(&rec);
         Ok(self.to_wire(&rec))
     }
@@ -167,6 +170,9 @@ impl<H: Host> Service<H> {
     /// Starts a machine: pending|stopped|failed → starting → running, or failed with everything undone.
     pub(crate) async fn start(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
+        if Action::Start.allowed_in(rec.status) {
+            self.image_ready(&rec).await?;
+        }
         detached("start", self.clone().start_flow(rec)).await
     }
 
@@ -311,6 +317,7 @@ impl<H: Host> Service<H> {
                     warn!(machine = %m.id, error = %e, "could not remove the machine's files");
                 }
                 self.ports.forget(&m.id);
+                self.images.forget_machine(&m.id);
                 info!(machine = %m.id, "machine deleted");
                 Ok(())
             }

@@ -228,7 +228,16 @@ pub(super) fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
         max_execs_per_machine: 4,
         exec_output_budget: 1 << 20,
     };
-    (dir, Service::new(store, FakeHost::default(), addressing, policy))
+    let images = Arc::new(
+        super::images::Images::new(
+            dir.path().join("images"),
+            dir.path().join("agent"),
+            1 << 30,
+            crate::oci::Registries::default(),
+        )
+        .unwrap(),
+    );
+    (dir, Service::new(store, FakeHost::default(), addressing, policy, images))
 }
 
 pub(super) fn create_req(name: &str) -> CreateMachine {

@@ -22,6 +22,24 @@ const MAX_ENV_VALUE: usize = 32 * 1024;
 /// Most ports one machine may expose: enough for any service, small enough that a machine's JSON stays small.
 pub(super) const MAX_EXPOSED_PORTS: usize = 64;
 
+const MAX_IMAGE_REF: usize = 512;
+const MIN_IMAGE_MIB: u32 = 64;
+const MAX_IMAGE_MIB: u32 = 1 << 20;
+const MAX_ARGS: usize = 256;
+const MAX_ARG: usize = 32 * 1024;
+
+/// `entrypoint` / `cmd`: an argument vector, bounded, without NUL bytes.
+fn argv(field: &str, args: Option<&[String]>) -> Result<(), String> {
+    let Some(args) = args else { return Ok(()) };
+    if args.len() > MAX_ARGS {
+        return Err(format!("{field} has {} arguments; at most {MAX_ARGS} are allowed", args.len()));
+    }
+    if args.iter().any(|a| a.len() > MAX_ARG || a.contains('\0')) {
+        return Err(format!("{field}: each argument must be at most {MAX_ARG} bytes with no NUL byte"));
+    }
+    Ok(())
+}
+
 pub(super) fn name(n: &str) -> Result<(), String> {
     let b = n.as_bytes();
     let ok = !b.is_empty()
@@ -148,6 +166,32 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
     let egress = network.egress.unwrap_or(EgressPolicy::Allow);
     let env_vars = req.env.clone().unwrap_or_default();
     env("env", &env_vars)?;
+    let image = match req.image.as_deref() {
+        None => None,
+        Some(_) if req.rootfs_path.is_some() => {
+            return Err("image and rootfs_path are mutually exclusive: a machine boots one or the other".into());
+        }
+        Some(i)
+            if i.is_empty() || i.len() > MAX_IMAGE_REF || i.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+        {
+            return Err(format!("image must be an image reference of 1-{MAX_IMAGE_REF} characters without spaces"));
+        }
+        Some(i) => Some(i.to_string()),
+    };
+    if image.is_none() && (req.image_size_mib.is_some() || req.registry_auth.is_some()) {
+        return Err("image_size_mib and registry_auth need an image".into());
+    }
+    let image_size_mib = match req.image_size_mib {
+        None => None,
+        Some(n) => Some(
+            u32::try_from(n)
+                .ok()
+                .filter(|n| (MIN_IMAGE_MIB..=MAX_IMAGE_MIB).contains(n))
+                .ok_or_else(|| format!("image_size_mib must be between {MIN_IMAGE_MIB} and {MAX_IMAGE_MIB}"))?,
+        ),
+    };
+    argv("entrypoint", req.entrypoint.as_deref())?;
+    argv("cmd", req.cmd.as_deref())?;
     Ok(MachineSpec {
         name: name_val.to_string(),
         runtime: req.runtime.unwrap_or(limits.default_runtime),
@@ -160,10 +204,21 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
             &limits.assets_dir,
         )?,
         kernel_args,
-        rootfs_path: asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?,
+        // An image machine's root image is set once the image is resolved (it lives in the image cache).
+        rootfs_path: if image.is_some() {
+            String::new()
+        } else {
+            asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?
+        },
         exposed_ports,
         network: MachineNetwork { prefix_len: None, gateway: None, dns, egress },
         env: env_vars,
+        image,
+        image_digest: None,
+        image_size_mib,
+        entrypoint: req.entrypoint.clone(),
+        cmd: req.cmd.clone(),
+        restart_policy: req.restart_policy.unwrap_or_default(),
     })
 }
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 /// Where images come from: plain-HTTP registries and a mirror for docker.io.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Registries {
+pub struct Registries {
     /// `host[:port]` names reached over plain HTTP (like Docker's `insecure-registries`).
     pub insecure: Vec<String>,
     /// `host[:port]` that serves docker.io's repositories.

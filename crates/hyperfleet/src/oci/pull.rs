@@ -16,14 +16,6 @@ use tokio::io::AsyncWrite;
 
 use super::{Credentials, ImageConfig, OciError, Registries};
 
-/// A resolved image: its manifest's digest, its config, and its layers in order (paths of verified blobs).
-#[derive(Debug, Clone)]
-pub(crate) struct Pulled {
-    pub digest: String,
-    pub config: ImageConfig,
-    pub layers: Vec<PathBuf>,
-}
-
 /// Bytes of a pull so far and in all, shared with whoever shows progress.
 #[derive(Debug, Default)]
 pub(crate) struct Progress {

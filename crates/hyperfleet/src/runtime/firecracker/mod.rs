@@ -98,6 +98,12 @@ impl Firecracker {
             dns(0),
             dns(1)
         );
+        if let Some(init) = &spec.init
+            && !spec.kernel_args.split_whitespace().any(|a| a.starts_with("init="))
+        {
+            args.push_str(" init=");
+            args.push_str(init);
+        }
         if self.kvm == KvmKind::Pvm {
             args.push(' ');
             args.push_str(PVM_BOOT_ARGS);
@@ -275,6 +281,10 @@ mod tests {
             kernel_args: "  console=ttyS0 reboot=k  ".into(),
             rootfs_path: PathBuf::from("/a/rootfs.ext4"),
             assets_dir: PathBuf::from("/a"),
+            rootfs_dir: PathBuf::from("/a"),
+            init: None,
+            main_spec: None,
+            disk_size_mib: None,
             net: GuestNetwork {
                 iface: "tap1".into(),
                 tap_ip: "172.16.0.5".parse().unwrap(),
