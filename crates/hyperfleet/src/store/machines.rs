@@ -265,6 +265,12 @@ mod tests {
                 egress: EgressPolicy::Deny,
             },
             env: Default::default(),
+            image: None,
+            image_digest: None,
+            image_size_mib: None,
+            entrypoint: None,
+            cmd: None,
+            restart_policy: Default::default(),
         }
     }
 
