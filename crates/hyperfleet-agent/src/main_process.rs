@@ -83,11 +83,7 @@ fn run_once(reaper: &Reaper, spec: &MainProcess) -> std::io::Result<tokio::sync:
     if !spec.user.is_empty() {
         let (uid, gid) = resolve_user(&spec.user)?;
         cmd.uid(uid).gid(gid);
-        // SAFETY: runs in the forked child before exec; setgroups is async-signal-safe and touches no memory
-        // shared with the parent. Drops root's supplementary groups before the uid/gid change.
-        unsafe {
-            cmd.pre_exec(move || nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(gid)]).map_err(Into::into));
-        }
+        // std drops the supplementary groups (setgroups(0)) before it changes the uid.
     }
     reaper.spawn(&mut cmd).map(|(_, rx)| rx)
 }

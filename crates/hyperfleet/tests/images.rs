@@ -27,7 +27,10 @@ async fn until_status(d: &Daemon, id: &str, want: MachineStatus, secs: u64) -> M
         if m.status == want {
             return m;
         }
-        assert!(Instant::now() < deadline, "machine {id} is {:?}, not {want:?}: {:?}\n{}", m.status, m.error_message, d.logs());
+        if Instant::now() > deadline {
+            let console = d.client.machine_logs(id, 30).await.map(|l| l.lines.join("\n")).unwrap_or_default();
+            panic!("machine {id} is {:?}, not {want:?}: {:?}\nconsole:\n{console}", m.status, m.error_message);
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -120,7 +123,7 @@ async fn an_image_runs_its_process_serves_through_the_proxy_and_ends_the_machine
     c.start_machine(&ok.id).await.unwrap();
     let stopped = until_status(&d, &ok.id, MachineStatus::Stopped, 30).await;
     assert_eq!(stopped.error_message, None);
-    let retry = "n=$(cat /tmp/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /tmp/n; echo run $n; [ $n -ge 3 ]";
+    let retry = "n=$(cat /dev/shm/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /dev/shm/n; echo run $n; [ $n -ge 3 ]";
     let r = c
         .create_machine(&CreateMachine {
             image: Some(image.clone()),

@@ -213,6 +213,40 @@ impl Images {
 
     /// The image `image` (resolved to `digest`), pulled and converted if it is not cached: one pull per
     /// digest however many callers ask at once. `machine` (if any) shows the pull's progress.
+    /// Shows the pull of `digest` on `machine` (ready at once when cached); returns the pull to wait for,
+    /// if there is one. Synchronous, so a create's answer already carries the machine's image status.
+    pub(crate) fn watch(&self, digest: &str, machine: Option<&str>) -> Option<(Flight, Arc<Progress>)> {
+        let mut s = self.lock();
+        if let Some(e) = s.index.get_mut(digest) {
+            e.last_used = time::OffsetDateTime::now_utc();
+            let total = e.size_bytes;
+            if let Some(m) = machine {
+                let progress = Arc::new(Progress::default());
+                progress.done.store(total, Ordering::Relaxed);
+                progress.total.store(total, Ordering::Relaxed);
+                s.machines.insert(
+                    m.to_string(),
+                    Arc::new(Mutex::new(PullState { progress, phase: ImagePhase::Ready, error: None })),
+                );
+            }
+            return None;
+        }
+        let (flight, progress) = s
+            .flights
+            .entry(digest.to_string())
+            .or_insert_with(|| (Arc::new(OnceCell::new()), Arc::new(Progress::default())))
+            .clone();
+        if let Some(m) = machine {
+            s.machines.insert(
+                m.to_string(),
+                Arc::new(Mutex::new(PullState { progress: progress.clone(), phase: ImagePhase::Pulling, error: None })),
+            );
+        }
+        Some((flight, progress))
+    }
+
+    /// The image `image` (resolved to `digest`), pulled and converted if it is not cached: one pull per
+    /// digest however many callers ask at once. `machine` (if any) shows the pull's progress.
     pub(crate) async fn ensure(
         &self,
         image: &str,
@@ -220,39 +254,8 @@ impl Images {
         creds: Option<Credentials>,
         machine: Option<&str>,
     ) -> Result<Ready, ImageError> {
-        let (flight, progress) = {
-            let mut s = self.lock();
-            if let Some(e) = s.index.get_mut(digest) {
-                e.last_used = time::OffsetDateTime::now_utc();
-                let ready = Ready { root: self.root_path(digest) };
-                if let Some(m) = machine {
-                    let total = e.size_bytes;
-                    let progress = Arc::new(Progress::default());
-                    progress.done.store(total, Ordering::Relaxed);
-                    progress.total.store(total, Ordering::Relaxed);
-                    s.machines.insert(
-                        m.to_string(),
-                        Arc::new(Mutex::new(PullState { progress, phase: ImagePhase::Ready, error: None })),
-                    );
-                }
-                return Ok(ready);
-            }
-            let (flight, progress) = s
-                .flights
-                .entry(digest.to_string())
-                .or_insert_with(|| (Arc::new(OnceCell::new()), Arc::new(Progress::default())))
-                .clone();
-            if let Some(m) = machine {
-                s.machines.insert(
-                    m.to_string(),
-                    Arc::new(Mutex::new(PullState {
-                        progress: progress.clone(),
-                        phase: ImagePhase::Pulling,
-                        error: None,
-                    })),
-                );
-            }
-            (flight, progress)
+        let Some((flight, progress)) = self.watch(digest, machine) else {
+            return Ok(Ready { root: self.root_path(digest) });
         };
         let result = flight.get_or_init(|| self.pull(image, digest, creds, progress.clone())).await.clone();
         {
@@ -502,6 +505,7 @@ impl<H: super::Host> super::Service<H> {
     ) {
         let (Some(image), Some(digest)) = (rec.spec.image.clone(), rec.spec.image_digest.clone()) else { return };
         self.images.remember_credentials(&rec.id, creds.clone());
+        self.images.watch(&digest, Some(&rec.id));
         let (this, id) = (self.clone(), rec.id.clone());
         tokio::spawn(async move {
             match this.images.ensure(&image, &digest, creds, Some(&id)).await {
