@@ -13,10 +13,7 @@ use hyperfleet_client::types::*;
 use serde_json::json;
 
 fn daemon_opts(reg: &Registry) -> Options {
-    Options {
-        env: vec![("HYPERFLEET_INSECURE_REGISTRIES".into(), reg.addr.clone())],
-        ..Options::default()
-    }
+    Options { env: vec![("HYPERFLEET_INSECURE_REGISTRIES".into(), reg.addr.clone())], ..Options::default() }
 }
 
 /// Polls the machine until it is in `want` (or fails the test after `secs`).
@@ -86,7 +83,11 @@ async fn an_image_runs_its_process_serves_through_the_proxy_and_ends_the_machine
         {
             break r.text().await.unwrap();
         }
-        assert!(Instant::now() < deadline, "proxy never reached httpd\n{}", c.machine_logs(&m.id, 50).await.unwrap().lines.join("\n"));
+        assert!(
+            Instant::now() < deadline,
+            "proxy never reached httpd\n{}",
+            c.machine_logs(&m.id, 50).await.unwrap().lines.join("\n")
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(body.contains("hello from an image"), "{body}");
@@ -117,13 +118,18 @@ async fn an_image_runs_its_process_serves_through_the_proxy_and_ends_the_machine
 
     // Exit 0 stops it; on-failure restarts until it succeeds.
     let ok = c
-        .create_machine(&CreateMachine { image: Some(image.clone()), cmd: Some(vec!["true".into()]), ..machine("exits-0") })
+        .create_machine(&CreateMachine {
+            image: Some(image.clone()),
+            cmd: Some(vec!["true".into()]),
+            ..machine("exits-0")
+        })
         .await
         .unwrap();
     c.start_machine(&ok.id).await.unwrap();
     let stopped = until_status(&d, &ok.id, MachineStatus::Stopped, 30).await;
     assert_eq!(stopped.error_message, None);
-    let retry = "n=$(cat /dev/shm/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /dev/shm/n; echo run $n; [ $n -ge 3 ]";
+    let retry =
+        "n=$(cat /dev/shm/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /dev/shm/n; echo run $n; [ $n -ge 3 ]";
     let r = c
         .create_machine(&CreateMachine {
             image: Some(image.clone()),
@@ -188,7 +194,8 @@ async fn layers_stack_indexes_resolve_and_hostile_layers_are_refused() {
     };
     let (amd_digest, amd_size) = reg.push("multi", "amd64-only", &amd).await;
     let (arm_digest, arm_size) = reg.push("multi", "arm64-only", &arm).await;
-    reg.push_index("multi", "latest", &[(arm_digest, arm_size, "arm64"), (amd_digest.clone(), amd_size, "amd64")]).await;
+    reg.push_index("multi", "latest", &[(arm_digest, arm_size, "arm64"), (amd_digest.clone(), amd_size, "amd64")])
+        .await;
     let docker = Image { docker: true, ..httpd_image() };
     let docker = Image { layers: vec![busybox_layer(Compression::Gzip)], ..docker };
     reg.push("docker-v2", "latest", &docker).await;
@@ -196,7 +203,10 @@ async fn layers_stack_indexes_resolve_and_hostile_layers_are_refused() {
     let d = Daemon::start(daemon_opts(&reg)).await;
     let c = &d.client;
     // An index resolves to its linux/amd64 image; an image with no Entrypoint/Cmd is a sandbox.
-    let m = c.create_machine(&CreateMachine { image: Some(format!("{}/multi:latest", reg.addr)), ..machine("layers") }).await.unwrap();
+    let m = c
+        .create_machine(&CreateMachine { image: Some(format!("{}/multi:latest", reg.addr)), ..machine("layers") })
+        .await
+        .unwrap();
     assert_eq!(m.spec.image_digest.as_deref(), Some(amd_digest.as_str()));
     let m = c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
     let check = "cat /arch /etc/keep; test -e /etc/gone && echo gone-still-there; ls /opq; \
@@ -213,17 +223,23 @@ async fn layers_stack_indexes_resolve_and_hostile_layers_are_refused() {
     assert_eq!(c.get_machine(&m.id).await.unwrap().status, MachineStatus::Running);
 
     // A Docker v2 schema 2 manifest pulls too.
-    let info = c.pull_image(&PullImage { image: format!("{}/docker-v2:latest", reg.addr), registry_auth: None }).await.unwrap();
+    let info = c
+        .pull_image(&PullImage { image: format!("{}/docker-v2:latest", reg.addr), registry_auth: None })
+        .await
+        .unwrap();
     assert!(info.size_bytes > 0);
 
     // Hostile layers: `..` and a symlink-then-file escape are refused; nothing lands outside the root.
     let canary = tempfile::tempdir().unwrap();
     let hostile: Vec<(&str, Vec<u8>)> = vec![
         ("dotdot", tar(&[Entry::File("../../../../../../tmp/hf-escape-x", b"pwned".to_vec(), 0o644)])),
-        ("symlink", tar(&[
-            Entry::Symlink("evil", canary.path().to_str().unwrap()),
-            Entry::File("evil/x", b"pwned".to_vec(), 0o644),
-        ])),
+        (
+            "symlink",
+            tar(&[
+                Entry::Symlink("evil", canary.path().to_str().unwrap()),
+                Entry::File("evil/x", b"pwned".to_vec(), 0o644),
+            ]),
+        ),
     ];
     for (name, t) in hostile {
         let img = Image { layers: vec![layer(t, Compression::Gzip)], config: json!({}), docker: false };
@@ -262,7 +278,11 @@ async fn registry_errors_and_credentials() {
     assert_eq!(e.code(), Some("VALIDATION_ERROR"), "{e}");
     let right = RegistryAuth { username: Some("hfuser".into()), password: Some("s3cret-pass".into()), token: None };
     let m = c
-        .create_machine(&CreateMachine { image: Some(image.clone()), registry_auth: Some(right.clone()), ..machine("private") })
+        .create_machine(&CreateMachine {
+            image: Some(image.clone()),
+            registry_auth: Some(right.clone()),
+            ..machine("private")
+        })
         .await
         .unwrap();
     let json = serde_json::to_string(&c.get_machine(&m.id).await.unwrap()).unwrap();
@@ -295,7 +315,10 @@ async fn twenty_concurrent_creates_pull_once() {
     let reg = Registry::start(None).await;
     let big: Vec<u8> = (0..16u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0]).collect();
     let img = Image {
-        layers: vec![busybox_layer(Compression::Gzip), layer(tar(&[Entry::File("blob", big, 0o644)]), Compression::Gzip)],
+        layers: vec![
+            busybox_layer(Compression::Gzip),
+            layer(tar(&[Entry::File("blob", big, 0o644)]), Compression::Gzip),
+        ],
         config: json!({}),
         docker: false,
     };

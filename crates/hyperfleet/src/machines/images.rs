@@ -195,7 +195,7 @@ impl Images {
         {
             return Ok(d.to_string());
         }
-        match self.puller.resolve(&r, creds).await {
+        match self.puller.session().resolve(&r, creds).await {
             Ok((digest, _, _)) => Ok(digest),
             Err(OciError::Unreachable(m)) => {
                 let whole = r.whole();
@@ -314,13 +314,13 @@ impl Images {
             digest.to_string(),
         );
         let by_digest = self.puller.reference(&by_digest.whole()).unwrap_or(by_digest);
-        let (got, manifest, config) =
-            self.puller.resolve(&by_digest, creds.as_ref()).await.map_err(|e| e.to_string())?;
+        let session = self.puller.session();
+        let (got, manifest, config) = session.resolve(&by_digest, creds.as_ref()).await.map_err(|e| e.to_string())?;
         if got != digest {
             return Err(format!("registry error: asked for {digest}, the registry sent {got}"));
         }
         let blobs = self.dir.join("blobs");
-        let layers = self.puller.layers(&by_digest, &manifest, &blobs, &progress).await.map_err(|e| e.to_string())?;
+        let layers = session.layers(&by_digest, &manifest, &blobs, &progress).await.map_err(|e| e.to_string())?;
         self.set_phase(digest, ImagePhase::Converting);
         let work = self.dir.join("tmp").join(hex(digest));
         let out = self.root_path(digest);

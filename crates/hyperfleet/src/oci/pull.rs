@@ -23,10 +23,14 @@ pub(crate) struct Progress {
     pub total: AtomicU64,
 }
 
+/// Makes one registry client per pull: oci-client keeps the first credentials it is given for a registry,
+/// so a shared client would answer a later caller's anonymous pull with an earlier caller's credentials.
 pub(crate) struct Puller {
-    client: Client,
     registries: Registries,
 }
+
+/// A client for one pull (its token cache lives as long as the pull).
+pub(crate) struct Session(Client);
 
 fn auth(creds: Option<&Credentials>) -> RegistryAuth {
     match creds {
@@ -38,15 +42,18 @@ fn auth(creds: Option<&Credentials>) -> RegistryAuth {
 
 impl Puller {
     pub(crate) fn new(registries: Registries) -> Self {
-        let insecure = registries.insecure.clone();
+        Self { registries }
+    }
+
+    pub(crate) fn session(&self) -> Session {
         let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(insecure),
+            protocol: ClientProtocol::HttpsExcept(self.registries.insecure.clone()),
             platform_resolver: Some(Box::new(linux_amd64_resolver)),
             connect_timeout: Some(std::time::Duration::from_secs(10)),
             read_timeout: Some(std::time::Duration::from_secs(60)),
             ..Default::default()
         };
-        Self { client: Client::new(config), registries }
+        Session(Client::new(config))
     }
 
     /// The registry reference for `image` (docker.io and its `library/` rule by default), through the mirror
@@ -61,7 +68,9 @@ impl Puller {
         }
         Ok(r)
     }
+}
 
+impl Session {
     /// The manifest (resolved to linux/amd64) and config of `image`: one or two small requests, so a create
     /// learns at once that an image or a credential is wrong.
     pub(crate) async fn resolve(
@@ -70,7 +79,7 @@ impl Puller {
         creds: Option<&Credentials>,
     ) -> Result<(String, oci_client::manifest::OciImageManifest, ImageConfig), OciError> {
         let (manifest, digest, config) =
-            self.client.pull_manifest_and_config(r, &auth(creds)).await.map_err(|e| classify(r, e))?;
+            self.0.pull_manifest_and_config(r, &auth(creds)).await.map_err(|e| classify(r, e))?;
         let config = ImageConfig::parse(&config)?;
         Ok((digest, manifest, config))
     }
@@ -97,7 +106,7 @@ impl Puller {
             let file = tokio::fs::File::create(&partial).await.map_err(|e| OciError::io("create", &partial, e))?;
             let writer = Counting { inner: file, progress: progress.clone() };
             // oci-client checks the bytes against the layer's digest (and the registry's header) at the end.
-            let pulled = self.client.pull_blob(r, layer, writer).await;
+            let pulled = self.0.pull_blob(r, layer, writer).await;
             if let Err(e) = pulled {
                 let _ = tokio::fs::remove_file(&partial).await;
                 return Err(classify(r, e));

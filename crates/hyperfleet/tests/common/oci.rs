@@ -99,7 +99,11 @@ impl Registry {
 
     pub async fn push_blob(&self, repo: &str, data: &[u8]) -> String {
         let digest = sha256(data);
-        let r = self.req(reqwest::Method::POST, &format!("http://{}/v2/{repo}/blobs/uploads/", self.addr)).send().await.unwrap();
+        let r = self
+            .req(reqwest::Method::POST, &format!("http://{}/v2/{repo}/blobs/uploads/", self.addr))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), 202, "start upload: {}", r.text().await.unwrap());
         let loc = r.headers()["location"].to_str().unwrap().to_string();
         let loc = if loc.starts_with("http") { loc } else { format!("http://{}{loc}", self.addr) };
@@ -168,10 +172,12 @@ impl Registry {
     pub async fn push_index(&self, repo: &str, tag: &str, entries: &[(String, usize, &str)]) -> String {
         let manifests: Vec<Value> = entries
             .iter()
-            .map(|(d, s, arch)| json!({
-                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": s,
-                "platform": {"architecture": arch, "os": "linux"},
-            }))
+            .map(|(d, s, arch)| {
+                json!({
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": s,
+                    "platform": {"architecture": arch, "os": "linux"},
+                })
+            })
             .collect();
         let body = serde_json::to_vec(&json!({
             "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests,
@@ -278,13 +284,20 @@ pub fn busybox_layer(compression: Compression) -> Layer {
         Entry::Dir("bin/"),
         Entry::File("bin/busybox", bb, 0o755),
         Entry::Dir("etc/"),
-        Entry::File("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n".to_vec(), 0o644),
+        Entry::File(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n".to_vec(),
+            0o644,
+        ),
         Entry::File("etc/group", b"root:x:0:\napp:x:1000:\n".to_vec(), 0o644),
         Entry::Dir("www/"),
         Entry::File("www/index.html", b"<h1>hello from an image</h1>\n".to_vec(), 0o644),
         Entry::Dir("tmp/"),
     ];
-    let applets = ["sh", "ls", "cat", "echo", "id", "httpd", "true", "false", "sleep", "ps", "pwd", "env", "stat", "readlink", "ip", "hostname", "nc", "kill"];
+    let applets = [
+        "sh", "ls", "cat", "echo", "id", "httpd", "true", "false", "sleep", "ps", "pwd", "env", "stat", "readlink",
+        "ip", "hostname", "nc", "kill",
+    ];
     let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
     for l in &links {
         entries.push(Entry::Symlink(l, "/bin/busybox"));
