@@ -344,3 +344,53 @@ async fn twenty_concurrent_creates_pull_once() {
     let images = d.client.list_images().await.unwrap().images;
     assert_eq!(images[0].machines.len(), 20);
 }
+
+#[ignore = "needs root and /dev/kvm: a Firecracker microVM booting an image's converted disk"]
+#[tokio::test]
+async fn a_firecracker_machine_boots_the_converted_image() {
+    assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm does not exist on this host");
+    let reg = Registry::start(None).await;
+    reg.push("team/app", "v1", &httpd_image()).await;
+    let d = Daemon::start(Options { runtime: RuntimeKind::Firecracker, ..daemon_opts(&reg) }).await;
+    let c = &d.client;
+    let req = CreateMachine {
+        image: Some(format!("{}/team/app:v1", reg.addr)),
+        runtime: Some(RuntimeKind::Firecracker),
+        image_size_mib: Some(96),
+        ..machine("fc-image")
+    };
+    let m = c.create_machine(&req).await.unwrap();
+    let m = c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+    let api = hyperfleet::testing::FirecrackerApi::new(std::path::Path::new(m.socket_path.as_deref().unwrap()));
+    let cfg = api.get("/vm/config").await.unwrap();
+    let boot_args = cfg["boot-source"]["boot_args"].as_str().unwrap();
+    assert!(boot_args.contains("init=/.hyperfleet/agent"), "the injected agent is the init: {boot_args}");
+    assert_eq!(cfg["drives"][0]["path_on_host"], "/rootfs.ext4");
+
+    // The disk it was given is the converted image (grown to image_size_mib) with the main process spec.
+    let disk = d.dir.path().join("machines").join(&m.id).join("rootfs.ext4");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 96 << 20);
+    let debugfs = |cmd: &str| {
+        let o = std::process::Command::new("debugfs").args(["-R", cmd]).arg(&disk).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(debugfs("cat /www/index.html").contains("hello from an image"));
+    assert!(debugfs("cat /.hyperfleet/main.json").contains("\"httpd\""));
+    assert!(debugfs("stat /.hyperfleet/agent").contains("Mode:  0755"));
+
+    // The guest kernel mounts it and starts the agent as init (on PVM, no further: no guest userspace runs).
+    let log = d.dir.path().join("machines").join(&m.id).join("console.log");
+    let deadline = Instant::now() + Duration::from_secs(420);
+    loop {
+        let console = std::fs::read_to_string(&log).unwrap_or_default();
+        if console.contains("Run /.hyperfleet/agent as init process") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the kernel never ran the image's init:\n{console}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if !common::is_pvm() {
+        assert_eq!(sh(&d, &m.id, "cat /www/second.txt").await.1, "from the zstd layer\n");
+    }
+    c.delete_machine(&m.id, true).await.unwrap();
+}
