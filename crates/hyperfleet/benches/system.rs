@@ -195,6 +195,12 @@ fn bench_ipam(r: &mut Report) {
         exposed_ports: vec![],
         network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
         env: Default::default(),
+        image: None,
+        image_digest: None,
+        image_size_mib: None,
+        entrypoint: None,
+        cmd: None,
+        restart_policy: Default::default(),
     };
     let t = Instant::now();
     store

@@ -25,6 +25,8 @@ pub struct MachinesArgs {
     command: MachinesCommand,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum MachinesCommand {
     /// Create a machine (pending; add --start to start it).
@@ -260,6 +262,9 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 restart_policy: restart,
             };
             let mut m = hf.create_machine(&req).await?;
+            if m.image_status.is_some() && out == Output::Table {
+                m = show_pull(&hf, m).await?;
+            }
             if start {
                 m = hf.start_machine(&m.id).await?;
             }
@@ -359,4 +364,32 @@ pub(crate) fn registry_auth(user: Option<String>) -> anyhow::Result<Option<hyper
     let password = std::env::var("HYPERFLEET_REGISTRY_PASSWORD")
         .map_err(|_| anyhow::anyhow!("--registry-user needs the password in HYPERFLEET_REGISTRY_PASSWORD"))?;
     Ok(Some(hyperfleet_types::RegistryAuth { username: Some(username), password: Some(password), token: None }))
+}
+
+/// Shows an image machine's pull as a progress bar until its image is ready (or failed).
+async fn show_pull(hf: &Client, mut m: Machine) -> anyhow::Result<Machine> {
+    use hyperfleet_types::ImagePhase;
+    let bar = indicatif::ProgressBar::new(0).with_message(m.spec.image.clone().unwrap_or_default());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    while let Some(st) = m.image_status.clone() {
+        bar.set_length(st.bytes_total);
+        bar.set_position(st.bytes_done);
+        match st.phase {
+            ImagePhase::Ready => break,
+            ImagePhase::Failed => {
+                bar.abandon();
+                anyhow::bail!("pulling {}: {}", m.spec.image.unwrap_or_default(), st.error.unwrap_or_default());
+            }
+            ImagePhase::Converting => bar.set_message("converting"),
+            ImagePhase::Pulling => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        m = hf.get_machine(&m.id).await?;
+    }
+    bar.finish_and_clear();
+    Ok(m)
 }

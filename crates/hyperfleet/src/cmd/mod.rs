@@ -1,6 +1,7 @@
 //! The command-line interface: one module per command.
 
 pub(crate) mod doctor;
+pub(crate) mod images;
 pub(crate) mod keys;
 pub(crate) mod machines;
 pub(crate) mod purge;
@@ -23,6 +24,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             serve::run(*args).await.map(|()| 0)
         }
         Command::Machines(args) => machines::run(args).await,
+        Command::Images(args) => images::run(args).await,
         Command::Keys(args) => keys::run(args).await,
         Command::Doctor(args) => doctor::run(args).await,
         Command::Purge(args) => purge::run(args).await,
@@ -46,6 +48,8 @@ pub enum Command {
     Serve(Box<crate::config::ServeArgs>),
     /// Manage machines through the API (HYPERFLEET_URL, HYPERFLEET_API_KEY).
     Machines(machines::MachinesArgs),
+    /// Manage the daemon's image cache (ls, pull, rm) through the API.
+    Images(images::ImagesArgs),
     /// Manage API keys directly in the database (DATABASE_PATH); works without a running daemon.
     Keys(keys::KeysArgs),
     /// Check the host and every running machine's network; print what is wrong and how to fix it.
