@@ -195,7 +195,7 @@ impl Images {
         {
             return Ok(d.to_string());
         }
-        match self.puller.session().resolve(&r, creds).await {
+        match self.puller.session(&r).resolve(&r, creds).await {
             Ok((digest, _, _)) => Ok(digest),
             Err(OciError::Unreachable(m)) => {
                 let whole = r.whole();
@@ -314,7 +314,7 @@ impl Images {
             digest.to_string(),
         );
         let by_digest = self.puller.reference(&by_digest.whole()).unwrap_or(by_digest);
-        let session = self.puller.session();
+        let session = self.puller.session(&by_digest);
         let (got, manifest, config) = session.resolve(&by_digest, creds.as_ref()).await.map_err(|e| e.to_string())?;
         if got != digest {
             return Err(format!("registry error: asked for {digest}, the registry sent {got}"));

@@ -45,9 +45,15 @@ impl Puller {
         Self { registries }
     }
 
-    pub(crate) fn session(&self) -> Session {
+    /// A client for pulling `r`. Registries on loopback are reached over plain HTTP, as Docker does.
+    pub(crate) fn session(&self, r: &Reference) -> Session {
+        let mut insecure = self.registries.insecure.clone();
+        let registry = r.resolve_registry().to_string();
+        if is_loopback(&registry) {
+            insecure.push(registry);
+        }
         let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(self.registries.insecure.clone()),
+            protocol: ClientProtocol::HttpsExcept(insecure),
             platform_resolver: Some(Box::new(linux_amd64_resolver)),
             connect_timeout: Some(std::time::Duration::from_secs(10)),
             read_timeout: Some(std::time::Duration::from_secs(60)),
@@ -116,6 +122,16 @@ impl Session {
         }
         Ok(out)
     }
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn is_loopback(registry: &str) -> bool {
+    let host = match registry.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => registry,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `blobs/sha256/<hex>` for a digest, refusing anything that is not `algorithm:hex`.
@@ -187,5 +203,32 @@ impl AsyncWrite for Counting {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_registries_are_recognised() {
+        for r in ["localhost", "localhost:5000", "127.0.0.1:5000", "127.9.9.9", "[::1]:5000"] {
+            assert!(is_loopback(r), "{r}");
+        }
+        for r in ["docker.io", "registry.example:5000", "10.0.0.1:5000", "localhost.example.com"] {
+            assert!(!is_loopback(r), "{r}");
+        }
+    }
+
+    #[test]
+    fn references_follow_docker_rules_and_the_mirror() {
+        let p = Puller::new(Registries { insecure: vec![], mirror: Some("mirror.test:5000".into()) });
+        let r = p.reference("alpine").unwrap();
+        assert_eq!((r.registry(), r.repository(), r.tag()), ("docker.io", "library/alpine", Some("latest")));
+        assert_eq!(r.resolve_registry(), "mirror.test:5000");
+        let r = p.reference("registry.example:5000/team/app@sha256:0123456789012345678901234567890123456789012345678901234567890123").unwrap();
+        assert_eq!(r.resolve_registry(), "registry.example:5000");
+        assert!(r.digest().is_some());
+        assert!(matches!(p.reference("Bad Ref!"), Err(OciError::Reference(_))));
     }
 }
