@@ -156,6 +156,9 @@ pub struct RuntimeArgs {
     /// Comma-separated `host[:port]` registries reached over plain HTTP.
     #[arg(long, env = "HYPERFLEET_INSECURE_REGISTRIES", default_value = "")]
     pub insecure_registries: String,
+    /// Comma-separated `host[:port]` registries images may come from; empty: any.
+    #[arg(long, env = "HYPERFLEET_ALLOWED_REGISTRIES", default_value = "")]
+    pub allowed_registries: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -495,6 +498,7 @@ impl RuntimeArgs {
         let registries = crate::oci::Registries {
             insecure: host_list(&self.insecure_registries),
             mirror: self.registry_mirror.as_deref().map(str::trim).filter(|m| !m.is_empty()).map(str::to_string),
+            allowed: Some(host_list(&self.allowed_registries)).filter(|l| !l.is_empty()),
         };
         if self.image_cache_mib == 0 {
             return Err(bad("HYPERFLEET_IMAGE_CACHE_MIB", "must be at least 1"));
@@ -703,6 +707,7 @@ mod tests {
         ("HYPERFLEET_IMAGE_CACHE_MIB", "2048"),
         ("HYPERFLEET_REGISTRY_MIRROR", "mirror.test:5000"),
         ("HYPERFLEET_INSECURE_REGISTRIES", "127.0.0.1:5000, mirror.test:5000"),
+        ("HYPERFLEET_ALLOWED_REGISTRIES", "127.0.0.1:5000"),
     ];
 
     /// The variables of README.md's configuration table (`PORT` / `PROXY_PORT` rows name two).
@@ -782,6 +787,7 @@ mod tests {
         assert_eq!((&r.image_dir, r.image_cache_bytes), (&p("/srv/hf-data/images"), 2048 << 20));
         assert_eq!(r.registries.insecure, ["127.0.0.1:5000", "mirror.test:5000"]);
         assert_eq!(r.registries.mirror.as_deref(), Some("mirror.test:5000"));
+        assert_eq!(r.registries.allowed, Some(vec!["127.0.0.1:5000".to_string()]));
         let n = &s.network;
         assert_eq!(
             (n.subnet.to_string(), n.tap_naming.name(2), n.nft_table.as_str()),

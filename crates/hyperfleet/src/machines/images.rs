@@ -574,3 +574,58 @@ impl<H: super::Host> super::Service<H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyperfleet_agent_proto::main_process::Restart;
+    use hyperfleet_types::RestartPolicy;
+
+    fn spec() -> MachineSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "m", "runtime": "container", "vcpu_count": 1, "mem_size_mib": 64, "kernel_image_path": "k",
+            "kernel_args": "", "rootfs_path": "r", "exposed_ports": [], "network": {"dns": [], "egress": "allow"},
+            "env": {"B": "machine", "C": "3"}, "image": "busybox",
+        }))
+        .unwrap()
+    }
+
+    fn image() -> ImageConfig {
+        ImageConfig {
+            entrypoint: vec!["/bin/app".into()],
+            cmd: vec!["--serve".into()],
+            env: vec!["A=1".into(), "B=image".into()],
+            working_dir: "/srv".into(),
+            user: "app".into(),
+        }
+    }
+
+    #[test]
+    fn main_process_follows_docker_rules() {
+        let p = main_process(&spec(), Some(&image())).unwrap();
+        assert_eq!(p.argv, ["/bin/app", "--serve"]);
+        assert_eq!(p.env, ["A=1", "B=machine", "C=3"], "the machine's env wins over the image's");
+        assert_eq!((p.cwd.as_str(), p.user.as_str(), p.restart), ("/srv", "app", Restart::No));
+        // cmd replaces Cmd only; entrypoint replaces Entrypoint and drops Cmd.
+        let s = MachineSpec { cmd: Some(vec!["--once".into()]), ..spec() };
+        assert_eq!(main_process(&s, Some(&image())).unwrap().argv, ["/bin/app", "--once"]);
+        let s = MachineSpec { entrypoint: Some(vec!["sh".into()]), restart_policy: RestartPolicy::Always, ..spec() };
+        let p = main_process(&s, Some(&image())).unwrap();
+        assert_eq!((p.argv, p.restart), (vec!["sh".to_string()], Restart::Always));
+        // Nothing to run: a sandbox.
+        assert!(main_process(&spec(), Some(&ImageConfig::default())).is_none());
+    }
+
+    #[test]
+    fn credentials_have_one_of_two_shapes() {
+        use hyperfleet_types::RegistryAuth as A;
+        let basic = A { username: Some("u".into()), password: Some("p".into()), token: None };
+        assert!(matches!(credentials(Some(&basic)), Ok(Some(Credentials::Basic { .. }))));
+        let token = A { token: Some("t".into()), ..A::default() };
+        assert!(matches!(credentials(Some(&token)), Ok(Some(Credentials::Token(_)))));
+        for bad in [A::default(), A { token: Some("t".into()), ..basic.clone() }, A { password: None, ..basic }] {
+            assert!(credentials(Some(&bad)).is_err());
+        }
+        assert!(!format!("{:?}", Credentials::Token("secret".into())).contains("secret"));
+    }
+}

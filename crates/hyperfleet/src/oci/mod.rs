@@ -17,6 +17,8 @@ pub struct Registries {
     pub insecure: Vec<String>,
     /// `host[:port]` that serves docker.io's repositories.
     pub mirror: Option<String>,
+    /// When set, the only registries images may come from (`host[:port]`, as references name them).
+    pub allowed: Option<Vec<String>>,
 }
 
 /// Registry credentials for one pull: kept in memory only, never stored, echoed or logged.

@@ -67,6 +67,14 @@ impl Puller {
     pub(crate) fn reference(&self, image: &str) -> Result<Reference, OciError> {
         let mut r: Reference =
             image.parse().map_err(|e| OciError::Reference(format!("'{image}' is not an image reference: {e}")))?;
+        if let Some(allowed) = &self.registries.allowed
+            && !allowed.iter().any(|a| a == r.registry())
+        {
+            return Err(OciError::Reference(format!(
+                "registry '{}' is not allowed here (HYPERFLEET_ALLOWED_REGISTRIES)",
+                r.registry()
+            )));
+        }
         if let Some(m) = &self.registries.mirror
             && r.registry() == "docker.io"
         {
@@ -222,7 +230,7 @@ mod tests {
 
     #[test]
     fn references_follow_docker_rules_and_the_mirror() {
-        let p = Puller::new(Registries { insecure: vec![], mirror: Some("mirror.test:5000".into()) });
+        let p = Puller::new(Registries { insecure: vec![], mirror: Some("mirror.test:5000".into()), allowed: None });
         let r = p.reference("alpine").unwrap();
         assert_eq!((r.registry(), r.repository(), r.tag()), ("docker.io", "library/alpine", Some("latest")));
         assert_eq!(r.resolve_registry(), "mirror.test:5000");
@@ -230,5 +238,8 @@ mod tests {
         assert_eq!(r.resolve_registry(), "registry.example:5000");
         assert!(r.digest().is_some());
         assert!(matches!(p.reference("Bad Ref!"), Err(OciError::Reference(_))));
+        let only = Puller::new(Registries { allowed: Some(vec!["127.0.0.1:5000".into()]), ..Registries::default() });
+        assert!(only.reference("127.0.0.1:5000/a:1").is_ok());
+        assert!(matches!(only.reference("alpine"), Err(OciError::Reference(_))));
     }
 }
