@@ -25,8 +25,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
 
 use crate::{
-    ErrorKind, ExecSpec, FileStat, Frame, FrameKind, Hello, PROTOCOL_VERSION, ProtoError, Request, Response,
-    read_frame, read_json, write_frame, write_json,
+    DirEntry, ErrorKind, ExecSpec, FileStat, Frame, FrameKind, Hello, MAX_LIST_PAGE, PROTOCOL_VERSION, ProtoError,
+    Request, Response, read_frame, read_json, write_frame, write_json,
 };
 
 /// Where an agent listens.
@@ -331,6 +331,40 @@ impl AgentClient {
     pub async fn delete(&self, path: &str, recursive: bool) -> Result<(), ClientError> {
         match self.simple(Request::Delete { path: path.to_string(), recursive }).await? {
             Response::Ok => Ok(()),
+            other => Err(agent_error(other)),
+        }
+    }
+
+    /// One page of a directory listing: at most `limit` entries (capped at [`MAX_LIST_PAGE`]) after `after`.
+    /// An agent that answers with more than it was asked for, or out of order, breaks the protocol.
+    pub async fn list_dir(
+        &self,
+        path: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<DirEntry>, bool), ClientError> {
+        let limit = limit.clamp(1, MAX_LIST_PAGE);
+        let req = Request::ListDir { path: path.to_string(), after: after.map(str::to_string), limit };
+        match self.simple(req).await? {
+            Response::Entries { entries, more } => {
+                let in_order = entries.windows(2).all(|w| w[0].name < w[1].name)
+                    && after.is_none_or(|a| entries.first().is_none_or(|e| e.name.as_str() > a));
+                if entries.len() > usize::try_from(limit).unwrap_or(usize::MAX) || !in_order {
+                    return Err(ProtoError::Violation(format!(
+                        "a listing of {} entries, asked for at most {limit} in name order",
+                        entries.len()
+                    ))
+                    .into());
+                }
+                Ok((entries, more))
+            }
+            other => Err(agent_error(other)),
+        }
+    }
+
+    pub async fn mkdir(&self, path: &str, parents: bool, mode: Option<u32>) -> Result<FileStat, ClientError> {
+        match self.simple(Request::Mkdir { path: path.to_string(), parents, mode }).await? {
+            Response::Stat(s) => Ok(s),
             other => Err(agent_error(other)),
         }
     }

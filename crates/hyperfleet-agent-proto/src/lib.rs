@@ -215,6 +215,20 @@ pub enum Request {
         path: String,
         recursive: bool,
     },
+    /// List a directory: its entries sorted by name, those after `after`, at most `limit` (capped at
+    /// [`MAX_LIST_PAGE`]); answered with [`Response::Entries`].
+    ListDir {
+        path: String,
+        after: Option<String>,
+        limit: u32,
+    },
+    /// Make a directory (with `parents`, its missing parents too, and an existing directory is fine);
+    /// answered with [`Response::Stat`] of the directory.
+    Mkdir {
+        path: String,
+        parents: bool,
+        mode: Option<u32>,
+    },
     /// Power the guest off (or end the container) after answering.
     Shutdown,
 }
@@ -252,6 +266,11 @@ pub enum Response {
         size: u64,
     },
     Stat(FileStat),
+    /// A page of a directory listing; `more` when entries after the last one exist.
+    Entries {
+        entries: Vec<DirEntry>,
+        more: bool,
+    },
     Error {
         kind: ErrorKind,
         message: String,
@@ -265,6 +284,31 @@ pub struct FileStat {
     pub is_dir: bool,
     /// Seconds since the Unix epoch.
     pub modified_unix: i64,
+}
+
+/// Most entries one [`Request::ListDir`] answers with. A name is at most 255 bytes, six times that as escaped
+/// JSON, so a full page stays under [`MAX_FRAME`].
+pub const MAX_LIST_PAGE: u32 = 500;
+
+/// One entry of a directory listing. Names that are not UTF-8 are shown lossily.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: String,
+    pub kind: EntryKind,
+    /// Of the entry itself: a symlink is not followed.
+    pub size: u64,
+    pub mode: u32,
+    /// Seconds since the Unix epoch.
+    pub modified_unix: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use hyperfleet_agent_proto::client::{AgentClient, ClientError, Endpoint};
 use hyperfleet_agent_proto::{
-    CHUNK, ErrorKind, ExecSpec, FRAME_TIMEOUT, FileStat, FrameKind, Hello, MAX_FRAME, PROTOCOL_VERSION, ProtoError,
-    Request, Response, read_frame, read_frame_within, read_json, write_frame, write_json,
+    CHUNK, DirEntry, EntryKind, ErrorKind, ExecSpec, FRAME_TIMEOUT, FileStat, FrameKind, Hello, MAX_FRAME,
+    PROTOCOL_VERSION, ProtoError, Request, Response, read_frame, read_frame_within, read_json, write_frame, write_json,
 };
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -133,6 +133,16 @@ fn request() -> impl Strategy<Value = Request> {
         (text(), prop::option::of(any::<u64>())).prop_map(|(path, max_size)| Request::ReadFile { path, max_size }),
         text().prop_map(|path| Request::Stat { path }),
         (text(), any::<bool>()).prop_map(|(path, recursive)| Request::Delete { path, recursive }),
+        (text(), prop::option::of(text()), any::<u32>()).prop_map(|(path, after, limit)| Request::ListDir {
+            path,
+            after,
+            limit
+        }),
+        (text(), any::<bool>(), prop::option::of(any::<u32>())).prop_map(|(path, parents, mode)| Request::Mkdir {
+            path,
+            parents,
+            mode
+        }),
         Just(Request::Shutdown),
     ]
 }
@@ -154,8 +164,17 @@ fn response() -> impl Strategy<Value = Response> {
         (any::<u64>(), any::<u32>(), any::<bool>(), any::<i64>()).prop_map(|(size, mode, is_dir, modified_unix)| {
             Response::Stat(FileStat { size, mode, is_dir, modified_unix })
         }),
+        (prop::collection::vec(dir_entry(), 0..4), any::<bool>())
+            .prop_map(|(entries, more)| Response::Entries { entries, more }),
         (error_kind(), text()).prop_map(|(kind, message)| Response::Error { kind, message }),
     ]
+}
+
+fn dir_entry() -> impl Strategy<Value = DirEntry> {
+    let kind =
+        prop_oneof![Just(EntryKind::File), Just(EntryKind::Dir), Just(EntryKind::Symlink), Just(EntryKind::Other)];
+    (text(), kind, any::<u64>(), any::<u32>(), any::<i64>())
+        .prop_map(|(name, kind, size, mode, modified_unix)| DirEntry { name, kind, size, mode, modified_unix })
 }
 
 fn hello() -> impl Strategy<Value = Hello> {
@@ -624,6 +643,33 @@ fn a_file_longer_than_announced_or_over_the_limit_is_refused() {
 }
 
 #[test]
+fn a_listing_longer_than_asked_or_out_of_order_breaks_the_protocol() {
+    let entry = |name: &str| DirEntry { name: name.into(), kind: EntryKind::File, size: 0, mode: 0, modified_unix: 0 };
+    let answers = [
+        // Three entries when two were asked for.
+        vec![entry("a"), entry("b"), entry("c")],
+        // Out of name order.
+        vec![entry("b"), entry("a")],
+        // Not after the cursor.
+        vec![entry("0")],
+    ];
+    for entries in answers {
+        run(async {
+            let fake = Fake::new();
+            let client = fake.client();
+            let agent = async {
+                let mut s = fake.accept().await;
+                read_request(&mut s).await;
+                write_json(&mut s, &Response::Entries { entries: entries.clone(), more: false }).await.unwrap();
+                s
+            };
+            let (res, _s) = tokio::join!(client.list_dir("/d", Some("0"), 2), agent);
+            assert!(matches!(res, Err(ClientError::Proto(ProtoError::Violation(_)))), "{entries:?}: {res:?}");
+        });
+    }
+}
+
+#[test]
 fn a_huge_error_message_is_clipped() {
     let err = run(async {
         let fake = Fake::new();
@@ -684,7 +730,7 @@ proptest! {
             prop::collection::vec(any::<u8>(), 0..600),
             (valid_stream(), prop::collection::vec(mutation(), 0..4)).prop_map(|(s, m)| mutate(s, &m)),
         ],
-        op in 0..5u8,
+        op in 0..6u8,
         hang in any::<bool>(),
     ) {
         let then = if hang && op != 0 { Then::HangOpen } else { Then::Close };
@@ -708,6 +754,7 @@ proptest! {
                     1 => client.stat("/x").await.map(|s| format!("{s:?}")),
                     2 => client.delete("/x", true).await.map(|()| "deleted".into()),
                     3 => client.ping().await.map(|()| "pong".into()),
+                    4 => client.list_dir("/x", None, 10).await.map(|(e, more)| format!("{} {more}", e.len())),
                     _ => {
                         let mut r = client.read_file("/x", Some(1000)).await?;
                         let mut n = 0;

@@ -173,12 +173,105 @@ pub async fn stat(path: &str) -> Response {
         Err(e) => return e,
     };
     match tokio::fs::metadata(&p).await {
-        Ok(m) => Response::Stat(FileStat {
-            size: m.len(),
-            mode: m.mode() & 0o7777,
-            is_dir: m.is_dir(),
-            modified_unix: m.mtime(),
-        }),
+        Ok(m) => Response::Stat(file_stat(&m)),
+        Err(e) => io_fail("stat", &p, e),
+    }
+}
+
+fn file_stat(m: &std::fs::Metadata) -> FileStat {
+    FileStat { size: m.len(), mode: m.mode() & 0o7777, is_dir: m.is_dir(), modified_unix: m.mtime() }
+}
+
+/// A page of a directory: the `limit` smallest names after `after`. Only those names are kept while the
+/// directory is read (a bounded max-heap), so a huge directory costs one pass, not its size in memory.
+pub async fn list(path: String, after: Option<String>, limit: u32) -> Response {
+    let p = match checked_path(&path) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let limit = usize::try_from(limit.clamp(1, proto::MAX_LIST_PAGE)).unwrap_or(1);
+    let work = tokio::task::spawn_blocking(move || -> OpResult<Response> {
+        let dir = std::fs::read_dir(&p).map_err(|e| io_fail("list", &p, e))?;
+        // Keeps limit + 1 names: the extra one says whether there is more.
+        let mut page = std::collections::BinaryHeap::with_capacity(limit + 1);
+        for entry in dir {
+            let entry = entry.map_err(|e| io_fail("list", &p, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if after.as_ref().is_some_and(|a| name <= *a) {
+                continue;
+            }
+            if page.len() <= limit {
+                page.push(name);
+            } else if page.peek().is_some_and(|top| name < *top) {
+                page.pop();
+                page.push(name);
+            }
+        }
+        let mut names = page.into_sorted_vec();
+        let more = names.len() > limit;
+        names.truncate(limit);
+        let entries = names
+            .into_iter()
+            .map(|name| {
+                let full = p.join(&name);
+                // An entry removed since the directory was read is shown as it was seen: with no metadata.
+                let meta = std::fs::symlink_metadata(&full).ok();
+                let ft = meta.as_ref().map(std::fs::Metadata::file_type);
+                let kind = match ft {
+                    Some(t) if t.is_dir() => proto::EntryKind::Dir,
+                    Some(t) if t.is_file() => proto::EntryKind::File,
+                    Some(t) if t.is_symlink() => proto::EntryKind::Symlink,
+                    _ => proto::EntryKind::Other,
+                };
+                proto::DirEntry {
+                    name,
+                    kind,
+                    size: meta.as_ref().map_or(0, std::fs::Metadata::len),
+                    mode: meta.as_ref().map_or(0, |m| m.mode() & 0o7777),
+                    modified_unix: meta.as_ref().map_or(0, MetadataExt::mtime),
+                }
+            })
+            .collect();
+        Ok(Response::Entries { entries, more })
+    });
+    match work.await {
+        Ok(Ok(r) | Err(r)) => r,
+        Err(e) => fail(ErrorKind::Io, format!("list {path}: {e}")),
+    }
+}
+
+/// Makes a directory; with `parents`, like `mkdir -p` (an existing directory is fine, a file in the way is
+/// not). Answers with the directory's stat.
+pub async fn mkdir(path: &str, parents: bool, mode: Option<u32>) -> Response {
+    let p = match checked_path(path) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let mut builder = tokio::fs::DirBuilder::new();
+    builder.recursive(parents).mode(mode.unwrap_or(0o755) & 0o7777);
+    if let Err(e) = builder.create(&p).await {
+        return match e.kind() {
+            IoKind::AlreadyExists if tokio::fs::metadata(&p).await.is_ok_and(|m| m.is_dir()) => {
+                fail(ErrorKind::InvalidPath, format!("{path} already exists"))
+            }
+            IoKind::AlreadyExists => fail(ErrorKind::InvalidPath, format!("{path} exists and is not a directory")),
+            _ => io_fail("mkdir", &p, e),
+        };
+    }
+    match tokio::fs::metadata(&p).await {
+        Ok(m) if m.is_dir() => {
+            // The umask may have narrowed the mode.
+            if let Some(mode) = mode
+                && let Err(e) = tokio::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode & 0o7777)).await
+            {
+                return io_fail("chmod", &p, e);
+            }
+            match tokio::fs::metadata(&p).await {
+                Ok(m) => Response::Stat(file_stat(&m)),
+                Err(e) => io_fail("stat", &p, e),
+            }
+        }
+        Ok(_) => fail(ErrorKind::InvalidPath, format!("{path} exists and is not a directory")),
         Err(e) => io_fail("stat", &p, e),
     }
 }

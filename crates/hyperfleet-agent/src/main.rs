@@ -192,6 +192,12 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(ctx: Arc<Ctx>, stream: S) {
         Request::ReadFile { path, max_size } => files::read(&mut w, &path, max_size).await,
         Request::Stat { path } => proto::write_json(&mut w, &files::stat(&path).await).await,
         Request::Delete { path, recursive } => proto::write_json(&mut w, &files::delete(&path, recursive).await).await,
+        Request::ListDir { path, after, limit } => {
+            proto::write_json(&mut w, &files::list(path, after, limit).await).await
+        }
+        Request::Mkdir { path, parents, mode } => {
+            proto::write_json(&mut w, &files::mkdir(&path, parents, mode).await).await
+        }
         Request::Shutdown => {
             let res = proto::write_json(&mut w, &Response::Ok).await;
             // Fails only when the accept loop has ended already, i.e. the agent is stopping anyway.
@@ -214,6 +220,8 @@ fn request_name(req: &Request) -> &'static str {
         Request::ReadFile { .. } => "read file",
         Request::Stat { .. } => "stat",
         Request::Delete { .. } => "delete",
+        Request::ListDir { .. } => "list",
+        Request::Mkdir { .. } => "mkdir",
         Request::Shutdown => "shutdown",
     }
 }

@@ -363,3 +363,47 @@ async fn stdin_frames_survive_output_arriving_mid_frame() {
     assert_eq!(out.exit.exit_code, 0, "{:?}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout == data, "stdout differs ({} of {} bytes)", out.stdout.len(), data.len());
 }
+
+#[tokio::test]
+async fn directories_are_listed_in_pages_and_made() {
+    let a = Agent::start();
+    let c = a.client();
+    let dir = a.path("big");
+    // mkdir: parents, an existing directory with and without `parents`, a file in the way.
+    let st = c.mkdir(&format!("{dir}/x/y"), true, Some(0o700)).await.unwrap();
+    assert!(st.is_dir);
+    assert_eq!(st.mode, 0o700);
+    assert!(c.mkdir(&format!("{dir}/x/y"), true, None).await.is_ok());
+    assert_eq!(kind(c.mkdir(&format!("{dir}/x/y"), false, None).await), ErrorKind::InvalidPath);
+    assert_eq!(kind(c.mkdir(&a.path("no/parent"), false, None).await), ErrorKind::NotFound);
+    upload(&c, &format!("{dir}/file"), b"12345", None).await.unwrap();
+    assert_eq!(kind(c.mkdir(&format!("{dir}/file"), true, None).await), ErrorKind::InvalidPath);
+    assert_eq!(kind(c.mkdir("relative", true, None).await), ErrorKind::InvalidPath);
+
+    // 2,000 more files, listed in pages of 500: every name once, in order, and the kinds and sizes right.
+    for i in 0..2000 {
+        std::fs::write(format!("{dir}/f{i:05}"), b"").unwrap();
+    }
+    std::os::unix::fs::symlink("/nowhere", format!("{dir}/link")).unwrap();
+    let (mut seen, mut after) = (Vec::new(), None::<String>);
+    loop {
+        let (page, more) = c.list_dir(&dir, after.as_deref(), 500).await.unwrap();
+        assert!(page.len() <= 500);
+        after = page.last().map(|e| e.name.clone());
+        seen.extend(page);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2003);
+    assert!(seen.windows(2).all(|w| w[0].name < w[1].name));
+    let find = |n: &str| seen.iter().find(|e| e.name == n).unwrap();
+    assert_eq!((find("file").kind, find("file").size), (hyperfleet_agent_proto::EntryKind::File, 5));
+    assert_eq!(find("x").kind, hyperfleet_agent_proto::EntryKind::Dir);
+    assert_eq!(find("link").kind, hyperfleet_agent_proto::EntryKind::Symlink);
+    // A limit over the page size is capped; listing a file or a missing path is refused.
+    let (page, more) = c.list_dir(&dir, None, 100_000).await.unwrap();
+    assert_eq!((page.len(), more), (500, true));
+    assert_eq!(kind(c.list_dir(&format!("{dir}/file"), None, 10).await), ErrorKind::InvalidPath);
+    assert_eq!(kind(c.list_dir(&a.path("missing"), None, 10).await), ErrorKind::NotFound);
+}

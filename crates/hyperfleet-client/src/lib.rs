@@ -265,6 +265,22 @@ impl Client {
         Self::json(self.req(Method::GET, &format!("/machines/{id}/files/stat")).query(&[("path", path)])).await
     }
 
+    /// One page of a directory; pass the listing's `next_after` as `after` for the next one.
+    pub async fn list_dir(&self, id: &str, path: &str, after: Option<&str>, limit: Option<u32>) -> Result<DirListing> {
+        let mut q = vec![("path", path.to_string())];
+        if let Some(a) = after {
+            q.push(("after", a.to_string()));
+        }
+        if let Some(l) = limit {
+            q.push(("limit", l.to_string()));
+        }
+        Self::json(self.req(Method::GET, &format!("/machines/{id}/files/list")).query(&q)).await
+    }
+
+    pub async fn make_dir(&self, id: &str, req: &MakeDir) -> Result<FileStat> {
+        Self::json(self.req(Method::POST, &format!("/machines/{id}/files/mkdir")).json(req)).await
+    }
+
     pub async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
         let q = [("path", path.to_string()), ("recursive", recursive.to_string())];
         Self::empty(self.req(Method::DELETE, &format!("/machines/{id}/files")).query(&q)).await

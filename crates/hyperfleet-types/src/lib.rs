@@ -530,6 +530,55 @@ pub struct FileStat {
     pub modified_at: time::OffsetDateTime,
 }
 
+/// `GET /machines/{id}/files/list`: one page of a directory, entries sorted by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DirListing {
+    pub path: String,
+    pub entries: Vec<DirEntry>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DirEntry {
+    /// The entry's name (not UTF-8 names are shown lossily).
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: EntryType,
+    /// Of the entry itself: a symlink is not followed.
+    pub size: u64,
+    /// Permission bits, e.g. 493 (0o755).
+    pub mode: u32,
+    /// RFC 3339, UTC.
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub modified_at: time::OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryType {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// `POST /machines/{id}/files/mkdir`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MakeDir {
+    /// Absolute path inside the guest.
+    pub path: String,
+    /// Make missing parents too, and accept an existing directory (like `mkdir -p`).
+    #[serde(default)]
+    pub parents: bool,
+    /// Permission bits, e.g. 493 (0o755, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
 /// Permission a key grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum Scope {

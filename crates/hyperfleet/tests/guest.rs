@@ -226,3 +226,72 @@ async fn pause_freezes_and_resume_thaws() {
     assert!(d.host_links().is_empty());
     assert!(!common::process_alive(m.pid.unwrap()));
 }
+
+#[ignore = "needs root: runc container with a netns and veth, files through the agent"]
+#[tokio::test]
+async fn directories_are_listed_and_made() {
+    let d = Daemon::start(Options::default()).await;
+    let c = &d.client;
+    let m = running(&d, machine("browser")).await;
+
+    // mkdir: parents and mode; an existing directory is fine with `parents` only; bad paths are 400s.
+    let st = c.make_dir(&m.id, &MakeDir { path: "/srv/a/b".into(), parents: true, mode: Some(0o750) }).await.unwrap();
+    assert_eq!((st.path.as_str(), st.is_dir, st.mode), ("/srv/a/b", true, 0o750));
+    assert_eq!(sh(&d, &m.id, "stat -c %a /srv/a/b").await.1, "750\n");
+    c.make_dir(&m.id, &MakeDir { path: "/srv/a/b".into(), parents: true, mode: None }).await.unwrap();
+    for (path, parents, status) in
+        [("/srv/a/b", false, 400), ("/no/parent/here", false, 404), ("relative", true, 400), ("", true, 400)]
+    {
+        let e = c.make_dir(&m.id, &MakeDir { path: path.into(), parents, mode: None }).await.unwrap_err();
+        assert_eq!(e.status(), Some(status), "{path}: {e}");
+    }
+    let resp = c
+        .raw(Method::POST, &format!("/machines/{}/files/mkdir", m.id))
+        .json(&json!({"path": "/srv/x", "mode": 70000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    // A directory of 10,000 entries, made inside the guest, listed page by page through the API: every
+    // name exactly once, in order, with the right type and size.
+    let (code, _, err) = sh(&d, &m.id, "mkdir -p /srv/many && cd /srv/many && seq -w 1 10000 | xargs touch && echo hello > 00042 && mkdir sub && ln -s /etc link").await;
+    assert_eq!(code, 0, "{err}");
+    let (mut names, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let page = c.list_dir(&m.id, "/srv/many", after.as_deref(), Some(500)).await.unwrap();
+        assert!(page.entries.len() <= 500);
+        pages += 1;
+        for e in &page.entries {
+            match e.name.as_str() {
+                "00042" => assert_eq!((e.kind, e.size), (EntryType::File, 6)),
+                "sub" => assert_eq!(e.kind, EntryType::Dir),
+                "link" => assert_eq!(e.kind, EntryType::Symlink),
+                _ => assert_eq!(e.kind, EntryType::File),
+            }
+        }
+        names.extend(page.entries.into_iter().map(|e| e.name));
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(names.len(), 10_002);
+    assert_eq!(pages, 21);
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
+    // The default page is 100; a limit past 500 or a file or a missing directory are refused.
+    assert_eq!(c.list_dir(&m.id, "/srv/many", None, None).await.unwrap().entries.len(), 100);
+    let e = c.list_dir(&m.id, "/srv/many", None, Some(501)).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(400), Some("VALIDATION_ERROR")), "{e}");
+    let e = c.list_dir(&m.id, "/srv/many/00042", None, None).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    let e = c.list_dir(&m.id, "/srv/none", None, None).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(404), Some("NOT_FOUND")), "{e}");
+    let e = c.list_dir(&m.id, "relative", None, None).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(400), Some("VALIDATION_ERROR")), "{e}");
+
+    // A stopped machine: the documented message.
+    c.stop_machine(&m.id).await.unwrap();
+    let e = c.list_dir(&m.id, "/", None, None).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(400), Some("BAD_REQUEST")), "{e}");
+}

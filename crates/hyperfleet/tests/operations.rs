@@ -81,6 +81,12 @@ async fn cli_drives_the_api_and_manages_keys() {
     std::fs::write(&local, b"via the cli").unwrap();
     assert!(cli(&["machines", "put", "from-cli", local.to_str().unwrap(), "/root/up.txt"]).status.success());
     assert_eq!(stdout(&cli(&["machines", "fetch", "from-cli", "/root/up.txt", "-"])), "via the cli");
+    // ls and mkdir: the directory made by the CLI is listed by it.
+    assert!(cli(&["machines", "mkdir", "from-cli", "-p", "/root/made/by/cli"]).status.success());
+    let ls = stdout(&cli(&["machines", "ls", "from-cli", "/root"]));
+    assert!(ls.lines().any(|l| l.starts_with('d') && l.ends_with(" made")), "{ls}");
+    assert!(ls.lines().any(|l| l.starts_with('-') && l.contains(" 11 ") && l.ends_with(" up.txt")), "{ls}");
+    assert!(!cli(&["machines", "mkdir", "from-cli", "/root/made"]).status.success(), "exists, no -p");
     let out = cli(&["machines", "get", "nope"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Machine with id 'nope' not found"));

@@ -104,6 +104,8 @@ mod tests {
             (Method::POST, "/machines/{id}/exec/stream", Some(MachinesExec)),
             (Method::GET, "/machines/{id}/files", Some(MachinesExec)),
             (Method::GET, "/machines/{id}/files/stat", Some(MachinesExec)),
+            (Method::GET, "/machines/{id}/files/list", Some(MachinesExec)),
+            (Method::POST, "/machines/{id}/files/mkdir", Some(MachinesExec)),
             (Method::GET, "/api-keys", Some(KeysAdmin)),
             (Method::DELETE, "/api-keys/{id}", Some(KeysAdmin)),
         ];

@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
 use hyperfleet_agent_proto::client::ExecEvent as AgentEvent;
-use hyperfleet_types::{ErrorBody, ExecEvent, ExecRequest, ExecResult, FileStat, FileUpload, FileWritten};
+use hyperfleet_types::{
+    DirListing, ErrorBody, ExecEvent, ExecRequest, ExecResult, FileStat, FileUpload, FileWritten, MakeDir,
+};
 
 use super::AppState;
 use super::error::ApiError;
@@ -271,6 +273,41 @@ pub(crate) async fn stat(
     q: QueryMap,
 ) -> Result<Json<FileStat>, ApiError> {
     Ok(Json(s.service.stat_file(&id, &path_param(&q)?).await?))
+}
+
+#[utoipa::path(get, path = "/machines/{id}/files/list", tag = "files",
+    params(("id" = String, Path, description = "machine id or name"), ("path" = String, Query, description = "absolute guest path of a directory"),
+           ("after" = Option<String>, Query, description = "the `next_after` of the previous page"),
+           ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "entries per page (default 100, at most 500)")),
+    responses((status = 200, body = DirListing), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+              (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
+              (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
+    security(("bearer" = ["machines:exec"])))]
+pub(crate) async fn list(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryMap,
+) -> Result<Json<DirListing>, ApiError> {
+    let limit = q.int("limit", 1..=hyperfleet_agent_proto::MAX_LIST_PAGE)?.unwrap_or(DEFAULT_LIST_PAGE);
+    Ok(Json(s.service.list_dir(&id, &path_param(&q)?, q.get("after"), limit).await?))
+}
+
+/// Entries in a listing page unless `limit` says otherwise.
+const DEFAULT_LIST_PAGE: u32 = 100;
+
+#[utoipa::path(post, path = "/machines/{id}/files/mkdir", tag = "files", request_body = MakeDir,
+    params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 201, description = "the directory (also when `parents` and it existed)", body = FileStat),
+              (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+              (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
+              (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
+    security(("bearer" = ["machines:exec"])))]
+pub(crate) async fn mkdir(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<MakeDir>,
+) -> Result<(StatusCode, Json<FileStat>), ApiError> {
+    Ok((StatusCode::CREATED, Json(s.service.make_dir(&id, &req).await?)))
 }
 
 #[utoipa::path(delete, path = "/machines/{id}/files", tag = "files",

@@ -49,6 +49,7 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         machines::create, machines::list, machines::get, machines::update, machines::delete, machines::start,
         machines::stop, machines::restart, machines::pause, machines::resume, machines::wait, machines::logs, machines::network,
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
+        guest::list, guest::mkdir,
         keys::create, keys::list, keys::revoke,
         images::list, images::pull, images::delete,
     ),
@@ -186,6 +187,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/machines/{id}/exec", post(guest::exec))
         .route("/machines/{id}/exec/stream", post(guest::exec_stream))
         .route("/machines/{id}/files/stat", get(guest::stat))
+        .route("/machines/{id}/files/list", get(guest::list))
+        .route("/machines/{id}/files/mkdir", post(guest::mkdir))
         .route("/images", get(images::list))
         .route("/images/pull", post(images::pull))
         .route("/images/{digest}", axum::routing::delete(images::delete))
@@ -237,6 +240,8 @@ mod tests {
             ("/machines/{id}/exec/stream", &["post"]),
             ("/machines/{id}/files", &["get", "post", "delete"]),
             ("/machines/{id}/files/stat", &["get"]),
+            ("/machines/{id}/files/list", &["get"]),
+            ("/machines/{id}/files/mkdir", &["post"]),
             ("/api-keys", &["get", "post"]),
             ("/api-keys/{id}", &["delete"]),
         ] {

@@ -6,8 +6,8 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 use hyperfleet_client::{Client, ListOptions};
 use hyperfleet_types::{
-    CommandArgs, CreateMachine, EgressPolicy, ExecEvent, ExecRequest, Machine, MachineStatus, NetworkOptions,
-    RuntimeKind, UpdateMachine,
+    CommandArgs, CreateMachine, EgressPolicy, EntryType, ExecEvent, ExecRequest, Machine, MachineStatus, MakeDir,
+    NetworkOptions, RuntimeKind, UpdateMachine, timestamp,
 };
 
 use super::{Output, print_table};
@@ -150,6 +150,20 @@ enum MachinesCommand {
         id: String,
         remote: String,
         local: String,
+    },
+    /// List a directory in the machine (every page).
+    Ls {
+        id: String,
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Make a directory in the machine.
+    Mkdir {
+        id: String,
+        path: String,
+        /// Make missing parents too; an existing directory is fine.
+        #[arg(short, long)]
+        parents: bool,
     },
     /// Run the network checks for one machine.
     Network {
@@ -333,6 +347,35 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             while let Some(chunk) = stream.next().await {
                 sink.write_all(&chunk?)?;
             }
+        }
+        MachinesCommand::Ls { id, path } => {
+            let mut after: Option<String> = None;
+            let mut all = Vec::new();
+            loop {
+                let page = hf.list_dir(&id, &path, after.as_deref(), Some(500)).await?;
+                all.extend(page.entries);
+                match page.next_after {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            if out == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for e in &all {
+                    let kind = match e.kind {
+                        EntryType::Dir => 'd',
+                        EntryType::Symlink => 'l',
+                        EntryType::File => '-',
+                        EntryType::Other => '?',
+                    };
+                    println!("{kind} {:04o} {:>12} {} {}", e.mode, e.size, timestamp::format(e.modified_at), e.name);
+                }
+            }
+        }
+        MachinesCommand::Mkdir { id, path, parents } => {
+            let st = hf.make_dir(&id, &MakeDir { path, parents, mode: None }).await?;
+            println!("{} ({:04o})", st.path, st.mode);
         }
         MachinesCommand::Network { id } => {
             let report = hf.machine_network(&id).await?;

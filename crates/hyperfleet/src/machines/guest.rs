@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use bytes::Bytes;
 use hyperfleet_agent_proto::client::{AgentClient, ClientError, ExecSession, FileReader};
-use hyperfleet_agent_proto::{ErrorKind, ExecSpec};
-use hyperfleet_types::{ExecRequest, ExecResult, FileStat, FileWritten};
+use hyperfleet_agent_proto::{self as proto, ErrorKind, ExecSpec};
+use hyperfleet_types::{DirEntry, DirListing, EntryType, ExecRequest, ExecResult, FileStat, FileWritten, MakeDir};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::lifecycle::instance;
@@ -115,6 +115,20 @@ impl ExecPlan {
 
     pub(crate) fn timeout_error(&self) -> Error {
         Error::ExecTimedOut { secs: self.timeout.as_secs() }
+    }
+}
+
+fn unix_time(secs: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+fn wire_stat(path: &str, st: &proto::FileStat) -> FileStat {
+    FileStat {
+        path: path.to_string(),
+        size: st.size,
+        mode: st.mode,
+        is_dir: st.is_dir,
+        modified_at: unix_time(st.modified_unix),
     }
 }
 
@@ -314,9 +328,55 @@ impl<H: Host> Service<H> {
                 agent.stat(path).await.map_err(|e| agent_error(e, path, self.policy.file_max_size))
             })
             .await?;
-        let modified =
-            time::OffsetDateTime::from_unix_timestamp(st.modified_unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        Ok(FileStat { path: path.to_string(), size: st.size, mode: st.mode, is_dir: st.is_dir, modified_at: modified })
+        Ok(wire_stat(path, &st))
+    }
+
+    /// One page of a directory, at most `limit` entries after the name `after`.
+    pub(crate) async fn list_dir(&self, id: &str, path: &str, after: Option<&str>, limit: u32) -> Result<DirListing> {
+        check_guest_path(path)?;
+        let rec = self.running(id, "transfer files").await?;
+        let (entries, more) = self
+            .with_timeout(async {
+                let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
+                agent.list_dir(path, after, limit).await.map_err(|e| agent_error(e, path, self.policy.file_max_size))
+            })
+            .await?;
+        let entries: Vec<DirEntry> = entries
+            .into_iter()
+            .map(|e| DirEntry {
+                name: e.name,
+                kind: match e.kind {
+                    proto::EntryKind::File => EntryType::File,
+                    proto::EntryKind::Dir => EntryType::Dir,
+                    proto::EntryKind::Symlink => EntryType::Symlink,
+                    proto::EntryKind::Other => EntryType::Other,
+                },
+                size: e.size,
+                mode: e.mode,
+                modified_at: unix_time(e.modified_unix),
+            })
+            .collect();
+        let next_after = if more { entries.last().map(|e| e.name.clone()) } else { None };
+        Ok(DirListing { path: path.to_string(), entries, next_after })
+    }
+
+    pub(crate) async fn make_dir(&self, id: &str, req: &MakeDir) -> Result<FileStat> {
+        check_guest_path(&req.path)?;
+        if let Some(mode) = req.mode.filter(|m| *m > 0o7777) {
+            return Err(Error::Invalid(format!("mode must be permission bits (at most 0o7777 = 4095), got {mode}")));
+        }
+        let rec = self.running(id, "transfer files").await?;
+        let path = req.path.as_str();
+        let st = self
+            .with_timeout(async {
+                let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
+                agent
+                    .mkdir(path, req.parents, req.mode)
+                    .await
+                    .map_err(|e| agent_error(e, path, self.policy.file_max_size))
+            })
+            .await?;
+        Ok(wire_stat(path, &st))
     }
 
     pub(crate) async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
