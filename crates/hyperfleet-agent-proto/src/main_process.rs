@@ -57,4 +57,13 @@ mod tests {
         assert_eq!(exit_code(&format!("{EXIT_MARKER}lots")), None);
         assert_eq!(exit_code(&format!("{EXIT_MARKER}99999999999999")), None);
     }
+
+    proptest::proptest! {
+        /// Console lines are the guest's to write: any of them parses to a code or to nothing, never a panic.
+        #[test]
+        fn any_console_line_is_safe_to_read(line in ".{0,300}", code in proptest::num::i32::ANY) {
+            let _ = exit_code(&line);
+            proptest::prop_assert_eq!(exit_code(&format!("{line}{EXIT_MARKER}{code}")), Some(code));
+        }
+    }
 }

@@ -51,6 +51,8 @@ struct State {
     machines: HashMap<String, Arc<Mutex<PullState>>>,
     /// Per machine: credentials until its image is cached.
     creds: HashMap<String, Credentials>,
+    /// Manifests and configs resolved at create, so the pull that follows does not fetch them again.
+    resolved: HashMap<String, (oci_client::manifest::OciImageManifest, ImageConfig)>,
 }
 
 pub(crate) struct Images {
@@ -195,8 +197,14 @@ impl Images {
         {
             return Ok(d.to_string());
         }
-        match self.puller.session(&r).resolve(&r, creds).await {
-            Ok((digest, _, _)) => Ok(digest),
+        match self.puller.session(&r, creds).resolve(&r, creds).await {
+            Ok((digest, manifest, config)) => {
+                let mut s = self.lock();
+                if !s.index.contains_key(&digest) && s.resolved.len() < 256 {
+                    s.resolved.insert(digest.clone(), (manifest, config));
+                }
+                Ok(digest)
+            }
             Err(OciError::Unreachable(m)) => {
                 let whole = r.whole();
                 self.lock()
@@ -314,11 +322,19 @@ impl Images {
             digest.to_string(),
         );
         let by_digest = self.puller.reference(&by_digest.whole()).unwrap_or(by_digest);
-        let session = self.puller.session(&by_digest);
-        let (got, manifest, config) = session.resolve(&by_digest, creds.as_ref()).await.map_err(|e| e.to_string())?;
-        if got != digest {
-            return Err(format!("registry error: asked for {digest}, the registry sent {got}"));
-        }
+        let session = self.puller.session(&by_digest, creds.as_ref());
+        let known = self.lock().resolved.remove(digest);
+        let (manifest, config) = match known {
+            Some(k) => k,
+            None => {
+                let (got, manifest, config) =
+                    session.resolve(&by_digest, creds.as_ref()).await.map_err(|e| e.to_string())?;
+                if got != digest {
+                    return Err(format!("registry error: asked for {digest}, the registry sent {got}"));
+                }
+                (manifest, config)
+            }
+        };
         let blobs = self.dir.join("blobs");
         let layers = session.layers(&by_digest, &manifest, &blobs, &progress).await.map_err(|e| e.to_string())?;
         self.set_phase(digest, ImagePhase::Converting);

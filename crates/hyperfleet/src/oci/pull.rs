@@ -27,6 +27,8 @@ pub(crate) struct Progress {
 /// so a shared client would answer a later caller's anonymous pull with an earlier caller's credentials.
 pub(crate) struct Puller {
     registries: Registries,
+    /// Clients for anonymous pulls, one per registry (they hold no credentials, only anonymous tokens).
+    anonymous: std::sync::Mutex<std::collections::HashMap<String, Client>>,
 }
 
 /// A client for one pull (its token cache lives as long as the pull).
@@ -42,11 +44,21 @@ fn auth(creds: Option<&Credentials>) -> RegistryAuth {
 
 impl Puller {
     pub(crate) fn new(registries: Registries) -> Self {
-        Self { registries }
+        Self { registries, anonymous: Default::default() }
     }
 
     /// A client for pulling `r`. Registries on loopback are reached over plain HTTP, as Docker does.
-    pub(crate) fn session(&self, r: &Reference) -> Session {
+    pub(crate) fn session(&self, r: &Reference, creds: Option<&Credentials>) -> Session {
+        if creds.is_some() {
+            return self.new_session(r);
+        }
+        let registry = r.resolve_registry().to_string();
+        let mut clients = self.anonymous.lock().unwrap_or_else(|e| e.into_inner());
+        let s = clients.entry(registry).or_insert_with(|| self.new_session(r).0);
+        Session(s.clone())
+    }
+
+    fn new_session(&self, r: &Reference) -> Session {
         let mut insecure = self.registries.insecure.clone();
         let registry = r.resolve_registry().to_string();
         if is_loopback(&registry) {

@@ -89,6 +89,13 @@ impl Registry {
         self.log().lines().filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} "))).count()
     }
 
+    /// Like [`Self::blob_gets`], counting only the log after byte `mark` (`self.log().len()` earlier).
+    pub fn blob_gets_since(&self, mark: usize, digest: &str) -> usize {
+        let log = self.log();
+        let tail = log.get(mark..).unwrap_or("");
+        tail.lines().filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} "))).count()
+    }
+
     fn req(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, url);
         match &self.auth {
