@@ -336,7 +336,10 @@ impl Images {
             }
         };
         let blobs = self.dir.join("blobs");
-        let layers = session.layers(&by_digest, &manifest, &blobs, &progress).await.map_err(|e| e.to_string())?;
+        let layers = session
+            .layers(&by_digest, &manifest, &blobs, &progress, creds.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
         self.set_phase(digest, ImagePhase::Converting);
         let work = self.dir.join("tmp").join(hex(digest));
         let out = self.root_path(digest);

@@ -117,7 +117,11 @@ impl Session {
         manifest: &oci_client::manifest::OciImageManifest,
         blobs: &Path,
         progress: &Arc<Progress>,
+        creds: Option<&Credentials>,
     ) -> Result<Vec<PathBuf>, OciError> {
+        // The manifest may have come from another session: this one learns the credentials here (blob
+        // requests then get a token or basic auth the same way).
+        self.0.store_auth_if_needed(r.resolve_registry(), &auth(creds)).await;
         let total: u64 = manifest.layers.iter().map(|l| u64::try_from(l.size).unwrap_or(0)).sum();
         progress.total.store(total, Ordering::Relaxed);
         let mut out = Vec::with_capacity(manifest.layers.len());
