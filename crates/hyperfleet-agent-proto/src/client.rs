@@ -26,7 +26,7 @@ use tokio::net::UnixStream;
 
 use crate::{
     DirEntry, ErrorKind, ExecSpec, FileStat, Frame, FrameKind, Hello, MAX_LIST_PAGE, PROTOCOL_VERSION, ProtoError,
-    Request, Response, read_frame, read_json, write_frame, write_json,
+    PtyControl, PtySpec, Request, Response, read_frame, read_json, write_frame, write_json,
 };
 
 /// Where an agent listens.
@@ -377,6 +377,21 @@ impl AgentClient {
         }
     }
 
+    /// Starts a command on a pseudo-terminal in the guest. Returns once the agent has started it (its
+    /// answer is bounded by the reply timeout); a command that cannot be started is the agent's error.
+    pub async fn pty(&self, spec: PtySpec) -> Result<(PtyInput, PtyOutput), ClientError> {
+        let mut c = self.connect().await?;
+        within(self.reply_timeout, "a terminal request", async {
+            write_json(&mut c.w, &Request::Pty(spec)).await?;
+            match read_json(&mut c.r, "a response").await? {
+                Response::Ok => Ok(()),
+                other => Err(agent_error(other)),
+            }
+        })
+        .await?;
+        Ok((PtyInput { w: c.w }, PtyOutput { r: c.r, done: false }))
+    }
+
     async fn simple(&self, req: Request) -> Result<Response, ClientError> {
         let mut c = self.connect().await?;
         within(self.reply_timeout, "a request", async {
@@ -559,5 +574,71 @@ impl FileReader {
             Some(f) => Err(ProtoError::Unexpected { expected: "file data", got: f.kind }.into()),
             None => Err(ClientError::Unreachable("the agent closed the connection mid-file".into())),
         }
+    }
+}
+
+/// The host's end of a terminal: keystrokes, resizes, hang-up.
+pub struct PtyInput {
+    w: WriteHalf<UnixStream>,
+}
+
+impl PtyInput {
+    pub async fn send(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(crate::CHUNK) {
+            write_frame(&mut self.w, FrameKind::Data, chunk).await?;
+        }
+        self.w.flush().await.map_err(ProtoError::from)?;
+        Ok(())
+    }
+
+    pub async fn resize(&mut self, cols: u16, rows: u16) -> Result<(), ClientError> {
+        Ok(write_json(&mut self.w, &PtyControl::Resize { cols, rows }).await?)
+    }
+
+    /// Hangs up: the agent sends SIGHUP to the session (SIGKILL shortly after) and answers with the exit.
+    pub async fn hang_up(&mut self) -> Result<(), ClientError> {
+        write_frame(&mut self.w, FrameKind::End, b"").await?;
+        self.w.flush().await.map_err(ProtoError::from)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PtyEvent {
+    /// Bytes the terminal printed (at most [`crate::MAX_FRAME`] per event).
+    Output(Bytes),
+    Exited {
+        exit_code: i32,
+    },
+}
+
+/// The terminal's output as the agent sends it. After [`PtyEvent::Exited`] or an error, nothing more.
+pub struct PtyOutput {
+    r: ReadHalf<UnixStream>,
+    done: bool,
+}
+
+impl PtyOutput {
+    /// The next piece of output, or the exit. Not bounded in time: a terminal may be silent for hours; the
+    /// caller bounds the session.
+    pub async fn next_event(&mut self) -> Result<PtyEvent, ClientError> {
+        if self.done {
+            return Err(ProtoError::Violation("the terminal session is over".into()).into());
+        }
+        let ev = match read_frame(&mut self.r).await {
+            Ok(Some(Frame { kind: FrameKind::Stdout, payload })) => return Ok(PtyEvent::Output(payload)),
+            Ok(Some(Frame { kind: FrameKind::Json, payload })) => {
+                match serde_json::from_slice(&payload).map_err(ProtoError::from) {
+                    Ok(Response::Exited { exit_code, .. }) => Ok(PtyEvent::Exited { exit_code }),
+                    Ok(other) => Err(agent_error(other)),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Ok(Some(f)) => Err(ProtoError::Unexpected { expected: "terminal output", got: f.kind }.into()),
+            Ok(None) => Err(ClientError::Unreachable("the agent closed the terminal session".into())),
+            Err(e) => Err(e.into()),
+        };
+        self.done = true;
+        ev
     }
 }

@@ -12,6 +12,10 @@
 //! 3. The agent answers: `Stdout`/`Stderr` frames while a command runs, `Data` frames + `End` for a file read,
 //!    and always exactly one final [`Response`] (unless the connection breaks).
 //!
+//! A terminal ([`Request::Pty`]) is a conversation: the host sends `Data` frames (keystrokes), `Json`
+//! [`PtyControl`] frames (resize) and, to hang up, `End`; the agent sends `Stdout` frames (the terminal's
+//! output) and a final [`Response::Exited`] once the command has exited.
+//!
 //! Framing: `u32` big-endian length of what follows, one kind byte ([`FrameKind`]), then the payload (JSON
 //! for `Json`, raw bytes otherwise). Payloads are at most [`MAX_FRAME`] bytes, so neither side ever holds
 //! more than one chunk of a large file in memory.
@@ -231,6 +235,28 @@ pub enum Request {
     },
     /// Power the guest off (or end the container) after answering.
     Shutdown,
+    /// Run a command on a new pseudo-terminal; see the crate docs for the conversation that follows.
+    Pty(PtySpec),
+}
+
+/// A terminal session: the command (`None`: the guest's login shell for root, else `/bin/sh`), its
+/// environment and directory, and the terminal's size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySpec {
+    #[serde(default)]
+    pub argv: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// What the host sends during a terminal session besides keystrokes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PtyControl {
+    Resize { cols: u16, rows: u16 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -395,6 +421,8 @@ mod tests {
     fn wire_names_are_stable() {
         let j = serde_json::to_string(&Request::Delete { path: "/x".into(), recursive: false }).unwrap();
         assert_eq!(j, r#"{"op":"delete","path":"/x","recursive":false}"#);
+        let j = serde_json::to_string(&PtyControl::Resize { cols: 80, rows: 24 }).unwrap();
+        assert_eq!(j, r#"{"type":"resize","cols":80,"rows":24}"#);
         let j = serde_json::to_string(&Response::Error { kind: ErrorKind::NotFound, message: "m".into() }).unwrap();
         assert_eq!(j, r#"{"type":"error","kind":"not_found","message":"m"}"#);
     }

@@ -15,7 +15,8 @@ use std::time::Duration;
 use hyperfleet_agent_proto::client::{AgentClient, ClientError, Endpoint};
 use hyperfleet_agent_proto::{
     CHUNK, DirEntry, EntryKind, ErrorKind, ExecSpec, FRAME_TIMEOUT, FileStat, FrameKind, Hello, MAX_FRAME,
-    PROTOCOL_VERSION, ProtoError, Request, Response, read_frame, read_frame_within, read_json, write_frame, write_json,
+    PROTOCOL_VERSION, ProtoError, PtyControl, PtySpec, Request, Response, read_frame, read_frame_within, read_json,
+    write_frame, write_json,
 };
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -124,6 +125,17 @@ fn exec_spec() -> impl Strategy<Value = ExecSpec> {
         .prop_map(|(argv, env, cwd, timeout_ms, max_output)| ExecSpec { argv, env, cwd, timeout_ms, max_output })
 }
 
+fn pty_spec() -> impl Strategy<Value = PtySpec> {
+    (
+        prop::option::of(prop::collection::vec(text(), 0..4)),
+        prop::collection::btree_map("[A-Z_]{1,12}", text(), 0..5),
+        prop::option::of(text()),
+        any::<u16>(),
+        any::<u16>(),
+    )
+        .prop_map(|(argv, env, cwd, cols, rows)| PtySpec { argv, env, cwd, cols, rows })
+}
+
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         Just(Request::Ping),
@@ -144,6 +156,7 @@ fn request() -> impl Strategy<Value = Request> {
             mode
         }),
         Just(Request::Shutdown),
+        pty_spec().prop_map(Request::Pty),
     ]
 }
 
@@ -382,6 +395,12 @@ proptest! {
     fn every_response_round_trips(resp in response()) {
         let got: Response = run(round_trip(resp.clone()));
         prop_assert_eq!(got, resp);
+    }
+
+    #[test]
+    fn terminal_controls_round_trip(cols in any::<u16>(), rows in any::<u16>()) {
+        let c = PtyControl::Resize { cols, rows };
+        prop_assert_eq!(run(round_trip(c)), c);
     }
 
     #[test]
@@ -730,10 +749,11 @@ proptest! {
             prop::collection::vec(any::<u8>(), 0..600),
             (valid_stream(), prop::collection::vec(mutation(), 0..4)).prop_map(|(s, m)| mutate(s, &m)),
         ],
-        op in 0..6u8,
+        op in 0..7u8,
         hang in any::<bool>(),
     ) {
-        let then = if hang && op != 0 { Then::HangOpen } else { Then::Close };
+        // Silence is legitimate during a command and in a terminal: those callers bound it themselves.
+        let then = if hang && op != 0 && op != 6 { Then::HangOpen } else { Then::Close };
         let (res, peak) = measured(false, async move {
             let fake = Fake::new();
             let client = fake.client();
@@ -755,6 +775,21 @@ proptest! {
                     2 => client.delete("/x", true).await.map(|()| "deleted".into()),
                     3 => client.ping().await.map(|()| "pong".into()),
                     4 => client.list_dir("/x", None, 10).await.map(|(e, more)| format!("{} {more}", e.len())),
+                    6 => {
+                        let spec = PtySpec { argv: None, env: BTreeMap::new(), cwd: None, cols: 80, rows: 24 };
+                        let (mut input, mut output) = client.pty(spec).await?;
+                        // Keystrokes to an agent that is gone fail or vanish; neither may hang.
+                        let _ = input.send(b"ls\n").await;
+                        let mut n = 0;
+                        loop {
+                            match output.next_event().await? {
+                                hyperfleet_agent_proto::client::PtyEvent::Output(b) => n += b.len(),
+                                hyperfleet_agent_proto::client::PtyEvent::Exited { exit_code } => {
+                                    break Ok(format!("{n} bytes, exit {exit_code}"));
+                                }
+                            }
+                        }
+                    }
                     _ => {
                         let mut r = client.read_file("/x", Some(1000)).await?;
                         let mut n = 0;

@@ -1,12 +1,14 @@
 //! hyperfleet-agent: the guest side of Hyperfleet. Runs as PID 1 (or as the first service of an init) in a
-//! Firecracker guest or a container, and serves exec and file operations to the host (protocol: see the
+//! Firecracker guest or a container, and serves exec, terminal and file operations to the host (protocol: see the
 //! `hyperfleet-agent-proto` crate) on vsock port 52 or a unix socket.
 
 mod exec;
 mod files;
 mod init;
 mod main_process;
+mod pty;
 mod reaper;
+mod volumes;
 
 use std::sync::Arc;
 
@@ -79,6 +81,9 @@ fn main() {
         init::write_resolv_conf(&init::boot_resolvers());
     }
     let in_vm = matches!(listen, Listen::Vsock(_));
+    if pid1 && in_vm {
+        volumes::mount_all();
+    }
     let code = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt.block_on(async move {
             match serve(listen).await {
@@ -192,6 +197,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(ctx: Arc<Ctx>, stream: S) {
         Request::ReadFile { path, max_size } => files::read(&mut w, &path, max_size).await,
         Request::Stat { path } => proto::write_json(&mut w, &files::stat(&path).await).await,
         Request::Delete { path, recursive } => proto::write_json(&mut w, &files::delete(&path, recursive).await).await,
+        Request::Pty(spec) => pty::run(&ctx.reaper, &mut r, &mut w, spec).await,
         Request::ListDir { path, after, limit } => {
             proto::write_json(&mut w, &files::list(path, after, limit).await).await
         }
@@ -223,5 +229,6 @@ fn request_name(req: &Request) -> &'static str {
         Request::ListDir { .. } => "list",
         Request::Mkdir { .. } => "mkdir",
         Request::Shutdown => "shutdown",
+        Request::Pty(_) => "terminal",
     }
 }

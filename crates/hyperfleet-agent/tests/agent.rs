@@ -364,6 +364,84 @@ async fn stdin_frames_survive_output_arriving_mid_frame() {
     assert!(out.stdout == data, "stdout differs ({} of {} bytes)", out.stdout.len(), data.len());
 }
 
+/// Reads terminal output until `want` has appeared (or the session ends); returns all of it.
+async fn read_until(out: &mut hyperfleet_agent_proto::client::PtyOutput, want: &str) -> String {
+    use hyperfleet_agent_proto::client::PtyEvent;
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !seen.contains(want) {
+        match tokio::time::timeout_at(deadline, out.next_event()).await.expect("terminal output in time").unwrap() {
+            PtyEvent::Output(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+            PtyEvent::Exited { exit_code } => panic!("exited ({exit_code}) before {want:?}; saw {seen:?}"),
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_terminal_has_its_size_a_tty_and_ends_with_the_exit_code() {
+    use hyperfleet_agent_proto::PtySpec;
+    use hyperfleet_agent_proto::client::PtyEvent;
+    let agent = Agent::start();
+    let spec = PtySpec {
+        argv: Some(vec!["sh".into()]),
+        env: [("GREETING".to_string(), "hi-there".to_string())].into(),
+        cwd: Some("/tmp".into()),
+        cols: 100,
+        rows: 30,
+    };
+    let (mut input, mut output) = agent.client().pty(spec).await.unwrap();
+    input.send(b"stty size; tty; echo \"$TERM $GREETING $(pwd)\"\n").await.unwrap();
+    let seen = read_until(&mut output, "xterm-256color hi-there /tmp").await;
+    assert!(seen.contains("30 100"), "{seen:?}");
+    assert!(seen.contains("/dev/pts/"), "{seen:?}");
+    input.resize(120, 40).await.unwrap();
+    input.send(b"stty size\n").await.unwrap();
+    read_until(&mut output, "40 120").await;
+    input.send(b"exit 7\n").await.unwrap();
+    let code = loop {
+        match output.next_event().await.unwrap() {
+            PtyEvent::Output(_) => {}
+            PtyEvent::Exited { exit_code } => break exit_code,
+        }
+    };
+    assert_eq!(code, 7);
+}
+
+#[tokio::test]
+async fn hanging_up_a_terminal_ends_its_session() {
+    use hyperfleet_agent_proto::PtySpec;
+    use hyperfleet_agent_proto::client::PtyEvent;
+    let agent = Agent::start();
+    let spec = PtySpec { argv: Some(vec!["sh".into()]), env: Default::default(), cwd: None, cols: 80, rows: 24 };
+    let (mut input, mut output) = agent.client().pty(spec).await.unwrap();
+    // Quoted so that the terminal's echo of the command line does not contain the marker.
+    input.send(b"sleep 1000 & echo \"P\"\"ID=$!;\"\n").await.unwrap();
+    let mut seen = read_until(&mut output, "PID=").await;
+    while !seen.split("PID=").nth(1).is_some_and(|t| t.contains(';')) {
+        seen.push_str(&read_until(&mut output, ";").await);
+    }
+    let pid: i32 = seen.split("PID=").nth(1).and_then(|t| t.split(';').next()).unwrap().parse().unwrap();
+    input.hang_up().await.unwrap();
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), output.next_event()).await.unwrap().unwrap() {
+            PtyEvent::Output(_) => {}
+            PtyEvent::Exited { exit_code } => break exit_code,
+        }
+    };
+    assert_eq!(code, 128 + 1, "the shell ends on SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "the session's background job {pid} survived the hang-up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A program that cannot be started is the agent's error, before any session exists.
+    let bad =
+        PtySpec { argv: Some(vec!["/no/such/program".into()]), env: Default::default(), cwd: None, cols: 80, rows: 24 };
+    let e = agent.client().pty(bad).await.err().unwrap();
+    assert!(matches!(e, ClientError::Agent { kind: ErrorKind::SpawnFailed, .. }), "{e}");
+}
+
 #[tokio::test]
 async fn directories_are_listed_in_pages_and_made() {
     let a = Agent::start();

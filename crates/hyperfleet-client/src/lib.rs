@@ -32,7 +32,30 @@ pub enum Error {
     Http(#[from] reqwest::Error),
     #[error("unexpected response: {0}")]
     Decode(String),
+    #[error("terminal connection: {0}")]
+    WebSocket(String),
 }
+
+/// What [`Client::pty`] opens.
+#[derive(Debug, Clone)]
+pub struct PtyOptions {
+    /// Empty: the image's shell.
+    pub command: Vec<String>,
+    pub cols: u16,
+    pub rows: u16,
+    pub cwd: Option<String>,
+}
+
+impl Default for PtyOptions {
+    fn default() -> Self {
+        Self { command: vec![], cols: 80, rows: 24, cwd: None }
+    }
+}
+
+/// A terminal's WebSocket.
+pub type PtyStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// The messages of a [`PtyStream`].
+pub use tokio_tungstenite::tungstenite::Message as PtyMessage;
 
 impl Error {
     /// The API error code (`NOT_FOUND`, `TIMEOUT`, …), if the server sent one.
@@ -56,6 +79,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, Clone, Default)]
 pub struct ListOptions {
     pub status: Option<MachineStatus>,
+    /// Label selector: `team=ml,env!=prod,gpu,!spot`.
+    pub label: Option<String>,
     pub limit: Option<u32>,
     pub offset: Option<u64>,
 }
@@ -133,6 +158,9 @@ impl Client {
         if let Some(s) = opts.status {
             q.push(("status", s.as_str().to_string()));
         }
+        if let Some(l) = &opts.label {
+            q.push(("label", l.clone()));
+        }
         if let Some(l) = opts.limit {
             q.push(("limit", l.to_string()));
         }
@@ -153,6 +181,47 @@ impl Client {
     pub async fn delete_machine(&self, id: &str, force: bool) -> Result<()> {
         let q: &[(&str, &str)] = if force { &[("force", "true")] } else { &[] };
         Self::empty(self.req(Method::DELETE, &format!("/machines/{id}")).query(q)).await
+    }
+
+    /// Activity now: the idle clock starts again, and a machine with `ttl_seconds` expires that long from now.
+    pub async fn keepalive(&self, id: &str) -> Result<Machine> {
+        Self::json(self.req(Method::POST, &format!("/machines/{id}/keepalive"))).await
+    }
+
+    /// Opens a terminal in the machine (`GET /machines/{id}/pty`): send keystrokes as binary messages and
+    /// `{"type":"resize","cols","rows"}` as text; output arrives as binary messages, the end as
+    /// `{"type":"exit","exit_code"}`.
+    pub async fn pty(&self, id: &str, opts: &PtyOptions) -> Result<PtyStream> {
+        let mut q: Vec<(&str, String)> = opts.command.iter().map(|a| ("command", a.clone())).collect();
+        q.push(("cols", opts.cols.to_string()));
+        q.push(("rows", opts.rows.to_string()));
+        if let Some(c) = &opts.cwd {
+            q.push(("cwd", c.clone()));
+        }
+        let base = self.base.replacen("http://", "ws://", 1).replacen("https://", "wss://", 1);
+        let mut url = reqwest::Url::parse(&format!("{base}/machines/{id}/pty"))
+            .map_err(|e| Error::Decode(format!("terminal URL: {e}")))?;
+        url.query_pairs_mut().extend_pairs(q.iter().map(|(k, v)| (*k, v.as_str())));
+        let url = url.to_string();
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request().map_err(|e| Error::Decode(format!("terminal URL: {e}")))?;
+        if let Some(k) = &self.api_key {
+            let v =
+                format!("Bearer {k}").parse().map_err(|_| Error::Decode("the API key is not a header value".into()))?;
+            request.headers_mut().insert("authorization", v);
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let text = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+                Err(match serde_json::from_str::<ErrorBody>(&text) {
+                    Ok(b) => Error::Api { status, code: b.error.code, message: b.error.message },
+                    Err(_) => Error::Api { status, code: "HTTP_ERROR".into(), message: text },
+                })
+            }
+            Err(e) => Err(Error::WebSocket(e.to_string())),
+        }
     }
 
     pub async fn start_machine(&self, id: &str) -> Result<Machine> {
@@ -215,6 +284,43 @@ impl Client {
             Self::check(self.req(Method::POST, &format!("/machines/{id}/exec/stream")).json(req).send().await?).await?;
         let bytes = resp.bytes_stream().map_err(Error::from);
         Ok(ndjson_lines(bytes))
+    }
+
+    /// What the machine uses now (CPU, memory, disk, network, uptime).
+    pub async fn machine_stats(&self, id: &str) -> Result<MachineStats> {
+        Self::json(self.req(Method::GET, &format!("/machines/{id}/stats"))).await
+    }
+
+    /// Machine events as they happen (`GET /events`, Server-Sent Events): only `machine`'s (id or name) and
+    /// only `types` when given; after `last_event_id` when given (the stored events since come first).
+    pub async fn events(
+        &self,
+        machine: Option<&str>,
+        types: &[EventKind],
+        last_event_id: Option<u64>,
+    ) -> Result<impl Stream<Item = Result<Event>> + use<>> {
+        use eventsource_stream::Eventsource;
+        let mut q = vec![];
+        if let Some(m) = machine {
+            q.push(("machine", m.to_string()));
+        }
+        if !types.is_empty() {
+            q.push(("type", types.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",")));
+        }
+        let mut rb = self.req(Method::GET, "/events").query(&q);
+        if let Some(id) = last_event_id {
+            rb = rb.header("last-event-id", id.to_string());
+        }
+        let resp = Self::check(rb.send().await?).await?;
+        Ok(resp.bytes_stream().eventsource().filter_map(|e| async move {
+            match e {
+                Ok(e) if e.event == "error" => Some(Err(Error::Decode(format!("event stream: {}", e.data)))),
+                Ok(e) => Some(
+                    serde_json::from_str::<Event>(&e.data).map_err(|err| Error::Decode(format!("{err}: {}", e.data))),
+                ),
+                Err(e) => Some(Err(Error::Decode(format!("event stream: {e}")))),
+            }
+        }))
     }
 
     pub async fn upload_file(&self, id: &str, path: &str, content: &[u8], mode: Option<u32>) -> Result<FileWritten> {
@@ -297,6 +403,30 @@ impl Client {
 
     pub async fn delete_image(&self, digest: &str) -> Result<()> {
         Self::empty(self.req(Method::DELETE, &format!("/images/{digest}"))).await
+    }
+
+    pub async fn create_volume(&self, req: &CreateVolume) -> Result<Volume> {
+        Self::json(self.req(Method::POST, "/volumes").json(req)).await
+    }
+
+    pub async fn list_volumes(&self) -> Result<VolumeList> {
+        Self::json(self.req(Method::GET, "/volumes")).await
+    }
+
+    pub async fn get_volume(&self, id: &str) -> Result<Volume> {
+        Self::json(self.req(Method::GET, &format!("/volumes/{id}"))).await
+    }
+
+    pub async fn resize_volume(&self, id: &str, req: &ResizeVolume) -> Result<Volume> {
+        Self::json(self.req(Method::POST, &format!("/volumes/{id}/resize")).json(req)).await
+    }
+
+    pub async fn clone_volume(&self, id: &str, req: &CloneVolume) -> Result<Volume> {
+        Self::json(self.req(Method::POST, &format!("/volumes/{id}/clone")).json(req)).await
+    }
+
+    pub async fn delete_volume(&self, id: &str) -> Result<()> {
+        Self::empty(self.req(Method::DELETE, &format!("/volumes/{id}"))).await
     }
 
     pub async fn create_api_key(&self, req: &CreateApiKey) -> Result<CreatedApiKey> {

@@ -80,6 +80,28 @@ pub async fn create(name: &str) -> Result<PathBuf, NetError> {
     Ok(path)
 }
 
+/// Names an existing network namespace (`source`: an nsfs file such as /proc/PID/ns/net) `name`, as
+/// [`create`] names a new one: for a namespace made by another process, e.g. inside a user namespace.
+/// Blocking; fails if the name is taken.
+pub fn name_existing(name: &str, source: &Path) -> Result<PathBuf, NetError> {
+    let target = path_of(name);
+    prepare_dir()?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&target)
+        .map_err(|e| err(format!("create {}", target.display()), e))?;
+    let bound = nix::mount::mount(Some(source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| err(format!("bind-mount {} on {}", source.display(), target.display()), e));
+    if let Err(e) = bound {
+        if let Err(rm) = std::fs::remove_file(&target) {
+            tracing::warn!(path = %target.display(), error = %rm, "could not remove the half-made namespace file");
+        }
+        return Err(e);
+    }
+    Ok(target)
+}
+
 pub async fn exists(name: &str) -> bool {
     tokio::fs::try_exists(path_of(name)).await.unwrap_or(false)
 }

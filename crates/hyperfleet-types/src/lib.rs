@@ -233,6 +233,33 @@ pub struct MachineSpec {
     /// What happens when the main process ends.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// Volumes the machine mounts while it runs (`volume` is the volume's id).
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+    /// Size of the machine's own root disk: the image's size unless `disk_size_mib` asked for more.
+    #[serde(default)]
+    pub disk_size_mib: u32,
+    /// Names of the machine's secrets: variables set like `env`, whose values are write-only.
+    #[serde(default)]
+    pub secret_names: Vec<String>,
+    /// Free-form tags (`team=ml`), selectable with `GET /machines?label=…`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Stop (or delete, see `on_ttl`) the machine this many seconds after it started, whatever happens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub on_ttl: TtlAction,
+    /// Stop the machine after this many seconds without activity (see the README for what counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u64>,
+    /// How long an open but silent connection or terminal still counts as activity (default: the idle
+    /// timeout), so a forgotten WebSocket cannot keep a machine alive forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_max_connection_seconds: Option<u64>,
+    /// A proxied request to the stopped or paused machine starts or resumes it.
+    #[serde(default)]
+    pub auto_start: bool,
 }
 
 /// What happens when a machine's main process (an image's Entrypoint + Cmd) ends.
@@ -319,6 +346,84 @@ pub struct PullImage {
     pub registry_auth: Option<RegistryAuth>,
 }
 
+
+/// A volume a machine mounts: `{"volume": "cache", "mount_path": "/data", "read_only": false}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    /// The volume's name or id in a request; its id once stored.
+    pub volume: String,
+    /// Absolute path in the guest: letters, digits and `/._-`; not `/` nor under /proc, /sys or /dev.
+    pub mount_path: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A volume: an ext4 file system that outlives machines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Volume {
+    pub id: String,
+    pub name: String,
+    pub size_mib: u32,
+    /// Machines that name this volume, and whether each holds it now (is starting, running, paused or stopping).
+    pub machines: Vec<VolumeUser>,
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: time::OffsetDateTime,
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: time::OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeUser {
+    pub machine_id: String,
+    pub read_only: bool,
+    pub attached: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeList {
+    pub volumes: Vec<Volume>,
+}
+
+/// `POST /volumes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    /// Unique, like a machine name: lowercase letters, digits and '-', 1-63 characters.
+    #[schema(required = true, example = "cache")]
+    pub name: Option<String>,
+    #[schema(required = true, minimum = 8, example = 1024)]
+    pub size_mib: Option<i64>,
+}
+
+/// `POST /volumes/{id}/resize`: grow only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeVolume {
+    #[schema(required = true, example = 2048)]
+    pub size_mib: Option<i64>,
+}
+
+/// `POST /volumes/{id}/clone`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneVolume {
+    /// The new volume's name.
+    #[schema(required = true, example = "cache-copy")]
+    pub name: Option<String>,
+}
+
+/// What happens when a machine's `ttl_seconds` run out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TtlAction {
+    #[default]
+    Stop,
+    Delete,
+}
+
 /// A machine: its spec, plus what the daemon decided (id, addresses) and observes (status, process).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Machine {
@@ -344,6 +449,15 @@ pub struct Machine {
     #[schema(example = "AA:FC:00:00:00:01")]
     pub guest_mac: String,
     pub error_message: Option<String>,
+    /// When `ttl_seconds` runs out (RFC 3339), while the machine runs or is paused.
+    #[serde(default, with = "timestamp::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<time::OffsetDateTime>,
+    /// The last activity (RFC 3339) of a running machine with `idle_timeout_seconds`; it stops at
+    /// `idle_since + idle_timeout_seconds` unless something happens.
+    #[serde(default, with = "timestamp::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub idle_since: Option<time::OffsetDateTime>,
     /// RFC 3339, UTC.
     #[serde(with = "timestamp")]
     #[schema(value_type = String, format = DateTime)]
@@ -412,14 +526,73 @@ pub struct CreateMachine {
     pub cmd: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<RestartPolicy>,
+    /// Volumes to mount while the machine runs (at most 8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<VolumeMount>>,
+    /// Grow the machine's own root disk (and its file system) to this size; at least the image's size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_size_mib: Option<i64>,
+    /// String tags: keys like Kubernetes label keys (`[prefix/]name`), values up to 63 characters; at most 64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Variables set like `env` whose values are never shown again (responses list `secret_names`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<BTreeMap<String, String>>,
+    /// Seconds after each start before the machine is stopped (or deleted); 0: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub ttl_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_ttl: Option<TtlAction>,
+    /// Seconds without activity before a running machine is stopped; 0: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub idle_timeout_seconds: Option<u64>,
+    /// Seconds an open but silent connection or terminal still counts as activity; 0: the idle timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub idle_max_connection_seconds: Option<u64>,
+    /// Start (or resume) the machine when a proxied request arrives for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_start: Option<bool>,
 }
 
-/// `PATCH /machines/{id}`: change what can change without a restart.
+/// `PATCH /machines/{id}`: change what can change without a restart. Each field given replaces the
+/// machine's (a map replaces the whole map); lifecycle changes take effect at once.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateMachine {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exposed_ports: Option<Vec<i64>>,
+    /// Replaces the machine's volumes; only while it is not running (pending, stopped or failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<VolumeMount>>,
+    /// Applies to commands started from now on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// String tags: keys like Kubernetes label keys (`[prefix/]name`), values up to 63 characters; at most 64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Variables set like `env` whose values are never shown again (responses list `secret_names`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<BTreeMap<String, String>>,
+    /// Seconds after each start before the machine is stopped (or deleted); 0: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub ttl_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_ttl: Option<TtlAction>,
+    /// Seconds without activity before a running machine is stopped; 0: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub idle_timeout_seconds: Option<u64>,
+    /// Seconds an open but silent connection or terminal still counts as activity; 0: the idle timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub idle_max_connection_seconds: Option<u64>,
+    /// Start (or resume) the machine when a proxied request arrives for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_start: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -590,13 +763,16 @@ pub enum Scope {
     MachinesExec,
     #[serde(rename = "keys:admin")]
     KeysAdmin,
+    /// `GET /metrics` only.
+    #[serde(rename = "metrics:read")]
+    MetricsRead,
     #[serde(rename = "*")]
     All,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] =
-        [Self::MachinesRead, Self::MachinesWrite, Self::MachinesExec, Self::KeysAdmin, Self::All];
+    pub const ALL: [Scope; 6] =
+        [Self::MachinesRead, Self::MachinesWrite, Self::MachinesExec, Self::KeysAdmin, Self::MetricsRead, Self::All];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -604,6 +780,7 @@ impl Scope {
             Self::MachinesWrite => "machines:write",
             Self::MachinesExec => "machines:exec",
             Self::KeysAdmin => "keys:admin",
+            Self::MetricsRead => "metrics:read",
             Self::All => "*",
         }
     }
@@ -717,6 +894,169 @@ pub struct MachineLogs {
     pub machine_id: String,
     /// The last lines of the machine's console (firecracker) or init output (container).
     pub lines: Vec<String>,
+}
+
+/// What happened to a machine, as `GET /events` streams it (`type` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum EventKind {
+    #[serde(rename = "created")]
+    Created,
+    #[serde(rename = "starting")]
+    Starting,
+    #[serde(rename = "running")]
+    Running,
+    #[serde(rename = "paused")]
+    Paused,
+    #[serde(rename = "stopping")]
+    Stopping,
+    #[serde(rename = "stopped")]
+    Stopped,
+    /// `reason` says why.
+    #[serde(rename = "failed")]
+    Failed,
+    #[serde(rename = "deleted")]
+    Deleted,
+    /// Its settings changed (exposed ports).
+    #[serde(rename = "updated")]
+    Updated,
+    #[serde(rename = "exec.started")]
+    ExecStarted,
+    /// `exit_code` (absent when it timed out or the agent went away).
+    #[serde(rename = "exec.finished")]
+    ExecFinished,
+    /// `path` was written through the files API.
+    #[serde(rename = "file.written")]
+    FileWritten,
+    /// The proxy woke the machine for a request to `port`.
+    #[serde(rename = "proxy.wake")]
+    ProxyWake,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 13] = [
+        Self::Created,
+        Self::Starting,
+        Self::Running,
+        Self::Paused,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Failed,
+        Self::Deleted,
+        Self::Updated,
+        Self::ExecStarted,
+        Self::ExecFinished,
+        Self::FileWritten,
+        Self::ProxyWake,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+            Self::Deleted => "deleted",
+            Self::Updated => "updated",
+            Self::ExecStarted => "exec.started",
+            Self::ExecFinished => "exec.finished",
+            Self::FileWritten => "file.written",
+            Self::ProxyWake => "proxy.wake",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The event a change into `status` is.
+    pub fn of_status(status: MachineStatus) -> Self {
+        match status {
+            MachineStatus::Pending => Self::Created,
+            MachineStatus::Starting => Self::Starting,
+            MachineStatus::Running => Self::Running,
+            MachineStatus::Paused => Self::Paused,
+            MachineStatus::Stopping => Self::Stopping,
+            MachineStatus::Stopped => Self::Stopped,
+            MachineStatus::Failed => Self::Failed,
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One machine event: the SSE `data` of `GET /events` (its SSE `id` is `id`, its SSE `event` is `type`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// Increases with every event; give the last one seen as `Last-Event-ID` to resume.
+    pub id: u64,
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    pub machine_id: String,
+    pub machine_name: String,
+    /// The machine's status after the event (absent once deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<MachineStatus>,
+    /// RFC 3339, UTC.
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: time::OffsetDateTime,
+    /// Why the machine failed (`failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The program run (`exec.*`): the command's first word only, never its arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
+    /// `exec.finished`: the exit code, absent when the command timed out or the agent went away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// `exec.finished`: how long it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// `file.written`: the guest path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `proxy.wake`: the port the request was for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// What a machine uses now (`GET /machines/{id}/stats`). Values a runtime cannot tell are absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MachineStats {
+    pub machine_id: String,
+    pub status: MachineStatus,
+    /// Share of one CPU used since the previous stats request for this machine (or over the last 200 ms),
+    /// 100 = one whole CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// CPU time used since it started (the machine's cgroup, or its process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_used_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// Bytes the machine's disk (a sparse copy) takes on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_used_bytes: Option<u64>,
+    /// The disk's size as the guest sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size_bytes: Option<u64>,
+    /// Bytes the guest received / sent (its host interface's counters, seen from the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_rx_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_tx_bytes: Option<u64>,
+    /// Seconds since its process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_seconds: Option<f64>,
 }
 
 #[cfg(test)]

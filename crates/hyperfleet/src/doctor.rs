@@ -97,6 +97,18 @@ impl Doctor {
                 Some("make setup   (builds .hyperfleet/rootfs.ext4)"),
             ),
             ip_forward_check().await,
+            check(
+                "cgroup favordynmods",
+                !settings.cgroup_favordynmods || crate::runtime::cgroups::dynamic_moves_favored(),
+                if crate::runtime::cgroups::dynamic_moves_favored() {
+                    "on: moving a starting machine into its cgroups costs no RCU grace period"
+                } else {
+                    "off: each cgroup move at a machine's start waits for an RCU grace period (~10 ms)"
+                },
+                Some(
+                    "start hyperfleet serve (it remounts cgroup2 with favordynmods), or set HYPERFLEET_CGROUP_FAVORDYNMODS=false",
+                ),
+            ),
         ];
         let table = self.firewall.current().await;
         let name = self.firewall.table();

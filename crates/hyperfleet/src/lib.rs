@@ -12,6 +12,7 @@ mod doctor;
 mod keys;
 mod listener;
 mod machines;
+mod metrics;
 mod oci;
 mod proxy;
 mod runtime;
@@ -23,11 +24,12 @@ pub use cmd::{Cli, run};
 /// fixtures and baselines from. Not an API for anyone else.
 pub mod testing {
     pub use crate::api::openapi_json;
-    pub use crate::config::{DEFAULT_JAILER_UID_BASE, DEFAULT_KERNEL_ARGS};
+    pub use crate::config::{DEFAULT_CONTAINER_UID_BASE, DEFAULT_JAILER_UID_BASE, DEFAULT_KERNEL_ARGS};
+    pub use crate::runtime::cgroups;
     pub use crate::runtime::disk::sparse_copy;
     pub use crate::runtime::firecracker::{FirecrackerApi, jail};
     pub use crate::runtime::host::{KvmKind, find_on_path};
-    pub use crate::runtime::{MachineFiles, process};
+    pub use crate::runtime::{MachineFiles, ROOTS_DIR, process};
     pub use crate::store::machines as machine_rows;
     pub use crate::store::{Store, now};
 }

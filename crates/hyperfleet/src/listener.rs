@@ -62,11 +62,20 @@ pub(crate) struct Limits {
     max: usize,
     per_ip: usize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    /// Bytes read from and written to clients, for the metrics.
+    received: AtomicU64,
+    sent: AtomicU64,
 }
 
 impl Limits {
     pub(crate) fn new(max: usize, per_ip: usize) -> Arc<Self> {
-        Arc::new(Self { max, per_ip, open: Mutex::new((0, HashMap::new())) })
+        Arc::new(Self {
+            max,
+            per_ip,
+            open: Mutex::new((0, HashMap::new())),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+        })
     }
 
     /// A place for one more connection from `ip`, or `None` past either cap.
@@ -86,9 +95,17 @@ impl Limits {
     }
 
     /// Connections open now.
-    #[cfg(test)]
     fn open(&self) -> usize {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Connections open now and bytes moved so far.
+    pub(crate) fn stats(&self) -> crate::metrics::ListenerStats {
+        crate::metrics::ListenerStats {
+            open_connections: self.open() as u64,
+            bytes_received: self.received.load(Ordering::Relaxed),
+            bytes_sent: self.sent.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -129,7 +146,7 @@ pub(crate) struct Activity {
     last_io: AtomicU64,
     head_since: AtomicU64,
     in_flight: AtomicU32,
-    _slot: Slot,
+    slot: Slot,
 }
 
 impl Activity {
@@ -141,7 +158,7 @@ impl Activity {
             last_io: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
-            _slot: slot,
+            slot,
         })
     }
 
@@ -149,7 +166,8 @@ impl Activity {
         u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn on_read(&self) {
+    fn on_read(&self, n: usize) {
+        self.slot.limits.received.fetch_add(n as u64, Ordering::Relaxed);
         let now = self.now();
         self.last_io.store(now, Ordering::Relaxed);
         if self.in_flight.load(Ordering::Relaxed) == 0 && self.head_since.load(Ordering::Relaxed) == NONE {
@@ -157,7 +175,8 @@ impl Activity {
         }
     }
 
-    fn on_write(&self) {
+    fn on_write(&self, n: usize) {
+        self.slot.limits.sent.fetch_add(n as u64, Ordering::Relaxed);
         self.last_io.store(self.now(), Ordering::Relaxed);
     }
 
@@ -201,7 +220,7 @@ struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.on_write();
+        self.0.on_write(0);
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -216,8 +235,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.on_read();
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.activity.on_read(read);
         }
         r
     }
@@ -226,8 +246,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.on_write();
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
+            self.activity.on_write(n);
         }
         r
     }
@@ -237,8 +259,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.on_write();
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
+            self.activity.on_write(n);
         }
         r
     }
@@ -462,7 +486,7 @@ mod tests {
         drop(req);
         let Due::Close(idle) = a.deadline(&t) else { panic!("between requests the idle timeout applies") };
         assert!(idle >= a.opened + t.idle);
-        a.on_read();
+        a.on_read(1);
         let Due::Close(head) = a.deadline(&t) else { panic!("no header deadline") };
         assert!(head < idle, "a new request's first byte starts the header clock");
     }

@@ -2,7 +2,8 @@
 //! with PROXY_HOST_SUFFIX, `{machine}-{port}{suffix}` in the Host header. It forwards only to a running
 //! machine's own guest address and only to ports in its `exposed_ports`; bodies stream both ways, WebSocket
 //! upgrades are spliced (and closed after PROXY_WEBSOCKET_IDLE_TIMEOUT without a byte), and connections to
-//! guests are kept alive. Client connections are capped and timed by [`crate::listener`], as the API's are.
+//! guests are kept alive. A request for a stopped or paused machine with `auto_start` wakes it first; every
+//! request, and every byte through a tunnel, is activity for the machine's idle timeout. Client connections are capped and timed by [`crate::listener`], as the API's are.
 //! It does no authentication of its own.
 //! Also here: the poller that records which exposed ports accept connections.
 
@@ -24,7 +25,7 @@ use tracing::{debug, warn};
 
 use crate::config::ProxySettings;
 use crate::listener::{self, Activity, Limits, Timeouts};
-use crate::machines::{Error as MachineError, Service};
+use crate::machines::{Error as MachineError, Hold, HoldKind, Service};
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -131,6 +132,7 @@ struct Target {
     status: MachineStatus,
     guest_ip: Ipv4Addr,
     exposed_ports: Vec<u16>,
+    auto_start: bool,
 }
 
 /// Machines by id and by name, so that proxied requests do not each cost a database read. Emptied on every
@@ -157,8 +159,13 @@ impl Targets {
             g.0
         };
         let m = service.get(key).await?;
-        let t =
-            Arc::new(Target { guest_ip: m.guest_ip, id: m.id, status: m.status, exposed_ports: m.spec.exposed_ports });
+        let t = Arc::new(Target {
+            guest_ip: m.guest_ip,
+            id: m.id,
+            status: m.status,
+            exposed_ports: m.spec.exposed_ports,
+            auto_start: m.spec.auto_start,
+        });
         let mut g = self.map.write().unwrap_or_else(|e| e.into_inner());
         if g.0 == generation {
             g.1.insert(key.to_string(), t.clone());
@@ -197,15 +204,8 @@ impl Proxy {
                 format!("Use {}/{{machine}}/{{port}}/path to reach an exposed port", self.shared.cfg.prefix),
             )
         })?;
-        let rec =
+        let mut rec =
             self.shared.targets.get(&self.shared.service, &route.machine).await.map_err(ProxyError::from_machine)?;
-        if rec.status != MachineStatus::Running {
-            return Err(ProxyError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "SERVICE_UNAVAILABLE",
-                format!("Machine {} is not running (it is '{}')", rec.id, rec.status),
-            ));
-        }
         if !rec.exposed_ports.contains(&route.port) {
             return Err(ProxyError::new(
                 StatusCode::FORBIDDEN,
@@ -213,6 +213,18 @@ impl Proxy {
                 format!("Port {} is not exposed on this machine", route.port),
             ));
         }
+        if rec.status != MachineStatus::Running {
+            if !rec.auto_start {
+                return Err(ProxyError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "SERVICE_UNAVAILABLE",
+                    format!("Machine {} is not running (it is '{}')", rec.id, rec.status),
+                ));
+            }
+            rec = self.wake(&rec.id, route.port).await?;
+        }
+        // The request is activity in the machine (its idle timeout); a tunnel below holds it while open.
+        self.shared.service.note_activity(&rec.id);
         // Only ever the machine's own guest address, from its lease.
         let guest = rec.guest_ip;
         let upstream: Uri = format!("http://{guest}:{}{}", route.port, route.upstream_path)
@@ -277,14 +289,14 @@ impl Proxy {
         {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let idle = self.shared.cfg.websocket_idle_timeout;
+            let hold = self.shared.service.hold_activity(&rec.id, HoldKind::Connection);
             tokio::spawn(async move {
                 match (client_upgrade.await, upstream_upgrade.await) {
                     // The client's socket sees every byte either way, so its activity says when the tunnel
                     // went quiet.
                     (Ok(c), Ok(u)) => {
-                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
+                            () = splice(TokioIo::new(c), TokioIo::new(u), &hold) => {}
                             () = activity.idle_for(idle) => {
                                 debug!(%peer, "closed a tunnel idle for {} s", idle.as_secs());
                             }
@@ -305,6 +317,69 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Starts or resumes an `auto_start` machine for this request (one start however many requests ask),
+    /// then waits until `port` accepts connections; all within PROXY_WAKE_TIMEOUT.
+    async fn wake(&self, id: &str, port: u16) -> Result<Arc<Target>, ProxyError> {
+        let patience = self.shared.cfg.wake_timeout;
+        let deadline = tokio::time::Instant::now() + patience;
+        let m = self.shared.service.wake(id, port, patience).await.map_err(ProxyError::from_machine)?;
+        let addr = SocketAddr::new(IpAddr::V4(m.guest_ip), port);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(left.min(Duration::from_secs(1)), tokio::net::TcpStream::connect(addr)).await
+            {
+                break;
+            }
+            if left.is_zero() {
+                return Err(ProxyError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "TIMEOUT",
+                    format!("Machine {id} started, but port {port} did not answer within {} s", patience.as_secs()),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20).min(left)).await;
+        }
+        Ok(Arc::new(Target {
+            id: m.id,
+            status: m.status,
+            guest_ip: m.guest_ip,
+            exposed_ports: m.spec.exposed_ports,
+            auto_start: m.spec.auto_start,
+        }))
+    }
+}
+
+/// Copies both ways between an upgraded client connection and the guest until either side ends, touching
+/// `hold` (the machine's activity) on every chunk.
+async fn splice<C, U>(client: C, upstream: U, hold: &Hold)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn pump<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin>(mut r: R, mut w: W, hold: &Hold) {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    hold.touch();
+                    if w.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        // The other side learns of the end; it may be gone already.
+        let _ = w.shutdown().await;
+    }
+    let (cr, cw) = tokio::io::split(client);
+    let (ur, uw) = tokio::io::split(upstream);
+    tokio::join!(pump(cr, uw, hold), pump(ur, cw, hold));
+}
+
 /// Starts the proxy on `addr`: one thread per CPU, each with its own single-threaded runtime, its own
 /// listening socket on the same port (SO_REUSEPORT, the kernel spreads connections) and its own pool of
 /// connections to guests, so a request is never handed between threads. The threads share the connection
@@ -315,17 +390,12 @@ pub(crate) fn start(
     cfg: ProxySettings,
     timeouts: Timeouts,
     max_per_ip: usize,
-) -> std::io::Result<()> {
+) -> std::io::Result<Arc<Limits>> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     // Each handed to its thread's runtime below.
     let listeners = (0..threads).map(|_| listener::bind(addr, true)).collect::<std::io::Result<Vec<_>>>()?;
-    let shared = Arc::new(Shared {
-        limits: Limits::new(cfg.max_connections, max_per_ip),
-        timeouts,
-        service,
-        cfg,
-        targets: Targets::default(),
-    });
+    let limits = Limits::new(cfg.max_connections, max_per_ip);
+    let shared = Arc::new(Shared { limits: limits.clone(), timeouts, service, cfg, targets: Targets::default() });
     let mut events = shared.service.subscribe();
     let watcher = Arc::downgrade(&shared);
     tokio::spawn(async move {
@@ -352,7 +422,7 @@ pub(crate) fn start(
             });
         })?;
     }
-    Ok(())
+    Ok(limits)
 }
 
 async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -367,9 +437,10 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         service_fn(move |req| {
             let (proxy, activity) = (proxy.clone(), activity.clone());
             async move {
-                Ok::<_, std::convert::Infallible>(
-                    proxy.handle(req, peer, activity).await.unwrap_or_else(ProxyError::into_response),
-                )
+                let started = std::time::Instant::now();
+                let resp = proxy.handle(req, peer, activity).await.unwrap_or_else(ProxyError::into_response);
+                proxy.shared.service.metrics().proxy_request(resp.status().as_u16(), started.elapsed());
+                Ok::<_, std::convert::Infallible>(resp)
             }
         })
     })
@@ -420,6 +491,7 @@ mod tests {
             max_connections: 10,
             upstream_timeout: Duration::from_secs(5),
             websocket_idle_timeout: Duration::from_secs(300),
+            wake_timeout: Duration::from_secs(60),
         }
     }
 

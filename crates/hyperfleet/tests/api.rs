@@ -163,7 +163,10 @@ async fn machine_crud_errors_and_pagination() {
     assert!(logs.lines.iter().any(|l| l.contains("hyperfleet-agent")), "{:?}", logs.lines);
 
     // PATCH exposed ports on a running machine.
-    let p = c.update_machine(&alpha, &UpdateMachine { exposed_ports: Some(vec![8080, 80]) }).await.unwrap();
+    let p = c
+        .update_machine(&alpha, &UpdateMachine { exposed_ports: Some(vec![8080, 80]), ..Default::default() })
+        .await
+        .unwrap();
     assert_eq!(p.spec.exposed_ports, vec![8080, 80]);
     let (s, e) = raw(c, Method::PATCH, &format!("/machines/{alpha}"), Some(json!({"exposed_ports": [65536]}))).await;
     assert_eq!((s, err(&e).0), (400, "VALIDATION_ERROR"));

@@ -129,8 +129,11 @@ async fn proxy_routes_streams_upgrades_and_refuses() {
     assert_eq!(code, 0);
     wait_listening(&d, &m.id, 9090).await;
     assert_eq!(http.get(format!("{proxy}/proxy/web/9090/headers")).send().await.unwrap().status(), 403);
-    let patched =
-        d.client.update_machine(&m.id, &UpdateMachine { exposed_ports: Some(vec![8080, 8081, 9090]) }).await.unwrap();
+    let patched = d
+        .client
+        .update_machine(&m.id, &UpdateMachine { exposed_ports: Some(vec![8080, 8081, 9090]), ..Default::default() })
+        .await
+        .unwrap();
     assert_eq!(patched.status, MachineStatus::Running);
     assert_eq!(http.get(format!("{proxy}/proxy/web/9090/headers")).send().await.unwrap().status(), 200);
 

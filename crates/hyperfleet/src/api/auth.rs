@@ -16,11 +16,21 @@ use crate::store::Store;
 pub(crate) struct Auth {
     pub keys: Keys,
     pub disabled: bool,
+    /// `HYPERFLEET_METRICS_TOKEN`: a bearer token good for `GET /metrics` only (for a Prometheus server).
+    pub metrics_token: Option<String>,
 }
 
 impl Auth {
-    pub(crate) fn new(store: Store, disabled: bool) -> Self {
-        Self { keys: Keys::new(store), disabled }
+    pub(crate) fn new(store: Store, disabled: bool, metrics_token: Option<String>) -> Self {
+        Self { keys: Keys::new(store), disabled, metrics_token }
+    }
+
+    /// Whether `header` carries the metrics token (compared in constant time).
+    fn is_metrics_token(&self, header: Option<&str>) -> bool {
+        use subtle::ConstantTimeEq;
+        let (Some(token), Some(header)) = (&self.metrics_token, header) else { return false };
+        let given = header.strip_prefix("Bearer ").or_else(|| header.strip_prefix("bearer ")).unwrap_or("").trim();
+        bool::from(given.as_bytes().ct_eq(token.as_bytes()))
     }
 
     /// Resolves the `Authorization` header to a usable key, or the documented 401.
@@ -42,11 +52,16 @@ pub(crate) fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     match (method, path) {
         (_, "/health") => None,
         (_, p) if p == "/docs" || p.starts_with("/docs/") => None,
+        // The dashboard's static files; it signs in with a key the user types, kept in the browser.
+        (_, p) if p == "/ui" || p.starts_with("/ui/") => None,
+        (_, "/metrics") => Some(MetricsRead),
         (_, p) if p.starts_with("/api-keys") => Some(KeysAdmin),
         // The image cache: reading it is reading machines' inputs; pulling and deleting change them.
         (&Method::GET, p) if p.starts_with("/images") => Some(MachinesRead),
         (_, p) if p.starts_with("/images") => Some(MachinesWrite),
-        _ if p.ends_with("/exec") || p.ends_with("/exec/stream") || p.contains("/files") => Some(MachinesExec),
+        _ if p.ends_with("/exec") || p.ends_with("/exec/stream") || p.ends_with("/pty") || p.contains("/files") => {
+            Some(MachinesExec)
+        }
         (&Method::GET, _) => Some(MachinesRead),
         _ => Some(MachinesWrite),
     }
@@ -70,6 +85,9 @@ pub(crate) async fn require_key(State(state): State<AppState>, req: Request, nex
         return next.run(req).await;
     }
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if scope == Scope::MetricsRead && state.auth.is_metrics_token(header) {
+        return next.run(req).await;
+    }
     match state.auth.authenticate(header).await {
         Ok(key) if allows(&key, scope) => {
             tracing::debug!(key = %key.id, scope = %scope, "authorized");
@@ -104,10 +122,22 @@ mod tests {
             (Method::POST, "/machines/{id}/exec/stream", Some(MachinesExec)),
             (Method::GET, "/machines/{id}/files", Some(MachinesExec)),
             (Method::GET, "/machines/{id}/files/stat", Some(MachinesExec)),
+            (Method::GET, "/machines/{id}/pty", Some(MachinesExec)),
+            (Method::POST, "/machines/{id}/keepalive", Some(MachinesWrite)),
             (Method::GET, "/machines/{id}/files/list", Some(MachinesExec)),
             (Method::POST, "/machines/{id}/files/mkdir", Some(MachinesExec)),
+            (Method::GET, "/volumes", Some(MachinesRead)),
+            (Method::GET, "/volumes/{id}", Some(MachinesRead)),
+            (Method::POST, "/volumes", Some(MachinesWrite)),
+            (Method::POST, "/volumes/{id}/clone", Some(MachinesWrite)),
+            (Method::DELETE, "/volumes/{id}", Some(MachinesWrite)),
             (Method::GET, "/api-keys", Some(KeysAdmin)),
             (Method::DELETE, "/api-keys/{id}", Some(KeysAdmin)),
+            (Method::GET, "/events", Some(MachinesRead)),
+            (Method::GET, "/machines/{id}/stats", Some(MachinesRead)),
+            (Method::GET, "/metrics", Some(MetricsRead)),
+            (Method::GET, "/ui", None),
+            (Method::GET, "/ui/{file}", None),
         ];
         for (m, p, want) in cases {
             assert_eq!(required_scope(&m, p), want, "{m} {p}");

@@ -59,14 +59,18 @@ impl From<MachineError> for ApiError {
 fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
     use StatusCode as S;
     match e {
-        MachineError::NotFound(_) | MachineError::FileNotFound { .. } => (S::NOT_FOUND, "NOT_FOUND"),
+        MachineError::NotFound(_) | MachineError::FileNotFound { .. } | MachineError::VolumeNotFound(_) => {
+            (S::NOT_FOUND, "NOT_FOUND")
+        }
         MachineError::InvalidState { .. }
         | MachineError::NotRunning { .. }
         | MachineError::WaitFailed { .. }
         | MachineError::GuestRefused(_)
         | MachineError::UploadBroken(_) => (S::BAD_REQUEST, "BAD_REQUEST"),
         MachineError::Invalid(_) | MachineError::RuntimeUnavailable { .. } => (S::BAD_REQUEST, "VALIDATION_ERROR"),
-        MachineError::NameTaken(_) => (S::CONFLICT, "CONFLICT"),
+        MachineError::NameTaken(_) | MachineError::VolumeNameTaken(_) | MachineError::Conflict(_) => {
+            (S::CONFLICT, "CONFLICT")
+        }
         MachineError::Image(i) => {
             use crate::machines::images::ImageError as I;
             match i {
@@ -80,6 +84,9 @@ fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
             }
         }
         MachineError::PoolExhausted { .. } => (S::SERVICE_UNAVAILABLE, "IP_POOL_EXHAUSTED"),
+        MachineError::Asleep { .. } | MachineError::WakeFailed { .. } => {
+            (S::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE")
+        }
         MachineError::WaitTimedOut { .. }
         | MachineError::ExecTimedOut { .. }
         | MachineError::TransferTimedOut { .. } => (S::GATEWAY_TIMEOUT, "TIMEOUT"),

@@ -74,6 +74,7 @@ fn validates(req: &CreateMachine) {
         file_transfer_timeout: std::time::Duration::from_secs(1),
         max_execs_per_machine: 1,
         exec_output_budget: 1 << 20,
+        events_backlog: 1000,
     };
     if let Err(msg) = crate::machines::validate_create(req, &policy) {
         assert!(!msg.is_empty());

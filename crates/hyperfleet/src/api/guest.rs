@@ -85,10 +85,12 @@ pub(crate) async fn exec_stream(
     let (session, plan) = s.service.exec_stream(&id, req).await?;
     let deadline = tokio::time::Instant::now() + plan.timeout + std::time::Duration::from_secs(5);
     let timeout_msg = plan.timeout_error().to_string();
+    // The plan holds the machine's exec slot: it lives as long as the stream.
+    let plan = std::sync::Arc::new(plan);
+    let service = s.service.clone();
     // State: the session until the exit or an error has been sent.
     let stream = futures::stream::unfold(Some(session), move |state| {
-        // The plan holds the machine's exec slot: it lives as long as the stream.
-        let _slot = &plan;
+        let (plan, service) = (plan.clone(), service.clone());
         let timeout_msg = timeout_msg.clone();
         async move {
             let mut session = state?;
@@ -115,6 +117,11 @@ pub(crate) async fn exec_stream(
                 }
                 Err(_) => ExecEvent::Error { code: "TIMEOUT".into(), message: timeout_msg },
             };
+            let exit_code = match &ev {
+                ExecEvent::Exit { exit_code, .. } => Some(*exit_code),
+                _ => None,
+            };
+            service.exec_finished(&plan, exit_code).await;
             Some((ndjson(&ev), None))
         }
     });

@@ -1,4 +1,4 @@
-//! Machine endpoints: create, list, get, update, start, stop, restart, delete, wait, logs, network checks.
+//! Machine endpoints: create, list, get, update, start, stop, restart, delete, wait, logs, network checks, stats.
 
 use std::time::Duration;
 
@@ -6,13 +6,15 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use hyperfleet_types::{
-    CreateMachine, ErrorBody, Machine, MachineList, MachineLogs, MachineStatus, NetworkReport, UpdateMachine,
+    CreateMachine, ErrorBody, Machine, MachineList, MachineLogs, MachineStats, MachineStatus, NetworkReport,
+    UpdateMachine,
 };
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryMap};
 use crate::machines::Error as MachineError;
+use crate::machines::selector::Selector;
 
 pub(crate) const MAX_LIST_LIMIT: u32 = 500;
 pub(crate) const MAX_WAIT_SECS: u64 = 30;
@@ -79,6 +81,7 @@ pub(crate) async fn create(
 
 #[utoipa::path(get, path = "/machines", tag = "machines",
     params(("status" = Option<StatusFilter>, Query, description = "only machines in this state (empty: any)"),
+           ("label" = Option<String>, Query, description = "label selector: comma-separated `key=value`, `key!=value`, `key`, `!key`, all of which must hold"),
            ("limit" = Option<u32>, Query, description = "page size, 1-500 (default 50)"),
            ("offset" = Option<u64>, Query, description = "machines to skip (default 0)")),
     responses((status = 200, body = MachineList), (status = 400, description = "VALIDATION_ERROR: a query parameter is wrong", body = ErrorBody)),
@@ -87,7 +90,8 @@ pub(crate) async fn list(State(s): State<AppState>, q: QueryMap) -> Result<Json<
     let status = status_param(&q, "status")?;
     let limit = q.int("limit", 1..=MAX_LIST_LIMIT)?.unwrap_or(50);
     let offset = q.int("offset", 0..=u64::from(u32::MAX))?.unwrap_or(0);
-    Ok(Json(s.service.list(status, limit, offset).await?))
+    let labels = Selector::parse(q.get("label").unwrap_or("")).map_err(ApiError::validation)?;
+    Ok(Json(s.service.list(status, &labels, limit, offset).await?))
 }
 
 #[utoipa::path(get, path = "/machines/{id}", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
@@ -99,7 +103,7 @@ pub(crate) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Re
 
 #[utoipa::path(patch, path = "/machines/{id}", tag = "machines", request_body = UpdateMachine,
     params(("id" = String, Path, description = "machine id or name")),
-    responses((status = 200, body = Machine), (status = 400, description = "VALIDATION_ERROR: a port is out of range or listed twice", body = ErrorBody),
+    responses((status = 200, body = Machine), (status = 400, description = "VALIDATION_ERROR: a field is wrong (a port out of range or listed twice, a label key, a timer out of range, ...)", body = ErrorBody),
               (status = 404, description = NOT_FOUND, body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub(crate) async fn update(
@@ -134,6 +138,15 @@ pub(crate) async fn delete(
     security(("bearer" = ["machines:write"])))]
 pub(crate) async fn start(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.start(&id).await?))
+}
+
+#[utoipa::path(post, path = "/machines/{id}/keepalive", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, description = "the idle clock starts again now, and a machine with ttl_seconds expires that long from now (never sooner)", body = Machine),
+              (status = 400, description = "BAD_REQUEST: the machine is not running or paused", body = ErrorBody),
+              (status = 404, description = NOT_FOUND, body = ErrorBody)),
+    security(("bearer" = ["machines:write"])))]
+pub(crate) async fn keepalive(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
+    Ok(Json(s.service.keepalive(&id).await?))
 }
 
 #[utoipa::path(post, path = "/machines/{id}/stop", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
@@ -220,4 +233,11 @@ pub(crate) async fn network(
         return Err(MachineError::NotRunning { what: "check its network", status: machine.status }.into());
     }
     Ok(Json(s.doctor.machine_report(&machine).await))
+}
+
+#[utoipa::path(get, path = "/machines/{id}/stats", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, body = MachineStats), (status = 404, description = NOT_FOUND, body = ErrorBody)),
+    security(("bearer" = ["machines:read"])))]
+pub(crate) async fn stats(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<MachineStats>, ApiError> {
+    Ok(Json(s.service.stats(&id).await?))
 }

@@ -3,6 +3,7 @@
 
 pub(crate) mod auth;
 pub(crate) mod error;
+pub(crate) mod events;
 pub(crate) mod extract;
 #[cfg(test)]
 mod fuzz;
@@ -10,11 +11,14 @@ pub(crate) mod guest;
 pub(crate) mod images;
 pub(crate) mod keys;
 pub(crate) mod machines;
+pub(crate) mod pty;
+pub(crate) mod ui;
+pub(crate) mod volumes;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -36,6 +40,27 @@ pub(crate) struct AppState {
     pub service: Arc<Service>,
     pub auth: Arc<Auth>,
     pub doctor: Arc<Doctor>,
+    /// How long a terminal's client may stay silent (pongs included) before its session is hung up.
+    pub pty_client_timeout: std::time::Duration,
+    pub listeners: Arc<Listeners>,
+    /// What the dashboard needs to link to exposed ports.
+    pub ui: Arc<ui::UiConfig>,
+}
+
+/// The listeners' connection caps, which also count their connections and bytes (for `/metrics`).
+pub(crate) struct Listeners {
+    pub api: Arc<crate::listener::Limits>,
+    pub proxy: Option<Arc<crate::listener::Limits>>,
+}
+
+impl Listeners {
+    fn api(&self) -> crate::metrics::ListenerStats {
+        self.api.stats()
+    }
+
+    fn proxy(&self) -> Option<crate::metrics::ListenerStats> {
+        self.proxy.as_ref().map(|p| p.stats())
+    }
 }
 
 pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
@@ -48,14 +73,17 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         health,
         machines::create, machines::list, machines::get, machines::update, machines::delete, machines::start,
         machines::stop, machines::restart, machines::pause, machines::resume, machines::wait, machines::logs, machines::network,
+        machines::keepalive, pty::pty,
+        machines::stats, events::stream, events::metrics,
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
         guest::list, guest::mkdir,
         keys::create, keys::list, keys::revoke,
         images::list, images::pull, images::delete,
+        volumes::create, volumes::list, volumes::get, volumes::delete, volumes::resize, volumes::clone,
     ),
-    components(schemas(machines::StatusFilter, machines::Flag)),
+    components(schemas(machines::StatusFilter, machines::Flag, events::EventTypes, hyperfleet_types::Event)),
     modifiers(&BearerAuth, &CommonResponses),
-    tags((name = "machines"), (name = "exec"), (name = "files"), (name = "api-keys"), (name = "images"))
+    tags((name = "machines"), (name = "exec"), (name = "files"), (name = "volumes"), (name = "api-keys"), (name = "events"), (name = "images"))
 )]
 pub(crate) struct ApiDoc;
 
@@ -144,8 +172,10 @@ fn valid_correlation_id(v: &HeaderValue) -> bool {
     !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
 }
 
-/// Echoes `X-Correlation-ID` (made up when absent) and logs the request inside a span carrying it.
-async fn correlation(mut req: Request, next: Next) -> Response {
+/// Echoes `X-Correlation-ID` (made up when absent), runs the request inside a span carrying it (so every line
+/// logged for the request names it), counts it in the metrics by route template and status, and logs one
+/// compact line for it (target `hyperfleet::request`; health checks and scrapes at debug).
+async fn correlation(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let id = match req.headers().get(CORRELATION_HEADER) {
         Some(v) if valid_correlation_id(v) => v.clone(),
         _ => {
@@ -157,18 +187,31 @@ async fn correlation(mut req: Request, next: Next) -> Response {
             v
         }
     };
-    let span = tracing::info_span!(
-        "request",
-        correlation_id = %id.to_str().unwrap_or_default(),
-        method = %req.method(),
-        path = %req.uri().path()
-    );
+    let cid = id.to_str().unwrap_or_default();
+    let span = tracing::info_span!("request", correlation_id = %cid);
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let started = Instant::now();
-    let mut resp = next.run(req).instrument(span.clone()).await;
-    span.in_scope(|| {
-        tracing::info!(status = resp.status().as_u16(), ms = started.elapsed().as_secs_f64() * 1000.0, "request done")
-    });
+    let mut resp = next.run(req).instrument(span).await;
+    let route = resp.extensions().get::<MatchedPath>().map(|m| m.as_str());
+    let status = resp.status().as_u16();
+    state.service.metrics().request(method.as_str(), route, status);
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if matches!(route, Some("/health" | "/metrics")) {
+        tracing::debug!(target: "hyperfleet::request", %method, %path, status, ms, correlation_id = %cid, "request done");
+    } else {
+        tracing::info!(target: "hyperfleet::request", %method, %path, status, ms, correlation_id = %cid, "request done");
+    }
     resp.headers_mut().insert(CORRELATION_HEADER, id);
+    resp
+}
+
+/// Route layer: hands the matched route template to [`correlation`] on the response.
+async fn matched_route(req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let mut resp = next.run(req).await;
+    if let Some(route) = route {
+        resp.extensions_mut().insert(route);
+    }
     resp
 }
 
@@ -181,9 +224,14 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/machines/{id}/restart", post(machines::restart))
         .route("/machines/{id}/pause", post(machines::pause))
         .route("/machines/{id}/resume", post(machines::resume))
+        .route("/machines/{id}/keepalive", post(machines::keepalive))
+        .route("/machines/{id}/pty", get(pty::pty))
         .route("/machines/{id}/wait", get(machines::wait))
         .route("/machines/{id}/logs", get(machines::logs))
         .route("/machines/{id}/network", get(machines::network))
+        .route("/machines/{id}/stats", get(machines::stats))
+        .route("/events", get(events::stream))
+        .route("/metrics", get(events::metrics))
         .route("/machines/{id}/exec", post(guest::exec))
         .route("/machines/{id}/exec/stream", post(guest::exec_stream))
         .route("/machines/{id}/files/stat", get(guest::stat))
@@ -192,6 +240,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/images", get(images::list))
         .route("/images/pull", post(images::pull))
         .route("/images/{digest}", axum::routing::delete(images::delete))
+        .route("/volumes", post(volumes::create).get(volumes::list))
+        .route("/volumes/{id}", get(volumes::get).delete(volumes::delete))
+        .route("/volumes/{id}/resize", post(volumes::resize))
+        .route("/volumes/{id}/clone", post(volumes::clone))
         .route("/api-keys", post(keys::create).get(keys::list))
         .route("/api-keys/{id}", axum::routing::delete(keys::revoke))
         .route("/health", get(health))
@@ -204,10 +256,12 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(SwaggerUi::new("/docs").url("/docs/json", ApiDoc::openapi()))
         .merge(machines)
         .merge(files)
+        .merge(ui::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .route_layer(middleware::from_fn(matched_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(correlation))
+        .layer(middleware::from_fn_with_state(state.clone(), correlation))
         .with_state(state)
 }
 
@@ -233,15 +287,24 @@ mod tests {
             ("/machines/{id}/restart", &["post"]),
             ("/machines/{id}/pause", &["post"]),
             ("/machines/{id}/resume", &["post"]),
+            ("/machines/{id}/keepalive", &["post"]),
+            ("/machines/{id}/pty", &["get"]),
             ("/machines/{id}/wait", &["get"]),
             ("/machines/{id}/logs", &["get"]),
             ("/machines/{id}/network", &["get"]),
+            ("/machines/{id}/stats", &["get"]),
+            ("/events", &["get"]),
+            ("/metrics", &["get"]),
             ("/machines/{id}/exec", &["post"]),
             ("/machines/{id}/exec/stream", &["post"]),
             ("/machines/{id}/files", &["get", "post", "delete"]),
             ("/machines/{id}/files/stat", &["get"]),
             ("/machines/{id}/files/list", &["get"]),
             ("/machines/{id}/files/mkdir", &["post"]),
+            ("/volumes", &["get", "post"]),
+            ("/volumes/{id}", &["delete", "get"]),
+            ("/volumes/{id}/resize", &["post"]),
+            ("/volumes/{id}/clone", &["post"]),
             ("/api-keys", &["get", "post"]),
             ("/api-keys/{id}", &["delete"]),
         ] {
@@ -303,7 +366,8 @@ mod tests {
                 }
                 for (status, r) in responses {
                     let r = resolve(&doc, r);
-                    if status.starts_with('2') {
+                    // 2xx, and 101 (a WebSocket upgrade), are not errors.
+                    if status.starts_with('2') || status == "101" {
                         continue;
                     }
                     assert_eq!(

@@ -4,28 +4,23 @@ use std::io::Write;
 
 use clap::{Args, Subcommand};
 use futures::StreamExt;
-use hyperfleet_client::{Client, ListOptions};
+use hyperfleet_client::ListOptions;
 use hyperfleet_types::{
     CommandArgs, CreateMachine, EgressPolicy, EntryType, ExecEvent, ExecRequest, Machine, MachineStatus, MakeDir,
-    NetworkOptions, RuntimeKind, UpdateMachine, timestamp,
+    NetworkOptions, RuntimeKind, TtlAction, UpdateMachine, VolumeMount, timestamp,
 };
 
-use super::{Output, print_table};
+use super::{ApiArgs, Output, print_table};
 
 #[derive(Args, Debug)]
 pub struct MachinesArgs {
-    /// API base URL.
-    #[arg(long, env = "HYPERFLEET_URL", default_value = "http://127.0.0.1:3000", global = true)]
-    url: String,
-    #[arg(long, env = "HYPERFLEET_API_KEY", global = true, hide_env_values = true)]
-    api_key: Option<String>,
-    #[arg(long, value_enum, default_value = "table", global = true)]
-    output: Output,
+    #[command(flatten)]
+    api: ApiArgs,
     #[command(subcommand)]
     command: MachinesCommand,
 }
 
-// Parsed once per process: the size of the largest variant costs nothing.
+// Parsed once per process: the size of the largest variant costs nothing worth boxing for.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum MachinesCommand {
@@ -54,6 +49,12 @@ enum MachinesCommand {
         rootfs: Option<String>,
         #[arg(long)]
         kernel_args: Option<String>,
+        /// A volume to mount: NAME:/path, or NAME:/path:ro (repeat for more).
+        #[arg(long = "volume", value_name = "NAME:PATH[:ro]", value_parser = parse_volume)]
+        volumes: Vec<VolumeMount>,
+        /// Grow the machine's root disk to this size (MiB).
+        #[arg(long = "disk-size")]
+        disk_size_mib: Option<i64>,
         /// An environment variable for every command run in the machine (repeat: --env A=1 --env B=2).
         #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_pair)]
         env: Vec<(String, String)>,
@@ -75,6 +76,8 @@ enum MachinesCommand {
         /// Registry user; the password is read from HYPERFLEET_REGISTRY_PASSWORD.
         #[arg(long, requires = "image")]
         registry_user: Option<String>,
+        #[command(flatten)]
+        settings: Settings,
         #[arg(long)]
         start: bool,
     },
@@ -82,6 +85,9 @@ enum MachinesCommand {
     List {
         #[arg(long, value_parser = parse_status)]
         status: Option<MachineStatus>,
+        /// Label selector: team=ml,env!=prod,gpu,!spot
+        #[arg(long, short = 'l')]
+        label: Option<String>,
         #[arg(long)]
         limit: Option<u32>,
         #[arg(long)]
@@ -131,6 +137,22 @@ enum MachinesCommand {
         id: String,
         ports: Vec<i64>,
     },
+    /// Change labels, secrets and lifecycle settings of a machine (each flag given replaces that setting).
+    Set {
+        id: String,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Activity now: restart the idle clock (and a ttl's count).
+    Keepalive {
+        id: String,
+    },
+    /// Open a terminal in the machine (its shell, or the command after --).
+    Shell {
+        id: String,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Run a command in the machine; its output streams as it comes and its exit code becomes ours.
     Exec {
         id: String,
@@ -171,12 +193,76 @@ enum MachinesCommand {
     },
 }
 
+/// Labels, secrets and lifecycle flags, shared by `create` and `set`.
+#[derive(Args, Debug, Default)]
+struct Settings {
+    /// A label (repeat: --label team=ml --label env=dev).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
+    labels: Vec<(String, String)>,
+    /// A secret variable: NAME=VALUE, or NAME alone to take the value from this environment (so it is not
+    /// in the command line).
+    #[arg(long = "secret", value_name = "NAME[=VALUE]", value_parser = parse_secret)]
+    secrets: Vec<(String, String)>,
+    /// Stop (or delete, with --on-ttl delete) this many seconds after each start; 0: never.
+    #[arg(long)]
+    ttl: Option<u64>,
+    #[arg(long, value_parser = parse_ttl_action)]
+    on_ttl: Option<TtlAction>,
+    /// Stop after this many seconds without activity; 0: never.
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// How long a silent open connection or terminal still counts as activity (default: the idle timeout).
+    #[arg(long)]
+    idle_max_connection: Option<u64>,
+    /// Start (or resume) the machine when a proxied request arrives for it.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    auto_start: Option<bool>,
+}
+
+impl Settings {
+    fn labels(&self) -> Option<std::collections::BTreeMap<String, String>> {
+        (!self.labels.is_empty()).then(|| self.labels.iter().cloned().collect())
+    }
+    fn secrets(&self) -> Option<std::collections::BTreeMap<String, String>> {
+        (!self.secrets.is_empty()).then(|| self.secrets.iter().cloned().collect())
+    }
+}
+
+fn parse_secret(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => std::env::var(s).map(|v| (s.to_string(), v)).map_err(|_| format!("{s} is not set in this environment")),
+    }
+}
+
+fn parse_ttl_action(s: &str) -> Result<TtlAction, String> {
+    match s {
+        "stop" => Ok(TtlAction::Stop),
+        "delete" => Ok(TtlAction::Delete),
+        _ => Err(format!("'{s}': use stop or delete")),
+    }
+}
+
 fn parse_status(s: &str) -> Result<MachineStatus, String> {
     MachineStatus::parse(s).ok_or_else(|| format!("unknown status '{s}'"))
 }
 
 fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
     RuntimeKind::parse(s).ok_or_else(|| format!("unknown runtime '{s}': use firecracker or container"))
+}
+
+fn parse_volume(s: &str) -> Result<VolumeMount, String> {
+    let mut parts = s.splitn(3, ':');
+    let (volume, path, mode) = (parts.next().unwrap_or(""), parts.next(), parts.next());
+    let read_only = match mode {
+        None | Some("rw") => false,
+        Some("ro") => true,
+        Some(other) => return Err(format!("'{other}' is not a mode: use ro or rw")),
+    };
+    match path {
+        Some(p) if !volume.is_empty() => Ok(VolumeMount { volume: volume.into(), mount_path: p.into(), read_only }),
+        _ => Err(format!("'{s}' is not NAME:/path[:ro]")),
+    }
 }
 
 fn parse_env_pair(s: &str) -> Result<(String, String), String> {
@@ -209,10 +295,11 @@ fn print_machines(output: Output, machines: &[Machine]) -> anyhow::Result<()> {
                 m.guest_ip.to_string(),
                 m.tap_device.clone(),
                 m.spec.exposed_ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+                m.spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
             ]
         })
         .collect();
-    print_table(&["ID", "NAME", "STATUS", "RUNTIME", "VCPUS", "MEM", "GUEST IP", "TAP", "PORTS"], &rows);
+    print_table(&["ID", "NAME", "STATUS", "RUNTIME", "VCPUS", "MEM", "GUEST IP", "TAP", "PORTS", "LABELS"], &rows);
     Ok(())
 }
 
@@ -228,8 +315,7 @@ fn print_one(output: Output, m: &Machine) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
-    let hf = Client::new(&args.url, args.api_key.clone());
-    let out = args.output;
+    let (hf, out) = args.api.client();
     match args.command {
         MachinesCommand::Create {
             name,
@@ -242,6 +328,8 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             kernel,
             rootfs,
             kernel_args,
+            volumes,
+            disk_size_mib,
             env,
             image,
             image_size_mib,
@@ -249,6 +337,7 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             cmd,
             restart,
             registry_user,
+            settings,
             start,
         } => {
             let network = (!dns.is_empty() || egress.is_some()).then(|| -> anyhow::Result<NetworkOptions> {
@@ -274,6 +363,15 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 entrypoint: (!entrypoint.is_empty()).then_some(entrypoint),
                 cmd: (!cmd.is_empty()).then_some(cmd),
                 restart_policy: restart,
+                volumes: (!volumes.is_empty()).then_some(volumes),
+                disk_size_mib,
+                labels: settings.labels(),
+                secrets: settings.secrets(),
+                ttl_seconds: settings.ttl,
+                on_ttl: settings.on_ttl,
+                idle_timeout_seconds: settings.idle_timeout,
+                idle_max_connection_seconds: settings.idle_max_connection,
+                auto_start: settings.auto_start,
             };
             let mut m = hf.create_machine(&req).await?;
             if m.image_status.is_some() && out == Output::Table {
@@ -284,8 +382,8 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             }
             print_one(out, &m)?;
         }
-        MachinesCommand::List { status, limit, offset } => {
-            let list = hf.list_machines(&ListOptions { status, limit, offset }).await?;
+        MachinesCommand::List { status, label, limit, offset } => {
+            let list = hf.list_machines(&ListOptions { status, label, limit, offset }).await?;
             if out == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -311,9 +409,25 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 Output::Table => logs.lines.iter().for_each(|l| println!("{l}")),
             }
         }
-        MachinesCommand::Expose { id, ports } => {
-            print_one(out, &hf.update_machine(&id, &UpdateMachine { exposed_ports: Some(ports) }).await?)?
+        MachinesCommand::Expose { id, ports } => print_one(
+            out,
+            &hf.update_machine(&id, &UpdateMachine { exposed_ports: Some(ports), ..Default::default() }).await?,
+        )?,
+        MachinesCommand::Set { id, settings } => {
+            let req = UpdateMachine {
+                labels: settings.labels(),
+                secrets: settings.secrets(),
+                ttl_seconds: settings.ttl,
+                on_ttl: settings.on_ttl,
+                idle_timeout_seconds: settings.idle_timeout,
+                idle_max_connection_seconds: settings.idle_max_connection,
+                auto_start: settings.auto_start,
+                ..Default::default()
+            };
+            print_one(out, &hf.update_machine(&id, &req).await?)?
         }
+        MachinesCommand::Keepalive { id } => print_one(out, &hf.keepalive(&id).await?)?,
+        MachinesCommand::Shell { id, command } => return super::shell::run(&hf, &id, command).await,
         MachinesCommand::Exec { id, timeout, command } => {
             let req = ExecRequest { command: CommandArgs(command), timeout, env: None, cwd: None, stdin: None };
             let mut events = Box::pin(hf.exec_stream(&id, &req).await?);

@@ -1,31 +1,48 @@
 //! The command-line interface: one module per command.
 
 pub(crate) mod doctor;
+pub(crate) mod events;
 pub(crate) mod images;
 pub(crate) mod keys;
 pub(crate) mod machines;
 pub(crate) mod purge;
 pub(crate) mod serve;
+pub(crate) mod shell;
+pub(crate) mod volumes;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-fn init_logging() {
+/// Logs to stderr, as text or JSON lines (`HYPERFLEET_LOG_FORMAT`), filtered by `RUST_LOG` (default `info`).
+/// Request lines have the target `hyperfleet::request`: `RUST_LOG=info,hyperfleet::request=warn` turns
+/// them off.
+fn init_logging(format: crate::config::LogFormat) {
     // netlink-packet-route warns about every attribute newer than itself; that is noise for users.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,netlink_packet_route=error".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        crate::config::LogFormat::Text => fmt.init(),
+        crate::config::LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
 }
 
 /// Runs one command; the exit code on success.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => {
-            init_logging();
+            // Before the settings are validated, so that what is wrong with them is logged in the format asked for.
+            let format = match args.api.log_format.as_str() {
+                "json" => crate::config::LogFormat::Json,
+                _ => crate::config::LogFormat::Text,
+            };
+            init_logging(format);
             serve::run(*args).await.map(|()| 0)
         }
         Command::Machines(args) => machines::run(args).await,
         Command::Images(args) => images::run(args).await,
+        Command::Events(args) => events::run(args).await,
         Command::Keys(args) => keys::run(args).await,
+        Command::Volumes(args) => volumes::run(args).await,
         Command::Doctor(args) => doctor::run(args).await,
         Command::Purge(args) => purge::run(args).await,
         Command::Openapi => {
@@ -50,6 +67,10 @@ pub enum Command {
     Machines(machines::MachinesArgs),
     /// Manage the daemon's image cache (ls, pull, rm) through the API.
     Images(images::ImagesArgs),
+    /// Manage volumes through the API (HYPERFLEET_URL, HYPERFLEET_API_KEY).
+    Volumes(volumes::VolumesArgs),
+    /// Follow machine events as they happen (HYPERFLEET_URL, HYPERFLEET_API_KEY).
+    Events(events::EventsArgs),
     /// Manage API keys directly in the database (DATABASE_PATH); works without a running daemon.
     Keys(keys::KeysArgs),
     /// Check the host and every running machine's network; print what is wrong and how to fix it.
@@ -59,6 +80,24 @@ pub enum Command {
     Purge(crate::config::HostArgs),
     /// Print the OpenAPI document.
     Openapi,
+}
+
+/// Where the API is and how to print its answers: shared by the commands that are API clients.
+#[derive(clap::Args, Debug)]
+pub(crate) struct ApiArgs {
+    /// API base URL.
+    #[arg(long, env = "HYPERFLEET_URL", default_value = "http://127.0.0.1:3000", global = true)]
+    url: String,
+    #[arg(long, env = "HYPERFLEET_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    output: Output,
+}
+
+impl ApiArgs {
+    pub(crate) fn client(&self) -> (hyperfleet_client::Client, Output) {
+        (hyperfleet_client::Client::new(&self.url, self.api_key.clone()), self.output)
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,6 +15,7 @@ use crate::listener::{self, Limits};
 use crate::machines::{LinuxHost, Policy, Service, network::HostNetwork};
 use crate::runtime::firecracker::JailSettings;
 use crate::runtime::host::{self, HostCapacity, KvmKind};
+use crate::runtime::volume::VolumeDir;
 use crate::runtime::{Container, Firecracker, Runtimes};
 use crate::store::{Store, api_keys, leases};
 
@@ -44,7 +45,20 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
         JailSettings { chroot_dir: rt.chroot_dir.clone(), uid_base: rt.jailer_uid_base },
     );
     let jails_dir = firecracker.jails_dir();
-    let container = Container::new(host::find_on_path(&rt.runc_bin));
+    let userns = match rt.container_uid_base {
+        Some(base) if crate::runtime::idmap::supported() => Some(base),
+        Some(_) => {
+            warn!(
+                "this kernel has no idmapped mounts (Linux 5.12+): container machines share the host's user namespace"
+            );
+            None
+        }
+        None => None,
+    };
+    let container = Container::new(host::find_on_path(&rt.runc_bin), userns);
+    if userns.is_some() {
+        info!("container machines run in their own user namespace (HYPERFLEET_CONTAINER_USERNS)");
+    }
     let (default, why) = default_runtime(rt, kvm, &firecracker);
     info!(runtime = %default, kvm = kvm.describe(), "default runtime: {default} ({why})");
     if default == RuntimeKind::Container {
@@ -72,6 +86,7 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
         data_dir: rt.data_dir.clone(),
         jails_dir,
         assets_dir: rt.assets_dir.clone(),
+        volumes: VolumeDir::new(rt.volumes_dir.clone()),
     };
     let policy = Policy {
         assets_dir: rt.assets_dir.clone(),
@@ -85,6 +100,7 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
         file_transfer_timeout: settings.files.transfer_timeout,
         max_execs_per_machine: settings.files.exec_max_concurrent,
         exec_output_budget: settings.files.exec_output_budget,
+        events_backlog: settings.store.events_backlog,
     };
     Ok(Service::new(store, host, addressing, policy, images))
 }
@@ -137,38 +153,68 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
+    if settings.runtime.cgroup_favordynmods {
+        use crate::runtime::cgroups::{DynMods, favor_dynamic_moves};
+        match favor_dynamic_moves() {
+            DynMods::AlreadyOn => {}
+            DynMods::TurnedOn(at) => info!(
+                mount = %at.display(),
+                "cgroup favordynmods turned on host-wide (cheap cgroup moves at start; HYPERFLEET_CGROUP_FAVORDYNMODS)"
+            ),
+            DynMods::Unavailable(why) => {
+                warn!("cgroup favordynmods is off ({why}): each start waits ~10 ms per cgroup move")
+            }
+        }
+    }
     let service = build_service(&settings, store.clone()).await?;
     service.host().net.init().await.context("prepare host networking (are we root?)")?;
     service.reconcile().await.context("reconcile with the host")?;
 
     let network = &settings.network;
     let doctor = Arc::new(Doctor::new(network)?);
-    let auth = Arc::new(Auth::new(store, settings.api.disable_auth));
-    let state = AppState { service: service.clone(), auth, doctor };
+    let auth = Arc::new(Auth::new(store, settings.api.disable_auth, settings.api.metrics_token.clone()));
+    tokio::spawn(service.clone().run_timers());
+    let api = &settings.api;
+    let limits = Limits::new(api.max_connections, api.max_connections_per_ip);
     let addr = std::net::SocketAddr::new(settings.api.bind, settings.api.port);
     let listener = listener::bind(addr, false)
         .and_then(tokio::net::TcpListener::from_std)
         .with_context(|| format!("listen on {addr} (PORT)"))?;
+    let mut proxy_limits = None;
     if let Some(proxy_port) = settings.proxy.port {
         let proxy_addr = std::net::SocketAddr::new(settings.api.bind, proxy_port);
         let prefix = settings.proxy.prefix.clone();
         let api = &settings.api;
-        crate::proxy::start(
-            proxy_addr,
-            service.clone(),
-            settings.proxy.clone(),
-            api.timeouts,
-            api.max_connections_per_ip,
-        )
-        .with_context(|| format!("listen on {proxy_addr} (PROXY_PORT)"))?;
+        proxy_limits = Some(
+            crate::proxy::start(
+                proxy_addr,
+                service.clone(),
+                settings.proxy.clone(),
+                api.timeouts,
+                api.max_connections_per_ip,
+            )
+            .with_context(|| format!("listen on {proxy_addr} (PROXY_PORT)"))?,
+        );
         info!("proxy listening on http://{proxy_addr}{prefix}/{{machine}}/{{port}}/");
     }
     tokio::spawn(crate::proxy::poll_exposed_ports(service.clone(), settings.proxy.poll_interval));
     let log_cap = settings.runtime.console_log_max_size;
     tokio::spawn(service.clone().cap_console_logs(log_cap, std::time::Duration::from_secs(2)));
-    info!("API listening on http://{addr} (docs: /docs)");
-    let api = &settings.api;
-    let limits = Limits::new(api.max_connections, api.max_connections_per_ip);
+    info!("API listening on http://{addr} (docs: /docs, dashboard: /ui)");
+    let ui = Arc::new(api::ui::UiConfig {
+        proxy_port: settings.proxy.port,
+        proxy_prefix: settings.proxy.prefix.clone(),
+        proxy_host_suffix: settings.proxy.host_suffix.clone(),
+    });
+    let listeners = Arc::new(api::Listeners { api: limits.clone(), proxy: proxy_limits });
+    let state = AppState {
+        service: service.clone(),
+        auth,
+        doctor,
+        listeners,
+        ui,
+        pty_client_timeout: settings.files.pty_client_timeout,
+    };
     let router = api::router(state);
     listener::serve(listener, limits, api.timeouts, shutdown_signal(), move |_, _| {
         TowerToHyperService::new(router.clone())

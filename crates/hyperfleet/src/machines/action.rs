@@ -18,6 +18,8 @@ pub(crate) enum Action {
     Adopt,
     /// A machine whose process is gone at daemon start is brought to rest.
     Reconcile,
+    /// PATCH of the volumes, which a machine holds while it may have a process.
+    ChangeVolumes,
 }
 
 impl Action {
@@ -31,7 +33,7 @@ impl Action {
             (Self::Stop | Self::Restart, _) => &[Stopping],
             (Self::Pause, _) => &[Running],
             (Self::Resume, _) => &[Paused],
-            (Self::Delete, _) => &MachineStatus::AT_REST,
+            (Self::Delete | Self::ChangeVolumes, _) => &MachineStatus::AT_REST,
             // `Fail` to `stopped`: the main process ended with code 0.
             (Self::Fail | Self::Adopt, _) => &[Running, Paused],
             (Self::Reconcile, _) => &[Starting, Running, Paused, Stopping],
@@ -59,6 +61,7 @@ impl Action {
             Self::Fail => "fail",
             Self::Adopt => "adopt",
             Self::Reconcile => "reconcile",
+            Self::ChangeVolumes => "change the volumes of",
         }
     }
 
@@ -66,6 +69,7 @@ impl Action {
     pub(crate) fn hint(self) -> &'static str {
         match self {
             Self::Delete => "; stop the machine first (or pass ?force=true)",
+            Self::ChangeVolumes => "; stop the machine first",
             _ => "",
         }
     }

@@ -25,6 +25,13 @@ pub(crate) enum Error {
     RuntimeUnavailable { runtime: RuntimeKind, why: String },
     #[error("A machine named '{0}' already exists")]
     NameTaken(String),
+    #[error("Volume with id '{0}' not found")]
+    VolumeNotFound(String),
+    #[error("A volume named '{0}' already exists")]
+    VolumeNameTaken(String),
+    /// The request conflicts with the current state of a volume (attached elsewhere, in use).
+    #[error("{0}")]
+    Conflict(String),
     #[error(
         "no free address block: all {blocks} /30 blocks of {subnet} are leased; delete machines or use a larger HYPERFLEET_SUBNET"
     )]
@@ -33,6 +40,12 @@ pub(crate) enum Error {
     WaitTimedOut { id: String, want: MachineStatus },
     #[error("Machine {id} failed instead of reaching status {want}: {reason}")]
     WaitFailed { id: String, want: MachineStatus, reason: String },
+    /// A machine that does not start itself for requests (`auto_start` is off) is not running.
+    #[error("Machine {id} is not running (it is '{status}') and does not start on request (auto_start is off)")]
+    Asleep { id: String, status: MachineStatus },
+    /// Starting or resuming a machine for a request failed.
+    #[error("Machine {id} could not be woken for this request: {reason}")]
+    WakeFailed { id: String, reason: String },
     /// Too many commands already run in this machine at once.
     #[error("Machine {id} already runs {limit} commands at once; wait for one to finish")]
     TooManyExecs { id: String, limit: usize },

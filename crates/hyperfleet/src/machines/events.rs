@@ -1,44 +1,110 @@
-//! Status changes, published to whoever waits: long-polling clients (`wait`) and the proxy's target cache.
+//! Machine events: every change (created, each status, updated, deleted) and what happens inside a machine
+//! (exec started/finished, file written, proxy wake). Each is stored in the events backlog and broadcast, both
+//! under the database's writer lock, so ids go out in order. Listeners: long-polls (`wait`), the proxy's
+//! target cache, and `GET /events`, which resumes from the stored backlog with `Last-Event-ID`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use hyperfleet_types::{Machine, MachineStatus};
+use hyperfleet_types::{Event, EventKind, Machine, MachineStatus};
+use rusqlite::Connection;
 use tokio::sync::broadcast;
 
 use super::{Error, Host, Result, Service};
+use crate::store::events as stored;
+pub(crate) use crate::store::events::{EventFilter, EventPage};
 use crate::store::machines::MachineRecord;
 
-/// A machine's status changed, its exposed ports changed, or it was deleted: listeners look it up again.
-#[derive(Debug, Clone)]
-pub(crate) struct MachineEvent {
-    pub(crate) id: String,
+/// The most stored events one backlog read looks at; a resuming reader reads again for more.
+const BACKLOG_PAGE: u32 = 500;
+
+#[derive(Clone)]
+pub(super) struct Events {
+    tx: broadcast::Sender<Arc<Event>>,
+    /// How many stored events to keep.
+    keep: u64,
 }
 
-pub(super) struct Events {
-    tx: broadcast::Sender<MachineEvent>,
+/// An event about `m`, not stored yet (its id is 0).
+pub(super) fn draft(kind: EventKind, m: &MachineRecord) -> Event {
+    Event {
+        id: 0,
+        kind,
+        machine_id: m.id.clone(),
+        machine_name: m.spec.name.clone(),
+        status: (kind != EventKind::Deleted).then_some(m.status),
+        at: hyperfleet_types::timestamp::now(),
+        reason: if kind == EventKind::Failed { m.error_message.clone() } else { None },
+        program: None,
+        exit_code: None,
+        duration_ms: None,
+        path: None,
+        port: None,
+    }
 }
 
 impl Events {
-    pub(super) fn new() -> Self {
-        Self { tx: broadcast::channel(1024).0 }
+    pub(super) fn new(keep: u64) -> Self {
+        Self { tx: broadcast::channel(1024).0, keep: keep.max(1) }
     }
 
-    pub(super) fn publish(&self, m: &MachineRecord) {
-        // Sending fails only when nobody listens, which is the normal case between requests.
-        if self.tx.receiver_count() > 0 {
-            let _ignored_when_no_listener = self.tx.send(MachineEvent { id: m.id.clone() });
+    /// Stores `event` and broadcasts it. Called with the writer connection, so the order of ids is the order
+    /// of broadcast. A failure to store is logged: the change it reports has happened regardless.
+    pub(super) fn append(&self, c: &Connection, event: Event) {
+        match stored::append(c, &event, self.keep) {
+            Ok(e) => {
+                // Sending fails only when nobody listens, which is the normal case between requests.
+                if self.tx.receiver_count() > 0 {
+                    let _ignored_when_no_listener = self.tx.send(Arc::new(e));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(machine = %event.machine_id, kind = %event.kind, error = %e, "could not store an event")
+            }
         }
     }
 
-    pub(super) fn subscribe(&self) -> broadcast::Receiver<MachineEvent> {
+    pub(super) fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.tx.subscribe()
     }
 }
 
 impl<H: Host> Service<H> {
-    /// Every change to a machine (status, exposed ports, deletion), for long-polls and the proxy's cache.
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<MachineEvent> {
+    /// Every event as it happens, for long-polls, the proxy's cache and `GET /events`.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.events.subscribe()
+    }
+
+    /// Stores and broadcasts an event that is not a state change (those go with their compare-and-set).
+    pub(super) async fn emit(&self, event: Event) {
+        let events = self.events.clone();
+        if let Err(e) = self
+            .store
+            .call(move |c| {
+                events.append(c, event);
+                Ok(())
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "could not store an event");
+        }
+    }
+
+    /// Stored events after `after` that pass `filter`, oldest first, looking at [`BACKLOG_PAGE`] at most.
+    pub(crate) async fn events_after(&self, after: u64, filter: EventFilter) -> Result<EventPage> {
+        Ok(self.store.read(move |c| stored::after(c, after, &filter, BACKLOG_PAGE)).await?)
+    }
+
+    /// The id of the newest stored event.
+    pub(crate) async fn last_event_id(&self) -> Result<u64> {
+        Ok(self.store.read(stored::last_id).await?)
+    }
+
+    /// A proxied request for `port` woke machine `id` (started or resumed it): a `proxy.wake` event.
+    pub(super) async fn proxy_woke(&self, id: &str, port: u16) -> Result<()> {
+        let rec = self.record(id).await?;
+        self.emit(Event { port: Some(port), ..draft(EventKind::ProxyWake, &rec) }).await;
+        Ok(())
     }
 
     /// Long-polls until the machine reaches `want`, it fails instead, or `timeout` passes.
@@ -60,7 +126,7 @@ impl<H: Host> Service<H> {
             loop {
                 tokio::select! {
                     ev = events.recv() => match ev {
-                        Ok(ev) if ev.id != rec.id => continue,
+                        Ok(ev) if ev.machine_id != rec.id => continue,
                         // This machine changed, or events were missed (lagged): look again.
                         _ => break,
                     },

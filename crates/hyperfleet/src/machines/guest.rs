@@ -9,11 +9,14 @@ use base64::Engine;
 use bytes::Bytes;
 use hyperfleet_agent_proto::client::{AgentClient, ClientError, ExecSession, FileReader};
 use hyperfleet_agent_proto::{self as proto, ErrorKind, ExecSpec};
-use hyperfleet_types::{DirEntry, DirListing, EntryType, ExecRequest, ExecResult, FileStat, FileWritten, MakeDir};
+use hyperfleet_types::{
+    DirEntry, DirListing, EntryType, Event, EventKind, ExecRequest, ExecResult, FileStat, FileWritten, MakeDir,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::lifecycle::instance;
-use super::{Error, Host, Result, Service};
+use super::{Error, Host, Result, Service, events};
+use crate::metrics::Operation;
 use crate::store::machines::MachineRecord;
 
 pub(super) const DEFAULT_EXEC_TIMEOUT: u64 = 30;
@@ -21,7 +24,7 @@ pub(super) const MAX_EXEC_TIMEOUT: u64 = 3600;
 /// Output kept per stream by the buffered exec API.
 pub(super) const EXEC_OUTPUT_CAP: u64 = 10 << 20;
 
-fn agent_error(e: ClientError, path: &str, max: u64) -> Error {
+pub(super) fn agent_error(e: ClientError, path: &str, max: u64) -> Error {
     match e {
         ClientError::Agent { kind: ErrorKind::NotFound, .. } => Error::FileNotFound { path: path.to_string() },
         ClientError::Agent { kind: ErrorKind::InvalidPath, message } => Error::Invalid(message),
@@ -78,6 +81,10 @@ pub(crate) struct ExecPlan {
     pub timeout: Duration,
     /// Held while the command runs (for a streamed exec: until the stream ends).
     slot: Option<OwnedSemaphorePermit>,
+    /// The command is activity in its machine while it runs.
+    hold: Option<super::Hold>,
+    /// The `exec.started` event, once sent, and when: `exec.finished` is made from it.
+    started: Option<(Event, Instant)>,
 }
 
 impl ExecPlan {
@@ -103,12 +110,15 @@ impl ExecPlan {
             stdin: req.stdin.map(String::into_bytes).unwrap_or_default(),
             timeout: Duration::from_secs(secs),
             slot: None,
+            hold: None,
+            started: None,
         })
     }
 
-    /// The machine's `env` under the request's own: a variable the request sets wins.
-    fn with_machine_env(&mut self, machine: &BTreeMap<String, String>) {
+    /// The machine's `env` and secrets under the request's own: a variable the request sets wins.
+    fn with_machine_env(&mut self, machine: &BTreeMap<String, String>, mut secrets: BTreeMap<String, String>) {
         let mut env = machine.clone();
+        env.append(&mut secrets);
         env.append(&mut self.spec.env);
         self.spec.env = env;
     }
@@ -133,11 +143,26 @@ fn wire_stat(path: &str, st: &proto::FileStat) -> FileStat {
 }
 
 impl<H: Host> Service<H> {
-    async fn running(&self, id: &str, what: &'static str) -> Result<MachineRecord> {
+    pub(super) async fn running(&self, id: &str, what: &'static str) -> Result<MachineRecord> {
         let rec = self.record(id).await?;
         if rec.status != hyperfleet_types::MachineStatus::Running {
             return Err(Error::NotRunning { what, status: rec.status });
         }
+        Ok(rec)
+    }
+
+    /// The machine's secrets (read only when it has some).
+    pub(super) async fn machine_secrets(&self, rec: &MachineRecord) -> Result<BTreeMap<String, String>> {
+        if rec.spec.secret_names.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        self.secrets(&rec.id).await
+    }
+
+    /// A file operation is activity in its machine.
+    async fn running_for_files(&self, id: &str) -> Result<MachineRecord> {
+        let rec = self.running(id, "transfer files").await?;
+        self.activity.note(&rec.id);
         Ok(rec)
     }
 
@@ -148,7 +173,7 @@ impl<H: Host> Service<H> {
     }
 
     /// The machine's agent once it answers, waiting up to `patience` while the guest boots.
-    async fn ready_agent(&self, rec: &MachineRecord, patience: Duration) -> Result<AgentClient> {
+    pub(super) async fn ready_agent(&self, rec: &MachineRecord, patience: Duration) -> Result<AgentClient> {
         let agent = self.host.agent(&instance(rec));
         let deadline = Instant::now() + patience;
         loop {
@@ -157,7 +182,12 @@ impl<H: Host> Service<H> {
                 Err(ClientError::Unreachable(_)) if Instant::now() + Duration::from_millis(200) < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(e) => return Err(Error::Agent(e)),
+                Err(e) => {
+                    if matches!(e, ClientError::Unreachable(_)) {
+                        self.metrics.agent_failure();
+                    }
+                    return Err(Error::Agent(e));
+                }
             }
         }
     }
@@ -168,9 +198,41 @@ impl<H: Host> Service<H> {
         let mut plan = ExecPlan::new(req, Some(EXEC_OUTPUT_CAP))?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
-        plan.with_machine_env(&rec.spec.env);
+        plan.with_machine_env(&rec.spec.env, self.machine_secrets(&rec).await?);
+        plan.hold = Some(self.activity.hold(&rec.id, super::HoldKind::Command));
+        self.exec_started(&rec, &mut plan).await;
+        let done = self.exec_collect(&rec, &plan).await;
+        self.exec_finished(&plan, done.as_ref().ok().map(|(r, _)| r.exit_code)).await;
+        done
+    }
+
+    /// Sends `exec.started` for `plan` (its program only, never the arguments).
+    async fn exec_started(&self, rec: &MachineRecord, plan: &mut ExecPlan) {
+        let program = plan.spec.argv.first().cloned();
+        let event = Event { program, ..events::draft(EventKind::ExecStarted, rec) };
+        plan.started = Some((event.clone(), Instant::now()));
+        self.emit(event).await;
+    }
+
+    /// Sends `exec.finished` for a command started by [`Self::exec_started`] and records its duration;
+    /// `exit_code` is `None` when it did not finish by itself (timeout, agent gone).
+    pub(crate) async fn exec_finished(&self, plan: &ExecPlan, exit_code: Option<i32>) {
+        let Some((started, at)) = &plan.started else { return };
+        let took = at.elapsed();
+        self.metrics.operation(Operation::Exec, exit_code.is_some(), took);
+        let event = Event {
+            kind: EventKind::ExecFinished,
+            at: hyperfleet_types::timestamp::now(),
+            exit_code,
+            duration_ms: Some(u64::try_from(took.as_millis()).unwrap_or(u64::MAX)),
+            ..started.clone()
+        };
+        self.emit(event).await;
+    }
+
+    async fn exec_collect(&self, rec: &MachineRecord, plan: &ExecPlan) -> Result<(ExecResult, OutputLease)> {
         let started = Instant::now();
-        let agent = self.ready_agent(&rec, plan.timeout).await?;
+        let agent = self.ready_agent(rec, plan.timeout).await?;
         let mut spec = plan.spec.clone();
         spec.timeout_ms =
             u64::try_from(plan.timeout.saturating_sub(started.elapsed()).as_millis()).unwrap_or(u64::MAX).max(1);
@@ -233,12 +295,14 @@ impl<H: Host> Service<H> {
         let mut plan = ExecPlan::new(req, None)?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
-        plan.with_machine_env(&rec.spec.env);
+        plan.with_machine_env(&rec.spec.env, self.machine_secrets(&rec).await?);
+        plan.hold = Some(self.activity.hold(&rec.id, super::HoldKind::Command));
         let agent = self.ready_agent(&rec, plan.timeout).await?;
         let max = self.policy.file_max_size;
         let mut session = agent.exec(plan.spec.clone()).await.map_err(|e| agent_error(e, "", max))?;
         session.send_stdin(&plan.stdin).await.map_err(|e| agent_error(e, "", max))?;
         session.close_stdin().await.map_err(|e| agent_error(e, "", max))?;
+        self.exec_started(&rec, &mut plan).await;
         Ok((session, plan))
     }
 
@@ -290,27 +354,30 @@ impl<H: Host> Service<H> {
         if let Some(m) = mode.filter(|m| *m > 0o7777) {
             return Err(Error::Invalid(format!("mode {m:o} is not a permission mode (at most 0o7777)")));
         }
-        let rec = self.running(id, "transfer files").await?;
+        let rec = self.running_for_files(id).await?;
         let max = self.policy.file_max_size;
-        self.with_timeout(async {
-            let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
-            let mut w = agent.write_file(path, mode, Some(max)).await.map_err(|e| agent_error(e, path, max))?;
-            futures::pin_mut!(body);
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk?;
-                self.check_size(w.sent() + chunk.len() as u64)?;
-                w.send(&chunk).await.map_err(|e| agent_error(e, path, max))?;
-            }
-            let size = w.finish().await.map_err(|e| agent_error(e, path, max))?;
-            Ok(FileWritten { path: path.to_string(), size })
-        })
-        .await
+        let written = self
+            .with_timeout(async {
+                let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
+                let mut w = agent.write_file(path, mode, Some(max)).await.map_err(|e| agent_error(e, path, max))?;
+                futures::pin_mut!(body);
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk?;
+                    self.check_size(w.sent() + chunk.len() as u64)?;
+                    w.send(&chunk).await.map_err(|e| agent_error(e, path, max))?;
+                }
+                let size = w.finish().await.map_err(|e| agent_error(e, path, max))?;
+                Ok(FileWritten { path: path.to_string(), size })
+            })
+            .await?;
+        self.emit(Event { path: Some(written.path.clone()), ..events::draft(EventKind::FileWritten, &rec) }).await;
+        Ok(written)
     }
 
     /// Opens a file for download; the caller streams its chunks.
     pub(crate) async fn read_file(&self, id: &str, path: &str) -> Result<FileReader> {
         check_guest_path(path)?;
-        let rec = self.running(id, "transfer files").await?;
+        let rec = self.running_for_files(id).await?;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
             let max = self.policy.file_max_size;
@@ -321,7 +388,7 @@ impl<H: Host> Service<H> {
 
     pub(crate) async fn stat_file(&self, id: &str, path: &str) -> Result<FileStat> {
         check_guest_path(path)?;
-        let rec = self.running(id, "transfer files").await?;
+        let rec = self.running_for_files(id).await?;
         let st = self
             .with_timeout(async {
                 let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
@@ -381,7 +448,7 @@ impl<H: Host> Service<H> {
 
     pub(crate) async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
         check_guest_path(path)?;
-        let rec = self.running(id, "transfer files").await?;
+        let rec = self.running_for_files(id).await?;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
             agent.delete(path, recursive).await.map_err(|e| agent_error(e, path, self.policy.file_max_size))

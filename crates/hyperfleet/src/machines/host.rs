@@ -11,6 +11,8 @@ use tracing::info;
 
 use super::network::HostNetwork;
 use super::{Error, Result};
+use crate::runtime::stats::Usage;
+use crate::runtime::volume::{VolumeDir, VolumeDisk};
 use crate::runtime::{BootSpec, Booted, Instance, MachineFiles, RuntimeError, Runtimes, process};
 use crate::store::machines::MachineRecord;
 
@@ -56,6 +58,16 @@ pub(crate) trait Host: Send + Sync + 'static {
     fn cap_console(&self, id: &str, max: u64) -> impl Future<Output = Result<()>> + Send;
     /// Removes the host-wide state: the firewall table and the subnet's route.
     fn remove_host_wide(&self) -> impl Future<Output = Result<()>> + Send;
+    /// Makes volume `id`: an empty ext4 file system of `size_mib`.
+    fn volume_create(&self, id: &str, size_mib: u32) -> impl Future<Output = Result<()>> + Send;
+    /// Grows volume `id` (not in use) and its file system to `size_mib`.
+    fn volume_grow(&self, id: &str, size_mib: u32) -> impl Future<Output = Result<()>> + Send;
+    /// Copies volume `from` to a new volume `to` (reflink where the file system can, else sparse).
+    fn volume_clone(&self, from: &str, to: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Removes volume `id`'s file (idempotent).
+    fn volume_remove(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// What the machine uses now: CPU, memory, disk, its interface's counters (see `runtime::stats`).
+    fn usage(&self, m: &MachineRecord) -> impl Future<Output = Usage> + Send;
 }
 
 /// The real host: runc or firecracker processes, netlink interfaces, an nftables table, files under the
@@ -69,6 +81,7 @@ pub(crate) struct LinuxHost {
     pub jails_dir: PathBuf,
     /// The image cache, where image machines' root images are.
     pub images: std::sync::Arc<super::images::Images>,
+    pub volumes: VolumeDir,
 }
 
 impl LinuxHost {
@@ -97,6 +110,17 @@ impl LinuxHost {
             disk_size_mib: m.spec.image_size_mib,
             net: self.net.addressing.guest(m),
             block: m.block,
+            disk_size_mib: m.spec.disk_size_mib,
+            volumes: m
+                .spec
+                .volumes
+                .iter()
+                .map(|v| VolumeDisk {
+                    path: self.volumes.path(&v.volume),
+                    mount_path: v.mount_path.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
         }
     }
 }
@@ -172,6 +196,7 @@ impl Host for LinuxHost {
         let mut removed: Vec<String> =
             self.net.remove_stray_links(live).await?.into_iter().map(|l| format!("interface {l}")).collect();
         let (data_dir, jails_dir) = (self.data_dir.clone(), self.jails_dir.clone());
+        let volumes_dir = self.volumes.dir().to_path_buf();
         let on_disk: Vec<String> = tokio::task::spawn_blocking(move || {
             let names = |dir: &std::path::Path| {
                 std::fs::read_dir(dir)
@@ -181,9 +206,11 @@ impl Host for LinuxHost {
                     .filter_map(|e| e.file_name().into_string().ok())
                     .collect::<Vec<_>>()
             };
-            // The data directory also holds the chroot directory by default, which is nobody's data.
-            let mut ids: Vec<String> =
-                names(&data_dir).into_iter().filter(|n| !jails_dir.starts_with(data_dir.join(n))).collect();
+            // The data directory also holds the chroot and volumes directories by default: nobody's machine data.
+            let mut ids: Vec<String> = names(&data_dir)
+                .into_iter()
+                .filter(|n| !jails_dir.starts_with(data_dir.join(n)) && !volumes_dir.starts_with(data_dir.join(n)))
+                .collect();
             ids.extend(names(&jails_dir));
             ids.sort();
             ids.dedup();
@@ -220,5 +247,28 @@ impl Host for LinuxHost {
         self.net.firewall.remove().await?;
         self.net.remove_route().await?;
         Ok(())
+    }
+
+    async fn volume_create(&self, id: &str, size_mib: u32) -> Result<()> {
+        Ok(self.volumes.create(id, size_mib).await?)
+    }
+
+    async fn volume_grow(&self, id: &str, size_mib: u32) -> Result<()> {
+        Ok(self.volumes.grow(id, size_mib).await?)
+    }
+
+    async fn volume_clone(&self, from: &str, to: &str) -> Result<()> {
+        Ok(self.volumes.clone_volume(from, to).await?)
+    }
+
+    async fn volume_remove(&self, id: &str) -> Result<()> {
+        Ok(self.volumes.remove(id).await?)
+    }
+
+    async fn usage(&self, m: &MachineRecord) -> Usage {
+        let (id, pid, disk, iface) = (m.id.clone(), m.pid, self.files(&m.id).disk, self.net.addressing.iface(m));
+        tokio::task::spawn_blocking(move || crate::runtime::stats::read(&id, pid, &disk, &iface))
+            .await
+            .unwrap_or_default()
     }
 }

@@ -4,14 +4,19 @@
 //! A start records each host change as it makes it and, if a later step fails, undoes them in reverse.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use hyperfleet_types::{CreateMachine, Machine, MachineList, MachineLogs, MachineStatus, UpdateMachine};
+use hyperfleet_types::{
+    CreateMachine, EventKind, Machine, MachineList, MachineLogs, MachineSpec, MachineStatus, UpdateMachine,
+};
 use tracing::{info, warn};
 
-use super::{Action, Error, Host, Result, Service, validate};
+use super::selector::Selector;
+use super::{Action, Error, Host, Result, Service, events, validate};
+use crate::metrics::Operation;
 use crate::runtime::{Booted, Instance};
 use crate::store::leases::LeaseError;
-use crate::store::machines::{self as records, Cas, Changes, InsertError, MachineRecord};
+use crate::store::machines::{self as records, Cas, Changes, InsertError, MachineRecord, Modify};
 
 use MachineStatus::*;
 
@@ -39,6 +44,56 @@ async fn detached<T: Send + 'static>(
     tokio::spawn(flow).await.map_err(|e| Error::Task { what, message: e.to_string() })?
 }
 
+/// A PATCH applied to the stored spec of a machine in `status`: each field validated, volumes only at rest.
+fn apply_update(
+    spec: &mut MachineSpec,
+    status: MachineStatus,
+    req: &UpdateMachine,
+    ports: Option<Vec<u16>>,
+    volumes: Option<Vec<hyperfleet_types::VolumeMount>>,
+) -> Result<()> {
+    if let Some(v) = volumes {
+        if !MachineStatus::AT_REST.contains(&status) {
+            return Err(Error::InvalidState { action: Action::ChangeVolumes, status });
+        }
+        spec.volumes = v;
+    }
+    if let Some(p) = ports {
+        spec.exposed_ports = p;
+    }
+    if let Some(env) = &req.env {
+        validate::env("env", env).map_err(Error::Invalid)?;
+        spec.env = env.clone();
+    }
+    if let Some(secrets) = &req.secrets {
+        spec.secret_names = validate::secrets(secrets, &spec.env).map_err(Error::Invalid)?;
+    } else if let Some(both) = spec.secret_names.iter().find(|k| spec.env.contains_key(*k)) {
+        return Err(Error::Invalid(format!("env.{both} is also a secret; set it in one of them")));
+    }
+    if let Some(labels) = &req.labels {
+        validate::labels("labels", labels).map_err(Error::Invalid)?;
+        spec.labels = labels.clone();
+    }
+    if req.ttl_seconds.is_some() {
+        spec.ttl_seconds = validate::timer("ttl_seconds", req.ttl_seconds).map_err(Error::Invalid)?;
+    }
+    if let Some(a) = req.on_ttl {
+        spec.on_ttl = a;
+    }
+    if req.idle_timeout_seconds.is_some() {
+        spec.idle_timeout_seconds =
+            validate::timer("idle_timeout_seconds", req.idle_timeout_seconds).map_err(Error::Invalid)?;
+    }
+    if req.idle_max_connection_seconds.is_some() {
+        spec.idle_max_connection_seconds =
+            validate::timer("idle_max_connection_seconds", req.idle_max_connection_seconds).map_err(Error::Invalid)?;
+    }
+    if let Some(a) = req.auto_start {
+        spec.auto_start = a;
+    }
+    Ok(())
+}
+
 pub(super) fn instance(m: &MachineRecord) -> Instance {
     Instance { id: m.id.clone(), runtime: m.spec.runtime, pid: m.pid }
 }
@@ -62,13 +117,19 @@ impl<H: Host> Service<H> {
             action.from(to).iter().copied().filter(|f| *f == to || f.can_become(to)).collect();
         debug_assert_eq!(from.len(), action.from(to).len(), "the state table forbids {action} -> {to}");
         let key = id.to_string();
-        match self.store.call(move |c| records::transition(c, &key, &from, to, &changes)).await? {
-            Cas::Done(m) => {
-                self.events.publish(&m);
-                Ok(m)
+        let events = self.events.clone();
+        let cas = self.store.call(move |c| {
+            let cas = records::transition(c, &key, &from, to, &changes)?;
+            if let Cas::Done(m) = &cas {
+                events.append(c, events::draft(EventKind::of_status(m.status), m));
             }
+            Ok(cas)
+        });
+        match cas.await? {
+            Cas::Done(m) => Ok(m),
             Cas::WrongState(m) => Err(Error::InvalidState { action, status: m.status }),
             Cas::Missing => Err(Error::NotFound(id.to_string())),
+            Cas::VolumeBusy(why) => Err(Error::Conflict(why)),
         }
     }
 
@@ -82,17 +143,34 @@ impl<H: Host> Service<H> {
     pub(crate) async fn create(self: &Arc<Self>, req: CreateMachine) -> Result<Machine> {
         let policy = self.policy.clone();
         let auth = req.registry_auth.clone();
-        let mut spec = tokio::task::spawn_blocking(move || validate::create(&req, &policy))
+        let checked = req.clone();
+        let mut spec = tokio::task::spawn_blocking(move || validate::create(&checked, &policy))
             .await
             .map_err(|e| Error::Task { what: "validate", message: e.to_string() })?
             .map_err(Error::Invalid)?;
+        let mut spec = spec;
+        spec.volumes = self.resolve_volumes(spec.volumes).await?;
         if let Some(why) = self.host.unavailable(spec.runtime) {
             return Err(Error::RuntimeUnavailable { runtime: spec.runtime, why });
         }
         let creds = self.resolve_image(&mut spec, auth.as_ref()).await?;
         let blocks = self.addressing.subnet.block_count();
         let id = crate::store::random_id();
-        let rec = self.store.call(move |c| Ok(records::insert(c, &id, &spec, blocks))).await?.map_err(|e| match e {
+        let secrets = req.secrets.unwrap_or_default();
+        let events = self.events.clone();
+        let inserted = self.store.call(move |c| {
+            let rec = records::insert(c, &id, &spec, blocks).and_then(|rec| {
+                if !secrets.is_empty() {
+                    records::set_secrets(c, &rec.id, &secrets)?;
+                }
+                Ok(rec)
+            });
+            if let Ok(m) = &rec {
+                events.append(c, events::draft(EventKind::Created, m));
+            }
+            Ok(rec)
+        });
+        let rec = inserted.await?.map_err(|e| match e {
             InsertError::NameTaken(n) => Error::NameTaken(n),
             InsertError::Lease(LeaseError::Exhausted(blocks)) => {
                 Error::PoolExhausted { subnet: self.addressing.subnet.to_string(), blocks }
@@ -101,7 +179,6 @@ impl<H: Host> Service<H> {
         })?;
         info!(machine = %rec.id, name = %rec.spec.name, runtime = %rec.spec.runtime, tap = %self.addressing.iface(&rec), "machine created");
         self.pull_in_background(&rec, creds);
-        self.events.publish(&rec);
         Ok(self.to_wire(&rec))
     }
 
@@ -109,9 +186,28 @@ impl<H: Host> Service<H> {
         Ok(self.to_wire(&self.record(id).await?))
     }
 
-    pub(crate) async fn list(&self, status: Option<MachineStatus>, limit: u32, offset: u64) -> Result<MachineList> {
-        let (rows, total) = self.store.read(move |c| records::list(c, status, limit, offset)).await?;
-        Ok(MachineList { machines: rows.iter().map(|m| self.to_wire(m)).collect(), total })
+    pub(crate) async fn list(
+        &self,
+        status: Option<MachineStatus>,
+        labels: &Selector,
+        limit: u32,
+        offset: u64,
+    ) -> Result<MachineList> {
+        if labels.is_empty() {
+            let (rows, total) = self.store.read(move |c| records::list(c, status, limit, offset)).await?;
+            return Ok(MachineList { machines: rows.iter().map(|m| self.to_wire(m)).collect(), total });
+        }
+        // Labels live in the spec's JSON: filter here, then page. A host runs at most a few thousand machines.
+        let (rows, _) = self.store.read(move |c| records::list(c, status, u32::MAX, 0)).await?;
+        let matching: Vec<&MachineRecord> = rows.iter().filter(|m| labels.matches(&m.spec.labels)).collect();
+        let total = matching.len() as u64;
+        let machines = matching
+            .into_iter()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .map(|m| self.to_wire(m))
+            .collect();
+        Ok(MachineList { machines, total })
     }
 
     /// Every machine in one of `statuses`.
@@ -122,19 +218,94 @@ impl<H: Host> Service<H> {
 
     pub(crate) async fn update(&self, id: &str, req: UpdateMachine) -> Result<Machine> {
         let rec = self.record(id).await?;
-        let Some(ports) = req.exposed_ports else {
-            return Ok(self.to_wire(&rec));
+        let ports = match &req.exposed_ports {
+            Some(p) => Some(validate::ports("exposed_ports", p).map_err(Error::Invalid)?),
+            None => None,
         };
-        let mut spec = rec.spec.clone();
-        spec.exposed_ports = validate::ports("exposed_ports", &ports).map_err(Error::Invalid)?;
+        let volumes = match req.volumes.clone() {
+            Some(v) => {
+                validate::volumes(&v).map_err(Error::Invalid)?;
+                Some(self.resolve_volumes(v).await?)
+            }
+            None => None,
+        };
+        let ttl_changed = req.ttl_seconds.is_some();
+        let idle_changed = req.idle_timeout_seconds.is_some();
         let rid = rec.id.clone();
-        let updated = self
+        // Read, checked and written in one transaction: a start in between cannot take the old volumes, and
+        // two PATCHes of different fields cannot undo each other.
+        let events = self.events.clone();
+        let modified = self
             .store
-            .call(move |c| records::update_spec(c, &rid, &spec))
-            .await?
-            .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        self.events.publish(&updated);
+            .call(move |c| {
+                let modified =
+                    records::modify_spec(c, &rid, |spec, status| apply_update(spec, status, &req, ports, volumes))?;
+                if let Modify::Done(m) = &modified {
+                    if let Some(secrets) = &req.secrets {
+                        records::set_secrets(c, &rid, secrets)?;
+                    }
+                    events.append(c, events::draft(EventKind::Updated, m));
+                }
+                Ok(modified)
+            })
+            .await?;
+        let mut updated = match modified {
+            Modify::Done(m) => *m,
+            Modify::Missing => return Err(Error::NotFound(id.to_string())),
+            Modify::Refused(e) => return Err(e),
+        };
+        if (ttl_changed || idle_changed) && matches!(updated.status, Running | Paused) {
+            // A new ttl counts from now; a new idle timeout keeps the idle clock (or starts it now).
+            let now = hyperfleet_types::timestamp::now();
+            let expires_at = match updated.spec.ttl_seconds {
+                Some(t) if ttl_changed => Some(now + Duration::from_secs(t)),
+                Some(_) => updated.expires_at,
+                None => None,
+            };
+            let idle_since = updated.spec.idle_timeout_seconds.map(|_| updated.idle_since.unwrap_or(now));
+            updated = self.set_deadlines(&updated.id, expires_at, idle_since).await?.unwrap_or(updated);
+        }
+        self.recheck(&updated.id);
         Ok(self.to_wire(&updated))
+    }
+
+    async fn set_deadlines(
+        &self,
+        id: &str,
+        expires_at: Option<time::OffsetDateTime>,
+        idle_since: Option<time::OffsetDateTime>,
+    ) -> Result<Option<MachineRecord>> {
+        let rid = id.to_string();
+        Ok(self
+            .store
+            .call(move |c| records::set_deadlines(c, &rid, &[Running, Paused], expires_at, idle_since))
+            .await?)
+    }
+
+    /// `POST /machines/{id}/keepalive`: activity now, and a machine with `ttl_seconds` expires that long
+    /// from now (never sooner than it would have).
+    pub(crate) async fn keepalive(&self, id: &str) -> Result<Machine> {
+        let rec = self.record(id).await?;
+        if !matches!(rec.status, Running | Paused) {
+            return Err(Error::NotRunning { what: "keep it alive", status: rec.status });
+        }
+        self.activity.note(&rec.id);
+        let now = hyperfleet_types::timestamp::now();
+        let expires_at = rec.spec.ttl_seconds.map(|t| {
+            let extended = now + Duration::from_secs(t);
+            rec.expires_at.map_or(extended, |e| e.max(extended))
+        });
+        let idle_since = rec.spec.idle_timeout_seconds.map(|_| now);
+        let updated = self.set_deadlines(&rec.id, expires_at, idle_since).await?.unwrap_or(rec);
+        self.emit(events::draft(EventKind::Updated, &updated)).await;
+        self.recheck(&updated.id);
+        Ok(self.to_wire(&updated))
+    }
+
+    /// A machine's secrets, for a command's environment.
+    pub(super) async fn secrets(&self, id: &str) -> Result<std::collections::BTreeMap<String, String>> {
+        let key = id.to_string();
+        Ok(self.store.read(move |c| records::secrets(c, &key)).await?)
     }
 
     /// Rebuilds the firewall from the machines that currently have a host interface.
@@ -173,23 +344,37 @@ impl<H: Host> Service<H> {
         if Action::Start.allowed_in(rec.status) {
             self.image_ready(&rec).await?;
         }
-        detached("start", self.clone().start_flow(rec)).await
+        let started = std::time::Instant::now();
+        let done = detached("start", self.clone().start_flow(rec)).await;
+        self.metrics.operation(Operation::Start, done.is_ok(), started.elapsed());
+        done
     }
 
     async fn start_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
-        let rec = self.transition(&rec.id, Action::Start, Starting, Changes::default()).await?;
+        let rec = if rec.spec.volumes.is_empty() {
+            self.transition(&rec.id, Action::Start, Starting, Changes::default()).await?
+        } else {
+            // Volume resizes and clones hold this lock while they work on a detached volume.
+            let _volumes = self.volume_ops.lock().await;
+            self.transition(&rec.id, Action::Start, Starting, Changes::default()).await?
+        };
         let mut done = Vec::new();
         match self.start_steps(&rec, &mut done).await {
             Ok(booted) => {
+                let now = hyperfleet_types::timestamp::now();
                 let changes = Changes {
                     pid: Some(Some(booted.pid)),
                     socket_path: Some(booted.socket_path.clone()),
                     error_message: None,
+                    expires_at: Some(rec.spec.ttl_seconds.map(|t| now + Duration::from_secs(t))),
+                    idle_since: Some(rec.spec.idle_timeout_seconds.map(|_| now)),
                 };
                 match self.transition(&rec.id, Action::Start, Running, changes).await {
                     Ok(running) => {
                         info!(machine = %rec.id, pid = booted.pid, "machine running");
                         self.monitor(running.id.clone(), booted.pid);
+                        self.activity.reset(&running.id);
+                        self.recheck(&running.id);
                         Ok(self.to_wire(&running))
                     }
                     // Deleted or changed under us (only reconcile touches a starting machine): undo.
@@ -247,13 +432,17 @@ impl<H: Host> Service<H> {
     /// Stops a machine: running|paused → stopping → stopped.
     pub(crate) async fn stop(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
-        detached("stop", self.clone().stop_flow(rec)).await
+        let started = std::time::Instant::now();
+        let done = detached("stop", self.clone().stop_flow(rec)).await;
+        self.metrics.operation(Operation::Stop, done.is_ok(), started.elapsed());
+        done
     }
 
     async fn stop_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
         let rec = self.transition(&rec.id, Action::Stop, Stopping, Changes::default()).await?;
         self.release_host(&rec).await;
         let stopped = self.transition(&rec.id, Action::Stop, Stopped, Changes::process_gone()).await?;
+        self.activity.reset(&rec.id);
         if let Err(e) = self.firewall_change(&rec, false).await {
             warn!(machine = %rec.id, error = %e, "could not remove the machine from the firewall");
         }
@@ -278,13 +467,21 @@ impl<H: Host> Service<H> {
             _ => (false, Running, Paused),
         };
         // The state changes first, so two requests cannot both act; a refusal by the runtime puts it back.
-        let changed = self.transition(&rec.id, action, to, Changes::default()).await?;
+        // A resumed machine's idle clock starts again.
+        let changes = match (action, rec.spec.idle_timeout_seconds) {
+            (Action::Resume, Some(_)) => {
+                Changes { idle_since: Some(Some(hyperfleet_types::timestamp::now())), ..Changes::default() }
+            }
+            _ => Changes::default(),
+        };
+        let changed = self.transition(&rec.id, action, to, changes).await?;
         if let Err(e) = self.host.set_paused(&instance(&changed), pause).await {
             let undo = if pause { Action::Resume } else { Action::Pause };
             self.transition_logged(&rec.id, undo, back, Changes::default()).await;
             return Err(e);
         }
         info!(machine = %rec.id, "machine {action}d");
+        self.recheck(&rec.id);
         Ok(self.to_wire(&changed))
     }
 
@@ -307,9 +504,16 @@ impl<H: Host> Service<H> {
             }
         }
         let rid = rec.id.clone();
-        match self.store.call(move |c| records::delete(c, &rid, &MachineStatus::AT_REST)).await? {
+        let events = self.events.clone();
+        let deleted = self.store.call(move |c| {
+            let cas = records::delete(c, &rid, &MachineStatus::AT_REST)?;
+            if let Cas::Done(m) = &cas {
+                events.append(c, events::draft(EventKind::Deleted, m));
+            }
+            Ok(cas)
+        });
+        match deleted.await? {
             Cas::Done(m) => {
-                self.events.publish(&m);
                 // Defensive: a machine at rest has no process, interface or firewall entries; a start the
                 // daemon did not finish is cleaned by reconcile.
                 self.release_host(&m).await;
@@ -318,11 +522,14 @@ impl<H: Host> Service<H> {
                 }
                 self.ports.forget(&m.id);
                 self.images.forget_machine(&m.id);
+                self.activity.reset(&m.id);
+                self.cpu_readings.forget(&m.id);
                 info!(machine = %m.id, "machine deleted");
                 Ok(())
             }
             Cas::WrongState(m) => Err(Error::InvalidState { action: Action::Delete, status: m.status }),
             Cas::Missing => Err(Error::NotFound(id.to_string())),
+            Cas::VolumeBusy(why) => Err(Error::Conflict(why)),
         }
     }
 

@@ -5,13 +5,19 @@
 //! - `lifecycle.rs`: create, read, update, and the start/stop/pause/delete flows with their undo lists
 //! - `reconcile.rs`: adoption and cleanup after a daemon restart, and `purge`
 //! - `monitor.rs`: a machine whose process dies on its own becomes `failed`
-//! - `events.rs`: status changes for long-polls and the proxy's cache
+//! - `events.rs`: machine events (stored backlog + broadcast) for `GET /events`, long-polls and the proxy's cache
+//! - `stats.rs`: what a machine uses (CPU, memory, disk, network), for `GET /machines/{id}/stats` and metrics
 //! - `wire.rs`: a stored machine as the API shows it, with its exposed ports' last probe
 //! - `guest.rs`: exec and files through the guest agent
 //! - `validate.rs`: a create request into a [`MachineSpec`](hyperfleet_types::MachineSpec)
+//! - `activity.rs` / `timers.rs`: what counts as use, and the one task that enforces `ttl_seconds` and
+//!   `idle_timeout_seconds` from deadlines kept in the store
+//! - `wake.rs`: starting or resuming an `auto_start` machine for a proxied request, once for many requests
+//! - `pty.rs`: terminal sessions through the guest agent
 //! - `host.rs` / `network.rs`: the host side ([`Host`], [`LinuxHost`], addressing, interfaces, firewall)
 
 mod action;
+pub(crate) mod activity;
 mod error;
 mod events;
 mod guest;
@@ -20,10 +26,16 @@ pub(crate) mod images;
 mod lifecycle;
 mod monitor;
 pub(crate) mod network;
+mod pty;
 mod reconcile;
+pub(crate) mod selector;
+mod stats;
 #[cfg(test)]
 mod testing;
+mod timers;
 mod validate;
+mod volumes;
+mod wake;
 mod wire;
 
 use std::net::Ipv4Addr;
@@ -33,12 +45,16 @@ use std::time::Duration;
 use hyperfleet_types::{Health, RuntimeAvailability, RuntimeKind};
 
 pub(crate) use action::Action;
+pub(crate) use activity::{Hold, HoldKind};
 pub(crate) use error::{Error, Result};
+pub(crate) use events::EventFilter;
 pub(crate) use host::{Host, LinuxHost};
 use network::Addressing;
+pub(crate) use pty::{PtyRequest, PtySession};
 #[cfg(test)]
 pub(crate) use validate::create as validate_create;
 
+use crate::metrics::Metrics;
 use crate::runtime::host::HostCapacity;
 use crate::store::Store;
 
@@ -58,6 +74,8 @@ pub(crate) struct Policy {
     pub max_execs_per_machine: usize,
     /// Bytes all buffered commands' output (and its JSON form) may take at once, host-wide.
     pub exec_output_budget: u64,
+    /// Machine events kept in the backlog `GET /events` resumes from.
+    pub events_backlog: u64,
 }
 
 pub(crate) struct Service<H: Host = LinuxHost> {
@@ -66,6 +84,9 @@ pub(crate) struct Service<H: Host = LinuxHost> {
     addressing: Addressing,
     policy: Policy,
     events: events::Events,
+    metrics: Arc<Metrics>,
+    /// The last CPU reading of each machine whose stats were asked for, for `cpu_percent`.
+    cpu_readings: stats::CpuReadings,
     ports: wire::PortStatus,
     execs: guest::ExecSlots,
     images: Arc<images::Images>,
@@ -74,6 +95,15 @@ pub(crate) struct Service<H: Host = LinuxHost> {
     /// Held across every firewall change, and for a rebuild across the database read it is made from, so an
     /// older view of the machines never replaces a newer one.
     firewall_order: tokio::sync::Mutex<()>,
+    /// Held by volume changes (create, resize, clone, delete) and by a start taking volumes.
+    volume_ops: tokio::sync::Mutex<()>,
+    /// What counts as use of each machine (idle timeouts).
+    activity: Arc<activity::ActivityLog>,
+    timer_tx: tokio::sync::mpsc::UnboundedSender<timers::TimerMsg>,
+    /// Taken by [`Service::run_timers`].
+    timer_inbox: std::sync::Mutex<Option<timers::TimerInbox>>,
+    /// Wake-ups under way, one per machine however many requests wait for it.
+    wakes: wake::Wakes,
 }
 
 impl<H: Host> Service<H> {
@@ -87,18 +117,42 @@ impl<H: Host> Service<H> {
         let budget_kib = usize::try_from(policy.exec_output_budget / 1024)
             .unwrap_or(usize::MAX)
             .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let (timer_tx, checks) = tokio::sync::mpsc::unbounded_channel();
+        let (touch_tx, touches) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Self {
+            activity: activity::ActivityLog::new(touch_tx),
+            timer_tx,
+            timer_inbox: std::sync::Mutex::new(Some(timers::TimerInbox { checks, touches })),
+            wakes: wake::Wakes::default(),
             store,
             host,
             addressing,
+            events: events::Events::new(policy.events_backlog),
             policy,
-            events: events::Events::new(),
+            metrics: Arc::new(Metrics::new()),
+            cpu_readings: stats::CpuReadings::default(),
             ports: wire::PortStatus::default(),
             execs: guest::ExecSlots::default(),
             images,
             output_budget: Arc::new(tokio::sync::Semaphore::new(budget_kib)),
             firewall_order: tokio::sync::Mutex::new(()),
+            volume_ops: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// A moment of activity in a machine (a proxied request, ...), for its idle timeout.
+    pub(crate) fn note_activity(&self, id: &str) {
+        self.activity.note(id);
+    }
+
+    /// Something open in a machine (a proxied connection, ...): activity while held.
+    pub(crate) fn hold_activity(&self, id: &str, kind: HoldKind) -> Hold {
+        self.activity.hold(id, kind)
+    }
+
+    /// The daemon's metrics, recorded into by the service, the API and the proxy.
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub(crate) fn host(&self) -> &H {

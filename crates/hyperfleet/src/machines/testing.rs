@@ -30,6 +30,8 @@ pub(super) struct World {
     /// Running processes: pid → machine id.
     pub processes: HashMap<u32, String>,
     pub disks: BTreeSet<String>,
+    /// Volumes whose file exists.
+    pub volumes: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -204,6 +206,44 @@ impl Host for FakeHost {
         self.world.lock().unwrap().firewall.clear();
         Ok(())
     }
+
+    async fn volume_create(&self, id: &str, _size_mib: u32) -> Result<()> {
+        if self.failing("volume") {
+            return Err(Self::refuse("volume"));
+        }
+        self.world.lock().unwrap().volumes.insert(id.to_string());
+        Ok(())
+    }
+
+    async fn volume_grow(&self, _id: &str, _size_mib: u32) -> Result<()> {
+        if self.failing("volume") {
+            return Err(Self::refuse("volume"));
+        }
+        Ok(())
+    }
+
+    async fn volume_clone(&self, _from: &str, to: &str) -> Result<()> {
+        if self.failing("volume") {
+            return Err(Self::refuse("volume"));
+        }
+        self.world.lock().unwrap().volumes.insert(to.to_string());
+        Ok(())
+    }
+
+    async fn volume_remove(&self, id: &str) -> Result<()> {
+        self.world.lock().unwrap().volumes.remove(id);
+        Ok(())
+    }
+
+    async fn usage(&self, m: &MachineRecord) -> crate::runtime::stats::Usage {
+        let running = m.pid.is_some_and(|p| self.world.lock().unwrap().processes.contains_key(&p));
+        crate::runtime::stats::Usage {
+            cpu_seconds: running.then_some(1.0),
+            memory_used: running.then_some(1 << 20),
+            disk_size: Some(1 << 30),
+            ..Default::default()
+        }
+    }
 }
 
 /// A service over a fake host and a real SQLite file.
@@ -227,6 +267,7 @@ pub(super) fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
         file_transfer_timeout: Duration::from_secs(5),
         max_execs_per_machine: 4,
         exec_output_budget: 1 << 20,
+        events_backlog: 1000,
     };
     let images = Arc::new(
         super::images::Images::new(
@@ -346,8 +387,16 @@ mod flows {
         let after = svc.get(&m.id).await.unwrap();
         assert_eq!(after.status, Failed);
         assert!(after.error_message.unwrap().contains("exited unexpectedly"));
-        let w = svc.host().world();
-        assert_eq!((w.interfaces.len(), w.firewall.len(), w.prepared.len()), (0, 0, 0), "{w:?}");
+        // Events go out as the state is stored, so the cleanup that follows may still be under way.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let w = svc.host().world();
+            if (w.interfaces.len(), w.firewall.len(), w.prepared.len()) == (0, 0, 0) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not cleaned up: {w:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

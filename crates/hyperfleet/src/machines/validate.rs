@@ -19,6 +19,12 @@ const MAX_DNS: usize = 3;
 const MAX_ENV: usize = 128;
 const MAX_ENV_NAME: usize = 256;
 const MAX_ENV_VALUE: usize = 32 * 1024;
+/// Most labels a machine may carry, and the longest label name (after the prefix), prefix and value.
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_NAME: usize = 63;
+const MAX_LABEL_PREFIX: usize = 253;
+/// Longest lifecycle timer: a year.
+const MAX_TIMER_SECS: u64 = 365 * 24 * 3600;
 /// Most ports one machine may expose: enough for any service, small enough that a machine's JSON stays small.
 pub(super) const MAX_EXPOSED_PORTS: usize = 64;
 
@@ -109,6 +115,133 @@ pub(super) fn env(field: &str, vars: &BTreeMap<String, String>) -> Result<(), St
     Ok(())
 }
 
+/// Most volumes one machine may mount.
+pub(super) const MAX_VOLUMES: usize = 8;
+/// Largest disk or volume: 1 TiB.
+pub(super) const MAX_DISK_MIB: i64 = 1 << 20;
+
+/// A volume's mount path: absolute, plain characters (it travels on the kernel command line of a Firecracker
+/// guest), no `.`/`..` components, and not where the guest's own system lives.
+pub(super) fn mount_path(field: &str, p: &str) -> Result<(), String> {
+    let plain = p.bytes().all(|c| c.is_ascii_alphanumeric() || b"/._-".contains(&c));
+    let parts: Vec<&str> = p.split('/').skip(1).collect();
+    let clean = p.starts_with('/') && p.len() <= 256 && parts.iter().all(|c| !c.is_empty() && *c != "." && *c != "..");
+    if !plain || !clean || p == "/" {
+        return Err(format!(
+            "{field} must be an absolute path of letters, digits and '/._-' (no '.' or '..' parts), got '{p}'"
+        ));
+    }
+    if ["proc", "sys", "dev", "run"].contains(&parts[0])
+        || (parts.len() == 1 && ["sbin", "bin", "etc", "lib", "usr"].contains(&parts[0]))
+    {
+        return Err(format!("{field}: '{p}' is where the guest's system lives; mount volumes elsewhere (e.g. /data)"));
+    }
+    Ok(())
+}
+
+/// Checks a machine's volume list (count, paths, duplicates); names are resolved to ids by the caller.
+pub(super) fn volumes(list: &[hyperfleet_types::VolumeMount]) -> Result<(), String> {
+    if list.len() > MAX_VOLUMES {
+        return Err(format!("volumes lists {} volumes; at most {MAX_VOLUMES} are allowed", list.len()));
+    }
+    let (mut names, mut paths) = (HashSet::new(), HashSet::new());
+    for (i, v) in list.iter().enumerate() {
+        if v.volume.is_empty() {
+            return Err(format!("volumes[{i}].volume is required"));
+        }
+        mount_path(&format!("volumes[{i}].mount_path"), &v.mount_path)?;
+        if !names.insert(v.volume.as_str()) {
+            return Err(format!("volumes[{i}]: volume '{}' is listed twice", v.volume));
+        }
+        if !paths.insert(v.mount_path.trim_end_matches('/')) {
+            return Err(format!("volumes[{i}]: mount_path '{}' is used twice", v.mount_path));
+        }
+    }
+    Ok(())
+}
+
+/// A label name or value: alphanumeric at both ends, `-`, `_`, `.` between (Kubernetes' rule).
+fn label_word(w: &str) -> bool {
+    let b = w.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_LABEL_NAME
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// A label key as Kubernetes has them: `name` or `prefix/name`, the prefix a DNS subdomain.
+pub(super) fn label_key(k: &str) -> bool {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        p.len() <= MAX_LABEL_PREFIX
+            && p.split('.').all(|part| {
+                let b = part.as_bytes();
+                !b.is_empty()
+                    && b.len() <= 63
+                    && b[0].is_ascii_alphanumeric()
+                    && b[b.len() - 1].is_ascii_alphanumeric()
+                    && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            })
+    });
+    prefix_ok && label_word(name)
+}
+
+pub(super) fn labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!("{field} has {} labels; at most {MAX_LABELS} are allowed", labels.len()));
+    }
+    for (k, v) in labels {
+        if !label_key(k) {
+            let shown: String = k.chars().take(64).collect();
+            return Err(format!(
+                "{field}: '{shown}' is not a label key ([prefix/]name: a name of 1-63 letters, digits, '-', '_', '.', \
+                 alphanumeric at both ends; a prefix a lowercase DNS subdomain)"
+            ));
+        }
+        if !v.is_empty() && !label_word(v) {
+            return Err(format!(
+                "{field}.{k} must be empty or 1-63 letters, digits, '-', '_', '.', alphanumeric at both ends"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A size in MiB for a disk or volume, within `min..=MAX_DISK_MIB`.
+pub(super) fn size_mib(field: &str, v: i64, min: i64) -> Result<u32, String> {
+    if !(min..=MAX_DISK_MIB).contains(&v) {
+        return Err(format!("{field} must be between {min} and {MAX_DISK_MIB}"));
+    }
+    u32::try_from(v).map_err(|_| format!("{field} must be between {min} and {MAX_DISK_MIB}"))
+}
+
+/// A timer in seconds: 0 (or absent) is none.
+pub(super) fn timer(field: &str, secs: Option<u64>) -> Result<Option<u64>, String> {
+    match secs {
+        None | Some(0) => Ok(None),
+        Some(s) if s > MAX_TIMER_SECS => Err(format!("{field} must be at most {MAX_TIMER_SECS} seconds (a year)")),
+        Some(s) => Ok(Some(s)),
+    }
+}
+
+/// Secrets: named like variables, and no name both a secret and an `env` variable (which one would win is
+/// not obvious to a reader of the machine).
+pub(super) fn secrets(
+    secrets: &BTreeMap<String, String>,
+    env_vars: &BTreeMap<String, String>,
+) -> Result<Vec<String>, String> {
+    // The messages of `env` name the variable, never its value.
+    env("secrets", secrets)?;
+    if let Some(both) = secrets.keys().find(|k| env_vars.contains_key(*k)) {
+        return Err(format!("secrets.{both} is also set in env; set it in one of them"));
+    }
+    Ok(secrets.keys().cloned().collect())
+}
+
 /// An asset path must name a regular file inside the assets directory, reached without any symlink. The
 /// path is stored as given (made absolute); a start opens it again the same way.
 pub(super) fn asset(field: &str, given: Option<&str>, default: &Path, assets_dir: &Path) -> Result<String, String> {
@@ -192,6 +325,39 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
     };
     argv("entrypoint", req.entrypoint.as_deref())?;
     argv("cmd", req.cmd.as_deref())?;
+    let volume_list = req.volumes.clone().unwrap_or_default();
+    volumes(&volume_list)?;
+    // An image machine's root image is set once the image is resolved (it lives in the image cache), and
+    // its size is known only then: `disk_size_mib` 0 means the converted image's size.
+    let (rootfs_path, disk_size_mib) = if image.is_some() {
+        let want = req.disk_size_mib.map(|v| size_mib("disk_size_mib", v, 1)).transpose()?;
+        (String::new(), want.unwrap_or(0))
+    } else {
+        let rootfs_path =
+            asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?;
+        let image_bytes = assets::open_beneath(&limits.assets_dir, Path::new(&rootfs_path))
+            .map_err(|e| format!("rootfs_path {e}"))?
+            .metadata()
+            .map_err(|e| format!("rootfs_path: {e}"))?
+            .len();
+        let image_mib = u32::try_from(image_bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+        let disk_size_mib = match req.disk_size_mib {
+            None => image_mib,
+            Some(v) => {
+                let want = size_mib("disk_size_mib", v, 1)?;
+                if want < image_mib {
+                    return Err(format!(
+                        "disk_size_mib must be at least the image's size ({image_mib} MiB), got {want}"
+                    ));
+                }
+                want
+            }
+        };
+        (rootfs_path, disk_size_mib)
+    };
+    let secret_names = secrets(req.secrets.as_ref().unwrap_or(&BTreeMap::new()), &env_vars)?;
+    let label_map = req.labels.clone().unwrap_or_default();
+    labels("labels", &label_map)?;
     Ok(MachineSpec {
         name: name_val.to_string(),
         runtime: req.runtime.unwrap_or(limits.default_runtime),
@@ -204,12 +370,7 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
             &limits.assets_dir,
         )?,
         kernel_args,
-        // An image machine's root image is set once the image is resolved (it lives in the image cache).
-        rootfs_path: if image.is_some() {
-            String::new()
-        } else {
-            asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?
-        },
+        rootfs_path,
         exposed_ports,
         network: MachineNetwork { prefix_len: None, gateway: None, dns, egress },
         env: env_vars,
@@ -219,6 +380,15 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
         entrypoint: req.entrypoint.clone(),
         cmd: req.cmd.clone(),
         restart_policy: req.restart_policy.unwrap_or_default(),
+        volumes: volume_list,
+        disk_size_mib,
+        secret_names,
+        labels: label_map,
+        ttl_seconds: timer("ttl_seconds", req.ttl_seconds)?,
+        on_ttl: req.on_ttl.unwrap_or_default(),
+        idle_timeout_seconds: timer("idle_timeout_seconds", req.idle_timeout_seconds)?,
+        idle_max_connection_seconds: timer("idle_max_connection_seconds", req.idle_max_connection_seconds)?,
+        auto_start: req.auto_start.unwrap_or(false),
     })
 }
 
@@ -258,6 +428,7 @@ mod tests {
                 file_transfer_timeout: std::time::Duration::from_secs(5),
                 max_execs_per_machine: 4,
                 exec_output_budget: 1 << 20,
+                events_backlog: 1000,
             }
         }
     }
@@ -332,6 +503,43 @@ mod tests {
         assert!(err(&a, with(serde_json::Value::Object(many))).contains("at most 128"));
         let ok = create(&req(with(serde_json::json!({"LANG": "C.UTF-8", "_x1": ""}))), &a.limits()).unwrap();
         assert_eq!(ok.env.get("LANG").map(String::as_str), Some("C.UTF-8"));
+    }
+
+    #[test]
+    fn labels_secrets_and_timers_are_checked() {
+        let a = Assets::new();
+        let with = |extra: serde_json::Value| {
+            let mut base = serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64});
+            base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            base
+        };
+        for bad in ["", "-a", "a-", "UPPER/x", "a..b/x", "x/", "/x", "a b", &"n".repeat(64)] {
+            assert!(err(&a, with(serde_json::json!({"labels": {bad: "v"}}))).contains("is not a label key"), "{bad:?}");
+        }
+        assert!(err(&a, with(serde_json::json!({"labels": {"team": "-ml"}}))).contains("labels.team must"));
+        let ok = create(
+            &req(with(serde_json::json!({"labels": {"team": "ml", "example.com/tier": "Gold_1", "flag": ""}}))),
+            &a.limits(),
+        )
+        .unwrap();
+        assert_eq!(ok.labels.len(), 3);
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..=MAX_LABELS).map(|i| (format!("l{i}"), serde_json::json!("x"))).collect();
+        assert!(err(&a, with(serde_json::json!({"labels": many}))).contains("at most 64"));
+        let e = err(&a, with(serde_json::json!({"secrets": {"TOKEN": "s3cr3t-value"}, "env": {"TOKEN": "x"}})));
+        assert!(e.contains("also set in env") && !e.contains("s3cr3t"), "{e}");
+        let e = err(&a, with(serde_json::json!({"secrets": {"BAD NAME": "s3cr3t-value"}})));
+        assert!(e.contains("secrets: 'BAD NAME'") && !e.contains("s3cr3t"), "{e}");
+        let ok = create(&req(with(serde_json::json!({"secrets": {"TOKEN": "v"}}))), &a.limits()).unwrap();
+        assert_eq!(ok.secret_names, vec!["TOKEN"]);
+        assert!(err(&a, with(serde_json::json!({"ttl_seconds": MAX_TIMER_SECS + 1}))).contains("ttl_seconds"));
+        let ok = create(
+            &req(with(serde_json::json!({"ttl_seconds": 0, "idle_timeout_seconds": 1, "on_ttl": "delete"}))),
+            &a.limits(),
+        )
+        .unwrap();
+        assert_eq!((ok.ttl_seconds, ok.idle_timeout_seconds), (None, Some(1)));
+        assert_eq!(ok.on_ttl, hyperfleet_types::TtlAction::Delete);
     }
 
     #[test]

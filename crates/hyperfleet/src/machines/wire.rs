@@ -58,6 +58,14 @@ impl<H: Host> Service<H> {
             guest_ip: b.guest_ip(),
             guest_mac: b.guest_mac().to_string(),
             error_message: m.error_message.clone(),
+            expires_at: m.expires_at,
+            // The live clock (activity since the last write to the store counts too).
+            idle_since: match m.status {
+                hyperfleet_types::MachineStatus::Running => {
+                    self.effective_idle_since(m, super::activity::now_ms()).map(super::activity::from_ms)
+                }
+                _ => m.idle_since,
+            },
             created_at: m.created_at,
             updated_at: m.updated_at,
         }

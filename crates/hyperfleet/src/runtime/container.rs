@@ -13,14 +13,14 @@ use hyperfleet_agent_proto::client::{AgentClient, Endpoint};
 use std::os::fd::AsRawFd;
 
 use oci_spec::runtime::{
-    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp,
-    LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator, LinuxSyscallBuilder, Mount,
-    MountBuilder, ProcessBuilder, RootBuilder, Spec,
+    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxIdMappingBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
+    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator,
+    LinuxSyscallBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec,
 };
 use tokio::process::Command;
 
-use super::{BootSpec, Booted, MachineFiles, RuntimeError, process};
+use super::{BootSpec, Booted, MachineFiles, RuntimeError, idmap, process};
 
 /// The descriptor the agent's listening socket has inside the container (socket activation: `LISTEN_FDS=1`).
 const AGENT_FD: i32 = 3;
@@ -30,6 +30,16 @@ const RUNC_ROOT: &str = "/run/hyperfleet/runc";
 #[derive(Debug, Clone)]
 pub(crate) struct Container {
     runc: Option<PathBuf>,
+    /// `Some(base)`: each container runs in its own user namespace, its ids 0..65535 being host ids
+    /// `base + block * 65536 ..`, its root an idmapped mount of its disk. `None`: containers share the host's
+    /// user namespace (root in a container is root on the host, confined by capabilities and seccomp).
+    userns_base: Option<u32>,
+}
+
+/// A container's user namespace: its ids 0..[`idmap::RANGE_SIZE`] are host ids `base..`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HostIds {
+    pub base: u32,
 }
 
 /// Container and network namespace names of a machine.
@@ -42,8 +52,22 @@ pub(crate) fn netns_name(machine_id: &str) -> String {
 }
 
 impl Container {
-    pub(crate) fn new(runc: Option<PathBuf>) -> Self {
-        Self { runc }
+    pub(crate) fn new(runc: Option<PathBuf>, userns_base: Option<u32>) -> Self {
+        Self { runc, userns_base }
+    }
+
+    /// The host ids of the machine with address block `block`: `base + block * 65536`, 65,536 of them,
+    /// unique per machine; refused when they would pass 2^31 (ids above are unusable to much software).
+    pub(crate) fn host_ids(&self, block: u32) -> Result<Option<HostIds>, RuntimeError> {
+        let Some(base) = self.userns_base else { return Ok(None) };
+        let first = block.checked_mul(idmap::RANGE_SIZE).and_then(|o| o.checked_add(base));
+        match first.filter(|f| f.checked_add(idmap::RANGE_SIZE).is_some_and(|end| end <= 1 << 31)) {
+            Some(base) => Ok(Some(HostIds { base })),
+            None => Err(RuntimeError::Unavailable(format!(
+                "the user namespace of address block {block} would pass uid 2^31: lower \
+                 HYPERFLEET_CONTAINER_UID_BASE or the subnet's size, or set HYPERFLEET_CONTAINER_USERNS=false"
+            ))),
+        }
     }
 
     pub(crate) fn unavailable(&self) -> Option<String> {
@@ -93,18 +117,51 @@ impl Container {
         }
     }
 
-    /// Mounts the machine's disk as the bundle's root (idempotent).
-    pub(crate) async fn mount_root(files: &MachineFiles) -> Result<(), RuntimeError> {
-        let root = files.bundle.join("rootfs");
+    /// Mounts the machine's disk as the bundle's root (idempotent), idmapped through the machine's user
+    /// namespace when it has one.
+    pub(crate) async fn mount_root(files: &MachineFiles, userns: bool) -> Result<(), RuntimeError> {
+        let root = files.root.clone();
+        roots_dir()?;
         std::fs::create_dir_all(&root).map_err(RuntimeError::io("create", &root))?;
-        if is_mountpoint(&root) {
+        if !is_mountpoint(&root) {
+            Self::mount_disk(files, &root).await?;
+        }
+        if !userns || idmap::is_idmapped(&root) {
             return Ok(());
         }
+        let (at, ns) = (root.clone(), files.userns());
+        let mapped = tokio::task::spawn_blocking(move || idmap::idmap_in_place(&at, &ns)).await?;
+        if let Err(e) = mapped {
+            Self::unmount_root(files).await;
+            return Err(RuntimeError::Command {
+                command: format!(
+                    "idmapped mount of {} (HYPERFLEET_CONTAINER_USERNS=false turns it off)",
+                    root.display()
+                ),
+                message: e.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes the machine's user namespace and its network namespace `netns` (owned by it).
+    pub(crate) async fn create_namespaces(files: &MachineFiles, ids: HostIds, netns: &str) -> Result<(), RuntimeError> {
+        let (file, name) = (files.userns(), netns.to_string());
+        std::fs::create_dir_all(&files.bundle).map_err(RuntimeError::io("create", &files.bundle))?;
+        idmap::release_user_namespace(&file);
+        let made = tokio::task::spawn_blocking(move || idmap::create_namespaces(ids.base, &file, &name)).await?;
+        made.map_err(|e| RuntimeError::Command {
+            command: "create the machine's user and network namespaces".into(),
+            message: e.to_string(),
+        })
+    }
+
+    async fn mount_disk(files: &MachineFiles, root: &Path) -> Result<(), RuntimeError> {
         let out = Command::new("mount")
             // nodev and nosuid: a device node or setuid file the guest makes on its disk means nothing on the host.
             .args(["-o", "loop,nosuid,nodev"])
             .arg(&files.disk)
-            .arg(&root)
+            .arg(root)
             .output()
             .await
             .map_err(|e| RuntimeError::Command { command: "mount".into(), message: e.to_string() })?;
@@ -117,9 +174,67 @@ impl Container {
         Ok(())
     }
 
-    /// Unmounts the root and frees its loop device (idempotent).
+    /// Mounts each volume's file system on the host (loop, nosuid, nodev; read-only if asked), for
+    /// [`Self::spec`] to bind into the container. On error, what was mounted is unmounted again.
+    pub(crate) async fn mount_volumes(m: &BootSpec, files: &MachineFiles, userns: bool) -> Result<(), RuntimeError> {
+        for (i, v) in m.volumes.iter().enumerate() {
+            let target = files.volume_mount(i);
+            std::fs::create_dir_all(&target).map_err(RuntimeError::io("create", &target))?;
+            if is_mountpoint(&target) {
+                continue;
+            }
+            let opts = if v.read_only { "loop,nosuid,nodev,noexec,ro" } else { "loop,nosuid,nodev" };
+            let out = Command::new("mount")
+                .args(["-t", "ext4", "-o", opts])
+                .arg(&v.path)
+                .arg(&target)
+                .output()
+                .await
+                .map_err(|e| RuntimeError::Command { command: "mount".into(), message: e.to_string() })?;
+            if !out.status.success() {
+                Self::unmount_volumes(files).await;
+                return Err(RuntimeError::Command {
+                    command: format!("mount volume {}", v.path.display()),
+                    message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+            // In its own user namespace, the guest sees the volume's files with the ids it gave them.
+            if userns && !idmap::is_idmapped(&target) {
+                let (at, ns) = (target.clone(), files.userns());
+                if let Err(e) = tokio::task::spawn_blocking(move || idmap::idmap_in_place(&at, &ns)).await? {
+                    Self::unmount_volumes(files).await;
+                    return Err(RuntimeError::Command {
+                        command: format!("idmapped mount of volume {}", v.path.display()),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmounts every volume of the machine and frees their loop devices (idempotent).
+    async fn unmount_volumes(files: &MachineFiles) {
+        let dir = files.volume_mounts();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            unmount(&e.path()).await;
+            if let Err(err) = std::fs::remove_dir(e.path()) {
+                tracing::warn!(path = %e.path().display(), error = %err, "could not remove a volume's mount point");
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&dir) {
+            tracing::warn!(path = %dir.display(), error = %e, "could not remove the volumes' mount points");
+        }
+    }
+
+    /// Unmounts the root (freeing its loop device) and the user namespace's file (idempotent).
     pub(crate) async fn unmount_root(files: &MachineFiles) {
-        let root = files.bundle.join("rootfs");
+        Self::unmount_volumes(files).await;
+        idmap::release_user_namespace(&files.userns());
+        let root = files.root.clone();
         if is_mountpoint(&root) {
             // -d releases the loop device too; a busy mount is detached lazily instead.
             if let Err(e) = Command::new("umount").arg("-d").arg(&root).output().await {
@@ -132,14 +247,27 @@ impl Container {
             }
             if is_mountpoint(&root) {
                 tracing::warn!(path = %root.display(), "the machine's root is still mounted");
+                return;
             }
+        }
+        match std::fs::remove_dir(&root) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %root.display(), error = %e, "could not remove the root's mount point");
+            }
+            _ => {}
         }
     }
 
     /// The OCI `config.json` of a machine: its init (the agent) with its listening socket as descriptor 3 and
     /// DNS in its environment, cgroup limits from the machine's vCPUs and memory, the namespace made for it,
     /// a minimal capability set, no new privileges and a seccomp filter. Nothing of the host is mounted in.
-    pub(crate) fn spec(m: &BootSpec, netns: &Path) -> Result<Spec, RuntimeError> {
+    pub(crate) fn spec(
+        m: &BootSpec,
+        files: &MachineFiles,
+        netns: &Path,
+        userns: Option<(HostIds, &Path)>,
+    ) -> Result<Spec, RuntimeError> {
+        let root = files.root.as_path();
         let net = &m.net;
         let e = RuntimeError::Spec;
         // What root in a sandbox needs for ordinary work (file ownership, users, low ports, ping), and no more:
@@ -194,14 +322,45 @@ impl Container {
         };
         mounts.push(tmpfs("/run", "755").map_err(e)?);
         mounts.push(tmpfs("/tmp", "1777").map_err(e)?);
+        // Volumes, mounted on the host by `mount_volumes`, bound in at their paths (runc creates the directory
+        // inside the root, resolving it within the root).
+        for (i, v) in m.volumes.iter().enumerate() {
+            let mut options = vec!["rbind".to_string(), "nosuid".into(), "nodev".into()];
+            if v.read_only {
+                options.extend(["ro".into(), "noexec".into()]);
+            }
+            mounts.push(
+                MountBuilder::default()
+                    .destination(&v.mount_path)
+                    .typ("bind")
+                    .source(files.volume_mount(i))
+                    .options(options)
+                    .build()
+                    .map_err(e)?,
+            );
+        }
         let ns = |typ: LinuxNamespaceType| LinuxNamespaceBuilder::default().typ(typ).build();
-        let namespaces = vec![
+        let mut namespaces = vec![
             ns(LinuxNamespaceType::Pid).map_err(e)?,
             ns(LinuxNamespaceType::Ipc).map_err(e)?,
             ns(LinuxNamespaceType::Uts).map_err(e)?,
             ns(LinuxNamespaceType::Mount).map_err(e)?,
             LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).path(netns).build().map_err(e)?,
         ];
+        let mut id_mappings = Vec::new();
+        if let Some((ids, file)) = userns {
+            // Joined, not made: the network namespace belongs to this user namespace (see `create_namespaces`).
+            namespaces
+                .push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).path(file).build().map_err(e)?);
+            id_mappings.push(
+                LinuxIdMappingBuilder::default()
+                    .container_id(0u32)
+                    .host_id(ids.base)
+                    .size(idmap::RANGE_SIZE)
+                    .build()
+                    .map_err(e)?,
+            );
+        }
         const PERIOD: i64 = 100_000;
         let resources = LinuxResourcesBuilder::default()
             .memory(LinuxMemoryBuilder::default().limit(i64::from(m.mem_size_mib) * 1024 * 1024).build().map_err(e)?)
@@ -217,6 +376,8 @@ impl Container {
             .map_err(e)?;
         let linux = LinuxBuilder::default()
             .namespaces(namespaces)
+            .uid_mappings(id_mappings.clone())
+            .gid_mappings(id_mappings)
             .resources(resources)
             .cgroups_path(PathBuf::from(format!("/hyperfleet/{}", m.id)))
             .masked_paths(oci_spec::runtime::get_default_maskedpaths())
@@ -226,7 +387,7 @@ impl Container {
             .map_err(e)?;
         let mut spec = Spec::default();
         spec.set_process(Some(process))
-            .set_root(Some(RootBuilder::default().path("rootfs").readonly(false).build().map_err(e)?))
+            .set_root(Some(RootBuilder::default().path(root).readonly(false).build().map_err(e)?))
             .set_hostname(Some(net.hostname.clone()))
             .set_mounts(Some(mounts))
             .set_linux(Some(linux));
@@ -239,7 +400,10 @@ impl Container {
         if let Some(why) = self.unavailable() {
             return Err(RuntimeError::Unavailable(why));
         }
-        Self::spec(m, netns)?.save(files.bundle.join("config.json"))?;
+        std::fs::create_dir_all(&files.bundle).map_err(RuntimeError::io("create", &files.bundle))?;
+        let userns = files.userns();
+        let ids = self.host_ids(m.block)?;
+        Self::spec(m, files, netns, ids.map(|i| (i, userns.as_path())))?.save(files.bundle.join("config.json"))?;
         // The agent's socket: made here, in a directory only the daemon can enter, and passed in open.
         let agent = agent_listener(&files.agent_socket)?;
         let cid = container_id(&m.id);
@@ -329,6 +493,14 @@ impl Container {
         self.runc_quiet(&["delete", "--force", &cid]).await;
         process::remove_file_logged(&files.agent_socket);
     }
+}
+
+/// Makes [`super::ROOTS_DIR`] (root's, 0711).
+fn roots_dir() -> Result<(), RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Path::new(super::ROOTS_DIR);
+    std::fs::create_dir_all(dir).map_err(RuntimeError::io("create", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(RuntimeError::io("chmod", dir))
 }
 
 /// A fresh listening socket at `path` (replacing a stale one), readable by the daemon only.
@@ -449,6 +621,24 @@ fn seccomp() -> Result<LinuxSeccomp, RuntimeError> {
         .build()?)
 }
 
+/// Unmounts `root` and frees its loop device (idempotent); a busy mount is detached lazily.
+async fn unmount(root: &Path) {
+    if is_mountpoint(root) {
+        // -d releases the loop device too; a busy mount is detached lazily instead.
+        if let Err(e) = Command::new("umount").arg("-d").arg(root).output().await {
+            tracing::warn!(error = %e, "umount {}", root.display());
+        }
+        if is_mountpoint(root)
+            && let Err(e) = Command::new("umount").args(["-l", "-d"]).arg(root).output().await
+        {
+            tracing::warn!(error = %e, "umount -l {}", root.display());
+        }
+        if is_mountpoint(root) {
+            tracing::warn!(path = %root.display(), "a machine's mount is still there");
+        }
+    }
+}
+
 fn is_mountpoint(path: &Path) -> bool {
     let Ok(canon) = path.canonicalize() else {
         return false;
@@ -496,12 +686,15 @@ mod tests {
                 dns: vec!["10.0.0.53".parse().unwrap()],
                 hostname: "web".into(),
             },
+            disk_size_mib: 0,
+            volumes: vec![],
         }
     }
 
     #[test]
     fn the_config_confines_the_guest() {
-        let spec = Container::spec(&boot_spec(), Path::new("/run/netns/hf-m1")).unwrap();
+        let files = MachineFiles::new(Path::new("/data"), Path::new("/jails"), "m1");
+        let spec = Container::spec(&boot_spec(), &files, Path::new("/run/netns/hf-m1"), None).unwrap();
         let json = serde_json::to_value(&spec).unwrap();
         let process = &json["process"];
         assert_eq!(process["args"], serde_json::json!(["/sbin/init"]));

@@ -4,12 +4,16 @@
 //! it needs ([`BootSpec`], [`Instance`]), never a database row.
 
 pub(crate) mod assets;
+pub mod cgroups;
 pub(crate) mod console;
 pub(crate) mod container;
 pub(crate) mod disk;
 pub(crate) mod firecracker;
 pub(crate) mod host;
+pub(crate) mod idmap;
 pub mod process;
+pub(crate) mod stats;
+pub(crate) mod volume;
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -88,7 +92,14 @@ pub struct MachineFiles {
     /// container's root, and handed to the
     /// agent as an open descriptor, so the guest never sees, renames or replaces it.
     pub agent_socket: PathBuf,
+    /// A container's root: the mount point of its disk, under [`ROOTS_DIR`].
+    pub root: PathBuf,
 }
+
+/// Where container roots are mounted: a root-owned directory others may pass through but not list (0711),
+/// because a container in its own user namespace (an unprivileged uid on the host) must reach its root by
+/// path, which a 0700 data directory (or its parents) would refuse.
+pub const ROOTS_DIR: &str = "/run/hyperfleet-roots";
 
 impl MachineFiles {
     /// `jails_dir`: where the jailer makes the machines' jails ([`Firecracker::jails_dir`]).
@@ -101,11 +112,28 @@ impl MachineFiles {
             console_log: dir.join("console.log"),
             bundle: dir.join("bundle"),
             agent_socket: dir.join("agent.sock"),
+            root: Path::new(ROOTS_DIR).join(id),
             api_socket: chroot.join(firecracker::jail::API_SOCKET),
             vsock_socket: chroot.join(firecracker::jail::VSOCK_SOCKET),
             jail,
             dir,
         }
+    }
+
+    /// Where a container machine's volume `i` is mounted on the host (then bound into the container): under
+    /// [`ROOTS_DIR`], which a container in its own user namespace can reach.
+    pub fn volume_mount(&self, i: usize) -> PathBuf {
+        self.volume_mounts().join(i.to_string())
+    }
+
+    /// The directory of a container machine's volume mounts.
+    pub fn volume_mounts(&self) -> PathBuf {
+        self.root.with_extension("volumes")
+    }
+
+    /// A container machine's user namespace (an nsfs bind mount) while it runs in one.
+    pub fn userns(&self) -> PathBuf {
+        self.bundle.join("userns")
     }
 
     /// The console log, opened for appending by the machine's process.
@@ -159,6 +187,9 @@ pub(crate) struct BootSpec {
     /// The machine's address block: unique among existing machines, so it also numbers the machine's own
     /// host identity (its jailed firecracker's uid and gid).
     pub block: u32,
+    /// The machine's own disk is grown to this size (never shrunk) before it boots.
+    pub disk_size_mib: u32,
+    pub volumes: Vec<volume::VolumeDisk>,
 }
 
 /// A machine that may have a process: enough to find, pause, stop or clean it up.
@@ -224,19 +255,37 @@ impl Runtimes {
             Ok::<_, RuntimeError>(())
         })
         .await??;
+        volume::grow_image(&files.disk, spec.disk_size_mib).await?;
+        for v in &spec.volumes {
+            if !tokio::fs::try_exists(&v.path).await.unwrap_or(false) {
+                return Err(RuntimeError::Asset {
+                    path: v.path.clone(),
+                    message: "the volume's file is missing".into(),
+                });
+            }
+        }
         match spec.runtime {
             RuntimeKind::Firecracker => Ok(None),
             RuntimeKind::Container => {
-                Container::mount_root(files).await?;
+                let ids = self.container.host_ids(spec.block)?;
                 let ns = container::netns_name(&spec.id);
                 // A namespace left by a crash is replaced.
                 if let Err(e) = hyperfleet_net::netns::delete(&ns).await {
                     warn!(netns = %ns, error = %e, "could not remove a leftover namespace");
                 }
-                let created = hyperfleet_net::netns::create(&ns).await;
-                if let Err(e) = created {
+                let made = match ids {
+                    Some(ids) => Container::create_namespaces(files, ids, &ns).await,
+                    None => hyperfleet_net::netns::create(&ns).await.map(|_| ()).map_err(RuntimeError::from),
+                };
+                made?;
+                let mounted = match Container::mount_root(files, ids.is_some()).await {
+                    Ok(()) => Container::mount_volumes(spec, files, ids.is_some()).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = mounted {
                     Container::unmount_root(files).await;
-                    return Err(e.into());
+                    remove_netns(&spec.id).await;
+                    return Err(e);
                 }
                 Ok(Some(ns))
             }

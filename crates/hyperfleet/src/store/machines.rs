@@ -1,7 +1,7 @@
 //! The `machines` table. State changes are compare-and-set (`UPDATE … WHERE status IN (…)`), so two requests
 //! for one machine can never both act.
 
-use hyperfleet_types::{MachineSpec, MachineStatus, timestamp};
+use hyperfleet_types::{MachineSpec, MachineStatus, RuntimeKind, timestamp};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 use time::OffsetDateTime;
 
@@ -20,6 +20,10 @@ pub struct MachineRecord {
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
     pub block: u32,
+    /// When `ttl_seconds` runs out (set at start).
+    pub expires_at: Option<OffsetDateTime>,
+    /// The last activity recorded for the idle timeout (set at start and resume, moved by activity).
+    pub idle_since: Option<OffsetDateTime>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,8 @@ pub enum Cas {
     /// The machine exists but was not in one of the expected states.
     WrongState(MachineRecord),
     Missing,
+    /// A start refused because a volume it names is held by another machine (the message says which).
+    VolumeBusy(String),
 }
 
 /// Fields a transition may set along with the status.
@@ -47,12 +53,20 @@ pub struct Changes {
     pub pid: Option<Option<u32>>,
     pub socket_path: Option<Option<String>>,
     pub error_message: Option<Option<String>>,
+    pub expires_at: Option<Option<OffsetDateTime>>,
+    pub idle_since: Option<Option<OffsetDateTime>>,
 }
 
 impl Changes {
-    /// Clears what only a live process has.
+    /// Clears what only a live process has (its deadlines too).
     pub fn process_gone() -> Self {
-        Self { pid: Some(None), socket_path: Some(None), error_message: None }
+        Self {
+            pid: Some(None),
+            socket_path: Some(None),
+            error_message: None,
+            expires_at: Some(None),
+            idle_since: Some(None),
+        }
     }
 
     /// The process is gone and the machine failed for `why`.
@@ -62,15 +76,25 @@ impl Changes {
 }
 
 const SELECT: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
-     m.updated_at, l.block FROM machines m JOIN leases l ON l.machine_id = m.id";
+     m.updated_at, m.expires_at, m.idle_since, l.block FROM machines m JOIN leases l ON l.machine_id = m.id";
 
 fn conversion_error(col: &str, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("column {col}: {e}").into())
 }
 
-fn time_col(row: &Row, col: &str) -> rusqlite::Result<OffsetDateTime> {
+pub(super) fn time_col(row: &Row, col: &str) -> rusqlite::Result<OffsetDateTime> {
     let text: String = row.get(col)?;
     timestamp::parse(&text).ok_or_else(|| conversion_error(col, format!("'{text}' is not an RFC 3339 time")))
+}
+
+fn opt_time_col(row: &Row, col: &str) -> rusqlite::Result<Option<OffsetDateTime>> {
+    let text: Option<String> = row.get(col)?;
+    text.map(|t| timestamp::parse(&t).ok_or_else(|| conversion_error(col, format!("'{t}' is not an RFC 3339 time"))))
+        .transpose()
+}
+
+fn opt_time(t: Option<OffsetDateTime>) -> rusqlite::types::Value {
+    t.map(timestamp::format).into()
 }
 
 fn from_row(row: &Row) -> rusqlite::Result<MachineRecord> {
@@ -87,6 +111,8 @@ fn from_row(row: &Row) -> rusqlite::Result<MachineRecord> {
         created_at: time_col(row, "created_at")?,
         updated_at: time_col(row, "updated_at")?,
         block: row.get("block")?,
+        expires_at: opt_time_col(row, "expires_at")?,
+        idle_since: opt_time_col(row, "idle_since")?,
     })
 }
 
@@ -161,6 +187,25 @@ pub fn ids(conn: &Connection) -> StoreResult<Vec<String>> {
     Ok(conn.prepare("SELECT id FROM machines")?.query_map([], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?)
 }
 
+/// How many machines there are of each status and runtime.
+pub(crate) fn counts(conn: &Connection) -> StoreResult<Vec<(MachineStatus, RuntimeKind, u64)>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT status, json_extract(spec, '$.runtime'), COUNT(*) FROM machines GROUP BY 1, 2")?;
+    let rows =
+        stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, i64>(2)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (status, runtime, n) = row?;
+        let status = MachineStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?;
+        let runtime = runtime
+            .as_deref()
+            .and_then(RuntimeKind::parse)
+            .ok_or_else(|| StoreError::Corrupt(format!("runtime {runtime:?}")))?;
+        out.push((status, runtime, u64::try_from(n).unwrap_or(0)));
+    }
+    Ok(out)
+}
+
 /// Machines in any of `statuses`.
 pub fn with_status(conn: &Connection, statuses: &[MachineStatus]) -> StoreResult<Vec<MachineRecord>> {
     let marks = vec!["?"; statuses.len()].join(", ");
@@ -192,6 +237,12 @@ pub fn transition(
     if let Some(sock) = &changes.socket_path {
         push("socket_path", sock.clone().into());
     }
+    if let Some(t) = changes.expires_at {
+        push("expires_at", opt_time(t));
+    }
+    if let Some(t) = changes.idle_since {
+        push("idle_since", opt_time(t));
+    }
     if let Some(msg) = &changes.error_message {
         push("error_message", msg.clone().into());
     } else if to != MachineStatus::Failed {
@@ -211,6 +262,14 @@ pub fn transition(
         format!("UPDATE machines SET {} WHERE id = ?{id_arg} AND status IN ({})", sets.join(", "), marks.join(", "));
     let changed = tx.execute(&sql, params_from_iter(args))?;
     let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()?;
+    // Taking a volume is part of the same transaction as becoming `starting`: two starts cannot both take it.
+    if changed > 0
+        && to == MachineStatus::Starting
+        && let Some(r) = &rec
+        && let Err(busy) = super::volumes::check_free(&tx, r)?
+    {
+        return Ok(Cas::VolumeBusy(busy));
+    }
     tx.commit()?;
     Ok(match (changed, rec) {
         (_, None) => Cas::Missing,
@@ -229,15 +288,107 @@ pub fn delete(conn: &mut Connection, id: &str, from: &[MachineStatus]) -> StoreR
         return Ok(Cas::WrongState(rec));
     }
     leases::release(&tx, id)?;
+    tx.execute("DELETE FROM machine_secrets WHERE machine_id = ?1", [id])?;
     tx.execute("DELETE FROM machines WHERE id = ?1", [id])?;
     tx.commit()?;
     Ok(Cas::Done(rec))
 }
 
-/// Replaces the stored spec (the fields that may change after create); `None` if the machine is gone.
-pub fn update_spec(conn: &mut Connection, id: &str, spec: &MachineSpec) -> StoreResult<Option<MachineRecord>> {
-    conn.execute("UPDATE machines SET spec = ?1, updated_at = ?2 WHERE id = ?3", params![spec_json(spec)?, now(), id])?;
+/// Result of [`modify_spec`].
+#[derive(Debug)]
+pub enum Modify<E> {
+    Done(Box<MachineRecord>),
+    Missing,
+    Refused(E),
+}
+
+/// Reads the machine's spec and status, lets `f` change the spec (or refuse), and writes it back, in one
+/// transaction: no other change to the machine can land in between.
+pub fn modify_spec<E>(
+    conn: &mut Connection,
+    id: &str,
+    f: impl FnOnce(&mut MachineSpec, MachineStatus) -> Result<(), E>,
+) -> StoreResult<Modify<E>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let Some(mut rec) = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()? else {
+        return Ok(Modify::Missing);
+    };
+    if let Err(e) = f(&mut rec.spec, rec.status) {
+        return Ok(Modify::Refused(e));
+    }
+    tx.execute(
+        "UPDATE machines SET spec = ?1, updated_at = ?2 WHERE id = ?3",
+        params![spec_json(&rec.spec)?, now(), id],
+    )?;
+    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row)?;
+    tx.commit()?;
+    Ok(Modify::Done(Box::new(rec)))
+}
+
+/// Sets a machine's deadlines if it is in one of `statuses` (a keepalive or a policy change must not give
+/// a stopped machine a deadline); `None` if it is gone or in another state.
+pub fn set_deadlines(
+    conn: &mut Connection,
+    id: &str,
+    statuses: &[MachineStatus],
+    expires_at: Option<OffsetDateTime>,
+    idle_since: Option<OffsetDateTime>,
+) -> StoreResult<Option<MachineRecord>> {
+    let marks = vec!["?"; statuses.len()].join(", ");
+    let mut args: Vec<rusqlite::types::Value> = vec![opt_time(expires_at), opt_time(idle_since), id.to_string().into()];
+    args.extend(statuses.iter().map(|s| rusqlite::types::Value::from(s.as_str().to_string())));
+    let n = conn.execute(
+        &format!("UPDATE machines SET expires_at = ?, idle_since = ? WHERE id = ? AND status IN ({marks})"),
+        params_from_iter(args),
+    )?;
+    if n == 0 {
+        return Ok(None);
+    }
     Ok(conn.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()?)
+}
+
+/// Records activity: moves `idle_since` forward on a running machine that has one.
+pub fn touch(conn: &mut Connection, id: &str, at: OffsetDateTime) -> StoreResult<()> {
+    conn.execute(
+        "UPDATE machines SET idle_since = ?1 WHERE id = ?2 AND status = 'running' AND idle_since IS NOT NULL \
+         AND idle_since < ?1",
+        params![timestamp::format(at), id],
+    )?;
+    Ok(())
+}
+
+/// Machines with a deadline: the timer's work list after a restart.
+pub fn with_deadlines(conn: &Connection) -> StoreResult<Vec<MachineRecord>> {
+    let sql = format!("{SELECT} WHERE m.expires_at IS NOT NULL OR m.idle_since IS NOT NULL");
+    Ok(conn.prepare(&sql)?.query_map([], from_row)?.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Replaces a machine's secrets.
+pub fn set_secrets(
+    conn: &mut Connection,
+    id: &str,
+    secrets: &std::collections::BTreeMap<String, String>,
+) -> StoreResult<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute("DELETE FROM machine_secrets WHERE machine_id = ?1", [id])?;
+    for (k, v) in secrets {
+        tx.execute(
+            "INSERT INTO machine_secrets (machine_id, name, value) VALUES (?1, ?2, ?3)",
+            params![id, k, v.as_bytes()],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// A machine's secrets, to put in a command's environment.
+pub fn secrets(conn: &Connection, id: &str) -> StoreResult<std::collections::BTreeMap<String, String>> {
+    let mut stmt = conn.prepare_cached("SELECT name, value FROM machine_secrets WHERE machine_id = ?1")?;
+    let rows = stmt.query_map([id], |r| {
+        let v: Vec<u8> = r.get(1)?;
+        Ok((r.get::<_, String>(0)?, String::from_utf8_lossy(&v).into_owned()))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 #[cfg(test)]
@@ -271,6 +422,15 @@ mod tests {
             entrypoint: None,
             cmd: None,
             restart_policy: Default::default(),
+            volumes: vec![],
+            disk_size_mib: 0,
+            secret_names: vec![],
+            labels: Default::default(),
+            ttl_seconds: None,
+            on_ttl: Default::default(),
+            idle_timeout_seconds: None,
+            idle_max_connection_seconds: None,
+            auto_start: false,
         }
     }
 

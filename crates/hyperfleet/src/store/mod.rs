@@ -4,8 +4,10 @@
 //! (names, address blocks) and compare-and-set state changes are enforced by the database.
 
 pub(crate) mod api_keys;
+pub(crate) mod events;
 pub(crate) mod leases;
 pub mod machines;
+pub(crate) mod volumes;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -89,6 +91,38 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE machines DROP COLUMN dns;
     ALTER TABLE machines DROP COLUMN egress;
     "#,
+    // 3: volumes. Which machines use one is in their specs; a machine holds its volumes while its status
+    // says it may have a process (see volumes.rs), so there is no attachment state to fall out of step.
+    r#"
+    CREATE TABLE volumes (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        size_mib INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    "#,
+    // 4: lifecycle deadlines (stored so they survive a restart) and write-only secrets.
+    r#"
+    ALTER TABLE machines ADD COLUMN expires_at TEXT;
+    ALTER TABLE machines ADD COLUMN idle_since TEXT;
+    CREATE TABLE machine_secrets (
+        machine_id TEXT NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        value BLOB NOT NULL,
+        PRIMARY KEY (machine_id, name)
+    );
+    "#,
+    // 5: the machine events `GET /events` resumes from (a bounded backlog, trimmed as it grows; see events.rs).
+    r#"
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        machine_id TEXT NOT NULL,
+        machine_name TEXT NOT NULL,
+        type TEXT NOT NULL,
+        body TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// Read-only connections kept open. Readers are short point queries, and the blocking pool they run on is
@@ -134,6 +168,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         migrate(&mut conn)?;
+        restrict_permissions(path);
         // Opened after the writer switched the file to WAL, so readers never block it nor each other.
         let conns = (0..READERS)
             .map(|_| {
@@ -187,6 +222,24 @@ impl Store {
 
     pub async fn ping(&self) -> StoreResult<()> {
         self.call(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?)).await
+    }
+}
+
+/// The database holds key hashes and machines' secrets: only its owner may read it (and its WAL files).
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        files.push(p.into());
+    }
+    for f in files {
+        if let Err(e) = std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %f.display(), error = %e, "could not make the database private to its owner");
+        }
     }
 }
 

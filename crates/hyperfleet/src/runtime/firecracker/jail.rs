@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::super::MachineFiles;
+use super::super::volume::VolumeDisk;
 
 /// Paths inside the chroot (relative to its root): what firecracker is told, and where the host finds them.
 pub const API_SOCKET: &str = "run/api.sock";
@@ -166,6 +167,27 @@ pub fn populate(files: &MachineFiles, kernel: &Path, who: Identity) -> io::Resul
     })
 }
 
+/// Volume `i`'s name inside the chroot.
+pub fn volume_file(i: usize) -> String {
+    format!("volume{i}.ext4")
+}
+
+/// Links the machine's volumes into its chroot, owned by its identity (0600) like its disk. A read-only
+/// volume used by several machines is owned by the last one started; the others opened it already.
+pub(crate) fn link_volumes(files: &MachineFiles, volumes: &[VolumeDisk], who: Identity) -> io::Result<()> {
+    let root = root(files);
+    for (i, v) in volumes.iter().enumerate() {
+        std::os::unix::fs::chown(&v.path, Some(who.uid), Some(who.gid))?;
+        std::fs::set_permissions(&v.path, std::fs::Permissions::from_mode(0o600))?;
+        let inside = root.join(volume_file(i));
+        match std::fs::hard_link(&v.path, &inside) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
 /// Whether `pid` runs in this machine's chroot. The jailer pivots into it inside its own mount namespace,
 /// so /proc/PID/root reads "/": the directory it leads to is compared (device and inode) instead.
 pub fn runs_in(pid: u32, files: &MachineFiles) -> bool {
@@ -198,11 +220,44 @@ pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
 /// only when empty, so a process that is still exiting gets a few seconds.
 pub async fn remove(files: &MachineFiles, id: &str) {
     let (jail, id) = (files.jail.clone(), id.to_string());
+    let _alone = PARENT_CGROUPS.write().await;
     // Directory trees and cgroupfs: off the async workers.
-    if let Err(e) = tokio::task::spawn_blocking(move || remove_blocking(&jail, &id)).await {
+    let removed = tokio::task::spawn_blocking(move || {
+        remove_blocking(&jail, &id);
+        remove_unused_parents();
+    });
+    if let Err(e) = removed.await {
         tracing::warn!(error = %e, "removing a firecracker jail: the task failed");
     }
 }
+
+/// The `firecracker` parent cgroups that exist (v2, or one per v1 controller).
+pub fn parent_cgroup_dirs() -> Vec<PathBuf> {
+    let base = Path::new(CGROUP_ROOT);
+    let mut dirs = vec![base.join(CGROUP_PARENT)];
+    let controllers = std::fs::read_dir(base).into_iter().flatten().flatten();
+    dirs.extend(controllers.filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path().join(CGROUP_PARENT)));
+    dirs.retain(|d| d.is_dir());
+    dirs
+}
+
+/// Removes the jailer's parent cgroups when no machine's cgroup is left in them (a cgroup directory with
+/// children refuses `rmdir` with EBUSY, which is the "still in use" answer here).
+fn remove_unused_parents() {
+    for dir in parent_cgroup_dirs() {
+        match std::fs::remove_dir(&dir) {
+            Err(e) if e.raw_os_error() != Some(libc::EBUSY) && e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove the jails' parent cgroup");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Starts hold this shared from the jailer's spawn until firecracker's socket is up (by then the jailer has
+/// made the machine's cgroup under [`CGROUP_PARENT`]); removing that parent once no machine uses it holds
+/// it alone, so a starting jailer never finds its parent gone between its two `mkdir`s.
+pub static PARENT_CGROUPS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 fn remove_blocking(jail: &Path, id: &str) {
     if let Err(e) = std::fs::remove_dir_all(jail)

@@ -104,6 +104,18 @@ impl Firecracker {
             args.push_str(" init=");
             args.push_str(init);
         }
+        // The root disk is vda; the volumes follow in the order they are attached.
+        let volumes: Vec<String> = spec
+            .volumes
+            .iter()
+            .zip(b'b'..=b'z')
+            .map(|(v, letter)| {
+                format!("vd{}:{}:{}", char::from(letter), v.mount_path, if v.read_only { "ro" } else { "rw" })
+            })
+            .collect();
+        if !volumes.is_empty() {
+            args.push_str(&format!(" hyperfleet.volumes={}", volumes.join(",")));
+        }
         if self.kvm == KvmKind::Pvm {
             args.push(' ');
             args.push_str(PVM_BOOT_ARGS);
@@ -149,10 +161,13 @@ impl Firecracker {
         let identity = Identity::of_block(self.jail.uid_base, spec.block);
         let (chroot_dir, kernel, jail_files) =
             (self.jail.chroot_dir.clone(), spec.kernel_image_path.clone(), files.clone());
+        let volumes = spec.volumes.clone();
         tokio::task::spawn_blocking(move || {
             jail::secure_base(&chroot_dir).map_err(RuntimeError::io("secure the chroot directory", &chroot_dir))?;
             jail::populate(&jail_files, &kernel, identity)
-                .map_err(RuntimeError::io("place kernel and disk in the chroot", &jail_files.jail))
+                .map_err(RuntimeError::io("place kernel and disk in the chroot", &jail_files.jail))?;
+            jail::link_volumes(&jail_files, &volumes, identity)
+                .map_err(RuntimeError::io("place the volumes in the chroot", &jail_files.jail))
         })
         .await??;
         let console = files.open_console_log()?;
@@ -167,15 +182,24 @@ impl Firecracker {
             cgroup_limits: self.cgroup_version.limits(spec.vcpu_count, spec.mem_size_mib),
         }
         .build();
+        let parent = jail::PARENT_CGROUPS.read().await;
         let spawned = process::spawn_detached(cmd.stdin(Stdio::null()).stdout(console).stderr(console_err));
         let pid = match spawned {
             Ok(pid) => pid,
             Err(e) => {
+                drop(parent);
                 Self::release(&spec.id, files).await;
                 return Err(RuntimeError::Unavailable(format!("cannot run {}: {e}", jailer.display())));
             }
         };
-        match self.configure(spec, files, pid).await {
+        let socket = Self::wait_for_socket(files, pid).await;
+        drop(parent);
+        match async {
+            socket?;
+            self.configure(spec, files, pid).await
+        }
+        .await
+        {
             Ok(()) => Ok(Booted { pid, socket_path: Some(files.api_socket.display().to_string()) }),
             Err(e) => {
                 process::terminate(pid, Duration::from_secs(1)).await;
@@ -185,11 +209,12 @@ impl Firecracker {
         }
     }
 
-    async fn configure(&self, spec: &BootSpec, files: &MachineFiles, pid: u32) -> Result<(), RuntimeError> {
-        let net = &spec.net;
-        // The API socket appears within milliseconds of the spawn.
+    /// Waits for firecracker's API socket, which appears within milliseconds of the spawn (after the jailer
+    /// made the cgroup and execed firecracker).
+    async fn wait_for_socket(files: &MachineFiles, pid: u32) -> Result<(), RuntimeError> {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !files.api_socket.exists() {
+        // The file appears at bind(), a moment before listen(): wait until a connection is accepted.
+        while std::os::unix::net::UnixStream::connect(&files.api_socket).is_err() {
             if !process::alive(pid) {
                 return Err(RuntimeError::ExitedAtStart {
                     process: "jailer (firecracker)",
@@ -199,8 +224,13 @@ impl Firecracker {
             if Instant::now() > deadline {
                 return Err(RuntimeError::Timeout("firecracker's API socket appearing in its chroot within 5 s"));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        Ok(())
+    }
+
+    async fn configure(&self, spec: &BootSpec, files: &MachineFiles, pid: u32) -> Result<(), RuntimeError> {
+        let net = &spec.net;
         let api = FirecrackerApi::new(&files.api_socket);
         api.put(
             "/machine-config",
@@ -222,6 +252,19 @@ impl Firecracker {
             }),
         )
         .await?;
+        for (i, v) in spec.volumes.iter().enumerate() {
+            let id = format!("volume{i}");
+            api.put(
+                &format!("/drives/{id}"),
+                &json!({
+                    "drive_id": id,
+                    "path_on_host": jail::inside(&jail::volume_file(i)),
+                    "is_root_device": false,
+                    "is_read_only": v.read_only
+                }),
+            )
+            .await?;
+        }
         api.put(
             "/network-interfaces/eth0",
             &json!({ "iface_id": "eth0", "guest_mac": net.mac, "host_dev_name": net.iface }),
@@ -295,6 +338,8 @@ mod tests {
                 dns,
                 hostname: "web".into(),
             },
+            disk_size_mib: 0,
+            volumes: vec![],
         }
     }
 

@@ -1,0 +1,128 @@
+//! The `events` table: the stored backlog of machine events that `GET /events` resumes from. Ids only grow
+//! (AUTOINCREMENT, so never reused after a trim or a restart); the table keeps about the last `keep` events.
+
+use hyperfleet_types::{Event, EventKind};
+use rusqlite::{Connection, params};
+
+use super::{StoreError, StoreResult};
+
+/// Which events a reader wants: one machine (by id or name) and some kinds; `None` is any.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct EventFilter {
+    pub machine: Option<String>,
+    pub kinds: Option<Vec<EventKind>>,
+}
+
+impl EventFilter {
+    pub(crate) fn matches(&self, e: &Event) -> bool {
+        self.machine.as_ref().is_none_or(|m| *m == e.machine_id || *m == e.machine_name)
+            && self.kinds.as_ref().is_none_or(|k| k.contains(&e.kind))
+    }
+}
+
+/// Stores `event` (its `id` is ignored) and returns it with the id it got. Every `TRIM_EVERY` events, those
+/// older than the last `keep` are deleted.
+pub(crate) fn append(c: &Connection, event: &Event, keep: u64) -> StoreResult<Event> {
+    const TRIM_EVERY: u64 = 64;
+    let body = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(format!("event: {e}")))?;
+    c.prepare_cached("INSERT INTO events (machine_id, machine_name, type, body) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![event.machine_id, event.machine_name, event.kind.as_str(), body])?;
+    let id = u64::try_from(c.last_insert_rowid()).map_err(|e| StoreError::Corrupt(format!("event id: {e}")))?;
+    if id % TRIM_EVERY == 0 && id > keep {
+        let oldest_kept = i64::try_from(id - keep).unwrap_or(i64::MAX);
+        c.prepare_cached("DELETE FROM events WHERE id <= ?1")?.execute([oldest_kept])?;
+    }
+    Ok(Event { id, ..event.clone() })
+}
+
+/// One read of the backlog.
+#[derive(Debug, Default)]
+pub(crate) struct EventPage {
+    /// The events that pass the filter, oldest first.
+    pub events: Vec<Event>,
+    /// The id of the last event looked at (passed or not); the next page starts after it.
+    pub scanned_to: u64,
+    /// Whether the backlog may hold more after `scanned_to`.
+    pub more: bool,
+}
+
+/// The stored events after `after` that pass `filter`, looking at `limit` of them at most.
+pub(crate) fn after(c: &Connection, after: u64, filter: &EventFilter, limit: u32) -> StoreResult<EventPage> {
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
+    let mut stmt = c.prepare_cached(
+        "SELECT id, body FROM events WHERE id > ?1 AND (?2 IS NULL OR machine_id = ?2 OR machine_name = ?2) \
+         ORDER BY id LIMIT ?3",
+    )?;
+    let rows =
+        stmt.query_map(params![after, filter.machine, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+    let mut page = EventPage { scanned_to: u64::try_from(after).unwrap_or(0), ..EventPage::default() };
+    let mut looked = 0;
+    for row in rows {
+        let (id, body) = row?;
+        let mut e: Event = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(format!("event {id}: {e}")))?;
+        e.id = u64::try_from(id).map_err(|e| StoreError::Corrupt(format!("event id: {e}")))?;
+        page.scanned_to = e.id;
+        looked += 1;
+        if filter.matches(&e) {
+            page.events.push(e);
+        }
+    }
+    page.more = looked >= limit;
+    Ok(page)
+}
+
+/// The id of the newest event stored (0 when there is none).
+pub(crate) fn last_id(c: &Connection) -> StoreResult<u64> {
+    let id: i64 = c.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?;
+    u64::try_from(id).map_err(|e| StoreError::Corrupt(format!("event id: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::temp_store;
+
+    fn ev(machine: &str, kind: EventKind) -> Event {
+        Event {
+            id: 0,
+            kind,
+            machine_id: machine.into(),
+            machine_name: format!("{machine}-name"),
+            status: None,
+            at: hyperfleet_types::timestamp::now(),
+            reason: None,
+            program: None,
+            exit_code: None,
+            duration_ms: None,
+            path: None,
+            port: None,
+        }
+    }
+
+    #[test]
+    fn the_backlog_is_bounded_ids_keep_growing_and_filters_apply() {
+        let (_d, store) = temp_store();
+        let ids: Vec<u64> = (0..300)
+            .map(|i| {
+                let m = if i % 2 == 0 { "a" } else { "b" };
+                let k = if i % 3 == 0 { EventKind::Running } else { EventKind::Stopped };
+                store.call_blocking(|c| append(c, &ev(m, k), 100)).unwrap().id
+            })
+            .collect();
+        assert_eq!(ids, (1..=300).collect::<Vec<_>>());
+        let all = store.read_blocking(|c| after(c, 0, &EventFilter::default(), 1000)).unwrap().events;
+        assert!(all.len() >= 100 && all.len() < 100 + 64, "kept {}", all.len());
+        assert_eq!(all.last().unwrap().id, 300);
+        let since = store.read_blocking(|c| after(c, 295, &EventFilter::default(), 1000)).unwrap().events;
+        assert_eq!(since.iter().map(|e| e.id).collect::<Vec<_>>(), [296, 297, 298, 299, 300]);
+        let by_name = EventFilter { machine: Some("a-name".into()), kinds: Some(vec![EventKind::Running]) };
+        let some = store.read_blocking(|c| after(c, 280, &by_name, 1000)).unwrap();
+        assert_eq!(some.events.iter().map(|e| e.id).collect::<Vec<_>>(), [283, 289, 295]);
+        assert_eq!((some.scanned_to, some.more), (299, false), "300 is machine b's");
+        let first = store.read_blocking(|c| after(c, 280, &by_name, 5)).unwrap();
+        // Five of machine a's events looked at (281..=289), two of them `running`.
+        assert_eq!(first.events.iter().map(|e| e.id).collect::<Vec<_>>(), [283, 289]);
+        assert_eq!((first.scanned_to, first.more), (289, true));
+        assert_eq!(store.read_blocking(last_id).unwrap(), 300);
+    }
+}
