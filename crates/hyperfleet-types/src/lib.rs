@@ -346,7 +346,6 @@ pub struct PullImage {
     pub registry_auth: Option<RegistryAuth>,
 }
 
-
 /// A volume a machine mounts: `{"volume": "cache", "mount_path": "/data", "read_only": false}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

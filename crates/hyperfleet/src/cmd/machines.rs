@@ -524,7 +524,7 @@ pub(crate) fn registry_auth(user: Option<String>) -> anyhow::Result<Option<hyper
 }
 
 /// Shows an image machine's pull as a progress bar until its image is ready (or failed).
-async fn show_pull(hf: &Client, mut m: Machine) -> anyhow::Result<Machine> {
+async fn show_pull(hf: &hyperfleet_client::Client, mut m: Machine) -> anyhow::Result<Machine> {
     use hyperfleet_types::ImagePhase;
     let bar = indicatif::ProgressBar::new(0).with_message(m.spec.image.clone().unwrap_or_default());
     bar.set_style(

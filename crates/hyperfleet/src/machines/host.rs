@@ -107,10 +107,10 @@ impl LinuxHost {
                 m.spec.image_digest.as_deref().and_then(|d| self.images.config(d)).as_ref(),
             )
             .and_then(|p| serde_json::to_vec(&p).ok()),
-            disk_size_mib: m.spec.image_size_mib,
             net: self.net.addressing.guest(m),
             block: m.block,
-            disk_size_mib: m.spec.disk_size_mib,
+            // An image machine's `image_size_mib` is its disk size too (0: the converted image's own size).
+            disk_size_mib: m.spec.disk_size_mib.max(m.spec.image_size_mib.unwrap_or(0)),
             volumes: m
                 .spec
                 .volumes

@@ -144,7 +144,7 @@ impl<H: Host> Service<H> {
         let policy = self.policy.clone();
         let auth = req.registry_auth.clone();
         let checked = req.clone();
-        let mut spec = tokio::task::spawn_blocking(move || validate::create(&checked, &policy))
+        let spec = tokio::task::spawn_blocking(move || validate::create(&checked, &policy))
             .await
             .map_err(|e| Error::Task { what: "validate", message: e.to_string() })?
             .map_err(Error::Invalid)?;

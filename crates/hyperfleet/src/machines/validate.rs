@@ -333,8 +333,7 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
         let want = req.disk_size_mib.map(|v| size_mib("disk_size_mib", v, 1)).transpose()?;
         (String::new(), want.unwrap_or(0))
     } else {
-        let rootfs_path =
-            asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?;
+        let rootfs_path = asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?;
         let image_bytes = assets::open_beneath(&limits.assets_dir, Path::new(&rootfs_path))
             .map_err(|e| format!("rootfs_path {e}"))?
             .metadata()

@@ -675,7 +675,6 @@ mod tests {
             rootfs_dir: PathBuf::from("/a"),
             init: None,
             main_spec: None,
-            disk_size_mib: None,
             net: GuestNetwork {
                 iface: "tap0".into(),
                 tap_ip: "172.16.0.1".parse().unwrap(),

@@ -59,28 +59,6 @@ pub(crate) fn sparse_copy_from(input: &File, dst: &Path) -> io::Result<()> {
     std::fs::rename(&tmp, dst)
 }
 
-/// Grows the ext4 image `disk` to `bytes` (never shrinks it): the file, then the filesystem (`resize2fs`).
-pub(crate) fn grow(disk: &Path, bytes: u64) -> Result<(), super::RuntimeError> {
-    let len = std::fs::metadata(disk).map_err(super::RuntimeError::io("stat", disk))?.len();
-    if bytes <= len {
-        return Ok(());
-    }
-    let f = std::fs::OpenOptions::new().write(true).open(disk).map_err(super::RuntimeError::io("open", disk))?;
-    f.set_len(bytes).map_err(super::RuntimeError::io("grow", disk))?;
-    let out = std::process::Command::new("resize2fs")
-        .arg("-f")
-        .arg(disk)
-        .output()
-        .map_err(|e| super::RuntimeError::Command { command: "resize2fs".into(), message: e.to_string() })?;
-    if !out.status.success() {
-        return Err(super::RuntimeError::Command {
-            command: "resize2fs".into(),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

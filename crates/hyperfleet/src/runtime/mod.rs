@@ -181,8 +181,6 @@ pub(crate) struct BootSpec {
     pub init: Option<String>,
     /// The main process spec (JSON) written into the machine's disk at each start.
     pub main_spec: Option<Vec<u8>>,
-    /// Size the machine's disk is grown to at its first start.
-    pub disk_size_mib: Option<u32>,
     pub net: GuestNetwork,
     /// The machine's address block: unique among existing machines, so it also numbers the machine's own
     /// host identity (its jailed firecracker's uid and gid).
@@ -228,7 +226,7 @@ impl Runtimes {
         }
         let (src, dst, dir) = (spec.rootfs_path.clone(), files.disk.clone(), files.dir.clone());
         let assets = spec.rootfs_dir.clone();
-        let (grow, main) = (spec.disk_size_mib, spec.main_spec.clone());
+        let main = spec.main_spec.clone();
         tokio::task::spawn_blocking(move || {
             private_dir(&dir)?;
             if !dst.exists() {
@@ -236,16 +234,7 @@ impl Runtimes {
                 // names may have changed since.
                 let image = assets::open_beneath(&assets, &src)
                     .map_err(|e| RuntimeError::Asset { path: src.clone(), message: e.to_string() })?;
-                let partial = dst.with_extension("new");
-                disk::sparse_copy_from(&image, &partial)
-                    .map_err(RuntimeError::io("copy the machine's disk from", &src))?;
-                if let Some(mib) = grow
-                    && let Err(e) = disk::grow(&partial, u64::from(mib) << 20)
-                {
-                    process::remove_file_logged(&partial);
-                    return Err(e);
-                }
-                std::fs::rename(&partial, &dst).map_err(RuntimeError::io("rename", &dst))?;
+                disk::sparse_copy_from(&image, &dst).map_err(RuntimeError::io("copy the machine's disk from", &src))?;
             }
             if let Some(json) = main {
                 crate::oci::rootfs::write_main_spec(&dst, &json, &dir.join("main.json")).map_err(|e| {
