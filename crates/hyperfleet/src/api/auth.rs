@@ -56,6 +56,7 @@ pub(crate) fn required_scope(method: &Method, path: &str) -> Option<Scope> {
         (_, p) if p == "/ui" || p.starts_with("/ui/") => None,
         (_, "/metrics") => Some(MetricsRead),
         (_, p) if p.starts_with("/api-keys") => Some(KeysAdmin),
+        (_, p) if p == "/webhooks" || p.starts_with("/webhooks/") => Some(WebhooksAdmin),
         _ if p.ends_with("/exec") || p.ends_with("/exec/stream") || p.ends_with("/pty") || p.contains("/files") => {
             Some(MachinesExec)
         }
@@ -131,6 +132,12 @@ mod tests {
             (Method::GET, "/api-keys", Some(KeysAdmin)),
             (Method::DELETE, "/api-keys/{id}", Some(KeysAdmin)),
             (Method::GET, "/events", Some(MachinesRead)),
+            (Method::POST, "/webhooks", Some(WebhooksAdmin)),
+            (Method::GET, "/webhooks", Some(WebhooksAdmin)),
+            (Method::GET, "/webhooks/{id}", Some(WebhooksAdmin)),
+            (Method::DELETE, "/webhooks/{id}", Some(WebhooksAdmin)),
+            (Method::GET, "/webhooks/{id}/deliveries", Some(WebhooksAdmin)),
+            (Method::GET, "/webhooksx", Some(MachinesRead)),
             (Method::GET, "/machines/{id}/stats", Some(MachinesRead)),
             (Method::GET, "/metrics", Some(MetricsRead)),
             (Method::GET, "/ui", None),

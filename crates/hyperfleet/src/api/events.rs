@@ -140,10 +140,8 @@ impl utoipa::PartialSchema for SseEvent {
         let text = || ObjectBuilder::new().schema_type(Type::String);
         let mut data = text().content_media_type("application/json").description(Some("the Event, as JSON")).build();
         // utoipa has no builder for `contentSchema` (JSON Schema 2020-12); its extensions serialize verbatim.
-        data.extensions = Some(Extensions::from_iter([(
-            "contentSchema",
-            serde_json::json!({"$ref": "#/components/schemas/Event"}),
-        )]));
+        data.extensions =
+            Some(Extensions::from_iter([("contentSchema", serde_json::json!({"$ref": "#/components/schemas/Event"}))]));
         ObjectBuilder::new()
             .property("id", text().description(Some("the event's id, for Last-Event-ID")))
             .property("event", text().description(Some("the event's type")))
