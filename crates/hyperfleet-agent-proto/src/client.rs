@@ -261,20 +261,35 @@ impl AgentClient {
     ) -> Result<ExecOutput, ClientError> {
         spec.max_output = Some(spec.max_output.map_or(max_output, |m| m.min(max_output)));
         let mut s = self.exec(spec).await?;
-        s.send_stdin(stdin).await?;
-        s.close_stdin().await?;
-        let (mut stdout, mut stderr) = (Capped::new(max_output), Capped::new(max_output));
-        loop {
-            match s.next_event().await? {
-                ExecEvent::Stdout(b) => stdout.push(&b, grant),
-                ExecEvent::Stderr(b) => stderr.push(&b, grant),
-                ExecEvent::Exited(mut exit) => {
-                    exit.stdout_truncated |= stdout.truncated;
-                    exit.stderr_truncated |= stderr.truncated;
-                    return Ok(ExecOutput { exit, stdout: stdout.data, stderr: stderr.data });
+        s.stdin_open = false;
+        let Conn { r, w } = &mut s.conn;
+        // Stdin is sent while the output is read: a command that answers as it reads (`cat`) would otherwise
+        // fill both directions' socket buffers and leave each side waiting for the other.
+        let feed = async {
+            for chunk in stdin.chunks(crate::CHUNK) {
+                write_frame(w, FrameKind::Data, chunk).await?;
+            }
+            write_frame(w, FrameKind::End, b"").await?;
+            w.flush().await.map_err(ProtoError::from)?;
+            Ok::<(), ClientError>(())
+        };
+        let collect = async {
+            let (mut stdout, mut stderr) = (Capped::new(max_output), Capped::new(max_output));
+            loop {
+                match read_exec_event(r).await? {
+                    ExecEvent::Stdout(b) => stdout.push(&b, grant),
+                    ExecEvent::Stderr(b) => stderr.push(&b, grant),
+                    ExecEvent::Exited(mut exit) => {
+                        exit.stdout_truncated |= stdout.truncated;
+                        exit.stderr_truncated |= stderr.truncated;
+                        return Ok::<_, ClientError>(ExecOutput { exit, stdout: stdout.data, stderr: stderr.data });
+                    }
                 }
             }
-        }
+        };
+        // A command may end before taking all its stdin: then its exit, not the broken pipe, is the answer.
+        let (_fed, collected) = tokio::join!(feed, collect);
+        collected
     }
 
     pub async fn write_file(
@@ -449,26 +464,31 @@ impl ExecSession {
 
     /// The next piece of output, or the exit. Call [`Self::close_stdin`] first if the command reads stdin.
     pub async fn next_event(&mut self) -> Result<ExecEvent, ClientError> {
-        match read_frame(&mut self.conn.r).await? {
-            Some(Frame { kind: FrameKind::Stdout, payload }) => Ok(ExecEvent::Stdout(payload)),
-            Some(Frame { kind: FrameKind::Stderr, payload }) => Ok(ExecEvent::Stderr(payload)),
-            Some(Frame { kind: FrameKind::Json, payload }) => {
-                match serde_json::from_slice(&payload).map_err(ProtoError::from)? {
-                    Response::Exited { exit_code, timed_out, stdout_truncated, stderr_truncated, duration_ms } => {
-                        Ok(ExecEvent::Exited(Exit {
-                            exit_code,
-                            timed_out,
-                            stdout_truncated,
-                            stderr_truncated,
-                            duration_ms,
-                        }))
-                    }
-                    other => Err(agent_error(other)),
+        read_exec_event(&mut self.conn.r).await
+    }
+}
+
+/// The next piece of a command's output, or its exit.
+async fn read_exec_event(r: &mut ReadHalf<UnixStream>) -> Result<ExecEvent, ClientError> {
+    match read_frame(r).await? {
+        Some(Frame { kind: FrameKind::Stdout, payload }) => Ok(ExecEvent::Stdout(payload)),
+        Some(Frame { kind: FrameKind::Stderr, payload }) => Ok(ExecEvent::Stderr(payload)),
+        Some(Frame { kind: FrameKind::Json, payload }) => {
+            match serde_json::from_slice(&payload).map_err(ProtoError::from)? {
+                Response::Exited { exit_code, timed_out, stdout_truncated, stderr_truncated, duration_ms } => {
+                    Ok(ExecEvent::Exited(Exit {
+                        exit_code,
+                        timed_out,
+                        stdout_truncated,
+                        stderr_truncated,
+                        duration_ms,
+                    }))
                 }
+                other => Err(agent_error(other)),
             }
-            Some(f) => Err(ProtoError::Unexpected { expected: "command output", got: f.kind }.into()),
-            None => Err(ClientError::Unreachable("the agent closed the connection while the command ran".into())),
         }
+        Some(f) => Err(ProtoError::Unexpected { expected: "command output", got: f.kind }.into()),
+        None => Err(ClientError::Unreachable("the agent closed the connection while the command ran".into())),
     }
 }
 

@@ -53,26 +53,36 @@ where
     // closed at End or on error.
     let mut reading_stdin = true;
     let mut stdin_read = std::pin::pin!(next_frame(r));
-    let mut stdin = Some(child.stdin);
+    // The pipe is written by its own task: a command that answers as it reads (`cat`) blocks on its output
+    // while we write its input, so writing here would stop the output from being forwarded. `pending` is a
+    // chunk read from the host and not yet taken by the writer: while there is one, no more is read (the
+    // host's stdin waits in the socket), and output keeps flowing.
+    let (stdin_tx, stdin_writer) = stdin_writer(child.stdin);
+    let mut stdin = Some(stdin_tx);
+    let mut pending: Option<Bytes> = None;
     let mut timed_out = false;
     let mut exit_code = None;
     let mut link_broken = false;
     // Forward stdin and output until the process exits (or is killed at the deadline).
     while exit_code.is_none() {
+        // Room for `pending` in the writer's queue (an owned permit: the sender stays free to be dropped).
+        let reserve = stdin.clone().filter(|_| pending.is_some()).map(mpsc::Sender::reserve_owned);
         tokio::select! {
             code = &mut exited => exit_code = Some(code.unwrap_or(-1)),
             _ = &mut deadline, if !timed_out => {
                 timed_out = true;
                 kill_group(pgid);
             }
-            (frame, r) = &mut stdin_read, if reading_stdin => match frame {
+            permit = async { reserve?.await.ok() }, if pending.is_some() => match permit {
+                Some(permit) => { permit.send(pending.take().unwrap_or_default()); }
+                // The writer is gone (the command closed its stdin): the rest is read and dropped.
+                None => { pending = None; stdin = None; }
+            },
+            (frame, r) = &mut stdin_read, if reading_stdin && pending.is_none() => match frame {
                 Ok(Some(f)) if f.kind == FrameKind::Data => {
                     stdin_read.set(next_frame(r));
-                    if let Some(pipe) = stdin.as_mut()
-                        && pipe.write_all(&f.payload).await.is_err()
-                    {
-                        // The command closed its stdin: the rest of the host's stdin is read and dropped.
-                        stdin = None;
+                    if stdin.is_some() {
+                        pending = Some(f.payload);
                     }
                 }
                 // End of stdin: dropping the pipe closes it.
@@ -94,6 +104,8 @@ where
         }
     }
     drop(stdin);
+    // A pipe still held open by a background child that does not read it must not keep the writer forever.
+    stdin_writer.abort();
     if reading_stdin && !link_broken {
         // The host may still be sending stdin (or its End): consume it, so closing the connection does not
         // turn into a reset that loses our answer. A host still sending after the grace period is answered
@@ -147,6 +159,22 @@ where
 
 /// Reads the next frame and hands `r` back with it, so that the read can be kept (pinned) across `select!`
 /// iterations and re-armed with the same reader.
+/// A task that writes what it is sent into the command's stdin, and closes it when the sender is dropped.
+/// After a write fails (the command closed its stdin), what it is sent is dropped.
+fn stdin_writer(mut pipe: pipe::Sender) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+    let task = tokio::spawn(async move {
+        while let Some(chunk) = rx.recv().await {
+            if pipe.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        drop(pipe);
+        while rx.recv().await.is_some() {}
+    });
+    (tx, task)
+}
+
 async fn next_frame<R: AsyncRead + Unpin>(r: &mut R) -> (Result<Option<Frame>, proto::ProtoError>, &mut R) {
     let frame = proto::read_frame(r).await;
     (frame, r)

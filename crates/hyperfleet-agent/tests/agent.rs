@@ -485,3 +485,20 @@ async fn directories_are_listed_in_pages_and_made() {
     assert_eq!(kind(c.list_dir(&format!("{dir}/file"), None, 10).await), ErrorKind::InvalidPath);
     assert_eq!(kind(c.list_dir(&a.path("missing"), None, 10).await), ErrorKind::NotFound);
 }
+
+#[tokio::test]
+async fn a_command_echoing_a_large_stdin_does_not_deadlock() {
+    // 8 MiB through `cat`: far more than both directions' socket buffers, so stdin must be sent while the
+    // output is read. Bounded, so a regression fails instead of hanging.
+    let agent = Agent::start();
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0]).collect();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        agent.client().exec_collect(ExecSpec { max_output: Some(MAX_OUT), ..spec(&["cat"]) }, &data, MAX_OUT),
+    )
+    .await
+    .expect("stdin and output flow at once")
+    .unwrap();
+    assert_eq!(out.exit.exit_code, 0);
+    assert!(out.stdout == data, "stdout differs ({} of {} bytes)", out.stdout.len(), data.len());
+}
