@@ -30,6 +30,7 @@
 //!   natural limit (see [`client`]).
 
 pub mod client;
+pub mod main_process;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -5,6 +5,7 @@
 mod exec;
 mod files;
 mod init;
+mod main_process;
 mod pty;
 mod reaper;
 mod volumes;
@@ -110,6 +111,9 @@ async fn serve(listen: Listen) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel::<()>(1);
+    if let Some(spec) = main_process::load() {
+        tokio::spawn(main_process::supervise(reaper.clone(), spec, shutdown_tx.clone()));
+    }
     let ctx = Arc::new(Ctx { reaper, shutdown: shutdown_tx });
     eprintln!("hyperfleet-agent {}: listening on {listen:?}", env!("CARGO_PKG_VERSION"));
     macro_rules! accept_loop {

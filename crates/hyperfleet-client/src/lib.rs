@@ -392,6 +392,19 @@ impl Client {
         Self::empty(self.req(Method::DELETE, &format!("/machines/{id}/files")).query(&q)).await
     }
 
+    pub async fn list_images(&self) -> Result<hyperfleet_types::ImageList> {
+        Self::json(self.req(Method::GET, "/images")).await
+    }
+
+    /// Pulls an image into the daemon's cache; returns once it is there.
+    pub async fn pull_image(&self, req: &hyperfleet_types::PullImage) -> Result<hyperfleet_types::ImageInfo> {
+        Self::json(self.req(Method::POST, "/images/pull").json(req)).await
+    }
+
+    pub async fn delete_image(&self, digest: &str) -> Result<()> {
+        Self::empty(self.req(Method::DELETE, &format!("/images/{digest}"))).await
+    }
+
     pub async fn create_volume(&self, req: &CreateVolume) -> Result<Volume> {
         Self::json(self.req(Method::POST, "/volumes").json(req)).await
     }

@@ -215,6 +215,24 @@ pub struct MachineSpec {
     /// Environment variables set for every command run in the machine (exec, terminal, an image's main process).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The OCI image the machine runs, as given (`alpine:3.20`, `registry:5000/team/app@sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The image's manifest digest, once resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
+    /// Disk size asked for an image machine (default: the unpacked size plus headroom).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size_mib: Option<u32>,
+    /// Replaces the image's Entrypoint for the main process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's Cmd for the main process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// What happens when the main process ends.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
     /// Volumes the machine mounts while it runs (`volume` is the volume's id).
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
@@ -242,6 +260,90 @@ pub struct MachineSpec {
     /// A proxied request to the stopped or paused machine starts or resumes it.
     #[serde(default)]
     pub auto_start: bool,
+}
+
+/// What happens when a machine's main process (an image's Entrypoint + Cmd) ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// The machine stops (exit 0) or fails (non-zero, with the code and last lines in `error_message`).
+    #[default]
+    No,
+    /// Restarted inside the machine after a non-zero exit; a zero exit stops the machine.
+    OnFailure,
+    /// Restarted inside the machine whenever it ends.
+    Always,
+}
+
+/// Credentials for a registry, used for one pull and never stored in plain text, echoed or logged:
+/// `{"username", "password"}` or `{"token"}`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryAuth {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RegistryAuth(<redacted>)")
+    }
+}
+
+/// Where getting a machine's image is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImagePhase {
+    Pulling,
+    Converting,
+    Ready,
+    Failed,
+}
+
+/// A machine's image pull, while it runs and after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageStatus {
+    pub phase: ImagePhase,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A cached image (`GET /images`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageInfo {
+    /// Manifest digest (`sha256:…`).
+    pub digest: String,
+    /// References it was pulled by.
+    pub references: Vec<String>,
+    /// Bytes on disk: layers and the converted root image.
+    pub size_bytes: u64,
+    /// RFC 3339, UTC.
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub last_used: time::OffsetDateTime,
+    /// Ids of the machines created from it.
+    pub machines: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageList {
+    pub images: Vec<ImageInfo>,
+}
+
+/// `POST /images/pull`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullImage {
+    #[schema(example = "busybox:latest")]
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
 }
 
 /// A volume a machine mounts: `{"volume": "cache", "mount_path": "/data", "read_only": false}`.
@@ -333,6 +435,10 @@ pub struct Machine {
     /// PID of the firecracker process or of the container's init while running.
     pub pid: Option<u32>,
     pub exposed_ports_status: Vec<ExposedPortStatus>,
+    /// The image pull of an image machine (absent for other machines, and after a daemon restart until the
+    /// next pull).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_status: Option<ImageStatus>,
     /// Host-side interface: a TAP device (firecracker) or the host end of a veth pair (container).
     pub tap_device: String,
     #[schema(value_type = String, example = "172.16.0.1")]
@@ -401,6 +507,24 @@ pub struct CreateMachine {
     /// starting with a digit; at most 128 of them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
+    /// An OCI image to run instead of `rootfs_path` (mutually exclusive with it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "busybox:latest")]
+    pub image: Option<String>,
+    /// Disk size for an image machine; default: the unpacked size plus headroom, at least 64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_size_mib: Option<i64>,
+    /// Credentials for pulling `image`; kept in memory for the pull only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
+    /// Replaces the image's Entrypoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's Cmd.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<RestartPolicy>,
     /// Volumes to mount while the machine runs (at most 8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub volumes: Option<Vec<VolumeMount>>,

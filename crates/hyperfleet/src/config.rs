@@ -186,6 +186,21 @@ pub struct RuntimeArgs {
     /// Seconds a guest gets to shut down before its process is terminated.
     #[arg(long, env = "HYPERFLEET_STOP_TIMEOUT", default_value_t = 10)]
     pub stop_timeout: u64,
+    /// Cache of pulled OCI images (layers, converted root images); default: `images` next to the data directory.
+    #[arg(long, env = "HYPERFLEET_IMAGE_DIR")]
+    pub image_dir: Option<PathBuf>,
+    /// Size cap of the image cache in MiB; least recently used images no machine uses are evicted past it.
+    #[arg(long, env = "HYPERFLEET_IMAGE_CACHE_MIB", default_value_t = 10240)]
+    pub image_cache_mib: u64,
+    /// `host[:port]` of a registry mirror for docker.io images.
+    #[arg(long, env = "HYPERFLEET_REGISTRY_MIRROR")]
+    pub registry_mirror: Option<String>,
+    /// Comma-separated `host[:port]` registries reached over plain HTTP.
+    #[arg(long, env = "HYPERFLEET_INSECURE_REGISTRIES", default_value = "")]
+    pub insecure_registries: String,
+    /// Comma-separated `host[:port]` registries images may come from; empty: any.
+    #[arg(long, env = "HYPERFLEET_ALLOWED_REGISTRIES", default_value = "")]
+    pub allowed_registries: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -303,6 +318,9 @@ pub struct RuntimeSettings {
     pub default_runtime: Option<RuntimeKind>,
     pub stop_timeout: Duration,
     pub console_log_max_size: u64,
+    pub image_dir: PathBuf,
+    pub image_cache_bytes: u64,
+    pub registries: crate::oci::Registries,
 }
 
 #[derive(Debug, Clone)]
@@ -575,6 +593,24 @@ impl RuntimeArgs {
             ));
         }
         let chroot_dir = self.chroot_dir.as_deref().map(absolute).unwrap_or_else(|| data_dir.join("jail"));
+        let image_dir = self.image_dir.as_deref().map(absolute).unwrap_or_else(|| data_dir.with_file_name("images"));
+        if image_dir.starts_with(&assets_dir) || image_dir.starts_with(&data_dir) {
+            return Err(bad(
+                "HYPERFLEET_IMAGE_DIR",
+                format!("{} must be outside the assets and data directories", image_dir.display()),
+            ));
+        }
+        let host_list = |s: &str| -> Vec<String> {
+            s.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_string).collect()
+        };
+        let registries = crate::oci::Registries {
+            insecure: host_list(&self.insecure_registries),
+            mirror: self.registry_mirror.as_deref().map(str::trim).filter(|m| !m.is_empty()).map(str::to_string),
+            allowed: Some(host_list(&self.allowed_registries)).filter(|l| !l.is_empty()),
+        };
+        if self.image_cache_mib == 0 {
+            return Err(bad("HYPERFLEET_IMAGE_CACHE_MIB", "must be at least 1"));
+        }
         let volumes_dir = self.volumes_dir.as_deref().map(absolute).unwrap_or_else(|| data_dir.join("volumes"));
         if volumes_dir.starts_with(&assets_dir) {
             return Err(bad(
@@ -598,6 +634,9 @@ impl RuntimeArgs {
             runc_bin: self.runc_bin.clone(),
             default_runtime,
             stop_timeout: Duration::from_secs(self.stop_timeout),
+            image_dir,
+            image_cache_bytes: self.image_cache_mib.saturating_mul(1 << 20),
+            registries,
             console_log_max_size: parse_size(&self.console_log_max_size).filter(|n| *n >= 4096).ok_or_else(|| {
                 bad(
                     "HYPERFLEET_CONSOLE_LOG_MAX_SIZE",
@@ -799,6 +838,11 @@ mod tests {
         ("HYPERFLEET_CONSOLE_LOG_MAX_SIZE", "1MiB"),
         ("HYPERFLEET_FILE_MAX_SIZE", "1GiB"),
         ("HYPERFLEET_FILE_TRANSFER_TIMEOUT", "5"),
+        ("HYPERFLEET_IMAGE_DIR", "/srv/hf-data/images"),
+        ("HYPERFLEET_IMAGE_CACHE_MIB", "2048"),
+        ("HYPERFLEET_REGISTRY_MIRROR", "mirror.test:5000"),
+        ("HYPERFLEET_INSECURE_REGISTRIES", "127.0.0.1:5000, mirror.test:5000"),
+        ("HYPERFLEET_ALLOWED_REGISTRIES", "127.0.0.1:5000"),
         ("HYPERFLEET_METRICS_TOKEN", "prometheus-scrape-token-1234"),
         ("HYPERFLEET_LOG_FORMAT", "json"),
         ("HYPERFLEET_EVENTS_BACKLOG", "500"),
@@ -890,6 +934,10 @@ mod tests {
         assert_eq!((&r.runc_bin, r.default_runtime), (&p("/opt/runc"), Some(RuntimeKind::Container)));
         assert_eq!(r.stop_timeout, Duration::from_secs(3));
         assert_eq!(r.console_log_max_size, 1 << 20);
+        assert_eq!((&r.image_dir, r.image_cache_bytes), (&p("/srv/hf-data/images"), 2048 << 20));
+        assert_eq!(r.registries.insecure, ["127.0.0.1:5000", "mirror.test:5000"]);
+        assert_eq!(r.registries.mirror.as_deref(), Some("mirror.test:5000"));
+        assert_eq!(r.registries.allowed, Some(vec!["127.0.0.1:5000".to_string()]));
         let n = &s.network;
         assert_eq!(
             (n.subnet.to_string(), n.tap_naming.name(2), n.nft_table.as_str()),

@@ -42,7 +42,12 @@ async fn the_daemon_keeps_its_openapi_contract() {
         // Room for every machine the generated requests create, so IP_POOL_EXHAUSTED stays out of the run.
         prefix_len: 18,
         // Firecracker is off the table: generated creates that ask for it get a 400, not a VM.
-        env: vec![("FIRECRACKER_BIN".into(), "/nonexistent/firecracker".into())],
+        env: vec![
+            ("FIRECRACKER_BIN".into(), "/nonexistent/firecracker".into()),
+            // Fuzzed image references must never reach a registry off this host: only a closed loopback
+            // port is allowed (connection refused, 502).
+            ("HYPERFLEET_ALLOWED_REGISTRIES".into(), "127.0.0.1:1".into()),
+        ],
         ..Options::default()
     };
     let d = Daemon::start(opts).await;

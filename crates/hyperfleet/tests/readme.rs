@@ -39,6 +39,8 @@ async fn readme_examples_run_as_written() {
     for ex in &examples {
         let script = ex.script.replace("localhost:4000", &format!("127.0.0.1:{}", d.proxy_port));
         let out = std::process::Command::new("bash")
+            // Examples run from the checkout's root, as a reader would (`scripts/…`).
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
             .args(["-euo", "pipefail", "-c", &script])
             .env("HF", d.url())
             .env("KEY", &d.key)

@@ -57,6 +57,9 @@ pub(crate) fn required_scope(method: &Method, path: &str) -> Option<Scope> {
         (_, "/metrics") => Some(MetricsRead),
         (_, p) if p.starts_with("/api-keys") => Some(KeysAdmin),
         (_, p) if p == "/webhooks" || p.starts_with("/webhooks/") => Some(WebhooksAdmin),
+        // The image cache: reading it is reading machines' inputs; pulling and deleting change them.
+        (&Method::GET, p) if p.starts_with("/images") => Some(MachinesRead),
+        (_, p) if p.starts_with("/images") => Some(MachinesWrite),
         _ if p.ends_with("/exec") || p.ends_with("/exec/stream") || p.ends_with("/pty") || p.contains("/files") => {
             Some(MachinesExec)
         }

@@ -72,6 +72,18 @@ fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
         MachineError::NameTaken(_) | MachineError::VolumeNameTaken(_) | MachineError::Conflict(_) => {
             (S::CONFLICT, "CONFLICT")
         }
+        MachineError::Image(i) => {
+            use crate::machines::images::ImageError as I;
+            match i {
+                I::Invalid(_) => (S::BAD_REQUEST, "VALIDATION_ERROR"),
+                I::NotFound(_) => (S::NOT_FOUND, "NOT_FOUND"),
+                // Not 401: that status means the caller's API key here.
+                I::Auth(_) => (S::FORBIDDEN, "REGISTRY_UNAUTHORIZED"),
+                I::Registry(_) => (S::BAD_GATEWAY, "REGISTRY_ERROR"),
+                I::Failed(_) => (S::INTERNAL_SERVER_ERROR, "IMAGE_ERROR"),
+                I::InUse { .. } => (S::CONFLICT, "CONFLICT"),
+            }
+        }
         MachineError::PoolExhausted { .. } => (S::SERVICE_UNAVAILABLE, "IP_POOL_EXHAUSTED"),
         MachineError::Asleep { .. } | MachineError::WakeFailed { .. } => {
             (S::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE")

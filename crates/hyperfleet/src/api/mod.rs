@@ -8,6 +8,7 @@ pub(crate) mod extract;
 #[cfg(test)]
 mod fuzz;
 pub(crate) mod guest;
+pub(crate) mod images;
 pub(crate) mod keys;
 pub(crate) mod machines;
 pub(crate) mod pty;
@@ -78,13 +79,15 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
         guest::list, guest::mkdir,
         keys::create, keys::list, keys::revoke,
+        images::list, images::pull, images::delete,
         volumes::create, volumes::list, volumes::get, volumes::delete, volumes::resize, volumes::clone,
         webhooks::create, webhooks::list, webhooks::get, webhooks::delete, webhooks::deliveries,
     ),
     components(schemas(machines::StatusFilter, machines::Flag, events::EventTypes, hyperfleet_types::Event,
         hyperfleet_types::WebhookPayload)),
     modifiers(&BearerAuth, &CommonResponses),
-    tags((name = "machines"), (name = "exec"), (name = "files"), (name = "volumes"), (name = "api-keys"), (name = "events"), (name = "webhooks"))
+    tags((name = "machines"), (name = "exec"), (name = "files"), (name = "volumes"), (name = "api-keys"), (name = "events"), (name = "images"),
+        (name = "webhooks"))
 )]
 pub(crate) struct ApiDoc;
 
@@ -238,6 +241,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/machines/{id}/files/stat", get(guest::stat))
         .route("/machines/{id}/files/list", get(guest::list))
         .route("/machines/{id}/files/mkdir", post(guest::mkdir))
+        .route("/images", get(images::list))
+        .route("/images/pull", post(images::pull))
+        .route("/images/{digest}", axum::routing::delete(images::delete))
         .route("/volumes", post(volumes::create).get(volumes::list))
         .route("/volumes/{id}", get(volumes::get).delete(volumes::delete))
         .route("/volumes/{id}/resize", post(volumes::resize))

@@ -58,6 +58,24 @@ enum MachinesCommand {
         /// An environment variable for every command run in the machine (repeat: --env A=1 --env B=2).
         #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_pair)]
         env: Vec<(String, String)>,
+        /// An OCI image to run (instead of --rootfs), e.g. 127.0.0.1:5000/busybox:latest.
+        #[arg(long, conflicts_with = "rootfs")]
+        image: Option<String>,
+        /// Disk size of an image machine in MiB.
+        #[arg(long = "image-size", requires = "image")]
+        image_size_mib: Option<i64>,
+        /// Replaces the image's Entrypoint (repeat for each argument).
+        #[arg(long)]
+        entrypoint: Vec<String>,
+        /// Replaces the image's Cmd (repeat for each argument).
+        #[arg(long)]
+        cmd: Vec<String>,
+        /// What happens when the main process ends: no, on-failure, always.
+        #[arg(long, value_parser = parse_restart)]
+        restart: Option<hyperfleet_types::RestartPolicy>,
+        /// Registry user; the password is read from HYPERFLEET_REGISTRY_PASSWORD.
+        #[arg(long, requires = "image")]
+        registry_user: Option<String>,
         #[command(flatten)]
         settings: Settings,
         #[arg(long)]
@@ -313,6 +331,12 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             volumes,
             disk_size_mib,
             env,
+            image,
+            image_size_mib,
+            entrypoint,
+            cmd,
+            restart,
+            registry_user,
             settings,
             start,
         } => {
@@ -333,6 +357,12 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 runtime,
                 network: network.transpose()?,
                 env: (!env.is_empty()).then(|| env.into_iter().collect()),
+                image,
+                image_size_mib,
+                registry_auth: registry_auth(registry_user)?,
+                entrypoint: (!entrypoint.is_empty()).then_some(entrypoint),
+                cmd: (!cmd.is_empty()).then_some(cmd),
+                restart_policy: restart,
                 volumes: (!volumes.is_empty()).then_some(volumes),
                 disk_size_mib,
                 labels: settings.labels(),
@@ -344,6 +374,9 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 auto_start: settings.auto_start,
             };
             let mut m = hf.create_machine(&req).await?;
+            if m.image_status.is_some() && out == Output::Table {
+                m = show_pull(&hf, m).await?;
+            }
             if start {
                 m = hf.start_machine(&m.id).await?;
             }
@@ -474,4 +507,46 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+fn parse_restart(s: &str) -> Result<hyperfleet_types::RestartPolicy, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("'{s}': use no, on-failure or always"))
+}
+
+/// Basic credentials from --registry-user and the HYPERFLEET_REGISTRY_PASSWORD variable (never an argument:
+/// arguments show in `ps`).
+pub(crate) fn registry_auth(user: Option<String>) -> anyhow::Result<Option<hyperfleet_types::RegistryAuth>> {
+    let Some(username) = user else { return Ok(None) };
+    let password = std::env::var("HYPERFLEET_REGISTRY_PASSWORD")
+        .map_err(|_| anyhow::anyhow!("--registry-user needs the password in HYPERFLEET_REGISTRY_PASSWORD"))?;
+    Ok(Some(hyperfleet_types::RegistryAuth { username: Some(username), password: Some(password), token: None }))
+}
+
+/// Shows an image machine's pull as a progress bar until its image is ready (or failed).
+async fn show_pull(hf: &hyperfleet_client::Client, mut m: Machine) -> anyhow::Result<Machine> {
+    use hyperfleet_types::ImagePhase;
+    let bar = indicatif::ProgressBar::new(0).with_message(m.spec.image.clone().unwrap_or_default());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    while let Some(st) = m.image_status.clone() {
+        bar.set_length(st.bytes_total);
+        bar.set_position(st.bytes_done);
+        match st.phase {
+            ImagePhase::Ready => break,
+            ImagePhase::Failed => {
+                bar.abandon();
+                anyhow::bail!("pulling {}: {}", m.spec.image.unwrap_or_default(), st.error.unwrap_or_default());
+            }
+            ImagePhase::Converting => bar.set_message("converting"),
+            ImagePhase::Pulling => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        m = hf.get_machine(&m.id).await?;
+    }
+    bar.finish_and_clear();
+    Ok(m)
 }

@@ -2,6 +2,7 @@
 
 pub(crate) mod doctor;
 pub(crate) mod events;
+pub(crate) mod images;
 pub(crate) mod keys;
 pub(crate) mod machines;
 pub(crate) mod purge;
@@ -38,6 +39,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             serve::run(*args).await.map(|()| 0)
         }
         Command::Machines(args) => machines::run(args).await,
+        Command::Images(args) => images::run(args).await,
         Command::Events(args) => events::run(args).await,
         Command::Keys(args) => keys::run(args).await,
         Command::Volumes(args) => volumes::run(args).await,
@@ -63,6 +65,8 @@ pub enum Command {
     Serve(Box<crate::config::ServeArgs>),
     /// Manage machines through the API (HYPERFLEET_URL, HYPERFLEET_API_KEY).
     Machines(machines::MachinesArgs),
+    /// Manage the daemon's image cache (ls, pull, rm) through the API.
+    Images(images::ImagesArgs),
     /// Manage volumes through the API (HYPERFLEET_URL, HYPERFLEET_API_KEY).
     Volumes(volumes::VolumesArgs),
     /// Follow machine events as they happen (HYPERFLEET_URL, HYPERFLEET_API_KEY).

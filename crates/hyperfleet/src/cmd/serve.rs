@@ -70,7 +70,17 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
         .map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
     let net = HostNetwork::new(network)?;
     let addressing = net.addressing.clone();
+    let images = std::sync::Arc::new(
+        crate::machines::images::Images::new(
+            rt.image_dir.clone(),
+            rt.assets_dir.join("bin/hyperfleet-agent"),
+            rt.image_cache_bytes,
+            rt.registries.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("image cache {}: {e}", rt.image_dir.display()))?,
+    );
     let host = LinuxHost {
+        images: images.clone(),
         runtimes: Runtimes { firecracker, container, stop_grace: rt.stop_timeout },
         net,
         data_dir: rt.data_dir.clone(),
@@ -97,7 +107,7 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
             timeout: settings.store.webhook_timeout,
         },
     };
-    Ok(Service::new(store, host, addressing, policy))
+    Ok(Service::new(store, host, addressing, policy, images))
 }
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {

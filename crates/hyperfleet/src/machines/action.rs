@@ -34,6 +34,7 @@ impl Action {
             (Self::Pause, _) => &[Running],
             (Self::Resume, _) => &[Paused],
             (Self::Delete | Self::ChangeVolumes, _) => &MachineStatus::AT_REST,
+            // `Fail` to `stopped`: the main process ended with code 0.
             (Self::Fail | Self::Adopt, _) => &[Running, Paused],
             (Self::Reconcile, _) => &[Starting, Running, Paused, Stopping],
         }

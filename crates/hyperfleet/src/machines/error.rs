@@ -69,6 +69,8 @@ pub(crate) enum Error {
     #[error("Failed to communicate with VM: {0}")]
     Agent(ClientError),
     #[error(transparent)]
+    Image(#[from] super::images::ImageError),
+    #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error("host network: {0}")]
     Network(#[from] hyperfleet_net::NetError),

@@ -79,6 +79,8 @@ pub(crate) struct LinuxHost {
     pub assets_dir: PathBuf,
     /// Where firecracker machines' jails are ([`crate::runtime::Firecracker::jails_dir`]).
     pub jails_dir: PathBuf,
+    /// The image cache, where image machines' root images are.
+    pub images: std::sync::Arc<super::images::Images>,
     pub volumes: VolumeDir,
 }
 
@@ -88,6 +90,7 @@ impl LinuxHost {
     }
 
     fn boot_spec(&self, m: &MachineRecord) -> BootSpec {
+        let image = m.spec.image.is_some();
         BootSpec {
             id: m.id.clone(),
             runtime: m.spec.runtime,
@@ -97,9 +100,17 @@ impl LinuxHost {
             kernel_args: m.spec.kernel_args.clone(),
             rootfs_path: PathBuf::from(&m.spec.rootfs_path),
             assets_dir: self.assets_dir.clone(),
+            rootfs_dir: if image { self.images.dir().to_path_buf() } else { self.assets_dir.clone() },
+            init: image.then(|| crate::oci::rootfs::AGENT_INIT.to_string()),
+            main_spec: super::images::main_process(
+                &m.spec,
+                m.spec.image_digest.as_deref().and_then(|d| self.images.config(d)).as_ref(),
+            )
+            .and_then(|p| serde_json::to_vec(&p).ok()),
             net: self.net.addressing.guest(m),
             block: m.block,
-            disk_size_mib: m.spec.disk_size_mib,
+            // An image machine's `image_size_mib` is its disk size too (0: the converted image's own size).
+            disk_size_mib: m.spec.disk_size_mib.max(m.spec.image_size_mib.unwrap_or(0)),
             volumes: m
                 .spec
                 .volumes

@@ -140,8 +140,9 @@ impl<H: Host> Service<H> {
         }
     }
 
-    pub(crate) async fn create(&self, req: CreateMachine) -> Result<Machine> {
+    pub(crate) async fn create(self: &Arc<Self>, req: CreateMachine) -> Result<Machine> {
         let policy = self.policy.clone();
+        let auth = req.registry_auth.clone();
         let checked = req.clone();
         let spec = tokio::task::spawn_blocking(move || validate::create(&checked, &policy))
             .await
@@ -152,6 +153,7 @@ impl<H: Host> Service<H> {
         if let Some(why) = self.host.unavailable(spec.runtime) {
             return Err(Error::RuntimeUnavailable { runtime: spec.runtime, why });
         }
+        let creds = self.resolve_image(&mut spec, auth.as_ref()).await?;
         let blocks = self.addressing.subnet.block_count();
         let id = crate::store::random_id();
         let secrets = req.secrets.unwrap_or_default();
@@ -176,6 +178,7 @@ impl<H: Host> Service<H> {
             InsertError::Lease(LeaseError::Store(e)) | InsertError::Store(e) => Error::Store(e),
         })?;
         info!(machine = %rec.id, name = %rec.spec.name, runtime = %rec.spec.runtime, tap = %self.addressing.iface(&rec), "machine created");
+        self.pull_in_background(&rec, creds);
         Ok(self.to_wire(&rec))
     }
 
@@ -338,6 +341,9 @@ impl<H: Host> Service<H> {
     /// Starts a machine: pending|stopped|failed → starting → running, or failed with everything undone.
     pub(crate) async fn start(self: &Arc<Self>, id: &str) -> Result<Machine> {
         let rec = self.record(id).await?;
+        if Action::Start.allowed_in(rec.status) {
+            self.image_ready(&rec).await?;
+        }
         let started = std::time::Instant::now();
         let done = detached("start", self.clone().start_flow(rec)).await;
         self.metrics.operation(Operation::Start, done.is_ok(), started.elapsed());
@@ -515,6 +521,7 @@ impl<H: Host> Service<H> {
                     warn!(machine = %m.id, error = %e, "could not remove the machine's files");
                 }
                 self.ports.forget(&m.id);
+                self.images.forget_machine(&m.id);
                 self.activity.reset(&m.id);
                 self.cpu_readings.forget(&m.id);
                 info!(machine = %m.id, "machine deleted");

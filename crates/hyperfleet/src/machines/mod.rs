@@ -23,6 +23,7 @@ mod error;
 mod events;
 mod guest;
 pub(crate) mod host;
+pub(crate) mod images;
 mod lifecycle;
 mod monitor;
 pub(crate) mod network;
@@ -92,6 +93,7 @@ pub(crate) struct Service<H: Host = LinuxHost> {
     cpu_readings: stats::CpuReadings,
     ports: wire::PortStatus,
     execs: guest::ExecSlots,
+    images: Arc<images::Images>,
     /// The host-wide budget for buffered command output, in KiB.
     output_budget: Arc<tokio::sync::Semaphore>,
     /// Held across every firewall change, and for a rebuild across the database read it is made from, so an
@@ -109,7 +111,13 @@ pub(crate) struct Service<H: Host = LinuxHost> {
 }
 
 impl<H: Host> Service<H> {
-    pub(crate) fn new(store: Store, host: H, addressing: Addressing, policy: Policy) -> Arc<Self> {
+    pub(crate) fn new(
+        store: Store,
+        host: H,
+        addressing: Addressing,
+        policy: Policy,
+        images: Arc<images::Images>,
+    ) -> Arc<Self> {
         let budget_kib = usize::try_from(policy.exec_output_budget / 1024)
             .unwrap_or(usize::MAX)
             .min(tokio::sync::Semaphore::MAX_PERMITS);
@@ -129,6 +137,7 @@ impl<H: Host> Service<H> {
             cpu_readings: stats::CpuReadings::default(),
             ports: wire::PortStatus::default(),
             execs: guest::ExecSlots::default(),
+            images,
             output_budget: Arc::new(tokio::sync::Semaphore::new(budget_kib)),
             firewall_order: tokio::sync::Mutex::new(()),
             volume_ops: tokio::sync::Mutex::new(()),

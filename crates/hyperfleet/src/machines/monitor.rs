@@ -6,6 +6,8 @@ use std::sync::Arc;
 use hyperfleet_types::{MachineStatus, RuntimeKind};
 use tracing::warn;
 
+use hyperfleet_agent_proto::main_process::exit_code;
+
 use super::{Action, Host, Service};
 use crate::store::machines::{Changes, MachineRecord};
 
@@ -25,11 +27,40 @@ impl<H: Host> Service<H> {
             if rec.pid != Some(pid) || !matches!(rec.status, MachineStatus::Running | MachineStatus::Paused) {
                 return; // stopped on purpose, or restarted with another process
             }
-            let last = this.host.console_tail(&id, 5).await.join(" | ");
-            let msg = format!("{} (pid {pid}) exited unexpectedly; last console lines: {last}", process_name(&rec));
-            match this.transition(&id, Action::Fail, MachineStatus::Failed, Changes::failed(msg.clone())).await {
+            let tail = this.host.console_tail(&id, MAIN_EXIT_LINES).await;
+            let (to, changes, msg) = match main_exit(&rec, &tail) {
+                // The main process ended and, by its restart policy, so did the machine.
+                Some(0) => {
+                    (MachineStatus::Stopped, Changes::process_gone(), "main process exited with code 0".to_string())
+                }
+                Some(code) => {
+                    let before: Vec<&String> = tail
+                        .iter()
+                        .filter(|l| exit_code(l).is_none())
+                        .rev()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
+                    let last = before.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(" | ");
+                    let msg = format!("main process exited with code {code}; last lines: {last}");
+                    (MachineStatus::Failed, Changes::failed(msg.clone()), msg)
+                }
+                None => {
+                    let last = tail.iter().rev().take(5).rev().cloned().collect::<Vec<_>>().join(" | ");
+                    let msg =
+                        format!("{} (pid {pid}) exited unexpectedly; last console lines: {last}", process_name(&rec));
+                    (MachineStatus::Failed, Changes::failed(msg.clone()), msg)
+                }
+            };
+            match this.transition(&id, Action::Fail, to, changes).await {
                 Ok(failed) => {
-                    warn!(machine = %id, "{msg}");
+                    if to == MachineStatus::Failed {
+                        warn!(machine = %id, "{msg}");
+                    } else {
+                        tracing::info!(machine = %id, "{msg}; machine stopped");
+                    }
                     this.release_host(&MachineRecord { pid: None, ..failed.clone() }).await;
                     if let Err(e) = this.firewall_change(&failed, false).await {
                         warn!(machine = %id, error = %e, "could not remove the machine from the firewall");
@@ -63,6 +94,19 @@ impl<H: Host> Service<H> {
             }
         }
     }
+}
+
+/// Console lines searched for the agent's report of the main process's end.
+const MAIN_EXIT_LINES: usize = 40;
+
+/// The main process's exit code, when the machine has one and the agent reported it on the console as the
+/// machine ended. A guest could print that line itself: it only decides its own machine's state.
+fn main_exit(m: &MachineRecord, tail: &[String]) -> Option<i32> {
+    let has_main = m.spec.image.is_some() || m.spec.cmd.is_some() || m.spec.entrypoint.is_some();
+    if !has_main {
+        return None;
+    }
+    tail.iter().rev().find_map(|l| exit_code(l))
 }
 
 fn process_name(m: &MachineRecord) -> &'static str {

@@ -274,7 +274,16 @@ pub(super) fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
             timeout: std::time::Duration::from_secs(5),
         },
     };
-    (dir, Service::new(store, FakeHost::default(), addressing, policy))
+    let images = Arc::new(
+        super::images::Images::new(
+            dir.path().join("images"),
+            dir.path().join("agent"),
+            1 << 30,
+            crate::oci::Registries::default(),
+        )
+        .unwrap(),
+    );
+    (dir, Service::new(store, FakeHost::default(), addressing, policy, images))
 }
 
 pub(super) fn create_req(name: &str) -> CreateMachine {

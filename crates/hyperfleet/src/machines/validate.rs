@@ -28,6 +28,24 @@ const MAX_TIMER_SECS: u64 = 365 * 24 * 3600;
 /// Most ports one machine may expose: enough for any service, small enough that a machine's JSON stays small.
 pub(super) const MAX_EXPOSED_PORTS: usize = 64;
 
+const MAX_IMAGE_REF: usize = 512;
+const MIN_IMAGE_MIB: u32 = 64;
+const MAX_IMAGE_MIB: u32 = 1 << 20;
+const MAX_ARGS: usize = 256;
+const MAX_ARG: usize = 32 * 1024;
+
+/// `entrypoint` / `cmd`: an argument vector, bounded, without NUL bytes.
+fn argv(field: &str, args: Option<&[String]>) -> Result<(), String> {
+    let Some(args) = args else { return Ok(()) };
+    if args.len() > MAX_ARGS {
+        return Err(format!("{field} has {} arguments; at most {MAX_ARGS} are allowed", args.len()));
+    }
+    if args.iter().any(|a| a.len() > MAX_ARG || a.contains('\0')) {
+        return Err(format!("{field}: each argument must be at most {MAX_ARG} bytes with no NUL byte"));
+    }
+    Ok(())
+}
+
 pub(super) fn name(n: &str) -> Result<(), String> {
     let b = n.as_bytes();
     let ok = !b.is_empty()
@@ -281,24 +299,60 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
     let egress = network.egress.unwrap_or(EgressPolicy::Allow);
     let env_vars = req.env.clone().unwrap_or_default();
     env("env", &env_vars)?;
+    let image = match req.image.as_deref() {
+        None => None,
+        Some(_) if req.rootfs_path.is_some() => {
+            return Err("image and rootfs_path are mutually exclusive: a machine boots one or the other".into());
+        }
+        Some(i)
+            if i.is_empty() || i.len() > MAX_IMAGE_REF || i.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+        {
+            return Err(format!("image must be an image reference of 1-{MAX_IMAGE_REF} characters without spaces"));
+        }
+        Some(i) => Some(i.to_string()),
+    };
+    if image.is_none() && (req.image_size_mib.is_some() || req.registry_auth.is_some()) {
+        return Err("image_size_mib and registry_auth need an image".into());
+    }
+    let image_size_mib = match req.image_size_mib {
+        None => None,
+        Some(n) => Some(
+            u32::try_from(n)
+                .ok()
+                .filter(|n| (MIN_IMAGE_MIB..=MAX_IMAGE_MIB).contains(n))
+                .ok_or_else(|| format!("image_size_mib must be between {MIN_IMAGE_MIB} and {MAX_IMAGE_MIB}"))?,
+        ),
+    };
+    argv("entrypoint", req.entrypoint.as_deref())?;
+    argv("cmd", req.cmd.as_deref())?;
     let volume_list = req.volumes.clone().unwrap_or_default();
     volumes(&volume_list)?;
-    let rootfs_path = asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?;
-    let image_bytes = assets::open_beneath(&limits.assets_dir, Path::new(&rootfs_path))
-        .map_err(|e| format!("rootfs_path {e}"))?
-        .metadata()
-        .map_err(|e| format!("rootfs_path: {e}"))?
-        .len();
-    let image_mib = u32::try_from(image_bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX);
-    let disk_size_mib = match req.disk_size_mib {
-        None => image_mib,
-        Some(v) => {
-            let want = size_mib("disk_size_mib", v, 1)?;
-            if want < image_mib {
-                return Err(format!("disk_size_mib must be at least the image's size ({image_mib} MiB), got {want}"));
+    // An image machine's root image is set once the image is resolved (it lives in the image cache), and
+    // its size is known only then: `disk_size_mib` 0 means the converted image's size.
+    let (rootfs_path, disk_size_mib) = if image.is_some() {
+        let want = req.disk_size_mib.map(|v| size_mib("disk_size_mib", v, 1)).transpose()?;
+        (String::new(), want.unwrap_or(0))
+    } else {
+        let rootfs_path = asset("rootfs_path", req.rootfs_path.as_deref(), &limits.default_rootfs, &limits.assets_dir)?;
+        let image_bytes = assets::open_beneath(&limits.assets_dir, Path::new(&rootfs_path))
+            .map_err(|e| format!("rootfs_path {e}"))?
+            .metadata()
+            .map_err(|e| format!("rootfs_path: {e}"))?
+            .len();
+        let image_mib = u32::try_from(image_bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+        let disk_size_mib = match req.disk_size_mib {
+            None => image_mib,
+            Some(v) => {
+                let want = size_mib("disk_size_mib", v, 1)?;
+                if want < image_mib {
+                    return Err(format!(
+                        "disk_size_mib must be at least the image's size ({image_mib} MiB), got {want}"
+                    ));
+                }
+                want
             }
-            want
-        }
+        };
+        (rootfs_path, disk_size_mib)
     };
     let secret_names = secrets(req.secrets.as_ref().unwrap_or(&BTreeMap::new()), &env_vars)?;
     let label_map = req.labels.clone().unwrap_or_default();
@@ -319,6 +373,12 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
         exposed_ports,
         network: MachineNetwork { prefix_len: None, gateway: None, dns, egress },
         env: env_vars,
+        image,
+        image_digest: None,
+        image_size_mib,
+        entrypoint: req.entrypoint.clone(),
+        cmd: req.cmd.clone(),
+        restart_policy: req.restart_policy.unwrap_or_default(),
         volumes: volume_list,
         disk_size_mib,
         secret_names,

@@ -290,7 +290,7 @@ impl Container {
         let dns: Vec<String> = net.dns.iter().map(|d| d.to_string()).collect();
         let process = ProcessBuilder::default()
             .terminal(false)
-            .args(vec!["/sbin/init".to_string()])
+            .args(vec![m.init.clone().unwrap_or_else(|| "/sbin/init".to_string())])
             .env(vec![
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
                 "LISTEN_FDS=1".to_string(),
@@ -672,6 +672,9 @@ mod tests {
             kernel_args: String::new(),
             rootfs_path: PathBuf::from("/a/rootfs.ext4"),
             assets_dir: PathBuf::from("/a"),
+            rootfs_dir: PathBuf::from("/a"),
+            init: None,
+            main_spec: None,
             net: GuestNetwork {
                 iface: "tap0".into(),
                 tap_ip: "172.16.0.1".parse().unwrap(),

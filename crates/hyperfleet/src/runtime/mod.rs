@@ -173,8 +173,14 @@ pub(crate) struct BootSpec {
     pub kernel_image_path: PathBuf,
     pub kernel_args: String,
     pub rootfs_path: PathBuf,
-    /// Kernels and root filesystems are opened beneath it, never through a symlink.
+    /// Kernels are opened beneath it, never through a symlink.
     pub assets_dir: PathBuf,
+    /// The root filesystem is opened beneath it: the assets directory, or the image cache for an image.
+    pub rootfs_dir: PathBuf,
+    /// The guest's init when not `/sbin/init` (an image machine: the agent injected into the image).
+    pub init: Option<String>,
+    /// The main process spec (JSON) written into the machine's disk at each start.
+    pub main_spec: Option<Vec<u8>>,
     pub net: GuestNetwork,
     /// The machine's address block: unique among existing machines, so it also numbers the machine's own
     /// host identity (its jailed firecracker's uid and gid).
@@ -219,7 +225,8 @@ impl Runtimes {
             return Err(RuntimeError::Unavailable(why));
         }
         let (src, dst, dir) = (spec.rootfs_path.clone(), files.disk.clone(), files.dir.clone());
-        let assets = spec.assets_dir.clone();
+        let assets = spec.rootfs_dir.clone();
+        let main = spec.main_spec.clone();
         tokio::task::spawn_blocking(move || {
             private_dir(&dir)?;
             if !dst.exists() {
@@ -228,6 +235,11 @@ impl Runtimes {
                 let image = assets::open_beneath(&assets, &src)
                     .map_err(|e| RuntimeError::Asset { path: src.clone(), message: e.to_string() })?;
                 disk::sparse_copy_from(&image, &dst).map_err(RuntimeError::io("copy the machine's disk from", &src))?;
+            }
+            if let Some(json) = main {
+                crate::oci::rootfs::write_main_spec(&dst, &json, &dir.join("main.json")).map_err(|e| {
+                    RuntimeError::Command { command: "write the main process spec".into(), message: e.to_string() }
+                })?;
             }
             Ok::<_, RuntimeError>(())
         })

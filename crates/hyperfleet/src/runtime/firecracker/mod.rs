@@ -98,6 +98,12 @@ impl Firecracker {
             dns(0),
             dns(1)
         );
+        if let Some(init) = &spec.init
+            && !spec.kernel_args.split_whitespace().any(|a| a.starts_with("init="))
+        {
+            args.push_str(" init=");
+            args.push_str(init);
+        }
         // The root disk is vda; the volumes follow in the order they are attached.
         let volumes: Vec<String> = spec
             .volumes
@@ -318,6 +324,9 @@ mod tests {
             kernel_args: "  console=ttyS0 reboot=k  ".into(),
             rootfs_path: PathBuf::from("/a/rootfs.ext4"),
             assets_dir: PathBuf::from("/a"),
+            rootfs_dir: PathBuf::from("/a"),
+            init: None,
+            main_spec: None,
             net: GuestNetwork {
                 iface: "tap1".into(),
                 tap_ip: "172.16.0.5".parse().unwrap(),

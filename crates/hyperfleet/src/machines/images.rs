@@ -1,0 +1,650 @@
+//! The image cache: layers and converted root images, content-addressed under the images directory and
+//! shared by every machine made from the same manifest digest (each machine still boots its own sparse copy).
+//! Pulls of one digest are single-flight; progress is kept per pull and shown on the machines waiting for
+//! it; the cache is kept under its size cap by evicting the least recently used images no machine uses.
+//! Registry credentials live in memory for the pull only.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use hyperfleet_types::{ImageInfo, ImagePhase, ImageStatus, MachineSpec};
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
+
+use crate::oci::pull::{Progress, Puller, blob_path};
+use crate::oci::{Credentials, ImageConfig, OciError, Registries, rootfs};
+
+/// One cached image, as kept in `index.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    references: Vec<String>,
+    layers: Vec<String>,
+    config: ImageConfig,
+    size_bytes: u64,
+    #[serde(with = "hyperfleet_types::timestamp")]
+    last_used: time::OffsetDateTime,
+}
+
+/// An image ready to boot from.
+#[derive(Debug, Clone)]
+pub(crate) struct Ready {
+    /// The converted root image (inside [`Images::dir`]).
+    pub root: PathBuf,
+}
+
+type Flight = Arc<OnceCell<Result<Ready, String>>>;
+
+struct PullState {
+    progress: Arc<Progress>,
+    phase: ImagePhase,
+    error: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    index: BTreeMap<String, Entry>,
+    flights: HashMap<String, (Flight, Arc<Progress>)>,
+    /// Per machine: the pull it waits for (or the last one's outcome).
+    machines: HashMap<String, Arc<Mutex<PullState>>>,
+    /// Per machine: credentials until its image is cached.
+    creds: HashMap<String, Credentials>,
+    /// Manifests and configs resolved at create, so the pull that follows does not fetch them again.
+    resolved: HashMap<String, (oci_client::manifest::OciImageManifest, ImageConfig)>,
+}
+
+pub(crate) struct Images {
+    dir: PathBuf,
+    agent: PathBuf,
+    cap_bytes: u64,
+    puller: Puller,
+    state: Mutex<State>,
+}
+
+/// Why an image could not be had; the API maps each kind to its status.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ImageError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Auth(String),
+    #[error("{0}")]
+    Registry(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("image {digest} is used by machines {}", machines.join(", "))]
+    InUse { digest: String, machines: Vec<String> },
+}
+
+impl From<OciError> for ImageError {
+    fn from(e: OciError) -> Self {
+        match e {
+            OciError::Reference(m) => Self::Invalid(m),
+            OciError::NotFound(m) => Self::NotFound(m),
+            OciError::Auth(m) => Self::Auth(m),
+            OciError::Unreachable(m) | OciError::Registry(m) => Self::Registry(m),
+            OciError::Layer(l) => Self::Failed(format!("the image's layers cannot be applied: {l}")),
+            other => Self::Failed(other.to_string()),
+        }
+    }
+}
+
+pub(crate) fn credentials(auth: Option<&hyperfleet_types::RegistryAuth>) -> Result<Option<Credentials>, String> {
+    let Some(a) = auth else { return Ok(None) };
+    match (&a.username, &a.password, &a.token) {
+        (Some(u), Some(p), None) if !u.is_empty() => {
+            Ok(Some(Credentials::Basic { username: u.clone(), password: p.clone() }))
+        }
+        (None, None, Some(t)) if !t.is_empty() => Ok(Some(Credentials::Token(t.clone()))),
+        _ => Err("registry_auth must be {\"username\", \"password\"} or {\"token\"}".into()),
+    }
+}
+
+fn hex(digest: &str) -> String {
+    digest.replace(':', "-")
+}
+
+impl Images {
+    pub(crate) fn new(dir: PathBuf, agent: PathBuf, cap_bytes: u64, registries: Registries) -> std::io::Result<Self> {
+        crate::runtime::private_dir(&dir).map_err(std::io::Error::other)?;
+        for sub in ["blobs", "roots", "tmp"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        // Whatever a crash left half done.
+        for e in std::fs::read_dir(dir.join("tmp"))?.flatten() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+        for e in std::fs::read_dir(dir.join("blobs"))?.flatten() {
+            if e.file_name().to_string_lossy().contains(".partial") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let index: BTreeMap<String, Entry> = std::fs::read(dir.join("index.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let index =
+            index.into_iter().filter(|(d, _)| dir.join("roots").join(format!("{}.ext4", hex(d))).exists()).collect();
+        Ok(Self {
+            dir,
+            agent,
+            cap_bytes,
+            puller: Puller::new(registries),
+            state: Mutex::new(State { index, ..State::default() }),
+        })
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn root_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("roots").join(format!("{}.ext4", hex(digest)))
+    }
+
+    fn save_index(&self, index: &BTreeMap<String, Entry>) {
+        let path = self.dir.join("index.json");
+        let tmp = self.dir.join("index.json.tmp");
+        let res = serde_json::to_vec_pretty(index)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = res {
+            warn!(error = %e, "could not save the image index");
+        }
+    }
+
+    /// Records `creds` for a machine's later pull (memory only).
+    pub(crate) fn remember_credentials(&self, machine: &str, creds: Option<Credentials>) {
+        if let Some(c) = creds {
+            self.lock().creds.insert(machine.to_string(), c);
+        }
+    }
+
+    pub(crate) fn forget_machine(&self, machine: &str) {
+        let mut s = self.lock();
+        s.creds.remove(machine);
+        s.machines.remove(machine);
+    }
+
+    /// The machine's pull as the API shows it.
+    pub(crate) fn status(&self, machine: &str) -> Option<ImageStatus> {
+        let st = self.lock().machines.get(machine).cloned()?;
+        let st = st.lock().unwrap_or_else(|e| e.into_inner());
+        Some(ImageStatus {
+            phase: st.phase,
+            bytes_done: st.progress.done.load(Ordering::Relaxed),
+            bytes_total: st.progress.total.load(Ordering::Relaxed),
+            error: st.error.clone(),
+        })
+    }
+
+    /// Resolves `image` to its digest: from the cache for a `@digest` reference already held, else from the
+    /// registry (a small request, so bad names and credentials are refused at once); when the registry
+    /// cannot be reached, a reference pulled before is answered from the cache.
+    pub(crate) async fn resolve(&self, image: &str, creds: Option<&Credentials>) -> Result<String, ImageError> {
+        let r = self.puller.reference(image)?;
+        if let Some(d) = r.digest()
+            && self.lock().index.contains_key(d)
+        {
+            return Ok(d.to_string());
+        }
+        match self.puller.session(&r, creds).resolve(&r, creds).await {
+            Ok((digest, manifest, config)) => {
+                let mut s = self.lock();
+                if !s.index.contains_key(&digest) && s.resolved.len() < 256 {
+                    s.resolved.insert(digest.clone(), (manifest, config));
+                }
+                Ok(digest)
+            }
+            Err(OciError::Unreachable(m)) => {
+                let whole = r.whole();
+                self.lock()
+                    .index
+                    .iter()
+                    .filter(|(_, e)| e.references.contains(&whole))
+                    .max_by_key(|(_, e)| e.last_used)
+                    .map(|(d, _)| d.clone())
+                    .ok_or(ImageError::Registry(m))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The image `image` (resolved to `digest`), pulled and converted if it is not cached: one pull per
+    /// digest however many callers ask at once. `machine` (if any) shows the pull's progress.
+    /// Shows the pull of `digest` on `machine` (ready at once when cached); returns the pull to wait for,
+    /// if there is one. Synchronous, so a create's answer already carries the machine's image status.
+    pub(crate) fn watch(&self, digest: &str, machine: Option<&str>) -> Option<(Flight, Arc<Progress>)> {
+        let mut s = self.lock();
+        if let Some(e) = s.index.get_mut(digest) {
+            e.last_used = time::OffsetDateTime::now_utc();
+            let total = e.size_bytes;
+            if let Some(m) = machine {
+                let progress = Arc::new(Progress::default());
+                progress.done.store(total, Ordering::Relaxed);
+                progress.total.store(total, Ordering::Relaxed);
+                s.machines.insert(
+                    m.to_string(),
+                    Arc::new(Mutex::new(PullState { progress, phase: ImagePhase::Ready, error: None })),
+                );
+            }
+            return None;
+        }
+        let (flight, progress) = s
+            .flights
+            .entry(digest.to_string())
+            .or_insert_with(|| (Arc::new(OnceCell::new()), Arc::new(Progress::default())))
+            .clone();
+        if let Some(m) = machine {
+            s.machines.insert(
+                m.to_string(),
+                Arc::new(Mutex::new(PullState { progress: progress.clone(), phase: ImagePhase::Pulling, error: None })),
+            );
+        }
+        Some((flight, progress))
+    }
+
+    /// The image `image` (resolved to `digest`), pulled and converted if it is not cached: one pull per
+    /// digest however many callers ask at once. `machine` (if any) shows the pull's progress.
+    pub(crate) async fn ensure(
+        &self,
+        image: &str,
+        digest: &str,
+        creds: Option<Credentials>,
+        machine: Option<&str>,
+    ) -> Result<Ready, ImageError> {
+        let Some((flight, progress)) = self.watch(digest, machine) else {
+            return Ok(Ready { root: self.root_path(digest) });
+        };
+        let result = flight.get_or_init(|| self.pull(image, digest, creds, progress.clone())).await.clone();
+        {
+            let mut s = self.lock();
+            s.flights.remove(digest);
+            if let Some(m) = machine
+                && let Some(st) = s.machines.get(m)
+            {
+                let mut st = st.lock().unwrap_or_else(|e| e.into_inner());
+                match &result {
+                    Ok(_) => st.phase = ImagePhase::Ready,
+                    Err(e) => {
+                        st.phase = ImagePhase::Failed;
+                        st.error = Some(e.clone());
+                    }
+                }
+            }
+            if result.is_ok()
+                && let Some(m) = machine
+            {
+                s.creds.remove(m);
+            }
+        }
+        result.map_err(|e| {
+            // The kind is in the message's wording; the flight kept only the text, shared by every waiter.
+            if e.starts_with("image '") && e.contains("not found") {
+                ImageError::NotFound(e)
+            } else if e.starts_with("the registry refused") {
+                ImageError::Auth(e)
+            } else if e.starts_with("registry ") {
+                ImageError::Registry(e)
+            } else {
+                ImageError::Failed(e)
+            }
+        })
+    }
+
+    /// A machine's credentials, if it was created with some and its image is not cached yet.
+    pub(crate) fn credentials_of(&self, machine: &str) -> Option<Credentials> {
+        self.lock().creds.get(machine).cloned()
+    }
+
+    async fn pull(
+        &self,
+        image: &str,
+        digest: &str,
+        creds: Option<Credentials>,
+        progress: Arc<Progress>,
+    ) -> Result<Ready, String> {
+        let started = std::time::Instant::now();
+        let r = self.puller.reference(image).map_err(|e| e.to_string())?;
+        // Pull by digest: the tag may have moved since it was resolved.
+        let by_digest = oci_client::Reference::with_digest(
+            r.registry().to_string(),
+            r.repository().to_string(),
+            digest.to_string(),
+        );
+        let by_digest = self.puller.reference(&by_digest.whole()).unwrap_or(by_digest);
+        let session = self.puller.session(&by_digest, creds.as_ref());
+        let known = self.lock().resolved.remove(digest);
+        let (manifest, config) = match known {
+            Some(k) => k,
+            None => {
+                let (got, manifest, config) =
+                    session.resolve(&by_digest, creds.as_ref()).await.map_err(|e| e.to_string())?;
+                if got != digest {
+                    return Err(format!("registry error: asked for {digest}, the registry sent {got}"));
+                }
+                (manifest, config)
+            }
+        };
+        let blobs = self.dir.join("blobs");
+        let layers = session
+            .layers(&by_digest, &manifest, &blobs, &progress, creds.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.set_phase(digest, ImagePhase::Converting);
+        let work = self.dir.join("tmp").join(hex(digest));
+        let out = self.root_path(digest);
+        let (agent, l2, w2, o2) = (self.agent.clone(), layers.clone(), work.clone(), out.clone());
+        let unpacked = tokio::task::spawn_blocking(move || rootfs::build(&l2, &agent, &w2, &o2))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| ImageError::from(e).to_string())?;
+        let layer_bytes: u64 = layers.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+        let root_bytes = allocated(&out);
+        let entry = Entry {
+            references: vec![r.whole()],
+            layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
+            config: config.clone(),
+            size_bytes: layer_bytes + root_bytes,
+            last_used: time::OffsetDateTime::now_utc(),
+        };
+        {
+            let mut s = self.lock();
+            let e = s.index.entry(digest.to_string()).or_insert(entry);
+            if !e.references.contains(&r.whole()) {
+                e.references.push(r.whole());
+            }
+            let index = s.index.clone();
+            drop(s);
+            self.save_index(&index);
+        }
+        info!(image, digest, unpacked, ms = started.elapsed().as_millis(), "image pulled and converted");
+        Ok(Ready { root: out })
+    }
+
+    fn set_phase(&self, digest: &str, phase: ImagePhase) {
+        let s = self.lock();
+        let Some((_, progress)) = s.flights.get(digest) else { return };
+        for st in s.machines.values() {
+            let mut st = st.lock().unwrap_or_else(|e| e.into_inner());
+            if Arc::ptr_eq(&st.progress, progress) {
+                st.phase = phase;
+            }
+        }
+    }
+
+    /// The cached images, each with the machines (from `specs`) made from it.
+    pub(crate) fn list(&self, specs: &[(String, MachineSpec)]) -> Vec<ImageInfo> {
+        let s = self.lock();
+        s.index
+            .iter()
+            .map(|(d, e)| ImageInfo {
+                digest: d.clone(),
+                references: e.references.clone(),
+                size_bytes: e.size_bytes,
+                last_used: e.last_used,
+                machines: specs
+                    .iter()
+                    .filter(|(_, sp)| sp.image_digest.as_deref() == Some(d.as_str()))
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The image config of a cached digest.
+    pub(crate) fn config(&self, digest: &str) -> Option<ImageConfig> {
+        self.lock().index.get(digest).map(|e| e.config.clone())
+    }
+
+    /// Removes a cached image and the layers no other image shares; refused while a machine uses it.
+    pub(crate) fn remove(&self, digest: &str, used_by: Vec<String>) -> Result<bool, ImageError> {
+        if !used_by.is_empty() {
+            return Err(ImageError::InUse { digest: digest.to_string(), machines: used_by });
+        }
+        let mut s = self.lock();
+        let Some(entry) = s.index.remove(digest) else { return Ok(false) };
+        let still: HashSet<&String> = s.index.values().flat_map(|e| e.layers.iter()).collect();
+        for l in entry.layers.iter().filter(|l| !still.contains(l)) {
+            if let Ok(p) = blob_path(&self.dir.join("blobs"), l) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let _ = std::fs::remove_file(self.root_path(digest));
+        let index = s.index.clone();
+        drop(s);
+        self.save_index(&index);
+        Ok(true)
+    }
+
+    /// Evicts least recently used images no machine uses until the cache fits its cap.
+    pub(crate) fn evict(&self, in_use: &HashSet<String>) {
+        loop {
+            let (total, victim) = {
+                let s = self.lock();
+                let total: u64 = s.index.values().map(|e| e.size_bytes).sum();
+                let victim = s
+                    .index
+                    .iter()
+                    .filter(|(d, _)| !in_use.contains(*d))
+                    .min_by_key(|(_, e)| e.last_used)
+                    .map(|(d, _)| d.clone());
+                (total, victim)
+            };
+            if total <= self.cap_bytes {
+                return;
+            }
+            let Some(v) = victim else { return };
+            info!(digest = %v, "evicting a cached image (HYPERFLEET_IMAGE_CACHE_MIB)");
+            if let Err(e) = self.remove(&v, Vec::new()) {
+                warn!(digest = %v, error = %e, "could not evict an image");
+                return;
+            }
+        }
+    }
+}
+
+/// Bytes a (sparse) file really takes.
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// The main process of a machine from its image's config and its own overrides (Docker's rules: an
+/// `entrypoint` given at create drops the image's Cmd), or `None` when there is nothing to run.
+pub(crate) fn main_process(
+    spec: &MachineSpec,
+    image: Option<&ImageConfig>,
+) -> Option<hyperfleet_agent_proto::main_process::MainProcess> {
+    use hyperfleet_agent_proto::main_process::{MainProcess, Restart};
+    use hyperfleet_types::RestartPolicy;
+    let empty = ImageConfig::default();
+    let img = image.unwrap_or(&empty);
+    let entrypoint = spec.entrypoint.clone().unwrap_or_else(|| img.entrypoint.clone());
+    let cmd = match (&spec.cmd, &spec.entrypoint) {
+        (Some(c), _) => c.clone(),
+        (None, Some(_)) => Vec::new(),
+        (None, None) => img.cmd.clone(),
+    };
+    let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if argv.is_empty() {
+        return None;
+    }
+    let mut env: Vec<String> = img
+        .env
+        .iter()
+        .filter(|kv| kv.split_once('=').is_none_or(|(k, _)| !spec.env.contains_key(k)))
+        .cloned()
+        .collect();
+    env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
+    Some(MainProcess {
+        argv,
+        env,
+        cwd: img.working_dir.clone(),
+        user: img.user.clone(),
+        restart: match spec.restart_policy {
+            RestartPolicy::No => Restart::No,
+            RestartPolicy::OnFailure => Restart::OnFailure,
+            RestartPolicy::Always => Restart::Always,
+        },
+    })
+}
+
+impl<H: super::Host> super::Service<H> {
+    /// For an image machine: checks its credentials' shape and resolves the image's digest (refusing an
+    /// unknown image or bad credentials at once); the machine's root image is the cache's for that digest.
+    pub(super) async fn resolve_image(
+        &self,
+        spec: &mut MachineSpec,
+        auth: Option<&hyperfleet_types::RegistryAuth>,
+    ) -> super::Result<Option<Credentials>> {
+        let Some(image) = spec.image.clone() else { return Ok(None) };
+        let creds = credentials(auth).map_err(super::Error::Invalid)?;
+        let digest = self.images.resolve(&image, creds.as_ref()).await?;
+        spec.rootfs_path = self.images.root_path(&digest).display().to_string();
+        spec.image_digest = Some(digest);
+        Ok(creds)
+    }
+
+    /// Starts the pull of a new image machine's image (shared with any other pull of the digest); its
+    /// progress shows on the machine, and a start waits for it.
+    pub(super) fn pull_in_background(
+        self: &Arc<Self>,
+        rec: &crate::store::machines::MachineRecord,
+        creds: Option<Credentials>,
+    ) {
+        let (Some(image), Some(digest)) = (rec.spec.image.clone(), rec.spec.image_digest.clone()) else { return };
+        self.images.remember_credentials(&rec.id, creds.clone());
+        self.images.watch(&digest, Some(&rec.id));
+        let (this, id) = (self.clone(), rec.id.clone());
+        tokio::spawn(async move {
+            match this.images.ensure(&image, &digest, creds, Some(&id)).await {
+                Ok(_) => this.evict_images().await,
+                Err(e) => warn!(machine = %id, image, error = %e, "image pull failed"),
+            }
+        });
+    }
+
+    /// Waits for an image machine's image (pulling it again if it was evicted since).
+    pub(super) async fn image_ready(&self, rec: &crate::store::machines::MachineRecord) -> super::Result<()> {
+        let (Some(image), Some(digest)) = (&rec.spec.image, &rec.spec.image_digest) else { return Ok(()) };
+        let creds = self.images.credentials_of(&rec.id);
+        let ready = self.images.ensure(image, digest, creds, Some(&rec.id)).await?;
+        tracing::debug!(machine = %rec.id, root = %ready.root.display(), "image ready");
+        Ok(())
+    }
+
+    async fn machine_specs(&self) -> super::Result<Vec<(String, MachineSpec)>> {
+        let all =
+            self.store.read(|c| crate::store::machines::with_status(c, &hyperfleet_types::MachineStatus::ALL)).await?;
+        Ok(all.into_iter().map(|m| (m.id, m.spec)).collect())
+    }
+
+    async fn evict_images(&self) {
+        match self.machine_specs().await {
+            Ok(specs) => {
+                let used: HashSet<String> = specs.into_iter().filter_map(|(_, s)| s.image_digest).collect();
+                self.images.evict(&used);
+            }
+            Err(e) => warn!(error = %e, "image cache: could not list the machines"),
+        }
+    }
+
+    pub(crate) async fn list_images(&self) -> super::Result<Vec<ImageInfo>> {
+        Ok(self.images.list(&self.machine_specs().await?))
+    }
+
+    /// Pulls an image into the cache (returns once it is there).
+    pub(crate) async fn pull_image(&self, req: hyperfleet_types::PullImage) -> super::Result<ImageInfo> {
+        let creds = credentials(req.registry_auth.as_ref()).map_err(super::Error::Invalid)?;
+        if req.image.is_empty()
+            || req.image.len() > 512
+            || req.image.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(super::Error::Invalid("image must be an image reference without spaces".into()));
+        }
+        let digest = self.images.resolve(&req.image, creds.as_ref()).await?;
+        self.images.ensure(&req.image, &digest, creds, None).await?;
+        self.evict_images().await;
+        self.list_images().await?.into_iter().find(|i| i.digest == digest).ok_or_else(|| {
+            super::Error::Image(ImageError::Failed(
+                "the image was evicted at once: raise HYPERFLEET_IMAGE_CACHE_MIB".into(),
+            ))
+        })
+    }
+
+    pub(crate) async fn delete_image(&self, digest: &str) -> super::Result<()> {
+        let specs = self.machine_specs().await?;
+        let used: Vec<String> =
+            specs.into_iter().filter(|(_, s)| s.image_digest.as_deref() == Some(digest)).map(|(id, _)| id).collect();
+        if self.images.remove(digest, used)? {
+            Ok(())
+        } else {
+            Err(super::Error::Image(ImageError::NotFound(format!("image {digest} is not in the cache"))))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyperfleet_agent_proto::main_process::Restart;
+    use hyperfleet_types::RestartPolicy;
+
+    fn spec() -> MachineSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "m", "runtime": "container", "vcpu_count": 1, "mem_size_mib": 64, "kernel_image_path": "k",
+            "kernel_args": "", "rootfs_path": "r", "exposed_ports": [], "network": {"dns": [], "egress": "allow"},
+            "env": {"B": "machine", "C": "3"}, "image": "busybox",
+        }))
+        .unwrap()
+    }
+
+    fn image() -> ImageConfig {
+        ImageConfig {
+            entrypoint: vec!["/bin/app".into()],
+            cmd: vec!["--serve".into()],
+            env: vec!["A=1".into(), "B=image".into()],
+            working_dir: "/srv".into(),
+            user: "app".into(),
+        }
+    }
+
+    #[test]
+    fn main_process_follows_docker_rules() {
+        let p = main_process(&spec(), Some(&image())).unwrap();
+        assert_eq!(p.argv, ["/bin/app", "--serve"]);
+        assert_eq!(p.env, ["A=1", "B=machine", "C=3"], "the machine's env wins over the image's");
+        assert_eq!((p.cwd.as_str(), p.user.as_str(), p.restart), ("/srv", "app", Restart::No));
+        // cmd replaces Cmd only; entrypoint replaces Entrypoint and drops Cmd.
+        let s = MachineSpec { cmd: Some(vec!["--once".into()]), ..spec() };
+        assert_eq!(main_process(&s, Some(&image())).unwrap().argv, ["/bin/app", "--once"]);
+        let s = MachineSpec { entrypoint: Some(vec!["sh".into()]), restart_policy: RestartPolicy::Always, ..spec() };
+        let p = main_process(&s, Some(&image())).unwrap();
+        assert_eq!((p.argv, p.restart), (vec!["sh".to_string()], Restart::Always));
+        // Nothing to run: a sandbox.
+        assert!(main_process(&spec(), Some(&ImageConfig::default())).is_none());
+    }
+
+    #[test]
+    fn credentials_have_one_of_two_shapes() {
+        use hyperfleet_types::RegistryAuth as A;
+        let basic = A { username: Some("u".into()), password: Some("p".into()), token: None };
+        assert!(matches!(credentials(Some(&basic)), Ok(Some(Credentials::Basic { .. }))));
+        let token = A { token: Some("t".into()), ..A::default() };
+        assert!(matches!(credentials(Some(&token)), Ok(Some(Credentials::Token(_)))));
+        for bad in [A::default(), A { token: Some("t".into()), ..basic.clone() }, A { password: None, ..basic }] {
+            assert!(credentials(Some(&bad)).is_err());
+        }
+        assert!(!format!("{:?}", Credentials::Token("secret".into())).contains("secret"));
+    }
+}

@@ -1,0 +1,100 @@
+//! An image's root as an ext4 file: the layers applied in order to a fresh directory, the Hyperfleet agent
+//! added as `/.hyperfleet/agent` (nothing else of the image is changed), then `mkfs.ext4 -d`. Work happens
+//! under temporary names; only a finished image is renamed into place.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::OciError;
+use super::layer::Root;
+
+/// Where the agent goes in an image's root, and the init the runtimes start for an image machine.
+pub(crate) const AGENT_DIR: &str = ".hyperfleet";
+pub(crate) const AGENT_INIT: &str = "/.hyperfleet/agent";
+/// The main process spec the daemon writes into a machine's disk (read by the agent at boot).
+pub(crate) const MAIN_SPEC: &str = "/.hyperfleet/main.json";
+/// Headroom over the unpacked size: ext4 metadata, and room for the machine to write.
+const HEADROOM_MIB: u64 = 64;
+pub(crate) const MIN_SIZE_MIB: u64 = 64;
+
+/// Builds `out` from `layers`; returns the unpacked size in bytes. `work` is a scratch directory on the
+/// same filesystem (removed whatever happens).
+pub(crate) fn build(layers: &[PathBuf], agent: &Path, work: &Path, out: &Path) -> Result<u64, OciError> {
+    let result = build_in(layers, agent, work, out);
+    if let Err(e) = std::fs::remove_dir_all(work)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %work.display(), error = %e, "could not remove an image's scratch directory");
+    }
+    result
+}
+
+fn build_in(layers: &[PathBuf], agent: &Path, work: &Path, out: &Path) -> Result<u64, OciError> {
+    let tree = work.join("root");
+    std::fs::create_dir_all(&tree).map_err(|e| OciError::io("create", &tree, e))?;
+    let root = Root::open(&tree).map_err(|e| OciError::io("open", &tree, e))?;
+    let mut bytes = 0u64;
+    for l in layers {
+        let f = std::fs::File::open(l).map_err(|e| OciError::io("open", l, e))?;
+        bytes += root.apply(std::io::BufReader::new(f))?;
+    }
+    inject_agent(&tree, agent)?;
+    bytes += std::fs::metadata(agent).map(|m| m.len()).unwrap_or(0);
+    let size_mib = (bytes / (1 << 20) * 5 / 4 + HEADROOM_MIB).max(MIN_SIZE_MIB);
+    let partial = work.join("root.ext4");
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "hyperfleet-root", "-E", "root_owner=0:0", "-d"])
+        .arg(&tree)
+        .arg(&partial)
+        .arg(format!("{size_mib}M"))
+        .output()
+        .map_err(|e| OciError::Mkfs(format!("cannot run mkfs.ext4 (install e2fsprogs): {e}")))?;
+    if !o.status.success() {
+        return Err(OciError::Mkfs(String::from_utf8_lossy(&o.stderr).trim().to_string()));
+    }
+    std::fs::rename(&partial, out).map_err(|e| OciError::io("rename", out, e))?;
+    Ok(bytes)
+}
+
+/// Adds `/.hyperfleet/agent` (0755, root). A layer that made `/.hyperfleet` itself is replaced: that name is
+/// Hyperfleet's.
+fn inject_agent(tree: &Path, agent: &Path) -> Result<(), OciError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tree.join(AGENT_DIR);
+    if std::fs::symlink_metadata(&dir).is_ok() {
+        if dir.is_symlink() || !dir.is_dir() {
+            std::fs::remove_file(&dir).map_err(|e| OciError::io("remove", &dir, e))?;
+        } else {
+            std::fs::remove_dir_all(&dir).map_err(|e| OciError::io("remove", &dir, e))?;
+        }
+    }
+    std::fs::create_dir(&dir).map_err(|e| OciError::io("create", &dir, e))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| OciError::io("chmod", &dir, e))?;
+    let dst = dir.join("agent");
+    std::fs::copy(agent, &dst).map_err(|e| OciError::io("copy the agent to", &dst, e))?;
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).map_err(|e| OciError::io("chmod", &dst, e))
+}
+
+/// Writes `contents` as `MAIN_SPEC` into the ext4 image `disk` without mounting it (debugfs works on the
+/// image's own tree: nothing it does reaches the host's files but the one it copies in).
+pub(crate) fn write_main_spec(disk: &Path, contents: &[u8], scratch: &Path) -> Result<(), OciError> {
+    std::fs::write(scratch, contents).map_err(|e| OciError::io("write", scratch, e))?;
+    let script = scratch.with_extension("debugfs");
+    let text = format!("rm {MAIN_SPEC}\nwrite {} {MAIN_SPEC}\n", scratch.display());
+    std::fs::write(&script, text).map_err(|e| OciError::io("write", &script, e))?;
+    let o = Command::new("debugfs").arg("-w").arg("-f").arg(&script).arg(disk).output();
+    let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(scratch);
+    let o = o.map_err(|e| OciError::Mkfs(format!("cannot run debugfs (install e2fsprogs): {e}")))?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    // `rm` of a file not there yet is expected; any other complaint is a failure.
+    let bad: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains("File not found") && !l.starts_with("debugfs "))
+        .collect();
+    if !o.status.success() || !bad.is_empty() {
+        return Err(OciError::Mkfs(format!("debugfs: {}", bad.join("; "))));
+    }
+    Ok(())
+}

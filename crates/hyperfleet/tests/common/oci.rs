@@ -1,0 +1,318 @@
+//! A real registry on loopback for tests and benchmarks (Debian's `docker-registry`, plain HTTP, optionally
+//! with htpasswd basic auth), and images built by the test's own code and pushed through the registry's
+//! HTTP API: tar layers (gzip, zstd), OCI or Docker manifests, multi-arch indexes.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+pub fn sha256(b: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(b))
+}
+
+pub struct Registry {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub auth: Option<(String, String)>,
+    child: Child,
+    http: reqwest::Client,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // Our own child, by its PID.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// Starts `docker-registry` on a free loopback port; with `auth`, htpasswd (bcrypt) basic auth.
+    pub async fn start(auth: Option<(&str, &str)>) -> Self {
+        let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("docker-registry is missing: apt-get install docker-registry (scripts/setup.sh installs it)");
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut auth_block = String::new();
+        if let Some((u, p)) = auth {
+            let out = Command::new("htpasswd").args(["-Bbn", u, p]).output().expect("htpasswd (apache2-utils)");
+            assert!(out.status.success());
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, &out.stdout).unwrap();
+            auth_block = format!("auth:\n  htpasswd:\n    realm: hyperfleet-test\n    path: {}\n", file.display());
+        }
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_block}",
+            dir.path().join("data").display()
+        );
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let http = reqwest::Client::new();
+        let reg = Self { dir, addr, auth: auth.map(|(u, p)| (u.to_string(), p.to_string())), child, http };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(r) = reg.http.get(format!("http://{}/v2/", reg.addr)).send().await
+                && (r.status().is_success() || r.status().as_u16() == 401)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "registry did not come up: {}", reg.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        reg
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// How many times the registry answered a GET of this blob (its access log).
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        self.log().lines().filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} "))).count()
+    }
+
+    /// Like [`Self::blob_gets`], counting only the log after byte `mark` (`self.log().len()` earlier).
+    pub fn blob_gets_since(&self, mark: usize, digest: &str) -> usize {
+        let log = self.log();
+        let tail = log.get(mark..).unwrap_or("");
+        tail.lines().filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} "))).count()
+    }
+
+    fn req(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, url);
+        match &self.auth {
+            Some((u, p)) => r.basic_auth(u, Some(p)),
+            None => r,
+        }
+    }
+
+    pub async fn push_blob(&self, repo: &str, data: &[u8]) -> String {
+        let digest = sha256(data);
+        let r = self
+            .req(reqwest::Method::POST, &format!("http://{}/v2/{repo}/blobs/uploads/", self.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202, "start upload: {}", r.text().await.unwrap());
+        let loc = r.headers()["location"].to_str().unwrap().to_string();
+        let loc = if loc.starts_with("http") { loc } else { format!("http://{}{loc}", self.addr) };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let r = self
+            .req(reqwest::Method::PUT, &format!("{loc}{sep}digest={digest}"))
+            .header("content-type", "application/octet-stream")
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201, "put blob: {}", r.text().await.unwrap());
+        digest
+    }
+
+    pub async fn push_manifest(&self, repo: &str, tag: &str, media_type: &str, body: &[u8]) -> String {
+        let r = self
+            .req(reqwest::Method::PUT, &format!("http://{}/v2/{repo}/manifests/{tag}", self.addr))
+            .header("content-type", media_type)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201, "put manifest: {}", r.text().await.unwrap());
+        sha256(body)
+    }
+
+    /// Pushes an image; returns (manifest digest, manifest size).
+    pub async fn push(&self, repo: &str, tag: &str, image: &Image) -> (String, usize) {
+        let docker = image.docker;
+        let mut layers = Vec::new();
+        let mut diff_ids = Vec::new();
+        for l in &image.layers {
+            let d = self.push_blob(repo, &l.bytes).await;
+            let mt = match (docker, l.compression) {
+                (true, _) => "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                (false, Compression::Gzip) => "application/vnd.oci.image.layer.v1.tar+gzip",
+                (false, Compression::Zstd) => "application/vnd.oci.image.layer.v1.tar+zstd",
+                (false, Compression::None) => "application/vnd.oci.image.layer.v1.tar",
+            };
+            layers.push(json!({"mediaType": mt, "digest": d, "size": l.bytes.len()}));
+            diff_ids.push(l.diff_id.clone());
+        }
+        let config = json!({
+            "architecture": "amd64", "os": "linux",
+            "config": image.config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        let config = serde_json::to_vec(&config).unwrap();
+        let config_digest = self.push_blob(repo, &config).await;
+        let (mt, cmt) = if docker {
+            ("application/vnd.docker.distribution.manifest.v2+json", "application/vnd.docker.container.image.v1+json")
+        } else {
+            ("application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.config.v1+json")
+        };
+        let manifest = json!({
+            "schemaVersion": 2, "mediaType": mt,
+            "config": {"mediaType": cmt, "digest": config_digest, "size": config.len()},
+            "layers": layers,
+        });
+        let body = serde_json::to_vec(&manifest).unwrap();
+        (self.push_manifest(repo, tag, mt, &body).await, body.len())
+    }
+
+    /// Pushes an OCI index of already pushed manifests: (digest, size, architecture).
+    pub async fn push_index(&self, repo: &str, tag: &str, entries: &[(String, usize, &str)]) -> String {
+        let manifests: Vec<Value> = entries
+            .iter()
+            .map(|(d, s, arch)| {
+                json!({
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": s,
+                    "platform": {"architecture": arch, "os": "linux"},
+                })
+            })
+            .collect();
+        let body = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests,
+        }))
+        .unwrap();
+        self.push_manifest(repo, tag, "application/vnd.oci.image.index.v1+json", &body).await
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+pub struct Layer {
+    pub bytes: Vec<u8>,
+    pub diff_id: String,
+    pub compression: Compression,
+}
+
+pub struct Image {
+    pub layers: Vec<Layer>,
+    /// The config's `config` object (Entrypoint, Cmd, Env, WorkingDir, User).
+    pub config: Value,
+    /// A Docker v2 schema 2 manifest instead of an OCI one.
+    pub docker: bool,
+}
+
+pub enum Entry<'a> {
+    Dir(&'a str),
+    File(&'a str, Vec<u8>, u32),
+    Owned(&'a str, Vec<u8>, u32, u64),
+    Symlink(&'a str, &'a str),
+    Hardlink(&'a str, &'a str),
+}
+
+/// A tar of `entries`, names written as given (a hostile `../` included).
+pub fn tar(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        let (path, data): (&str, &[u8]) = match e {
+            Entry::Dir(p) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                (p, b"")
+            }
+            Entry::File(p, d, mode) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                (p, d)
+            }
+            Entry::Owned(p, d, mode, uid) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_uid(*uid);
+                h.set_gid(*uid);
+                (p, d)
+            }
+            Entry::Symlink(p, t) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_link_name(t).unwrap();
+                (p, b"")
+            }
+            Entry::Hardlink(p, t) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_link_name(t).unwrap();
+                (p, b"")
+            }
+        };
+        h.set_size(data.len() as u64);
+        let name = path.as_bytes();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+pub fn layer(tar: Vec<u8>, compression: Compression) -> Layer {
+    let diff_id = sha256(&tar);
+    let bytes = match compression {
+        Compression::None => tar,
+        Compression::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&tar).unwrap();
+            e.finish().unwrap()
+        }
+        Compression::Zstd => zstd::encode_all(&tar[..], 3).unwrap(),
+    };
+    Layer { bytes, diff_id, compression }
+}
+
+/// A busybox userland (Debian's static busybox): /bin/busybox, its applets as symlinks, /etc/passwd with
+/// an `app` user (1000), /www/index.html.
+pub fn busybox_layer(compression: Compression) -> Layer {
+    let bb = std::fs::read("/bin/busybox").expect("busybox-static is installed");
+    let mut entries = vec![
+        Entry::Dir("bin/"),
+        Entry::File("bin/busybox", bb, 0o755),
+        Entry::Dir("etc/"),
+        Entry::File(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n".to_vec(),
+            0o644,
+        ),
+        Entry::File("etc/group", b"root:x:0:\napp:x:1000:\n".to_vec(), 0o644),
+        Entry::Dir("www/"),
+        Entry::File("www/index.html", b"<h1>hello from an image</h1>\n".to_vec(), 0o644),
+        Entry::Dir("tmp/"),
+    ];
+    let applets = [
+        "sh", "ls", "cat", "echo", "id", "httpd", "true", "false", "sleep", "ps", "pwd", "env", "stat", "readlink",
+        "ip", "hostname", "nc", "kill",
+    ];
+    let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
+    for l in &links {
+        entries.push(Entry::Symlink(l, "/bin/busybox"));
+    }
+    layer(tar(&entries), compression)
+}
+
+/// A free path under `dir` for files the tests compare against.
+pub fn scratch(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}

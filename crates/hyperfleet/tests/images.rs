@@ -1,0 +1,396 @@
+//! Machines from OCI images, end to end: a real registry on loopback (Debian's docker-registry), images built
+//! and pushed by the test, the daemon pulling, converting and booting them in the container runtime.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::oci::{Compression, Entry, Image, Registry, busybox_layer, layer, tar};
+use common::{Daemon, Options, machine, sh};
+use hyperfleet_client::types::*;
+use serde_json::json;
+
+fn daemon_opts(reg: &Registry) -> Options {
+    Options { env: vec![("HYPERFLEET_INSECURE_REGISTRIES".into(), reg.addr.clone())], ..Options::default() }
+}
+
+/// Polls the machine until it is in `want` (or fails the test after `secs`).
+async fn until_status(d: &Daemon, id: &str, want: MachineStatus, secs: u64) -> Machine {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let m = d.client.get_machine(id).await.unwrap();
+        if m.status == want {
+            return m;
+        }
+        if Instant::now() > deadline {
+            let console = d.client.machine_logs(id, 30).await.map(|l| l.lines.join("\n")).unwrap_or_default();
+            panic!("machine {id} is {:?}, not {want:?}: {:?}\nconsole:\n{console}", m.status, m.error_message);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn httpd_image() -> Image {
+    let extra = tar(&[Entry::Dir("www/"), Entry::File("www/second.txt", b"from the zstd layer\n".to_vec(), 0o644)]);
+    Image {
+        layers: vec![busybox_layer(Compression::Gzip), layer(extra, Compression::Zstd)],
+        config: json!({
+            "Entrypoint": ["/bin/busybox"],
+            "Cmd": ["httpd", "-f", "-p", "8080", "-h", "/www"],
+            "Env": ["PATH=/bin", "GREETING=from-image", "OVERRIDDEN=image"],
+            "WorkingDir": "/www",
+            "User": "app",
+        }),
+        docker: false,
+    }
+}
+
+#[ignore = "needs root: runc containers with a netns, chown while unpacking layers"]
+#[tokio::test]
+async fn an_image_runs_its_process_serves_through_the_proxy_and_ends_the_machine() {
+    let reg = Registry::start(None).await;
+    let (digest, _) = reg.push("team/app", "v1", &httpd_image()).await;
+    let d = Daemon::start(daemon_opts(&reg)).await;
+    let c = &d.client;
+    let image = format!("{}/team/app:v1", reg.addr);
+
+    let env = [("FROM_MACHINE", "yes"), ("OVERRIDDEN", "machine")].map(|(k, v)| (k.to_string(), v.to_string()));
+    let req = CreateMachine {
+        image: Some(image.clone()),
+        exposed_ports: Some(vec![8080]),
+        env: Some(env.clone().into()),
+        ..machine("web")
+    };
+    let m = c.create_machine(&req).await.unwrap();
+    assert_eq!(m.status, MachineStatus::Pending);
+    assert_eq!(m.spec.image.as_deref(), Some(image.as_str()));
+    assert_eq!(m.spec.image_digest.as_deref(), Some(digest.as_str()));
+    assert!(m.image_status.is_some(), "the pull shows on the machine");
+    let m = c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+    assert_eq!(m.status, MachineStatus::Running);
+    let st = c.get_machine(&m.id).await.unwrap().image_status.unwrap();
+    assert_eq!(st.phase, ImagePhase::Ready);
+    assert!(st.bytes_total > 0 && st.bytes_done == st.bytes_total, "{st:?}");
+
+    // The image's own process serves on the exposed port, reached through the proxy.
+    let url = format!("{}/proxy/web/8080/", d.proxy_url());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        if let Ok(r) = reqwest::get(&url).await
+            && r.status().is_success()
+        {
+            break r.text().await.unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy never reached httpd\n{}",
+            c.machine_logs(&m.id, 50).await.unwrap().lines.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(body.contains("hello from an image"), "{body}");
+    // Exec and files work as in the built-in rootfs; both layers are there; DNS is written by the agent.
+    assert_eq!(sh(&d, &m.id, "cat /www/second.txt").await.1, "from the zstd layer\n");
+    assert_eq!(sh(&d, &m.id, "cat /etc/resolv.conf").await.1, "nameserver 10.200.255.53\n");
+    let (_, ps, _) = sh(&d, &m.id, "ps -o user,args").await;
+    assert!(ps.lines().any(|l| l.contains("httpd -f -p 8080") && l.trim_start().starts_with("app")), "{ps}");
+    c.upload_file(&m.id, "/tmp/up.txt", b"uploaded", None).await.unwrap();
+    assert_eq!(&c.download_file(&m.id, "/tmp/up.txt").await.unwrap()[..], b"uploaded");
+
+    // Env (the machine's over the image's), WorkingDir and User reach the main process; a non-zero exit
+    // fails the machine with the code and the last lines.
+    let script = "echo env=$GREETING/$FROM_MACHINE/$OVERRIDDEN cwd=$(pwd) uid=$(id -u); exit 3";
+    let req = CreateMachine {
+        image: Some(image.clone()),
+        entrypoint: Some(vec!["sh".into(), "-c".into()]),
+        cmd: Some(vec![script.into()]),
+        env: Some(env.into()),
+        ..machine("exits-3")
+    };
+    let failing = c.create_machine(&req).await.unwrap();
+    c.start_machine(&failing.id).await.unwrap();
+    let failed = until_status(&d, &failing.id, MachineStatus::Failed, 30).await;
+    let msg = failed.error_message.unwrap();
+    assert!(msg.contains("exited with code 3"), "{msg}");
+    assert!(msg.contains("env=from-image/yes/machine cwd=/www uid=1000"), "{msg}");
+
+    // Exit 0 stops it; on-failure restarts until it succeeds.
+    let ok = c
+        .create_machine(&CreateMachine {
+            image: Some(image.clone()),
+            cmd: Some(vec!["true".into()]),
+            ..machine("exits-0")
+        })
+        .await
+        .unwrap();
+    c.start_machine(&ok.id).await.unwrap();
+    let stopped = until_status(&d, &ok.id, MachineStatus::Stopped, 30).await;
+    assert_eq!(stopped.error_message, None);
+    let retry =
+        "n=$(cat /dev/shm/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /dev/shm/n; echo run $n; [ $n -ge 3 ]";
+    let r = c
+        .create_machine(&CreateMachine {
+            image: Some(image.clone()),
+            entrypoint: Some(vec!["sh".into(), "-c".into(), retry.into()]),
+            restart_policy: Some(RestartPolicy::OnFailure),
+            ..machine("retries")
+        })
+        .await
+        .unwrap();
+    assert!(r.spec.cmd.is_none());
+    c.start_machine(&r.id).await.unwrap();
+    until_status(&d, &r.id, MachineStatus::Stopped, 30).await;
+    let logs = c.machine_logs(&r.id, 50).await.unwrap().lines.join("\n");
+    assert!(logs.contains("run 1") && logs.contains("run 3"), "{logs}");
+
+    // The cache: one image shared by every machine; deleting it is refused while they exist.
+    let images = c.list_images().await.unwrap().images;
+    assert_eq!(images.len(), 1, "{images:?}");
+    assert_eq!(images[0].digest, digest);
+    assert_eq!(images[0].machines.len(), 4);
+    let e = c.delete_image(&digest).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    for id in [&m.id, &failing.id, &ok.id, &r.id] {
+        c.delete_machine(id, true).await.unwrap();
+    }
+    c.delete_image(&digest).await.unwrap();
+    assert!(c.list_images().await.unwrap().images.is_empty());
+    let roots = std::fs::read_dir(d.dir.path().join("images/roots")).unwrap().count();
+    assert_eq!(roots, 0, "the converted image is gone");
+}
+
+#[ignore = "needs root: runc containers, chown while unpacking layers"]
+#[tokio::test]
+async fn layers_stack_indexes_resolve_and_hostile_layers_are_refused() {
+    let reg = Registry::start(None).await;
+    let base = tar(&[
+        Entry::Dir("etc/"),
+        Entry::File("etc/keep", b"keep\n".to_vec(), 0o644),
+        Entry::File("etc/gone", b"gone\n".to_vec(), 0o644),
+        Entry::Dir("opq/"),
+        Entry::File("opq/old", b"old\n".to_vec(), 0o644),
+        Entry::Owned("opt/tool", b"#!/bin/sh\necho tool\n".to_vec(), 0o4755, 1234),
+        Entry::Hardlink("opt/tool-link", "opt/tool"),
+        Entry::Symlink("opt/sh-link", "/bin/busybox"),
+        Entry::File("arch", b"amd64\n".to_vec(), 0o644),
+    ]);
+    let top = tar(&[
+        Entry::File("etc/.wh.gone", vec![], 0o644),
+        Entry::Dir("opq/"),
+        Entry::File("opq/.wh..wh..opq", vec![], 0o644),
+        Entry::File("opq/new", b"new\n".to_vec(), 0o644),
+    ]);
+    let amd = Image {
+        layers: vec![busybox_layer(Compression::Gzip), layer(base, Compression::Gzip), layer(top, Compression::Zstd)],
+        config: json!({}),
+        docker: false,
+    };
+    let arm = Image {
+        layers: vec![layer(tar(&[Entry::File("arch", b"arm64\n".to_vec(), 0o644)]), Compression::Gzip)],
+        config: json!({}),
+        docker: false,
+    };
+    let (amd_digest, amd_size) = reg.push("multi", "amd64-only", &amd).await;
+    let (arm_digest, arm_size) = reg.push("multi", "arm64-only", &arm).await;
+    reg.push_index("multi", "latest", &[(arm_digest, arm_size, "arm64"), (amd_digest.clone(), amd_size, "amd64")])
+        .await;
+    let docker = Image { docker: true, ..httpd_image() };
+    let docker = Image { layers: vec![busybox_layer(Compression::Gzip)], ..docker };
+    reg.push("docker-v2", "latest", &docker).await;
+
+    let d = Daemon::start(daemon_opts(&reg)).await;
+    let c = &d.client;
+    // An index resolves to its linux/amd64 image; an image with no Entrypoint/Cmd is a sandbox.
+    let m = c
+        .create_machine(&CreateMachine { image: Some(format!("{}/multi:latest", reg.addr)), ..machine("layers") })
+        .await
+        .unwrap();
+    assert_eq!(m.spec.image_digest.as_deref(), Some(amd_digest.as_str()));
+    let m = c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+    let check = "cat /arch /etc/keep; test -e /etc/gone && echo gone-still-there; ls /opq; \
+                 stat -c '%u %a %i' /opt/tool /opt/tool-link; readlink /opt/sh-link";
+    let (code, out, err) = sh(&d, &m.id, check).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..3], ["amd64", "keep", "new"], "{out}");
+    let (a, b) = (lines[3].split(' ').collect::<Vec<_>>(), lines[4].split(' ').collect::<Vec<_>>());
+    assert_eq!((a[0], a[1]), ("1234", "4755"), "owner and set-uid mode kept: {out}");
+    assert_eq!(a[2], b[2], "hard link shares the inode: {out}");
+    assert_eq!(lines[5], "/bin/busybox");
+    // The machine runs the agent only (no main process): it stays running.
+    assert_eq!(c.get_machine(&m.id).await.unwrap().status, MachineStatus::Running);
+
+    // A Docker v2 schema 2 manifest pulls too.
+    let info = c
+        .pull_image(&PullImage { image: format!("{}/docker-v2:latest", reg.addr), registry_auth: None })
+        .await
+        .unwrap();
+    assert!(info.size_bytes > 0);
+
+    // Hostile layers: `..` and a symlink-then-file escape are refused; nothing lands outside the root.
+    let canary = tempfile::tempdir().unwrap();
+    let hostile: Vec<(&str, Vec<u8>)> = vec![
+        ("dotdot", tar(&[Entry::File("../../../../../../tmp/hf-escape-x", b"pwned".to_vec(), 0o644)])),
+        (
+            "symlink",
+            tar(&[
+                Entry::Symlink("evil", canary.path().to_str().unwrap()),
+                Entry::File("evil/x", b"pwned".to_vec(), 0o644),
+            ]),
+        ),
+    ];
+    for (name, t) in hostile {
+        let img = Image { layers: vec![layer(t, Compression::Gzip)], config: json!({}), docker: false };
+        reg.push(&format!("hostile-{name}"), "latest", &img).await;
+        let e = c
+            .pull_image(&PullImage { image: format!("{}/hostile-{name}:latest", reg.addr), registry_auth: None })
+            .await
+            .unwrap_err();
+        assert_eq!((e.status(), e.code()), (Some(500), Some("IMAGE_ERROR")), "{name}: {e}");
+        assert!(e.to_string().contains("refused"), "{name}: {e}");
+    }
+    assert!(!std::path::Path::new("/tmp/hf-escape-x").exists());
+    assert_eq!(std::fs::read_dir(canary.path()).unwrap().count(), 0, "nothing written through the symlink");
+    let images = d.dir.path().join("images");
+    assert_eq!(std::fs::read_dir(images.join("tmp")).unwrap().count(), 0, "no partial files left");
+    assert_eq!(c.list_images().await.unwrap().images.len(), 2, "only the good images are cached");
+    c.delete_machine(&m.id, true).await.unwrap();
+}
+
+#[ignore = "needs root: the daemon's host networking"]
+#[tokio::test]
+async fn registry_errors_and_credentials() {
+    let reg = Registry::start(Some(("hfuser", "s3cret-pass"))).await;
+    reg.push("private/app", "v1", &httpd_image()).await;
+    let d = Daemon::start(daemon_opts(&reg)).await;
+    let c = &d.client;
+    let image = format!("{}/private/app:v1", reg.addr);
+    let pull = |auth: Option<RegistryAuth>| PullImage { image: image.clone(), registry_auth: auth };
+
+    let e = c.pull_image(&pull(None)).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(403), Some("REGISTRY_UNAUTHORIZED")), "{e}");
+    let wrong = RegistryAuth { username: Some("hfuser".into()), password: Some("wrong".into()), token: None };
+    let e = c.pull_image(&pull(Some(wrong))).await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let e = c.pull_image(&pull(Some(RegistryAuth { token: None, ..RegistryAuth::default() }))).await.unwrap_err();
+    assert_eq!(e.code(), Some("VALIDATION_ERROR"), "{e}");
+    let right = RegistryAuth { username: Some("hfuser".into()), password: Some("s3cret-pass".into()), token: None };
+    let m = c
+        .create_machine(&CreateMachine {
+            image: Some(image.clone()),
+            registry_auth: Some(right.clone()),
+            ..machine("private")
+        })
+        .await
+        .unwrap();
+    let json = serde_json::to_string(&c.get_machine(&m.id).await.unwrap()).unwrap();
+    assert!(!json.contains("s3cret-pass") && !json.contains("registry_auth"), "{json}");
+    c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+
+    // Unknown images, bad references, image with rootfs_path, a registry that is down.
+    let unknown = format!("{}/private/app:nope", reg.addr);
+    let e = c.pull_image(&PullImage { image: unknown, registry_auth: Some(right) }).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(404), Some("NOT_FOUND")), "{e}");
+    let e = c.pull_image(&PullImage { image: "Bad Ref!".into(), registry_auth: None }).await.unwrap_err();
+    assert_eq!(e.code(), Some("VALIDATION_ERROR"), "{e}");
+    let both = CreateMachine { image: Some(image.clone()), rootfs_path: Some("/x".into()), ..machine("both") };
+    let e = c.create_machine(&both).await.unwrap_err();
+    assert!(e.to_string().contains("mutually exclusive"), "{e}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let e = c.pull_image(&PullImage { image: format!("127.0.0.1:{port}/x:1"), registry_auth: None }).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(502), Some("REGISTRY_ERROR")), "{e}");
+
+    // The password is nowhere: not in the daemon's log, not in the database.
+    c.delete_machine(&m.id, true).await.unwrap();
+    assert!(!d.logs().contains("s3cret-pass"));
+    let db = std::fs::read(d.dir.path().join("hyperfleet.db")).unwrap();
+    assert!(!db.windows(11).any(|w| w == b"s3cret-pass"));
+}
+
+#[ignore = "needs root: the daemon's host networking"]
+#[tokio::test]
+async fn twenty_concurrent_creates_pull_once() {
+    let reg = Registry::start(None).await;
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0]).collect();
+    let img = Image {
+        layers: vec![
+            busybox_layer(Compression::Gzip),
+            layer(tar(&[Entry::File("blob", big, 0o644)]), Compression::Gzip),
+        ],
+        config: json!({}),
+        docker: false,
+    };
+    reg.push("big", "v1", &img).await;
+    let layer_digests: Vec<String> = img.layers.iter().map(|l| common::oci::sha256(&l.bytes)).collect();
+    let d = Daemon::start(daemon_opts(&reg)).await;
+    let image = format!("{}/big:v1", reg.addr);
+    let creates = (0..20).map(|i| {
+        let c = d.client.clone();
+        let req = CreateMachine { image: Some(image.clone()), ..machine(&format!("m{i}")) };
+        async move { c.create_machine(&req).await.unwrap() }
+    });
+    let machines = futures::future::join_all(creates).await;
+    assert!(machines.iter().all(|m| m.status == MachineStatus::Pending && m.image_status.is_some()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.client.list_images().await.unwrap().images.is_empty() {
+        assert!(Instant::now() < deadline, "the image never got cached\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for l in &layer_digests {
+        assert_eq!(reg.blob_gets(l), 1, "layer {l} fetched once\n{}", reg.log());
+    }
+    let images = d.client.list_images().await.unwrap().images;
+    assert_eq!(images[0].machines.len(), 20);
+}
+
+#[ignore = "needs root and /dev/kvm: a Firecracker microVM booting an image's converted disk"]
+#[tokio::test]
+async fn a_firecracker_machine_boots_the_converted_image() {
+    assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm does not exist on this host");
+    let reg = Registry::start(None).await;
+    reg.push("team/app", "v1", &httpd_image()).await;
+    let d = Daemon::start(Options { runtime: RuntimeKind::Firecracker, ..daemon_opts(&reg) }).await;
+    let c = &d.client;
+    let req = CreateMachine {
+        image: Some(format!("{}/team/app:v1", reg.addr)),
+        runtime: Some(RuntimeKind::Firecracker),
+        image_size_mib: Some(96),
+        ..machine("fc-image")
+    };
+    let m = c.create_machine(&req).await.unwrap();
+    let m = c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+    let api = hyperfleet::testing::FirecrackerApi::new(std::path::Path::new(m.socket_path.as_deref().unwrap()));
+    let cfg = api.get("/vm/config").await.unwrap();
+    let boot_args = cfg["boot-source"]["boot_args"].as_str().unwrap();
+    assert!(boot_args.contains("init=/.hyperfleet/agent"), "the injected agent is the init: {boot_args}");
+    assert_eq!(cfg["drives"][0]["path_on_host"], "/rootfs.ext4");
+
+    // The disk it was given is the converted image (grown to image_size_mib) with the main process spec.
+    let disk = d.dir.path().join("machines").join(&m.id).join("rootfs.ext4");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 96 << 20);
+    let debugfs = |cmd: &str| {
+        let o = std::process::Command::new("debugfs").args(["-R", cmd]).arg(&disk).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(debugfs("cat /www/index.html").contains("hello from an image"));
+    assert!(debugfs("cat /.hyperfleet/main.json").contains("\"httpd\""));
+    assert!(debugfs("stat /.hyperfleet/agent").contains("Mode:  0755"));
+
+    // The guest kernel mounts it and starts the agent as init (on PVM, no further: no guest userspace runs).
+    let log = d.dir.path().join("machines").join(&m.id).join("console.log");
+    let deadline = Instant::now() + Duration::from_secs(420);
+    loop {
+        let console = std::fs::read_to_string(&log).unwrap_or_default();
+        if console.contains("Run /.hyperfleet/agent as init process") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the kernel never ran the image's init:\n{console}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if !common::is_pvm() {
+        assert_eq!(sh(&d, &m.id, "cat /www/second.txt").await.1, "from the zstd layer\n");
+    }
+    c.delete_machine(&m.id, true).await.unwrap();
+}
