@@ -429,6 +429,39 @@ impl Client {
         Self::empty(self.req(Method::DELETE, &format!("/volumes/{id}"))).await
     }
 
+    pub async fn create_webhook(&self, req: &CreateWebhook) -> Result<Webhook> {
+        Self::json(self.req(Method::POST, "/webhooks").json(req)).await
+    }
+
+    pub async fn list_webhooks(&self) -> Result<WebhookList> {
+        Self::json(self.req(Method::GET, "/webhooks")).await
+    }
+
+    pub async fn get_webhook(&self, id: &str) -> Result<Webhook> {
+        Self::json(self.req(Method::GET, &format!("/webhooks/{id}"))).await
+    }
+
+    pub async fn delete_webhook(&self, id: &str) -> Result<()> {
+        Self::empty(self.req(Method::DELETE, &format!("/webhooks/{id}"))).await
+    }
+
+    /// One page of a webhook's deliveries, most recent first; pass the page's `next_before` as `before`.
+    pub async fn webhook_deliveries(
+        &self,
+        id: &str,
+        before: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<WebhookDeliveryList> {
+        let mut q = vec![];
+        if let Some(b) = before {
+            q.push(("before", b.to_string()));
+        }
+        if let Some(l) = limit {
+            q.push(("limit", l.to_string()));
+        }
+        Self::json(self.req(Method::GET, &format!("/webhooks/{id}/deliveries")).query(&q)).await
+    }
+
     pub async fn create_api_key(&self, req: &CreateApiKey) -> Result<CreatedApiKey> {
         Self::json(self.req(Method::POST, "/api-keys").json(req)).await
     }

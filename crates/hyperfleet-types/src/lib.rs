@@ -751,6 +751,111 @@ pub struct MakeDir {
     pub mode: Option<u32>,
 }
 
+/// `POST /webhooks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhook {
+    /// Where deliveries are POSTed: an `http` or `https` URL of at most 2048 characters. The daemon sends to
+    /// whatever address this names (see the README's note on webhooks).
+    #[schema(required = true, example = "https://hooks.example.com/hyperfleet")]
+    pub url: Option<String>,
+    /// Which events to deliver: `machine.<type>` for each event type (`machine.running`, `machine.failed`,
+    /// `machine.exec.finished`, ...); 1-32 of them.
+    #[schema(required = true, example = json!(["machine.running", "machine.stopped", "machine.failed"]))]
+    pub events: Option<Vec<String>>,
+    /// Only events of machines whose labels match (the syntax of `GET /machines?label=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "team=ml")]
+    pub label_selector: Option<String>,
+    /// Signs each delivery (`X-Hyperfleet-Signature`); 1-256 bytes. Write-only: never shown again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// A webhook as shown: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Webhook {
+    pub id: String,
+    pub url: String,
+    pub events: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_selector: Option<String>,
+    /// Whether deliveries are signed.
+    pub has_secret: bool,
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: time::OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WebhookList {
+    pub webhooks: Vec<Webhook>,
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    /// Not delivered yet; attempted again at `next_attempt_at`.
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Every attempt failed; no more are made.
+    Failed,
+}
+
+/// One event's delivery to one webhook, with its attempts so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WebhookDelivery {
+    /// Increases with every delivery (of any webhook).
+    pub id: u64,
+    pub webhook_id: String,
+    /// The event's `id` (as in `GET /events`).
+    pub event_id: u64,
+    /// `machine.<type>`.
+    pub event: String,
+    pub machine_id: String,
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    /// The HTTP status of the last attempt, when the receiver answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_status_code: Option<u16>,
+    /// Why the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// While pending: when the next attempt is due.
+    #[serde(default, with = "timestamp::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub next_attempt_at: Option<time::OffsetDateTime>,
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: time::OffsetDateTime,
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: time::OffsetDateTime,
+}
+
+/// `GET /webhooks/{id}/deliveries`: most recent first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WebhookDeliveryList {
+    pub deliveries: Vec<WebhookDelivery>,
+    /// Pass as `before` for the next (older) page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<u64>,
+}
+
+/// The JSON body of a delivery POST (what `X-Hyperfleet-Signature` signs, byte for byte).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WebhookPayload {
+    pub webhook_id: String,
+    pub delivery_id: u64,
+    /// 1 for the first attempt; a retry sends the same event with the next number.
+    pub attempt: u32,
+    /// `machine.<type>`.
+    pub event_type: String,
+    pub event: Event,
+}
+
 /// Permission a key grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum Scope {
@@ -765,13 +870,23 @@ pub enum Scope {
     /// `GET /metrics` only.
     #[serde(rename = "metrics:read")]
     MetricsRead,
+    /// `/webhooks` (create, list, get, delete, deliveries).
+    #[serde(rename = "webhooks:admin")]
+    WebhooksAdmin,
     #[serde(rename = "*")]
     All,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 6] =
-        [Self::MachinesRead, Self::MachinesWrite, Self::MachinesExec, Self::KeysAdmin, Self::MetricsRead, Self::All];
+    pub const ALL: [Scope; 7] = [
+        Self::MachinesRead,
+        Self::MachinesWrite,
+        Self::MachinesExec,
+        Self::KeysAdmin,
+        Self::MetricsRead,
+        Self::WebhooksAdmin,
+        Self::All,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -780,6 +895,7 @@ impl Scope {
             Self::MachinesExec => "machines:exec",
             Self::KeysAdmin => "keys:admin",
             Self::MetricsRead => "metrics:read",
+            Self::WebhooksAdmin => "webhooks:admin",
             Self::All => "*",
         }
     }

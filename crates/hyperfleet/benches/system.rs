@@ -930,6 +930,83 @@ async fn bench_observe(r: &mut Report) {
     );
 }
 
+/// Webhook delivery latency: a machine event (a PATCH of its labels, `machine.updated`) to a signed POST
+/// arriving at a receiver on loopback, against the same event reaching a `GET /events` subscriber.
+async fn bench_webhooks(r: &mut Report) {
+    use futures::StreamExt;
+    let d = Daemon::start(Options::default()).await;
+    let (tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let app = axum::Router::new().fallback(move || {
+        let tx = tx.clone();
+        async move {
+            // Dropped: the benchmark stops listening only at its end.
+            let _ = tx.send(());
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let m = d.client.create_machine(&machine("hooked")).await.unwrap();
+    let hook = CreateWebhook {
+        url: Some(format!("http://{addr}/hook")),
+        events: Some(vec!["machine.updated".into()]),
+        label_selector: None,
+        secret: Some("bench-secret".into()),
+    };
+    d.client.create_webhook(&hook).await.unwrap();
+    let mut sse = Box::pin(d.client.events(Some(&m.id), &[EventKind::Updated], None).await.unwrap());
+    let (mut patch, mut webhook, mut events) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..220u32 {
+        let update = UpdateMachine {
+            labels: Some([("n".to_string(), i.to_string())].into_iter().collect()),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let (p, w, e) = tokio::join!(
+            async {
+                d.client.update_machine(&m.id, &update).await.unwrap();
+                t.elapsed()
+            },
+            async {
+                arrivals.recv().await.unwrap();
+                t.elapsed()
+            },
+            async {
+                sse.next().await.unwrap().unwrap();
+                t.elapsed()
+            }
+        );
+        if i >= 20 {
+            patch.push(p);
+            webhook.push(w);
+            events.push(e);
+        }
+    }
+    r.section(
+        "Webhooks",
+        "A container machine's labels changed by `PATCH` (a `machine.updated` event), 200 times after 20 warm-up: \
+         the time from sending the PATCH to a signed webhook POST arriving at a receiver on loopback, against the \
+         same event reaching a `GET /events` subscriber (the reference, same run), and the PATCH's own answer.",
+    );
+    let (w50, e50) = (pct(&mut webhook, 0.5), pct(&mut events, 0.5));
+    r.table(
+        &["measure", "p50", "p99"],
+        vec![
+            vec!["PATCH answered".into(), ms(pct(&mut patch, 0.5)), ms(pct(&mut patch, 0.99))],
+            vec!["event via GET /events (reference)".into(), ms(e50), ms(pct(&mut events, 0.99))],
+            vec![
+                format!(
+                    "webhook delivered ({:.2}x the reference at p50)",
+                    w50.as_secs_f64() / e50.as_secs_f64().max(1e-9)
+                ),
+                ms(w50),
+                ms(pct(&mut webhook, 0.99)),
+            ],
+        ],
+    );
+}
+
 /// nginx as a reference reverse proxy, started (and stopped) by the benchmark when it is installed.
 struct Nginx {
     port: u16,
@@ -1137,8 +1214,19 @@ async fn main() {
         .ok()
         .filter(|v| !v.trim().is_empty())
         .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
-    const SECTIONS: &[&str] =
-        &["api", "creates", "ipam", "network", "start", "exec", "proxy", "interactive", "observe", "images"];
+    const SECTIONS: &[&str] = &[
+        "api",
+        "creates",
+        "ipam",
+        "network",
+        "start",
+        "exec",
+        "proxy",
+        "interactive",
+        "observe",
+        "images",
+        "webhooks",
+    ];
     if let Some(unknown) = only.iter().flatten().find(|s| !SECTIONS.contains(&s.as_str())) {
         eprintln!("HYPERFLEET_BENCH_ONLY: unknown section '{unknown}'; sections: {}", SECTIONS.join(","));
         std::process::exit(2);
@@ -1173,6 +1261,9 @@ async fn main() {
     }
     if run("images") {
         bench_images(&mut r).await;
+    }
+    if run("webhooks") {
+        bench_webhooks(&mut r).await;
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
     let md = match &only {

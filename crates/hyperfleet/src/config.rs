@@ -120,6 +120,16 @@ pub struct StoreArgs {
     /// Machine events kept in the database for `GET /events` to resume from (`Last-Event-ID`).
     #[arg(long, env = "HYPERFLEET_EVENTS_BACKLOG", default_value_t = 10_000)]
     pub events_backlog: u64,
+    /// Milliseconds before a failed webhook delivery is tried again; doubled after each failure (at most
+    /// 15 minutes apart).
+    #[arg(long, env = "HYPERFLEET_WEBHOOK_RETRY_BASE_MS", default_value_t = 1000)]
+    pub webhook_retry_base_ms: u64,
+    /// Attempts per webhook delivery, the first included, before it is marked failed.
+    #[arg(long, env = "HYPERFLEET_WEBHOOK_MAX_ATTEMPTS", default_value_t = 13)]
+    pub webhook_max_attempts: u32,
+    /// Seconds one webhook delivery attempt may take.
+    #[arg(long, env = "HYPERFLEET_WEBHOOK_TIMEOUT", default_value_t = 10)]
+    pub webhook_timeout: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -288,6 +298,9 @@ pub struct ProxySettings {
 pub struct StoreSettings {
     pub database_path: PathBuf,
     pub events_backlog: u64,
+    pub webhook_retry_base: Duration,
+    pub webhook_max_attempts: u32,
+    pub webhook_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -524,7 +537,22 @@ impl StoreArgs {
         if !(100..=10_000_000).contains(&self.events_backlog) {
             return Err(bad("HYPERFLEET_EVENTS_BACKLOG", "must be between 100 and 10000000"));
         }
-        Ok(StoreSettings { database_path, events_backlog: self.events_backlog })
+        if !(1..=3_600_000).contains(&self.webhook_retry_base_ms) {
+            return Err(bad("HYPERFLEET_WEBHOOK_RETRY_BASE_MS", "must be between 1 and 3600000"));
+        }
+        if !(1..=100).contains(&self.webhook_max_attempts) {
+            return Err(bad("HYPERFLEET_WEBHOOK_MAX_ATTEMPTS", "must be between 1 and 100"));
+        }
+        if !(1..=300).contains(&self.webhook_timeout) {
+            return Err(bad("HYPERFLEET_WEBHOOK_TIMEOUT", "must be between 1 and 300"));
+        }
+        Ok(StoreSettings {
+            database_path,
+            events_backlog: self.events_backlog,
+            webhook_retry_base: Duration::from_millis(self.webhook_retry_base_ms),
+            webhook_max_attempts: self.webhook_max_attempts,
+            webhook_timeout: Duration::from_secs(self.webhook_timeout),
+        })
     }
 }
 
@@ -825,6 +853,9 @@ mod tests {
         ("HYPERFLEET_METRICS", "false"),
         ("HYPERFLEET_LOG_FORMAT", "json"),
         ("HYPERFLEET_EVENTS_BACKLOG", "500"),
+        ("HYPERFLEET_WEBHOOK_RETRY_BASE_MS", "250"),
+        ("HYPERFLEET_WEBHOOK_MAX_ATTEMPTS", "4"),
+        ("HYPERFLEET_WEBHOOK_TIMEOUT", "7"),
     ];
 
     /// The variables of README.md's configuration table (`PORT` / `PROXY_PORT` rows name two).
@@ -891,6 +922,10 @@ mod tests {
         );
         assert_eq!(s.store.database_path, p("/tmp/hf-env.db"));
         assert_eq!(s.store.events_backlog, 500);
+        assert_eq!(
+            (s.store.webhook_retry_base, s.store.webhook_max_attempts, s.store.webhook_timeout),
+            (Duration::from_millis(250), 4, Duration::from_secs(7))
+        );
         assert_eq!(s.api.metrics_token.as_deref(), Some("prometheus-scrape-token-1234"));
         assert!(!s.api.metrics);
         assert_eq!(s.api.log_format, LogFormat::Json);

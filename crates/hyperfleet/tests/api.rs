@@ -256,7 +256,9 @@ async fn auth_matrix() {
     let id = m.id.clone();
 
     let mut keys = Vec::new();
-    for scope in [Scope::MachinesRead, Scope::MachinesWrite, Scope::MachinesExec, Scope::KeysAdmin] {
+    for scope in
+        [Scope::MachinesRead, Scope::MachinesWrite, Scope::MachinesExec, Scope::KeysAdmin, Scope::WebhooksAdmin]
+    {
         let k = admin
             .create_api_key(&CreateApiKey { name: format!("{scope}"), scopes: vec![scope], expires_at: None })
             .await
@@ -281,6 +283,9 @@ async fn auth_matrix() {
         (Method::GET, format!("/machines/{id}/files/stat?path=/"), None, Scope::MachinesExec),
         (Method::GET, format!("/machines/{id}/files?path=/etc/hostname"), None, Scope::MachinesExec),
         (Method::GET, "/api-keys".into(), None, Scope::KeysAdmin),
+        (Method::GET, "/webhooks".into(), None, Scope::WebhooksAdmin),
+        (Method::POST, "/webhooks".into(), Some(json!({})), Scope::WebhooksAdmin),
+        (Method::GET, "/webhooks/nope/deliveries".into(), None, Scope::WebhooksAdmin),
     ];
     for (method, path, body, needed) in &routes {
         for (scope, key) in &keys {

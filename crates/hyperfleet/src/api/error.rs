@@ -59,9 +59,10 @@ impl From<MachineError> for ApiError {
 fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
     use StatusCode as S;
     match e {
-        MachineError::NotFound(_) | MachineError::FileNotFound { .. } | MachineError::VolumeNotFound(_) => {
-            (S::NOT_FOUND, "NOT_FOUND")
-        }
+        MachineError::NotFound(_)
+        | MachineError::FileNotFound { .. }
+        | MachineError::VolumeNotFound(_)
+        | MachineError::WebhookNotFound(_) => (S::NOT_FOUND, "NOT_FOUND"),
         MachineError::InvalidState { .. }
         | MachineError::NotRunning { .. }
         | MachineError::WaitFailed { .. }

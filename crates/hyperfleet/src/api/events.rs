@@ -58,16 +58,16 @@ fn resume_from(headers: &HeaderMap, q: &QueryMap) -> Result<Option<u64>, ApiErro
         Some(v) => Some(v.to_str().map_err(|_| ApiError::validation("Last-Event-ID must be an event id"))?),
         None => q.get("last_event_id"),
     };
-    raw.filter(|v| !v.trim().is_empty())
-        .map(|v| {
-            // Event ids are SQLite integers: 0..=i64::MAX, as the OpenAPI document says.
-            v.trim()
-                .parse::<i64>()
-                .ok()
-                .and_then(|id| u64::try_from(id).ok())
-                .ok_or_else(|| ApiError::validation(format!("Last-Event-ID: '{v}' is not an event id")))
-        })
-        .transpose()
+    // Present means an id: an empty value is as wrong as any other non-number (the document says integer).
+    raw.map(|v| {
+        // Event ids are SQLite integers: 0..=i64::MAX, as the OpenAPI document says.
+        v.trim()
+            .parse::<i64>()
+            .ok()
+            .and_then(|id| u64::try_from(id).ok())
+            .ok_or_else(|| ApiError::validation(format!("Last-Event-ID: '{v}' is not an event id")))
+    })
+    .transpose()
 }
 
 /// One reader's place in the events: what it has been sent, what it still has to read from the backlog.

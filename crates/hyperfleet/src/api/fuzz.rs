@@ -76,6 +76,11 @@ fn validates(req: &CreateMachine) {
         exec_output_budget: 1 << 20,
         events_backlog: 1000,
         metrics: true,
+        webhooks: crate::machines::webhooks::WebhookPolicy {
+            retry_base: std::time::Duration::from_millis(10),
+            max_attempts: 3,
+            timeout: std::time::Duration::from_secs(5),
+        },
     };
     if let Err(msg) = crate::machines::validate_create(req, &policy) {
         assert!(!msg.is_empty());

@@ -14,6 +14,7 @@ pub(crate) mod machines;
 pub(crate) mod pty;
 pub(crate) mod ui;
 pub(crate) mod volumes;
+pub(crate) mod webhooks;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -80,10 +81,13 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         keys::create, keys::list, keys::revoke,
         images::list, images::pull, images::delete,
         volumes::create, volumes::list, volumes::get, volumes::delete, volumes::resize, volumes::clone,
+        webhooks::create, webhooks::list, webhooks::get, webhooks::delete, webhooks::deliveries,
     ),
-    components(schemas(machines::StatusFilter, machines::Flag, events::EventTypes, hyperfleet_types::Event)),
+    components(schemas(machines::StatusFilter, machines::Flag, events::EventTypes, hyperfleet_types::Event,
+        hyperfleet_types::WebhookPayload)),
     modifiers(&BearerAuth, &CommonResponses),
-    tags((name = "machines"), (name = "exec"), (name = "files"), (name = "volumes"), (name = "api-keys"), (name = "events"), (name = "images"))
+    tags((name = "machines"), (name = "exec"), (name = "files"), (name = "volumes"), (name = "api-keys"), (name = "events"), (name = "images"),
+        (name = "webhooks"))
 )]
 pub(crate) struct ApiDoc;
 
@@ -244,6 +248,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/volumes/{id}", get(volumes::get).delete(volumes::delete))
         .route("/volumes/{id}/resize", post(volumes::resize))
         .route("/volumes/{id}/clone", post(volumes::clone))
+        .route("/webhooks", post(webhooks::create).get(webhooks::list))
+        .route("/webhooks/{id}", get(webhooks::get).delete(webhooks::delete))
+        .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/api-keys", post(keys::create).get(keys::list))
         .route("/api-keys/{id}", axum::routing::delete(keys::revoke))
         .route("/health", get(health))
@@ -307,6 +314,9 @@ mod tests {
             ("/volumes/{id}/clone", &["post"]),
             ("/api-keys", &["get", "post"]),
             ("/api-keys/{id}", &["delete"]),
+            ("/webhooks", &["get", "post"]),
+            ("/webhooks/{id}", &["delete", "get"]),
+            ("/webhooks/{id}/deliveries", &["get"]),
         ] {
             for m in methods {
                 assert!(paths.get(p).and_then(|v| v.get(*m)).is_some(), "{m} {p} missing from the OpenAPI document");

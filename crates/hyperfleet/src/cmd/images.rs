@@ -1,20 +1,14 @@
 //! `hyperfleet images ls|pull|rm`: the daemon's image cache through the SDK.
 
 use clap::{Args, Subcommand};
-use hyperfleet_client::Client;
 use hyperfleet_types::PullImage;
 
-use super::{Output, print_table};
+use super::{ApiArgs, Output, print_table};
 
 #[derive(Args, Debug)]
 pub struct ImagesArgs {
-    /// API base URL.
-    #[arg(long, env = "HYPERFLEET_URL", default_value = "http://127.0.0.1:3000", global = true)]
-    url: String,
-    #[arg(long, env = "HYPERFLEET_API_KEY", global = true, hide_env_values = true)]
-    api_key: Option<String>,
-    #[arg(long, value_enum, default_value = "table", global = true)]
-    output: Output,
+    #[command(flatten)]
+    api: ApiArgs,
     #[command(subcommand)]
     command: ImagesCommand,
 }
@@ -37,11 +31,11 @@ enum ImagesCommand {
 }
 
 pub(crate) async fn run(args: ImagesArgs) -> anyhow::Result<i32> {
-    let hf = Client::new(&args.url, args.api_key.clone());
+    let (hf, out) = args.api.client();
     match args.command {
         ImagesCommand::Ls => {
             let list = hf.list_images().await?;
-            if args.output == Output::Json {
+            if out == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 let rows: Vec<Vec<String>> = list
@@ -67,7 +61,7 @@ pub(crate) async fn run(args: ImagesArgs) -> anyhow::Result<i32> {
             let info = hf.pull_image(&PullImage { image, registry_auth: auth }).await;
             bar.finish_and_clear();
             let info = info?;
-            if args.output == Output::Json {
+            if out == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
                 println!("{}", info.digest);

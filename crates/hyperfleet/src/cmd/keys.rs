@@ -27,7 +27,7 @@ enum KeysCommand {
     Create {
         #[arg(long)]
         name: String,
-        /// machines:read, machines:write, machines:exec, keys:admin or * (repeat for several).
+        /// machines:read, machines:write, machines:exec, keys:admin, metrics:read, webhooks:admin or * (repeat for several).
         #[arg(long = "scope", required = true, value_parser = parse_scope)]
         scopes: Vec<Scope>,
         /// Expiry: an RFC 3339 time, or a duration from now such as 30d, 12h, 90m.
@@ -42,7 +42,7 @@ enum KeysCommand {
 
 fn parse_scope(s: &str) -> Result<Scope, String> {
     Scope::parse(s).ok_or_else(|| {
-        format!("unknown scope '{s}': use machines:read, machines:write, machines:exec, keys:admin or *")
+        format!("unknown scope '{s}': use machines:read, machines:write, machines:exec, keys:admin, metrics:read, webhooks:admin or *")
     })
 }
 

@@ -102,6 +102,11 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
         exec_output_budget: settings.files.exec_output_budget,
         events_backlog: settings.store.events_backlog,
         metrics: settings.api.metrics,
+        webhooks: crate::machines::webhooks::WebhookPolicy {
+            retry_base: settings.store.webhook_retry_base,
+            max_attempts: settings.store.webhook_max_attempts,
+            timeout: settings.store.webhook_timeout,
+        },
     };
     Ok(Service::new(store, host, addressing, policy, images))
 }
@@ -175,6 +180,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let doctor = Arc::new(Doctor::new(network)?);
     let auth = Arc::new(Auth::new(store, settings.api.disable_auth, settings.api.metrics_token.clone()));
     tokio::spawn(service.clone().run_timers());
+    tokio::spawn(service.clone().run_webhooks());
     let api = &settings.api;
     let limits = Limits::new(api.max_connections, api.max_connections_per_ip);
     let addr = std::net::SocketAddr::new(settings.api.bind, settings.api.port);

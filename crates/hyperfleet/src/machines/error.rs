@@ -27,6 +27,8 @@ pub(crate) enum Error {
     NameTaken(String),
     #[error("Volume with id '{0}' not found")]
     VolumeNotFound(String),
+    #[error("Webhook with id '{0}' not found")]
+    WebhookNotFound(String),
     #[error("A volume named '{0}' already exists")]
     VolumeNameTaken(String),
     /// The request conflicts with the current state of a volume (attached elsewhere, in use).

@@ -3,17 +3,19 @@
 //! under the database's writer lock, so ids go out in order. Listeners: long-polls (`wait`), the proxy's
 //! target cache, and `GET /events`, which resumes from the stored backlog with `Last-Event-ID`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyperfleet_types::{Event, EventKind, Machine, MachineStatus};
 use rusqlite::Connection;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 
 use super::{Error, Host, Result, Service};
 use crate::store::events as stored;
 pub(crate) use crate::store::events::{EventFilter, EventPage};
 use crate::store::machines::MachineRecord;
+use crate::store::{StoreResult, machines as records};
 
 /// The most stored events one backlog read looks at; a resuming reader reads again for more.
 const BACKLOG_PAGE: u32 = 500;
@@ -23,6 +25,8 @@ pub(super) struct Events {
     tx: broadcast::Sender<Arc<Event>>,
     /// How many stored events to keep.
     keep: u64,
+    /// Told when deliveries were queued (the webhook worker waits on it).
+    pub(super) deliveries: Arc<Notify>,
 }
 
 /// An event about `m`, not stored yet (its id is 0).
@@ -45,14 +49,39 @@ pub(super) fn draft(kind: EventKind, m: &MachineRecord) -> Event {
 
 impl Events {
     pub(super) fn new(keep: u64) -> Self {
-        Self { tx: broadcast::channel(1024).0, keep: keep.max(1) }
+        Self { tx: broadcast::channel(1024).0, keep: keep.max(1), deliveries: Arc::new(Notify::new()) }
     }
 
-    /// Stores `event` and broadcasts it. Called with the writer connection, so the order of ids is the order
-    /// of broadcast. A failure to store is logged: the change it reports has happened regardless.
+    /// [`Self::append_for`] with the labels the machine has in the store (none once it is deleted).
     pub(super) fn append(&self, c: &Connection, event: Event) {
-        match stored::append(c, &event, self.keep) {
-            Ok(e) => {
+        let labels = match records::get(c, &event.machine_id) {
+            Ok(m) => m.map(|m| m.spec.labels).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(machine = %event.machine_id, error = %e, "could not read a machine's labels");
+                BTreeMap::new()
+            }
+        };
+        self.append_for(c, event, &labels);
+    }
+
+    /// Stores `event`, with a delivery for each webhook it matches (the machine has `labels`), in one
+    /// transaction, and broadcasts it. Called with the writer connection, so the order of ids is the order
+    /// of broadcast. A failure to store is logged: the change it reports has happened regardless.
+    pub(super) fn append_for(&self, c: &Connection, event: Event, labels: &BTreeMap<String, String>) {
+        let stored = if c.is_autocommit() {
+            c.unchecked_transaction().map_err(Into::into).and_then(|tx| {
+                let done = self.store(&tx, &event, labels)?;
+                tx.commit()?;
+                Ok(done)
+            })
+        } else {
+            self.store(c, &event, labels)
+        };
+        match stored {
+            Ok((e, queued)) => {
+                if queued > 0 {
+                    self.deliveries.notify_one();
+                }
                 // Sending fails only when nobody listens, which is the normal case between requests.
                 if self.tx.receiver_count() > 0 {
                     let _ignored_when_no_listener = self.tx.send(Arc::new(e));
@@ -62,6 +91,12 @@ impl Events {
                 tracing::warn!(machine = %event.machine_id, kind = %event.kind, error = %e, "could not store an event")
             }
         }
+    }
+
+    fn store(&self, c: &Connection, event: &Event, labels: &BTreeMap<String, String>) -> StoreResult<(Event, usize)> {
+        let e = stored::append(c, event, self.keep)?;
+        let queued = super::webhooks::enqueue_matching(c, &e, labels)?;
+        Ok((e, queued))
     }
 
     pub(super) fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {

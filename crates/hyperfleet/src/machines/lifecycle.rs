@@ -121,7 +121,7 @@ impl<H: Host> Service<H> {
         let cas = self.store.call(move |c| {
             let cas = records::transition(c, &key, &from, to, &changes)?;
             if let Cas::Done(m) = &cas {
-                events.append(c, events::draft(EventKind::of_status(m.status), m));
+                events.append_for(c, events::draft(EventKind::of_status(m.status), m), &m.spec.labels);
             }
             Ok(cas)
         });
@@ -166,7 +166,7 @@ impl<H: Host> Service<H> {
                 Ok(rec)
             });
             if let Ok(m) = &rec {
-                events.append(c, events::draft(EventKind::Created, m));
+                events.append_for(c, events::draft(EventKind::Created, m), &m.spec.labels);
             }
             Ok(rec)
         });
@@ -244,7 +244,7 @@ impl<H: Host> Service<H> {
                     if let Some(secrets) = &req.secrets {
                         records::set_secrets(c, &rid, secrets)?;
                     }
-                    events.append(c, events::draft(EventKind::Updated, m));
+                    events.append_for(c, events::draft(EventKind::Updated, m), &m.spec.labels);
                 }
                 Ok(modified)
             })
@@ -508,7 +508,7 @@ impl<H: Host> Service<H> {
         let deleted = self.store.call(move |c| {
             let cas = records::delete(c, &rid, &MachineStatus::AT_REST)?;
             if let Cas::Done(m) = &cas {
-                events.append(c, events::draft(EventKind::Deleted, m));
+                events.append_for(c, events::draft(EventKind::Deleted, m), &m.spec.labels);
             }
             Ok(cas)
         });

@@ -14,6 +14,7 @@
 //!   `idle_timeout_seconds` from deadlines kept in the store
 //! - `wake.rs`: starting or resuming an `auto_start` machine for a proxied request, once for many requests
 //! - `pty.rs`: terminal sessions through the guest agent
+//! - `webhooks.rs`: webhooks, and the worker that delivers their events (signed, retried, stored)
 //! - `host.rs` / `network.rs`: the host side ([`Host`], [`LinuxHost`], addressing, interfaces, firewall)
 
 mod action;
@@ -36,6 +37,7 @@ mod timers;
 mod validate;
 mod volumes;
 mod wake;
+pub(crate) mod webhooks;
 mod wire;
 
 use std::net::Ipv4Addr;
@@ -78,6 +80,8 @@ pub(crate) struct Policy {
     pub events_backlog: u64,
     /// `HYPERFLEET_METRICS`: record metrics (and serve `GET /metrics`).
     pub metrics: bool,
+    /// Webhook deliveries' retries and timeout.
+    pub webhooks: webhooks::WebhookPolicy,
 }
 
 pub(crate) struct Service<H: Host = LinuxHost> {

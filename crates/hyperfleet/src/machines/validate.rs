@@ -429,6 +429,11 @@ mod tests {
                 exec_output_budget: 1 << 20,
                 events_backlog: 1000,
                 metrics: true,
+                webhooks: crate::machines::webhooks::WebhookPolicy {
+                    retry_base: std::time::Duration::from_millis(10),
+                    max_attempts: 3,
+                    timeout: std::time::Duration::from_secs(5),
+                },
             }
         }
     }

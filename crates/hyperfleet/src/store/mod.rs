@@ -8,6 +8,7 @@ pub(crate) mod events;
 pub(crate) mod leases;
 pub mod machines;
 pub(crate) mod volumes;
+pub(crate) mod webhooks;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -122,6 +123,34 @@ const MIGRATIONS: &[&str] = &[
         type TEXT NOT NULL,
         body TEXT NOT NULL
     );
+    "#,
+    // 6: webhooks and their deliveries (each a durable to-do, inserted with its event; see webhooks.rs).
+    r#"
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        label_selector TEXT,
+        secret BLOB,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE webhook_deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        webhook_id TEXT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+        event_id INTEGER NOT NULL,
+        event_type TEXT NOT NULL,
+        machine_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        next_attempt_at INTEGER,
+        last_status_code INTEGER,
+        last_error TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX webhook_deliveries_by_webhook ON webhook_deliveries (webhook_id, id);
     "#,
 ];
 
