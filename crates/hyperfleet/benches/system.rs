@@ -39,11 +39,13 @@ struct Wrk {
     rps: f64,
     p50: String,
     p99: String,
+    /// Requests completed in the run.
+    requests: u64,
 }
 
 impl Wrk {
     fn none() -> Self {
-        Self { rps: 0.0, p50: "?".into(), p99: "?".into() }
+        Self { rps: 0.0, p50: "?".into(), p99: "?".into(), requests: 0 }
     }
 
     fn best(self, other: Self) -> Self {
@@ -53,6 +55,17 @@ impl Wrk {
 
 /// Rounds of the read benchmarks in "API throughput".
 const API_ROUNDS: usize = 3;
+
+/// Rounds of the three-daemon comparison in "Metrics and request logging" (small differences: more rounds).
+const OBSERVE_ROUNDS: usize = 5;
+
+/// The host's 1-minute load average, to print next to comparisons that other load can skew.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
 
 /// Runs wrk (2 threads, `conns` connections, 5 s) and parses its --latency report.
 fn wrk(url: &str, conns: u32, key: Option<&str>, script: Option<&Path>) -> Wrk {
@@ -74,7 +87,24 @@ fn wrk(url: &str, conns: u32, key: Option<&str>, script: Option<&Path>) -> Wrk {
             .to_string()
     };
     let rps = find("Requests/sec:").parse().unwrap_or(0.0);
-    Wrk { rps, p50: find("50%"), p99: find("99%") }
+    // "  123456 requests in 5.00s, 12.34MB read"
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Wrk { rps, p50: find("50%"), p99: find("99%"), requests }
+}
+
+/// `GET /machines/{id}` (authenticated, one database row) on `d`, 32 connections.
+fn wrk_get_machine(d: &Daemon, id: &str) -> Wrk {
+    wrk(&format!("{}/machines/{id}", d.url()), 32, Some(&d.key), None)
+}
+
+/// `GET /health` (no auth, no database row) on `d`, 32 connections: the server's own baseline.
+fn wrk_health(d: &Daemon) -> Wrk {
+    wrk(&format!("{}/health", d.url()), 32, None, None)
 }
 
 struct Report {
@@ -102,8 +132,8 @@ async fn bench_api(r: &mut Report) {
     // server up) then cannot land on one side of the comparison only.
     let (mut get, mut health) = (Wrk::none(), Wrk::none());
     for _ in 0..API_ROUNDS {
-        get = get.best(wrk(&format!("{}/machines/{}", d.url(), m.id), 32, Some(&d.key), None));
-        health = health.best(wrk(&format!("{}/health", d.url()), 32, None, None));
+        get = get.best(wrk_get_machine(&d, &m.id));
+        health = health.best(wrk_health(&d));
     }
     let script = d.dir.path().join("post.lua");
     std::fs::write(
@@ -763,6 +793,143 @@ async fn bench_interactive(r: &mut Report) {
     );
 }
 
+/// Issue 13: what metrics and request logging cost the API, and `/metrics` with 1,000 machines.
+async fn bench_observe(r: &mut Report) {
+    // Three daemons side by side, differing in one setting each; the daemon's own default filter is
+    // `info,netlink_packet_route=error`, which the test harness sets explicitly too.
+    let start = |env: &[(&str, &str)]| {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Daemon::start(Options { prefix_len: 16, env, ..Default::default() })
+    };
+    let base = start(&[]).await;
+    let no_metrics = start(&[("HYPERFLEET_METRICS", "false")]).await;
+    let no_logs = start(&[("RUST_LOG", "off")]).await;
+    let daemons = [&base, &no_metrics, &no_logs];
+    let mut ids = Vec::new();
+    for d in daemons {
+        ids.push(d.client.create_machine(&machine("observe-target")).await.unwrap().id);
+    }
+    let scrape_status = reqwest::Client::new()
+        .get(format!("{}/metrics", no_metrics.url()))
+        .bearer_auth(&no_metrics.key)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(scrape_status, 404, "HYPERFLEET_METRICS=false answers /metrics with 404");
+    // Alternating rounds over the three daemons, best round of each (as in "API throughput").
+    let mut best: Vec<Wrk> = (0..3).map(|_| Wrk::none()).collect();
+    let (mut log_bytes, mut logged_requests) = (0u64, 0u64);
+    let load_before = load_average();
+    for round in 0..OBSERVE_ROUNDS {
+        // Each round starts at the next daemon, so none of them always runs right after another.
+        for i in (0..3).map(|k| (k + round) % 3) {
+            let d = daemons[i];
+            let before = std::fs::metadata(d.log_path()).map(|m| m.len()).unwrap_or(0);
+            let w = wrk_get_machine(d, &ids[i]);
+            if i == 0 {
+                log_bytes += std::fs::metadata(d.log_path()).map(|m| m.len()).unwrap_or(0).saturating_sub(before);
+                logged_requests += w.requests;
+            }
+            best[i] = std::mem::replace(&mut best[i], Wrk::none()).best(w);
+        }
+    }
+    let load_after = load_average();
+    let silent = std::fs::metadata(no_logs.log_path()).map(|m| m.len()).unwrap_or(0);
+    let [on, metrics_off, logs_off] = <[Wrk; 3]>::try_from(best).ok().unwrap();
+    drop(no_metrics);
+    drop(no_logs);
+
+    // Scrape time: 1 machine (baseline), then 1,000 (pending: creating is a database row and an address).
+    let http = reqwest::Client::new();
+    let scrape = |n: usize| {
+        let (http, url, key) = (http.clone(), format!("{}/metrics", base.url()), base.key.clone());
+        async move {
+            let mut times = Vec::new();
+            let mut size = 0;
+            for i in 0..n + 3 {
+                let t = Instant::now();
+                let resp = http.get(&url).bearer_auth(&key).send().await.unwrap();
+                assert_eq!(resp.status(), 200);
+                size = resp.bytes().await.unwrap().len();
+                if i >= 3 {
+                    times.push(t.elapsed());
+                }
+            }
+            (times, size)
+        }
+    };
+    let (mut one, one_size) = scrape(20).await;
+    let tasks: Vec<_> = (1..1000)
+        .map(|i| {
+            let c = base.client.clone();
+            tokio::spawn(async move { c.create_machine(&machine(&format!("o{i}"))).await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (mut thousand, thousand_size) = scrape(20).await;
+
+    r.section(
+        "Metrics and request logging",
+        &format!(
+            "Issue 13. wrk, 2 threads, 32 connections, 5 s, `GET /machines/{{id}}` against three release daemons \
+             started side by side, alternating for {OBSERVE_ROUNDS} rounds (each round starting at the next daemon), best round of each: the default \
+             (metrics on, `RUST_LOG` at the default `info`: one `hyperfleet::request` line per request) is the \
+             baseline; `HYPERFLEET_METRICS=false` records nothing; `RUST_LOG=off` writes no log line. Goal for \
+             metrics: ≤ 3 % difference. Log bytes per request: what the default daemon's log grew by during \
+             its wrk runs, over the requests completed (the `RUST_LOG=off` daemon's whole log: {silent} bytes). \
+             Host load average (1 min) before / after the rounds: {load_before} / {load_after}; on this 2-core \
+             host wrk and the daemon share the CPUs, so a difference of a few percent is within the noise."
+        ),
+    );
+    let pct_vs = |w: &Wrk| format!("{:+.1} %", (w.rps / on.rps - 1.0) * 100.0);
+    r.table(
+        &["daemon", "requests/s", "p50", "p99", "vs default"],
+        vec![
+            vec!["default (baseline)".into(), format!("{:.0}", on.rps), on.p50.clone(), on.p99.clone(), "—".into()],
+            vec![
+                "`HYPERFLEET_METRICS=false`".into(),
+                format!("{:.0}", metrics_off.rps),
+                metrics_off.p50.clone(),
+                metrics_off.p99.clone(),
+                pct_vs(&metrics_off),
+            ],
+            vec![
+                "`RUST_LOG=off`".into(),
+                format!("{:.0}", logs_off.rps),
+                logs_off.p50.clone(),
+                logs_off.p99.clone(),
+                pct_vs(&logs_off),
+            ],
+        ],
+    );
+    #[allow(clippy::cast_precision_loss, reason = "byte and request counts far below 2^52")]
+    let per_request = log_bytes as f64 / logged_requests.max(1) as f64;
+    let _ = write!(
+        r.md,
+        "\nLog written at the default level: {per_request:.0} bytes per request ({log_bytes} bytes for \
+         {logged_requests} requests).\n\n`GET /metrics` (authenticated, 20 scrapes after 3 warm-up, one at a \
+         time) on the default daemon with 1 machine (baseline) and with 1,000 pending machines. Pending \
+         machines add no per-machine series (those are built for running and paused machines only), so the body \
+         barely grows; what grows is the snapshot's database reads (counts by status, leases, active machines).\n\n"
+    );
+    r.table(
+        &["machines", "p50", "p99", "body", "p50 vs 1 machine"],
+        vec![
+            vec!["1".into(), ms(pct(&mut one, 0.5)), ms(pct(&mut one, 0.99)), format!("{one_size} B"), "1.00×".into()],
+            vec![
+                "1,000".into(),
+                ms(pct(&mut thousand, 0.5)),
+                ms(pct(&mut thousand, 0.99)),
+                format!("{thousand_size} B"),
+                format!("{:.2}×", pct(&mut thousand, 0.5).as_secs_f64() / pct(&mut one, 0.5).as_secs_f64()),
+            ],
+        ],
+    );
+}
+
 /// Webhook delivery latency: a machine event (a PATCH of its labels, `machine.updated`) to a signed POST
 /// arriving at a receiver on loopback, against the same event reaching a `GET /events` subscriber.
 async fn bench_webhooks(r: &mut Report) {
@@ -1047,8 +1214,19 @@ async fn main() {
         .ok()
         .filter(|v| !v.trim().is_empty())
         .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
-    const SECTIONS: &[&str] =
-        &["api", "creates", "ipam", "network", "start", "exec", "proxy", "interactive", "images", "webhooks"];
+    const SECTIONS: &[&str] = &[
+        "api",
+        "creates",
+        "ipam",
+        "network",
+        "start",
+        "exec",
+        "proxy",
+        "interactive",
+        "observe",
+        "images",
+        "webhooks",
+    ];
     if let Some(unknown) = only.iter().flatten().find(|s| !SECTIONS.contains(&s.as_str())) {
         eprintln!("HYPERFLEET_BENCH_ONLY: unknown section '{unknown}'; sections: {}", SECTIONS.join(","));
         std::process::exit(2);
@@ -1077,6 +1255,9 @@ async fn main() {
     }
     if run("interactive") {
         bench_interactive(&mut r).await;
+    }
+    if run("observe") {
+        bench_observe(&mut r).await;
     }
     if run("images") {
         bench_images(&mut r).await;

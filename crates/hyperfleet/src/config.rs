@@ -72,6 +72,9 @@ pub struct ApiArgs {
     /// with the `metrics:read` scope work too.
     #[arg(long, env = "HYPERFLEET_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// Record Prometheus metrics and serve `GET /metrics`; false records nothing and `/metrics` answers 404.
+    #[arg(long, env = "HYPERFLEET_METRICS", default_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub metrics: bool,
     /// Log lines as `text` (one line per event) or `json` (one object per line).
     #[arg(long, env = "HYPERFLEET_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -267,6 +270,8 @@ pub struct ApiSettings {
     /// Of both listeners.
     pub timeouts: Timeouts,
     pub metrics_token: Option<String>,
+    /// `HYPERFLEET_METRICS`.
+    pub metrics: bool,
     pub log_format: LogFormat,
 }
 
@@ -471,6 +476,7 @@ impl ApiArgs {
         };
         Ok(ApiSettings {
             metrics_token,
+            metrics: self.metrics,
             log_format,
             bind: self.bind,
             port: self.port,
@@ -844,6 +850,7 @@ mod tests {
         ("HYPERFLEET_INSECURE_REGISTRIES", "127.0.0.1:5000, mirror.test:5000"),
         ("HYPERFLEET_ALLOWED_REGISTRIES", "127.0.0.1:5000"),
         ("HYPERFLEET_METRICS_TOKEN", "prometheus-scrape-token-1234"),
+        ("HYPERFLEET_METRICS", "false"),
         ("HYPERFLEET_LOG_FORMAT", "json"),
         ("HYPERFLEET_EVENTS_BACKLOG", "500"),
         ("HYPERFLEET_WEBHOOK_RETRY_BASE_MS", "250"),
@@ -920,6 +927,7 @@ mod tests {
             (Duration::from_millis(250), 4, Duration::from_secs(7))
         );
         assert_eq!(s.api.metrics_token.as_deref(), Some("prometheus-scrape-token-1234"));
+        assert!(!s.api.metrics);
         assert_eq!(s.api.log_format, LogFormat::Json);
         let r = &s.runtime;
         assert_eq!(

@@ -68,6 +68,8 @@ fn fast_histogram() -> Histogram {
 
 /// The metrics updated as things happen.
 pub(crate) struct Metrics {
+    /// `HYPERFLEET_METRICS`: false records nothing (every method returns at once) and `GET /metrics` is 404.
+    enabled: bool,
     registry: Registry,
     operations: Family<OperationLabels, Histogram, fn() -> Histogram>,
     requests: Family<RequestLabels, Counter>,
@@ -83,12 +85,12 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(true)
     }
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(enabled: bool) -> Self {
         let mut registry = Registry::with_prefix("hyperfleet");
         let operations = Family::<OperationLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             duration_histogram as fn() -> Histogram,
@@ -120,10 +122,18 @@ impl Metrics {
             "Times the guest agent of a running machine could not be reached",
             agent_failures.clone(),
         );
-        Self { registry, operations, requests, proxy_requests, agent_failures }
+        Self { enabled, registry, operations, requests, proxy_requests, agent_failures }
+    }
+
+    /// Whether anything is recorded and exposed (`HYPERFLEET_METRICS`).
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
     }
 
     pub(crate) fn operation(&self, op: Operation, ok: bool, took: Duration) {
+        if !self.enabled {
+            return;
+        }
         let labels = OperationLabels { operation: op.as_str(), result: if ok { "ok" } else { "error" } };
         self.operations.get_or_create(&labels).observe(took.as_secs_f64());
     }
@@ -131,6 +141,9 @@ impl Metrics {
     /// One API request; `route` is the router's template (`/machines/{id}`, shown as `/machines/:id`: braces
     /// in label values trip up some text-format parsers), or `None` when no route matched.
     pub(crate) fn request(&self, method: &str, route: Option<&str>, status: u16) {
+        if !self.enabled {
+            return;
+        }
         let route = match route {
             Some(r) => r.chars().filter(|c| *c != '}').map(|c| if c == '{' { ':' } else { c }).collect(),
             None => "unmatched".to_string(),
@@ -140,6 +153,9 @@ impl Metrics {
     }
 
     pub(crate) fn proxy_request(&self, status: u16, took: Duration) {
+        if !self.enabled {
+            return;
+        }
         let status = match status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -151,6 +167,9 @@ impl Metrics {
     }
 
     pub(crate) fn agent_failure(&self) {
+        if !self.enabled {
+            return;
+        }
         self.agent_failures.inc();
     }
 
@@ -305,7 +324,7 @@ mod tests {
 
     #[test]
     fn the_exposition_parses_and_carries_what_was_recorded() {
-        let m = Metrics::new();
+        let m = Metrics::new(true);
         m.operation(Operation::Start, true, Duration::from_millis(120));
         m.request("GET", Some("/machines/{id}"), 200);
         m.request("GET", Some("/machines/{id}"), 200);
@@ -352,5 +371,19 @@ mod tests {
         assert_eq!(value("hyperfleet_agent_connection_failures_total", &[]), Some(1.0));
         assert!(text.contains("hyperfleet_machine_operation_duration_seconds_bucket"), "{text}");
         assert!(!text.contains("# EOF"), "text format 0.0.4, not OpenMetrics");
+    }
+
+    #[test]
+    fn disabled_metrics_record_nothing() {
+        let m = Metrics::new(false);
+        m.request("GET", Some("/machines/{id}"), 200);
+        m.operation(Operation::Start, true, Duration::from_millis(5));
+        m.proxy_request(200, Duration::from_millis(1));
+        m.agent_failure();
+        assert!(!m.enabled());
+        let text = m.render(&Snapshot::default()).unwrap();
+        assert!(!text.contains("hyperfleet_api_requests_total{"), "{text}");
+        assert!(!text.contains("hyperfleet_proxy_request_duration_seconds_bucket"), "{text}");
+        assert!(text.contains("hyperfleet_agent_connection_failures_total 0"), "{text}");
     }
 }

@@ -75,6 +75,7 @@ fn validates(req: &CreateMachine) {
         max_execs_per_machine: 1,
         exec_output_budget: 1 << 20,
         events_backlog: 1000,
+        metrics: true,
         webhooks: crate::machines::webhooks::WebhookPolicy {
             retry_base: std::time::Duration::from_millis(10),
             max_attempts: 3,

@@ -101,6 +101,7 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
         max_execs_per_machine: settings.files.exec_max_concurrent,
         exec_output_budget: settings.files.exec_output_budget,
         events_backlog: settings.store.events_backlog,
+        metrics: settings.api.metrics,
         webhooks: crate::machines::webhooks::WebhookPolicy {
             retry_base: settings.store.webhook_retry_base,
             max_attempts: settings.store.webhook_max_attempts,

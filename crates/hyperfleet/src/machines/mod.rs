@@ -78,6 +78,8 @@ pub(crate) struct Policy {
     pub exec_output_budget: u64,
     /// Machine events kept in the backlog `GET /events` resumes from.
     pub events_backlog: u64,
+    /// `HYPERFLEET_METRICS`: record metrics (and serve `GET /metrics`).
+    pub metrics: bool,
     /// Webhook deliveries' retries and timeout.
     pub webhooks: webhooks::WebhookPolicy,
 }
@@ -132,8 +134,8 @@ impl<H: Host> Service<H> {
             host,
             addressing,
             events: events::Events::new(policy.events_backlog),
+            metrics: Arc::new(Metrics::new(policy.metrics)),
             policy,
-            metrics: Arc::new(Metrics::new()),
             cpu_readings: stats::CpuReadings::default(),
             ports: wire::PortStatus::default(),
             execs: guest::ExecSlots::default(),

@@ -268,6 +268,7 @@ pub(super) fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
         max_execs_per_machine: 4,
         exec_output_budget: 1 << 20,
         events_backlog: 1000,
+        metrics: true,
         webhooks: crate::machines::webhooks::WebhookPolicy {
             retry_base: std::time::Duration::from_millis(10),
             max_attempts: 3,
