@@ -201,7 +201,7 @@ pub(crate) async fn stream(State(s): State<AppState>, headers: HeaderMap, q: Que
 
 #[utoipa::path(get, path = "/metrics", tag = "events",
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
-        (status = 404, description = "Metrics are off (`HYPERFLEET_METRICS=false`)", body = ErrorBody)),
+        (status = 404, description = "NOT_FOUND: metrics are off (`HYPERFLEET_METRICS=false`)", body = ErrorBody)),
     security(("bearer" = ["metrics:read"])))]
 pub(crate) async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
     if !s.service.metrics().enabled() {
