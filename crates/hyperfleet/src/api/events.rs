@@ -54,20 +54,23 @@ fn filter(q: &QueryMap) -> Result<EventFilter, ApiError> {
 
 /// Where to resume: the `Last-Event-ID` header (what EventSource sends on reconnecting), else `?last_event_id=`.
 fn resume_from(headers: &HeaderMap, q: &QueryMap) -> Result<Option<u64>, ApiError> {
-    let raw = match headers.get("last-event-id") {
-        Some(v) => Some(v.to_str().map_err(|_| ApiError::validation("Last-Event-ID must be an event id"))?),
-        None => q.get("last_event_id"),
+    // Both are checked when both are given (a wrong one is a 400 even when the other would win); the header
+    // wins. Present means an id: an empty value is as wrong as any other non-number (the document says integer).
+    let header = match headers.get("last-event-id") {
+        Some(v) => Some(event_id(v.to_str().map_err(|_| ApiError::validation("Last-Event-ID must be an event id"))?)?),
+        None => None,
     };
-    // Present means an id: an empty value is as wrong as any other non-number (the document says integer).
-    raw.map(|v| {
-        // Event ids are SQLite integers: 0..=i64::MAX, as the OpenAPI document says.
-        v.trim()
-            .parse::<i64>()
-            .ok()
-            .and_then(|id| u64::try_from(id).ok())
-            .ok_or_else(|| ApiError::validation(format!("Last-Event-ID: '{v}' is not an event id")))
-    })
-    .transpose()
+    let query = q.get("last_event_id").map(event_id).transpose()?;
+    Ok(header.or(query))
+}
+
+/// An event id: a SQLite integer, 0..=i64::MAX, as the OpenAPI document says.
+fn event_id(v: &str) -> Result<u64, ApiError> {
+    v.trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|id| u64::try_from(id).ok())
+        .ok_or_else(|| ApiError::validation(format!("Last-Event-ID: '{v}' is not an event id")))
 }
 
 /// One reader's place in the events: what it has been sent, what it still has to read from the backlog.

@@ -45,8 +45,9 @@ pub(crate) struct Flag;
 
 impl utoipa::PartialSchema for Flag {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
-        OneOfBuilder::new()
+        // anyOf, not oneOf: `?force=true` read as a string and as a boolean is one valid value, not two.
+        use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Type};
+        AnyOfBuilder::new()
             .item(ObjectBuilder::new().schema_type(Type::Boolean))
             .item(ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["", "1", "0", "true", "false"])))
             .into()
