@@ -44,8 +44,9 @@ fn cpath(path: &Path) -> io::Result<CString> {
 /// a user namespace) and waits while the daemon writes the maps and binds them: the user namespace to
 /// `userns_file` (for runc to join and for the idmapped root), the network one as `netns` in /run/netns.
 pub(crate) fn create_namespaces(base: u32, userns_file: &Path, netns: &str) -> io::Result<()> {
-    let (to_child_r, to_child_w) = nix::unistd::pipe()?;
-    let (to_parent_r, to_parent_w) = nix::unistd::pipe()?;
+    // Close-on-exec: a process the daemon spawns meanwhile (runc, mount) must not hold copies of these ends.
+    let (to_child_r, to_child_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (to_parent_r, to_parent_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // SAFETY: the child only makes raw system calls (unshare, read, write, _exit), which are
     // async-signal-safe, so forking a multi-threaded process is sound here; it never returns into Rust code.
     let child = match unsafe { nix::unistd::fork() }? {
@@ -55,9 +56,15 @@ pub(crate) fn create_namespaces(base: u32, userns_file: &Path, netns: &str) -> i
             // SAFETY: raw system calls on descriptors this child owns and a one-byte stack buffer. Each step
             // is reported with one byte; the parent treats a closed pipe as failure.
             unsafe {
-                // Only the parent keeps these ends: the child's last read must see the parent close its end.
-                libc::close(to_child_w.as_raw_fd());
-                libc::close(to_parent_r.as_raw_fd());
+                // Keep only this helper's two ends. Helpers forked at the same time for other machines would
+                // otherwise hold copies of each other's pipes, and each would wait on the others forever.
+                let (a, b) = (to_child_r.as_raw_fd(), to_parent_w.as_raw_fd());
+                let (lo, hi) = (a.min(b).unsigned_abs(), a.max(b).unsigned_abs());
+                for (first, last) in [(3, lo.saturating_sub(1)), (lo + 1, hi.saturating_sub(1)), (hi + 1, u32::MAX)] {
+                    if first <= last {
+                        libc::syscall(libc::SYS_close_range, first, last, 0);
+                    }
+                }
                 if libc::unshare(libc::CLONE_NEWUSER) != 0 {
                     libc::_exit(1);
                 }
@@ -101,8 +108,10 @@ pub(crate) fn create_namespaces(base: u32, userns_file: &Path, netns: &str) -> i
             .map_err(io::Error::other)?;
         Ok(())
     })();
+    // The helper's last read ends with these bytes (or at the pipe's end): it exits at once, and waiting
+    // reaps it. Two, in case it still waits for the network step after a failure above.
+    let _ = nix::unistd::write(&to_child_w, b"xx");
     drop(to_child_w);
-    // Dropped: the helper exits as soon as its pipe closes; waiting reaps it.
     let _ = nix::sys::wait::waitpid(child, None);
     if made.is_err() {
         release_user_namespace(userns_file);
