@@ -351,6 +351,7 @@ impl<H: Host> Service<H> {
     }
 
     async fn start_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
+        let mut took = crate::runtime::StepTimes::new();
         let rec = if rec.spec.volumes.is_empty() {
             self.transition(&rec.id, Action::Start, Starting, Changes::default()).await?
         } else {
@@ -358,8 +359,9 @@ impl<H: Host> Service<H> {
             let _volumes = self.volume_ops.lock().await;
             self.transition(&rec.id, Action::Start, Starting, Changes::default()).await?
         };
+        took.lap("claim");
         let mut done = Vec::new();
-        match self.start_steps(&rec, &mut done).await {
+        match self.start_steps(&rec, &mut done, &mut took).await {
             Ok(booted) => {
                 let now = hyperfleet_types::timestamp::now();
                 let changes = Changes {
@@ -371,7 +373,8 @@ impl<H: Host> Service<H> {
                 };
                 match self.transition(&rec.id, Action::Start, Running, changes).await {
                     Ok(running) => {
-                        info!(machine = %rec.id, pid = booted.pid, "machine running");
+                        took.lap("record");
+                        info!(machine = %rec.id, pid = booted.pid, took = %took, "machine running");
                         self.monitor(running.id.clone(), booted.pid);
                         self.activity.reset(&running.id);
                         self.recheck(&running.id);
@@ -386,15 +389,24 @@ impl<H: Host> Service<H> {
     }
 
     /// The host side of a start, each step recorded in `done` once it has changed the host.
-    async fn start_steps(&self, rec: &MachineRecord, done: &mut Vec<Step>) -> Result<Booted> {
+    async fn start_steps(
+        &self,
+        rec: &MachineRecord,
+        done: &mut Vec<Step>,
+        took: &mut crate::runtime::StepTimes,
+    ) -> Result<Booted> {
         let netns = self.host.prepare(rec).await?;
         done.push(Step::Prepared);
+        took.lap("prepare");
         self.host.attach(rec, netns.as_deref()).await?;
         done.push(Step::Attached);
+        took.lap("attach");
         self.firewall_change(rec, true).await?;
         done.push(Step::Filtered);
+        took.lap("firewall");
         let booted = self.host.boot(rec, netns.as_deref()).await?;
         done.push(Step::Booted(booted.pid));
+        took.lap("boot");
         Ok(booted)
     }
 
