@@ -208,59 +208,26 @@ async fn bench_concurrent_creates(r: &mut Report) {
     );
 }
 
-fn bench_ipam(r: &mut Report) {
+async fn bench_ipam(r: &mut Report) {
     use hyperfleet::testing::machine_rows::insert;
-    use hyperfleet_types::{MachineNetwork, MachineSpec};
     let dir = tempfile::tempdir().unwrap();
-    let store = hyperfleet::testing::Store::open(&dir.path().join("ipam.db")).unwrap();
+    let store = hyperfleet::testing::Store::open_file(&dir.path().join("ipam.db")).await.unwrap();
     let blocks = 16_384u32;
-    let new = |i: u32| MachineSpec {
-        name: format!("n{i}"),
-        runtime: RuntimeKind::Container,
-        vcpu_count: 1,
-        mem_size_mib: 64,
-        kernel_image_path: "k".into(),
-        kernel_args: String::new(),
-        rootfs_path: "r".into(),
-        exposed_ports: vec![],
-        network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
-        env: Default::default(),
-        image: None,
-        image_digest: None,
-        image_size_mib: None,
-        entrypoint: None,
-        cmd: None,
-        restart_policy: Default::default(),
-        volumes: vec![],
-        disk_size_mib: 0,
-        secret_names: vec![],
-        labels: Default::default(),
-        ttl_seconds: None,
-        on_ttl: Default::default(),
-        idle_timeout_seconds: None,
-        idle_max_connection_seconds: None,
-        auto_start: false,
-    };
+    let new = |i: u32| bench_spec(format!("n{i}"));
     let t = Instant::now();
-    store
-        .call_blocking(|c| {
-            for i in 0..blocks {
-                assert_eq!(insert(c, &format!("id{i}"), &new(i), blocks).unwrap().block, i);
-            }
-            Ok(())
-        })
-        .unwrap();
+    for i in 0..blocks {
+        let mut tx = store.write().await.unwrap();
+        assert_eq!(insert(&mut tx, &format!("id{i}"), &new(i), blocks).await.unwrap().block, i);
+        tx.commit().await.unwrap();
+    }
     let lease = t.elapsed();
-    let full = store.call_blocking(|c| Ok(insert(c, "full", &new(blocks), blocks).is_err())).unwrap();
+    let full = insert(&mut store.write().await.unwrap(), "full", &new(blocks), blocks).await.is_err();
     let t = Instant::now();
-    store
-        .call_blocking(|c| {
-            for i in 0..blocks {
-                hyperfleet::testing::machine_rows::delete(c, &format!("id{i}"), &[MachineStatus::Pending])?;
-            }
-            Ok(())
-        })
-        .unwrap();
+    for i in 0..blocks {
+        let mut tx = store.write().await.unwrap();
+        hyperfleet::testing::machine_rows::delete(&mut tx, &format!("id{i}"), &[MachineStatus::Pending]).await.unwrap();
+        tx.commit().await.unwrap();
+    }
     let free = t.elapsed();
     r.section(
         "IPAM",
@@ -290,6 +257,38 @@ fn bench_ipam(r: &mut Report) {
             ],
         ],
     );
+}
+
+/// A machine spec for store benchmarks.
+fn bench_spec(name: String) -> hyperfleet_types::MachineSpec {
+    use hyperfleet_types::{MachineNetwork, MachineSpec};
+    MachineSpec {
+        name,
+        runtime: RuntimeKind::Container,
+        vcpu_count: 1,
+        mem_size_mib: 64,
+        kernel_image_path: "k".into(),
+        kernel_args: String::new(),
+        rootfs_path: "r".into(),
+        exposed_ports: vec![],
+        network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
+        env: Default::default(),
+        image: None,
+        image_digest: None,
+        image_size_mib: None,
+        entrypoint: None,
+        cmd: None,
+        restart_policy: Default::default(),
+        volumes: vec![],
+        disk_size_mib: 0,
+        secret_names: vec![],
+        labels: Default::default(),
+        ttl_seconds: None,
+        on_ttl: Default::default(),
+        idle_timeout_seconds: None,
+        idle_max_connection_seconds: None,
+        auto_start: false,
+    }
 }
 
 async fn bench_network_setup(r: &mut Report) {
@@ -1239,7 +1238,7 @@ async fn main() {
         bench_concurrent_creates(&mut r).await;
     }
     if run("ipam") {
-        bench_ipam(&mut r);
+        bench_ipam(&mut r).await;
     }
     if run("network") {
         bench_network_setup(&mut r).await;
