@@ -134,9 +134,12 @@ fn redact(url: &str) -> String {
 
 /// Reader connections kept open. Readers are short point queries; a few are enough for 2-4 cores.
 const READERS: u32 = 4;
-/// PostgreSQL connections for writers. Writers queue on the write lock anyway; more than one lets a
-/// writer's round trips overlap another's wait for the lock.
-const PG_WRITERS: u32 = 4;
+/// PostgreSQL connections for writers. This process's writers take turns (see [`Store::write`]), so one is
+/// busy at a time; the second is there while the first is being re-established after a failure.
+const PG_WRITERS: u32 = 2;
+/// The longest a PostgreSQL writer waits for the write lock (another daemon's long transaction, or one
+/// stuck): it then fails with an error rather than hanging the request.
+const PG_LOCK_TIMEOUT: &str = "SET lock_timeout = '10s'";
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a request waits for a pooled connection before it fails (a database that is down or saturated).
@@ -221,6 +224,12 @@ impl Store {
         let writer = AnyPoolOptions::new()
             .max_connections(PG_WRITERS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|c, _| {
+                Box::pin(async move {
+                    c.execute(PG_LOCK_TIMEOUT).await?;
+                    Ok(())
+                })
+            })
             .connect_with(opts.clone())
             .await?;
         {

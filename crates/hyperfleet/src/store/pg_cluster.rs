@@ -48,7 +48,7 @@ impl PgCluster {
         let out = pg_command(&bin, "initdb")
             .arg("-D")
             .arg(&data)
-            .args(["-U", "hyperfleet", "--auth=trust", "-E", "UTF8", "--no-sync", "-N"])
+            .args(["-U", "hyperfleet", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"])
             .output()
             .map_err(|e| format!("initdb: {e}"))?;
         if !out.status.success() {
