@@ -479,6 +479,26 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    #[ignore = "needs postgresql: starts a throwaway cluster with Debian's postgresql package"]
+    async fn the_store_reconnects_after_postgresql_restarts() {
+        let db = testing::TestDb::postgres().await;
+        let store = db.store.clone();
+        let mut w = store.write().await.unwrap();
+        meta_set(&mut w, "k", "before").await.unwrap();
+        w.commit().await.unwrap();
+        assert_eq!(meta_get(&mut store.read().await.unwrap(), "k").await.unwrap().as_deref(), Some("before"));
+        // Every pooled connection is cut by the restart; the pools test a connection before handing it out,
+        // so the next read and write get fresh ones instead of an error.
+        db.cluster().unwrap().restart().unwrap();
+        assert_eq!(meta_get(&mut store.read().await.unwrap(), "k").await.unwrap().as_deref(), Some("before"));
+        let mut w = store.write().await.unwrap();
+        meta_set(&mut w, "k", "after").await.unwrap();
+        w.commit().await.unwrap();
+        assert_eq!(meta_get(&mut store.read().await.unwrap(), "k").await.unwrap().as_deref(), Some("after"));
+        store.close().await;
+    }
+
     #[test]
     fn locations_parse_and_hide_passwords() {
         assert_eq!(Location::parse("/var/lib/hf/db").unwrap(), Location::Sqlite("/var/lib/hf/db".into()));

@@ -3,7 +3,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// Where Debian installs the PostgreSQL 15 server programs (`HYPERFLEET_PG_BIN` overrides).
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -13,6 +13,7 @@ const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 /// that dir. Trust authentication: only this host's loopback reaches it, for the test's lifetime.
 pub struct PgCluster {
     data: PathBuf,
+    log: PathBuf,
     port: u16,
     bin: PathBuf,
 }
@@ -78,7 +79,7 @@ impl PgCluster {
                 .output()
                 .map_err(|e| format!("pg_ctl: {e}"))?;
             if started.status.success() {
-                return Ok(Self { data, port, bin });
+                return Ok(Self { data, log, port, bin });
             }
         }
         Err(format!("pg_ctl start failed: {}", std::fs::read_to_string(&log).unwrap_or_default()))
@@ -91,6 +92,22 @@ impl PgCluster {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `pg_ctl restart` (fast shutdown: open connections are cut), as an operator's restart or a failover is.
+    pub fn restart(&self) -> Result<(), String> {
+        let out = pg_command(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-m", "fast", "-w", "-t", "30", "restart"])
+            // The new server must not hold our pipes: its output goes to the log, and nothing is read here.
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| format!("pg_ctl: {e}"))?;
+        if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
     }
 }
 

@@ -31,6 +31,11 @@ impl TestDb {
         Self { store, location, _cluster: Some(cluster), _dir: dir }
     }
 
+    /// The PostgreSQL cluster, if this is one.
+    pub(crate) fn cluster(&self) -> Option<&PgCluster> {
+        self._cluster.as_ref()
+    }
+
     /// A second, independent handle on the same database (another daemon, or this one restarted).
     pub(crate) async fn reopen(&self) -> Store {
         Store::open(&self.location).await.unwrap()
