@@ -240,6 +240,8 @@ fn bench_ipam(r: &mut Report) {
         idle_timeout_seconds: None,
         idle_max_connection_seconds: None,
         auto_start: false,
+        spawn: None,
+        parent_id: None,
     };
     let t = Instant::now();
     store

@@ -107,6 +107,7 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
             max_attempts: settings.store.webhook_max_attempts,
             timeout: settings.store.webhook_timeout,
         },
+        child_api_port: settings.api.child_api_port,
     };
     Ok(Service::new(store, host, addressing, policy, images))
 }

@@ -141,6 +141,17 @@ impl<H: Host> Service<H> {
     }
 
     pub(crate) async fn create(self: &Arc<Self>, req: CreateMachine) -> Result<Machine> {
+        self.create_as(req, None).await
+    }
+
+    /// Creates a machine; a child (`parent` set) is inserted within its parent's quotas.
+    pub(super) async fn create_as(self: &Arc<Self>, req: CreateMachine, parent: Option<String>) -> Result<Machine> {
+        if parent.is_none() && req.inherit_env.is_some() {
+            return Err(Error::Invalid("inherit_env applies to child machines (created with a machine's token)".into()));
+        }
+        if req.spawn.is_some() && self.policy.child_api_port.is_none() {
+            return Err(Error::Invalid("spawn needs the child API, which is off (HYPERFLEET_CHILD_API_PORT=0)".into()));
+        }
         let policy = self.policy.clone();
         let auth = req.registry_auth.clone();
         let checked = req.clone();
@@ -149,6 +160,7 @@ impl<H: Host> Service<H> {
             .map_err(|e| Error::Task { what: "validate", message: e.to_string() })?
             .map_err(Error::Invalid)?;
         let mut spec = spec;
+        spec.parent_id = parent;
         spec.volumes = self.resolve_volumes(spec.volumes).await?;
         if let Some(why) = self.host.unavailable(spec.runtime) {
             return Err(Error::RuntimeUnavailable { runtime: spec.runtime, why });
@@ -159,7 +171,18 @@ impl<H: Host> Service<H> {
         let secrets = req.secrets.unwrap_or_default();
         let events = self.events.clone();
         let inserted = self.store.call(move |c| {
-            let rec = records::insert(c, &id, &spec, blocks).and_then(|rec| {
+            let rec = if spec.parent_id.is_some() {
+                match crate::store::children::insert_child(c, &id, &spec, blocks) {
+                    Ok(rec) => Ok(rec),
+                    Err(e) => match super::children::child_insert_error(e) {
+                        Ok(insert) => Err(insert),
+                        Err(refused) => return Ok(Err(refused)),
+                    },
+                }
+            } else {
+                records::insert(c, &id, &spec, blocks)
+            };
+            let rec = rec.and_then(|rec| {
                 if !secrets.is_empty() {
                     records::set_secrets(c, &rec.id, &secrets)?;
                 }
@@ -168,9 +191,9 @@ impl<H: Host> Service<H> {
             if let Ok(m) = &rec {
                 events.append_for(c, events::draft(EventKind::Created, m), &m.spec.labels);
             }
-            Ok(rec)
+            Ok(Ok(rec))
         });
-        let rec = inserted.await?.map_err(|e| match e {
+        let rec = inserted.await??.map_err(|e| match e {
             InsertError::NameTaken(n) => Error::NameTaken(n),
             InsertError::Lease(LeaseError::Exhausted(blocks)) => {
                 Error::PoolExhausted { subnet: self.addressing.subnet.to_string(), blocks }
@@ -373,6 +396,7 @@ impl<H: Host> Service<H> {
                     Ok(running) => {
                         info!(machine = %rec.id, pid = booted.pid, "machine running");
                         self.monitor(running.id.clone(), booted.pid);
+                        self.issue_token(&running).await;
                         self.activity.reset(&running.id);
                         self.recheck(&running.id);
                         Ok(self.to_wire(&running))
@@ -442,6 +466,7 @@ impl<H: Host> Service<H> {
         let rec = self.transition(&rec.id, Action::Stop, Stopping, Changes::default()).await?;
         self.release_host(&rec).await;
         let stopped = self.transition(&rec.id, Action::Stop, Stopped, Changes::process_gone()).await?;
+        self.parent_ended(&stopped);
         self.activity.reset(&rec.id);
         if let Err(e) = self.firewall_change(&rec, false).await {
             warn!(machine = %rec.id, error = %e, "could not remove the machine from the firewall");
@@ -502,6 +527,10 @@ impl<H: Host> Service<H> {
                 Ok(_) | Err(Error::InvalidState { .. }) => {}
                 Err(e) => return Err(e),
             }
+        }
+        // At rest (or refused below), the parent takes no new children: its children go first.
+        if rec.spec.spawn.is_some() && (force || MachineStatus::AT_REST.contains(&rec.status)) {
+            self.delete_children(&rec.id).await?;
         }
         let rid = rec.id.clone();
         let events = self.events.clone();

@@ -75,7 +75,7 @@ impl Changes {
     }
 }
 
-const SELECT: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
+pub(super) const SELECT: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
      m.updated_at, m.expires_at, m.idle_since, l.block FROM machines m JOIN leases l ON l.machine_id = m.id";
 
 fn conversion_error(col: &str, e: impl std::fmt::Display) -> rusqlite::Error {
@@ -97,7 +97,7 @@ fn opt_time(t: Option<OffsetDateTime>) -> rusqlite::types::Value {
     t.map(timestamp::format).into()
 }
 
-fn from_row(row: &Row) -> rusqlite::Result<MachineRecord> {
+pub(super) fn from_row(row: &Row) -> rusqlite::Result<MachineRecord> {
     let spec: String = row.get("spec")?;
     let status: String = row.get("status")?;
     Ok(MachineRecord {
@@ -128,6 +128,18 @@ pub fn insert(
     block_count: u32,
 ) -> Result<MachineRecord, InsertError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
+    let rec = insert_in(&tx, id, spec, block_count)?;
+    tx.commit().map_err(StoreError::from)?;
+    Ok(rec)
+}
+
+/// [`insert`] inside the caller's transaction (a child's quota check is part of the same one).
+pub(super) fn insert_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    spec: &MachineSpec,
+    block_count: u32,
+) -> Result<MachineRecord, InsertError> {
     let ts = now();
     let inserted = tx.execute(
         "INSERT INTO machines (id, name, status, spec, created_at, updated_at) VALUES (?1, ?2, 'pending', ?3, ?4, ?4)",
@@ -143,10 +155,8 @@ pub fn insert(
             other.map_err(StoreError::from)?;
         }
     }
-    leases::allocate(&tx, id, block_count)?;
-    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).map_err(StoreError::from)?;
-    tx.commit().map_err(StoreError::from)?;
-    Ok(rec)
+    leases::allocate(tx, id, block_count)?;
+    Ok(tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).map_err(StoreError::from)?)
 }
 
 /// Looks a machine up by id, or else by name. (Names shaped like ids are refused at create, so the two
@@ -392,7 +402,7 @@ pub fn secrets(conn: &Connection, id: &str) -> StoreResult<std::collections::BTr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::temp_store;
     use MachineStatus::*;
@@ -431,6 +441,8 @@ mod tests {
             idle_timeout_seconds: None,
             idle_max_connection_seconds: None,
             auto_start: false,
+            spawn: None,
+            parent_id: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! (names, address blocks) and compare-and-set state changes are enforced by the database.
 
 pub(crate) mod api_keys;
+pub(crate) mod children;
 pub(crate) mod events;
 pub(crate) mod leases;
 pub mod machines;
@@ -151,6 +152,18 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
     CREATE INDEX webhook_deliveries_by_webhook ON webhook_deliveries (webhook_id, id);
+    "#,
+    // 7: child machines. A child names its parent in its spec (`parent_id`, indexed for the quota check and
+    // `GET /machines/{id}/children`); a machine with `spawn` has at most one child token while it runs,
+    // stored as its SHA-256 only (see children.rs).
+    r#"
+    CREATE INDEX machines_by_parent ON machines (json_extract(spec, '$.parent_id'))
+        WHERE json_extract(spec, '$.parent_id') IS NOT NULL;
+    CREATE TABLE child_tokens (
+        machine_id TEXT PRIMARY KEY REFERENCES machines (id) ON DELETE CASCADE,
+        token_hash BLOB NOT NULL UNIQUE,
+        created_at TEXT NOT NULL
+    );
     "#,
 ];
 

@@ -1,0 +1,245 @@
+//! Child machines: a machine created with `spawn` gets a token at each start (written into its guest) that
+//! lets it create and drive machines of its own through the child API listener, within its quotas; its
+//! children are stopped when it stops and deleted when it is deleted. What a token may do is decided here
+//! ([`ChildAccess`]), the HTTP layer only asks.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyperfleet_types::{CreateMachine, Machine, MachineList, MachineStatus};
+use tracing::{info, warn};
+
+use super::{Error, Host, Result, Service};
+use crate::store::children::{self, ChildInsertError};
+use crate::store::machines::MachineRecord;
+
+/// Where the token is written in a spawn machine's guest (root only: the directory is 0700, the file 0600).
+pub(crate) const TOKEN_DIR: &str = "/run/hyperfleet";
+pub(crate) const TOKEN_FILE: &str = "/run/hyperfleet/token";
+/// The child API's URL, also written in the guest (0644), for processes that were not started by exec.
+pub(crate) const URL_FILE: &str = "/run/hyperfleet/url";
+
+/// The label every child carries: its parent's id (so a webhook's `label_selector` can pick a tree).
+pub(crate) const PARENT_LABEL: &str = "hyperfleet.dev/parent";
+
+/// How long a start waits for a spawn machine's agent to take its token.
+const TOKEN_PATIENCE: Duration = Duration::from_secs(30);
+
+/// What a child token asks to do, as the route table says it (the machine named in the path, if any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChildAccess<'a> {
+    /// `POST /machines`: always the token's own parent's child.
+    Create,
+    /// `GET /machines/{id}/children`: only the parent's own list.
+    ListChildren(&'a str),
+    /// get, delete, start, stop, exec, files, wait of one machine: only the parent's children.
+    Child(&'a str),
+}
+
+impl<H: Host> Service<H> {
+    /// The child API's URL as seen from `m`'s guest: its own gateway.
+    pub(crate) fn child_api_url(&self, m: &MachineRecord) -> Option<String> {
+        let port = self.policy.child_api_port?;
+        Some(format!("http://{}:{port}", self.addressing.block(m).tap_ip()))
+    }
+
+    /// What a spawn machine's commands see in their environment besides its own `env`.
+    pub(super) fn spawn_env(&self, m: &MachineRecord) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        if m.spec.spawn.is_some()
+            && let Some(url) = self.child_api_url(m)
+        {
+            env.insert("HYPERFLEET_URL".to_string(), url);
+            env.insert("HYPERFLEET_TOKEN_FILE".to_string(), TOKEN_FILE.to_string());
+        }
+        env
+    }
+
+    /// The parent a child token belongs to, if the token is current and is presented from its parent's own
+    /// guest address (a token copied out of the guest is worth nothing elsewhere).
+    pub(crate) async fn child_token_parent(&self, secret: &str, peer: Ipv4Addr) -> Result<Option<MachineRecord>> {
+        if !children::token_well_formed(secret) {
+            return Ok(None);
+        }
+        let s = secret.to_string();
+        let Some(parent) = self.store.read(move |c| children::token_owner(c, &s)).await? else {
+            return Ok(None);
+        };
+        let rec = match self.record(&parent).await {
+            Ok(r) => r,
+            Err(Error::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if self.addressing.block(&rec).guest_ip() != peer || rec.spec.spawn.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(rec))
+    }
+
+    /// Whether the parent `parent` may do `access`; `Forbidden` says why not. A machine that does not exist
+    /// is forbidden too (a token learns nothing of machines outside its tree).
+    pub(crate) async fn check_child_access(&self, parent: &str, access: ChildAccess<'_>) -> Result<()> {
+        let named = match access {
+            ChildAccess::Create => return Ok(()),
+            ChildAccess::ListChildren(id) | ChildAccess::Child(id) => id,
+        };
+        let rec = match self.record(named).await {
+            Ok(r) => Some(r),
+            Err(Error::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        let allowed = match (access, &rec) {
+            (ChildAccess::ListChildren(_), Some(m)) => m.id == parent,
+            (ChildAccess::Child(_), Some(m)) => m.spec.parent_id.as_deref() == Some(parent),
+            _ => false,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(format!("a child token of machine {parent} may only reach that machine's own children")))
+        }
+    }
+
+    /// `POST /machines` with a child token: a machine whose parent is `parent`, with the parent's `env`
+    /// (unless `inherit_env` is false), network options and runtime as defaults, within the parent's quotas.
+    pub(crate) async fn create_child(self: &Arc<Self>, parent: &MachineRecord, mut req: CreateMachine) -> Result<Machine> {
+        if req.spawn.is_some() {
+            return Err(Error::Forbidden("a child machine cannot be given spawn: only the host creates trees".into()));
+        }
+        if req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(Error::Forbidden("volumes are outside what a child token may use".into()));
+        }
+        if req.inherit_env != Some(false) {
+            let mut env = parent.spec.env.clone();
+            env.append(&mut req.env.take().unwrap_or_default());
+            req.env = Some(env);
+        }
+        if req.network.is_none() {
+            req.network = Some(hyperfleet_types::NetworkOptions {
+                dns: Some(parent.spec.network.dns.clone()).filter(|d| !d.is_empty()),
+                egress: Some(parent.spec.network.egress.clone()),
+            });
+        }
+        req.runtime = req.runtime.or(Some(parent.spec.runtime));
+        let mut labels = req.labels.take().unwrap_or_default();
+        labels.insert(PARENT_LABEL.to_string(), parent.id.clone());
+        req.labels = Some(labels);
+        self.create_as(req, Some(parent.id.clone())).await
+    }
+
+    /// `GET /machines/{id}/children`.
+    pub(crate) async fn children(&self, id: &str) -> Result<MachineList> {
+        let rec = self.record(id).await?;
+        let rows = self.store.read(move |c| children::children(c, &rec.id)).await?;
+        Ok(MachineList { total: rows.len() as u64, machines: rows.iter().map(|m| self.to_wire(m)).collect() })
+    }
+
+    /// A new token for a spawn machine that just started: stored (hashed, replacing the previous one) and
+    /// written into its guest. A guest that cannot take it keeps running without one (logged).
+    pub(super) async fn issue_token(&self, m: &MachineRecord) {
+        if m.spec.spawn.is_none() {
+            return;
+        }
+        let Some(url) = self.child_api_url(m) else {
+            warn!(machine = %m.id, "spawn is set but the child API is off (HYPERFLEET_CHILD_API_PORT=0): no token");
+            return;
+        };
+        let secret = children::generate_token();
+        let (id, s) = (m.id.clone(), secret.clone());
+        match self.store.call(move |c| children::set_token(c, &id, &s)).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                warn!(machine = %m.id, error = %e, "could not store the machine's child token");
+                return;
+            }
+        }
+        if let Err(e) = self.write_token(m, &secret, &url).await {
+            warn!(machine = %m.id, error = %e, "could not write the child token into the guest; revoking it");
+            self.revoke_token(&m.id).await;
+        }
+    }
+
+    async fn write_token(&self, m: &MachineRecord, secret: &str, url: &str) -> Result<()> {
+        let agent = self.ready_agent(m, TOKEN_PATIENCE).await?;
+        let max = self.policy.file_max_size;
+        let fail = |e| super::guest::agent_error(e, TOKEN_FILE, max);
+        agent.mkdir(TOKEN_DIR, true, Some(0o700)).await.map_err(fail)?;
+        for (path, body, mode) in [(TOKEN_FILE, secret, 0o600), (URL_FILE, url, 0o644)] {
+            let mut w = agent.write_file(path, Some(mode), Some(max)).await.map_err(fail)?;
+            w.send(format!("{body}\n").as_bytes()).await.map_err(fail)?;
+            w.finish().await.map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn revoke_token(&self, id: &str) {
+        let key = id.to_string();
+        if let Err(e) = self.store.call(move |c| children::revoke_token(c, &key)).await {
+            warn!(machine = %id, error = %e, "could not revoke the machine's child token");
+        }
+    }
+
+    /// A parent has stopped or failed: its token goes, and its children are stopped (in a task of their
+    /// own; each child's stop does the same for its own children).
+    pub(super) fn parent_ended(self: &Arc<Self>, m: &MachineRecord) {
+        if m.spec.spawn.is_none() {
+            return;
+        }
+        let this = self.clone();
+        let id = m.id.clone();
+        tokio::spawn(async move {
+            this.revoke_token(&id).await;
+            let key = id.clone();
+            let kids = match this.store.read(move |c| children::children(c, &key)).await {
+                Ok(k) => k,
+                Err(e) => {
+                    warn!(machine = %id, error = %e, "could not list the machine's children to stop them");
+                    return;
+                }
+            };
+            for kid in kids.into_iter().filter(|k| matches!(k.status, MachineStatus::Running | MachineStatus::Paused)) {
+                match this.stop(&kid.id).await {
+                    Ok(_) => info!(machine = %kid.id, parent = %id, "child stopped with its parent"),
+                    Err(Error::InvalidState { .. } | Error::NotFound(_)) => {}
+                    Err(e) => warn!(machine = %kid.id, parent = %id, error = %e, "could not stop a child of a stopped machine"),
+                }
+            }
+        });
+    }
+
+    /// Deletes every child of `parent` (forcing a stop first), depth first. The first failure stops the
+    /// delete of the parent, so nothing is orphaned silently.
+    pub(super) async fn delete_children(self: &Arc<Self>, parent: &str) -> Result<()> {
+        let key = parent.to_string();
+        let kids = self.store.read(move |c| children::children(c, &key)).await?;
+        for kid in kids {
+            // The parent's stop may be stopping this child right now: wait for that stop to land.
+            let mut tries = 0;
+            loop {
+                match Box::pin(self.delete(&kid.id, true)).await {
+                    Ok(()) | Err(Error::NotFound(_)) => {
+                        info!(machine = %kid.id, %parent, "child deleted with its parent");
+                        break;
+                    }
+                    Err(Error::InvalidState { .. }) if tries < 300 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A quota or parent refusal of a child's insert, in domain terms.
+pub(super) fn child_insert_error(e: ChildInsertError) -> std::result::Result<crate::store::machines::InsertError, Error> {
+    match e {
+        ChildInsertError::Insert(e) => Ok(e),
+        other => Err(Error::Forbidden(other.to_string())),
+    }
+}
