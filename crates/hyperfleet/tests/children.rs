@@ -189,7 +189,7 @@ async fn a_machine_drives_its_own_children_and_nothing_else() {
     let (s, w) = call(&d, &parent.id, "GET", "/machines/kid-1/wait?status=running&timeout=5", None).await;
     assert_eq!((s, w["status"].as_str()), (200, Some("running")));
     let up = json!({"path": "/root/note", "content": "aGk="});
-    assert_eq!(call(&d, &parent.id, "POST", "/machines/kid-1/files", Some(up)).await.0, 200);
+    assert_eq!(call(&d, &parent.id, "POST", "/machines/kid-1/files", Some(up)).await.0, 201);
     assert_eq!(call(&d, &parent.id, "GET", "/machines/kid-1/files/stat?path=/root/note", None).await.0, 200);
     // The host sees the same tree.
     let listed = d.client.machine_children(&parent.id).await.unwrap();

@@ -72,7 +72,8 @@ impl<H: Host> Service<H> {
             Err(Error::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        if self.addressing.block(&rec).guest_ip() != peer || rec.spec.spawn.is_none() {
+        let live = rec.status == MachineStatus::Running && rec.spec.spawn.is_some();
+        if !live || self.addressing.block(&rec).guest_ip() != peer {
             return Ok(None);
         }
         Ok(Some(rec))
