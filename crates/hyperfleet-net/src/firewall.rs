@@ -388,8 +388,13 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains(r#"type ifname . ipv4_addr
-    elements = { "tap1" . 172.16.0.5 }"#), "only the spawn machine's gateway: {text}");
+        assert!(
+            text.contains(
+                r#"type ifname . ipv4_addr
+    elements = { "tap1" . 172.16.0.5 }"#
+            ),
+            "only the spawn machine's gateway: {text}"
+        );
         let add = fw.element_script("add", &FirewallEntry { api: true, ..entry(2, Egress::Allow) });
         assert!(add.contains(r#"add element inet hftest api_gateways { "tap2" . 172.16.0.9 }"#), "{add}");
         assert!(!fw.element_script("add", &entry(2, Egress::Allow)).contains("api_gateways"));

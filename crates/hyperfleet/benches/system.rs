@@ -1026,10 +1026,15 @@ async fn start_times(d: &Daemon, id: &str, n: usize) -> Vec<Duration> {
 async fn bench_volumes(r: &mut Report) {
     let d = Daemon::start(Options::default()).await;
     // Attach cost: the same start with and without one volume, interleaved in rounds of 5.
-    let vol = d.client.create_volume(&CreateVolume { name: Some("bench-vol".into()), size_mib: Some(256) }).await.unwrap();
+    let vol =
+        d.client.create_volume(&CreateVolume { name: Some("bench-vol".into()), size_mib: Some(256) }).await.unwrap();
     let plain = d.client.create_machine(&machine("no-volume")).await.unwrap();
     let mount = VolumeMount { volume: vol.id.clone(), mount_path: "/data".into(), read_only: false };
-    let with = d.client.create_machine(&CreateMachine { volumes: Some(vec![mount.clone()]), ..machine("one-volume") }).await.unwrap();
+    let with = d
+        .client
+        .create_machine(&CreateMachine { volumes: Some(vec![mount.clone()]), ..machine("one-volume") })
+        .await
+        .unwrap();
     let (mut without_v, mut with_v) = (Vec::new(), Vec::new());
     start_times(&d, &plain.id, 2).await;
     start_times(&d, &with.id, 2).await;

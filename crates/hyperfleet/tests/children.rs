@@ -228,10 +228,18 @@ async fn a_machine_drives_its_own_children_and_nothing_else() {
         ("GET", "/images".to_string(), None),
         ("GET", "/events".to_string(), None),
         ("GET", "/metrics".to_string(), None),
-        ("POST", "/machines".to_string(), Some(json!({"name": "g", "vcpu_count": 1, "mem_size_mib": 64,
-            "spawn": {"max_children": 1, "max_vcpu": 1, "max_mem_mib": 64}}))),
-        ("POST", "/machines".to_string(), Some(json!({"name": "v", "vcpu_count": 1, "mem_size_mib": 64,
-            "volumes": [{"volume": "vol", "mount_path": "/data"}]}))),
+        (
+            "POST",
+            "/machines".to_string(),
+            Some(json!({"name": "g", "vcpu_count": 1, "mem_size_mib": 64,
+            "spawn": {"max_children": 1, "max_vcpu": 1, "max_mem_mib": 64}})),
+        ),
+        (
+            "POST",
+            "/machines".to_string(),
+            Some(json!({"name": "v", "vcpu_count": 1, "mem_size_mib": 64,
+            "volumes": [{"volume": "vol", "mount_path": "/data"}]})),
+        ),
     ] {
         let (s, e) = call(&d, &parent.id, method, &path, body).await;
         assert_eq!((s, e["error"]["code"].as_str()), (403, Some("FORBIDDEN")), "{method} {path}: {e}");
@@ -296,7 +304,8 @@ async fn a_machine_drives_its_own_children_and_nothing_else() {
     .await;
 
     // Parent delete → children deleted, nothing left on the host.
-    let kid_ids: Vec<String> = d.client.machine_children(&parent.id).await.unwrap().machines.into_iter().map(|m| m.id).collect();
+    let kid_ids: Vec<String> =
+        d.client.machine_children(&parent.id).await.unwrap().machines.into_iter().map(|m| m.id).collect();
     d.client.delete_machine(&parent.id, true).await.unwrap();
     for id in kid_ids.iter().chain([&parent.id]) {
         let e = d.client.get_machine(id).await.unwrap_err();

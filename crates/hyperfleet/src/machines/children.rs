@@ -99,13 +99,19 @@ impl<H: Host> Service<H> {
         if allowed {
             Ok(())
         } else {
-            Err(Error::Forbidden(format!("a child token of machine {parent} may only reach that machine's own children")))
+            Err(Error::Forbidden(format!(
+                "a child token of machine {parent} may only reach that machine's own children"
+            )))
         }
     }
 
     /// `POST /machines` with a child token: a machine whose parent is `parent`, with the parent's `env`
     /// (unless `inherit_env` is false), network options and runtime as defaults, within the parent's quotas.
-    pub(crate) async fn create_child(self: &Arc<Self>, parent: &MachineRecord, mut req: CreateMachine) -> Result<Machine> {
+    pub(crate) async fn create_child(
+        self: &Arc<Self>,
+        parent: &MachineRecord,
+        mut req: CreateMachine,
+    ) -> Result<Machine> {
         if req.spawn.is_some() {
             return Err(Error::Forbidden("a child machine cannot be given spawn: only the host creates trees".into()));
         }
@@ -205,7 +211,9 @@ impl<H: Host> Service<H> {
                 match this.stop(&kid.id).await {
                     Ok(_) => info!(machine = %kid.id, parent = %id, "child stopped with its parent"),
                     Err(Error::InvalidState { .. } | Error::NotFound(_)) => {}
-                    Err(e) => warn!(machine = %kid.id, parent = %id, error = %e, "could not stop a child of a stopped machine"),
+                    Err(e) => {
+                        warn!(machine = %kid.id, parent = %id, error = %e, "could not stop a child of a stopped machine")
+                    }
                 }
             }
         });
@@ -238,7 +246,9 @@ impl<H: Host> Service<H> {
 }
 
 /// A quota or parent refusal of a child's insert, in domain terms.
-pub(super) fn child_insert_error(e: ChildInsertError) -> std::result::Result<crate::store::machines::InsertError, Error> {
+pub(super) fn child_insert_error(
+    e: ChildInsertError,
+) -> std::result::Result<crate::store::machines::InsertError, Error> {
     match e {
         ChildInsertError::Insert(e) => Ok(e),
         other => Err(Error::Forbidden(other.to_string())),

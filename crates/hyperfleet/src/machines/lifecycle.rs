@@ -147,7 +147,9 @@ impl<H: Host> Service<H> {
     /// Creates a machine; a child (`parent` set) is inserted within its parent's quotas.
     pub(super) async fn create_as(self: &Arc<Self>, req: CreateMachine, parent: Option<String>) -> Result<Machine> {
         if parent.is_none() && req.inherit_env.is_some() {
-            return Err(Error::Invalid("inherit_env applies to child machines (created with a machine's token)".into()));
+            return Err(Error::Invalid(
+                "inherit_env applies to child machines (created with a machine's token)".into(),
+            ));
         }
         if req.spawn.is_some() && self.policy.child_api_port.is_none() {
             return Err(Error::Invalid("spawn needs the child API, which is off (HYPERFLEET_CHILD_API_PORT=0)".into()));

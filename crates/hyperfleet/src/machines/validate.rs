@@ -459,7 +459,7 @@ mod tests {
                     max_attempts: 3,
                     timeout: std::time::Duration::from_secs(5),
                 },
-        child_api_port: Some(3001),
+                child_api_port: Some(3001),
             }
         }
     }
@@ -539,25 +539,40 @@ mod tests {
     #[test]
     fn spawn_quotas_are_checked() {
         let a = Assets::new();
-        let with = |spawn: serde_json::Value| {
-            serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64, "spawn": spawn})
-        };
-        let ok = create(&req(with(serde_json::json!({"max_children": 4, "max_vcpu": 4, "max_mem_mib": 2048}))), &a.limits())
-            .unwrap();
+        let with = |spawn: serde_json::Value| serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64, "spawn": spawn});
+        let ok =
+            create(&req(with(serde_json::json!({"max_children": 4, "max_vcpu": 4, "max_mem_mib": 2048}))), &a.limits())
+                .unwrap();
         assert_eq!(ok.spawn, Some(SpawnLimits { max_children: 4, max_vcpu: 4, max_mem_mib: 2048 }));
         assert_eq!(ok.parent_id, None);
         for (bad, msg) in [
             (serde_json::json!({"max_vcpu": 1, "max_mem_mib": 64}), "spawn.max_children is required"),
-            (serde_json::json!({"max_children": 0, "max_vcpu": 1, "max_mem_mib": 64}), "spawn.max_children must be between 1 and 64"),
-            (serde_json::json!({"max_children": 65, "max_vcpu": 1, "max_mem_mib": 64}), "spawn.max_children must be between 1 and 64"),
-            (serde_json::json!({"max_children": 1, "max_vcpu": -1, "max_mem_mib": 64}), "spawn.max_vcpu must be between 1"),
-            (serde_json::json!({"max_children": 1, "max_vcpu": 1, "max_mem_mib": 3}), "spawn.max_mem_mib must be between 4"),
-            (serde_json::json!({"max_children": 1, "max_vcpu": 1, "max_mem_mib": 1i64 << 40}), "spawn.max_mem_mib must be between 4"),
+            (
+                serde_json::json!({"max_children": 0, "max_vcpu": 1, "max_mem_mib": 64}),
+                "spawn.max_children must be between 1 and 64",
+            ),
+            (
+                serde_json::json!({"max_children": 65, "max_vcpu": 1, "max_mem_mib": 64}),
+                "spawn.max_children must be between 1 and 64",
+            ),
+            (
+                serde_json::json!({"max_children": 1, "max_vcpu": -1, "max_mem_mib": 64}),
+                "spawn.max_vcpu must be between 1",
+            ),
+            (
+                serde_json::json!({"max_children": 1, "max_vcpu": 1, "max_mem_mib": 3}),
+                "spawn.max_mem_mib must be between 4",
+            ),
+            (
+                serde_json::json!({"max_children": 1, "max_vcpu": 1, "max_mem_mib": 1i64 << 40}),
+                "spawn.max_mem_mib must be between 4",
+            ),
         ] {
             let e = err(&a, with(bad.clone()));
             assert!(e.starts_with(msg), "{bad}: {e}");
         }
-        let no_spawn = create(&req(serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64})), &a.limits()).unwrap();
+        let no_spawn =
+            create(&req(serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64})), &a.limits()).unwrap();
         assert_eq!(no_spawn.spawn, None);
     }
 

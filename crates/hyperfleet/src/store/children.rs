@@ -176,12 +176,7 @@ mod tests {
     }
 
     fn child(name: &str, vcpu: u32, mem: u32) -> MachineSpec {
-        MachineSpec {
-            vcpu_count: vcpu,
-            mem_size_mib: mem,
-            parent_id: Some("p".into()),
-            ..records::tests::spec(name)
-        }
+        MachineSpec { vcpu_count: vcpu, mem_size_mib: mem, parent_id: Some("p".into()), ..records::tests::spec(name) }
     }
 
     fn running_parent(c: &mut Connection) {
