@@ -711,11 +711,106 @@ async fn bench_proxy(r: &mut Report) {
     );
 }
 
+/// An image with Debian's dropbear (and the glibc it links against, copied from the host) on top of busybox:
+/// the `ssh -tt` reference of the terminal benchmark. `authorized` is the client's public key line.
+fn dropbear_image(authorized: &str) -> common::oci::Image {
+    use common::oci::{Compression, Entry, Image, busybox_layer, layer, tar};
+    let dropbear = "/usr/sbin/dropbear";
+    let ldd = Command::new("ldd").arg(dropbear).output().expect("ldd");
+    let libs: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(str::to_string))
+        .collect();
+    assert!(libs.iter().any(|l| l.contains("libc.so")), "ldd {dropbear}: {libs:?}");
+    let read = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let files: Vec<(String, Vec<u8>)> = std::iter::once(dropbear.to_string())
+        .chain(libs)
+        .map(|p| (p.trim_start_matches('/').to_string(), read(&p)))
+        .collect();
+    let mut entries = vec![
+        Entry::Dir("usr/"),
+        Entry::Dir("usr/sbin/"),
+        Entry::Dir("lib/"),
+        Entry::Dir("lib/x86_64-linux-gnu/"),
+        Entry::Dir("lib64/"),
+        Entry::Dir("etc/dropbear/"),
+        Entry::File("etc/shells", b"/bin/sh\n".to_vec(), 0o644),
+        Entry::Dir("root/"),
+        Entry::Dir("root/.ssh/"),
+        Entry::File("root/.ssh/authorized_keys", authorized.as_bytes().to_vec(), 0o600),
+    ];
+    entries.extend(files.iter().map(|(p, b)| Entry::File(p, b.clone(), 0o755)));
+    Image {
+        layers: vec![busybox_layer(Compression::Gzip), layer(tar(&entries), Compression::Gzip)],
+        // Foreground, log to stderr, host keys made at first use, public-key logins only.
+        config: json!({"Env": ["PATH=/bin:/usr/sbin"], "Entrypoint": [dropbear, "-F", "-E", "-R", "-s", "-p", "2222"]}),
+        docker: false,
+    }
+}
+
+/// Keystroke echo through `ssh -tt` (OpenSSH client) to `cat` under dropbear in the guest: `n` samples after
+/// 20 warm-up keystrokes.
+fn ssh_keystrokes(key: &Path, guest: std::net::Ipv4Addr, n: usize) -> Vec<Duration> {
+    use std::io::{Read, Write};
+    let mut ssh = Command::new("ssh")
+        .args(["-tt", "-q", "-p", "2222", "-i"])
+        .arg(key)
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+        .arg(format!("root@{guest}"))
+        .arg("cat")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh (openssh-client)");
+    let (mut stdin, mut stdout) = (ssh.stdin.take().unwrap(), ssh.stdout.take().unwrap());
+    let mut samples = Vec::new();
+    let mut buf = [0u8; 256];
+    for i in 0..n + 20 {
+        let t = Instant::now();
+        stdin.write_all(&[b'a' + u8::try_from(i % 26).unwrap()]).unwrap();
+        stdin.flush().unwrap();
+        assert!(stdout.read(&mut buf).unwrap() > 0, "ssh ended");
+        if i >= 20 {
+            samples.push(t.elapsed());
+        }
+    }
+    drop(stdin);
+    // Our own child, by its PID.
+    let _ = ssh.kill();
+    let _ = ssh.wait();
+    samples
+}
+
 async fn bench_interactive(r: &mut Report) {
     use futures::{SinkExt, StreamExt};
     use hyperfleet_client::{PtyMessage, PtyOptions};
     use tokio_tungstenite::tungstenite::Message;
+    const KEYS: usize = 280;
     let d = Daemon::start(Options::default()).await;
+    let reg = common::oci::Registry::start(None).await;
+    // The `ssh -tt` reference: dropbear as the main process of a machine made from an image.
+    let keydir = tempfile::tempdir().unwrap();
+    let key = keydir.path().join("id");
+    let keygen = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status();
+    assert!(keygen.expect("ssh-keygen (openssh-client)").success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    reg.push("bench/dropbear", "v1", &dropbear_image(&public)).await;
+    let image = |name: &str| format!("{}/bench/{name}:v1", reg.addr);
+    let sshd = running(
+        &d,
+        CreateMachine { image: Some(image("dropbear")), exposed_ports: Some(vec![2222]), ..machine("sshd") },
+    )
+    .await;
+    let addr = std::net::SocketAddr::from((sshd.guest_ip, 2222));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "dropbear did not listen in the guest");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let guest = sshd.guest_ip;
+    let mut ssh = tokio::task::spawn_blocking(move || ssh_keystrokes(&key, guest, KEYS)).await.unwrap();
+
     let req = CreateMachine { exposed_ports: Some(vec![8080]), auto_start: Some(true), ..machine("interactive") };
     let m = running(&d, req).await;
     let bin = std::fs::read(common::assets().join("bin/hyperfleet-testd")).unwrap();
@@ -726,7 +821,7 @@ async fn bench_interactive(r: &mut Report) {
     let opts = PtyOptions { command: vec!["cat".into()], ..Default::default() };
     let mut ws = d.client.pty(&m.id, &opts).await.unwrap();
     let mut keys = Vec::new();
-    for i in 0..300u16 {
+    for i in 0..KEYS + 20 {
         let t = Instant::now();
         let key = b'a' + u8::try_from(i % 26).unwrap();
         ws.send(PtyMessage::Binary(vec![key].into())).await.unwrap();
@@ -740,13 +835,13 @@ async fn bench_interactive(r: &mut Report) {
         }
     }
     drop(ws);
-    // Reference in the same run: a WebSocket echo server in the same guest, through the same proxy.
+    // A second reference in the same run: a WebSocket echo server in the same guest, through the same proxy.
     let (mut echo, _) =
         tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/proxy/{}/8080/ws", d.proxy_port, m.id))
             .await
             .unwrap();
     let mut refs = Vec::new();
-    for i in 0..300 {
+    for i in 0..KEYS + 20 {
         let t = Instant::now();
         echo.send(Message::Binary(vec![b'a'].into())).await.unwrap();
         while !matches!(echo.next().await, Some(Ok(Message::Binary(_)))) {}
@@ -755,9 +850,9 @@ async fn bench_interactive(r: &mut Report) {
         }
     }
     drop(echo);
+    let http = reqwest::Client::new();
     // Wake from paused: the first request through the proxy, against resume + the same request.
     let url = format!("{}/proxy/{}/8080/headers", d.proxy_url(), m.id);
-    let http = reqwest::Client::new();
     let (mut wake, mut plain) = (Vec::new(), Vec::new());
     for _ in 0..10 {
         d.client.pause_machine(&m.id).await.unwrap();
@@ -770,29 +865,60 @@ async fn bench_interactive(r: &mut Report) {
         assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
         plain.push(t.elapsed());
     }
+    // Wake from stopped: a machine whose image serves HTTP as its main process (busybox httpd), so a start
+    // brings the service back; against `POST /start` then polling the same URL until it answers.
+    let web = CreateMachine {
+        image: Some(image("web")),
+        exposed_ports: Some(vec![8080]),
+        auto_start: Some(true),
+        ..machine("web")
+    };
+    let web_image = common::oci::Image {
+        layers: vec![common::oci::busybox_layer(common::oci::Compression::Gzip)],
+        config: json!({"Env": ["PATH=/bin"], "Cmd": ["httpd", "-f", "-p", "8080", "-h", "/www"]}),
+        docker: false,
+    };
+    reg.push("bench/web", "v1", &web_image).await;
+    let w = running(&d, web).await;
+    let url = format!("{}/proxy/{}/8080/", d.proxy_url(), w.id);
+    let (mut cold, mut cold_plain) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        d.client.stop_machine(&w.id).await.unwrap();
+        let t = Instant::now();
+        assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+        cold.push(t.elapsed());
+        d.client.stop_machine(&w.id).await.unwrap();
+        let t = Instant::now();
+        d.client.start_machine(&w.id).await.unwrap();
+        while !http.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        cold_plain.push(t.elapsed());
+    }
     r.section(
         "Terminal and wake on request",
-        "A terminal (`GET /machines/{id}/pty`) to `cat` in a container guest: one keystroke sent, its echo received \
-         (280 samples after 20 warm-up). The reference in the same run is a WebSocket echo server in the same guest \
-         reached through the proxy (the `ssh -tt` to dropbear reference of the issue is not measured: Debian's \
-         dropbear is linked against glibc and this busybox guest has no libc). Wake: an `auto_start` machine paused, \
-         then the first proxied request (resume + serve), against `POST /resume` then the same request; 10 each.",
+        "A terminal (`GET /machines/{id}/pty`) to `cat` in a container guest: one keystroke sent, its echo \
+         received (280 samples after 20 warm-up). The reference in the same run is `ssh -tt` (OpenSSH client) \
+         into a container guest of the same daemon running Debian's dropbear (made from an image holding \
+         dropbear, the glibc it links against and busybox), also to `cat`; a second reference is a WebSocket \
+         echo server in the guest reached through the proxy. Wake from paused: an `auto_start` machine paused, \
+         then the first proxied request (resume + serve), against `POST /resume` then the same request. Wake \
+         from stopped: an `auto_start` machine whose image's main process is busybox `httpd`, stopped, then the \
+         first proxied request (start, wait for the port, serve), against `POST /start` then polling the same \
+         URL every 2 ms until it answers. 10 each.",
     );
+    let p = |v: &mut Vec<Duration>| (ms(pct(v, 0.5)), ms(pct(v, 0.99)));
+    let row = |name: &str, v: &mut Vec<Duration>, reference: &str, rv: &mut Vec<Duration>| {
+        let ((a, b), (c, e)) = (p(v), p(rv));
+        vec![name.to_string(), a, b, format!("{c} / {e} ({reference})")]
+    };
     r.table(
         &["measure", "p50", "p99", "reference p50 / p99"],
         vec![
-            vec![
-                "keystroke echo via /pty".into(),
-                ms(pct(&mut keys, 0.5)),
-                ms(pct(&mut keys, 0.99)),
-                format!("{} / {} (WebSocket echo via proxy)", ms(pct(&mut refs, 0.5)), ms(pct(&mut refs, 0.99))),
-            ],
-            vec![
-                "paused → first byte (wake on request)".into(),
-                ms(pct(&mut wake, 0.5)),
-                ms(pct(&mut wake, 0.99)),
-                format!("{} / {} (resume + request)", ms(pct(&mut plain, 0.5)), ms(pct(&mut plain, 0.99))),
-            ],
+            row("keystroke echo via /pty", &mut keys.clone(), "`ssh -tt` to dropbear", &mut ssh),
+            row("keystroke echo via /pty", &mut keys, "WebSocket echo via proxy", &mut refs),
+            row("paused → first byte (wake on request)", &mut wake, "resume + request", &mut plain),
+            row("stopped → first byte (wake on request)", &mut cold, "start + request", &mut cold_plain),
         ],
     );
 }
