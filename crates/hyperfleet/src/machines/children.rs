@@ -24,8 +24,9 @@ pub(crate) const URL_FILE: &str = "/run/hyperfleet/url";
 /// The label every child carries: its parent's id (so a webhook's `label_selector` can pick a tree).
 pub(crate) const PARENT_LABEL: &str = "hyperfleet.dev/parent";
 
-/// How long a start waits for a spawn machine's agent to take its token.
-const TOKEN_PATIENCE: Duration = Duration::from_secs(30);
+/// How long a start waits for a spawn machine's agent to take its token (the unit tests' fake host has no
+/// agent at all).
+const TOKEN_PATIENCE: Duration = if cfg!(test) { Duration::ZERO } else { Duration::from_secs(30) };
 
 /// What a child token asks to do, as the route table says it (the machine named in the path, if any).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,5 +253,89 @@ pub(super) fn child_insert_error(
     match e {
         ChildInsertError::Insert(e) => Ok(e),
         other => Err(Error::Forbidden(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{World, create_req, service};
+    use super::*;
+    use hyperfleet_types::SpawnRequest;
+
+    fn spawning(name: &str) -> CreateMachine {
+        CreateMachine {
+            spawn: Some(SpawnRequest { max_children: Some(2), max_vcpu: Some(2), max_mem_mib: Some(128) }),
+            env: Some(BTreeMap::from([("A".to_string(), "parent".to_string())])),
+            ..create_req(name)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tree_is_scoped_within_quotas_and_goes_with_its_parent() {
+        let (_d, svc) = service();
+        let parent = svc.create(spawning("parent")).await.unwrap();
+        let other = svc.create(spawning("other")).await.unwrap();
+        let plain = svc.create(create_req("plain")).await.unwrap();
+        let rec = svc.record(&parent.id).await.unwrap();
+        let e = svc.create_child(&rec, create_req("early")).await.unwrap_err();
+        assert!(matches!(&e, Error::Forbidden(m) if m.contains("only while their parent runs")), "{e}");
+        svc.start(&parent.id).await.unwrap();
+        svc.start(&other.id).await.unwrap();
+        let rec = svc.record(&parent.id).await.unwrap();
+        assert_eq!(svc.spawn_env(&rec).get("HYPERFLEET_URL").map(String::as_str), Some("http://10.9.0.1:3001"));
+        assert!(svc.spawn_env(&svc.record(&plain.id).await.unwrap()).is_empty());
+
+        let kid = svc.create_child(&rec, create_req("kid")).await.unwrap();
+        assert_eq!(kid.spec.parent_id.as_deref(), Some(parent.id.as_str()));
+        assert_eq!(kid.spec.env.get("A").map(String::as_str), Some("parent"), "env inherited");
+        assert_eq!(kid.spec.labels.get(PARENT_LABEL), Some(&parent.id));
+        let own = CreateMachine { inherit_env: Some(false), ..create_req("own") };
+        let own = svc.create_child(&rec, own).await.unwrap();
+        assert!(own.spec.env.is_empty());
+        let e = svc.create_child(&rec, create_req("third")).await.unwrap_err();
+        assert!(matches!(&e, Error::Forbidden(m) if m.contains("spawn.max_children")), "{e}");
+        let e = svc.create_child(&rec, spawning("grandparent")).await.unwrap_err();
+        assert!(matches!(e, Error::Forbidden(_)), "{e}");
+        let e = svc.create(CreateMachine { inherit_env: Some(true), ..create_req("host") }).await.unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "inherit_env is a child's: {e}");
+
+        // Access: its own children only, by id or name; its own list only.
+        let ok = |a| svc.check_child_access(&parent.id, a);
+        ok(ChildAccess::Create).await.unwrap();
+        ok(ChildAccess::Child(&kid.id)).await.unwrap();
+        ok(ChildAccess::Child("own")).await.unwrap();
+        ok(ChildAccess::ListChildren(&parent.id)).await.unwrap();
+        for refused in [
+            ChildAccess::Child(&parent.id),
+            ChildAccess::Child(&other.id),
+            ChildAccess::Child("plain"),
+            ChildAccess::Child("nothing-here"),
+            ChildAccess::ListChildren(&other.id),
+            ChildAccess::ListChildren(&kid.id),
+        ] {
+            assert!(matches!(ok(refused).await, Err(Error::Forbidden(_))), "{refused:?}");
+        }
+        assert_eq!(svc.children(&parent.id).await.unwrap().total, 2);
+
+        // Stop: its running children stop (in the background); delete: they go first, nothing is left.
+        svc.start(&kid.id).await.unwrap();
+        svc.stop(&parent.id).await.unwrap();
+        for _ in 0..100 {
+            if svc.get(&kid.id).await.unwrap().status == MachineStatus::Stopped {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(svc.get(&kid.id).await.unwrap().status, MachineStatus::Stopped);
+        svc.start(&parent.id).await.unwrap();
+        svc.start(&kid.id).await.unwrap();
+        svc.delete(&parent.id, true).await.unwrap();
+        for id in [&parent.id, &kid.id, &own.id] {
+            assert!(matches!(svc.get(id).await, Err(Error::NotFound(_))), "{id}");
+        }
+        svc.delete(&other.id, true).await.unwrap();
+        svc.delete(&plain.id, false).await.unwrap();
+        let w = svc.host().world();
+        assert_eq!(w, World::default(), "nothing left: {w:?}");
     }
 }
