@@ -39,8 +39,18 @@ pub fn assets() -> PathBuf {
     dir.canonicalize().unwrap()
 }
 
+/// A port free on every address now and never handed out before by this process: the tests of one binary
+/// start daemons in parallel, and a port just closed here can come back from the kernel at once.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 #[derive(Clone)]
