@@ -208,61 +208,26 @@ async fn bench_concurrent_creates(r: &mut Report) {
     );
 }
 
-fn bench_ipam(r: &mut Report) {
+async fn bench_ipam(r: &mut Report) {
     use hyperfleet::testing::machine_rows::insert;
-    use hyperfleet_types::{MachineNetwork, MachineSpec};
     let dir = tempfile::tempdir().unwrap();
-    let store = hyperfleet::testing::Store::open(&dir.path().join("ipam.db")).unwrap();
+    let store = hyperfleet::testing::Store::open_file(&dir.path().join("ipam.db")).await.unwrap();
     let blocks = 16_384u32;
-    let new = |i: u32| MachineSpec {
-        name: format!("n{i}"),
-        runtime: RuntimeKind::Container,
-        vcpu_count: 1,
-        mem_size_mib: 64,
-        kernel_image_path: "k".into(),
-        kernel_args: String::new(),
-        rootfs_path: "r".into(),
-        exposed_ports: vec![],
-        network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
-        env: Default::default(),
-        image: None,
-        image_digest: None,
-        image_size_mib: None,
-        entrypoint: None,
-        cmd: None,
-        restart_policy: Default::default(),
-        volumes: vec![],
-        disk_size_mib: 0,
-        secret_names: vec![],
-        labels: Default::default(),
-        ttl_seconds: None,
-        on_ttl: Default::default(),
-        idle_timeout_seconds: None,
-        idle_max_connection_seconds: None,
-        auto_start: false,
-        spawn: None,
-        parent_id: None,
-    };
+    let new = |i: u32| bench_spec(format!("n{i}"));
     let t = Instant::now();
-    store
-        .call_blocking(|c| {
-            for i in 0..blocks {
-                assert_eq!(insert(c, &format!("id{i}"), &new(i), blocks).unwrap().block, i);
-            }
-            Ok(())
-        })
-        .unwrap();
+    for i in 0..blocks {
+        let mut tx = store.write().await.unwrap();
+        assert_eq!(insert(&mut tx, &format!("id{i}"), &new(i), blocks).await.unwrap().block, i);
+        tx.commit().await.unwrap();
+    }
     let lease = t.elapsed();
-    let full = store.call_blocking(|c| Ok(insert(c, "full", &new(blocks), blocks).is_err())).unwrap();
+    let full = insert(&mut store.write().await.unwrap(), "full", &new(blocks), blocks).await.is_err();
     let t = Instant::now();
-    store
-        .call_blocking(|c| {
-            for i in 0..blocks {
-                hyperfleet::testing::machine_rows::delete(c, &format!("id{i}"), &[MachineStatus::Pending])?;
-            }
-            Ok(())
-        })
-        .unwrap();
+    for i in 0..blocks {
+        let mut tx = store.write().await.unwrap();
+        hyperfleet::testing::machine_rows::delete(&mut tx, &format!("id{i}"), &[MachineStatus::Pending]).await.unwrap();
+        tx.commit().await.unwrap();
+    }
     let free = t.elapsed();
     r.section(
         "IPAM",
@@ -289,6 +254,155 @@ fn bench_ipam(r: &mut Report) {
                 "-".into(),
                 if full { "refused (IP_POOL_EXHAUSTED)".into() } else { "ACCEPTED (bug)".into() },
                 "-".into(),
+            ],
+        ],
+    );
+}
+
+/// A machine spec for store benchmarks.
+fn bench_spec(name: String) -> hyperfleet_types::MachineSpec {
+    use hyperfleet_types::{MachineNetwork, MachineSpec};
+    MachineSpec {
+        name,
+        runtime: RuntimeKind::Container,
+        vcpu_count: 1,
+        mem_size_mib: 64,
+        kernel_image_path: "k".into(),
+        kernel_args: String::new(),
+        rootfs_path: "r".into(),
+        exposed_ports: vec![],
+        network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
+        env: Default::default(),
+        image: None,
+        image_digest: None,
+        image_size_mib: None,
+        entrypoint: None,
+        cmd: None,
+        restart_policy: Default::default(),
+        volumes: vec![],
+        disk_size_mib: 0,
+        secret_names: vec![],
+        labels: Default::default(),
+        ttl_seconds: None,
+        on_ttl: Default::default(),
+        idle_timeout_seconds: None,
+        idle_max_connection_seconds: None,
+        auto_start: false,
+        spawn: None,
+        parent_id: None,
+    }
+}
+
+/// Store operations behind POST /machines and GET /machines/{id}, one client, on `store`: (creates/s, gets/s).
+async fn store_ops(store: &hyperfleet::testing::Store, n: u32) -> (f64, f64) {
+    use hyperfleet::testing::machine_rows::{delete, get, insert};
+    let t = Instant::now();
+    for i in 0..n {
+        let mut tx = store.write().await.unwrap();
+        insert(&mut tx, &format!("sid{i}"), &bench_spec(format!("s{i}")), 65_536).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let creates = f64::from(n) / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for i in 0..n {
+        let mut c = store.read().await.unwrap();
+        assert!(get(&mut c, &format!("sid{i}")).await.unwrap().is_some());
+    }
+    let gets = f64::from(n) / t.elapsed().as_secs_f64();
+    for i in 0..n {
+        let mut tx = store.write().await.unwrap();
+        delete(&mut tx, &format!("sid{i}"), &[MachineStatus::Pending]).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    (creates, gets)
+}
+
+async fn bench_database(r: &mut Report) {
+    use hyperfleet::testing::{Durability, Location, PgCluster, Store};
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = PgCluster::start(pg_dir.path(), Durability::LikeSqliteWal).unwrap();
+    let url = pg.url("postgres");
+
+    // The store alone, one client, no HTTP.
+    let sqlite_dir = tempfile::tempdir().unwrap();
+    let lite = Store::open_file(&sqlite_dir.path().join("bench.db")).await.unwrap();
+    let pgs = Store::open(&Location::Postgres(url.clone())).await.unwrap();
+    const N: u32 = 2000;
+    let (lite_ops, pg_ops) = (store_ops(&lite, N).await, store_ops(&pgs, N).await);
+    lite.close().await;
+    pgs.close().await;
+
+    // The daemon over HTTP: one on each backend, running side by side, measured alternately.
+    let sqlite = Daemon::start(Options { prefix_len: 16, ..Default::default() }).await;
+    let postgres = Daemon::start(Options {
+        prefix_len: 16,
+        env: vec![("DATABASE_URL".into(), url.clone())],
+        ..Default::default()
+    })
+    .await;
+    let target_s = sqlite.client.create_machine(&machine("bench-target")).await.unwrap();
+    let target_p = postgres.client.create_machine(&machine("bench-target")).await.unwrap();
+    let (mut get_s, mut get_p) = (Wrk::none(), Wrk::none());
+    for _ in 0..API_ROUNDS {
+        get_s = get_s.best(wrk_get_machine(&sqlite, &target_s.id));
+        get_p = get_p.best(wrk_get_machine(&postgres, &target_p.id));
+    }
+    let post = |d: &Daemon| {
+        let script = d.dir.path().join("post.lua");
+        std::fs::write(
+            &script,
+            format!(
+                "counter = 0\nrequest = function()\n  counter = counter + 1\n  local body = string.format('{{\"name\":\"w%d-%d\",\"vcpu_count\":1,\"mem_size_mib\":64}}', math.random(1000000000), counter)\n  return wrk.format('POST', '/machines', {{['Authorization'] = 'Bearer {}', ['Content-Type'] = 'application/json'}}, body)\nend\n",
+                d.key
+            ),
+        )
+        .unwrap();
+        wrk(&format!("{}/machines", d.url()), 8, None, Some(&script))
+    };
+    let (post_s, post_p) = (post(&sqlite), post(&postgres));
+    let load = load_average();
+    drop(postgres);
+    drop(sqlite);
+    drop(pg);
+
+    r.section(
+        "Database backends",
+        &format!(
+            "The same daemon and store on SQLite (file, WAL, `synchronous=NORMAL`) and on PostgreSQL 15 (a local \
+             cluster over loopback TCP, `synchronous_commit=off`: the same durability promise as SQLite's WAL \
+             mode, fsync on), in the same run. Store: one client, {N} creates (machine row + lease + write lock \
+             in one transaction, committed) then {N} gets by id. HTTP: wrk as in \"API throughput\" (GETs \
+             alternate for {API_ROUNDS} rounds, best shown; one POST round each), both daemons running side by \
+             side. Load average at the end: {load}."
+        ),
+    );
+    let ratio = |p: f64, s: f64| if s > 0.0 { format!("{:.2}×", p / s) } else { "?".into() };
+    r.table(
+        &["operation", "SQLite", "PostgreSQL", "PostgreSQL / SQLite"],
+        vec![
+            vec![
+                "store: create (1 client)".into(),
+                format!("{:.0}/s", lite_ops.0),
+                format!("{:.0}/s", pg_ops.0),
+                ratio(pg_ops.0, lite_ops.0),
+            ],
+            vec![
+                "store: get by id (1 client)".into(),
+                format!("{:.0}/s", lite_ops.1),
+                format!("{:.0}/s", pg_ops.1),
+                ratio(pg_ops.1, lite_ops.1),
+            ],
+            vec![
+                "HTTP GET /machines/{id} (32 conns)".into(),
+                format!("{:.0}/s (p50 {}, p99 {})", get_s.rps, get_s.p50, get_s.p99),
+                format!("{:.0}/s (p50 {}, p99 {})", get_p.rps, get_p.p50, get_p.p99),
+                ratio(get_p.rps, get_s.rps),
+            ],
+            vec![
+                "HTTP POST /machines (8 conns)".into(),
+                format!("{:.0}/s (p50 {}, p99 {})", post_s.rps, post_s.p50, post_s.p99),
+                format!("{:.0}/s (p50 {}, p99 {})", post_p.rps, post_p.p50, post_p.p99),
+                ratio(post_p.rps, post_s.rps),
             ],
         ],
     );
@@ -782,6 +896,34 @@ fn ssh_keystrokes(key: &Path, guest: std::net::Ipv4Addr, n: usize) -> Vec<Durati
     samples
 }
 
+/// 10 rounds of: the machine paused (or stopped), then timed, its first proxied request (the wake), and
+/// again paused (stopped), then timed, `POST /resume` (`/start`) and the same URL until it answers.
+async fn wake_rounds(d: &Daemon, id: &str, url: &str, stopped: bool) -> (Vec<Duration>, Vec<Duration>) {
+    let http = reqwest::Client::new();
+    let sleep = || async {
+        if stopped { d.client.stop_machine(id).await.unwrap() } else { d.client.pause_machine(id).await.unwrap() }
+    };
+    let (mut wake, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        sleep().await;
+        let t = Instant::now();
+        assert_eq!(http.get(url).send().await.unwrap().status(), 200);
+        wake.push(t.elapsed());
+        sleep().await;
+        let t = Instant::now();
+        if stopped {
+            d.client.start_machine(id).await.unwrap();
+        } else {
+            d.client.resume_machine(id).await.unwrap();
+        }
+        while !http.get(url).send().await.is_ok_and(|r| r.status() == 200) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        plain.push(t.elapsed());
+    }
+    (wake, plain)
+}
+
 async fn bench_interactive(r: &mut Report) {
     use futures::{SinkExt, StreamExt};
     use hyperfleet_client::{PtyMessage, PtyOptions};
@@ -850,21 +992,9 @@ async fn bench_interactive(r: &mut Report) {
         }
     }
     drop(echo);
-    let http = reqwest::Client::new();
     // Wake from paused: the first request through the proxy, against resume + the same request.
     let url = format!("{}/proxy/{}/8080/headers", d.proxy_url(), m.id);
-    let (mut wake, mut plain) = (Vec::new(), Vec::new());
-    for _ in 0..10 {
-        d.client.pause_machine(&m.id).await.unwrap();
-        let t = Instant::now();
-        assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
-        wake.push(t.elapsed());
-        d.client.pause_machine(&m.id).await.unwrap();
-        let t = Instant::now();
-        d.client.resume_machine(&m.id).await.unwrap();
-        assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
-        plain.push(t.elapsed());
-    }
+    let (mut wake, mut plain) = wake_rounds(&d, &m.id, &url, false).await;
     // Wake from stopped: a machine whose image serves HTTP as its main process (busybox httpd), so a start
     // brings the service back; against `POST /start` then polling the same URL until it answers.
     let web = CreateMachine {
@@ -881,20 +1011,7 @@ async fn bench_interactive(r: &mut Report) {
     reg.push("bench/web", "v1", &web_image).await;
     let w = running(&d, web).await;
     let url = format!("{}/proxy/{}/8080/", d.proxy_url(), w.id);
-    let (mut cold, mut cold_plain) = (Vec::new(), Vec::new());
-    for _ in 0..10 {
-        d.client.stop_machine(&w.id).await.unwrap();
-        let t = Instant::now();
-        assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
-        cold.push(t.elapsed());
-        d.client.stop_machine(&w.id).await.unwrap();
-        let t = Instant::now();
-        d.client.start_machine(&w.id).await.unwrap();
-        while !http.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        cold_plain.push(t.elapsed());
-    }
+    let (mut cold, mut cold_plain) = wake_rounds(&d, &w.id, &url, true).await;
     r.section(
         "Terminal and wake on request",
         "A terminal (`GET /machines/{id}/pty`) to `cat` in a container guest: one keystroke sent, its echo \
@@ -1516,6 +1633,7 @@ async fn main() {
         "webhooks",
         "volumes",
         "children",
+        "database",
     ];
     if let Some(unknown) = only.iter().flatten().find(|s| !SECTIONS.contains(&s.as_str())) {
         eprintln!("HYPERFLEET_BENCH_ONLY: unknown section '{unknown}'; sections: {}", SECTIONS.join(","));
@@ -1529,7 +1647,7 @@ async fn main() {
         bench_concurrent_creates(&mut r).await;
     }
     if run("ipam") {
-        bench_ipam(&mut r);
+        bench_ipam(&mut r).await;
     }
     if run("network") {
         bench_network_setup(&mut r).await;
@@ -1560,6 +1678,9 @@ async fn main() {
     }
     if run("children") {
         bench_children(&mut r).await;
+    }
+    if run("database") {
+        bench_database(&mut r).await;
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
     let md = match &only {

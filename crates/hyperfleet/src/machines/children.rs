@@ -64,8 +64,7 @@ impl<H: Host> Service<H> {
         if !children::token_well_formed(secret) {
             return Ok(None);
         }
-        let s = secret.to_string();
-        let Some(parent) = self.store.read(move |c| children::token_owner(c, &s)).await? else {
+        let Some(parent) = children::token_owner(&mut *self.store.read().await?, secret).await? else {
             return Ok(None);
         };
         let rec = match self.record(&parent).await {
@@ -140,7 +139,7 @@ impl<H: Host> Service<H> {
     /// `GET /machines/{id}/children`.
     pub(crate) async fn children(&self, id: &str) -> Result<MachineList> {
         let rec = self.record(id).await?;
-        let rows = self.store.read(move |c| children::children(c, &rec.id)).await?;
+        let rows = children::children(&mut *self.store.read().await?, &rec.id).await?;
         Ok(MachineList { total: rows.len() as u64, machines: rows.iter().map(|m| self.to_wire(m)).collect() })
     }
 
@@ -155,8 +154,13 @@ impl<H: Host> Service<H> {
             return;
         };
         let secret = children::generate_token();
-        let (id, s) = (m.id.clone(), secret.clone());
-        match self.store.call(move |c| children::set_token(c, &id, &s)).await {
+        let stored = async {
+            let mut tx = self.store.write().await?;
+            let set = children::set_token(&mut tx, &m.id, &secret).await?;
+            tx.commit().await?;
+            Ok::<_, crate::store::StoreError>(set)
+        };
+        match stored.await {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -184,8 +188,12 @@ impl<H: Host> Service<H> {
     }
 
     pub(super) async fn revoke_token(&self, id: &str) {
-        let key = id.to_string();
-        if let Err(e) = self.store.call(move |c| children::revoke_token(c, &key)).await {
+        let revoked = async {
+            let mut tx = self.store.write().await?;
+            children::revoke_token(&mut tx, id).await?;
+            tx.commit().await
+        };
+        if let Err(e) = revoked.await {
             warn!(machine = %id, error = %e, "could not revoke the machine's child token");
         }
     }
@@ -200,8 +208,8 @@ impl<H: Host> Service<H> {
         let id = m.id.clone();
         tokio::spawn(async move {
             this.revoke_token(&id).await;
-            let key = id.clone();
-            let kids = match this.store.read(move |c| children::children(c, &key)).await {
+            let listed = async { children::children(&mut *this.store.read().await?, &id).await };
+            let kids = match listed.await {
                 Ok(k) => k,
                 Err(e) => {
                     warn!(machine = %id, error = %e, "could not list the machine's children to stop them");
@@ -223,8 +231,7 @@ impl<H: Host> Service<H> {
     /// Deletes every child of `parent` (forcing a stop first), depth first. The first failure stops the
     /// delete of the parent, so nothing is orphaned silently.
     pub(super) async fn delete_children(self: &Arc<Self>, parent: &str) -> Result<()> {
-        let key = parent.to_string();
-        let kids = self.store.read(move |c| children::children(c, &key)).await?;
+        let kids = children::children(&mut *self.store.read().await?, parent).await?;
         for kid in kids {
             // The parent's stop may be stopping this child right now: wait for that stop to land.
             let mut tries = 0;
@@ -272,7 +279,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tree_is_scoped_within_quotas_and_goes_with_its_parent() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let parent = svc.create(spawning("parent")).await.unwrap();
         let other = svc.create(spawning("other")).await.unwrap();
         let plain = svc.create(create_req("plain")).await.unwrap();

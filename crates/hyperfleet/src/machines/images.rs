@@ -545,7 +545,8 @@ impl<H: super::Host> super::Service<H> {
 
     async fn machine_specs(&self) -> super::Result<Vec<(String, MachineSpec)>> {
         let all =
-            self.store.read(|c| crate::store::machines::with_status(c, &hyperfleet_types::MachineStatus::ALL)).await?;
+            crate::store::machines::with_status(&mut *self.store.read().await?, &hyperfleet_types::MachineStatus::ALL)
+                .await?;
         Ok(all.into_iter().map(|m| (m.id, m.spec)).collect())
     }
 
