@@ -323,14 +323,15 @@ async fn a_machine_drives_its_own_children_and_nothing_else() {
     assert_eq!(links, taps, "interfaces on the host: only the other machines'");
     assert_eq!(d.firewall_ifaces(), taps, "firewall");
     assert!(!api_gateways(&d).contains("\" . "), "the spawn machines are gone or stopped: {}", api_gateways(&d));
-    let leases: i64 = rusqlite::Connection::open(d.dir.path().join("hyperfleet.db"))
-        .unwrap()
-        .query_row("SELECT COUNT(*) FROM leases", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(leases, i64::try_from(left.len()).unwrap(), "leases: one per machine left");
-    let tokens: i64 = rusqlite::Connection::open(d.dir.path().join("hyperfleet.db"))
-        .unwrap()
-        .query_row("SELECT COUNT(*) FROM child_tokens", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(tokens, 0, "no token outlives its running parent");
+    let db = hyperfleet::testing::Store::open_file(&d.dir.path().join("hyperfleet.db")).await.unwrap();
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&mut *db.read().await.unwrap()).await.unwrap() }
+    };
+    assert_eq!(
+        count("SELECT COUNT(*) FROM leases").await,
+        i64::try_from(left.len()).unwrap(),
+        "leases: one per machine left"
+    );
+    assert_eq!(count("SELECT COUNT(*) FROM child_tokens").await, 0, "no token outlives its running parent");
 }
