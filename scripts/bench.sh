@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the system benchmarks (real daemons, runc, firecracker, wrk; nginx as a reference proxy) and rewrites
-# BENCHMARKS.md. HYPERFLEET_BENCH_ONLY=start (or api, creates, ipam, network, exec, proxy; comma-separated)
+# BENCHMARKS.md. HYPERFLEET_BENCH_ONLY=start (or api, creates, ipam, network, exec, proxy, volumes, children, …; comma-separated)
 # runs only those sections and replaces just them in BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -174,6 +174,11 @@ impl Client {
         Self::json(self.req(Method::GET, &format!("/machines/{id}"))).await
     }
 
+    /// The machines `id` created from inside (`GET /machines/{id}/children`), oldest first.
+    pub async fn machine_children(&self, id: &str) -> Result<MachineList> {
+        Self::json(self.req(Method::GET, &format!("/machines/{id}/children"))).await
+    }
+
     pub async fn update_machine(&self, id: &str, req: &UpdateMachine) -> Result<Machine> {
         Self::json(self.req(Method::PATCH, &format!("/machines/{id}")).json(req)).await
     }

@@ -36,6 +36,8 @@ pub struct FirewallEntry {
     pub tap_ip: Ipv4Addr,
     pub guest_ip: Ipv4Addr,
     pub egress: Egress,
+    /// The machine may reach the daemon's child API on its own gateway (a machine with `spawn`).
+    pub api: bool,
 }
 
 /// The table's handle; clones share one lock.
@@ -46,6 +48,8 @@ pub struct Firewall {
     /// Destinations no machine may reach, whatever its own egress policy.
     deny: Vec<Ipv4Net>,
     nft: PathBuf,
+    /// The child API's port: the one host port machines listed in `api_gateways` may reach.
+    child_api_port: Option<u16>,
     /// Held for every change, and across a read-then-replace in [`Firewall::rebuild`] and
     /// [`Firewall::update`], so that an older view of the machines never overwrites a newer one.
     lock: Arc<tokio::sync::Mutex<()>>,
@@ -53,7 +57,20 @@ pub struct Firewall {
 
 impl Firewall {
     pub fn new(table: &str, subnet: Ipv4Net) -> Self {
-        Self { table: table.to_string(), subnet, deny: vec![], nft: PathBuf::from("nft"), lock: Arc::default() }
+        Self {
+            table: table.to_string(),
+            subnet,
+            deny: vec![],
+            nft: PathBuf::from("nft"),
+            child_api_port: None,
+            lock: Arc::default(),
+        }
+    }
+
+    /// Opens TCP `port` on its own gateway address to every machine whose entry has `api` (and to no other).
+    pub fn with_child_api_port(mut self, port: Option<u16>) -> Self {
+        self.child_api_port = port;
+        self
     }
 
     /// Destinations denied to every machine (e.g. the link-local range with the cloud metadata service).
@@ -74,6 +91,9 @@ impl Firewall {
             ("gateways", format!("\"{}\" . {}", m.iface, m.tap_ip)),
             ("guest_addrs", format!("\"{}\" . {}", m.iface, m.guest_ip)),
         ];
+        if m.api {
+            e.push(("api_gateways", format!("\"{}\" . {}", m.iface, m.tap_ip)));
+        }
         // Deny is a restriction with nothing allowed.
         if let Egress::Deny | Egress::Only(_) = &m.egress {
             e.push(("egress_restricted", format!("\"{}\"", m.iface)));
@@ -97,6 +117,7 @@ impl Firewall {
             ("machine_ifaces", "ifname", ""),
             ("gateways", "ifname . ipv4_addr", ""),
             ("guest_addrs", "ifname . ipv4_addr", ""),
+            ("api_gateways", "ifname . ipv4_addr", ""),
             ("egress_restricted", "ifname", ""),
             ("egress_allowed", "ifname . ipv4_addr", "interval"),
         ] {
@@ -104,14 +125,22 @@ impl Firewall {
             set(&mut s, name, ty, flags, &elements);
         }
 
-        // Guest -> host: only replies and a ping of its own gateway. Everything else the host listens on
+        // Guest -> host: only replies and a ping of its own gateway, and, for a machine with `spawn`, TCP to
+        // the child API port on its own gateway from its own address. Everything else the host listens on
         // (ssh, the API, the proxy, the other machines' gateways) stays out of reach.
+        let api = match self.child_api_port {
+            Some(port) => format!(
+                "meta nfproto ipv4 iifname . ip daddr @api_gateways iifname . ip saddr @guest_addrs \
+                 tcp dport {port} accept\n    "
+            ),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
             "  chain input {{\n    type filter hook input priority filter; policy accept;\n    \
              iifname @machine_ifaces jump guest_to_host\n  }}\n  \
              chain guest_to_host {{\n    ct state established,related accept\n    \
-             meta nfproto ipv4 iifname . ip daddr @gateways icmp type echo-request accept\n    drop\n  }}"
+             meta nfproto ipv4 iifname . ip daddr @gateways icmp type echo-request accept\n    {api}drop\n  }}"
         );
 
         // Forwarded traffic: guest -> world, anti-spoofed, never to another machine nor a denied network,
@@ -262,6 +291,7 @@ mod tests {
             tap_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 1)) + 4 * i),
             guest_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 2)) + 4 * i),
             egress,
+            api: false,
         }
     }
 
@@ -343,6 +373,31 @@ mod tests {
         let log = std::fs::read_to_string(dir.join("log")).unwrap();
         assert_eq!(log.matches("\n--\n").count(), 3, "only the refused delete was run: {log}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_spawn_machines_reach_the_child_api_port_on_their_own_gateway() {
+        let fw = Firewall::new("hftest", "172.16.0.0/16".parse().unwrap());
+        let closed = fw.render(&[FirewallEntry { api: true, ..entry(1, Egress::Allow) }]);
+        assert!(!closed.contains("dport"), "no child API: no opening at all\n{closed}");
+        let fw = fw.with_child_api_port(Some(3001));
+        let text = fw.render(&[entry(0, Egress::Allow), FirewallEntry { api: true, ..entry(1, Egress::Allow) }]);
+        assert!(
+            text.contains(
+                "iifname . ip daddr @api_gateways iifname . ip saddr @guest_addrs tcp dport 3001 accept\n    drop"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"type ifname . ipv4_addr
+    elements = { "tap1" . 172.16.0.5 }"#
+            ),
+            "only the spawn machine's gateway: {text}"
+        );
+        let add = fw.element_script("add", &FirewallEntry { api: true, ..entry(2, Egress::Allow) });
+        assert!(add.contains(r#"add element inet hftest api_gateways { "tap2" . 172.16.0.9 }"#), "{add}");
+        assert!(!fw.element_script("add", &entry(2, Egress::Allow)).contains("api_gateways"));
     }
 
     #[test]

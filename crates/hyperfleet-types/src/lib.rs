@@ -260,6 +260,37 @@ pub struct MachineSpec {
     /// A proxied request to the stopped or paused machine starts or resumes it.
     #[serde(default)]
     pub auto_start: bool,
+    /// The machine may create child machines from inside, within these quotas (see the README's "Child
+    /// machines").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spawn: Option<SpawnLimits>,
+    /// The machine that created this one (a child machine), deleted and stopped with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+}
+
+/// What a machine with `spawn` may create from inside: its live children (every child until it is deleted)
+/// together stay within these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SpawnLimits {
+    /// Children that may exist at once.
+    pub max_children: u32,
+    /// The sum of the children's `vcpu_count`.
+    pub max_vcpu: u32,
+    /// The sum of the children's `mem_size_mib`.
+    pub max_mem_mib: u32,
+}
+
+/// `spawn` in a create request (checked by the daemon: each at least 1, `max_mem_mib` at least 4).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    #[schema(required = true, minimum = 1, maximum = 64, example = 4)]
+    pub max_children: Option<i64>,
+    #[schema(required = true, minimum = 1, example = 4)]
+    pub max_vcpu: Option<i64>,
+    #[schema(required = true, minimum = 4, example = 2048)]
+    pub max_mem_mib: Option<i64>,
 }
 
 /// What happens when a machine's main process (an image's Entrypoint + Cmd) ends.
@@ -554,6 +585,13 @@ pub struct CreateMachine {
     /// Start (or resume) the machine when a proxied request arrives for it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_start: Option<bool>,
+    /// Let the machine create child machines from inside (a token and `HYPERFLEET_URL` in the guest), within
+    /// these quotas.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spawn: Option<SpawnRequest>,
+    /// A child machine (created with a machine's token) takes its parent's `env` unless this is false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inherit_env: Option<bool>,
 }
 
 /// `PATCH /machines/{id}`: change what can change without a restart. Each field given replaces the
@@ -1140,6 +1178,9 @@ pub struct Event {
     /// `proxy.wake`: the port the request was for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// The machine's parent, for a child machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
 }
 
 /// What a machine uses now (`GET /machines/{id}/stats`). Values a runtime cannot tell are absent.

@@ -288,6 +288,8 @@ fn bench_spec(name: String) -> hyperfleet_types::MachineSpec {
         idle_timeout_seconds: None,
         idle_max_connection_seconds: None,
         auto_start: false,
+        spawn: None,
+        parent_id: None,
     }
 }
 
@@ -418,6 +420,7 @@ async fn bench_network_setup(r: &mut Report) {
             tap_ip: std::net::Ipv4Addr::from(u32::from(subnet.network()) + 4 * i + 1),
             guest_ip: std::net::Ipv4Addr::from(u32::from(subnet.network()) + 4 * i + 2),
             egress: Egress::Allow,
+            api: false,
         })
         .collect();
     let mine = FirewallEntry {
@@ -425,6 +428,7 @@ async fn bench_network_setup(r: &mut Report) {
         tap_ip: "10.240.0.1".parse().unwrap(),
         guest_ip: "10.240.0.2".parse().unwrap(),
         egress: Egress::Only(vec!["10.0.0.0/8".parse().unwrap()]),
+        api: false,
     };
     let mut with_mine = others.clone();
     with_mine.push(mine.clone());
@@ -1250,6 +1254,164 @@ async fn bench_webhooks(r: &mut Report) {
     );
 }
 
+/// Start → running of a stopped machine, `n` times (stopped again after each).
+async fn start_times(d: &Daemon, id: &str, n: usize) -> Vec<Duration> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        d.client.start_machine(id).await.unwrap();
+        v.push(t.elapsed());
+        d.client.stop_machine(id).await.unwrap();
+    }
+    v
+}
+
+async fn bench_volumes(r: &mut Report) {
+    let d = Daemon::start(Options::default()).await;
+    // Attach cost: the same start with and without one volume, interleaved in rounds of 5.
+    let vol =
+        d.client.create_volume(&CreateVolume { name: Some("bench-vol".into()), size_mib: Some(256) }).await.unwrap();
+    let plain = d.client.create_machine(&machine("no-volume")).await.unwrap();
+    let mount = VolumeMount { volume: vol.id.clone(), mount_path: "/data".into(), read_only: false };
+    let with = d
+        .client
+        .create_machine(&CreateMachine { volumes: Some(vec![mount.clone()]), ..machine("one-volume") })
+        .await
+        .unwrap();
+    let (mut without_v, mut with_v) = (Vec::new(), Vec::new());
+    start_times(&d, &plain.id, 2).await;
+    start_times(&d, &with.id, 2).await;
+    for _ in 0..6 {
+        without_v.extend(start_times(&d, &plain.id, 5).await);
+        with_v.extend(start_times(&d, &with.id, 5).await);
+    }
+    let (w50, o50) = (pct(&mut with_v, 0.5), pct(&mut without_v, 0.5));
+
+    // Clone: a 1 GiB volume holding 100 MiB, by the API (reflink where the filesystem has it, else a sparse
+    // copy) against `cp --sparse=always` of the same file, alternating, 5 each.
+    let big = d.client.create_volume(&CreateVolume { name: Some("big".into()), size_mib: Some(1024) }).await.unwrap();
+    let writer_mount = VolumeMount { volume: big.id.clone(), mount_path: "/data".into(), read_only: false };
+    let writer = running(&d, CreateMachine { volumes: Some(vec![writer_mount]), ..machine("filler") }).await;
+    let (code, _, err) = sh(&d, &writer.id, "dd if=/dev/urandom of=/data/fill bs=1M count=100 2>&1 && sync").await;
+    assert_eq!(code, 0, "{err}");
+    d.client.delete_machine(&writer.id, true).await.unwrap();
+    let file = d.dir.path().join("machines/volumes").join(format!("{}.ext4", big.id));
+    let allocated = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    };
+    let used_mib = allocated(&file) >> 20;
+    let copy = d.dir.path().join("cp-baseline.ext4");
+    let (mut api, mut cp) = (Vec::new(), Vec::new());
+    for i in 0..5 {
+        let t = Instant::now();
+        let c = d.client.clone_volume(&big.id, &CloneVolume { name: Some(format!("big-copy-{i}")) }).await.unwrap();
+        api.push(t.elapsed());
+        d.client.delete_volume(&c.id).await.unwrap();
+        let t = Instant::now();
+        let ok = Command::new("cp").arg("--sparse=always").arg(&file).arg(&copy).status().unwrap().success();
+        cp.push(t.elapsed());
+        assert!(ok);
+        std::fs::remove_file(&copy).unwrap();
+    }
+    let (a50, c50) = (pct(&mut api, 0.5), pct(&mut cp, 0.5));
+    r.section(
+        "Volumes",
+        &format!(
+            "Container runtime. Attach cost: `POST /machines/{{id}}/start` of a machine naming one 256 MiB volume \
+             (loop-mounted nodev,nosuid on the host, bound in, mounted by the agent) against the same machine \
+             without it, 30 starts each, interleaved in rounds of 5, same run. Clone: `POST /volumes/{{id}}/clone` \
+             of a 1 GiB volume holding 100 MiB of random data ({used_mib} MiB allocated on the host), against \
+             `cp --sparse=always` of the same file, alternating, 5 each."
+        ),
+    );
+    r.table(
+        &["measure", "median", "p90"],
+        vec![
+            vec!["start without a volume".into(), ms(o50), ms(pct(&mut without_v, 0.9))],
+            vec!["start with one volume".into(), ms(w50), ms(pct(&mut with_v, 0.9))],
+            vec![
+                "added by the volume (median difference)".into(),
+                format!("{:.1} ms", (w50.as_secs_f64() - o50.as_secs_f64()) * 1000.0),
+                String::new(),
+            ],
+            vec!["clone 1 GiB / 100 MiB used, API".into(), ms(a50), ms(pct(&mut api, 0.9))],
+            vec!["`cp --sparse=always` of the same file (baseline)".into(), ms(c50), ms(pct(&mut cp, 0.9))],
+            vec![
+                "ratio API / cp".into(),
+                format!("{:.2}×", a50.as_secs_f64() / c50.as_secs_f64().max(1e-9)),
+                String::new(),
+            ],
+        ],
+    );
+}
+
+/// The guest side of a child create → start → first exec, with busybox nc and the machine's token.
+const CHILD_API_SH: &str = r#"api() {
+  tok=$(cat "$HYPERFLEET_TOKEN_FILE")
+  hp=${HYPERFLEET_URL#http://}
+  body=$3
+  printf '%s %s HTTP/1.0\r\nHost: %s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' \
+    "$1" "$2" "$hp" "$tok" "${#body}" "$body" | nc -w 20 "${hp%:*}" "${hp#*:}"
+}
+"#;
+
+async fn bench_children(r: &mut Report) {
+    let d = Daemon::start(Options::default()).await;
+    let spawn = SpawnRequest { max_children: Some(4), max_vcpu: Some(4), max_mem_mib: Some(1024) };
+    let parent = running(&d, CreateMachine { spawn: Some(spawn), ..machine("bench-parent") }).await;
+    let n = 12;
+    let (mut host, mut inside, mut noop) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        // From the host: SDK create, start, exec.
+        let t = Instant::now();
+        let m = running(&d, machine(&format!("host-kid{i}"))).await;
+        d.client.exec(&m.id, &["true"]).await.unwrap();
+        host.push(t.elapsed());
+        d.client.delete_machine(&m.id, true).await.unwrap();
+        // From inside the parent: one script (create, start, exec) run through exec; the exec of `true` in
+        // the parent (measured right after) is what the host adds around it.
+        let name = format!("in-kid{i}");
+        let script = format!(
+            "{CHILD_API_SH}api POST /machines '{{\"name\":\"{name}\",\"vcpu_count\":1,\"mem_size_mib\":128}}' | head -1\n\
+             api POST /machines/{name}/start '' | head -1\napi POST /machines/{name}/exec '{{\"command\":[\"true\"]}}' | head -1"
+        );
+        let t = Instant::now();
+        let (code, out, err) = sh(&d, &parent.id, &script).await;
+        inside.push(t.elapsed());
+        assert_eq!(code, 0, "{out} {err}");
+        assert_eq!(out.matches(" 20").count(), 3, "{out}");
+        let t = Instant::now();
+        d.client.exec(&parent.id, &["true"]).await.unwrap();
+        noop.push(t.elapsed());
+        d.client.delete_machine(&name, true).await.unwrap();
+    }
+    let (h50, i50, n50) = (pct(&mut host, 0.5), pct(&mut inside, 0.5), pct(&mut noop, 0.5));
+    let net = i50.saturating_sub(n50);
+    r.section(
+        "Child machines",
+        &format!(
+            "Container runtime. Create → running → first exec (`true`) answered, {n} times each, same run: from the \
+             host through the SDK, and from inside a `spawn` machine with a busybox `sh` script (`nc`, HTTP/1.0, \
+             one connection per request) to the child API on its gateway. The inside run is timed from the host \
+             around the exec that runs the script; the exec of `true` in the parent (also measured) is subtracted."
+        ),
+    );
+    r.table(
+        &["measure", "median", "p90"],
+        vec![
+            vec!["from the host (SDK)".into(), ms(h50), ms(pct(&mut host, 0.9))],
+            vec!["from inside the parent, script as run".into(), ms(i50), ms(pct(&mut inside, 0.9))],
+            vec!["exec `true` in the parent (subtracted)".into(), ms(n50), ms(pct(&mut noop, 0.9))],
+            vec![
+                format!("from inside, net ({:.2}× the host)", net.as_secs_f64() / h50.as_secs_f64().max(1e-9)),
+                ms(net),
+                String::new(),
+            ],
+        ],
+    );
+}
+
 /// nginx as a reference reverse proxy, started (and stopped) by the benchmark when it is installed.
 struct Nginx {
     port: u16,
@@ -1469,6 +1631,8 @@ async fn main() {
         "observe",
         "images",
         "webhooks",
+        "volumes",
+        "children",
         "database",
     ];
     if let Some(unknown) = only.iter().flatten().find(|s| !SECTIONS.contains(&s.as_str())) {
@@ -1508,6 +1672,12 @@ async fn main() {
     }
     if run("webhooks") {
         bench_webhooks(&mut r).await;
+    }
+    if run("volumes") {
+        bench_volumes(&mut r).await;
+    }
+    if run("children") {
+        bench_children(&mut r).await;
     }
     if run("database") {
         bench_database(&mut r).await;

@@ -78,6 +78,11 @@ pub struct ApiArgs {
     /// Log lines as `text` (one line per event) or `json` (one object per line).
     #[arg(long, env = "HYPERFLEET_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Port of the child API: a second listener (on every address, answering only machines with `spawn`,
+    /// from their own guest address, with their child token) that spawn machines reach on their gateway;
+    /// 0 turns it off (then no machine may have `spawn`).
+    #[arg(long, env = "HYPERFLEET_CHILD_API_PORT", default_value_t = 3001)]
+    pub child_api_port: u16,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -277,6 +282,8 @@ pub struct ApiSettings {
     /// `HYPERFLEET_METRICS`.
     pub metrics: bool,
     pub log_format: LogFormat,
+    /// `HYPERFLEET_CHILD_API_PORT`; `None`: off.
+    pub child_api_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -402,6 +409,9 @@ impl ServeArgs {
         if proxy.port == Some(api.port) {
             return Err(bad("PROXY_PORT", format!("{} is also the API PORT", api.port)));
         }
+        if let Some(child) = api.child_api_port.filter(|c| *c == api.port || Some(*c) == proxy.port) {
+            return Err(bad("HYPERFLEET_CHILD_API_PORT", format!("{child} is also the API PORT or PROXY_PORT")));
+        }
         Ok(Settings {
             api,
             proxy,
@@ -479,6 +489,7 @@ impl ApiArgs {
             other => return Err(bad("HYPERFLEET_LOG_FORMAT", format!("'{other}': use text or json"))),
         };
         Ok(ApiSettings {
+            child_api_port: (self.child_api_port != 0).then_some(self.child_api_port),
             metrics_token,
             metrics: self.metrics,
             log_format,
@@ -877,6 +888,7 @@ mod tests {
         ("HYPERFLEET_WEBHOOK_RETRY_BASE_MS", "250"),
         ("HYPERFLEET_WEBHOOK_MAX_ATTEMPTS", "4"),
         ("HYPERFLEET_WEBHOOK_TIMEOUT", "7"),
+        ("HYPERFLEET_CHILD_API_PORT", "3200"),
     ];
 
     /// The variables of README.md's configuration table (`PORT` / `PROXY_PORT` rows name two).
@@ -950,6 +962,7 @@ mod tests {
         assert_eq!(s.api.metrics_token.as_deref(), Some("prometheus-scrape-token-1234"));
         assert!(!s.api.metrics);
         assert_eq!(s.api.log_format, LogFormat::Json);
+        assert_eq!(s.api.child_api_port, Some(3200));
         let r = &s.runtime;
         assert_eq!(
             (&r.data_dir, &r.chroot_dir, &r.assets_dir),

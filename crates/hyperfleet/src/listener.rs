@@ -346,7 +346,10 @@ pub(crate) async fn serve_connection<S, B, F>(
     let activity = Activity::new(slot);
     let service = Counted { inner: make_service(activity.clone()), activity: activity.clone() };
     let io = TokioIo::new(Watched { inner: stream, activity: activity.clone() });
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service).with_upgrades();
+    // Half-close: a client that shuts its write side after the request (busybox `nc` at the end of its stdin,
+    // as guest scripts of the child API do) still gets the answer.
+    let conn =
+        hyper::server::conn::http1::Builder::new().half_close(true).serve_connection(io, service).with_upgrades();
     let mut conn = pin!(conn);
     let mut closing = false;
     // A deadline can move earlier (a request ends: the idle clock replaces the header clock), so the watchdog

@@ -1,5 +1,6 @@
 //! API-key authentication and the scope each route needs, in one table ([`required_scope`]).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -11,7 +12,9 @@ use hyperfleet_types::{ApiKey, Scope};
 use super::AppState;
 use super::error::ApiError;
 use crate::keys::Keys;
+use crate::machines::children::ChildAccess;
 use crate::store::Store;
+use crate::store::machines::MachineRecord;
 
 pub(crate) struct Auth {
     pub keys: Keys,
@@ -72,8 +75,70 @@ pub(crate) fn allows(key: &ApiKey, scope: Scope) -> bool {
     key.scopes.iter().any(|s| *s == scope || *s == Scope::All)
 }
 
+/// Set on every request of the child API listener: the TCP peer, which must be the token's own machine.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChildPeer(pub IpAddr);
+
+/// Set on a request authorized by a child token: the machine whose token it is.
+#[derive(Debug, Clone)]
+pub(crate) struct ChildOf(pub Arc<MachineRecord>);
+
+/// What a child token may do on a route (by its template), naming the `{id}` of the path; `None`: nothing.
+/// Exactly: create, list its own children, and get, delete, start, stop, exec, files and wait of its children.
+pub(crate) fn child_access<'a>(method: &Method, template: &str, path: &'a str) -> Option<ChildAccess<'a>> {
+    let id = || path.split('/').nth(2).filter(|id| !id.is_empty() && !id.contains('%'));
+    match (method, template) {
+        (&Method::POST, "/machines") => Some(ChildAccess::Create),
+        (&Method::GET, "/machines/{id}/children") => id().map(ChildAccess::ListChildren),
+        (&Method::GET | &Method::DELETE, "/machines/{id}")
+        | (&Method::POST, "/machines/{id}/start" | "/machines/{id}/stop")
+        | (&Method::POST, "/machines/{id}/exec" | "/machines/{id}/exec/stream")
+        | (&Method::GET, "/machines/{id}/wait")
+        | (&Method::GET | &Method::POST | &Method::DELETE, "/machines/{id}/files")
+        | (&Method::GET, "/machines/{id}/files/stat" | "/machines/{id}/files/list")
+        | (&Method::POST, "/machines/{id}/files/mkdir") => id().map(ChildAccess::Child),
+        _ => None,
+    }
+}
+
+/// The child API's check: a current child token, presented from its own machine's guest address, for a
+/// route and machine its tree allows. Any other request is refused (401 without a usable token, 403 else).
+async fn require_child_token(state: &AppState, peer: IpAddr, mut req: Request, next: Next) -> Response {
+    let Some(template) = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()) else {
+        return next.run(req).await; // unmatched: the fallback answers 404
+    };
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let token = header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))).map(str::trim);
+    let (Some(token), IpAddr::V4(peer)) = (token, peer) else {
+        return ApiError::unauthorized("a child token is required (Authorization: Bearer hfc_...)").into_response();
+    };
+    let parent = match state.service.child_token_parent(token, peer).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return ApiError::unauthorized("Invalid child token").into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let path = req.uri().path().to_string();
+    let Some(access) = child_access(req.method(), &template, &path) else {
+        return ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            "a child token may only create, list and drive its machine's own children",
+        )
+        .into_response();
+    };
+    if let Err(e) = state.service.check_child_access(&parent.id, access).await {
+        return ApiError::from(e).into_response();
+    }
+    tracing::debug!(parent = %parent.id, "authorized by a child token");
+    req.extensions_mut().insert(ChildOf(Arc::new(parent)));
+    next.run(req).await
+}
+
 /// Middleware: authenticates and checks the route's scope.
 pub(crate) async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(ChildPeer(peer)) = req.extensions().get::<ChildPeer>().copied() {
+        return require_child_token(&state, peer, req, next).await;
+    }
     let path = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
     let scope = match path {
         Some(p) => required_scope(req.method(), &p),
@@ -114,6 +179,7 @@ mod tests {
             (Method::GET, "/machines", Some(MachinesRead)),
             (Method::GET, "/machines/{id}", Some(MachinesRead)),
             (Method::GET, "/machines/{id}/wait", Some(MachinesRead)),
+            (Method::GET, "/machines/{id}/children", Some(MachinesRead)),
             (Method::GET, "/machines/{id}/logs", Some(MachinesRead)),
             (Method::POST, "/machines", Some(MachinesWrite)),
             (Method::POST, "/machines/{id}/start", Some(MachinesWrite)),
@@ -149,5 +215,55 @@ mod tests {
         for (m, p, want) in cases {
             assert_eq!(required_scope(&m, p), want, "{m} {p}");
         }
+    }
+
+    #[test]
+    fn a_child_token_reaches_exactly_its_tree_routes() {
+        use ChildAccess::*;
+        let at = |m: Method, t: &str, p: &'static str| child_access(&m, t, p);
+        assert_eq!(at(Method::POST, "/machines", "/machines"), Some(Create));
+        assert_eq!(at(Method::GET, "/machines/{id}/children", "/machines/p1/children"), Some(ListChildren("p1")));
+        for (m, t) in [
+            (Method::GET, "/machines/{id}"),
+            (Method::DELETE, "/machines/{id}"),
+            (Method::POST, "/machines/{id}/start"),
+            (Method::POST, "/machines/{id}/stop"),
+            (Method::POST, "/machines/{id}/exec"),
+            (Method::POST, "/machines/{id}/exec/stream"),
+            (Method::GET, "/machines/{id}/wait"),
+            (Method::GET, "/machines/{id}/files"),
+            (Method::POST, "/machines/{id}/files"),
+            (Method::DELETE, "/machines/{id}/files"),
+            (Method::GET, "/machines/{id}/files/stat"),
+            (Method::GET, "/machines/{id}/files/list"),
+            (Method::POST, "/machines/{id}/files/mkdir"),
+        ] {
+            let path = t.replace("{id}", "kid");
+            let path: &'static str = Box::leak(path.into_boxed_str());
+            assert_eq!(at(m.clone(), t, path), Some(Child("kid")), "{m} {t}");
+        }
+        // Everything else: the machine list, keys, volumes, webhooks, images, events, metrics, other verbs.
+        for (m, t, p) in [
+            (Method::GET, "/machines", "/machines"),
+            (Method::PATCH, "/machines/{id}", "/machines/kid"),
+            (Method::POST, "/machines/{id}/restart", "/machines/kid/restart"),
+            (Method::POST, "/machines/{id}/pause", "/machines/kid/pause"),
+            (Method::GET, "/machines/{id}/pty", "/machines/kid/pty"),
+            (Method::GET, "/machines/{id}/logs", "/machines/kid/logs"),
+            (Method::POST, "/machines/{id}/keepalive", "/machines/kid/keepalive"),
+            (Method::GET, "/api-keys", "/api-keys"),
+            (Method::POST, "/api-keys", "/api-keys"),
+            (Method::GET, "/volumes", "/volumes"),
+            (Method::POST, "/volumes", "/volumes"),
+            (Method::GET, "/webhooks", "/webhooks"),
+            (Method::GET, "/images", "/images"),
+            (Method::GET, "/events", "/events"),
+            (Method::GET, "/metrics", "/metrics"),
+            (Method::GET, "/health", "/health"),
+        ] {
+            assert_eq!(at(m.clone(), t, p), None, "{m} {t}");
+        }
+        // An encoded id is never resolved differently from what the handler would see: refused.
+        assert_eq!(at(Method::GET, "/machines/{id}", "/machines/k%69d"), None);
     }
 }

@@ -84,6 +84,7 @@ fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
                 I::InUse { .. } => (S::CONFLICT, "CONFLICT"),
             }
         }
+        MachineError::Forbidden(_) => (S::FORBIDDEN, "FORBIDDEN"),
         MachineError::PoolExhausted { .. } => (S::SERVICE_UNAVAILABLE, "IP_POOL_EXHAUSTED"),
         MachineError::Asleep { .. } | MachineError::WakeFailed { .. } => {
             (S::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE")
@@ -136,6 +137,7 @@ mod tests {
     #[test]
     fn each_error_has_its_documented_status_and_code() {
         assert_eq!(mapped(MachineError::NotFound("x".into())), (404, "NOT_FOUND"));
+        assert_eq!(mapped(MachineError::Forbidden("quota exceeded".into())), (403, "FORBIDDEN"));
         assert_eq!(
             mapped(MachineError::InvalidState {
                 action: crate::machines::Action::Start,

@@ -81,6 +81,7 @@ fn validates(req: &CreateMachine) {
             max_attempts: 3,
             timeout: std::time::Duration::from_secs(5),
         },
+        child_api_port: Some(3001),
     };
     if let Err(msg) = crate::machines::validate_create(req, &policy) {
         assert!(!msg.is_empty());

@@ -71,13 +71,27 @@ fn status_param(q: &QueryMap, key: &str) -> Result<Option<MachineStatus>, ApiErr
     responses((status = 201, body = Machine),
               (status = 400, description = "VALIDATION_ERROR: a field is missing or out of range, an asset path is not allowed, or the runtime cannot run here", body = ErrorBody),
               (status = 409, description = "CONFLICT: the name is taken", body = ErrorBody),
+              (status = 403, description = "FORBIDDEN: the key lacks machines:write, or (child API) the parent's spawn quota is used up, or the request asks for spawn or volumes", body = ErrorBody),
               (status = 503, description = "IP_POOL_EXHAUSTED: every address block of the subnet is leased", body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub(crate) async fn create(
     State(s): State<AppState>,
+    child_of: Option<axum::Extension<super::auth::ChildOf>>,
     JsonBody(req): JsonBody<CreateMachine>,
 ) -> Result<(StatusCode, Json<Machine>), ApiError> {
-    Ok((StatusCode::CREATED, Json(s.service.create(req).await?)))
+    let made = match child_of {
+        Some(axum::Extension(parent)) => s.service.create_child(&parent.0, req).await?,
+        None => s.service.create(req).await?,
+    };
+    Ok((StatusCode::CREATED, Json(made)))
+}
+
+#[utoipa::path(get, path = "/machines/{id}/children", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
+    responses((status = 200, body = MachineList, description = "the machines this one created from inside (with its child token), oldest first"),
+              (status = 404, description = NOT_FOUND, body = ErrorBody)),
+    security(("bearer" = ["machines:read"])))]
+pub(crate) async fn children(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<MachineList>, ApiError> {
+    Ok(Json(s.service.children(&id).await?))
 }
 
 #[utoipa::path(get, path = "/machines", tag = "machines",

@@ -74,7 +74,7 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         health,
         machines::create, machines::list, machines::get, machines::update, machines::delete, machines::start,
         machines::stop, machines::restart, machines::pause, machines::resume, machines::wait, machines::logs, machines::network,
-        machines::keepalive, pty::pty,
+        machines::keepalive, machines::children, pty::pty,
         machines::stats, events::stream, events::metrics,
         guest::exec, guest::exec_stream, guest::upload, guest::download, guest::stat, guest::delete,
         guest::list, guest::mkdir,
@@ -231,6 +231,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/machines/{id}/keepalive", post(machines::keepalive))
         .route("/machines/{id}/pty", get(pty::pty))
         .route("/machines/{id}/wait", get(machines::wait))
+        .route("/machines/{id}/children", get(machines::children))
         .route("/machines/{id}/logs", get(machines::logs))
         .route("/machines/{id}/network", get(machines::network))
         .route("/machines/{id}/stats", get(machines::stats))
@@ -297,6 +298,7 @@ mod tests {
             ("/machines/{id}/keepalive", &["post"]),
             ("/machines/{id}/pty", &["get"]),
             ("/machines/{id}/wait", &["get"]),
+            ("/machines/{id}/children", &["get"]),
             ("/machines/{id}/logs", &["get"]),
             ("/machines/{id}/network", &["get"]),
             ("/machines/{id}/stats", &["get"]),

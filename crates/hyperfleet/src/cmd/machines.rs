@@ -78,8 +78,22 @@ enum MachinesCommand {
         registry_user: Option<String>,
         #[command(flatten)]
         settings: Settings,
+        /// Let the machine create this many child machines from inside (with --spawn-max-vcpu and
+        /// --spawn-max-mem: quotas over all its children).
+        #[arg(long = "spawn-max-children", requires_all = ["spawn_max_vcpu", "spawn_max_mem"])]
+        spawn_max_children: Option<i64>,
+        /// Total vCPUs of the machine's children.
+        #[arg(long = "spawn-max-vcpu", requires = "spawn_max_children")]
+        spawn_max_vcpu: Option<i64>,
+        /// Total memory of the machine's children (MiB).
+        #[arg(long = "spawn-max-mem", requires = "spawn_max_children")]
+        spawn_max_mem: Option<i64>,
         #[arg(long)]
         start: bool,
+    },
+    /// List the child machines a machine created from inside.
+    Children {
+        id: String,
     },
     /// List machines.
     List {
@@ -338,6 +352,9 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             restart,
             registry_user,
             settings,
+            spawn_max_children,
+            spawn_max_vcpu,
+            spawn_max_mem,
             start,
         } => {
             let network = (!dns.is_empty() || egress.is_some()).then(|| -> anyhow::Result<NetworkOptions> {
@@ -372,6 +389,12 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                 idle_timeout_seconds: settings.idle_timeout,
                 idle_max_connection_seconds: settings.idle_max_connection,
                 auto_start: settings.auto_start,
+                spawn: spawn_max_children.map(|n| hyperfleet_types::SpawnRequest {
+                    max_children: Some(n),
+                    max_vcpu: spawn_max_vcpu,
+                    max_mem_mib: spawn_max_mem,
+                }),
+                inherit_env: None,
             };
             let mut m = hf.create_machine(&req).await?;
             if m.image_status.is_some() && out == Output::Table {
@@ -392,6 +415,14 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             }
         }
         MachinesCommand::Get { id } => print_one(out, &hf.get_machine(&id).await?)?,
+        MachinesCommand::Children { id } => {
+            let list = hf.machine_children(&id).await?;
+            if out == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_machines(out, &list.machines)?;
+            }
+        }
         MachinesCommand::Start { id } => print_one(out, &hf.start_machine(&id).await?)?,
         MachinesCommand::Stop { id } => print_one(out, &hf.stop_machine(&id).await?)?,
         MachinesCommand::Restart { id } => print_one(out, &hf.restart_machine(&id).await?)?,

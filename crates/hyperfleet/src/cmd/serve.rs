@@ -68,7 +68,7 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
     let dns = HostNetwork::dns_default(network.dns.as_ref())
         .await
         .map_err(|m| anyhow::anyhow!("invalid HYPERFLEET_DNS: {m}"))?;
-    let net = HostNetwork::new(network)?;
+    let net = HostNetwork::new(network)?.with_child_api_port(settings.api.child_api_port);
     let addressing = net.addressing.clone();
     let images = std::sync::Arc::new(
         crate::machines::images::Images::new(
@@ -107,6 +107,7 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
             max_attempts: settings.store.webhook_max_attempts,
             timeout: settings.store.webhook_timeout,
         },
+        child_api_port: settings.api.child_api_port,
     };
     Ok(Service::new(store, host, addressing, policy, images))
 }
@@ -231,6 +232,20 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         pty_client_timeout: settings.files.pty_client_timeout,
     };
     let router = api::router(state);
+    if let Some(port) = api.child_api_port {
+        // Every address, as gateways come and go with machines; what it answers is decided per request
+        // (a child token, from its own machine's address) and the firewall lets only spawn machines in.
+        let addr = std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+        let child = listener::bind(addr, false)
+            .and_then(tokio::net::TcpListener::from_std)
+            .with_context(|| format!("listen on {addr} (HYPERFLEET_CHILD_API_PORT)"))?;
+        let child_limits = Limits::new(api.max_connections, api.max_connections_per_ip);
+        let child_router = router.clone();
+        tokio::spawn(listener::serve(child, child_limits, api.timeouts, shutdown_signal(), move |peer, _| {
+            TowerToHyperService::new(child_router.clone().layer(axum::Extension(api::auth::ChildPeer(peer.ip()))))
+        }));
+        info!("child API listening on {addr} (for machines with spawn, on their gateway)");
+    }
     listener::serve(listener, limits, api.timeouts, shutdown_signal(), move |_, _| {
         TowerToHyperService::new(router.clone())
     })

@@ -31,6 +31,9 @@ pub(crate) enum Error {
     WebhookNotFound(String),
     #[error("A volume named '{0}' already exists")]
     VolumeNameTaken(String),
+    /// A child token asked for something outside its tree or past its parent's quotas; the message says what.
+    #[error("{0}")]
+    Forbidden(String),
     /// The request conflicts with the current state of a volume (attached elsewhere, in use).
     #[error("{0}")]
     Conflict(String),

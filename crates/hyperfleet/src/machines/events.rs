@@ -44,6 +44,7 @@ pub(super) fn draft(kind: EventKind, m: &MachineRecord) -> Event {
         duration_ms: None,
         path: None,
         port: None,
+        parent_id: m.spec.parent_id.clone(),
     }
 }
 

@@ -151,6 +151,13 @@ impl<H: Host> Service<H> {
         Ok(rec)
     }
 
+    /// The machine's `env`, with the child API's variables for a machine with `spawn`.
+    pub(super) fn machine_env(&self, rec: &MachineRecord) -> BTreeMap<String, String> {
+        let mut env = self.spawn_env(rec);
+        env.append(&mut rec.spec.env.clone());
+        env
+    }
+
     /// The machine's secrets (read only when it has some).
     pub(super) async fn machine_secrets(&self, rec: &MachineRecord) -> Result<BTreeMap<String, String>> {
         if rec.spec.secret_names.is_empty() {
@@ -198,7 +205,7 @@ impl<H: Host> Service<H> {
         let mut plan = ExecPlan::new(req, Some(EXEC_OUTPUT_CAP))?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
-        plan.with_machine_env(&rec.spec.env, self.machine_secrets(&rec).await?);
+        plan.with_machine_env(&self.machine_env(&rec), self.machine_secrets(&rec).await?);
         plan.hold = Some(self.activity.hold(&rec.id, super::HoldKind::Command));
         self.exec_started(&rec, &mut plan).await;
         let done = self.exec_collect(&rec, &plan).await;
@@ -295,7 +302,7 @@ impl<H: Host> Service<H> {
         let mut plan = ExecPlan::new(req, None)?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
-        plan.with_machine_env(&rec.spec.env, self.machine_secrets(&rec).await?);
+        plan.with_machine_env(&self.machine_env(&rec), self.machine_secrets(&rec).await?);
         plan.hold = Some(self.activity.hold(&rec.id, super::HoldKind::Command));
         let agent = self.ready_agent(&rec, plan.timeout).await?;
         let max = self.policy.file_max_size;

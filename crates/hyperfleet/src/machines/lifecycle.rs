@@ -140,6 +140,19 @@ impl<H: Host> Service<H> {
     }
 
     pub(crate) async fn create(self: &Arc<Self>, req: CreateMachine) -> Result<Machine> {
+        self.create_as(req, None).await
+    }
+
+    /// Creates a machine; a child (`parent` set) is inserted within its parent's quotas.
+    pub(super) async fn create_as(self: &Arc<Self>, req: CreateMachine, parent: Option<String>) -> Result<Machine> {
+        if parent.is_none() && req.inherit_env.is_some() {
+            return Err(Error::Invalid(
+                "inherit_env applies to child machines (created with a machine's token)".into(),
+            ));
+        }
+        if req.spawn.is_some() && self.policy.child_api_port.is_none() {
+            return Err(Error::Invalid("spawn needs the child API, which is off (HYPERFLEET_CHILD_API_PORT=0)".into()));
+        }
         let policy = self.policy.clone();
         let auth = req.registry_auth.clone();
         let checked = req.clone();
@@ -148,6 +161,7 @@ impl<H: Host> Service<H> {
             .map_err(|e| Error::Task { what: "validate", message: e.to_string() })?
             .map_err(Error::Invalid)?;
         let mut spec = spec;
+        spec.parent_id = parent;
         spec.volumes = self.resolve_volumes(spec.volumes).await?;
         if let Some(why) = self.host.unavailable(spec.runtime) {
             return Err(Error::RuntimeUnavailable { runtime: spec.runtime, why });
@@ -158,7 +172,14 @@ impl<H: Host> Service<H> {
         let secrets = req.secrets.unwrap_or_default();
         let events = self.events.clone();
         let mut tx = self.store.write().await?;
-        let mut inserted = records::insert(&mut tx, &id, &spec, blocks).await;
+        let mut inserted = if spec.parent_id.is_some() {
+            match crate::store::children::insert_child(&mut tx, &id, &spec, blocks).await {
+                Ok(rec) => Ok(rec),
+                Err(e) => Err(super::children::child_insert_error(e)?),
+            }
+        } else {
+            records::insert(&mut tx, &id, &spec, blocks).await
+        };
         if let Ok(rec) = &inserted
             && !secrets.is_empty()
             && let Err(e) = records::set_secrets(&mut tx, &rec.id, &secrets).await
@@ -371,6 +392,7 @@ impl<H: Host> Service<H> {
                         took.lap("record");
                         info!(machine = %rec.id, pid = booted.pid, took = %took, "machine running");
                         self.monitor(running.id.clone(), booted.pid);
+                        self.issue_token(&running).await;
                         self.activity.reset(&running.id);
                         self.recheck(&running.id);
                         Ok(self.to_wire(&running))
@@ -449,6 +471,7 @@ impl<H: Host> Service<H> {
         let rec = self.transition(&rec.id, Action::Stop, Stopping, Changes::default()).await?;
         self.release_host(&rec).await;
         let stopped = self.transition(&rec.id, Action::Stop, Stopped, Changes::process_gone()).await?;
+        self.parent_ended(&stopped);
         self.activity.reset(&rec.id);
         if let Err(e) = self.firewall_change(&rec, false).await {
             warn!(machine = %rec.id, error = %e, "could not remove the machine from the firewall");
@@ -509,6 +532,10 @@ impl<H: Host> Service<H> {
                 Ok(_) | Err(Error::InvalidState { .. }) => {}
                 Err(e) => return Err(e),
             }
+        }
+        // At rest (or refused below), the parent takes no new children: its children go first.
+        if rec.spec.spawn.is_some() && (force || MachineStatus::AT_REST.contains(&rec.status)) {
+            self.delete_children(&rec.id).await?;
         }
         let rid = rec.id.clone();
         let events = self.events.clone();

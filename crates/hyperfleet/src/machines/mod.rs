@@ -19,6 +19,7 @@
 
 mod action;
 pub(crate) mod activity;
+pub(crate) mod children;
 mod error;
 mod events;
 mod guest;
@@ -82,6 +83,8 @@ pub(crate) struct Policy {
     pub metrics: bool,
     /// Webhook deliveries' retries and timeout.
     pub webhooks: webhooks::WebhookPolicy,
+    /// `HYPERFLEET_CHILD_API_PORT`: where spawn machines reach the child API on their gateway (`None`: off).
+    pub child_api_port: Option<u16>,
 }
 
 pub(crate) struct Service<H: Host = LinuxHost> {

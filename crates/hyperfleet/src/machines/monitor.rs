@@ -61,6 +61,7 @@ impl<H: Host> Service<H> {
                     } else {
                         tracing::info!(machine = %id, "{msg}; machine stopped");
                     }
+                    this.parent_ended(&failed);
                     this.release_host(&MachineRecord { pid: None, ..failed.clone() }).await;
                     if let Err(e) = this.firewall_change(&failed, false).await {
                         warn!(machine = %id, error = %e, "could not remove the machine from the firewall");

@@ -72,6 +72,7 @@ impl Addressing {
                 EgressPolicy::Deny => Egress::Deny,
                 EgressPolicy::Cidrs(c) => Egress::Only(c.clone()),
             },
+            api: m.spec.spawn.is_some(),
         }
     }
 }
@@ -87,6 +88,12 @@ pub(crate) struct HostNetwork {
 }
 
 impl HostNetwork {
+    /// Opens the child API's port to machines with `spawn` (see [`Firewall::with_child_api_port`]).
+    pub(crate) fn with_child_api_port(mut self, port: Option<u16>) -> Self {
+        self.firewall = self.firewall.with_child_api_port(port);
+        self
+    }
+
     pub(crate) fn new(settings: &NetworkSettings) -> Result<Self, NetError> {
         let subnet = settings.subnet;
         Ok(Self {

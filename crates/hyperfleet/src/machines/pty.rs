@@ -62,7 +62,7 @@ impl<H: Host> Service<H> {
         req.check()?;
         let rec = self.running(id, "open a terminal").await?;
         let slot = self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?;
-        let mut env = rec.spec.env.clone();
+        let mut env = self.machine_env(&rec);
         env.append(&mut self.machine_secrets(&rec).await?);
         let agent = self.ready_agent(&rec, AGENT_PATIENCE).await?;
         let spec = PtySpec { argv: req.command, env, cwd: req.cwd, cols: req.cols, rows: req.rows };

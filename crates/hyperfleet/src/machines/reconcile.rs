@@ -56,6 +56,8 @@ impl<H: Host> Service<H> {
                     let changes =
                         Changes { error_message: reason.map(|r| Some(r.to_string())), ..Changes::process_gone() };
                     self.transition_logged(&rec.id, Action::Reconcile, to, changes).await;
+                    // A parent that ended while the daemon was away takes its children and token with it.
+                    self.parent_ended(&rec);
                 }
             }
         }

@@ -274,6 +274,7 @@ pub(super) async fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
             max_attempts: 3,
             timeout: std::time::Duration::from_secs(5),
         },
+        child_api_port: Some(3001),
     };
     let images = Arc::new(
         super::images::Images::new(

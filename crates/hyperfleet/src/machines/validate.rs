@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use hyperfleet_types::{CreateMachine, EgressPolicy, MachineNetwork, MachineSpec};
+use hyperfleet_types::{CreateMachine, EgressPolicy, MachineNetwork, MachineSpec, SpawnLimits, SpawnRequest};
 
 use super::Policy;
 use crate::runtime::assets;
@@ -256,6 +256,29 @@ pub(super) fn asset(field: &str, given: Option<&str>, default: &Path, assets_dir
     Ok(abs.display().to_string())
 }
 
+/// Most children one machine may have at once.
+pub(super) const MAX_CHILDREN: i64 = 64;
+
+/// `spawn`: every quota given, each at least 1 (memory at least [`MIN_MEM_MIB`]), and none past what one
+/// host could give (`max_children` at most [`MAX_CHILDREN`]).
+pub(super) fn spawn(req: Option<&SpawnRequest>, limits: &Policy) -> Result<Option<SpawnLimits>, String> {
+    let Some(req) = req else { return Ok(None) };
+    let field = |name: &str, v: Option<i64>, min: i64, max: i64| -> Result<u32, String> {
+        let v = v.ok_or_else(|| format!("spawn.{name} is required"))?;
+        u32::try_from(v)
+            .ok()
+            .filter(|_| (min..=max).contains(&v))
+            .ok_or_else(|| format!("spawn.{name} must be between {min} and {max}, got {v}"))
+    };
+    let cpus = i64::from(limits.capacity.cpus.max(1));
+    let mem = i64::try_from(limits.capacity.mem_mib).unwrap_or(i64::MAX).max(MIN_MEM_MIB);
+    Ok(Some(SpawnLimits {
+        max_children: field("max_children", req.max_children, 1, MAX_CHILDREN)?,
+        max_vcpu: field("max_vcpu", req.max_vcpu, 1, cpus * MAX_CHILDREN)?,
+        max_mem_mib: field("max_mem_mib", req.max_mem_mib, MIN_MEM_MIB, (mem * MAX_CHILDREN).min(i64::from(u32::MAX)))?,
+    }))
+}
+
 pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec, String> {
     let name_val = req.name.as_deref().ok_or("name is required")?;
     name(name_val)?;
@@ -388,6 +411,8 @@ pub(crate) fn create(req: &CreateMachine, limits: &Policy) -> Result<MachineSpec
         idle_timeout_seconds: timer("idle_timeout_seconds", req.idle_timeout_seconds)?,
         idle_max_connection_seconds: timer("idle_max_connection_seconds", req.idle_max_connection_seconds)?,
         auto_start: req.auto_start.unwrap_or(false),
+        spawn: spawn(req.spawn.as_ref(), limits)?,
+        parent_id: None,
     })
 }
 
@@ -434,6 +459,7 @@ mod tests {
                     max_attempts: 3,
                     timeout: std::time::Duration::from_secs(5),
                 },
+                child_api_port: Some(3001),
             }
         }
     }
@@ -508,6 +534,46 @@ mod tests {
         assert!(err(&a, with(serde_json::Value::Object(many))).contains("at most 128"));
         let ok = create(&req(with(serde_json::json!({"LANG": "C.UTF-8", "_x1": ""}))), &a.limits()).unwrap();
         assert_eq!(ok.env.get("LANG").map(String::as_str), Some("C.UTF-8"));
+    }
+
+    #[test]
+    fn spawn_quotas_are_checked() {
+        let a = Assets::new();
+        let with = |spawn: serde_json::Value| serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64, "spawn": spawn});
+        let ok =
+            create(&req(with(serde_json::json!({"max_children": 4, "max_vcpu": 4, "max_mem_mib": 2048}))), &a.limits())
+                .unwrap();
+        assert_eq!(ok.spawn, Some(SpawnLimits { max_children: 4, max_vcpu: 4, max_mem_mib: 2048 }));
+        assert_eq!(ok.parent_id, None);
+        for (bad, msg) in [
+            (serde_json::json!({"max_vcpu": 1, "max_mem_mib": 64}), "spawn.max_children is required"),
+            (
+                serde_json::json!({"max_children": 0, "max_vcpu": 1, "max_mem_mib": 64}),
+                "spawn.max_children must be between 1 and 64",
+            ),
+            (
+                serde_json::json!({"max_children": 65, "max_vcpu": 1, "max_mem_mib": 64}),
+                "spawn.max_children must be between 1 and 64",
+            ),
+            (
+                serde_json::json!({"max_children": 1, "max_vcpu": -1, "max_mem_mib": 64}),
+                "spawn.max_vcpu must be between 1",
+            ),
+            (
+                serde_json::json!({"max_children": 1, "max_vcpu": 1, "max_mem_mib": 3}),
+                "spawn.max_mem_mib must be between 4",
+            ),
+            (
+                serde_json::json!({"max_children": 1, "max_vcpu": 1, "max_mem_mib": 1i64 << 40}),
+                "spawn.max_mem_mib must be between 4",
+            ),
+        ] {
+            let e = err(&a, with(bad.clone()));
+            assert!(e.starts_with(msg), "{bad}: {e}");
+        }
+        let no_spawn =
+            create(&req(serde_json::json!({"name": "a", "vcpu_count": 1, "mem_size_mib": 64})), &a.limits()).unwrap();
+        assert_eq!(no_spawn.spawn, None);
     }
 
     #[test]

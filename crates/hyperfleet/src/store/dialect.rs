@@ -71,6 +71,22 @@ pub(crate) fn volume_users(backend: Backend) -> &'static str {
     }
 }
 
+/// SQL for a machine's parent (`parent_id` in its spec, as text; NULL for a machine without one).
+pub(crate) fn parent_of_spec(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "json_extract(m.spec, '$.parent_id')",
+        Backend::Postgres => "(m.spec::jsonb ->> 'parent_id')",
+    }
+}
+
+/// SQL for an integer field of a machine's spec (`vcpu_count`, `mem_size_mib`).
+pub(crate) fn int_of_spec(backend: Backend, field: &'static str) -> String {
+    match backend {
+        Backend::Sqlite => format!("json_extract(m.spec, '$.{field}')"),
+        Backend::Postgres => format!("(m.spec::jsonb ->> '{field}')::bigint"),
+    }
+}
+
 pub(super) fn migrations(backend: Backend) -> &'static [&'static str] {
     match backend {
         Backend::Sqlite => SQLITE,
@@ -232,6 +248,18 @@ pub(super) const SQLITE: &[&str] = &[
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
     CREATE INDEX webhook_deliveries_by_webhook ON webhook_deliveries (webhook_id, id);
     "#,
+    // 7: child machines. A child names its parent in its spec (`parent_id`, indexed for the quota check and
+    // `GET /machines/{id}/children`); a machine with `spawn` has at most one child token while it runs,
+    // stored as its SHA-256 only (see children.rs).
+    r#"
+    CREATE INDEX machines_by_parent ON machines (json_extract(spec, '$.parent_id'))
+        WHERE json_extract(spec, '$.parent_id') IS NOT NULL;
+    CREATE TABLE child_tokens (
+        machine_id TEXT PRIMARY KEY REFERENCES machines (id) ON DELETE CASCADE,
+        token_hash BLOB NOT NULL UNIQUE,
+        created_at TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The PostgreSQL schema, step for step with [`SQLITE`] (a new migration adds an entry to both). No
@@ -324,6 +352,16 @@ pub(super) const POSTGRES: &[&str] = &[
     "",
     "",
     "",
+    // 7: child machines (see the SQLite step).
+    r#"
+    CREATE INDEX machines_by_parent ON machines ((spec::jsonb ->> 'parent_id'))
+        WHERE (spec::jsonb ->> 'parent_id') IS NOT NULL;
+    CREATE TABLE child_tokens (
+        machine_id TEXT PRIMARY KEY REFERENCES machines (id) ON DELETE CASCADE,
+        token_hash BYTEA NOT NULL UNIQUE,
+        created_at TEXT NOT NULL
+    );
+    "#,
 ];
 
 #[cfg(test)]

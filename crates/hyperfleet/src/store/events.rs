@@ -105,6 +105,7 @@ mod tests {
             duration_ms: None,
             path: None,
             port: None,
+            parent_id: None,
         }
     }
 

@@ -77,7 +77,7 @@ impl Changes {
     }
 }
 
-const SELECT: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
+pub(super) const SELECT: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
      m.updated_at, m.expires_at, m.idle_since, l.block FROM machines m JOIN leases l ON l.machine_id = m.id";
 
 const BY_ID: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
@@ -92,7 +92,7 @@ fn opt_time(t: Option<OffsetDateTime>) -> Option<String> {
     t.map(timestamp::format)
 }
 
-fn from_row(row: &AnyRow) -> StoreResult<MachineRecord> {
+pub(super) fn from_row(row: &AnyRow) -> StoreResult<MachineRecord> {
     let spec: String = col(row, "spec")?;
     let status: String = col(row, "status")?;
     let pid: Option<i64> = col(row, "pid")?;
@@ -452,6 +452,8 @@ pub(crate) mod tests {
             idle_timeout_seconds: None,
             idle_max_connection_seconds: None,
             auto_start: false,
+            spawn: None,
+            parent_id: None,
         }
     }
 

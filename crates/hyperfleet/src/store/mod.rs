@@ -10,6 +10,7 @@
 //! by the database, for every daemon sharing it.
 
 pub(crate) mod api_keys;
+pub(crate) mod children;
 pub(crate) mod dialect;
 pub(crate) mod events;
 pub(crate) mod leases;

@@ -301,6 +301,7 @@ mod tests {
             duration_ms: None,
             path: None,
             port: None,
+            parent_id: None,
         }
     }
 

@@ -39,8 +39,18 @@ pub fn assets() -> PathBuf {
     dir.canonicalize().unwrap()
 }
 
+/// A port free on every address now and never handed out before by this process: the tests of one binary
+/// start daemons in parallel, and a port just closed here can come back from the kernel at once.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -70,6 +80,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub proxy_port: u16,
+    /// `HYPERFLEET_CHILD_API_PORT` (every address; machines with `spawn` reach it on their gateway).
+    pub child_port: u16,
     pub key: String,
     pub client: Client,
     pub tap_prefix: String,
@@ -86,7 +98,7 @@ impl Daemon {
         let tag = format!("{:x}", (pid & 0xfff) * 64 + n);
         let dir = tempfile::tempdir().unwrap();
         let assets = assets();
-        let (port, proxy_port) = (free_port(), free_port());
+        let (port, proxy_port, child_port) = (free_port(), free_port(), free_port());
         let subnet = match opts.prefix_len {
             p if p >= 24 => format!("10.{}.{}.0/{p}", 100 + n, pid % 250),
             p => format!("10.{}.0.0/{p}", 100 + n),
@@ -97,6 +109,7 @@ impl Daemon {
         let mut env: Vec<(String, String)> = vec![
             ("PORT".into(), port.to_string()),
             ("PROXY_PORT".into(), proxy_port.to_string()),
+            ("HYPERFLEET_CHILD_API_PORT".into(), child_port.to_string()),
             ("HYPERFLEET_BIND_ADDRESS".into(), "127.0.0.1".into()),
             ("DATABASE_PATH".into(), d.join("hyperfleet.db").display().to_string()),
             ("HYPERFLEET_DATA_DIR".into(), d.join("machines").display().to_string()),
@@ -122,6 +135,7 @@ impl Daemon {
             dir,
             port,
             proxy_port,
+            child_port,
             key: String::new(),
             client: Client::new("http://127.0.0.1:1", None),
             tap_prefix,
