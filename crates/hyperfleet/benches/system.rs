@@ -1110,6 +1110,9 @@ async fn bench_images(r: &mut Report) {
         c.delete_machine(&m.id, true).await.unwrap();
         c.delete_image(&digest).await.unwrap();
     }
+    for l in d.logs().lines().filter(|l| l.contains("image root built") || l.contains("image pulled and converted")) {
+        eprintln!("images: {l}");
+    }
     // Cached: the image pulled once, then create → running and create → first exec.
     c.pull_image(&PullImage { image: image.clone(), registry_auth: None }).await.unwrap();
     let (mut to_running, mut to_exec) = (Vec::new(), Vec::new());

@@ -55,6 +55,8 @@ struct State {
     machines: HashMap<String, Arc<Mutex<PullState>>>,
     /// Per machine: credentials until its image is cached.
     creds: HashMap<String, Credentials>,
+    /// Converted images not yet synced to disk: left out of `index.json` until they are.
+    unsynced: HashSet<String>,
     /// Layers of pulls under way, and how many pulls use each.
     pulling: HashMap<String, usize>,
     /// Manifests and configs resolved at create, so the pull that follows does not fetch them again.
@@ -67,6 +69,8 @@ pub(crate) struct Images {
     cap_bytes: u64,
     puller: Puller,
     state: Mutex<State>,
+    /// Held while `index.json` is written.
+    saving: Mutex<()>,
 }
 
 /// Why an image could not be had; the API maps each kind to its status.
@@ -140,14 +144,22 @@ impl Images {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let index =
+        let index: BTreeMap<String, Entry> =
             index.into_iter().filter(|(d, _)| dir.join("roots").join(format!("{}.ext4", hex(d))).exists()).collect();
+        // Roots the index does not name: converted just before a crash, never synced.
+        let named: HashSet<String> = index.keys().map(|d| format!("{}.ext4", hex(d))).collect();
+        for e in std::fs::read_dir(dir.join("roots"))?.flatten() {
+            if !named.contains(&*e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Ok(Self {
             dir,
             agent,
             cap_bytes,
             puller: Puller::new(registries),
             state: Mutex::new(State { index, ..State::default() }),
+            saving: Mutex::new(()),
         })
     }
 
@@ -163,10 +175,17 @@ impl Images {
         self.dir.join("roots").join(format!("{}.ext4", hex(digest)))
     }
 
-    fn save_index(&self, index: &BTreeMap<String, Entry>) {
+    /// Writes `index.json` from the index in memory, leaving out the roots not yet on disk for sure (see
+    /// [`Self::pull`]). One save at a time, each of the state at its own time.
+    fn save_index(&self) {
+        let _one = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let index: BTreeMap<String, Entry> = {
+            let s = self.lock();
+            s.index.iter().filter(|(d, _)| !s.unsynced.contains(*d)).map(|(d, e)| (d.clone(), e.clone())).collect()
+        };
         let path = self.dir.join("index.json");
         let tmp = self.dir.join("index.json.tmp");
-        let res = serde_json::to_vec_pretty(index)
+        let res = serde_json::to_vec_pretty(&index)
             .map_err(std::io::Error::other)
             .and_then(|b| std::fs::write(&tmp, b))
             .and_then(|()| std::fs::rename(&tmp, &path));
@@ -285,7 +304,7 @@ impl Images {
     /// The image `image` (resolved to `digest`), pulled and converted if it is not cached: one pull per
     /// digest however many callers ask at once. `machine` (if any) shows the pull's progress.
     pub(crate) async fn ensure(
-        &self,
+        self: &Arc<Self>,
         image: &str,
         digest: &str,
         creds: Option<Credentials>,
@@ -325,7 +344,7 @@ impl Images {
     }
 
     async fn pull(
-        &self,
+        self: &Arc<Self>,
         image: &str,
         digest: &str,
         creds: Option<Credentials>,
@@ -380,10 +399,18 @@ impl Images {
             if !e.references.contains(&r.whole()) {
                 e.references.push(r.whole());
             }
-            let index = s.index.clone();
-            drop(s);
-            self.save_index(&index);
+            s.unsynced.insert(digest.to_string());
         }
+        // mkfs did not sync the image (see rootfs.rs): it goes to disk off the pull's path, and only then
+        // does index.json name it, so after a power loss the cache never holds a torn image.
+        let (this, root, d) = (self.clone(), out.clone(), digest.to_string());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = std::fs::File::open(&root).and_then(|f| f.sync_all()) {
+                warn!(path = %root.display(), error = %e, "could not sync a converted image");
+            }
+            this.lock().unsynced.remove(&d);
+            this.save_index();
+        });
         info!(
             image,
             digest,
@@ -536,9 +563,8 @@ impl Images {
             }
         }
         let _ = std::fs::remove_file(self.root_path(digest));
-        let index = s.index.clone();
         drop(s);
-        self.save_index(&index);
+        self.save_index();
         Ok(true)
     }
 
