@@ -739,3 +739,62 @@ async fn a_pull_cut_by_a_daemon_crash_resumes_or_shows_its_failure() {
         c.delete_machine(id, true).await.unwrap();
     }
 }
+
+#[ignore = "needs root: the daemon's host networking"]
+#[tokio::test]
+async fn the_cli_manages_the_cache_and_the_cap_evicts_the_least_recently_used() {
+    let reg = Registry::start(None).await;
+    // Three images of about 17 MiB in the cache each (a compressed layer and a sparse root); the cap holds two.
+    let image = |seed: u8| Image {
+        layers: vec![layer(tar(&[Entry::File("fill", vec![seed; 16 << 20], 0o644)]), Compression::Gzip)],
+        config: json!({}),
+        docker: false,
+    };
+    let mut refs = Vec::new();
+    for (i, name) in ["one", "two", "three"].into_iter().enumerate() {
+        reg.push(name, "v1", &image(u8::try_from(i).unwrap() + 1)).await;
+        refs.push(format!("{}/{name}:v1", reg.addr));
+    }
+    let mut opts = daemon_opts(&reg);
+    opts.env.push(("HYPERFLEET_IMAGE_CACHE_MIB".into(), "40".into()));
+    let d = Daemon::start(opts).await;
+    let cli = |args: &[&str]| {
+        let out = d.command().args(args).env("HYPERFLEET_URL", d.url()).env("HYPERFLEET_API_KEY", &d.key).output();
+        let out = out.unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), stdout.into_owned(), stderr.into_owned())
+    };
+
+    // `images pull` prints the digest; `images ls` lists it with its reference.
+    let (code, one, err) = cli(&["images", "pull", &refs[0]]);
+    assert_eq!(code, Some(0), "{err}");
+    let one = one.trim().to_string();
+    assert!(one.starts_with("sha256:"), "{one}");
+    let (code, two, err) = cli(&["images", "pull", &refs[1]]);
+    assert_eq!(code, Some(0), "{err}");
+    let two = two.trim().to_string();
+    let (_, ls, _) = cli(&["images", "ls"]);
+    assert!(ls.contains("DIGEST") && ls.contains(&refs[0]) && ls.contains(&refs[1]), "{ls}");
+    let sizes: Vec<u64> = d.client.list_images().await.unwrap().images.iter().map(|i| i.size_bytes).collect();
+    assert!(sizes.iter().all(|s| *s > 16 << 20) && sizes.iter().sum::<u64>() <= 40 << 20, "{sizes:?}");
+
+    // Using the first makes the second the least recently used: the third pull evicts the second.
+    let m = d.client.create_machine(&CreateMachine { image: Some(refs[0].clone()), ..machine("keeps-one") }).await;
+    let m = m.unwrap();
+    d.client.delete_machine(&m.id, true).await.unwrap();
+    let (code, three, err) = cli(&["images", "pull", &refs[2]]);
+    assert_eq!(code, Some(0), "{err}");
+    let cached: Vec<String> = d.client.list_images().await.unwrap().images.into_iter().map(|i| i.digest).collect();
+    assert!(cached.contains(&one) && cached.contains(&three.trim().to_string()), "{cached:?}");
+    assert!(!cached.contains(&two), "the least recently used image was evicted: {cached:?}");
+
+    // `images rm` removes one; a second time it is a 404, which the CLI reports as a failure.
+    let (code, _, err) = cli(&["images", "rm", &one]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = cli(&["images", "rm", &one]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("not in the cache"), "{err}");
+    let (_, ls, _) = cli(&["images", "ls", "--output", "json"]);
+    let ls: serde_json::Value = serde_json::from_str(&ls).unwrap_or_else(|e| panic!("{e}: {ls}"));
+    assert_eq!(ls["images"].as_array().unwrap().len(), 1, "{ls}");
+}
