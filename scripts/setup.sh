@@ -14,9 +14,16 @@ log() { printf '\n==> %s\n' "$*" >&2; }
 
 packages=(nftables runc busybox-static iproute2 e2fsprogs util-linux wrk curl ca-certificates python3-pip
           python3-venv build-essential bc bison flex libelf-dev libssl-dev dwarves xz-utils patch tmux
-          chromium chromium-driver docker-registry apache2-utils skopeo umoci openssl eatmydata)
+          chromium chromium-driver docker-registry apache2-utils skopeo umoci openssl eatmydata
+          dropbear-bin openssh-client postgresql)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+# The store tests start throwaway PostgreSQL clusters of their own: the package need not make and start a
+# system-wide one (an existing installation keeps its clusters; this only applies to clusters made from now on).
+if ! dpkg -s postgresql >/dev/null 2>&1; then
+  mkdir -p /etc/postgresql-common/createcluster.d
+  echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/hyperfleet-no-main.conf
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

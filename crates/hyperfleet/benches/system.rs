@@ -208,59 +208,26 @@ async fn bench_concurrent_creates(r: &mut Report) {
     );
 }
 
-fn bench_ipam(r: &mut Report) {
+async fn bench_ipam(r: &mut Report) {
     use hyperfleet::testing::machine_rows::insert;
-    use hyperfleet_types::{MachineNetwork, MachineSpec};
     let dir = tempfile::tempdir().unwrap();
-    let store = hyperfleet::testing::Store::open(&dir.path().join("ipam.db")).unwrap();
+    let store = hyperfleet::testing::Store::open_file(&dir.path().join("ipam.db")).await.unwrap();
     let blocks = 16_384u32;
-    let new = |i: u32| MachineSpec {
-        name: format!("n{i}"),
-        runtime: RuntimeKind::Container,
-        vcpu_count: 1,
-        mem_size_mib: 64,
-        kernel_image_path: "k".into(),
-        kernel_args: String::new(),
-        rootfs_path: "r".into(),
-        exposed_ports: vec![],
-        network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
-        env: Default::default(),
-        image: None,
-        image_digest: None,
-        image_size_mib: None,
-        entrypoint: None,
-        cmd: None,
-        restart_policy: Default::default(),
-        volumes: vec![],
-        disk_size_mib: 0,
-        secret_names: vec![],
-        labels: Default::default(),
-        ttl_seconds: None,
-        on_ttl: Default::default(),
-        idle_timeout_seconds: None,
-        idle_max_connection_seconds: None,
-        auto_start: false,
-    };
+    let new = |i: u32| bench_spec(format!("n{i}"));
     let t = Instant::now();
-    store
-        .call_blocking(|c| {
-            for i in 0..blocks {
-                assert_eq!(insert(c, &format!("id{i}"), &new(i), blocks).unwrap().block, i);
-            }
-            Ok(())
-        })
-        .unwrap();
+    for i in 0..blocks {
+        let mut tx = store.write().await.unwrap();
+        assert_eq!(insert(&mut tx, &format!("id{i}"), &new(i), blocks).await.unwrap().block, i);
+        tx.commit().await.unwrap();
+    }
     let lease = t.elapsed();
-    let full = store.call_blocking(|c| Ok(insert(c, "full", &new(blocks), blocks).is_err())).unwrap();
+    let full = insert(&mut store.write().await.unwrap(), "full", &new(blocks), blocks).await.is_err();
     let t = Instant::now();
-    store
-        .call_blocking(|c| {
-            for i in 0..blocks {
-                hyperfleet::testing::machine_rows::delete(c, &format!("id{i}"), &[MachineStatus::Pending])?;
-            }
-            Ok(())
-        })
-        .unwrap();
+    for i in 0..blocks {
+        let mut tx = store.write().await.unwrap();
+        hyperfleet::testing::machine_rows::delete(&mut tx, &format!("id{i}"), &[MachineStatus::Pending]).await.unwrap();
+        tx.commit().await.unwrap();
+    }
     let free = t.elapsed();
     r.section(
         "IPAM",
@@ -287,6 +254,153 @@ fn bench_ipam(r: &mut Report) {
                 "-".into(),
                 if full { "refused (IP_POOL_EXHAUSTED)".into() } else { "ACCEPTED (bug)".into() },
                 "-".into(),
+            ],
+        ],
+    );
+}
+
+/// A machine spec for store benchmarks.
+fn bench_spec(name: String) -> hyperfleet_types::MachineSpec {
+    use hyperfleet_types::{MachineNetwork, MachineSpec};
+    MachineSpec {
+        name,
+        runtime: RuntimeKind::Container,
+        vcpu_count: 1,
+        mem_size_mib: 64,
+        kernel_image_path: "k".into(),
+        kernel_args: String::new(),
+        rootfs_path: "r".into(),
+        exposed_ports: vec![],
+        network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
+        env: Default::default(),
+        image: None,
+        image_digest: None,
+        image_size_mib: None,
+        entrypoint: None,
+        cmd: None,
+        restart_policy: Default::default(),
+        volumes: vec![],
+        disk_size_mib: 0,
+        secret_names: vec![],
+        labels: Default::default(),
+        ttl_seconds: None,
+        on_ttl: Default::default(),
+        idle_timeout_seconds: None,
+        idle_max_connection_seconds: None,
+        auto_start: false,
+    }
+}
+
+/// Store operations behind POST /machines and GET /machines/{id}, one client, on `store`: (creates/s, gets/s).
+async fn store_ops(store: &hyperfleet::testing::Store, n: u32) -> (f64, f64) {
+    use hyperfleet::testing::machine_rows::{delete, get, insert};
+    let t = Instant::now();
+    for i in 0..n {
+        let mut tx = store.write().await.unwrap();
+        insert(&mut tx, &format!("sid{i}"), &bench_spec(format!("s{i}")), 65_536).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let creates = f64::from(n) / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for i in 0..n {
+        let mut c = store.read().await.unwrap();
+        assert!(get(&mut c, &format!("sid{i}")).await.unwrap().is_some());
+    }
+    let gets = f64::from(n) / t.elapsed().as_secs_f64();
+    for i in 0..n {
+        let mut tx = store.write().await.unwrap();
+        delete(&mut tx, &format!("sid{i}"), &[MachineStatus::Pending]).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    (creates, gets)
+}
+
+async fn bench_database(r: &mut Report) {
+    use hyperfleet::testing::{Durability, Location, PgCluster, Store};
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = PgCluster::start(pg_dir.path(), Durability::LikeSqliteWal).unwrap();
+    let url = pg.url("postgres");
+
+    // The store alone, one client, no HTTP.
+    let sqlite_dir = tempfile::tempdir().unwrap();
+    let lite = Store::open_file(&sqlite_dir.path().join("bench.db")).await.unwrap();
+    let pgs = Store::open(&Location::Postgres(url.clone())).await.unwrap();
+    const N: u32 = 2000;
+    let (lite_ops, pg_ops) = (store_ops(&lite, N).await, store_ops(&pgs, N).await);
+    lite.close().await;
+    pgs.close().await;
+
+    // The daemon over HTTP: one on each backend, running side by side, measured alternately.
+    let sqlite = Daemon::start(Options { prefix_len: 16, ..Default::default() }).await;
+    let postgres = Daemon::start(Options {
+        prefix_len: 16,
+        env: vec![("DATABASE_URL".into(), url.clone())],
+        ..Default::default()
+    })
+    .await;
+    let target_s = sqlite.client.create_machine(&machine("bench-target")).await.unwrap();
+    let target_p = postgres.client.create_machine(&machine("bench-target")).await.unwrap();
+    let (mut get_s, mut get_p) = (Wrk::none(), Wrk::none());
+    for _ in 0..API_ROUNDS {
+        get_s = get_s.best(wrk_get_machine(&sqlite, &target_s.id));
+        get_p = get_p.best(wrk_get_machine(&postgres, &target_p.id));
+    }
+    let post = |d: &Daemon| {
+        let script = d.dir.path().join("post.lua");
+        std::fs::write(
+            &script,
+            format!(
+                "counter = 0\nrequest = function()\n  counter = counter + 1\n  local body = string.format('{{\"name\":\"w%d-%d\",\"vcpu_count\":1,\"mem_size_mib\":64}}', math.random(1000000000), counter)\n  return wrk.format('POST', '/machines', {{['Authorization'] = 'Bearer {}', ['Content-Type'] = 'application/json'}}, body)\nend\n",
+                d.key
+            ),
+        )
+        .unwrap();
+        wrk(&format!("{}/machines", d.url()), 8, None, Some(&script))
+    };
+    let (post_s, post_p) = (post(&sqlite), post(&postgres));
+    let load = load_average();
+    drop(postgres);
+    drop(sqlite);
+    drop(pg);
+
+    r.section(
+        "Database backends",
+        &format!(
+            "The same daemon and store on SQLite (file, WAL, `synchronous=NORMAL`) and on PostgreSQL 15 (a local \
+             cluster over loopback TCP, `synchronous_commit=off`: the same durability promise as SQLite's WAL \
+             mode, fsync on), in the same run. Store: one client, {N} creates (machine row + lease + write lock \
+             in one transaction, committed) then {N} gets by id. HTTP: wrk as in \"API throughput\" (GETs \
+             alternate for {API_ROUNDS} rounds, best shown; one POST round each), both daemons running side by \
+             side. Load average at the end: {load}."
+        ),
+    );
+    let ratio = |p: f64, s: f64| if s > 0.0 { format!("{:.2}×", p / s) } else { "?".into() };
+    r.table(
+        &["operation", "SQLite", "PostgreSQL", "PostgreSQL / SQLite"],
+        vec![
+            vec![
+                "store: create (1 client)".into(),
+                format!("{:.0}/s", lite_ops.0),
+                format!("{:.0}/s", pg_ops.0),
+                ratio(pg_ops.0, lite_ops.0),
+            ],
+            vec![
+                "store: get by id (1 client)".into(),
+                format!("{:.0}/s", lite_ops.1),
+                format!("{:.0}/s", pg_ops.1),
+                ratio(pg_ops.1, lite_ops.1),
+            ],
+            vec![
+                "HTTP GET /machines/{id} (32 conns)".into(),
+                format!("{:.0}/s (p50 {}, p99 {})", get_s.rps, get_s.p50, get_s.p99),
+                format!("{:.0}/s (p50 {}, p99 {})", get_p.rps, get_p.p50, get_p.p99),
+                ratio(get_p.rps, get_s.rps),
+            ],
+            vec![
+                "HTTP POST /machines (8 conns)".into(),
+                format!("{:.0}/s (p50 {}, p99 {})", post_s.rps, post_s.p50, post_s.p99),
+                format!("{:.0}/s (p50 {}, p99 {})", post_p.rps, post_p.p50, post_p.p99),
+                ratio(post_p.rps, post_s.rps),
             ],
         ],
     );
@@ -707,11 +821,106 @@ async fn bench_proxy(r: &mut Report) {
     );
 }
 
+/// An image with Debian's dropbear (and the glibc it links against, copied from the host) on top of busybox:
+/// the `ssh -tt` reference of the terminal benchmark. `authorized` is the client's public key line.
+fn dropbear_image(authorized: &str) -> common::oci::Image {
+    use common::oci::{Compression, Entry, Image, busybox_layer, layer, tar};
+    let dropbear = "/usr/sbin/dropbear";
+    let ldd = Command::new("ldd").arg(dropbear).output().expect("ldd");
+    let libs: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(str::to_string))
+        .collect();
+    assert!(libs.iter().any(|l| l.contains("libc.so")), "ldd {dropbear}: {libs:?}");
+    let read = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let files: Vec<(String, Vec<u8>)> = std::iter::once(dropbear.to_string())
+        .chain(libs)
+        .map(|p| (p.trim_start_matches('/').to_string(), read(&p)))
+        .collect();
+    let mut entries = vec![
+        Entry::Dir("usr/"),
+        Entry::Dir("usr/sbin/"),
+        Entry::Dir("lib/"),
+        Entry::Dir("lib/x86_64-linux-gnu/"),
+        Entry::Dir("lib64/"),
+        Entry::Dir("etc/dropbear/"),
+        Entry::File("etc/shells", b"/bin/sh\n".to_vec(), 0o644),
+        Entry::Dir("root/"),
+        Entry::Dir("root/.ssh/"),
+        Entry::File("root/.ssh/authorized_keys", authorized.as_bytes().to_vec(), 0o600),
+    ];
+    entries.extend(files.iter().map(|(p, b)| Entry::File(p, b.clone(), 0o755)));
+    Image {
+        layers: vec![busybox_layer(Compression::Gzip), layer(tar(&entries), Compression::Gzip)],
+        // Foreground, log to stderr, host keys made at first use, public-key logins only.
+        config: json!({"Env": ["PATH=/bin:/usr/sbin"], "Entrypoint": [dropbear, "-F", "-E", "-R", "-s", "-p", "2222"]}),
+        docker: false,
+    }
+}
+
+/// Keystroke echo through `ssh -tt` (OpenSSH client) to `cat` under dropbear in the guest: `n` samples after
+/// 20 warm-up keystrokes.
+fn ssh_keystrokes(key: &Path, guest: std::net::Ipv4Addr, n: usize) -> Vec<Duration> {
+    use std::io::{Read, Write};
+    let mut ssh = Command::new("ssh")
+        .args(["-tt", "-q", "-p", "2222", "-i"])
+        .arg(key)
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+        .arg(format!("root@{guest}"))
+        .arg("cat")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh (openssh-client)");
+    let (mut stdin, mut stdout) = (ssh.stdin.take().unwrap(), ssh.stdout.take().unwrap());
+    let mut samples = Vec::new();
+    let mut buf = [0u8; 256];
+    for i in 0..n + 20 {
+        let t = Instant::now();
+        stdin.write_all(&[b'a' + u8::try_from(i % 26).unwrap()]).unwrap();
+        stdin.flush().unwrap();
+        assert!(stdout.read(&mut buf).unwrap() > 0, "ssh ended");
+        if i >= 20 {
+            samples.push(t.elapsed());
+        }
+    }
+    drop(stdin);
+    // Our own child, by its PID.
+    let _ = ssh.kill();
+    let _ = ssh.wait();
+    samples
+}
+
 async fn bench_interactive(r: &mut Report) {
     use futures::{SinkExt, StreamExt};
     use hyperfleet_client::{PtyMessage, PtyOptions};
     use tokio_tungstenite::tungstenite::Message;
+    const KEYS: usize = 280;
     let d = Daemon::start(Options::default()).await;
+    let reg = common::oci::Registry::start(None).await;
+    // The `ssh -tt` reference: dropbear as the main process of a machine made from an image.
+    let keydir = tempfile::tempdir().unwrap();
+    let key = keydir.path().join("id");
+    let keygen = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status();
+    assert!(keygen.expect("ssh-keygen (openssh-client)").success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    reg.push("bench/dropbear", "v1", &dropbear_image(&public)).await;
+    let image = |name: &str| format!("{}/bench/{name}:v1", reg.addr);
+    let sshd = running(
+        &d,
+        CreateMachine { image: Some(image("dropbear")), exposed_ports: Some(vec![2222]), ..machine("sshd") },
+    )
+    .await;
+    let addr = std::net::SocketAddr::from((sshd.guest_ip, 2222));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "dropbear did not listen in the guest");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let guest = sshd.guest_ip;
+    let mut ssh = tokio::task::spawn_blocking(move || ssh_keystrokes(&key, guest, KEYS)).await.unwrap();
+
     let req = CreateMachine { exposed_ports: Some(vec![8080]), auto_start: Some(true), ..machine("interactive") };
     let m = running(&d, req).await;
     let bin = std::fs::read(common::assets().join("bin/hyperfleet-testd")).unwrap();
@@ -722,7 +931,7 @@ async fn bench_interactive(r: &mut Report) {
     let opts = PtyOptions { command: vec!["cat".into()], ..Default::default() };
     let mut ws = d.client.pty(&m.id, &opts).await.unwrap();
     let mut keys = Vec::new();
-    for i in 0..300u16 {
+    for i in 0..KEYS + 20 {
         let t = Instant::now();
         let key = b'a' + u8::try_from(i % 26).unwrap();
         ws.send(PtyMessage::Binary(vec![key].into())).await.unwrap();
@@ -736,13 +945,13 @@ async fn bench_interactive(r: &mut Report) {
         }
     }
     drop(ws);
-    // Reference in the same run: a WebSocket echo server in the same guest, through the same proxy.
+    // A second reference in the same run: a WebSocket echo server in the same guest, through the same proxy.
     let (mut echo, _) =
         tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/proxy/{}/8080/ws", d.proxy_port, m.id))
             .await
             .unwrap();
     let mut refs = Vec::new();
-    for i in 0..300 {
+    for i in 0..KEYS + 20 {
         let t = Instant::now();
         echo.send(Message::Binary(vec![b'a'].into())).await.unwrap();
         while !matches!(echo.next().await, Some(Ok(Message::Binary(_)))) {}
@@ -751,9 +960,9 @@ async fn bench_interactive(r: &mut Report) {
         }
     }
     drop(echo);
+    let http = reqwest::Client::new();
     // Wake from paused: the first request through the proxy, against resume + the same request.
     let url = format!("{}/proxy/{}/8080/headers", d.proxy_url(), m.id);
-    let http = reqwest::Client::new();
     let (mut wake, mut plain) = (Vec::new(), Vec::new());
     for _ in 0..10 {
         d.client.pause_machine(&m.id).await.unwrap();
@@ -766,29 +975,60 @@ async fn bench_interactive(r: &mut Report) {
         assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
         plain.push(t.elapsed());
     }
+    // Wake from stopped: a machine whose image serves HTTP as its main process (busybox httpd), so a start
+    // brings the service back; against `POST /start` then polling the same URL until it answers.
+    let web = CreateMachine {
+        image: Some(image("web")),
+        exposed_ports: Some(vec![8080]),
+        auto_start: Some(true),
+        ..machine("web")
+    };
+    let web_image = common::oci::Image {
+        layers: vec![common::oci::busybox_layer(common::oci::Compression::Gzip)],
+        config: json!({"Env": ["PATH=/bin"], "Cmd": ["httpd", "-f", "-p", "8080", "-h", "/www"]}),
+        docker: false,
+    };
+    reg.push("bench/web", "v1", &web_image).await;
+    let w = running(&d, web).await;
+    let url = format!("{}/proxy/{}/8080/", d.proxy_url(), w.id);
+    let (mut cold, mut cold_plain) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        d.client.stop_machine(&w.id).await.unwrap();
+        let t = Instant::now();
+        assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+        cold.push(t.elapsed());
+        d.client.stop_machine(&w.id).await.unwrap();
+        let t = Instant::now();
+        d.client.start_machine(&w.id).await.unwrap();
+        while !http.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        cold_plain.push(t.elapsed());
+    }
     r.section(
         "Terminal and wake on request",
-        "A terminal (`GET /machines/{id}/pty`) to `cat` in a container guest: one keystroke sent, its echo received \
-         (280 samples after 20 warm-up). The reference in the same run is a WebSocket echo server in the same guest \
-         reached through the proxy (the `ssh -tt` to dropbear reference of the issue is not measured: Debian's \
-         dropbear is linked against glibc and this busybox guest has no libc). Wake: an `auto_start` machine paused, \
-         then the first proxied request (resume + serve), against `POST /resume` then the same request; 10 each.",
+        "A terminal (`GET /machines/{id}/pty`) to `cat` in a container guest: one keystroke sent, its echo \
+         received (280 samples after 20 warm-up). The reference in the same run is `ssh -tt` (OpenSSH client) \
+         into a container guest of the same daemon running Debian's dropbear (made from an image holding \
+         dropbear, the glibc it links against and busybox), also to `cat`; a second reference is a WebSocket \
+         echo server in the guest reached through the proxy. Wake from paused: an `auto_start` machine paused, \
+         then the first proxied request (resume + serve), against `POST /resume` then the same request. Wake \
+         from stopped: an `auto_start` machine whose image's main process is busybox `httpd`, stopped, then the \
+         first proxied request (start, wait for the port, serve), against `POST /start` then polling the same \
+         URL every 2 ms until it answers. 10 each.",
     );
+    let p = |v: &mut Vec<Duration>| (ms(pct(v, 0.5)), ms(pct(v, 0.99)));
+    let row = |name: &str, v: &mut Vec<Duration>, reference: &str, rv: &mut Vec<Duration>| {
+        let ((a, b), (c, e)) = (p(v), p(rv));
+        vec![name.to_string(), a, b, format!("{c} / {e} ({reference})")]
+    };
     r.table(
         &["measure", "p50", "p99", "reference p50 / p99"],
         vec![
-            vec![
-                "keystroke echo via /pty".into(),
-                ms(pct(&mut keys, 0.5)),
-                ms(pct(&mut keys, 0.99)),
-                format!("{} / {} (WebSocket echo via proxy)", ms(pct(&mut refs, 0.5)), ms(pct(&mut refs, 0.99))),
-            ],
-            vec![
-                "paused → first byte (wake on request)".into(),
-                ms(pct(&mut wake, 0.5)),
-                ms(pct(&mut wake, 0.99)),
-                format!("{} / {} (resume + request)", ms(pct(&mut plain, 0.5)), ms(pct(&mut plain, 0.99))),
-            ],
+            row("keystroke echo via /pty", &mut keys.clone(), "`ssh -tt` to dropbear", &mut ssh),
+            row("keystroke echo via /pty", &mut keys, "WebSocket echo via proxy", &mut refs),
+            row("paused → first byte (wake on request)", &mut wake, "resume + request", &mut plain),
+            row("stopped → first byte (wake on request)", &mut cold, "start + request", &mut cold_plain),
         ],
     );
 }
@@ -1259,6 +1499,7 @@ async fn main() {
         "observe",
         "images",
         "webhooks",
+        "database",
     ];
     if let Some(unknown) = only.iter().flatten().find(|s| !SECTIONS.contains(&s.as_str())) {
         eprintln!("HYPERFLEET_BENCH_ONLY: unknown section '{unknown}'; sections: {}", SECTIONS.join(","));
@@ -1272,7 +1513,7 @@ async fn main() {
         bench_concurrent_creates(&mut r).await;
     }
     if run("ipam") {
-        bench_ipam(&mut r);
+        bench_ipam(&mut r).await;
     }
     if run("network") {
         bench_network_setup(&mut r).await;
@@ -1297,6 +1538,9 @@ async fn main() {
     }
     if run("webhooks") {
         bench_webhooks(&mut r).await;
+    }
+    if run("database") {
+        bench_database(&mut r).await;
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
     let md = match &only {

@@ -114,9 +114,13 @@ pub struct ProxyArgs {
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Store")]
 pub struct StoreArgs {
-    /// SQLite database file; its directory must exist.
+    /// SQLite database file (the default backend); its directory must exist. Unused with DATABASE_URL.
     #[arg(long, env = "DATABASE_PATH", default_value = "./hyperfleet.db")]
     pub database_path: PathBuf,
+    /// The database as a URL: `postgres://user:password@host:5432/db` for PostgreSQL (the shared database
+    /// of a fleet), or `sqlite://PATH`. Unset: the SQLite file at DATABASE_PATH.
+    #[arg(long = "database", env = "DATABASE_URL")]
+    pub database_url: Option<String>,
     /// Machine events kept in the database for `GET /events` to resume from (`Last-Event-ID`).
     #[arg(long, env = "HYPERFLEET_EVENTS_BACKLOG", default_value_t = 10_000)]
     pub events_backlog: u64,
@@ -296,7 +300,7 @@ pub struct ProxySettings {
 
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
-    pub database_path: PathBuf,
+    pub database: crate::store::Location,
     pub events_backlog: u64,
     pub webhook_retry_base: Duration,
     pub webhook_max_attempts: u32,
@@ -529,11 +533,21 @@ impl ProxyArgs {
 
 impl StoreArgs {
     pub fn validate(&self) -> Result<StoreSettings, ConfigError> {
-        let database_path = absolute(&self.database_path);
-        let db_dir = database_path.parent().unwrap_or(Path::new("/"));
-        if !db_dir.is_dir() {
-            return Err(bad("DATABASE_PATH", format!("directory {} does not exist", db_dir.display())));
-        }
+        let (database, var) = match &self.database_url {
+            Some(url) => (crate::store::Location::parse(url).map_err(|e| bad("DATABASE_URL", e))?, "DATABASE_URL"),
+            None => (crate::store::Location::Sqlite(self.database_path.clone()), "DATABASE_PATH"),
+        };
+        let database = match database {
+            crate::store::Location::Sqlite(p) => {
+                let path = absolute(&p);
+                let dir = path.parent().unwrap_or(Path::new("/"));
+                if !dir.is_dir() {
+                    return Err(bad(var, format!("directory {} does not exist", dir.display())));
+                }
+                crate::store::Location::Sqlite(path)
+            }
+            pg => pg,
+        };
         if !(100..=10_000_000).contains(&self.events_backlog) {
             return Err(bad("HYPERFLEET_EVENTS_BACKLOG", "must be between 100 and 10000000"));
         }
@@ -547,7 +561,7 @@ impl StoreArgs {
             return Err(bad("HYPERFLEET_WEBHOOK_TIMEOUT", "must be between 1 and 300"));
         }
         Ok(StoreSettings {
-            database_path,
+            database,
             events_backlog: self.events_backlog,
             webhook_retry_base: Duration::from_millis(self.webhook_retry_base_ms),
             webhook_max_attempts: self.webhook_max_attempts,
@@ -720,6 +734,7 @@ impl FileArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Location;
     use clap::{CommandFactory, Parser};
 
     #[derive(Parser)]
@@ -749,6 +764,9 @@ mod tests {
         assert_eq!(s.runtime.jailer_uid_base, DEFAULT_JAILER_UID_BASE);
         assert_eq!(s.runtime.container_uid_base, Some(DEFAULT_CONTAINER_UID_BASE));
         assert!(s.runtime.cgroup_favordynmods);
+        assert_eq!(s.store.database, Location::Sqlite("/tmp/x.db".into()), "SQLite at DATABASE_PATH by default");
+        let pg = parse(&["--database", "postgresql://hf@127.0.0.1/hf"]).unwrap();
+        assert_eq!(pg.store.database.backend(), crate::store::Backend::Postgres);
     }
 
     #[test]
@@ -760,6 +778,8 @@ mod tests {
         assert!(parse(&["--assets-dir", "/srv/hf/assets", "--data-dir", "/srv/hf"]).is_err(), "nor contain it");
         assert!(parse(&["--assets-dir", "/srv/hf-assets", "--data-dir", "/srv/hf"]).is_ok(), "siblings are fine");
         assert!(parse(&["--database-path", "/no/such/dir/x.db"]).unwrap_err().contains("DATABASE_PATH"));
+        assert!(parse(&["--database", "mysql://db/x"]).unwrap_err().contains("DATABASE_URL"));
+        assert!(parse(&["--database", "sqlite:///no/such/dir/x.db"]).unwrap_err().contains("DATABASE_URL"));
         assert!(parse(&["--proxy-poll-interval-ms", "0"]).unwrap_err().contains("PROXY_EXPOSED_PORT_POLL_INTERVAL_MS"));
         assert!(parse(&["--subnet", "10.0.0.0/31"]).unwrap_err().contains("HYPERFLEET_SUBNET"));
         assert!(parse(&["--subnet", "nope"]).unwrap_err().contains("HYPERFLEET_SUBNET"));
@@ -805,6 +825,7 @@ mod tests {
         ("PROXY_PORT", "4100"),
         ("HYPERFLEET_BIND_ADDRESS", "127.0.0.1"),
         ("DATABASE_PATH", "/tmp/hf-env.db"),
+        ("DATABASE_URL", "postgres://hf:pw@db.test:5432/hyperfleet"),
         ("DISABLE_AUTH", "true"),
         ("PROXY_PREFIX", "/p"),
         ("PROXY_HOST_SUFFIX", ".vm.test"),
@@ -920,7 +941,7 @@ mod tests {
             (s.api.timeouts.header_read, s.api.timeouts.idle),
             (Duration::from_secs(4), Duration::from_secs(12))
         );
-        assert_eq!(s.store.database_path, p("/tmp/hf-env.db"));
+        assert_eq!(s.store.database, Location::Postgres("postgres://hf:pw@db.test:5432/hyperfleet".into()));
         assert_eq!(s.store.events_backlog, 500);
         assert_eq!(
             (s.store.webhook_retry_base, s.store.webhook_max_attempts, s.store.webhook_timeout),

@@ -18,7 +18,7 @@ pub(crate) struct Doctor {
     subnet: Subnet,
 }
 
-fn check(name: &str, ok: bool, detail: impl Into<String>, fix: Option<&str>) -> Check {
+pub(crate) fn check(name: &str, ok: bool, detail: impl Into<String>, fix: Option<&str>) -> Check {
     Check { name: name.into(), ok, detail: detail.into(), fix: if ok { None } else { fix.map(str::to_string) } }
 }
 
@@ -200,7 +200,11 @@ impl Doctor {
 
 /// Runs every check over the machines `running` (as the service lists them); returns the report text and
 /// whether all passed.
-pub(crate) async fn run(settings: &Settings, running: Option<Vec<Machine>>) -> anyhow::Result<(String, bool)> {
+pub(crate) async fn run(
+    settings: &Settings,
+    database: Check,
+    running: Option<Vec<Machine>>,
+) -> anyhow::Result<(String, bool)> {
     let doctor = Doctor::new(&settings.network)?;
     let mut out = String::new();
     let mut all_ok = true;
@@ -214,6 +218,7 @@ pub(crate) async fn run(settings: &Settings, running: Option<Vec<Machine>>) -> a
             }
         }
     };
+    section("database", &[database], &mut out);
     section("host", &doctor.host_checks(&settings.runtime).await, &mut out);
     match running {
         Some(running) => {
@@ -226,7 +231,7 @@ pub(crate) async fn run(settings: &Settings, running: Option<Vec<Machine>>) -> a
                 out.push_str("no running machines\n");
             }
         }
-        None => out.push_str(&format!("no database at {} (no machines yet)\n", settings.store.database_path.display())),
+        None => out.push_str(&format!("no machines read from the database ({})\n", settings.store.database.describe())),
     }
     Ok((out, all_ok))
 }

@@ -166,8 +166,8 @@ impl Keys {
         let key = match hit {
             Some(key) => key,
             None => {
-                let s = secret.to_string();
-                let key = Arc::new(self.store.read(move |c| api_keys::find(c, &s)).await?.ok_or(KeyError::Unknown)?);
+                let found = api_keys::find(&mut *self.store.read().await?, secret).await?;
+                let key = Arc::new(found.ok_or(KeyError::Unknown)?);
                 self.remember(hash, key.clone(), generation);
                 key
             }
@@ -206,7 +206,12 @@ impl Keys {
         touched.insert(id.to_string(), now);
         let (store, id) = (self.store.clone(), id.to_string());
         tokio::spawn(async move {
-            if let Err(e) = store.call(move |c| api_keys::touch(c, &id)).await {
+            let touched = async {
+                let mut tx = store.write().await?;
+                api_keys::touch(&mut tx, &id).await?;
+                tx.commit().await
+            };
+            if let Err(e) = touched.await {
                 tracing::warn!("record API key use: {e}");
             }
         });
@@ -216,17 +221,21 @@ impl Keys {
     pub(crate) async fn create(&self, req: CreateApiKey, by: Grantor<'_>) -> Result<NewKey, KeyError> {
         let req = validate(req, OffsetDateTime::now_utc())?;
         check_grant(by, &req)?;
-        Ok(self.store.call(move |c| api_keys::create(c, &req.name, &req.scopes, req.expires_at)).await?)
+        let mut tx = self.store.write().await?;
+        let made = api_keys::create(&mut tx, &req.name, &req.scopes, req.expires_at).await?;
+        tx.commit().await?;
+        Ok(made)
     }
 
     pub(crate) async fn list(&self) -> Result<Vec<ApiKey>, KeyError> {
-        Ok(self.store.read(api_keys::list).await?)
+        Ok(api_keys::list(&mut *self.store.read().await?).await?)
     }
 
     /// Revokes a key; requests with it fail from now on (in this process; see [`CACHE_TTL`] for others).
     pub(crate) async fn revoke(&self, id: &str) -> Result<ApiKey, KeyError> {
-        let key = id.to_string();
-        let revoked = self.store.call(move |c| api_keys::revoke(c, &key)).await?;
+        let mut tx = self.store.write().await?;
+        let revoked = api_keys::revoke(&mut tx, id).await?;
+        tx.commit().await?;
         self.forget(id);
         revoked.ok_or_else(|| KeyError::NotFound(id.to_string()))
     }
@@ -235,7 +244,7 @@ impl Keys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::temp_store;
+    use crate::store::testing::TestDb;
 
     fn at(s: &str) -> OffsetDateTime {
         timestamp::parse(s).unwrap()
@@ -319,7 +328,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_cache_serves_steady_clients_and_forgets_revoked_keys() {
-        let (_d, store) = temp_store();
+        let db = TestDb::sqlite().await;
+        let store = db.store.clone();
         let keys = Keys::new(store.clone());
         let made = keys
             .create(
@@ -331,7 +341,9 @@ mod tests {
         assert_eq!(keys.authenticate(&made.secret).await.unwrap().id, made.key.id);
 
         // A revoke written behind the service's back (the offline CLI) is not seen while the entry is fresh...
-        store.call_blocking(|c| api_keys::revoke(c, &made.key.id)).unwrap();
+        let mut tx = store.write().await.unwrap();
+        api_keys::revoke(&mut tx, &made.key.id).await.unwrap();
+        tx.commit().await.unwrap();
         assert!(keys.authenticate(&made.secret).await.is_ok(), "served from the cache");
         // ...until it is stale.
         keys.cache.lock().unwrap().entries.values_mut().for_each(|c| c.loaded -= CACHE_TTL);
@@ -354,8 +366,8 @@ mod tests {
 
     #[tokio::test]
     async fn use_is_recorded_at_most_every_touch_interval() {
-        let (_d, store) = temp_store();
-        let keys = Keys::new(store);
+        let db = TestDb::sqlite().await;
+        let keys = Keys::new(db.store.clone());
         let made = keys
             .create(CreateApiKey { name: "t".into(), scopes: vec![Scope::All], expires_at: None }, Grantor::Host)
             .await
@@ -380,8 +392,8 @@ mod tests {
 
     #[tokio::test]
     async fn expiry_is_checked_on_every_cached_hit() {
-        let (_d, store) = temp_store();
-        let keys = Keys::new(store);
+        let db = TestDb::sqlite().await;
+        let keys = Keys::new(db.store.clone());
         let soon = OffsetDateTime::now_utc() + time::Duration::milliseconds(300);
         let made = keys
             .create(CreateApiKey { name: "s".into(), scopes: vec![Scope::All], expires_at: Some(soon) }, Grantor::Host)

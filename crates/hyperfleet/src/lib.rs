@@ -31,5 +31,6 @@ pub mod testing {
     pub use crate::runtime::host::{KvmKind, find_on_path};
     pub use crate::runtime::{MachineFiles, ROOTS_DIR, process};
     pub use crate::store::machines as machine_rows;
-    pub use crate::store::{Store, now};
+    pub use crate::store::pg_cluster::{Durability, PgCluster};
+    pub use crate::store::{Backend, Location, Store, now};
 }

@@ -9,12 +9,15 @@ use time::OffsetDateTime;
 
 use super::{Output, print_table};
 use crate::keys::{Grantor, KeyError, Keys};
-use crate::store::Store;
+use crate::store::{Location, Store};
 
 #[derive(Args, Debug)]
 pub struct KeysArgs {
     #[arg(long, env = "DATABASE_PATH", default_value = "./hyperfleet.db", global = true)]
     database_path: PathBuf,
+    /// The database as a URL (`postgres://…` or `sqlite://PATH`); overrides DATABASE_PATH.
+    #[arg(long = "database", env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
     #[arg(long, value_enum, default_value = "table", global = true)]
     output: Output,
     #[command(subcommand)]
@@ -71,8 +74,11 @@ fn time_or(t: Option<OffsetDateTime>, none: &str) -> String {
 /// The root user on the host may create any key (no escalation check: [`Grantor::Host`]); a revoke written
 /// here reaches a running daemon within [`crate::keys::CACHE_TTL`].
 pub(crate) async fn run(args: KeysArgs) -> anyhow::Result<i32> {
-    let db = crate::config::absolute(&args.database_path);
-    let keys = Keys::new(Store::open(&db)?);
+    let location = match &args.database_url {
+        Some(url) => Location::parse(url).map_err(anyhow::Error::msg)?,
+        None => Location::Sqlite(crate::config::absolute(&args.database_path)),
+    };
+    let keys = Keys::new(Store::open(&location).await?);
     match args.command {
         KeysCommand::Create { name, scopes, expires } => {
             let expires_at = expires.map(|e| parse_expiry(&e)).transpose().map_err(anyhow::Error::msg)?;

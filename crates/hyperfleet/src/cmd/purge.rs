@@ -6,7 +6,7 @@ use crate::store::Store;
 
 pub(crate) async fn run(args: HostArgs) -> anyhow::Result<i32> {
     let settings = args.settings()?;
-    let store = Store::open(&settings.store.database_path)?;
+    let store = Store::open(&settings.store.database).await?;
     let service = super::serve::build_service(&settings, store).await?;
     let stopped = service.purge_host().await?;
     println!(

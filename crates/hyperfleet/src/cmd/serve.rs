@@ -143,14 +143,22 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             warn!(dir = %dir.display(), "other users can enter this directory; machine data belongs in a 0700 directory");
         }
     }
-    let db = &settings.store.database_path;
-    let store = Store::open(db).with_context(|| format!("open {}", db.display()))?;
+    let db = &settings.store.database;
+    let store = Store::open(db).await.with_context(|| format!("open the database ({})", db.describe()))?;
+    info!(database = %db.describe(), "database open");
     let subnet = settings.network.subnet.to_string();
-    if let Err(msg) = store.call(move |c| leases::bind_subnet(c, &subnet)).await? {
+    let mut tx = store.write().await?;
+    if let Err(msg) = leases::bind_subnet(&mut tx, &subnet).await? {
         anyhow::bail!("invalid HYPERFLEET_SUBNET: {msg}");
     }
-    if !settings.api.disable_auth && store.call(|c| api_keys::count(c)).await? == 0 {
-        let made = store.call(|c| api_keys::create(c, "admin", &[Scope::All], None)).await?;
+    // Counted and created in one write transaction: two daemons starting on one database make one key.
+    let first_key = if !settings.api.disable_auth && api_keys::count(&mut tx).await? == 0 {
+        Some(api_keys::create(&mut tx, "admin", &[Scope::All], None).await?)
+    } else {
+        None
+    };
+    tx.commit().await?;
+    if let Some(made) = first_key {
         // Printed once, to stdout, never logged: the database keeps only its hash.
         println!(
             "\nCreated the first API key (admin, all scopes). It is shown only this once:\n\n    {}\n\n\

@@ -1,21 +1,21 @@
 //! Machine events: every change (created, each status, updated, deleted) and what happens inside a machine
-//! (exec started/finished, file written, proxy wake). Each is stored in the events backlog and broadcast, both
-//! under the database's writer lock, so ids go out in order. Listeners: long-polls (`wait`), the proxy's
-//! target cache, and `GET /events`, which resumes from the stored backlog with `Last-Event-ID`.
+//! (exec started/finished, file written, proxy wake). Each is stored in the events backlog in the transaction
+//! of the change it reports, and broadcast when that commits, in commit order. Listeners: long-polls
+//! (`wait`), the proxy's target cache, and `GET /events`, which resumes from the stored backlog with
+//! `Last-Event-ID`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyperfleet_types::{Event, EventKind, Machine, MachineStatus};
-use rusqlite::Connection;
 use tokio::sync::{Notify, broadcast};
 
 use super::{Error, Host, Result, Service};
 use crate::store::events as stored;
 pub(crate) use crate::store::events::{EventFilter, EventPage};
 use crate::store::machines::MachineRecord;
-use crate::store::{StoreResult, machines as records};
+use crate::store::{Conn, StoreResult, Write, machines as records};
 
 /// The most stored events one backlog read looks at; a resuming reader reads again for more.
 const BACKLOG_PAGE: u32 = 500;
@@ -53,39 +53,44 @@ impl Events {
     }
 
     /// [`Self::append_for`] with the labels the machine has in the store (none once it is deleted).
-    pub(super) fn append(&self, c: &Connection, event: Event) {
-        let labels = match records::get(c, &event.machine_id) {
+    pub(super) async fn append(&self, tx: &mut Write, event: Event) {
+        let labels = match records::get(tx, &event.machine_id).await {
             Ok(m) => m.map(|m| m.spec.labels).unwrap_or_default(),
             Err(e) => {
                 tracing::warn!(machine = %event.machine_id, error = %e, "could not read a machine's labels");
                 BTreeMap::new()
             }
         };
-        self.append_for(c, event, &labels);
+        self.append_for(tx, event, &labels).await;
     }
 
-    /// Stores `event`, with a delivery for each webhook it matches (the machine has `labels`), in one
-    /// transaction, and broadcasts it. Called with the writer connection, so the order of ids is the order
-    /// of broadcast. A failure to store is logged: the change it reports has happened regardless.
-    pub(super) fn append_for(&self, c: &Connection, event: Event, labels: &BTreeMap<String, String>) {
-        let stored = if c.is_autocommit() {
-            c.unchecked_transaction().map_err(Into::into).and_then(|tx| {
-                let done = self.store(&tx, &event, labels)?;
-                tx.commit()?;
-                Ok(done)
-            })
-        } else {
-            self.store(c, &event, labels)
+    /// Stores `event`, with a delivery for each webhook it matches (the machine has `labels`), in the write
+    /// transaction `tx` (in a savepoint of it), and broadcasts it once `tx` commits: so the order of ids is
+    /// the order of broadcast, and a listener that reads the machine on an event sees the change. A failure
+    /// to store is logged: the change it reports happens regardless.
+    pub(super) async fn append_for(&self, tx: &mut Write, event: Event, labels: &BTreeMap<String, String>) {
+        let stored = match tx.savepoint().await {
+            Ok(mut sp) => match self.store(&mut sp, &event, labels).await {
+                Ok(done) => sp.commit().await.map(|()| done).map_err(Into::into),
+                Err(e) => {
+                    let _ = sp.rollback().await;
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
         };
         match stored {
             Ok((e, queued)) => {
-                if queued > 0 {
-                    self.deliveries.notify_one();
-                }
-                // Sending fails only when nobody listens, which is the normal case between requests.
-                if self.tx.receiver_count() > 0 {
-                    let _ignored_when_no_listener = self.tx.send(Arc::new(e));
-                }
+                let (tx_events, deliveries) = (self.tx.clone(), self.deliveries.clone());
+                tx.after_commit(move || {
+                    if queued > 0 {
+                        deliveries.notify_one();
+                    }
+                    // Sending fails only when nobody listens, which is the normal case between requests.
+                    if tx_events.receiver_count() > 0 {
+                        let _ignored_when_no_listener = tx_events.send(Arc::new(e));
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!(machine = %event.machine_id, kind = %event.kind, error = %e, "could not store an event")
@@ -93,9 +98,14 @@ impl Events {
         }
     }
 
-    fn store(&self, c: &Connection, event: &Event, labels: &BTreeMap<String, String>) -> StoreResult<(Event, usize)> {
-        let e = stored::append(c, event, self.keep)?;
-        let queued = super::webhooks::enqueue_matching(c, &e, labels)?;
+    async fn store(
+        &self,
+        c: &mut Conn,
+        event: &Event,
+        labels: &BTreeMap<String, String>,
+    ) -> StoreResult<(Event, usize)> {
+        let e = stored::append(c, event, self.keep).await?;
+        let queued = super::webhooks::enqueue_matching(c, &e, labels).await?;
         Ok((e, queued))
     }
 
@@ -112,27 +122,24 @@ impl<H: Host> Service<H> {
 
     /// Stores and broadcasts an event that is not a state change (those go with their compare-and-set).
     pub(super) async fn emit(&self, event: Event) {
-        let events = self.events.clone();
-        if let Err(e) = self
-            .store
-            .call(move |c| {
-                events.append(c, event);
-                Ok(())
-            })
-            .await
-        {
+        let stored = async {
+            let mut tx = self.store.write().await?;
+            self.events.append(&mut tx, event).await;
+            tx.commit().await
+        };
+        if let Err(e) = stored.await {
             tracing::warn!(error = %e, "could not store an event");
         }
     }
 
     /// Stored events after `after` that pass `filter`, oldest first, looking at [`BACKLOG_PAGE`] at most.
     pub(crate) async fn events_after(&self, after: u64, filter: EventFilter) -> Result<EventPage> {
-        Ok(self.store.read(move |c| stored::after(c, after, &filter, BACKLOG_PAGE)).await?)
+        Ok(stored::after(&mut *self.store.read().await?, after, &filter, BACKLOG_PAGE).await?)
     }
 
     /// The id of the newest stored event.
     pub(crate) async fn last_event_id(&self) -> Result<u64> {
-        Ok(self.store.read(stored::last_id).await?)
+        Ok(stored::last_id(&mut *self.store.read().await?).await?)
     }
 
     /// A proxied request for `port` woke machine `id` (started or resumed it): a `proxy.wake` event.

@@ -687,10 +687,12 @@ impl<H: super::Host> super::Service<H> {
             error_message: Some(Some(format!("the image pull failed: {e}"))),
             ..Default::default()
         };
-        let id2 = id.to_string();
-        let stored =
-            self.store.call(move |c| crate::store::machines::transition(c, &id2, &[Pending], Pending, &changes)).await;
-        if let Err(e) = stored {
+        let stored = async {
+            let mut tx = self.store.write().await?;
+            crate::store::machines::transition(&mut tx, id, &[Pending], Pending, &changes).await?;
+            tx.commit().await
+        };
+        if let Err(e) = stored.await {
             warn!(machine = %id, error = %e, "could not record the failed pull");
         }
     }
@@ -701,7 +703,7 @@ impl<H: super::Host> super::Service<H> {
     /// them (`POST /images/pull`) or the machine is created anew.
     pub(crate) async fn resume_pulls(self: &Arc<Self>) -> super::Result<()> {
         use hyperfleet_types::MachineStatus::Pending;
-        let pending = self.store.read(|c| crate::store::machines::with_status(c, &[Pending])).await?;
+        let pending = crate::store::machines::with_status(&mut *self.store.read().await?, &[Pending]).await?;
         for rec in pending {
             let Some(digest) = &rec.spec.image_digest else { continue };
             if self.images.config(digest).is_some() {
@@ -731,7 +733,8 @@ impl<H: super::Host> super::Service<H> {
 
     async fn machine_specs(&self) -> super::Result<Vec<(String, MachineSpec)>> {
         let all =
-            self.store.read(|c| crate::store::machines::with_status(c, &hyperfleet_types::MachineStatus::ALL)).await?;
+            crate::store::machines::with_status(&mut *self.store.read().await?, &hyperfleet_types::MachineStatus::ALL)
+                .await?;
         Ok(all.into_iter().map(|m| (m.id, m.spec)).collect())
     }
 

@@ -101,7 +101,7 @@ pub(super) fn instance(m: &MachineRecord) -> Instance {
 impl<H: Host> Service<H> {
     pub(super) async fn record(&self, id: &str) -> Result<MachineRecord> {
         let key = id.to_string();
-        self.store.read(move |c| records::get(c, &key)).await?.ok_or_else(|| Error::NotFound(id.to_string()))
+        records::get(&mut *self.store.read().await?, &key).await?.ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
     /// Compare-and-set on the status (from the statuses `action` allows); publishes the change.
@@ -118,14 +118,13 @@ impl<H: Host> Service<H> {
         debug_assert_eq!(from.len(), action.from(to).len(), "the state table forbids {action} -> {to}");
         let key = id.to_string();
         let events = self.events.clone();
-        let cas = self.store.call(move |c| {
-            let cas = records::transition(c, &key, &from, to, &changes)?;
-            if let Cas::Done(m) = &cas {
-                events.append_for(c, events::draft(EventKind::of_status(m.status), m), &m.spec.labels);
-            }
-            Ok(cas)
-        });
-        match cas.await? {
+        let mut tx = self.store.write().await?;
+        let cas = records::transition(&mut tx, &key, &from, to, &changes).await?;
+        if let Cas::Done(m) = &cas {
+            events.append_for(&mut tx, events::draft(EventKind::of_status(m.status), m), &m.spec.labels).await;
+            tx.commit().await?;
+        }
+        match cas {
             Cas::Done(m) => Ok(m),
             Cas::WrongState(m) => Err(Error::InvalidState { action, status: m.status }),
             Cas::Missing => Err(Error::NotFound(id.to_string())),
@@ -158,19 +157,21 @@ impl<H: Host> Service<H> {
         let id = crate::store::random_id();
         let secrets = req.secrets.unwrap_or_default();
         let events = self.events.clone();
-        let inserted = self.store.call(move |c| {
-            let rec = records::insert(c, &id, &spec, blocks).and_then(|rec| {
-                if !secrets.is_empty() {
-                    records::set_secrets(c, &rec.id, &secrets)?;
-                }
-                Ok(rec)
-            });
-            if let Ok(m) = &rec {
-                events.append_for(c, events::draft(EventKind::Created, m), &m.spec.labels);
-            }
-            Ok(rec)
-        });
-        let rec = inserted.await?.map_err(|e| match e {
+        let mut tx = self.store.write().await?;
+        let mut inserted = records::insert(&mut tx, &id, &spec, blocks).await;
+        if let Ok(rec) = &inserted
+            && !secrets.is_empty()
+            && let Err(e) = records::set_secrets(&mut tx, &rec.id, &secrets).await
+        {
+            inserted = Err(e.into());
+        }
+        if let Ok(m) = &inserted {
+            events.append_for(&mut tx, events::draft(EventKind::Created, m), &m.spec.labels).await;
+            tx.commit().await?;
+        } else {
+            drop(tx);
+        }
+        let rec = inserted.map_err(|e| match e {
             InsertError::NameTaken(n) => Error::NameTaken(n),
             InsertError::Lease(LeaseError::Exhausted(blocks)) => {
                 Error::PoolExhausted { subnet: self.addressing.subnet.to_string(), blocks }
@@ -194,11 +195,11 @@ impl<H: Host> Service<H> {
         offset: u64,
     ) -> Result<MachineList> {
         if labels.is_empty() {
-            let (rows, total) = self.store.read(move |c| records::list(c, status, limit, offset)).await?;
+            let (rows, total) = records::list(&mut *self.store.read().await?, status, limit, offset).await?;
             return Ok(MachineList { machines: rows.iter().map(|m| self.to_wire(m)).collect(), total });
         }
         // Labels live in the spec's JSON: filter here, then page. A host runs at most a few thousand machines.
-        let (rows, _) = self.store.read(move |c| records::list(c, status, u32::MAX, 0)).await?;
+        let (rows, _) = records::list(&mut *self.store.read().await?, status, u32::MAX, 0).await?;
         let matching: Vec<&MachineRecord> = rows.iter().filter(|m| labels.matches(&m.spec.labels)).collect();
         let total = matching.len() as u64;
         let machines = matching
@@ -212,7 +213,7 @@ impl<H: Host> Service<H> {
 
     /// Every machine in one of `statuses`.
     pub(crate) async fn with_status(&self, statuses: &'static [MachineStatus]) -> Result<Vec<Machine>> {
-        let rows = self.store.read(move |c| records::with_status(c, statuses)).await?;
+        let rows = records::with_status(&mut *self.store.read().await?, statuses).await?;
         Ok(rows.iter().map(|m| self.to_wire(m)).collect())
     }
 
@@ -234,21 +235,17 @@ impl<H: Host> Service<H> {
         let rid = rec.id.clone();
         // Read, checked and written in one transaction: a start in between cannot take the old volumes, and
         // two PATCHes of different fields cannot undo each other.
-        let events = self.events.clone();
-        let modified = self
-            .store
-            .call(move |c| {
-                let modified =
-                    records::modify_spec(c, &rid, |spec, status| apply_update(spec, status, &req, ports, volumes))?;
-                if let Modify::Done(m) = &modified {
-                    if let Some(secrets) = &req.secrets {
-                        records::set_secrets(c, &rid, secrets)?;
-                    }
-                    events.append_for(c, events::draft(EventKind::Updated, m), &m.spec.labels);
-                }
-                Ok(modified)
-            })
-            .await?;
+        let mut tx = self.store.write().await?;
+        let modified =
+            records::modify_spec(&mut tx, &rid, |spec, status| apply_update(spec, status, &req, ports, volumes))
+                .await?;
+        if let Modify::Done(m) = &modified {
+            if let Some(secrets) = &req.secrets {
+                records::set_secrets(&mut tx, &rid, secrets).await?;
+            }
+            self.events.append_for(&mut tx, events::draft(EventKind::Updated, m), &m.spec.labels).await;
+            tx.commit().await?;
+        }
         let mut updated = match modified {
             Modify::Done(m) => *m,
             Modify::Missing => return Err(Error::NotFound(id.to_string())),
@@ -275,11 +272,10 @@ impl<H: Host> Service<H> {
         expires_at: Option<time::OffsetDateTime>,
         idle_since: Option<time::OffsetDateTime>,
     ) -> Result<Option<MachineRecord>> {
-        let rid = id.to_string();
-        Ok(self
-            .store
-            .call(move |c| records::set_deadlines(c, &rid, &[Running, Paused], expires_at, idle_since))
-            .await?)
+        let mut tx = self.store.write().await?;
+        let set = records::set_deadlines(&mut tx, id, &[Running, Paused], expires_at, idle_since).await?;
+        tx.commit().await?;
+        Ok(set)
     }
 
     /// `POST /machines/{id}/keepalive`: activity now, and a machine with `ttl_seconds` expires that long
@@ -304,14 +300,13 @@ impl<H: Host> Service<H> {
 
     /// A machine's secrets, for a command's environment.
     pub(super) async fn secrets(&self, id: &str) -> Result<std::collections::BTreeMap<String, String>> {
-        let key = id.to_string();
-        Ok(self.store.read(move |c| records::secrets(c, &key)).await?)
+        Ok(records::secrets(&mut *self.store.read().await?, id).await?)
     }
 
     /// Rebuilds the firewall from the machines that currently have a host interface.
     pub(super) async fn firewall_rebuild(&self) -> Result<()> {
         let _order = self.firewall_order.lock().await;
-        let active = self.store.read(|c| records::with_status(c, &ACTIVE)).await?;
+        let active = records::with_status(&mut *self.store.read().await?, &ACTIVE).await?;
         self.host.firewall_rebuild(&active).await
     }
 
@@ -323,7 +318,7 @@ impl<H: Host> Service<H> {
         let _order = self.firewall_order.lock().await;
         if let Err(e) = self.host.firewall_edit(m, add).await {
             tracing::debug!(machine = %m.id, error = %e, "incremental firewall update failed; rebuilding the table");
-            let active = self.store.read(|c| records::with_status(c, &ACTIVE)).await?;
+            let active = records::with_status(&mut *self.store.read().await?, &ACTIVE).await?;
             self.host.firewall_rebuild(&active).await?;
         }
         Ok(())
@@ -351,6 +346,7 @@ impl<H: Host> Service<H> {
     }
 
     async fn start_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
+        let mut took = crate::runtime::StepTimes::new();
         let rec = if rec.spec.volumes.is_empty() {
             self.transition(&rec.id, Action::Start, Starting, Changes::default()).await?
         } else {
@@ -358,8 +354,9 @@ impl<H: Host> Service<H> {
             let _volumes = self.volume_ops.lock().await;
             self.transition(&rec.id, Action::Start, Starting, Changes::default()).await?
         };
+        took.lap("claim");
         let mut done = Vec::new();
-        match self.start_steps(&rec, &mut done).await {
+        match self.start_steps(&rec, &mut done, &mut took).await {
             Ok(booted) => {
                 let now = hyperfleet_types::timestamp::now();
                 let changes = Changes {
@@ -371,7 +368,8 @@ impl<H: Host> Service<H> {
                 };
                 match self.transition(&rec.id, Action::Start, Running, changes).await {
                     Ok(running) => {
-                        info!(machine = %rec.id, pid = booted.pid, "machine running");
+                        took.lap("record");
+                        info!(machine = %rec.id, pid = booted.pid, took = %took, "machine running");
                         self.monitor(running.id.clone(), booted.pid);
                         self.activity.reset(&running.id);
                         self.recheck(&running.id);
@@ -386,15 +384,24 @@ impl<H: Host> Service<H> {
     }
 
     /// The host side of a start, each step recorded in `done` once it has changed the host.
-    async fn start_steps(&self, rec: &MachineRecord, done: &mut Vec<Step>) -> Result<Booted> {
+    async fn start_steps(
+        &self,
+        rec: &MachineRecord,
+        done: &mut Vec<Step>,
+        took: &mut crate::runtime::StepTimes,
+    ) -> Result<Booted> {
         let netns = self.host.prepare(rec).await?;
         done.push(Step::Prepared);
+        took.lap("prepare");
         self.host.attach(rec, netns.as_deref()).await?;
         done.push(Step::Attached);
+        took.lap("attach");
         self.firewall_change(rec, true).await?;
         done.push(Step::Filtered);
+        took.lap("firewall");
         let booted = self.host.boot(rec, netns.as_deref()).await?;
         done.push(Step::Booted(booted.pid));
+        took.lap("boot");
         Ok(booted)
     }
 
@@ -505,14 +512,13 @@ impl<H: Host> Service<H> {
         }
         let rid = rec.id.clone();
         let events = self.events.clone();
-        let deleted = self.store.call(move |c| {
-            let cas = records::delete(c, &rid, &MachineStatus::AT_REST)?;
-            if let Cas::Done(m) = &cas {
-                events.append_for(c, events::draft(EventKind::Deleted, m), &m.spec.labels);
-            }
-            Ok(cas)
-        });
-        match deleted.await? {
+        let mut tx = self.store.write().await?;
+        let deleted = records::delete(&mut tx, &rid, &MachineStatus::AT_REST).await?;
+        if let Cas::Done(m) = &deleted {
+            events.append_for(&mut tx, events::draft(EventKind::Deleted, m), &m.spec.labels).await;
+            tx.commit().await?;
+        }
+        match deleted {
             Cas::Done(m) => {
                 // Defensive: a machine at rest has no process, interface or firewall entries; a start the
                 // daemon did not finish is cleaned by reconcile.

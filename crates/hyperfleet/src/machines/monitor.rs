@@ -79,14 +79,17 @@ impl<H: Host> Service<H> {
     pub(crate) async fn cap_console_logs(self: Arc<Self>, max: u64, every: std::time::Duration) {
         loop {
             tokio::time::sleep(every).await;
-            let active =
-                match self.store.read(|c| crate::store::machines::with_status(c, &super::lifecycle::ACTIVE)).await {
-                    Ok(active) => active,
-                    Err(e) => {
-                        warn!(error = %e, "console logs: could not list the machines");
-                        continue;
-                    }
-                };
+            let active = match async {
+                crate::store::machines::with_status(&mut *self.store.read().await?, &super::lifecycle::ACTIVE).await
+            }
+            .await
+            {
+                Ok(active) => active,
+                Err(e) => {
+                    warn!(error = %e, "console logs: could not list the machines");
+                    continue;
+                }
+            };
             for m in active {
                 if let Err(e) = self.host.cap_console(&m.id, max).await {
                     warn!(machine = %m.id, error = %e, "could not rotate the console log");

@@ -35,7 +35,7 @@ pub(super) fn verdict(status: MachineStatus, live_pid: Option<u32>) -> Verdict {
 
 impl<H: Host> Service<H> {
     pub(crate) async fn reconcile(self: &Arc<Self>) -> Result<()> {
-        let active = self.store.read(|c| records::with_status(c, &ACTIVE)).await?;
+        let active = records::with_status(&mut *self.store.read().await?, &ACTIVE).await?;
         let mut live = HashSet::new();
         for rec in active {
             let pid = self.host.live_pid(&instance(&rec)).await;
@@ -61,7 +61,9 @@ impl<H: Host> Service<H> {
         }
         self.remove_strays(&live).await?;
         self.firewall_rebuild().await?;
-        let freed = self.store.call(crate::store::leases::free_orphans).await?;
+        let mut tx = self.store.write().await?;
+        let freed = crate::store::leases::free_orphans(&mut tx).await?;
+        tx.commit().await?;
         if freed > 0 {
             info!(count = freed, "freed leases of machines that no longer exist");
         }
@@ -72,7 +74,7 @@ impl<H: Host> Service<H> {
     /// containers, mounts, the firewall table and the subnet route. Records, disks and leases stay, so the
     /// machines can be started again. Returns the ids of the machines it stopped.
     pub(crate) async fn purge_host(self: &Arc<Self>) -> Result<Vec<String>> {
-        let active = self.store.read(|c| records::with_status(c, &ACTIVE)).await?;
+        let active = records::with_status(&mut *self.store.read().await?, &ACTIVE).await?;
         let mut stopped = Vec::new();
         for rec in active {
             let pid = self.host.live_pid(&instance(&rec)).await;
@@ -86,7 +88,7 @@ impl<H: Host> Service<H> {
     }
 
     async fn remove_strays(&self, live: &HashSet<String>) -> Result<()> {
-        let known: HashSet<String> = self.store.read(records::ids).await?.into_iter().collect();
+        let known: HashSet<String> = records::ids(&mut *self.store.read().await?).await?.into_iter().collect();
         for what in self.host.remove_strays(live, &known).await? {
             info!("removed a stray {what}");
         }

@@ -247,9 +247,9 @@ impl Host for FakeHost {
 }
 
 /// A service over a fake host and a real SQLite file.
-pub(super) fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
+pub(super) async fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("test.db")).unwrap();
+    let store = Store::open_file(&dir.path().join("test.db")).await.unwrap();
     let (kernel, rootfs) = (dir.path().join("vmlinux"), dir.path().join("rootfs.ext4"));
     std::fs::write(&kernel, b"k").unwrap();
     std::fs::write(&rootfs, b"r").unwrap();
@@ -297,7 +297,7 @@ mod flows {
 
     #[tokio::test]
     async fn start_and_stop_make_and_remove_everything() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let m = svc.create(create_req("web")).await.unwrap();
         let running = svc.start(&m.id).await.unwrap();
         assert_eq!(running.status, Running);
@@ -317,7 +317,7 @@ mod flows {
     #[tokio::test]
     async fn a_failed_start_at_any_step_leaves_nothing_behind() {
         for step in ["prepare", "attach", "firewall", "boot"] {
-            let (_d, svc) = service();
+            let (_d, svc) = service().await;
             let m = svc.create(create_req("web")).await.unwrap();
             svc.host().fail.lock().unwrap().insert(step);
             let e = svc.start(&m.id).await.unwrap_err();
@@ -339,7 +339,7 @@ mod flows {
 
     #[tokio::test]
     async fn a_failing_undo_is_reported_with_the_cause() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let m = svc.create(create_req("web")).await.unwrap();
         svc.host().fail.lock().unwrap().extend(["boot", "detach"]);
         let e = svc.start(&m.id).await.unwrap_err();
@@ -357,7 +357,7 @@ mod flows {
 
     #[tokio::test]
     async fn the_firewall_is_rebuilt_when_an_edit_fails() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let a = svc.create(create_req("a")).await.unwrap();
         let b = svc.create(create_req("b")).await.unwrap();
         svc.start(&a.id).await.unwrap();
@@ -370,7 +370,7 @@ mod flows {
 
     #[tokio::test]
     async fn two_starts_of_one_machine_do_not_both_act() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let m = svc.create(create_req("web")).await.unwrap();
         let (a, b) = tokio::join!(svc.start(&m.id), svc.start(&m.id));
         assert!(a.is_ok() != b.is_ok(), "exactly one start wins: {a:?} {b:?}");
@@ -381,7 +381,7 @@ mod flows {
 
     #[tokio::test]
     async fn a_process_that_dies_makes_the_machine_failed_and_is_cleaned_up() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let m = svc.create(create_req("web")).await.unwrap();
         let pid = svc.start(&m.id).await.unwrap().pid.unwrap();
         svc.host().kill(pid);
@@ -407,7 +407,7 @@ mod flows {
 
     #[tokio::test]
     async fn reconcile_adopts_the_living_and_settles_the_rest() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let mut ids = HashMap::new();
         for name in ["alive", "dead", "starting", "stopping"] {
             let m = svc.create(create_req(name)).await.unwrap();
@@ -417,17 +417,16 @@ mod flows {
         // The daemon "crashed": one process died meanwhile, one start and one stop were interrupted.
         let pid_of = |id: &str| svc.host().world().processes.iter().find(|(_, m)| m.as_str() == id).map(|(p, _)| *p);
         svc.host().vanish(pid_of(&ids["dead"]).unwrap());
-        let set = |id: &str, status: MachineStatus| {
-            let id = id.to_string();
-            svc.store
-                .call_blocking(move |c| {
-                    c.execute("UPDATE machines SET status = ?1 WHERE id = ?2", [status.as_str(), &id])?;
-                    Ok(())
-                })
-                .unwrap()
-        };
-        set(&ids["starting"], Starting);
-        set(&ids["stopping"], Stopping);
+        for (name, status) in [("starting", Starting), ("stopping", Stopping)] {
+            let mut tx = svc.store.write().await.unwrap();
+            sqlx::query("UPDATE machines SET status = $1 WHERE id = $2")
+                .bind(status.as_str())
+                .bind(&ids[name])
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
         // Leftovers of a machine the database no longer knows.
         svc.host().world.lock().unwrap().interfaces.insert("ghost".into());
         svc.host().world.lock().unwrap().disks.insert("ghost".into());
@@ -453,7 +452,7 @@ mod flows {
 
     #[tokio::test]
     async fn purge_stops_everything_and_keeps_records() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let m = svc.create(create_req("web")).await.unwrap();
         svc.start(&m.id).await.unwrap();
         let stopped = svc.purge_host().await.unwrap();
@@ -466,7 +465,7 @@ mod flows {
 
     #[tokio::test]
     async fn a_refused_pause_puts_the_state_back() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let m = svc.create(create_req("web")).await.unwrap();
         svc.start(&m.id).await.unwrap();
         svc.host().fail.lock().unwrap().insert("pause");
@@ -481,7 +480,7 @@ mod flows {
 
     #[tokio::test]
     async fn names_and_ids_never_name_two_machines() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let a = svc.create(create_req("first")).await.unwrap();
         // The bug this guards against: a machine named after another's id.
         let e = svc.create(create_req(&a.id)).await.unwrap_err();
@@ -492,7 +491,7 @@ mod flows {
 
     #[tokio::test]
     async fn delete_refuses_a_running_machine_unless_forced() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let m = svc.create(create_req("web")).await.unwrap();
         svc.start(&m.id).await.unwrap();
         let e = svc.delete(&m.id, false).await.unwrap_err();
@@ -509,7 +508,7 @@ mod limits {
 
     #[tokio::test]
     async fn execs_per_machine_are_bounded_and_slots_come_back() {
-        let (_d, svc) = service();
+        let (_d, svc) = service().await;
         let m = svc.create(create_req("web")).await.unwrap();
         svc.start(&m.id).await.unwrap();
         // The fake agent does not answer, so each slot is held until its exec gives up; take them directly.

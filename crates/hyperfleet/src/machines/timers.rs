@@ -100,7 +100,7 @@ impl<H: Host> Service<H> {
         let mut heap: BinaryHeap<Reverse<(i64, String)>> = BinaryHeap::new();
         // The one live deadline of each machine; heap entries that differ are stale and skipped.
         let mut next: HashMap<String, i64> = HashMap::new();
-        match self.store.read(records::with_deadlines).await {
+        match async { records::with_deadlines(&mut *self.store.read().await?).await }.await {
             Ok(rows) => {
                 for rec in rows {
                     self.evaluate(rec, &mut heap, &mut next).await;
@@ -123,8 +123,12 @@ impl<H: Host> Service<H> {
                     None => return,
                 },
                 Some((id, at)) = touches.recv() => {
-                    let key = id.clone();
-                    if let Err(e) = self.store.call(move |c| records::touch(c, &key, from_ms(at))).await {
+                    let touched = async {
+                        let mut tx = self.store.write().await?;
+                        records::touch(&mut tx, &id, from_ms(at)).await?;
+                        tx.commit().await
+                    };
+                    if let Err(e) = touched.await {
                         warn!(machine = %id, error = %e, "could not record the machine's activity");
                     }
                 }

@@ -15,13 +15,11 @@ const MIN_VOLUME_MIB: i64 = 8;
 
 impl<H: Host> Service<H> {
     async fn volume_record(&self, id: &str) -> Result<VolumeRecord> {
-        let key = id.to_string();
-        self.store.read(move |c| records::get(c, &key)).await?.ok_or_else(|| Error::VolumeNotFound(id.to_string()))
+        records::get(&mut *self.store.read().await?, id).await?.ok_or_else(|| Error::VolumeNotFound(id.to_string()))
     }
 
     async fn volume_wire(&self, v: VolumeRecord) -> Result<Volume> {
-        let id = v.id.clone();
-        let users = self.store.read(move |c| records::users(c, &id)).await?;
+        let users = records::users(&mut *self.store.read().await?, &v.id).await?;
         Ok(v.to_wire(users))
     }
 
@@ -29,8 +27,7 @@ impl<H: Host> Service<H> {
     pub(super) async fn resolve_volumes(&self, list: Vec<VolumeMount>) -> Result<Vec<VolumeMount>> {
         let mut out = Vec::with_capacity(list.len());
         for (i, mut v) in list.into_iter().enumerate() {
-            let key = v.volume.clone();
-            let Some(rec) = self.store.read(move |c| records::get(c, &key)).await? else {
+            let Some(rec) = records::get(&mut *self.store.read().await?, &v.volume).await? else {
                 return Err(Error::Invalid(format!(
                     "volumes[{i}].volume: no volume has the id or name '{}'",
                     v.volume
@@ -55,28 +52,33 @@ impl<H: Host> Service<H> {
     /// caller holds `volume_ops`.
     async fn new_volume(&self, name: String, size_mib: u32, from: Option<&str>) -> Result<Volume> {
         let id = crate::store::random_id();
-        let (vid, vname) = (id.clone(), name.clone());
-        let rec = self
-            .store
-            .call(move |c| records::insert(c, &vid, &vname, size_mib))
-            .await?
-            .ok_or_else(|| Error::VolumeNameTaken(name.clone()))?;
+        let mut tx = self.store.write().await?;
+        let rec = records::insert(&mut tx, &id, &name, size_mib).await?;
+        tx.commit().await?;
+        let rec = rec.ok_or_else(|| Error::VolumeNameTaken(name.clone()))?;
         let made = match from {
             None => self.host.volume_create(&id, size_mib).await,
             Some(src) => self.host.volume_clone(src, &id).await,
         };
         if let Err(e) = made {
-            let vid = id.clone();
             let _ = self.host.volume_remove(&id).await;
-            self.store.call(move |c| records::delete(c, &vid)).await?.map_err(Error::Conflict)?;
+            self.delete_volume_record(&id).await?;
             return Err(e);
         }
         info!(volume = %id, %name, size_mib, "volume created");
         self.volume_wire(rec).await
     }
 
+    /// Deletes the volume's row unless a machine names it (409 then).
+    async fn delete_volume_record(&self, id: &str) -> Result<()> {
+        let mut tx = self.store.write().await?;
+        records::delete(&mut tx, id).await?.map_err(Error::Conflict)?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub(crate) async fn list_volumes(&self) -> Result<VolumeList> {
-        let recs = self.store.read(records::list).await?;
+        let recs = records::list(&mut *self.store.read().await?).await?;
         let mut volumes = Vec::with_capacity(recs.len());
         for v in recs {
             volumes.push(self.volume_wire(v).await?);
@@ -93,8 +95,7 @@ impl<H: Host> Service<H> {
     pub(crate) async fn delete_volume(&self, id: &str) -> Result<()> {
         let v = self.volume_record(id).await?;
         let _ops = self.volume_ops.lock().await;
-        let vid = v.id.clone();
-        self.store.call(move |c| records::delete(c, &vid)).await?.map_err(Error::Conflict)?;
+        self.delete_volume_record(&v.id).await?;
         self.host.volume_remove(&v.id).await?;
         info!(volume = %v.id, name = %v.name, "volume deleted");
         Ok(())
@@ -106,8 +107,7 @@ impl<H: Host> Service<H> {
         let size_mib = validate::size_mib("size_mib", size, MIN_VOLUME_MIB).map_err(Error::Invalid)?;
         let v = self.volume_record(id).await?;
         let _ops = self.volume_ops.lock().await;
-        let vid = v.id.clone();
-        if let Some(why) = self.store.read(move |c| records::busy(c, &vid, false)).await? {
+        if let Some(why) = records::busy(&mut *self.store.read().await?, &v.id, false).await? {
             return Err(Error::Conflict(why));
         }
         // Read again under the lock: another resize may have finished meanwhile.
@@ -120,8 +120,9 @@ impl<H: Host> Service<H> {
         }
         if size_mib > v.size_mib {
             self.host.volume_grow(&v.id, size_mib).await?;
-            let vid = v.id.clone();
-            self.store.call(move |c| records::set_size(c, &vid, size_mib)).await?;
+            let mut tx = self.store.write().await?;
+            records::set_size(&mut tx, &v.id, size_mib).await?;
+            tx.commit().await?;
             info!(volume = %v.id, from = v.size_mib, to = size_mib, "volume grown");
         }
         self.get_volume(&v.id).await
@@ -133,8 +134,7 @@ impl<H: Host> Service<H> {
         validate::name(&name).map_err(Error::Invalid)?;
         let v = self.volume_record(id).await?;
         let _ops = self.volume_ops.lock().await;
-        let vid = v.id.clone();
-        let users = self.store.read(move |c| records::users(c, &vid)).await?;
+        let users = records::users(&mut *self.store.read().await?, &v.id).await?;
         if let Some(u) = users.iter().find(|u| u.attached && !u.read_only) {
             return Err(Error::Conflict(format!(
                 "volume is attached read-write to machine {}; stop it first",

@@ -12,15 +12,14 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use hyperfleet_types::{CreateWebhook, Event, EventKind, Webhook, WebhookDeliveryList, WebhookList, WebhookPayload};
-use rusqlite::Connection;
 use sha2::Sha256;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use super::selector::Selector;
 use super::{Error, Host, Result, Service};
-use crate::store::StoreResult;
 use crate::store::webhooks::{self as records, DueDelivery, Outcome, WebhookRecord};
+use crate::store::{Conn, StoreResult};
 
 const MAX_URL_LEN: usize = 2048;
 const MAX_EVENTS: usize = 32;
@@ -84,10 +83,10 @@ fn event_name(kind: EventKind) -> String {
 
 /// Queues a delivery of the stored event `e` (of a machine with `labels`) for each webhook that wants it.
 /// Called in the transaction that stores the event. Returns how many were queued.
-pub(super) fn enqueue_matching(c: &Connection, e: &Event, labels: &BTreeMap<String, String>) -> StoreResult<usize> {
+pub(super) async fn enqueue_matching(c: &mut Conn, e: &Event, labels: &BTreeMap<String, String>) -> StoreResult<usize> {
     let name = event_name(e.kind);
     let mut queued = 0;
-    for hook in records::list(c)? {
+    for hook in records::list(c).await? {
         if !hook.events.contains(&name) {
             continue;
         }
@@ -98,7 +97,7 @@ pub(super) fn enqueue_matching(c: &Connection, e: &Event, labels: &BTreeMap<Stri
             Some(Err(_)) => false,
         };
         if selected {
-            records::enqueue(c, &hook.id, &name, e)?;
+            records::enqueue(c, &hook.id, &name, e).await?;
             queued += 1;
         }
     }
@@ -157,26 +156,29 @@ fn validate(req: CreateWebhook) -> Result<WebhookRecord> {
 impl<H: Host> Service<H> {
     pub(crate) async fn create_webhook(&self, req: CreateWebhook) -> Result<Webhook> {
         let rec = validate(req)?;
-        let stored = self.store.call(move |c| records::insert(c, &rec)).await?;
+        let mut tx = self.store.write().await?;
+        let stored = records::insert(&mut tx, &rec).await?;
+        tx.commit().await?;
         info!(webhook = %stored.id, url = %stored.url, events = ?stored.events, "webhook created");
         Ok(stored.to_wire())
     }
 
     pub(crate) async fn list_webhooks(&self) -> Result<WebhookList> {
-        let all = self.store.read(records::list).await?;
+        let all = records::list(&mut *self.store.read().await?).await?;
         Ok(WebhookList { webhooks: all.iter().map(WebhookRecord::to_wire).collect() })
     }
 
     pub(crate) async fn get_webhook(&self, id: &str) -> Result<Webhook> {
-        let key = id.to_string();
-        let rec = self.store.read(move |c| records::get(c, &key)).await?;
+        let rec = records::get(&mut *self.store.read().await?, id).await?;
         rec.map(|r| r.to_wire()).ok_or_else(|| Error::WebhookNotFound(id.to_string()))
     }
 
     /// Deletes a webhook with its deliveries (pending ones are not sent).
     pub(crate) async fn delete_webhook(&self, id: &str) -> Result<()> {
-        let key = id.to_string();
-        if self.store.call(move |c| records::delete(c, &key)).await? {
+        let mut tx = self.store.write().await?;
+        let deleted = records::delete(&mut tx, id).await?;
+        tx.commit().await?;
+        if deleted {
             info!(webhook = %id, "webhook deleted");
             Ok(())
         } else {
@@ -195,18 +197,13 @@ impl<H: Host> Service<H> {
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(Error::Invalid(format!("limit: 1 to {MAX_PAGE}")));
         }
-        let key = id.to_string();
-        let page = self
-            .store
-            .read(move |c| {
-                if records::get(c, &key)?.is_none() {
-                    return Ok(None);
-                }
-                // One more than asked, to know whether an older page exists.
-                records::deliveries(c, &key, before, limit + 1).map(Some)
-            })
-            .await?
-            .ok_or_else(|| Error::WebhookNotFound(id.to_string()))?;
+        let mut c = self.store.read().await?;
+        if records::get(&mut c, id).await?.is_none() {
+            return Err(Error::WebhookNotFound(id.to_string()));
+        }
+        // One more than asked, to know whether an older page exists.
+        let page = records::deliveries(&mut c, id, before, limit + 1).await?;
+        drop(c);
         let mut deliveries = page;
         let more = deliveries.len() > usize::try_from(limit).unwrap_or(usize::MAX);
         deliveries.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
@@ -241,7 +238,13 @@ impl<H: Host> Service<H> {
             let mut failed = false;
             if free > 0 {
                 let now = records::now_ms();
-                match self.store.call(move |c| records::claim_due(c, now, now.saturating_add(lease_ms), free)).await {
+                let claimed = async {
+                    let mut tx = self.store.write().await?;
+                    let due = records::claim_due(&mut tx, now, now.saturating_add(lease_ms), free).await?;
+                    tx.commit().await?;
+                    Ok::<_, crate::store::StoreError>(due)
+                };
+                match claimed.await {
                     Ok(due) => {
                         for d in due {
                             let Ok(permit) = slots.clone().acquire_owned().await else { return };
@@ -266,7 +269,8 @@ impl<H: Host> Service<H> {
                 // A finishing delivery wakes this.
                 IDLE_WAIT
             } else {
-                match self.store.read(records::next_due).await {
+                let next = async { records::next_due(&mut *self.store.read().await?).await };
+                match next.await {
                     Ok(Some(at)) => {
                         Duration::from_millis(u64::try_from(at.saturating_sub(records::now_ms())).unwrap_or(0))
                     }
@@ -339,7 +343,12 @@ impl<H: Host> Service<H> {
             }
         }
         let id = d.id;
-        if let Err(e) = self.store.call(move |c| records::record_attempt(c, id, attempt, &outcome)).await {
+        let recorded = async {
+            let mut tx = self.store.write().await?;
+            records::record_attempt(&mut tx, id, attempt, &outcome).await?;
+            tx.commit().await
+        };
+        if let Err(e) = recorded.await {
             warn!(delivery = id, error = %e, "webhooks: could not record an attempt");
         }
     }

@@ -4,13 +4,12 @@
 use hyperfleet_types::{ApiKey, Scope, timestamp};
 use rand::Rng;
 use rand::distributions::Alphanumeric;
-use rusqlite::types::Type;
-use rusqlite::{Connection, OptionalExtension, Row, params};
 use sha2::{Digest, Sha256};
+use sqlx::any::AnyRow;
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
-use super::StoreResult;
+use super::{Conn, StoreError, StoreResult, col, int, opt_time_col};
 
 pub(crate) const KEY_PREFIX: &str = "hf_";
 const SECRET_LEN: usize = 32;
@@ -44,38 +43,26 @@ fn scopes_to_text(scopes: &[Scope]) -> String {
     format!("[{}]", quoted.join(","))
 }
 
-/// A stored time column (RFC 3339 text, as [`timestamp::format`] writes it).
-fn time_at(row: &Row, idx: usize) -> rusqlite::Result<Option<OffsetDateTime>> {
-    match row.get::<_, Option<String>>(idx)? {
-        None => Ok(None),
-        Some(text) => timestamp::parse(&text).map(Some).ok_or_else(|| {
-            rusqlite::Error::FromSqlConversionFailure(
-                idx,
-                Type::Text,
-                format!("'{text}' is not an RFC 3339 time").into(),
-            )
-        }),
-    }
-}
-
-fn from_row(row: &Row) -> rusqlite::Result<ApiKey> {
-    let scopes: String = row.get(3)?;
+fn from_row(row: &AnyRow) -> StoreResult<ApiKey> {
+    let scopes: String = col(row, "scopes")?;
     Ok(ApiKey {
-        id: row.get(0)?,
-        name: row.get(1)?,
-        key_prefix: row.get(2)?,
+        id: col(row, "id")?,
+        name: col(row, "name")?,
+        key_prefix: col(row, "key_prefix")?,
         scopes: serde_json::from_str(&scopes).unwrap_or_default(),
-        expires_at: time_at(row, 4)?,
-        last_used_at: time_at(row, 5)?,
-        created_at: time_at(row, 6)?.ok_or(rusqlite::Error::InvalidColumnType(6, "created_at".into(), Type::Null))?,
-        revoked_at: time_at(row, 7)?,
+        expires_at: opt_time_col(row, "expires_at")?,
+        last_used_at: opt_time_col(row, "last_used_at")?,
+        created_at: opt_time_col(row, "created_at")?
+            .ok_or_else(|| StoreError::Corrupt("api key without created_at".into()))?,
+        revoked_at: opt_time_col(row, "revoked_at")?,
     })
 }
 
-const COLUMNS: &str = "id, name, key_prefix, scopes, expires_at, last_used_at, created_at, revoked_at";
+const SELECT: &str =
+    "SELECT id, name, key_prefix, scopes, expires_at, last_used_at, created_at, revoked_at, key_hash FROM api_keys";
 
-pub(crate) fn create(
-    conn: &Connection,
+pub(crate) async fn create(
+    c: &mut Conn,
     name: &str,
     scopes: &[Scope],
     expires_at: Option<OffsetDateTime>,
@@ -91,57 +78,68 @@ pub(crate) fn create(
         created_at: timestamp::now(),
         revoked_at: None,
     };
-    conn.execute(
+    sqlx::query(
         "INSERT INTO api_keys (id, name, key_prefix, key_hash, scopes, expires_at, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            key.id,
-            key.name,
-            key.key_prefix,
-            &hash(&secret)[..],
-            scopes_to_text(scopes),
-            key.expires_at.map(timestamp::format),
-            timestamp::format(key.created_at)
-        ],
-    )?;
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&key.id)
+    .bind(&key.name)
+    .bind(&key.key_prefix)
+    .bind(hash(&secret).to_vec())
+    .bind(scopes_to_text(scopes))
+    .bind(key.expires_at.map(timestamp::format))
+    .bind(timestamp::format(key.created_at))
+    .execute(c)
+    .await?;
     Ok(NewKey { secret, key })
 }
 
-pub(crate) fn list(conn: &Connection) -> StoreResult<Vec<ApiKey>> {
-    Ok(conn
-        .prepare(&format!("SELECT {COLUMNS} FROM api_keys ORDER BY created_at, id"))?
-        .query_map([], from_row)?
-        .collect::<Result<_, _>>()?)
+pub(crate) async fn list(c: &mut Conn) -> StoreResult<Vec<ApiKey>> {
+    sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} ORDER BY created_at, id")))
+        .fetch_all(c)
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
 }
 
-pub(crate) fn count(conn: &Connection) -> StoreResult<u64> {
-    Ok(conn.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?)
+pub(crate) async fn count(c: &mut Conn) -> StoreResult<u64> {
+    int("count", sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM api_keys").fetch_one(c).await?)
 }
 
-pub(crate) fn get(conn: &Connection, id: &str) -> StoreResult<Option<ApiKey>> {
-    Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM api_keys WHERE id = ?1"), [id], from_row).optional()?)
+pub(crate) async fn get(c: &mut Conn, id: &str) -> StoreResult<Option<ApiKey>> {
+    sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE id = $1")))
+        .bind(id)
+        .fetch_optional(c)
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
 }
 
 /// Marks the key revoked; returns it, or `None` when there is no such key. Revoking twice keeps the first time.
-pub(crate) fn revoke(conn: &Connection, id: &str) -> StoreResult<Option<ApiKey>> {
-    conn.execute(
-        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2",
-        params![timestamp::format(timestamp::now()), id],
-    )?;
-    get(conn, id)
+pub(crate) async fn revoke(c: &mut Conn, id: &str) -> StoreResult<Option<ApiKey>> {
+    sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2")
+        .bind(timestamp::format(timestamp::now()))
+        .bind(id)
+        .execute(&mut *c)
+        .await?;
+    get(c, id).await
 }
 
 /// The stored key matching `secret`, compared by hash in constant time.
-pub(crate) fn find(conn: &Connection, secret: &str) -> StoreResult<Option<ApiKey>> {
+pub(crate) async fn find(c: &mut Conn, secret: &str) -> StoreResult<Option<ApiKey>> {
     if !well_formed(secret) {
         return Ok(None);
     }
     let wanted = hash(secret);
-    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS}, key_hash FROM api_keys WHERE key_prefix = ?1"))?;
-    let mut rows = stmt.query([&secret[..SHOWN_PREFIX_LEN]])?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE key_prefix = $1")))
+        .bind(&secret[..SHOWN_PREFIX_LEN])
+        .fetch_all(c)
+        .await?;
     let mut found = None;
-    while let Some(row) = rows.next()? {
-        let stored: Vec<u8> = row.get(8)?;
+    for row in &rows {
+        let stored: Vec<u8> = col(row, "key_hash")?;
         if bool::from(stored.ct_eq(&wanted)) {
             found = Some(from_row(row)?);
         }
@@ -149,46 +147,47 @@ pub(crate) fn find(conn: &Connection, secret: &str) -> StoreResult<Option<ApiKey
     Ok(found)
 }
 
-pub(crate) fn touch(conn: &Connection, id: &str) -> StoreResult<()> {
-    conn.execute(
-        "UPDATE api_keys SET last_used_at = ?1 WHERE id = ?2",
-        params![timestamp::format(timestamp::now()), id],
-    )?;
+pub(crate) async fn touch(c: &mut Conn, id: &str) -> StoreResult<()> {
+    sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+        .bind(timestamp::format(timestamp::now()))
+        .bind(id)
+        .execute(c)
+        .await?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::temp_store;
+    use crate::store::testing::backend_tests;
 
-    #[test]
-    fn keys_are_hashed_found_and_revoked() {
-        let (_d, store) = temp_store();
-        store
-            .call_blocking(|c| {
-                let k = create(c, "ci", &[Scope::MachinesRead], None)?;
-                assert!(well_formed(&k.secret), "{}", k.secret);
-                assert_eq!(k.key.key_prefix, &k.secret[..11]);
-                let stored: Vec<u8> = c.query_row("SELECT key_hash FROM api_keys", [], |r| r.get(0))?;
-                assert_eq!(stored, hash(&k.secret).to_vec());
-                let raw: i64 = c.query_row(
-                    "SELECT COUNT(*) FROM api_keys WHERE key_hash = ?1 OR key_prefix = ?1",
-                    [&k.secret],
-                    |r| r.get(0),
-                )?;
-                assert_eq!(raw, 0, "the secret itself is never stored");
-                assert_eq!(find(c, &k.secret)?.unwrap().id, k.key.id);
-                let mut wrong = k.secret.clone();
-                wrong.replace_range(20..21, if &wrong[20..21] == "a" { "b" } else { "a" });
-                assert!(find(c, &wrong)?.is_none());
-                assert!(find(c, "hf_short")?.is_none());
-                let r = revoke(c, &k.key.id)?.unwrap();
-                assert!(r.revoked_at.is_some());
-                assert!(revoke(c, "key_missing")?.is_none());
-                Ok(())
-            })
-            .unwrap();
+    backend_tests! {
+        async fn keys_are_hashed_found_and_revoked(store, _db) {
+            let mut c = store.write().await.unwrap();
+            let k = create(&mut c, "ci", &[Scope::MachinesRead], None).await.unwrap();
+            assert!(well_formed(&k.secret), "{}", k.secret);
+            assert_eq!(k.key.key_prefix, &k.secret[..11]);
+            let stored: Vec<u8> = sqlx::query_scalar("SELECT key_hash FROM api_keys").fetch_one(&mut *c).await.unwrap();
+            assert_eq!(stored, hash(&k.secret).to_vec());
+            let raw: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE key_hash = $1 OR key_prefix = $2")
+                .bind(k.secret.as_bytes().to_vec())
+                .bind(&k.secret)
+                .fetch_one(&mut *c)
+                .await
+                .unwrap();
+            assert_eq!(raw, 0, "the secret itself is never stored");
+            assert_eq!(find(&mut c, &k.secret).await.unwrap().unwrap().id, k.key.id);
+            let mut wrong = k.secret.clone();
+            wrong.replace_range(20..21, if &wrong[20..21] == "a" { "b" } else { "a" });
+            assert!(find(&mut c, &wrong).await.unwrap().is_none());
+            assert!(find(&mut c, "hf_short").await.unwrap().is_none());
+            let r = revoke(&mut c, &k.key.id).await.unwrap().unwrap();
+            assert!(r.revoked_at.is_some());
+            assert!(revoke(&mut c, "key_missing").await.unwrap().is_none());
+            assert_eq!(count(&mut c).await.unwrap(), 1);
+            c.commit().await.unwrap();
+            assert_eq!(list(&mut store.read().await.unwrap()).await.unwrap().len(), 1);
+        }
     }
 
     #[test]

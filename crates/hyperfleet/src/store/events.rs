@@ -1,10 +1,8 @@
 //! The `events` table: the stored backlog of machine events that `GET /events` resumes from. Ids only grow
-//! (AUTOINCREMENT, so never reused after a trim or a restart); the table keeps about the last `keep` events.
+//! (AUTOINCREMENT / an identity column, so never reused after a trim or a restart); the table keeps about the last `keep` events.
 
+use super::{Conn, StoreError, StoreResult, col, int};
 use hyperfleet_types::{Event, EventKind};
-use rusqlite::{Connection, params};
-
-use super::{StoreError, StoreResult};
 
 /// Which events a reader wants: one machine (by id or name) and some kinds; `None` is any.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -20,17 +18,25 @@ impl EventFilter {
     }
 }
 
-/// Stores `event` (its `id` is ignored) and returns it with the id it got. Every `TRIM_EVERY` events, those
-/// older than the last `keep` are deleted.
-pub(crate) fn append(c: &Connection, event: &Event, keep: u64) -> StoreResult<Event> {
+/// Stores `event` (its `id` is ignored) and returns it with the id it got, in the caller's write transaction
+/// (whose lock makes ids commit in order). Every `TRIM_EVERY` events, those older than the last `keep` are
+/// deleted.
+pub(crate) async fn append(c: &mut Conn, event: &Event, keep: u64) -> StoreResult<Event> {
     const TRIM_EVERY: u64 = 64;
     let body = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(format!("event: {e}")))?;
-    c.prepare_cached("INSERT INTO events (machine_id, machine_name, type, body) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![event.machine_id, event.machine_name, event.kind.as_str(), body])?;
-    let id = u64::try_from(c.last_insert_rowid()).map_err(|e| StoreError::Corrupt(format!("event id: {e}")))?;
-    if id % TRIM_EVERY == 0 && id > keep {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO events (machine_id, machine_name, type, body) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(&event.machine_id)
+    .bind(&event.machine_name)
+    .bind(event.kind.as_str())
+    .bind(body)
+    .fetch_one(&mut *c)
+    .await?;
+    let id: u64 = int("event id", id)?;
+    if id.is_multiple_of(TRIM_EVERY) && id > keep {
         let oldest_kept = i64::try_from(id - keep).unwrap_or(i64::MAX);
-        c.prepare_cached("DELETE FROM events WHERE id <= ?1")?.execute([oldest_kept])?;
+        sqlx::query("DELETE FROM events WHERE id <= $1").bind(oldest_kept).execute(c).await?;
     }
     Ok(Event { id, ..event.clone() })
 }
@@ -47,20 +53,24 @@ pub(crate) struct EventPage {
 }
 
 /// The stored events after `after` that pass `filter`, looking at `limit` of them at most.
-pub(crate) fn after(c: &Connection, after: u64, filter: &EventFilter, limit: u32) -> StoreResult<EventPage> {
+pub(crate) async fn after(c: &mut Conn, after: u64, filter: &EventFilter, limit: u32) -> StoreResult<EventPage> {
     let after = i64::try_from(after).unwrap_or(i64::MAX);
-    let mut stmt = c.prepare_cached(
-        "SELECT id, body FROM events WHERE id > ?1 AND (?2 IS NULL OR machine_id = ?2 OR machine_name = ?2) \
-         ORDER BY id LIMIT ?3",
-    )?;
-    let rows =
-        stmt.query_map(params![after, filter.machine, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+    let rows = sqlx::query(
+        "SELECT id, body FROM events WHERE id > $1 AND ($2 IS NULL OR machine_id = $2 OR machine_name = $2) \
+         ORDER BY id LIMIT $3",
+    )
+    .bind(after)
+    .bind(filter.machine.clone())
+    .bind(i64::from(limit))
+    .fetch_all(c)
+    .await?;
     let mut page = EventPage { scanned_to: u64::try_from(after).unwrap_or(0), ..EventPage::default() };
     let mut looked = 0;
     for row in rows {
-        let (id, body) = row?;
+        let id: i64 = col(&row, "id")?;
+        let body: String = col(&row, "body")?;
         let mut e: Event = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(format!("event {id}: {e}")))?;
-        e.id = u64::try_from(id).map_err(|e| StoreError::Corrupt(format!("event id: {e}")))?;
+        e.id = int("event id", id)?;
         page.scanned_to = e.id;
         looked += 1;
         if filter.matches(&e) {
@@ -72,15 +82,14 @@ pub(crate) fn after(c: &Connection, after: u64, filter: &EventFilter, limit: u32
 }
 
 /// The id of the newest event stored (0 when there is none).
-pub(crate) fn last_id(c: &Connection) -> StoreResult<u64> {
-    let id: i64 = c.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?;
-    u64::try_from(id).map_err(|e| StoreError::Corrupt(format!("event id: {e}")))
+pub(crate) async fn last_id(c: &mut Conn) -> StoreResult<u64> {
+    int("event id", sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(id), 0) FROM events").fetch_one(c).await?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::temp_store;
+    use crate::store::testing::backend_tests;
 
     fn ev(machine: &str, kind: EventKind) -> Event {
         Event {
@@ -99,30 +108,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_backlog_is_bounded_ids_keep_growing_and_filters_apply() {
-        let (_d, store) = temp_store();
-        let ids: Vec<u64> = (0..300)
-            .map(|i| {
+    backend_tests! {
+        async fn the_backlog_is_bounded_ids_keep_growing_and_filters_apply(store, _db) {
+            let mut ids = Vec::new();
+            for i in 0..300 {
                 let m = if i % 2 == 0 { "a" } else { "b" };
                 let k = if i % 3 == 0 { EventKind::Running } else { EventKind::Stopped };
-                store.call_blocking(|c| append(c, &ev(m, k), 100)).unwrap().id
-            })
-            .collect();
-        assert_eq!(ids, (1..=300).collect::<Vec<_>>());
-        let all = store.read_blocking(|c| after(c, 0, &EventFilter::default(), 1000)).unwrap().events;
-        assert!(all.len() >= 100 && all.len() < 100 + 64, "kept {}", all.len());
-        assert_eq!(all.last().unwrap().id, 300);
-        let since = store.read_blocking(|c| after(c, 295, &EventFilter::default(), 1000)).unwrap().events;
-        assert_eq!(since.iter().map(|e| e.id).collect::<Vec<_>>(), [296, 297, 298, 299, 300]);
-        let by_name = EventFilter { machine: Some("a-name".into()), kinds: Some(vec![EventKind::Running]) };
-        let some = store.read_blocking(|c| after(c, 280, &by_name, 1000)).unwrap();
-        assert_eq!(some.events.iter().map(|e| e.id).collect::<Vec<_>>(), [283, 289, 295]);
-        assert_eq!((some.scanned_to, some.more), (299, false), "300 is machine b's");
-        let first = store.read_blocking(|c| after(c, 280, &by_name, 5)).unwrap();
-        // Five of machine a's events looked at (281..=289), two of them `running`.
-        assert_eq!(first.events.iter().map(|e| e.id).collect::<Vec<_>>(), [283, 289]);
-        assert_eq!((first.scanned_to, first.more), (289, true));
-        assert_eq!(store.read_blocking(last_id).unwrap(), 300);
+                let mut tx = store.write().await.unwrap();
+                ids.push(append(&mut tx, &ev(m, k), 100).await.unwrap().id);
+                tx.commit().await.unwrap();
+            }
+            assert_eq!(ids, (1..=300).collect::<Vec<_>>());
+            let mut c = store.read().await.unwrap();
+            let all = after(&mut c, 0, &EventFilter::default(), 1000).await.unwrap().events;
+            assert!(all.len() >= 100 && all.len() < 100 + 64, "kept {}", all.len());
+            assert_eq!(all.last().unwrap().id, 300);
+            let since = after(&mut c, 295, &EventFilter::default(), 1000).await.unwrap().events;
+            assert_eq!(since.iter().map(|e| e.id).collect::<Vec<_>>(), [296, 297, 298, 299, 300]);
+            let by_name = EventFilter { machine: Some("a-name".into()), kinds: Some(vec![EventKind::Running]) };
+            let some = after(&mut c, 280, &by_name, 1000).await.unwrap();
+            assert_eq!(some.events.iter().map(|e| e.id).collect::<Vec<_>>(), [283, 289, 295]);
+            assert_eq!((some.scanned_to, some.more), (299, false), "300 is machine b's");
+            let first = after(&mut c, 280, &by_name, 5).await.unwrap();
+            // Five of machine a's events looked at (281..=289), two of them `running`.
+            assert_eq!(first.events.iter().map(|e| e.id).collect::<Vec<_>>(), [283, 289]);
+            assert_eq!((first.scanned_to, first.more), (289, true));
+            assert_eq!(last_id(&mut c).await.unwrap(), 300);
+        }
     }
 }

@@ -1,12 +1,14 @@
-//! The `machines` table. State changes are compare-and-set (`UPDATE … WHERE status IN (…)`), so two requests
-//! for one machine can never both act.
+//! The `machines` table. State changes are compare-and-set (read the status, change it only if it is one of
+//! those expected, under the write lock of [`super::Store::write`]), so two requests for one machine can
+//! never both act.
 
 use hyperfleet_types::{MachineSpec, MachineStatus, RuntimeKind, timestamp};
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
+use sqlx::any::AnyRow;
 use time::OffsetDateTime;
 
+use super::dialect::{self, Backend};
 use super::leases::{self, LeaseError};
-use super::{StoreError, StoreResult, now};
+use super::{Conn, StoreError, StoreResult, col, int, now, opt_time_col, time_col};
 
 /// A machine as persisted: what was asked for (`spec`), what it is doing, and its address block.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,39 +80,33 @@ impl Changes {
 const SELECT: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
      m.updated_at, m.expires_at, m.idle_since, l.block FROM machines m JOIN leases l ON l.machine_id = m.id";
 
-fn conversion_error(col: &str, e: impl std::fmt::Display) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("column {col}: {e}").into())
+const BY_ID: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
+     m.updated_at, m.expires_at, m.idle_since, l.block FROM machines m JOIN leases l ON l.machine_id = m.id \
+     WHERE m.id = $1";
+
+const BY_NAME: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
+     m.updated_at, m.expires_at, m.idle_since, l.block FROM machines m JOIN leases l ON l.machine_id = m.id \
+     WHERE m.name = $1";
+
+fn opt_time(t: Option<OffsetDateTime>) -> Option<String> {
+    t.map(timestamp::format)
 }
 
-pub(super) fn time_col(row: &Row, col: &str) -> rusqlite::Result<OffsetDateTime> {
-    let text: String = row.get(col)?;
-    timestamp::parse(&text).ok_or_else(|| conversion_error(col, format!("'{text}' is not an RFC 3339 time")))
-}
-
-fn opt_time_col(row: &Row, col: &str) -> rusqlite::Result<Option<OffsetDateTime>> {
-    let text: Option<String> = row.get(col)?;
-    text.map(|t| timestamp::parse(&t).ok_or_else(|| conversion_error(col, format!("'{t}' is not an RFC 3339 time"))))
-        .transpose()
-}
-
-fn opt_time(t: Option<OffsetDateTime>) -> rusqlite::types::Value {
-    t.map(timestamp::format).into()
-}
-
-fn from_row(row: &Row) -> rusqlite::Result<MachineRecord> {
-    let spec: String = row.get("spec")?;
-    let status: String = row.get("status")?;
+fn from_row(row: &AnyRow) -> StoreResult<MachineRecord> {
+    let spec: String = col(row, "spec")?;
+    let status: String = col(row, "status")?;
+    let pid: Option<i64> = col(row, "pid")?;
     Ok(MachineRecord {
-        id: row.get("id")?,
-        spec: serde_json::from_str(&spec).map_err(|e| conversion_error("spec", e))?,
+        id: col(row, "id")?,
+        spec: serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt(format!("column spec: {e}")))?,
         status: MachineStatus::parse(&status)
-            .ok_or_else(|| conversion_error("status", format!("unknown status '{status}'")))?,
-        socket_path: row.get("socket_path")?,
-        pid: row.get("pid")?,
-        error_message: row.get("error_message")?,
+            .ok_or_else(|| StoreError::Corrupt(format!("column status: unknown status '{status}'")))?,
+        socket_path: col(row, "socket_path")?,
+        pid: pid.map(|p| int("pid", p)).transpose()?,
+        error_message: col(row, "error_message")?,
         created_at: time_col(row, "created_at")?,
         updated_at: time_col(row, "updated_at")?,
-        block: row.get("block")?,
+        block: int("block", col::<i64>(row, "block")?)?,
         expires_at: opt_time_col(row, "expires_at")?,
         idle_since: opt_time_col(row, "idle_since")?,
     })
@@ -120,82 +116,105 @@ fn spec_json(spec: &MachineSpec) -> StoreResult<String> {
     serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(format!("machine spec: {e}")))
 }
 
-/// Inserts the machine and leases it the lowest free block, in one transaction.
-pub fn insert(
-    conn: &mut Connection,
+async fn by_id(c: &mut Conn, id: &str) -> StoreResult<Option<MachineRecord>> {
+    sqlx::query(BY_ID).bind(id).fetch_optional(c).await?.as_ref().map(from_row).transpose()
+}
+
+async fn all(c: &mut Conn, sql: String, args: Vec<String>) -> StoreResult<Vec<MachineRecord>> {
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for a in args {
+        q = q.bind(a);
+    }
+    q.fetch_all(c).await?.iter().map(from_row).collect()
+}
+
+/// `$from, $from+1, …` for `n` values.
+fn marks(from: usize, n: usize) -> String {
+    (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Inserts the machine and leases it the lowest free block (in the caller's write transaction).
+pub async fn insert(
+    c: &mut Conn,
     id: &str,
     spec: &MachineSpec,
     block_count: u32,
 ) -> Result<MachineRecord, InsertError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
     let ts = now();
-    let inserted = tx.execute(
-        "INSERT INTO machines (id, name, status, spec, created_at, updated_at) VALUES (?1, ?2, 'pending', ?3, ?4, ?4)",
-        params![id, spec.name, spec_json(spec)?, ts],
-    );
-    match inserted {
-        Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
-            if e.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("machines.name") =>
-        {
-            return Err(InsertError::NameTaken(spec.name.clone()));
-        }
-        other => {
-            other.map_err(StoreError::from)?;
-        }
+    // The name is checked first rather than by catching the UNIQUE violation: on PostgreSQL a failed
+    // statement aborts the whole transaction. The write lock makes check-then-insert safe; the UNIQUE
+    // constraint stays as the last word.
+    let taken: Option<String> = sqlx::query_scalar("SELECT id FROM machines WHERE name = $1")
+        .bind(&spec.name)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(StoreError::from)?;
+    if taken.is_some() {
+        return Err(InsertError::NameTaken(spec.name.clone()));
     }
-    leases::allocate(&tx, id, block_count)?;
-    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).map_err(StoreError::from)?;
-    tx.commit().map_err(StoreError::from)?;
+    sqlx::query(
+        "INSERT INTO machines (id, name, status, spec, created_at, updated_at) VALUES ($1, $2, 'pending', $3, $4, $4)",
+    )
+    .bind(id)
+    .bind(&spec.name)
+    .bind(spec_json(spec)?)
+    .bind(&ts)
+    .execute(&mut *c)
+    .await
+    .map_err(StoreError::from)?;
+    leases::allocate(c, id, block_count).await?;
+    let rec = by_id(c, id).await?.ok_or_else(|| StoreError::Corrupt(format!("machine {id} vanished")))?;
     Ok(rec)
 }
 
 /// Looks a machine up by id, or else by name. (Names shaped like ids are refused at create, so the two
 /// cannot name different machines.)
-pub fn get(conn: &Connection, id_or_name: &str) -> StoreResult<Option<MachineRecord>> {
-    // Prepared once per connection: this runs on every request that names a machine.
-    let by_id =
-        conn.prepare_cached(&format!("{SELECT} WHERE m.id = ?1"))?.query_row([id_or_name], from_row).optional()?;
-    if by_id.is_some() {
-        return Ok(by_id);
+pub async fn get(c: &mut Conn, id_or_name: &str) -> StoreResult<Option<MachineRecord>> {
+    if let Some(m) = by_id(c, id_or_name).await? {
+        return Ok(Some(m));
     }
-    Ok(conn.prepare_cached(&format!("{SELECT} WHERE m.name = ?1"))?.query_row([id_or_name], from_row).optional()?)
+    sqlx::query(BY_NAME).bind(id_or_name).fetch_optional(c).await?.as_ref().map(from_row).transpose()
 }
 
 /// A page of machines (oldest first) and the number matching the filter.
-pub fn list(
-    conn: &Connection,
+pub async fn list(
+    c: &mut Conn,
     status: Option<MachineStatus>,
     limit: u32,
     offset: u64,
 ) -> StoreResult<(Vec<MachineRecord>, u64)> {
     let (filter, args): (&str, Vec<String>) = match status {
-        Some(s) => ("WHERE m.status = ?1", vec![s.as_str().to_string()]),
+        Some(s) => ("WHERE m.status = $1", vec![s.as_str().to_string()]),
         None => ("", vec![]),
     };
-    let total: u64 =
-        conn.query_row(&format!("SELECT COUNT(*) FROM machines m {filter}"), params_from_iter(args.iter()), |r| {
-            r.get(0)
-        })?;
-    let sql = format!("{SELECT} {filter} ORDER BY m.created_at, m.id LIMIT {limit} OFFSET {offset}");
+    let mut count =
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM machines m {filter}")));
+    for a in &args {
+        count = count.bind(a.clone());
+    }
+    let total = int("count", count.fetch_one(&mut *c).await?)?;
     let rows =
-        conn.prepare(&sql)?.query_map(params_from_iter(args.iter()), from_row)?.collect::<Result<Vec<_>, _>>()?;
+        all(c, format!("{SELECT} {filter} ORDER BY m.created_at, m.id LIMIT {limit} OFFSET {offset}"), args).await?;
     Ok((rows, total))
 }
 
 /// Every machine id.
-pub fn ids(conn: &Connection) -> StoreResult<Vec<String>> {
-    Ok(conn.prepare("SELECT id FROM machines")?.query_map([], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?)
+pub async fn ids(c: &mut Conn) -> StoreResult<Vec<String>> {
+    Ok(sqlx::query_scalar("SELECT id FROM machines").fetch_all(c).await?)
 }
 
 /// How many machines there are of each status and runtime.
-pub(crate) fn counts(conn: &Connection) -> StoreResult<Vec<(MachineStatus, RuntimeKind, u64)>> {
-    let mut stmt =
-        conn.prepare_cached("SELECT status, json_extract(spec, '$.runtime'), COUNT(*) FROM machines GROUP BY 1, 2")?;
-    let rows =
-        stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, i64>(2)?)))?;
+pub(crate) async fn counts(c: &mut Conn) -> StoreResult<Vec<(MachineStatus, RuntimeKind, u64)>> {
+    let sql = format!(
+        "SELECT status, {} AS runtime, COUNT(*) AS n FROM machines GROUP BY 1, 2",
+        dialect::runtime_of_spec(Backend::of(c))
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(c).await?;
     let mut out = Vec::new();
     for row in rows {
-        let (status, runtime, n) = row?;
+        let status: String = col(&row, "status")?;
+        let runtime: Option<String> = col(&row, "runtime")?;
+        let n: i64 = col(&row, "n")?;
         let status = MachineStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?;
         let runtime = runtime
             .as_deref()
@@ -207,90 +226,87 @@ pub(crate) fn counts(conn: &Connection) -> StoreResult<Vec<(MachineStatus, Runti
 }
 
 /// Machines in any of `statuses`.
-pub fn with_status(conn: &Connection, statuses: &[MachineStatus]) -> StoreResult<Vec<MachineRecord>> {
-    let marks = vec!["?"; statuses.len()].join(", ");
-    let sql = format!("{SELECT} WHERE m.status IN ({marks}) ORDER BY l.block");
-    Ok(conn
-        .prepare(&sql)?
-        .query_map(params_from_iter(statuses.iter().map(|s| s.as_str())), from_row)?
-        .collect::<Result<Vec<_>, _>>()?)
+pub async fn with_status(c: &mut Conn, statuses: &[MachineStatus]) -> StoreResult<Vec<MachineRecord>> {
+    let sql = format!("{SELECT} WHERE m.status IN ({}) ORDER BY l.block", marks(1, statuses.len()));
+    all(c, sql, statuses.iter().map(|s| s.as_str().to_string()).collect()).await
 }
 
-/// Moves machine `id` to `to` if its status is one of `from`, applying `changes` in the same statement.
-pub fn transition(
-    conn: &mut Connection,
+/// A bound value of [`transition`]'s dynamic UPDATE.
+enum Arg {
+    Text(Option<String>),
+    Int(Option<i64>),
+}
+
+/// Moves machine `id` to `to` if its status is one of `from`, applying `changes` in the same statement (in
+/// the caller's write transaction). A start that a volume refuses changes nothing.
+pub async fn transition(
+    c: &mut Conn,
     id: &str,
     from: &[MachineStatus],
     to: MachineStatus,
     changes: &Changes,
 ) -> StoreResult<Cas> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut sets = vec!["status = ?1".to_string(), "updated_at = ?2".to_string()];
-    let mut args: Vec<rusqlite::types::Value> = vec![to.as_str().to_string().into(), now().into()];
-    let mut push = |col: &str, v: rusqlite::types::Value| {
+    let Some(before) = by_id(c, id).await? else {
+        return Ok(Cas::Missing);
+    };
+    if !from.contains(&before.status) {
+        return Ok(Cas::WrongState(before));
+    }
+    // Taking a volume is part of the same transaction as becoming `starting`: two starts cannot both take it.
+    if to == MachineStatus::Starting
+        && let Err(busy) = super::volumes::check_free(c, &before).await?
+    {
+        return Ok(Cas::VolumeBusy(busy));
+    }
+    let mut sets = vec!["status = $1".to_string(), "updated_at = $2".to_string()];
+    let mut args: Vec<Arg> = vec![Arg::Text(Some(to.as_str().to_string())), Arg::Text(Some(now()))];
+    let mut push = |col: &str, v: Arg| {
         args.push(v);
-        sets.push(format!("{col} = ?{}", args.len()));
+        sets.push(format!("{col} = ${}", args.len()));
     };
     if let Some(pid) = changes.pid {
-        push("pid", pid.map(i64::from).into());
+        push("pid", Arg::Int(pid.map(i64::from)));
     }
     if let Some(sock) = &changes.socket_path {
-        push("socket_path", sock.clone().into());
+        push("socket_path", Arg::Text(sock.clone()));
     }
     if let Some(t) = changes.expires_at {
-        push("expires_at", opt_time(t));
+        push("expires_at", Arg::Text(opt_time(t)));
     }
     if let Some(t) = changes.idle_since {
-        push("idle_since", opt_time(t));
+        push("idle_since", Arg::Text(opt_time(t)));
     }
     if let Some(msg) = &changes.error_message {
-        push("error_message", msg.clone().into());
+        push("error_message", Arg::Text(msg.clone()));
     } else if to != MachineStatus::Failed {
         // A machine that leaves `failed` no longer carries the old error.
         sets.push("error_message = NULL".into());
     }
-    args.push(id.to_string().into());
-    let id_arg = args.len();
-    let marks: Vec<String> = from
-        .iter()
-        .map(|s| {
-            args.push(s.as_str().to_string().into());
-            format!("?{}", args.len())
-        })
-        .collect();
-    let sql =
-        format!("UPDATE machines SET {} WHERE id = ?{id_arg} AND status IN ({})", sets.join(", "), marks.join(", "));
-    let changed = tx.execute(&sql, params_from_iter(args))?;
-    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()?;
-    // Taking a volume is part of the same transaction as becoming `starting`: two starts cannot both take it.
-    if changed > 0
-        && to == MachineStatus::Starting
-        && let Some(r) = &rec
-        && let Err(busy) = super::volumes::check_free(&tx, r)?
-    {
-        return Ok(Cas::VolumeBusy(busy));
+    args.push(Arg::Text(Some(id.to_string())));
+    let sql = format!("UPDATE machines SET {} WHERE id = ${}", sets.join(", "), args.len());
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for a in args {
+        q = match a {
+            Arg::Text(t) => q.bind(t),
+            Arg::Int(i) => q.bind(i),
+        };
     }
-    tx.commit()?;
-    Ok(match (changed, rec) {
-        (_, None) => Cas::Missing,
-        (0, Some(r)) => Cas::WrongState(r),
-        (_, Some(r)) => Cas::Done(r),
-    })
+    q.execute(&mut *c).await?;
+    let rec = by_id(c, id).await?.ok_or_else(|| StoreError::Corrupt(format!("machine {id} vanished")))?;
+    Ok(Cas::Done(rec))
 }
 
-/// Deletes machine `id` and frees its block if its status is one of `from`.
-pub fn delete(conn: &mut Connection, id: &str, from: &[MachineStatus]) -> StoreResult<Cas> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let Some(rec) = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()? else {
+/// Deletes machine `id` and frees its block if its status is one of `from` (in the caller's write transaction).
+pub async fn delete(c: &mut Conn, id: &str, from: &[MachineStatus]) -> StoreResult<Cas> {
+    let Some(rec) = by_id(c, id).await? else {
         return Ok(Cas::Missing);
     };
     if !from.contains(&rec.status) {
         return Ok(Cas::WrongState(rec));
     }
-    leases::release(&tx, id)?;
-    tx.execute("DELETE FROM machine_secrets WHERE machine_id = ?1", [id])?;
-    tx.execute("DELETE FROM machines WHERE id = ?1", [id])?;
-    tx.commit()?;
+    leases::release(c, id).await?;
+    sqlx::query("DELETE FROM machine_secrets WHERE machine_id = $1").bind(id).execute(&mut *c).await?;
+    sqlx::query("DELETE FROM machines WHERE id = $1").bind(id).execute(&mut *c).await?;
     Ok(Cas::Done(rec))
 }
 
@@ -302,99 +318,104 @@ pub enum Modify<E> {
     Refused(E),
 }
 
-/// Reads the machine's spec and status, lets `f` change the spec (or refuse), and writes it back, in one
-/// transaction: no other change to the machine can land in between.
-pub fn modify_spec<E>(
-    conn: &mut Connection,
+/// Reads the machine's spec and status, lets `f` change the spec (or refuse), and writes it back, in the
+/// caller's write transaction: no other change to the machine can land in between.
+pub async fn modify_spec<E>(
+    c: &mut Conn,
     id: &str,
     f: impl FnOnce(&mut MachineSpec, MachineStatus) -> Result<(), E>,
 ) -> StoreResult<Modify<E>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let Some(mut rec) = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()? else {
+    let Some(mut rec) = by_id(c, id).await? else {
         return Ok(Modify::Missing);
     };
     if let Err(e) = f(&mut rec.spec, rec.status) {
         return Ok(Modify::Refused(e));
     }
-    tx.execute(
-        "UPDATE machines SET spec = ?1, updated_at = ?2 WHERE id = ?3",
-        params![spec_json(&rec.spec)?, now(), id],
-    )?;
-    let rec = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row)?;
-    tx.commit()?;
+    sqlx::query("UPDATE machines SET spec = $1, updated_at = $2 WHERE id = $3")
+        .bind(spec_json(&rec.spec)?)
+        .bind(now())
+        .bind(id)
+        .execute(&mut *c)
+        .await?;
+    let rec = by_id(c, id).await?.ok_or_else(|| StoreError::Corrupt(format!("machine {id} vanished")))?;
     Ok(Modify::Done(Box::new(rec)))
 }
 
 /// Sets a machine's deadlines if it is in one of `statuses` (a keepalive or a policy change must not give
 /// a stopped machine a deadline); `None` if it is gone or in another state.
-pub fn set_deadlines(
-    conn: &mut Connection,
+pub async fn set_deadlines(
+    c: &mut Conn,
     id: &str,
     statuses: &[MachineStatus],
     expires_at: Option<OffsetDateTime>,
     idle_since: Option<OffsetDateTime>,
 ) -> StoreResult<Option<MachineRecord>> {
-    let marks = vec!["?"; statuses.len()].join(", ");
-    let mut args: Vec<rusqlite::types::Value> = vec![opt_time(expires_at), opt_time(idle_since), id.to_string().into()];
-    args.extend(statuses.iter().map(|s| rusqlite::types::Value::from(s.as_str().to_string())));
-    let n = conn.execute(
-        &format!("UPDATE machines SET expires_at = ?, idle_since = ? WHERE id = ? AND status IN ({marks})"),
-        params_from_iter(args),
-    )?;
-    if n == 0 {
+    let sql = format!(
+        "UPDATE machines SET expires_at = $1, idle_since = $2 WHERE id = $3 AND status IN ({})",
+        marks(4, statuses.len())
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(opt_time(expires_at)).bind(opt_time(idle_since)).bind(id);
+    for s in statuses {
+        q = q.bind(s.as_str());
+    }
+    if q.execute(&mut *c).await?.rows_affected() == 0 {
         return Ok(None);
     }
-    Ok(conn.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row).optional()?)
+    by_id(c, id).await
 }
 
 /// Records activity: moves `idle_since` forward on a running machine that has one.
-pub fn touch(conn: &mut Connection, id: &str, at: OffsetDateTime) -> StoreResult<()> {
-    conn.execute(
-        "UPDATE machines SET idle_since = ?1 WHERE id = ?2 AND status = 'running' AND idle_since IS NOT NULL \
-         AND idle_since < ?1",
-        params![timestamp::format(at), id],
-    )?;
+pub async fn touch(c: &mut Conn, id: &str, at: OffsetDateTime) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE machines SET idle_since = $1 WHERE id = $2 AND status = 'running' AND idle_since IS NOT NULL \
+         AND idle_since < $1",
+    )
+    .bind(timestamp::format(at))
+    .bind(id)
+    .execute(c)
+    .await?;
     Ok(())
 }
 
 /// Machines with a deadline: the timer's work list after a restart.
-pub fn with_deadlines(conn: &Connection) -> StoreResult<Vec<MachineRecord>> {
-    let sql = format!("{SELECT} WHERE m.expires_at IS NOT NULL OR m.idle_since IS NOT NULL");
-    Ok(conn.prepare(&sql)?.query_map([], from_row)?.collect::<Result<Vec<_>, _>>()?)
+pub async fn with_deadlines(c: &mut Conn) -> StoreResult<Vec<MachineRecord>> {
+    all(c, format!("{SELECT} WHERE m.expires_at IS NOT NULL OR m.idle_since IS NOT NULL"), vec![]).await
 }
 
-/// Replaces a machine's secrets.
-pub fn set_secrets(
-    conn: &mut Connection,
+/// Replaces a machine's secrets (in the caller's write transaction).
+pub async fn set_secrets(
+    c: &mut Conn,
     id: &str,
     secrets: &std::collections::BTreeMap<String, String>,
 ) -> StoreResult<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute("DELETE FROM machine_secrets WHERE machine_id = ?1", [id])?;
+    sqlx::query("DELETE FROM machine_secrets WHERE machine_id = $1").bind(id).execute(&mut *c).await?;
     for (k, v) in secrets {
-        tx.execute(
-            "INSERT INTO machine_secrets (machine_id, name, value) VALUES (?1, ?2, ?3)",
-            params![id, k, v.as_bytes()],
-        )?;
+        sqlx::query("INSERT INTO machine_secrets (machine_id, name, value) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(k)
+            .bind(v.as_bytes().to_vec())
+            .execute(&mut *c)
+            .await?;
     }
-    tx.commit()?;
     Ok(())
 }
 
 /// A machine's secrets, to put in a command's environment.
-pub fn secrets(conn: &Connection, id: &str) -> StoreResult<std::collections::BTreeMap<String, String>> {
-    let mut stmt = conn.prepare_cached("SELECT name, value FROM machine_secrets WHERE machine_id = ?1")?;
-    let rows = stmt.query_map([id], |r| {
-        let v: Vec<u8> = r.get(1)?;
-        Ok((r.get::<_, String>(0)?, String::from_utf8_lossy(&v).into_owned()))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+pub async fn secrets(c: &mut Conn, id: &str) -> StoreResult<std::collections::BTreeMap<String, String>> {
+    let rows =
+        sqlx::query("SELECT name, value FROM machine_secrets WHERE machine_id = $1").bind(id).fetch_all(c).await?;
+    rows.iter()
+        .map(|r| {
+            let v: Vec<u8> = col(r, "value")?;
+            Ok((col::<String>(r, "name")?, String::from_utf8_lossy(&v).into_owned()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::store::temp_store;
+    use crate::store::testing::backend_tests;
     use MachineStatus::*;
     use hyperfleet_types::{EgressPolicy, MachineNetwork, RuntimeKind};
     use std::net::Ipv4Addr;
@@ -434,50 +455,102 @@ mod tests {
         }
     }
 
-    #[test]
-    fn insert_get_list_delete() {
-        let (_d, store) = temp_store();
-        store
-            .call_blocking(|c| {
-                let a = insert(c, "ida", &spec("alpha"), 10).unwrap();
-                assert_eq!((a.block, a.status, a.spec.network.egress.clone()), (0, Pending, EgressPolicy::Deny));
-                assert_eq!(a.spec, spec("alpha"), "the spec round-trips");
-                assert!(matches!(insert(c, "idb", &spec("alpha"), 10), Err(InsertError::NameTaken(_))));
-                let b = insert(c, "idb", &spec("beta"), 10).unwrap();
-                assert_eq!(b.block, 1, "the failed insert leased nothing");
-                assert_eq!(get(c, "beta")?.unwrap().id, "idb");
-                assert_eq!(get(c, "ida")?.unwrap(), a);
-                let (page, total) = list(c, None, 1, 1)?;
-                assert_eq!((page.len(), page[0].id.as_str(), total), (1, "idb", 2));
-                let (page, total) = list(c, Some(Running), 50, 0)?;
-                assert_eq!((page.len(), total), (0, 0));
-                assert!(matches!(delete(c, "ida", &[Pending])?, Cas::Done(_)));
-                assert!(matches!(delete(c, "ida", &[Pending])?, Cas::Missing));
-                Ok(())
-            })
-            .unwrap();
+    async fn commit<T>(store: &crate::store::Store, f: impl AsyncFnOnce(&mut crate::store::Conn) -> T) -> T {
+        let mut tx = store.write().await.unwrap();
+        let out = f(&mut tx).await;
+        tx.commit().await.unwrap();
+        out
     }
 
-    #[test]
-    fn transition_is_compare_and_set() {
-        let (_d, store) = temp_store();
-        store
-            .call_blocking(|c| {
-                insert(c, "id1", &spec("m1"), 10).unwrap();
-                let ch = Changes { pid: Some(Some(42)), ..Default::default() };
-                let Cas::Done(r) = transition(c, "id1", &[Pending, Stopped], Starting, &ch)? else { panic!() };
-                assert_eq!((r.status, r.pid), (Starting, Some(42)));
-                // A second start finds it no longer pending.
-                let Cas::WrongState(r) = transition(c, "id1", &[Pending, Stopped], Starting, &ch)? else { panic!() };
-                assert_eq!(r.status, Starting);
-                let failed = Changes { error_message: Some(Some("boom".into())), ..Changes::process_gone() };
-                let Cas::Done(r) = transition(c, "id1", &[Starting], Failed, &failed)? else { panic!() };
-                assert_eq!((r.pid, r.error_message.as_deref()), (None, Some("boom")));
-                let Cas::Done(r) = transition(c, "id1", &[Failed], Starting, &Changes::default())? else { panic!() };
-                assert_eq!(r.error_message, None);
-                assert!(matches!(transition(c, "nope", &[Pending], Starting, &ch)?, Cas::Missing));
-                Ok(())
-            })
-            .unwrap();
+    backend_tests! {
+        async fn insert_get_list_delete(store, _db) {
+            let a = commit(&store, async |c| insert(c, "ida", &spec("alpha"), 10).await.unwrap()).await;
+            assert_eq!((a.block, a.status, a.spec.network.egress.clone()), (0, Pending, EgressPolicy::Deny));
+            assert_eq!(a.spec, spec("alpha"), "the spec round-trips");
+            let taken = commit(&store, async |c| insert(c, "idb", &spec("alpha"), 10).await).await;
+            assert!(matches!(taken, Err(InsertError::NameTaken(_))));
+            let b = commit(&store, async |c| insert(c, "idb", &spec("beta"), 10).await.unwrap()).await;
+            assert_eq!(b.block, 1, "the failed insert leased nothing");
+            let mut r = store.read().await.unwrap();
+            assert_eq!(get(&mut r, "beta").await.unwrap().unwrap().id, "idb");
+            assert_eq!(get(&mut r, "ida").await.unwrap().unwrap(), a);
+            let (page, total) = list(&mut r, None, 1, 1).await.unwrap();
+            assert_eq!((page.len(), page[0].id.as_str(), total), (1, "idb", 2));
+            let (page, total) = list(&mut r, Some(Running), 50, 0).await.unwrap();
+            assert_eq!((page.len(), total), (0, 0));
+            let counts = counts(&mut r).await.unwrap();
+            assert_eq!(counts, vec![(Pending, RuntimeKind::Container, 2)]);
+            drop(r);
+            assert!(matches!(commit(&store, async |c| delete(c, "ida", &[Pending]).await.unwrap()).await, Cas::Done(_)));
+            assert!(matches!(commit(&store, async |c| delete(c, "ida", &[Pending]).await.unwrap()).await, Cas::Missing));
+        }
+
+        async fn transition_is_compare_and_set(store, _db) {
+            commit(&store, async |c| insert(c, "id1", &spec("m1"), 10).await.unwrap()).await;
+            let ch = Changes { pid: Some(Some(42)), ..Default::default() };
+            let mut c = store.write().await.unwrap();
+            let Cas::Done(r) = transition(&mut c, "id1", &[Pending, Stopped], Starting, &ch).await.unwrap() else { panic!() };
+            assert_eq!((r.status, r.pid), (Starting, Some(42)));
+            // A second start finds it no longer pending.
+            let Cas::WrongState(r) = transition(&mut c, "id1", &[Pending, Stopped], Starting, &ch).await.unwrap() else { panic!() };
+            assert_eq!(r.status, Starting);
+            let failed = Changes { error_message: Some(Some("boom".into())), ..Changes::process_gone() };
+            let Cas::Done(r) = transition(&mut c, "id1", &[Starting], Failed, &failed).await.unwrap() else { panic!() };
+            assert_eq!((r.pid, r.error_message.as_deref()), (None, Some("boom")));
+            let Cas::Done(r) = transition(&mut c, "id1", &[Failed], Starting, &Changes::default()).await.unwrap() else { panic!() };
+            assert_eq!(r.error_message, None);
+            assert!(matches!(transition(&mut c, "nope", &[Pending], Starting, &ch).await.unwrap(), Cas::Missing));
+            c.commit().await.unwrap();
+            let r = get(&mut store.read().await.unwrap(), "m1").await.unwrap().unwrap();
+            assert_eq!(r.status, Starting, "committed");
+        }
+
+        async fn secrets_and_deadlines_round_trip(store, _db) {
+            commit(&store, async |c| insert(c, "id1", &spec("m1"), 10).await.unwrap()).await;
+            let secrets: std::collections::BTreeMap<String, String> = [("TOKEN".to_string(), "s3cret".to_string())].into();
+            commit(&store, async |c| set_secrets(c, "id1", &secrets).await.unwrap()).await;
+            assert_eq!(super::secrets(&mut store.read().await.unwrap(), "id1").await.unwrap(), secrets);
+            let at = timestamp::parse("2030-01-01T00:00:00.000Z").unwrap();
+            let none = commit(&store, async |c| set_deadlines(c, "id1", &[Running], Some(at), None).await.unwrap()).await;
+            assert!(none.is_none(), "a pending machine gets no deadline");
+            let set = commit(&store, async |c| set_deadlines(c, "id1", &[Pending], Some(at), Some(at)).await.unwrap()).await;
+            assert_eq!(set.unwrap().expires_at, Some(at));
+            let listed = with_deadlines(&mut store.read().await.unwrap()).await.unwrap();
+            assert_eq!(listed.len(), 1);
+        }
+
+        async fn concurrent_creates_never_share_a_name_or_a_block(store, db) {
+            // Two handles on one database (two daemons on PostgreSQL), 8 creates each, 3 names, 2 blocks.
+            let other = db.reopen().await;
+            let tasks = (0..16).map(|i| {
+                let s = if i % 2 == 0 { store.clone() } else { other.clone() };
+                tokio::spawn(async move {
+                    let mut tx = s.write().await.unwrap();
+                    let r = insert(&mut tx, &format!("id{i}"), &spec(&format!("n{}", i % 3)), 2).await;
+                    if r.is_ok() {
+                        tx.commit().await.unwrap();
+                    }
+                    r
+                })
+            });
+            let results = futures::future::join_all(tasks).await;
+            let (mut made, mut exhausted, mut taken) = (vec![], 0, 0);
+            for r in results {
+                match r.unwrap() {
+                    Ok(m) => made.push(m),
+                    Err(InsertError::Lease(LeaseError::Exhausted(2))) => exhausted += 1,
+                    Err(InsertError::NameTaken(_)) => taken += 1,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(made.len(), 2, "one per name while blocks last");
+            assert!(exhausted >= 1 && exhausted + taken == 14, "{exhausted} exhausted, {taken} taken");
+            let mut blocks: Vec<u32> = made.iter().map(|m| m.block).collect();
+            blocks.sort();
+            assert_eq!(blocks, [0, 1]);
+            let (all, total) = list(&mut store.read().await.unwrap(), None, 100, 0).await.unwrap();
+            assert_eq!((all.len(), total), (2, 2));
+            other.close().await;
+        }
     }
 }

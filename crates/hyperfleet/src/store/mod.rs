@@ -1,257 +1,317 @@
-//! SQLite persistence: one file, WAL mode, migrations by `user_version`. One writer connection behind a mutex
-//! ([`Store::call`]) and a few read-only connections ([`Store::read`]) that WAL lets run beside it, all used from
-//! blocking threads; every multi-step change is one `BEGIN IMMEDIATE` transaction on the writer, so uniqueness
-//! (names, address blocks) and compare-and-set state changes are enforced by the database.
+//! Persistence on one query layer with two backends: SQLite (the default: one file, WAL, embedded) and
+//! PostgreSQL (`--database postgres://…`, the shared database of a fleet). The queries are written once, on
+//! sqlx's `Any` driver with `$N` placeholders (which both backends accept); what differs between the two
+//! dialects (schema DDL, JSON functions, how a writer is serialised) is in [`dialect`].
+//!
+//! Reads use [`Store::read`] (a pooled connection that cannot write: `mode=ro` on SQLite, read-only
+//! transactions on PostgreSQL). Every change goes through [`Store::write`], a transaction that holds the
+//! database's one write lock until it commits: `BEGIN IMMEDIATE` on SQLite, a transaction-scoped advisory
+//! lock on PostgreSQL. So uniqueness (names, address blocks) and compare-and-set state changes are decided
+//! by the database, for every daemon sharing it.
 
 pub(crate) mod api_keys;
+pub(crate) mod dialect;
 pub(crate) mod events;
 pub(crate) mod leases;
 pub mod machines;
+pub(crate) mod pg_cluster;
+#[cfg(test)]
+pub(crate) mod testing;
 pub(crate) mod volumes;
 pub(crate) mod webhooks;
 
-use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Executor, Row};
+
+pub use dialect::Backend;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sql(#[from] sqlx::Error),
     #[error("database: {0}")]
     Corrupt(String),
-    #[error("database task failed: {0}")]
-    Task(String),
 }
 
 pub(crate) type StoreResult<T> = Result<T, StoreError>;
 
-const MIGRATIONS: &[&str] = &[
-    // 1: machines, address leases, API keys.
-    r#"
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE machines (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        status TEXT NOT NULL,
-        runtime TEXT NOT NULL,
-        vcpu_count INTEGER NOT NULL,
-        mem_size_mib INTEGER NOT NULL,
-        kernel_image_path TEXT NOT NULL,
-        kernel_args TEXT NOT NULL,
-        rootfs_path TEXT NOT NULL,
-        exposed_ports TEXT NOT NULL,
-        dns TEXT NOT NULL,
-        egress TEXT NOT NULL,
-        socket_path TEXT,
-        pid INTEGER,
-        error_message TEXT,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL
-    );
-    CREATE INDEX machines_by_status ON machines (status, created_at);
-    CREATE INDEX machines_by_created ON machines (created_at, id);
-    CREATE TABLE leases (
-        block INTEGER PRIMARY KEY,
-        machine_id TEXT NOT NULL UNIQUE REFERENCES machines (id) ON DELETE CASCADE,
-        created_at TEXT NOT NULL
-    );
-    -- Blocks below the highest lease that are free again; see leases.rs.
-    CREATE TABLE free_blocks (block INTEGER PRIMARY KEY);
-    CREATE TABLE api_keys (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        key_prefix TEXT NOT NULL,
-        key_hash BLOB NOT NULL UNIQUE,
-        scopes TEXT NOT NULL,
-        expires_at TEXT,
-        last_used_at TEXT,
-        created_at TEXT NOT NULL,
-        revoked_at TEXT
-    );
-    CREATE INDEX api_keys_by_prefix ON api_keys (key_prefix);
-    "#,
-    // 2: a machine's configuration is one JSON document (`MachineSpec`); only what queries filter on, or the
-    // database must enforce, keeps a column of its own.
-    r#"
-    ALTER TABLE machines ADD COLUMN spec TEXT NOT NULL DEFAULT '{}';
-    UPDATE machines SET spec = json_object(
-        'name', name, 'runtime', runtime, 'vcpu_count', vcpu_count, 'mem_size_mib', mem_size_mib,
-        'kernel_image_path', kernel_image_path, 'kernel_args', kernel_args, 'rootfs_path', rootfs_path,
-        'exposed_ports', json(exposed_ports), 'network', json_object('dns', json(dns), 'egress', json(egress)));
-    ALTER TABLE machines DROP COLUMN runtime;
-    ALTER TABLE machines DROP COLUMN vcpu_count;
-    ALTER TABLE machines DROP COLUMN mem_size_mib;
-    ALTER TABLE machines DROP COLUMN kernel_image_path;
-    ALTER TABLE machines DROP COLUMN kernel_args;
-    ALTER TABLE machines DROP COLUMN rootfs_path;
-    ALTER TABLE machines DROP COLUMN exposed_ports;
-    ALTER TABLE machines DROP COLUMN dns;
-    ALTER TABLE machines DROP COLUMN egress;
-    "#,
-    // 3: volumes. Which machines use one is in their specs; a machine holds its volumes while its status
-    // says it may have a process (see volumes.rs), so there is no attachment state to fall out of step.
-    r#"
-    CREATE TABLE volumes (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        size_mib INTEGER NOT NULL,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL
-    );
-    "#,
-    // 4: lifecycle deadlines (stored so they survive a restart) and write-only secrets.
-    r#"
-    ALTER TABLE machines ADD COLUMN expires_at TEXT;
-    ALTER TABLE machines ADD COLUMN idle_since TEXT;
-    CREATE TABLE machine_secrets (
-        machine_id TEXT NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
-        name TEXT NOT NULL,
-        value BLOB NOT NULL,
-        PRIMARY KEY (machine_id, name)
-    );
-    "#,
-    // 5: the machine events `GET /events` resumes from (a bounded backlog, trimmed as it grows; see events.rs).
-    r#"
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        machine_id TEXT NOT NULL,
-        machine_name TEXT NOT NULL,
-        type TEXT NOT NULL,
-        body TEXT NOT NULL
-    );
-    "#,
-    // 6: webhooks and their deliveries (each a durable to-do, inserted with its event; see webhooks.rs).
-    r#"
-    CREATE TABLE webhooks (
-        id TEXT PRIMARY KEY,
-        url TEXT NOT NULL,
-        events TEXT NOT NULL,
-        label_selector TEXT,
-        secret BLOB,
-        created_at TEXT NOT NULL
-    );
-    CREATE TABLE webhook_deliveries (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        webhook_id TEXT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
-        event_id INTEGER NOT NULL,
-        event_type TEXT NOT NULL,
-        machine_id TEXT NOT NULL,
-        event TEXT NOT NULL,
-        status TEXT NOT NULL,
-        attempts INTEGER NOT NULL,
-        next_attempt_at INTEGER,
-        last_status_code INTEGER,
-        last_error TEXT,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL
-    );
-    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
-    CREATE INDEX webhook_deliveries_by_webhook ON webhook_deliveries (webhook_id, id);
-    "#,
-];
+/// A connection of either backend; store functions take one (a [`Write`] or a [`Store::read`] connection).
+pub(crate) type Conn = AnyConnection;
 
-/// Read-only connections kept open. Readers are short point queries, and the blocking pool they run on is
-/// what really bounds concurrency; a few connections are enough for the 2-4 cores this runs on.
-const READERS: usize = 4;
+/// A write transaction holding the database's write lock (see [`Store::write`]); store functions take it as
+/// a [`Conn`] (it derefs to one). Dropped without [`Write::commit`], it rolls back.
+pub struct Write {
+    tx: sqlx::Transaction<'static, Any>,
+    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Write {
+    /// Runs `f` once the transaction has committed, before the next writer of this process begins (so
+    /// what `f` publishes goes out in commit order). Not run if it rolls back.
+    pub(crate) fn after_commit(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.after_commit.push(Box::new(f));
+    }
+
+    pub async fn commit(self) -> StoreResult<()> {
+        let Self { tx, after_commit, _turn } = self;
+        tx.commit().await?;
+        for f in after_commit {
+            f();
+        }
+        Ok(())
+    }
+
+    /// A savepoint: a nested transaction that can fail and roll back alone (on PostgreSQL, a failed
+    /// statement otherwise aborts the whole transaction).
+    pub(crate) async fn savepoint(&mut self) -> StoreResult<sqlx::Transaction<'_, Any>> {
+        Ok(sqlx::Connection::begin(&mut *self.tx).await?)
+    }
+}
+
+impl std::ops::Deref for Write {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for Write {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+}
+
+/// Where the database is: the SQLite file (the default, in the data dir), or a PostgreSQL URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// `postgres://…` / `postgresql://…` is PostgreSQL; `sqlite://PATH` or a plain path is a SQLite file.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(Self::Postgres(s.to_string()));
+        }
+        let path = s.strip_prefix("sqlite://").unwrap_or(s);
+        if path.is_empty() || path.contains("://") {
+            return Err(format!("'{s}' is neither a postgres:// URL nor a SQLite file path"));
+        }
+        Ok(Self::Sqlite(PathBuf::from(path)))
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Sqlite(_) => Backend::Sqlite,
+            Self::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// For logs and `doctor`: the file, or the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Sqlite(p) => format!("sqlite {}", p.display()),
+            Self::Postgres(url) => format!("postgresql {}", redact(url)),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((auth, host)) = rest.split_once('@') else { return url.to_string() };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+/// Reader connections kept open. Readers are short point queries; a few are enough for 2-4 cores.
+const READERS: u32 = 4;
+/// PostgreSQL connections for writers. Writers queue on the write lock anyway; more than one lets a
+/// writer's round trips overlap another's wait for the lock.
+const PG_WRITERS: u32 = 4;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for a pooled connection before it fails (a database that is down or saturated).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
-    readers: Arc<ReadPool>,
+    backend: Backend,
+    writer: AnyPool,
+    reader: AnyPool,
+    location: std::sync::Arc<Location>,
+    /// This process's writers take turns here first (FIFO), so the database lock is never contended within
+    /// one process and after-commit work runs in commit order.
+    turn: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
-/// A fixed set of read-only connections; a reader takes the first free one, or waits on one in turn.
-struct ReadPool {
-    conns: Vec<Mutex<Connection>>,
-    next: AtomicUsize,
-}
-
-impl ReadPool {
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.conns.len();
-        for i in 0..n {
-            match self.conns[(start + i) % n].try_lock() {
-                Ok(guard) => return f(&guard),
-                Err(TryLockError::Poisoned(e)) => return f(&e.into_inner()),
-                Err(TryLockError::WouldBlock) => {}
-            }
-        }
-        let guard = self.conns[start % n].lock().unwrap_or_else(|e| e.into_inner());
-        f(&guard)
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("location", &self.location.describe()).finish()
     }
 }
 
 impl Store {
     /// Opens (creating if needed) the database and brings its schema up to date.
-    pub fn open(path: &Path) -> StoreResult<Self> {
-        let mut conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        migrate(&mut conn)?;
+    pub async fn open(location: &Location) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        match location {
+            Location::Sqlite(path) => Self::open_sqlite(path).await,
+            Location::Postgres(url) => Self::open_postgres(url).await,
+        }
+    }
+
+    /// The SQLite file at `path` (the default backend).
+    pub async fn open_file(path: &Path) -> StoreResult<Self> {
+        Self::open(&Location::Sqlite(path.to_path_buf())).await
+    }
+
+    async fn open_sqlite(path: &Path) -> StoreResult<Self> {
+        let url =
+            |mode: &str| -> StoreResult<AnyConnectOptions> { Ok(sqlite_url(path, mode).parse::<AnyConnectOptions>()?) };
+        // One writer connection: SQLite has one writer at a time anyway, and queueing here costs nothing.
+        let writer = AnyPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .after_connect(|c, _| sqlite_pragmas(c))
+            .connect_with(url("rwc")?)
+            .await?;
+        {
+            let mut c = writer.acquire().await?;
+            c.execute("PRAGMA journal_mode = WAL").await?;
+            migrate(Backend::Sqlite, &mut c).await?;
+        }
         restrict_permissions(path);
         // Opened after the writer switched the file to WAL, so readers never block it nor each other.
-        let conns = (0..READERS)
-            .map(|_| {
-                let c = Connection::open_with_flags(
-                    path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
-                )?;
-                c.busy_timeout(BUSY_TIMEOUT)?;
-                Ok(Mutex::new(c))
+        let reader = AnyPoolOptions::new()
+            .max_connections(READERS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .after_connect(move |c, _| {
+                Box::pin(async move {
+                    c.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {}", BUSY_TIMEOUT.as_millis())))
+                        .await?;
+                    Ok(())
+                })
             })
-            .collect::<StoreResult<_>>()?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), readers: Arc::new(ReadPool { conns, next: AtomicUsize::new(0) }) })
-    }
-
-    /// Runs the read-only `f` on one of the read connections, on a blocking thread; it does not wait for
-    /// writes in progress (it sees the last committed state). A write through this connection fails.
-    pub async fn read<T, F>(&self, f: F) -> StoreResult<T>
-    where
-        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
-        T: Send + 'static,
-    {
-        let readers = self.readers.clone();
-        tokio::task::spawn_blocking(move || readers.with(f)).await.map_err(|e| StoreError::Task(e.to_string()))?
-    }
-
-    /// Same as [`Self::read`] for code that is not async (the CLI's key commands).
-    pub fn read_blocking<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
-        self.readers.with(f)
-    }
-
-    /// Runs `f` with the writer connection on a blocking thread (writes, and reads that must see them in order).
-    pub async fn call<T, F>(&self, f: F) -> StoreResult<T>
-    where
-        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
-        T: Send + 'static,
-    {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut guard)
+            .connect_with(url("ro")?)
+            .await?;
+        Ok(Self {
+            backend: Backend::Sqlite,
+            writer,
+            reader,
+            location: Location::Sqlite(path.into()).into(),
+            turn: Default::default(),
         })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Same as [`Self::call`] for code that is not async (the CLI's key commands).
-    pub fn call_blocking<T>(&self, f: impl FnOnce(&mut Connection) -> StoreResult<T>) -> StoreResult<T> {
-        let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut guard)
+    async fn open_postgres(url: &str) -> StoreResult<Self> {
+        let opts: AnyConnectOptions = url.parse()?;
+        let writer = AnyPoolOptions::new()
+            .max_connections(PG_WRITERS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(opts.clone())
+            .await?;
+        {
+            let mut tx = writer.begin().await?;
+            dialect::lock_for_write(Backend::Postgres, &mut tx).await?;
+            migrate(Backend::Postgres, &mut tx).await?;
+            tx.commit().await?;
+        }
+        let reader = AnyPoolOptions::new()
+            .max_connections(READERS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|c, _| {
+                Box::pin(async move {
+                    c.execute("SET default_transaction_read_only = on").await?;
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
+        Ok(Self {
+            backend: Backend::Postgres,
+            writer,
+            reader,
+            location: Location::Postgres(url.into()).into(),
+            turn: Default::default(),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// A connection for reads. It sees the last committed state and never waits for a writer; a write
+    /// through it fails.
+    pub async fn read(&self) -> StoreResult<PoolConnection<Any>> {
+        Ok(self.reader.acquire().await?)
+    }
+
+    /// A write transaction holding the database's one write lock until it commits or rolls back, so writes
+    /// are serialised as SQLite serialises them, on both backends: `BEGIN IMMEDIATE` on SQLite; on PostgreSQL
+    /// a transaction-scoped advisory lock taken first (every statement after it sees every earlier writer's
+    /// commit). Never call this while holding another [`Write`]: it would wait for itself.
+    pub async fn write(&self) -> StoreResult<Write> {
+        let turn = self.turn.clone().lock_owned().await;
+        let mut tx = match self.backend {
+            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.writer.begin().await?,
+        };
+        dialect::lock_for_write(self.backend, &mut tx).await?;
+        Ok(Write { tx, after_commit: Vec::new(), _turn: turn })
     }
 
     pub async fn ping(&self) -> StoreResult<()> {
-        self.call(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?)).await
+        let mut c = self.read().await?;
+        sqlx::query("SELECT 1").execute(&mut *c).await?;
+        Ok(())
     }
+
+    /// Closes the pools (a test dropping its PostgreSQL cluster waits for this).
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+}
+
+/// Per-connection SQLite settings (the file's WAL mode is persistent and set once at open).
+fn sqlite_pragmas(c: &mut AnyConnection) -> futures::future::BoxFuture<'_, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        c.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {}", BUSY_TIMEOUT.as_millis()))).await?;
+        c.execute("PRAGMA foreign_keys = ON").await?;
+        c.execute("PRAGMA synchronous = NORMAL").await?;
+        Ok(())
+    })
+}
+
+/// `sqlite://PATH?mode=MODE`, the path percent-encoded (a `?`, `#` or `%` in it would read as URL syntax).
+pub(crate) fn sqlite_url(path: &Path, mode: &str) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut enc = String::new();
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+            enc.push(char::from(b));
+        } else {
+            enc.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("sqlite://{enc}?mode={mode}")
 }
 
 /// The database holds key hashes and machines' secrets: only its owner may read it (and its WAL files).
@@ -272,33 +332,68 @@ fn restrict_permissions(path: &Path) {
     }
 }
 
-fn migrate(conn: &mut Connection) -> StoreResult<()> {
-    let current: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if current > MIGRATIONS.len() {
+/// Applies the migrations the database has not seen, each in its own transaction (on PostgreSQL all under
+/// the write lock the caller holds, so two daemons starting at once migrate once).
+async fn migrate(backend: Backend, c: &mut Conn) -> StoreResult<()> {
+    let migrations = dialect::migrations(backend);
+    let current = dialect::schema_version(backend, c).await?;
+    if current > migrations.len() {
         return Err(StoreError::Corrupt(format!(
             "schema version {current} is newer than this hyperfleet ({}); upgrade hyperfleet",
-            MIGRATIONS.len()
+            migrations.len()
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", i + 1)?;
-        tx.commit()?;
+    for (i, sql) in migrations.iter().enumerate().skip(current) {
+        let mut tx = sqlx::Connection::begin(&mut *c).await?;
+        if !sql.trim().is_empty() {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut *tx).await?;
+        }
+        dialect::set_schema_version(backend, &mut tx, i + 1).await?;
+        tx.commit().await?;
     }
     Ok(())
 }
 
-pub(crate) fn meta_get(conn: &Connection, key: &str) -> StoreResult<Option<String>> {
-    Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+pub(crate) async fn meta_get(c: &mut Conn, key: &str) -> StoreResult<Option<String>> {
+    Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = $1").bind(key).fetch_optional(c).await?)
 }
 
-pub(crate) fn meta_set(conn: &Connection, key: &str, value: &str) -> StoreResult<()> {
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [key, value],
-    )?;
+pub(crate) async fn meta_set(c: &mut Conn, key: &str, value: &str) -> StoreResult<()> {
+    sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+        .bind(key)
+        .bind(value)
+        .execute(c)
+        .await?;
     Ok(())
+}
+
+/// A stored integer that must fit `T` (ids, counts, block numbers): a value that does not is corruption.
+pub(crate) fn int<T: TryFrom<i64>>(what: &str, v: i64) -> StoreResult<T> {
+    T::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what}: {v} is out of range")))
+}
+
+/// A column of `row`, named `col`; reports the column on failure.
+pub(crate) fn col<'r, T>(row: &'r sqlx::any::AnyRow, col: &str) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, Any> + sqlx::Type<Any>,
+{
+    row.try_get(col).map_err(|e| StoreError::Corrupt(format!("column {col}: {e}")))
+}
+
+/// A stored time (RFC 3339 text, as [`now`] writes it).
+pub(crate) fn time_col(row: &sqlx::any::AnyRow, name: &str) -> StoreResult<time::OffsetDateTime> {
+    let text: String = col(row, name)?;
+    hyperfleet_types::timestamp::parse(&text)
+        .ok_or_else(|| StoreError::Corrupt(format!("column {name}: '{text}' is not an RFC 3339 time")))
+}
+
+pub(crate) fn opt_time_col(row: &sqlx::any::AnyRow, name: &str) -> StoreResult<Option<time::OffsetDateTime>> {
+    let text: Option<String> = col(row, name)?;
+    text.map(|t| {
+        hyperfleet_types::timestamp::parse(&t)
+            .ok_or_else(|| StoreError::Corrupt(format!("column {name}: '{t}' is not an RFC 3339 time")))
+    })
+    .transpose()
 }
 
 /// 16 random lowercase letters and digits: machine ids, and the body of key and request ids. Lowercase so an
@@ -318,54 +413,80 @@ pub fn now() -> String {
 }
 
 #[cfg(test)]
-pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("test.db")).unwrap();
-    (dir, store)
-}
-
-#[cfg(test)]
 mod tests {
+    use super::testing::backend_tests;
     use super::*;
 
+    backend_tests! {
+        async fn readers_see_commits_without_waiting_for_the_writer_and_cannot_write(store, _db) {
+            let mut w = store.write().await.unwrap();
+            meta_set(&mut w, "k", "committed").await.unwrap();
+            w.commit().await.unwrap();
+            let mut w = store.write().await.unwrap();
+            meta_set(&mut w, "k", "pending").await.unwrap();
+            // The writer is held, mid-transaction: readers still answer, with the last committed value.
+            let mut held = Vec::new();
+            for _ in 0..READERS {
+                let mut r = store.read().await.unwrap();
+                assert_eq!(meta_get(&mut r, "k").await.unwrap().as_deref(), Some("committed"));
+                held.push(r);
+            }
+            drop(held);
+            w.commit().await.unwrap();
+            let mut r = store.read().await.unwrap();
+            assert_eq!(meta_get(&mut r, "k").await.unwrap().as_deref(), Some("pending"));
+            let refused = meta_set(&mut r, "k", "x").await.unwrap_err().to_string();
+            assert!(refused.contains("readonly") || refused.contains("read-only"), "{refused}");
+        }
+
+        async fn concurrent_reads_use_several_connections(store, _db) {
+            // Each reader holds its connection until all have one: this finishes only if READERS run at once.
+            let reads = (0..READERS).map(|_| store.read());
+            let conns = tokio::time::timeout(Duration::from_secs(10), futures::future::try_join_all(reads))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(conns.len(), READERS as usize);
+        }
+
+        async fn writers_take_turns_across_handles(store, db) {
+            // Two handles (two daemons, on PostgreSQL): a writer of one waits while the other holds the lock.
+            let other = db.reopen().await;
+            let mut w = store.write().await.unwrap();
+            meta_set(&mut w, "turn", "first").await.unwrap();
+            let second = tokio::spawn(async move {
+                let mut w2 = other.write().await.unwrap();
+                let seen = meta_get(&mut w2, "turn").await.unwrap();
+                meta_set(&mut w2, "turn", "second").await.unwrap();
+                w2.commit().await.unwrap();
+                other.close().await;
+                seen
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!second.is_finished(), "the second writer waits for the first");
+            w.commit().await.unwrap();
+            assert_eq!(second.await.unwrap().as_deref(), Some("first"), "and then sees its commit");
+            assert_eq!(meta_get(&mut store.read().await.unwrap(), "turn").await.unwrap().as_deref(), Some("second"));
+        }
+    }
+
     #[test]
-    fn readers_see_commits_without_waiting_for_the_writer_and_cannot_write() {
-        let (_d, store) = temp_store();
-        store.call_blocking(|c| meta_set(c, "k", "committed")).unwrap();
-        store
-            .call_blocking(|w| {
-                // The writer is held, mid-transaction: a reader still answers, with the last committed value.
-                w.execute_batch("BEGIN IMMEDIATE")?;
-                meta_set(w, "k", "pending")?;
-                for _ in 0..READERS + 1 {
-                    assert_eq!(store.read_blocking(|r| meta_get(r, "k"))?.as_deref(), Some("committed"));
-                }
-                w.execute_batch("COMMIT")?;
-                Ok(())
-            })
-            .unwrap();
-        assert_eq!(store.read_blocking(|r| meta_get(r, "k")).unwrap().as_deref(), Some("pending"));
-        let refused = store.read_blocking(|r| meta_set(r, "k", "x")).unwrap_err();
-        assert!(refused.to_string().contains("readonly"), "{refused}");
+    fn locations_parse_and_hide_passwords() {
+        assert_eq!(Location::parse("/var/lib/hf/db").unwrap(), Location::Sqlite("/var/lib/hf/db".into()));
+        assert_eq!(Location::parse("sqlite:///x/y.db").unwrap(), Location::Sqlite("/x/y.db".into()));
+        let pg = Location::parse("postgres://hf:s3cret@db:5432/hyperfleet").unwrap();
+        assert_eq!(pg.backend(), Backend::Postgres);
+        assert_eq!(pg.describe(), "postgresql postgres://hf:***@db:5432/hyperfleet");
+        assert!(Location::parse("mysql://x").is_err());
     }
 
     #[tokio::test]
-    async fn concurrent_reads_use_several_connections() {
-        let (_d, store) = temp_store();
-        store.call(|c| meta_set(c, "k", "v")).await.unwrap();
-        let barrier = Arc::new(std::sync::Barrier::new(READERS));
-        // Each read waits for all the others: this finishes only if READERS reads run at once.
-        let reads: Vec<_> = (0..READERS)
-            .map(|_| {
-                let b = barrier.clone();
-                store.read(move |c| {
-                    b.wait();
-                    meta_get(c, "k")
-                })
-            })
-            .collect();
-        let got = tokio::time::timeout(Duration::from_secs(10), futures::future::try_join_all(reads)).await.unwrap();
-        assert!(got.unwrap().iter().all(|v| v.as_deref() == Some("v")));
+    async fn the_sqlite_file_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.db");
+        let _store = Store::open_file(&path).await.unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }
 
@@ -373,32 +494,41 @@ mod tests {
 mod migration_tests {
     use super::*;
 
-    #[test]
-    fn machines_of_the_first_schema_keep_their_configuration() {
+    #[tokio::test]
+    async fn machines_of_the_first_schema_keep_their_configuration() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
         {
-            let mut conn = Connection::open(&path).unwrap();
-            let tx = conn.transaction().unwrap();
-            tx.execute_batch(MIGRATIONS[0]).unwrap();
-            tx.pragma_update(None, "user_version", 1).unwrap();
-            tx.execute(
+            // A database as the first release left it, written by SQLite directly.
+            sqlx::any::install_default_drivers();
+            let mut conn = <AnyConnection as sqlx::Connection>::connect(&sqlite_url(&path, "rwc")).await.unwrap();
+            let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(dialect::SQLITE[0])).execute(&mut *tx).await.unwrap();
+            sqlx::raw_sql("PRAGMA user_version = 1").execute(&mut *tx).await.unwrap();
+            sqlx::raw_sql(
                 "INSERT INTO machines (id, name, status, runtime, vcpu_count, mem_size_mib, kernel_image_path, \
                  kernel_args, rootfs_path, exposed_ports, dns, egress, created_at, updated_at) VALUES \
                  ('abc', 'web', 'stopped', 'container', 2, 256, '/k', 'console=ttyS0', '/r', '[80,443]', \
                  '[\"10.0.0.53\"]', '[\"10.1.0.0/16\"]', '2026-11-30T10:00:00.000Z', '2026-11-30T10:00:01.000Z')",
-                [],
             )
+            .execute(&mut *tx)
+            .await
             .unwrap();
-            tx.execute("INSERT INTO leases (block, machine_id, created_at) VALUES (3, 'abc', 'x')", []).unwrap();
-            tx.commit().unwrap();
+            sqlx::raw_sql("INSERT INTO leases (block, machine_id, created_at) VALUES (3, 'abc', 'x')")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
         }
-        let store = Store::open(&path).unwrap();
-        let m = store.call_blocking(|c| machines::get(c, "web")).unwrap().unwrap();
+        let store = Store::open_file(&path).await.unwrap();
+        let m = machines::get(&mut store.read().await.unwrap(), "web").await.unwrap().unwrap();
         assert_eq!((m.id.as_str(), m.block, m.spec.vcpu_count, m.spec.mem_size_mib), ("abc", 3, 2, 256));
         assert_eq!(m.spec.exposed_ports, vec![80, 443]);
         assert_eq!(m.spec.network.dns, vec![std::net::Ipv4Addr::new(10, 0, 0, 53)]);
         assert_eq!(m.spec.network.egress, hyperfleet_types::EgressPolicy::Cidrs(vec!["10.1.0.0/16".parse().unwrap()]));
         assert_eq!(hyperfleet_types::timestamp::format(m.created_at), "2026-11-30T10:00:00.000Z");
+        let version: i64 =
+            sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut *store.read().await.unwrap()).await.unwrap();
+        assert_eq!(usize::try_from(version).unwrap(), dialect::SQLITE.len());
     }
 }

@@ -4,10 +4,11 @@
 //! to one machine, read-only to many" holds under concurrent starts with no attachment state to clean up.
 
 use hyperfleet_types::{MachineStatus, Volume, VolumeUser};
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use sqlx::any::AnyRow;
 
-use super::machines::{MachineRecord, time_col};
-use super::{StoreResult, now};
+use super::dialect::{self, Backend};
+use super::machines::MachineRecord;
+use super::{Conn, StoreResult, col, int, now, time_col};
 
 /// Statuses in which a machine holds its volumes.
 pub(crate) const HOLDING: [MachineStatus; 4] =
@@ -35,78 +36,85 @@ impl VolumeRecord {
     }
 }
 
-fn from_row(row: &Row) -> rusqlite::Result<VolumeRecord> {
+fn from_row(row: &AnyRow) -> StoreResult<VolumeRecord> {
     Ok(VolumeRecord {
-        id: row.get("id")?,
-        name: row.get("name")?,
-        size_mib: row.get("size_mib")?,
+        id: col(row, "id")?,
+        name: col(row, "name")?,
+        size_mib: int("size_mib", col::<i64>(row, "size_mib")?)?,
         created_at: time_col(row, "created_at")?,
         updated_at: time_col(row, "updated_at")?,
     })
 }
 
-const SELECT: &str = "SELECT id, name, size_mib, created_at, updated_at FROM volumes";
+const BY_ID: &str = "SELECT id, name, size_mib, created_at, updated_at FROM volumes WHERE id = $1";
+const BY_NAME: &str = "SELECT id, name, size_mib, created_at, updated_at FROM volumes WHERE name = $1";
 
 /// Inserts a volume; `None` when the name is taken.
-pub(crate) fn insert(conn: &Connection, id: &str, name: &str, size_mib: u32) -> StoreResult<Option<VolumeRecord>> {
+pub(crate) async fn insert(c: &mut Conn, id: &str, name: &str, size_mib: u32) -> StoreResult<Option<VolumeRecord>> {
     let t = now();
-    let done = conn.execute(
-        "INSERT INTO volumes (id, name, size_mib, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4) \
+    let done = sqlx::query(
+        "INSERT INTO volumes (id, name, size_mib, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) \
          ON CONFLICT (name) DO NOTHING",
-        params![id, name, size_mib, t],
-    )?;
-    if done == 0 {
+    )
+    .bind(id)
+    .bind(name)
+    .bind(i64::from(size_mib))
+    .bind(&t)
+    .execute(&mut *c)
+    .await?;
+    if done.rows_affected() == 0 {
         return Ok(None);
     }
-    get(conn, id)
+    get(c, id).await
 }
 
 /// A volume by id or by name.
-pub(crate) fn get(conn: &Connection, id_or_name: &str) -> StoreResult<Option<VolumeRecord>> {
-    let by_id =
-        conn.prepare_cached(&format!("{SELECT} WHERE id = ?1"))?.query_row([id_or_name], from_row).optional()?;
-    if by_id.is_some() {
-        return Ok(by_id);
+pub(crate) async fn get(c: &mut Conn, id_or_name: &str) -> StoreResult<Option<VolumeRecord>> {
+    if let Some(row) = sqlx::query(BY_ID).bind(id_or_name).fetch_optional(&mut *c).await? {
+        return from_row(&row).map(Some);
     }
-    Ok(conn.prepare_cached(&format!("{SELECT} WHERE name = ?1"))?.query_row([id_or_name], from_row).optional()?)
+    sqlx::query(BY_NAME).bind(id_or_name).fetch_optional(c).await?.as_ref().map(from_row).transpose()
 }
 
-pub(crate) fn list(conn: &Connection) -> StoreResult<Vec<VolumeRecord>> {
-    Ok(conn
-        .prepare(&format!("{SELECT} ORDER BY created_at, id"))?
-        .query_map([], from_row)?
-        .collect::<Result<_, _>>()?)
+pub(crate) async fn list(c: &mut Conn) -> StoreResult<Vec<VolumeRecord>> {
+    sqlx::query("SELECT id, name, size_mib, created_at, updated_at FROM volumes ORDER BY created_at, id")
+        .fetch_all(c)
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
 }
 
 /// Every machine that names volume `id`, and whether it holds it now.
-pub(crate) fn users(conn: &Connection, id: &str) -> StoreResult<Vec<VolumeUser>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT m.id, m.status, json_extract(v.value, '$.read_only') FROM machines m, json_each(m.spec, '$.volumes') v \
-         WHERE json_extract(v.value, '$.volume') = ?1 ORDER BY m.created_at, m.id",
-    )?;
-    let rows = stmt.query_map([id], |r| {
-        let status: String = r.get(1)?;
-        let read_only: Option<bool> = r.get(2)?;
-        Ok(VolumeUser {
-            machine_id: r.get(0)?,
-            read_only: read_only.unwrap_or(false),
-            attached: MachineStatus::parse(&status).is_some_and(|s| HOLDING.contains(&s)),
+pub(crate) async fn users(c: &mut Conn, id: &str) -> StoreResult<Vec<VolumeUser>> {
+    let rows = sqlx::query(dialect::volume_users(Backend::of(c))).bind(id).fetch_all(c).await?;
+    rows.iter()
+        .map(|r| {
+            let status: String = col(r, "status")?;
+            let read_only: i64 = col(r, "read_only")?;
+            Ok(VolumeUser {
+                machine_id: col(r, "id")?,
+                read_only: read_only != 0,
+                attached: MachineStatus::parse(&status).is_some_and(|s| HOLDING.contains(&s)),
+            })
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+        .collect()
 }
 
-/// Whether machine `m` (becoming `starting` in `tx`) may take every volume it names: a read-write use needs
-/// no other holder, a read-only use no read-write holder. `Err(message)` names the volume and the holder.
-pub(super) fn check_free(tx: &Transaction, m: &MachineRecord) -> StoreResult<Result<(), String>> {
+/// Whether machine `m` (becoming `starting` in the caller's write transaction) may take every volume it
+/// names: a read-write use needs no other holder, a read-only use no read-write holder. `Err(message)` names
+/// the volume and the holder.
+pub(super) async fn check_free(c: &mut Conn, m: &MachineRecord) -> StoreResult<Result<(), String>> {
     for want in &m.spec.volumes {
-        for other in users(tx, &want.volume)? {
+        for other in users(c, &want.volume).await? {
             if other.machine_id == m.id || !other.attached {
                 continue;
             }
             if !want.read_only || !other.read_only {
-                let name: Option<String> =
-                    tx.query_row("SELECT name FROM volumes WHERE id = ?1", [&want.volume], |r| r.get(0)).optional()?;
+                let name: Option<String> = sqlx::query_scalar("SELECT name FROM volumes WHERE id = $1")
+                    .bind(&want.volume)
+                    .fetch_optional(&mut *c)
+                    .await?;
                 let how = if other.read_only { "read-only" } else { "read-write" };
                 return Ok(Err(format!(
                     "volume '{}' is attached {how} to machine {}; a volume is attached read-write to one running machine at most",
@@ -121,8 +129,8 @@ pub(super) fn check_free(tx: &Transaction, m: &MachineRecord) -> StoreResult<Res
 
 /// Why a volume cannot change (be deleted, resized) now, if it cannot: `in_use` when any machine names it
 /// (delete), else only when one holds it (resize).
-pub(crate) fn busy(conn: &Connection, id: &str, any_use: bool) -> StoreResult<Option<String>> {
-    let users = users(conn, id)?;
+pub(crate) async fn busy(c: &mut Conn, id: &str, any_use: bool) -> StoreResult<Option<String>> {
+    let users = users(c, id).await?;
     let blocking: Vec<&VolumeUser> = users.iter().filter(|u| any_use || u.attached).collect();
     Ok(blocking.first().map(|u| {
         if u.attached {
@@ -136,18 +144,69 @@ pub(crate) fn busy(conn: &Connection, id: &str, any_use: bool) -> StoreResult<Op
     }))
 }
 
-pub(crate) fn set_size(conn: &Connection, id: &str, size_mib: u32) -> StoreResult<()> {
-    conn.execute("UPDATE volumes SET size_mib = ?1, updated_at = ?2 WHERE id = ?3", params![size_mib, now(), id])?;
+pub(crate) async fn set_size(c: &mut Conn, id: &str, size_mib: u32) -> StoreResult<()> {
+    sqlx::query("UPDATE volumes SET size_mib = $1, updated_at = $2 WHERE id = $3")
+        .bind(i64::from(size_mib))
+        .bind(now())
+        .bind(id)
+        .execute(c)
+        .await?;
     Ok(())
 }
 
-/// Deletes the volume unless a machine names it; `Err(message)` says which one does.
-pub(crate) fn delete(conn: &mut Connection, id: &str) -> StoreResult<Result<(), String>> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    if let Some(why) = busy(&tx, id, true)? {
+/// Deletes the volume unless a machine names it (in the caller's write transaction); `Err(message)` says
+/// which one does.
+pub(crate) async fn delete(c: &mut Conn, id: &str) -> StoreResult<Result<(), String>> {
+    if let Some(why) = busy(c, id, true).await? {
         return Ok(Err(why));
     }
-    tx.execute("DELETE FROM volumes WHERE id = ?1", [id])?;
-    tx.commit()?;
+    sqlx::query("DELETE FROM volumes WHERE id = $1").bind(id).execute(c).await?;
     Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::machines::{self, Cas, Changes};
+    use crate::store::testing::backend_tests;
+    use hyperfleet_types::VolumeMount;
+
+    backend_tests! {
+        async fn a_volume_is_held_read_write_by_one_machine(store, _db) {
+            let mut tx = store.write().await.unwrap();
+            let v = insert(&mut tx, "v1", "data", 64).await.unwrap().unwrap();
+            assert!(insert(&mut tx, "v2", "data", 64).await.unwrap().is_none(), "the name is taken");
+            for (id, read_only) in [("a", false), ("b", false), ("c", true)] {
+                let mut spec = machines::tests::spec(id);
+                spec.volumes = vec![VolumeMount { volume: v.id.clone(), mount_path: "/data".into(), read_only }];
+                machines::insert(&mut tx, id, &spec, 10).await.unwrap();
+            }
+            tx.commit().await.unwrap();
+            let mut tx = store.write().await.unwrap();
+            let start = async |tx: &mut crate::store::Conn, id: &str| {
+                machines::transition(tx, id, &[MachineStatus::Pending], MachineStatus::Starting, &Changes::default())
+                    .await
+                    .unwrap()
+            };
+            assert!(matches!(start(&mut tx, "a").await, Cas::Done(_)));
+            let Cas::VolumeBusy(why) = start(&mut tx, "b").await else { panic!("b took a held volume") };
+            assert!(why.contains("'data'") && why.contains("machine a"), "{why}");
+            assert!(matches!(start(&mut tx, "c").await, Cas::VolumeBusy(_)), "read-only beside read-write");
+            tx.commit().await.unwrap();
+            let mut r = store.read().await.unwrap();
+            let users = users(&mut r, "v1").await.unwrap();
+            assert_eq!(
+                users.iter().map(|u| (u.machine_id.as_str(), u.read_only, u.attached)).collect::<Vec<_>>(),
+                [("a", false, true), ("b", false, false), ("c", true, false)]
+            );
+            assert!(busy(&mut r, "v1", false).await.unwrap().unwrap().contains("attached to machine a"));
+            drop(r);
+            let mut tx = store.write().await.unwrap();
+            assert!(delete(&mut tx, "v1").await.unwrap().is_err(), "machines name it");
+            set_size(&mut tx, "v1", 128).await.unwrap();
+            tx.commit().await.unwrap();
+            let got = get(&mut store.read().await.unwrap(), "data").await.unwrap().unwrap();
+            assert_eq!(got.size_mib, 128);
+        }
+    }
 }

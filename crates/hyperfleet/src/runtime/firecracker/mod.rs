@@ -156,8 +156,10 @@ impl Firecracker {
         let (Some(bin), Some(jailer), None) = (self.bin.clone(), self.jailer.clone(), self.unavailable()) else {
             return Err(RuntimeError::Unavailable(self.unavailable().unwrap_or_default()));
         };
+        let mut took = super::StepTimes::new();
         // What a crash may have left of an earlier run (mknod in the chroot fails on existing devices).
         Self::release(&spec.id, files).await;
+        took.lap("release");
         let identity = Identity::of_block(self.jail.uid_base, spec.block);
         let (chroot_dir, kernel, jail_files) =
             (self.jail.chroot_dir.clone(), spec.kernel_image_path.clone(), files.clone());
@@ -170,6 +172,7 @@ impl Firecracker {
                 .map_err(RuntimeError::io("place the volumes in the chroot", &jail_files.jail))
         })
         .await??;
+        took.lap("jail");
         let console = files.open_console_log()?;
         let console_err = console.try_clone().map_err(RuntimeError::io("open", &files.console_log))?;
         let mut cmd = JailerCommand {
@@ -192,15 +195,21 @@ impl Firecracker {
                 return Err(RuntimeError::Unavailable(format!("cannot run {}: {e}", jailer.display())));
             }
         };
+        took.lap("spawn");
         let socket = Self::wait_for_socket(files, pid).await;
         drop(parent);
+        took.lap("socket");
         match async {
             socket?;
             self.configure(spec, files, pid).await
         }
         .await
         {
-            Ok(()) => Ok(Booted { pid, socket_path: Some(files.api_socket.display().to_string()) }),
+            Ok(()) => {
+                took.lap("configure");
+                tracing::debug!(machine = %spec.id, pid, took = %took, "firecracker booted");
+                Ok(Booted { pid, socket_path: Some(files.api_socket.display().to_string()) })
+            }
             Err(e) => {
                 process::terminate(pid, Duration::from_secs(1)).await;
                 Self::release(&spec.id, files).await;
