@@ -418,9 +418,7 @@ async fn restart_policies_decide_what_an_exit_does() {
     let image = format!("{}/team/app:v1", reg.addr);
     // Each run counts itself in /dev/shm (kept across restarts inside the machine) and exits with `code`.
     let counting = |code: i32| {
-        format!(
-            "n=$(cat /dev/shm/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /dev/shm/n; echo run $n; exit {code}"
-        )
+        format!("n=$(cat /dev/shm/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /dev/shm/n; echo run $n; exit {code}")
     };
     let create = |name: &str, code: i32, policy: RestartPolicy| CreateMachine {
         image: Some(image.clone()),
@@ -723,9 +721,7 @@ async fn a_pull_cut_by_a_daemon_crash_resumes_or_shows_its_failure() {
     assert!(msg.contains("the image pull failed") && msg.contains("refused"), "{msg}");
     let e = c.start_machine(&authed.id).await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(403), Some("REGISTRY_UNAUTHORIZED")), "{e}");
-    c.pull_image(&PullImage { image: format!("{}/big:v1", private.addr), registry_auth: Some(right) })
-        .await
-        .unwrap();
+    c.pull_image(&PullImage { image: format!("{}/big:v1", private.addr), registry_auth: Some(right) }).await.unwrap();
     let m = c.start_machine(&authed.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
     assert_eq!((m.status, m.error_message), (MachineStatus::Running, None));
 

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use futures::StreamExt;
 use hyperfleet_types::{ImageInfo, ImagePhase, ImageStatus, MachineSpec};
 use serde::{Deserialize, Serialize};
-use futures::StreamExt;
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
@@ -364,8 +364,7 @@ impl Images {
         let (manifest, config) = match known {
             Some(k) => k,
             None => {
-                let (got, manifest, config) =
-                    session.resolve(&by_digest, creds.as_ref()).await?;
+                let (got, manifest, config) = session.resolve(&by_digest, creds.as_ref()).await?;
                 if got != digest {
                     return Err(ImageError::Registry(format!(
                         "registry error: asked for {digest}, the registry sent {got}"
@@ -481,7 +480,8 @@ impl Images {
             .cloned()
             .enumerate()
             .map(|(i, l)| {
-                let (session, r, blobs, progress) = (session.clone(), by_digest.clone(), blobs.clone(), progress.clone());
+                let (session, r, blobs, progress) =
+                    (session.clone(), by_digest.clone(), blobs.clone(), progress.clone());
                 async move { session.layer(&r, &l, &blobs, &progress).await.map(|p| (i, p)) }
             })
             .collect();

@@ -57,7 +57,17 @@ impl TokenServer {
         let dir = tempfile::tempdir().unwrap();
         let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
         let out = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=hyperfleet-test-tokens"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=hyperfleet-test-tokens",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
