@@ -36,6 +36,9 @@ pub(crate) struct Ready {
     pub root: PathBuf,
 }
 
+/// How long after a pull its converted image is synced to disk (see [`Images::pull`]).
+const SYNC_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Layer downloads of one pull running at once.
 const PARALLEL_LAYERS: usize = 4;
 
@@ -402,13 +405,12 @@ impl Images {
         }
         // mkfs did not sync the image (see rootfs.rs): it goes to disk off the pull's path, and only then
         // does index.json name it, so after a power loss the cache never holds a torn image.
+        // A little later, so this writeback does not compete with the start that is usually waiting for the
+        // image right now (and copies it into the machine's own disk, synced).
         let (this, root, d) = (self.clone(), out.clone(), digest.to_string());
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = std::fs::File::open(&root).and_then(|f| f.sync_all()) {
-                warn!(path = %root.display(), error = %e, "could not sync a converted image");
-            }
-            this.lock().unsynced.remove(&d);
-            this.save_index();
+        tokio::spawn(async move {
+            tokio::time::sleep(SYNC_DELAY).await;
+            let _ = tokio::task::spawn_blocking(move || this.sync_root(&root, &d)).await;
         });
         info!(
             image,
@@ -420,6 +422,20 @@ impl Images {
             "image pulled and converted"
         );
         Ok(Ready { root: out })
+    }
+
+    /// Syncs a converted image to disk, then lets `index.json` name it.
+    fn sync_root(&self, root: &Path, digest: &str) {
+        if !self.lock().index.contains_key(digest) {
+            // Removed (or evicted) before its turn came: nothing to keep.
+            self.lock().unsynced.remove(digest);
+            return;
+        }
+        if let Err(e) = std::fs::File::open(root).and_then(|f| f.sync_all()) {
+            warn!(path = %root.display(), error = %e, "could not sync a converted image");
+        }
+        self.lock().unsynced.remove(digest);
+        self.save_index();
     }
 
     /// Counts `layers` as in use by a running pull (`hold`) or no longer.
