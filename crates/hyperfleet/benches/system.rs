@@ -892,6 +892,34 @@ fn ssh_keystrokes(key: &Path, guest: std::net::Ipv4Addr, n: usize) -> Vec<Durati
     samples
 }
 
+/// 10 rounds of: the machine paused (or stopped), then timed, its first proxied request (the wake), and
+/// again paused (stopped), then timed, `POST /resume` (`/start`) and the same URL until it answers.
+async fn wake_rounds(d: &Daemon, id: &str, url: &str, stopped: bool) -> (Vec<Duration>, Vec<Duration>) {
+    let http = reqwest::Client::new();
+    let sleep = || async {
+        if stopped { d.client.stop_machine(id).await.unwrap() } else { d.client.pause_machine(id).await.unwrap() }
+    };
+    let (mut wake, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        sleep().await;
+        let t = Instant::now();
+        assert_eq!(http.get(url).send().await.unwrap().status(), 200);
+        wake.push(t.elapsed());
+        sleep().await;
+        let t = Instant::now();
+        if stopped {
+            d.client.start_machine(id).await.unwrap();
+        } else {
+            d.client.resume_machine(id).await.unwrap();
+        }
+        while !http.get(url).send().await.is_ok_and(|r| r.status() == 200) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        plain.push(t.elapsed());
+    }
+    (wake, plain)
+}
+
 async fn bench_interactive(r: &mut Report) {
     use futures::{SinkExt, StreamExt};
     use hyperfleet_client::{PtyMessage, PtyOptions};
@@ -960,21 +988,9 @@ async fn bench_interactive(r: &mut Report) {
         }
     }
     drop(echo);
-    let http = reqwest::Client::new();
     // Wake from paused: the first request through the proxy, against resume + the same request.
     let url = format!("{}/proxy/{}/8080/headers", d.proxy_url(), m.id);
-    let (mut wake, mut plain) = (Vec::new(), Vec::new());
-    for _ in 0..10 {
-        d.client.pause_machine(&m.id).await.unwrap();
-        let t = Instant::now();
-        assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
-        wake.push(t.elapsed());
-        d.client.pause_machine(&m.id).await.unwrap();
-        let t = Instant::now();
-        d.client.resume_machine(&m.id).await.unwrap();
-        assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
-        plain.push(t.elapsed());
-    }
+    let (mut wake, mut plain) = wake_rounds(&d, &m.id, &url, false).await;
     // Wake from stopped: a machine whose image serves HTTP as its main process (busybox httpd), so a start
     // brings the service back; against `POST /start` then polling the same URL until it answers.
     let web = CreateMachine {
@@ -991,20 +1007,7 @@ async fn bench_interactive(r: &mut Report) {
     reg.push("bench/web", "v1", &web_image).await;
     let w = running(&d, web).await;
     let url = format!("{}/proxy/{}/8080/", d.proxy_url(), w.id);
-    let (mut cold, mut cold_plain) = (Vec::new(), Vec::new());
-    for _ in 0..10 {
-        d.client.stop_machine(&w.id).await.unwrap();
-        let t = Instant::now();
-        assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
-        cold.push(t.elapsed());
-        d.client.stop_machine(&w.id).await.unwrap();
-        let t = Instant::now();
-        d.client.start_machine(&w.id).await.unwrap();
-        while !http.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        cold_plain.push(t.elapsed());
-    }
+    let (mut cold, mut cold_plain) = wake_rounds(&d, &w.id, &url, true).await;
     r.section(
         "Terminal and wake on request",
         "A terminal (`GET /machines/{id}/pty`) to `cat` in a container guest: one keystroke sent, its echo \
