@@ -254,6 +254,11 @@ async fn layers_stack_indexes_resolve_and_hostile_layers_are_refused() {
     assert!(!std::path::Path::new("/tmp/hf-escape-x").exists());
     assert_eq!(std::fs::read_dir(canary.path()).unwrap().count(), 0, "nothing written through the symlink");
     let images = d.dir.path().join("images");
+    // The good pulls' scratch trees go in the background: give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(images.join("tmp")).unwrap().count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(std::fs::read_dir(images.join("tmp")).unwrap().count(), 0, "no partial files left");
     assert_eq!(c.list_images().await.unwrap().images.len(), 2, "only the good images are cached");
     c.delete_machine(&m.id, true).await.unwrap();
@@ -726,11 +731,18 @@ async fn a_pull_cut_by_a_daemon_crash_resumes_or_shows_its_failure() {
     assert_eq!((m.status, m.error_message), (MachineStatus::Running, None));
 
     // Nothing half-written survived the crash.
-    let partial: Vec<String> = files_under(&images)
-        .into_iter()
-        .filter(|f| f.contains(".partial") || f.starts_with(&images.join("tmp").display().to_string()))
-        .collect();
-    assert!(partial.is_empty(), "{partial:?}");
+    let leftovers = || -> Vec<String> {
+        files_under(&images)
+            .into_iter()
+            .filter(|f| f.contains(".partial") || f.starts_with(&images.join("tmp").display().to_string()))
+            .collect()
+    };
+    // Scratch trees of the good pulls go in the background: give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !leftovers().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(leftovers(), Vec::<String>::new());
     for id in [&anon.id, &authed.id] {
         c.delete_machine(id, true).await.unwrap();
     }

@@ -30,11 +30,8 @@ pub(crate) fn build(count: usize, layers: Arrivals, agent: &Path, work: &Path, o
     let result = build_in(count, layers, agent, work, out);
     let trash = work.with_extension(format!("trash-{}", std::process::id()));
     if result.is_ok() && std::fs::rename(work, &trash).is_ok() {
-        // A little later, off the start that usually waits for this image (see SYNC_DELAY in the cache).
-        std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_secs(2));
-            remove_scratch(&trash);
-        });
+        // At once: the tree's data is still only in the page cache, and deleting it spares its writeback.
+        std::thread::spawn(move || remove_scratch(&trash));
     } else {
         remove_scratch(work);
     }
