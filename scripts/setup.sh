@@ -14,7 +14,7 @@ log() { printf '\n==> %s\n' "$*" >&2; }
 
 packages=(nftables runc busybox-static iproute2 e2fsprogs util-linux wrk curl ca-certificates python3-pip
           python3-venv build-essential bc bison flex libelf-dev libssl-dev dwarves xz-utils patch tmux
-          chromium chromium-driver docker-registry apache2-utils skopeo umoci
+          chromium chromium-driver docker-registry apache2-utils skopeo umoci openssl eatmydata
           dropbear-bin openssh-client postgresql)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::oci::{Compression, Entry, Image, Registry, busybox_layer, layer, tar};
+use common::oci::{Compression, Entry, Image, Registry, TokenServer, busybox_layer, layer, tar};
 use common::{Daemon, Options, machine, sh};
 use hyperfleet_client::types::*;
 use serde_json::json;
@@ -254,6 +254,11 @@ async fn layers_stack_indexes_resolve_and_hostile_layers_are_refused() {
     assert!(!std::path::Path::new("/tmp/hf-escape-x").exists());
     assert_eq!(std::fs::read_dir(canary.path()).unwrap().count(), 0, "nothing written through the symlink");
     let images = d.dir.path().join("images");
+    // The good pulls' scratch trees go in the background: give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(images.join("tmp")).unwrap().count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(std::fs::read_dir(images.join("tmp")).unwrap().count(), 0, "no partial files left");
     assert_eq!(c.list_images().await.unwrap().images.len(), 2, "only the good images are cached");
     c.delete_machine(&m.id, true).await.unwrap();
@@ -393,4 +398,411 @@ async fn a_firecracker_machine_boots_the_converted_image() {
         assert_eq!(sh(&d, &m.id, "cat /www/second.txt").await.1, "from the zstd layer\n");
     }
     c.delete_machine(&m.id, true).await.unwrap();
+}
+
+/// Waits until the machine's logs contain `needle`.
+async fn until_logged(d: &Daemon, id: &str, needle: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let logs = d.client.machine_logs(id, 200).await.unwrap().lines.join("\n");
+        if logs.contains(needle) {
+            return logs;
+        }
+        assert!(Instant::now() < deadline, "machine {id} never logged {needle:?}:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[ignore = "needs root: runc containers with a netns, chown while unpacking layers"]
+#[tokio::test]
+async fn restart_policies_decide_what_an_exit_does() {
+    let reg = Registry::start(None).await;
+    reg.push("team/app", "v1", &httpd_image()).await;
+    let d = Daemon::start(daemon_opts(&reg)).await;
+    let c = &d.client;
+    let image = format!("{}/team/app:v1", reg.addr);
+    // Each run counts itself in /dev/shm (kept across restarts inside the machine) and exits with `code`.
+    let counting = |code: i32| {
+        format!("n=$(cat /dev/shm/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /dev/shm/n; echo run $n; exit {code}")
+    };
+    let create = |name: &str, code: i32, policy: RestartPolicy| CreateMachine {
+        image: Some(image.clone()),
+        entrypoint: Some(vec!["sh".into(), "-c".into(), counting(code)]),
+        restart_policy: Some(policy),
+        ..machine(name)
+    };
+
+    // always: a clean exit and a failing one are both restarted, the machine keeps running, and each restart
+    // is in the machine's log.
+    let mut always = Vec::new();
+    for (name, code) in [("always-0", 0), ("always-7", 7)] {
+        let m = c.create_machine(&create(name, code, RestartPolicy::Always)).await.unwrap();
+        assert_eq!(m.spec.restart_policy, RestartPolicy::Always);
+        c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+        always.push((m.id, code));
+    }
+    for (id, code) in &always {
+        let logs = until_logged(&d, id, "run 3", 30).await;
+        assert!(logs.contains(&format!("main process exited with {code}; restarting")), "{logs}");
+        let m = c.get_machine(id).await.unwrap();
+        assert_eq!((m.status, m.error_message), (MachineStatus::Running, None), "{logs}");
+    }
+
+    // on-failure: a clean exit is not restarted, the machine stops.
+    let once = c.create_machine(&create("on-failure-0", 0, RestartPolicy::OnFailure)).await.unwrap();
+    c.start_machine(&once.id).await.unwrap();
+    let stopped = until_status(&d, &once.id, MachineStatus::Stopped, 30).await;
+    assert_eq!(stopped.error_message, None);
+    let logs = c.machine_logs(&once.id, 200).await.unwrap().lines.join("\n");
+    assert!(logs.contains("run 1") && !logs.contains("run 2") && !logs.contains("restarting"), "{logs}");
+
+    // no: a failing exit fails the machine at once, with the code; a clean one stops it.
+    let no = c.create_machine(&create("no-5", 5, RestartPolicy::No)).await.unwrap();
+    c.start_machine(&no.id).await.unwrap();
+    let failed = until_status(&d, &no.id, MachineStatus::Failed, 30).await;
+    let msg = failed.error_message.unwrap();
+    assert!(msg.contains("exited with code 5") && msg.contains("run 1"), "{msg}");
+    let logs = c.machine_logs(&no.id, 200).await.unwrap().lines.join("\n");
+    assert!(!logs.contains("run 2") && !logs.contains("restarting"), "{logs}");
+    let no0 = c.create_machine(&create("no-0", 0, RestartPolicy::No)).await.unwrap();
+    c.start_machine(&no0.id).await.unwrap();
+    assert_eq!(until_status(&d, &no0.id, MachineStatus::Stopped, 30).await.error_message, None);
+
+    // A restarting machine still stops on request.
+    let (id, _) = &always[0];
+    assert_eq!(c.stop_machine(id).await.unwrap().status, MachineStatus::Stopped);
+    for id in [&always[0].0, &always[1].0, &once.id, &no.id, &no0.id] {
+        c.delete_machine(id, true).await.unwrap();
+    }
+}
+
+#[ignore = "needs root: the daemon's host networking"]
+#[tokio::test]
+async fn token_auth_registry_takes_credentials_and_tokens() {
+    let tokens = TokenServer::start("tokuser", "tok-s3cret").await;
+    let reg = Registry::start_with_tokens(&tokens).await;
+    let (digest, _) = reg.push("private/app", "v1", &httpd_image()).await;
+    let d = Daemon::start(daemon_opts(&reg)).await;
+    let c = &d.client;
+    let image = format!("{}/private/app:v1", reg.addr);
+    let pull = |auth: Option<RegistryAuth>| PullImage { image: image.clone(), registry_auth: auth };
+    let basic = |p: &str| RegistryAuth { username: Some("tokuser".into()), password: Some(p.into()), token: None };
+    let token = |t: String| RegistryAuth { token: Some(t), ..RegistryAuth::default() };
+
+    // Anonymous (the token server gives a token with no access), a wrong password (it answers 401), a token
+    // for another repository, and a token signed by a key the registry does not trust: all refused.
+    let other_issuer = TokenServer::start("tokuser", "tok-s3cret").await;
+    let refused = [
+        ("anonymous", None),
+        ("wrong password", Some(basic("wrong"))),
+        ("other repository", Some(token(tokens.mint("tokuser", &[("private/other", "pull")])))),
+        ("untrusted key", Some(token(other_issuer.mint("tokuser", &[("private/app", "pull")])))),
+        ("not a jwt", Some(token("garbage".into()))),
+    ];
+    for (what, auth) in refused {
+        let e = c.pull_image(&pull(auth)).await.unwrap_err();
+        assert_eq!((e.status(), e.code()), (Some(403), Some("REGISTRY_UNAUTHORIZED")), "{what}: {e}");
+    }
+    assert!(c.list_images().await.unwrap().images.is_empty());
+
+    // Username and password: exchanged at the token server for a pull token.
+    let info = c.pull_image(&pull(Some(basic("tok-s3cret")))).await.unwrap_or_else(|e| panic!("{e}\n{}", reg.log()));
+    assert_eq!(info.digest, digest);
+    c.delete_image(&digest).await.unwrap();
+
+    // A registry token given as is, for a machine: the create resolves with it, the pull in the background
+    // and the start use it.
+    let t = tokens.mint("tokuser", &[("private/app", "pull")]);
+    let m = c
+        .create_machine(&CreateMachine {
+            image: Some(image.clone()),
+            registry_auth: Some(token(t.clone())),
+            ..machine("tok")
+        })
+        .await
+        .unwrap();
+    assert_eq!(m.spec.image_digest.as_deref(), Some(digest.as_str()));
+    let m = c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+    assert_eq!(m.status, MachineStatus::Running);
+    assert_eq!(sh(&d, &m.id, "cat /www/second.txt").await.1, "from the zstd layer\n");
+    let json = serde_json::to_string(&c.get_machine(&m.id).await.unwrap()).unwrap();
+    assert!(!json.contains(&t), "the token is not echoed");
+    c.delete_machine(&m.id, true).await.unwrap();
+    assert!(!d.logs().contains("tok-s3cret") && !d.logs().contains(&t), "credentials are not logged");
+    let db = std::fs::read(d.dir.path().join("hyperfleet.db")).unwrap();
+    assert!(!db.windows(t.len()).any(|w| w == t.as_bytes()), "the token is not stored");
+}
+
+/// A tmpfs of `mib` MiB mounted by the test, unmounted when dropped.
+struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    fn mount(mib: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "hf-test-small"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        Self(dir)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let st = std::process::Command::new("umount").arg(self.0.path()).status();
+        if !st.is_ok_and(|s| s.success()) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+        }
+    }
+}
+
+/// Every file under `dir`, recursively (directories themselves not listed).
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
+
+#[ignore = "needs root: mounts a tmpfs; the daemon's host networking"]
+#[tokio::test]
+async fn a_pull_that_fills_the_disk_fails_with_507_and_leaves_nothing() {
+    let reg = Registry::start(None).await;
+    // A layer that does not compress (so its download fills the disk), and one that does (so unpacking does).
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..12 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[3]
+        })
+        .collect();
+    let blob = Image {
+        layers: vec![layer(tar(&[Entry::File("noise", noise, 0o644)]), Compression::Gzip)],
+        config: json!({}),
+        docker: false,
+    };
+    let tree = Image {
+        layers: vec![
+            busybox_layer(Compression::Gzip),
+            layer(tar(&[Entry::File("zeros", vec![0; 24 << 20], 0o644)]), Compression::Gzip),
+        ],
+        config: json!({}),
+        docker: false,
+    };
+    reg.push("full/blob", "v1", &blob).await;
+    reg.push("full/tree", "v1", &tree).await;
+    let small = SmallFs::mount(8);
+    let images = small.0.path().join("images");
+    let mut opts = daemon_opts(&reg);
+    opts.env.push(("HYPERFLEET_IMAGE_DIR".into(), images.display().to_string()));
+    let d = Daemon::start(opts).await;
+    let c = &d.client;
+
+    for repo in ["full/blob", "full/tree"] {
+        let e = c
+            .pull_image(&PullImage { image: format!("{}/{repo}:v1", reg.addr), registry_auth: None })
+            .await
+            .unwrap_err();
+        assert_eq!((e.status(), e.code()), (Some(507), Some("INSUFFICIENT_STORAGE")), "{repo}: {e}");
+        assert!(e.to_string().contains("No space left on device"), "{repo}: the reason is given: {e}");
+        let left: Vec<String> = files_under(&images).into_iter().filter(|f| !f.ends_with("index.json")).collect();
+        assert!(left.is_empty(), "{repo}: nothing of the pull is left: {left:?}");
+    }
+    assert!(c.list_images().await.unwrap().images.is_empty());
+
+    // A machine from it: created (pending), its pull fails in the background and shows on the machine; a
+    // start pulls again and fails the same way, the machine still pending.
+    let m = c
+        .create_machine(&CreateMachine { image: Some(format!("{}/full/tree:v1", reg.addr)), ..machine("full") })
+        .await
+        .unwrap();
+    assert_eq!(m.status, MachineStatus::Pending);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let m = c.get_machine(&m.id).await.unwrap();
+        if m.image_status.as_ref().is_some_and(|s| s.phase == ImagePhase::Failed) {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "the pull never failed: {:?}\n{}", m.image_status, d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let st = m.image_status.unwrap();
+    assert!(st.error.as_deref().is_some_and(|e| e.contains("No space left on device")), "{st:?}");
+    // The store write lands just after the in-memory status.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let msg = loop {
+        if let Some(msg) = c.get_machine(&m.id).await.unwrap().error_message {
+            break msg;
+        }
+        assert!(Instant::now() < deadline, "no error_message on the machine");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(msg.contains("the image pull failed") && msg.contains("No space left on device"), "{msg}");
+    let e = c.start_machine(&m.id).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(507), Some("INSUFFICIENT_STORAGE")), "{e}");
+    assert_eq!(c.get_machine(&m.id).await.unwrap().status, MachineStatus::Pending);
+    let left: Vec<String> = files_under(&images).into_iter().filter(|f| !f.ends_with("index.json")).collect();
+    assert!(left.is_empty(), "nothing of the pulls is left: {left:?}");
+    c.delete_machine(&m.id, true).await.unwrap();
+    drop(d);
+}
+
+#[ignore = "needs root: runc containers, the daemon's host networking"]
+#[tokio::test]
+async fn a_pull_cut_by_a_daemon_crash_resumes_or_shows_its_failure() {
+    let public = Registry::start(None).await;
+    let private = Registry::start(Some(("hfuser", "s3cret-pass"))).await;
+    // Big enough (64 MiB unpacked) that the pull is still running when the daemon is killed.
+    let img = Image {
+        layers: vec![
+            busybox_layer(Compression::Gzip),
+            layer(tar(&[Entry::File("zeros", vec![0; 64 << 20], 0o644)]), Compression::Gzip),
+        ],
+        config: json!({}),
+        docker: false,
+    };
+    public.push("big", "v1", &img).await;
+    // Another digest (pulls are shared per digest): its own config.
+    private.push("big", "v1", &Image { config: json!({"Env": ["PRIVATE=1"]}), ..img }).await;
+    let mut d = Daemon::start(daemon_opts(&public)).await;
+    let c = d.client.clone();
+    let right = RegistryAuth { username: Some("hfuser".into()), password: Some("s3cret-pass".into()), token: None };
+    let anon = c
+        .create_machine(&CreateMachine { image: Some(format!("{}/big:v1", public.addr)), ..machine("anon") })
+        .await
+        .unwrap();
+    let authed = c
+        .create_machine(&CreateMachine {
+            image: Some(format!("{}/big:v1", private.addr)),
+            registry_auth: Some(right.clone()),
+            ..machine("authed")
+        })
+        .await
+        .unwrap();
+    d.kill9();
+    let images = d.dir.path().join("images");
+    assert_eq!(files_under(&images.join("roots")), Vec::<String>::new(), "the crash came before the pulls ended");
+    d.spawn().await;
+
+    // The anonymous pull starts again by itself and the machine starts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = c.get_machine(&anon.id).await.unwrap().image_status;
+        if st.as_ref().is_some_and(|s| s.phase == ImagePhase::Ready) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pull never resumed: {st:?}\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = c.start_machine(&anon.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+    assert_eq!(sh(&d, &m.id, "stat -c %s /zeros").await.1, format!("{}\n", 64 << 20));
+
+    // The pull that needed credentials cannot resume without them (they are never stored): the machine
+    // shows the failed pull, a start tries again and says why, and once the image is pulled with
+    // credentials the start works.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let m = c.get_machine(&authed.id).await.unwrap();
+        if m.error_message.is_some() {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no failed pull on the machine: {:?}\n{}", m.image_status, d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(m.status, MachineStatus::Pending);
+    let st = m.image_status.unwrap();
+    assert_eq!(st.phase, ImagePhase::Failed, "{st:?}");
+    let msg = m.error_message.unwrap();
+    assert!(msg.contains("the image pull failed") && msg.contains("refused"), "{msg}");
+    let e = c.start_machine(&authed.id).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(403), Some("REGISTRY_UNAUTHORIZED")), "{e}");
+    c.pull_image(&PullImage { image: format!("{}/big:v1", private.addr), registry_auth: Some(right) }).await.unwrap();
+    let m = c.start_machine(&authed.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+    assert_eq!((m.status, m.error_message), (MachineStatus::Running, None));
+
+    // Nothing half-written survived the crash.
+    let leftovers = || -> Vec<String> {
+        files_under(&images)
+            .into_iter()
+            .filter(|f| f.contains(".partial") || f.starts_with(&images.join("tmp").display().to_string()))
+            .collect()
+    };
+    // Scratch trees of the good pulls go in the background: give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !leftovers().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(leftovers(), Vec::<String>::new());
+    for id in [&anon.id, &authed.id] {
+        c.delete_machine(id, true).await.unwrap();
+    }
+}
+
+#[ignore = "needs root: the daemon's host networking"]
+#[tokio::test]
+async fn the_cli_manages_the_cache_and_the_cap_evicts_the_least_recently_used() {
+    let reg = Registry::start(None).await;
+    // Three images of about 17 MiB in the cache each (a compressed layer and a sparse root); the cap holds two.
+    let image = |seed: u8| Image {
+        layers: vec![layer(tar(&[Entry::File("fill", vec![seed; 16 << 20], 0o644)]), Compression::Gzip)],
+        config: json!({}),
+        docker: false,
+    };
+    let mut refs = Vec::new();
+    for (i, name) in ["one", "two", "three"].into_iter().enumerate() {
+        reg.push(name, "v1", &image(u8::try_from(i).unwrap() + 1)).await;
+        refs.push(format!("{}/{name}:v1", reg.addr));
+    }
+    let mut opts = daemon_opts(&reg);
+    opts.env.push(("HYPERFLEET_IMAGE_CACHE_MIB".into(), "40".into()));
+    let d = Daemon::start(opts).await;
+    let cli = |args: &[&str]| {
+        let out = d.command().args(args).env("HYPERFLEET_URL", d.url()).env("HYPERFLEET_API_KEY", &d.key).output();
+        let out = out.unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), stdout.into_owned(), stderr.into_owned())
+    };
+
+    // `images pull` prints the digest; `images ls` lists it with its reference.
+    let (code, one, err) = cli(&["images", "pull", &refs[0]]);
+    assert_eq!(code, Some(0), "{err}");
+    let one = one.trim().to_string();
+    assert!(one.starts_with("sha256:"), "{one}");
+    let (code, two, err) = cli(&["images", "pull", &refs[1]]);
+    assert_eq!(code, Some(0), "{err}");
+    let two = two.trim().to_string();
+    let (_, ls, _) = cli(&["images", "ls"]);
+    assert!(ls.contains("DIGEST") && ls.contains(&refs[0]) && ls.contains(&refs[1]), "{ls}");
+    let sizes: Vec<u64> = d.client.list_images().await.unwrap().images.iter().map(|i| i.size_bytes).collect();
+    assert!(sizes.iter().all(|s| *s > 16 << 20) && sizes.iter().sum::<u64>() <= 40 << 20, "{sizes:?}");
+
+    // Using the first makes the second the least recently used: the third pull evicts the second.
+    let m = d.client.create_machine(&CreateMachine { image: Some(refs[0].clone()), ..machine("keeps-one") }).await;
+    let m = m.unwrap();
+    d.client.delete_machine(&m.id, true).await.unwrap();
+    let (code, three, err) = cli(&["images", "pull", &refs[2]]);
+    assert_eq!(code, Some(0), "{err}");
+    let cached: Vec<String> = d.client.list_images().await.unwrap().images.into_iter().map(|i| i.digest).collect();
+    assert!(cached.contains(&one) && cached.contains(&three.trim().to_string()), "{cached:?}");
+    assert!(!cached.contains(&two), "the least recently used image was evicted: {cached:?}");
+
+    // `images rm` removes one; a second time it is a 404, which the CLI reports as a failure.
+    let (code, _, err) = cli(&["images", "rm", &one]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = cli(&["images", "rm", &one]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("not in the cache"), "{err}");
+    let (_, ls, _) = cli(&["images", "ls", "--output", "json"]);
+    let ls: serde_json::Value = serde_json::from_str(&ls).unwrap_or_else(|e| panic!("{e}: {ls}"));
+    assert_eq!(ls["images"].as_array().unwrap().len(), 1, "{ls}");
 }

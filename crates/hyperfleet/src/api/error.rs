@@ -81,6 +81,7 @@ fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
                 I::Auth(_) => (S::FORBIDDEN, "REGISTRY_UNAUTHORIZED"),
                 I::Registry(_) => (S::BAD_GATEWAY, "REGISTRY_ERROR"),
                 I::Failed(_) => (S::INTERNAL_SERVER_ERROR, "IMAGE_ERROR"),
+                I::NoSpace(_) => (S::INSUFFICIENT_STORAGE, "INSUFFICIENT_STORAGE"),
                 I::InUse { .. } => (S::CONFLICT, "CONFLICT"),
             }
         }

@@ -22,8 +22,9 @@ pub(crate) async fn list(State(s): State<AppState>) -> Result<Json<ImageList>, A
               (status = 400, description = "VALIDATION_ERROR: not an image reference, or registry_auth is malformed", body = ErrorBody),
               (status = 403, description = "REGISTRY_UNAUTHORIZED: the registry refused the credentials (or their absence)", body = ErrorBody),
               (status = 404, description = "NOT_FOUND: the registry has no such image", body = ErrorBody),
-              (status = 500, description = "IMAGE_ERROR: the image could not be unpacked or converted (a refused layer, disk full)", body = ErrorBody),
-              (status = 502, description = "REGISTRY_ERROR: the registry could not be reached or answered an error", body = ErrorBody)),
+              (status = 500, description = "IMAGE_ERROR: the image could not be unpacked or converted (a refused layer)", body = ErrorBody),
+              (status = 502, description = "REGISTRY_ERROR: the registry could not be reached or answered an error", body = ErrorBody),
+              (status = 507, description = "INSUFFICIENT_STORAGE: the images directory's filesystem is full; nothing of the pull was kept", body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub(crate) async fn pull(
     State(s): State<AppState>,

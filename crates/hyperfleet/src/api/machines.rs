@@ -147,9 +147,11 @@ pub(crate) async fn delete(
 
 #[utoipa::path(post, path = "/machines/{id}/start", tag = "machines", params(("id" = String, Path, description = "machine id or name")),
     responses((status = 200, description = "running", body = Machine), (status = 400, description = TRANSITION, body = ErrorBody),
+              (status = 403, description = "REGISTRY_UNAUTHORIZED: the machine's image had to be pulled and the registry refused it", body = ErrorBody),
               (status = 404, description = NOT_FOUND, body = ErrorBody),
-              (status = 500, description = "RUNTIME_ERROR: the runtime or the host network failed, and the machine is failed; INTERNAL_ERROR: the database failed", body = ErrorBody),
-              (status = 502, description = FIRECRACKER_API_ERROR, body = ErrorBody)),
+              (status = 500, description = "RUNTIME_ERROR: the runtime or the host network failed, and the machine is failed; INTERNAL_ERROR: the database failed; IMAGE_ERROR: the image could not be converted", body = ErrorBody),
+              (status = 502, description = "FIRECRACKER_API_ERROR: firecracker refused the request (a 400 from firecracker is answered as 400); REGISTRY_ERROR: the image's registry could not be reached", body = ErrorBody),
+              (status = 507, description = "INSUFFICIENT_STORAGE: the image's pull filled the images directory's filesystem (the machine stays pending)", body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub(crate) async fn start(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Machine>, ApiError> {
     Ok(Json(s.service.start(&id).await?))

@@ -184,6 +184,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let service = build_service(&settings, store.clone()).await?;
     service.host().net.init().await.context("prepare host networking (are we root?)")?;
     service.reconcile().await.context("reconcile with the host")?;
+    service.resume_pulls().await.context("resume image pulls")?;
 
     let network = &settings.network;
     let doctor = Arc::new(Doctor::new(network)?);

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use futures::StreamExt;
 use hyperfleet_types::{ImageInfo, ImagePhase, ImageStatus, MachineSpec};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
@@ -35,7 +36,13 @@ pub(crate) struct Ready {
     pub root: PathBuf,
 }
 
-type Flight = Arc<OnceCell<Result<Ready, String>>>;
+/// How long after a pull its converted image is synced to disk (see [`Images::pull`]).
+const SYNC_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Layer downloads of one pull running at once.
+const PARALLEL_LAYERS: usize = 4;
+
+type Flight = Arc<OnceCell<Result<Ready, ImageError>>>;
 
 struct PullState {
     progress: Arc<Progress>,
@@ -51,6 +58,10 @@ struct State {
     machines: HashMap<String, Arc<Mutex<PullState>>>,
     /// Per machine: credentials until its image is cached.
     creds: HashMap<String, Credentials>,
+    /// Converted images not yet synced to disk: left out of `index.json` until they are.
+    unsynced: HashSet<String>,
+    /// Layers of pulls under way, and how many pulls use each.
+    pulling: HashMap<String, usize>,
     /// Manifests and configs resolved at create, so the pull that follows does not fetch them again.
     resolved: HashMap<String, (oci_client::manifest::OciImageManifest, ImageConfig)>,
 }
@@ -61,10 +72,12 @@ pub(crate) struct Images {
     cap_bytes: u64,
     puller: Puller,
     state: Mutex<State>,
+    /// Held while `index.json` is written.
+    saving: Mutex<()>,
 }
 
 /// Why an image could not be had; the API maps each kind to its status.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum ImageError {
     #[error("{0}")]
     Invalid(String),
@@ -76,6 +89,9 @@ pub(crate) enum ImageError {
     Registry(String),
     #[error("{0}")]
     Failed(String),
+    /// The images directory's filesystem is full: nothing of the pull is kept.
+    #[error("{0}")]
+    NoSpace(String),
     #[error("image {digest} is used by machines {}", machines.join(", "))]
     InUse { digest: String, machines: Vec<String> },
 }
@@ -87,6 +103,10 @@ impl From<OciError> for ImageError {
             OciError::NotFound(m) => Self::NotFound(m),
             OciError::Auth(m) => Self::Auth(m),
             OciError::Unreachable(m) | OciError::Registry(m) => Self::Registry(m),
+            e if e.is_no_space() => Self::NoSpace(format!(
+                "no space left for the image in the images directory (HYPERFLEET_DATA_DIR): {e}; nothing of \
+                 the pull was kept"
+            )),
             OciError::Layer(l) => Self::Failed(format!("the image's layers cannot be applied: {l}")),
             other => Self::Failed(other.to_string()),
         }
@@ -127,14 +147,22 @@ impl Images {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let index =
+        let index: BTreeMap<String, Entry> =
             index.into_iter().filter(|(d, _)| dir.join("roots").join(format!("{}.ext4", hex(d))).exists()).collect();
+        // Roots the index does not name: converted just before a crash, never synced.
+        let named: HashSet<String> = index.keys().map(|d| format!("{}.ext4", hex(d))).collect();
+        for e in std::fs::read_dir(dir.join("roots"))?.flatten() {
+            if !named.contains(&*e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Ok(Self {
             dir,
             agent,
             cap_bytes,
             puller: Puller::new(registries),
             state: Mutex::new(State { index, ..State::default() }),
+            saving: Mutex::new(()),
         })
     }
 
@@ -150,10 +178,17 @@ impl Images {
         self.dir.join("roots").join(format!("{}.ext4", hex(digest)))
     }
 
-    fn save_index(&self, index: &BTreeMap<String, Entry>) {
+    /// Writes `index.json` from the index in memory, leaving out the roots not yet on disk for sure (see
+    /// [`Self::pull`]). One save at a time, each of the state at its own time.
+    fn save_index(&self) {
+        let _one = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let index: BTreeMap<String, Entry> = {
+            let s = self.lock();
+            s.index.iter().filter(|(d, _)| !s.unsynced.contains(*d)).map(|(d, e)| (d.clone(), e.clone())).collect()
+        };
         let path = self.dir.join("index.json");
         let tmp = self.dir.join("index.json.tmp");
-        let res = serde_json::to_vec_pretty(index)
+        let res = serde_json::to_vec_pretty(&index)
             .map_err(std::io::Error::other)
             .and_then(|b| std::fs::write(&tmp, b))
             .and_then(|()| std::fs::rename(&tmp, &path));
@@ -176,8 +211,24 @@ impl Images {
     }
 
     /// The machine's pull as the API shows it.
-    pub(crate) fn status(&self, machine: &str) -> Option<ImageStatus> {
-        let st = self.lock().machines.get(machine).cloned()?;
+    /// A machine this daemon has not pulled for (made before a restart) shows `ready` if its image is cached.
+    pub(crate) fn status(&self, machine: &str, digest: Option<&str>) -> Option<ImageStatus> {
+        let st = {
+            let s = self.lock();
+            match s.machines.get(machine) {
+                Some(st) => st.clone(),
+                None => {
+                    let e = s.index.get(digest?)?;
+                    let size = e.size_bytes;
+                    return Some(ImageStatus {
+                        phase: ImagePhase::Ready,
+                        bytes_done: size,
+                        bytes_total: size,
+                        error: None,
+                    });
+                }
+            }
+        };
         let st = st.lock().unwrap_or_else(|e| e.into_inner());
         Some(ImageStatus {
             phase: st.phase,
@@ -256,7 +307,7 @@ impl Images {
     /// The image `image` (resolved to `digest`), pulled and converted if it is not cached: one pull per
     /// digest however many callers ask at once. `machine` (if any) shows the pull's progress.
     pub(crate) async fn ensure(
-        &self,
+        self: &Arc<Self>,
         image: &str,
         digest: &str,
         creds: Option<Credentials>,
@@ -277,7 +328,7 @@ impl Images {
                     Ok(_) => st.phase = ImagePhase::Ready,
                     Err(e) => {
                         st.phase = ImagePhase::Failed;
-                        st.error = Some(e.clone());
+                        st.error = Some(e.to_string());
                     }
                 }
             }
@@ -287,18 +338,7 @@ impl Images {
                 s.creds.remove(m);
             }
         }
-        result.map_err(|e| {
-            // The kind is in the message's wording; the flight kept only the text, shared by every waiter.
-            if e.starts_with("image '") && e.contains("not found") {
-                ImageError::NotFound(e)
-            } else if e.starts_with("the registry refused") {
-                ImageError::Auth(e)
-            } else if e.starts_with("registry ") {
-                ImageError::Registry(e)
-            } else {
-                ImageError::Failed(e)
-            }
-        })
+        result
     }
 
     /// A machine's credentials, if it was created with some and its image is not cached yet.
@@ -307,14 +347,14 @@ impl Images {
     }
 
     async fn pull(
-        &self,
+        self: &Arc<Self>,
         image: &str,
         digest: &str,
         creds: Option<Credentials>,
         progress: Arc<Progress>,
-    ) -> Result<Ready, String> {
+    ) -> Result<Ready, ImageError> {
         let started = std::time::Instant::now();
-        let r = self.puller.reference(image).map_err(|e| e.to_string())?;
+        let r = self.puller.reference(image)?;
         // Pull by digest: the tag may have moved since it was resolved.
         let by_digest = oci_client::Reference::with_digest(
             r.registry().to_string(),
@@ -327,28 +367,26 @@ impl Images {
         let (manifest, config) = match known {
             Some(k) => k,
             None => {
-                let (got, manifest, config) =
-                    session.resolve(&by_digest, creds.as_ref()).await.map_err(|e| e.to_string())?;
+                let (got, manifest, config) = session.resolve(&by_digest, creds.as_ref()).await?;
                 if got != digest {
-                    return Err(format!("registry error: asked for {digest}, the registry sent {got}"));
+                    return Err(ImageError::Registry(format!(
+                        "registry error: asked for {digest}, the registry sent {got}"
+                    )));
                 }
                 (manifest, config)
             }
         };
-        let blobs = self.dir.join("blobs");
-        let layers = session
-            .layers(&by_digest, &manifest, &blobs, &progress, creds.as_ref())
-            .await
-            .map_err(|e| e.to_string())?;
-        self.set_phase(digest, ImagePhase::Converting);
-        let work = self.dir.join("tmp").join(hex(digest));
-        let out = self.root_path(digest);
-        let (agent, l2, w2, o2) = (self.agent.clone(), layers.clone(), work.clone(), out.clone());
-        let unpacked = tokio::task::spawn_blocking(move || rootfs::build(&l2, &agent, &w2, &o2))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| ImageError::from(e).to_string())?;
-        let layer_bytes: u64 = layers.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+        let resolved_ms = started.elapsed().as_millis();
+        let layer_digests: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
+        self.hold_layers(&layer_digests, true);
+        let built = self.fetch_and_build(&session, &by_digest, digest, &manifest, &progress, creds.as_ref()).await;
+        self.hold_layers(&layer_digests, false);
+        if built.is_err() {
+            self.drop_unused_layers(&layer_digests);
+        }
+        let (unpacked, downloaded_ms, out) = built?;
+        let downloaded_ms = resolved_ms + downloaded_ms;
+        let layer_bytes: u64 = manifest.layers.iter().map(|l| u64::try_from(l.size).unwrap_or(0)).sum();
         let root_bytes = allocated(&out);
         let entry = Entry {
             references: vec![r.whole()],
@@ -363,12 +401,133 @@ impl Images {
             if !e.references.contains(&r.whole()) {
                 e.references.push(r.whole());
             }
-            let index = s.index.clone();
-            drop(s);
-            self.save_index(&index);
+            s.unsynced.insert(digest.to_string());
         }
-        info!(image, digest, unpacked, ms = started.elapsed().as_millis(), "image pulled and converted");
+        // mkfs did not sync the image (see rootfs.rs): it goes to disk off the pull's path, and only then
+        // does index.json name it, so after a power loss the cache never holds a torn image.
+        // A little later, so this writeback does not compete with the start that is usually waiting for the
+        // image right now (and copies it into the machine's own disk, synced).
+        let (this, root, d) = (self.clone(), out.clone(), digest.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(SYNC_DELAY).await;
+            let _ = tokio::task::spawn_blocking(move || this.sync_root(&root, &d)).await;
+        });
+        info!(
+            image,
+            digest,
+            unpacked,
+            resolved_ms,
+            downloaded_ms,
+            ms = started.elapsed().as_millis(),
+            "image pulled and converted"
+        );
         Ok(Ready { root: out })
+    }
+
+    /// Syncs a converted image to disk, then lets `index.json` name it.
+    fn sync_root(&self, root: &Path, digest: &str) {
+        if !self.lock().index.contains_key(digest) {
+            // Removed (or evicted) before its turn came: nothing to keep.
+            self.lock().unsynced.remove(digest);
+            return;
+        }
+        if let Err(e) = std::fs::File::open(root).and_then(|f| f.sync_all()) {
+            warn!(path = %root.display(), error = %e, "could not sync a converted image");
+        }
+        self.lock().unsynced.remove(digest);
+        self.save_index();
+    }
+
+    /// Counts `layers` as in use by a running pull (`hold`) or no longer.
+    fn hold_layers(&self, layers: &[String], hold: bool) {
+        let mut s = self.lock();
+        for l in layers {
+            let n = s.pulling.entry(l.clone()).or_insert(0);
+            if hold {
+                *n += 1;
+            } else {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    s.pulling.remove(l);
+                }
+            }
+        }
+    }
+
+    /// After a failed pull: removes the layers it downloaded that no cached image and no other pull uses,
+    /// so a failure (a full disk above all) leaves nothing behind.
+    fn drop_unused_layers(&self, layers: &[String]) {
+        let s = self.lock();
+        let kept: HashSet<&String> = s.index.values().flat_map(|e| e.layers.iter()).collect();
+        for l in layers.iter().filter(|l| !kept.contains(l) && !s.pulling.contains_key(*l)) {
+            if let Ok(p) = blob_path(&self.dir.join("blobs"), l) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    /// Downloads the layers (a few at a time) and converts them; returns the unpacked size, when the last
+    /// download ended (ms since `started`), and the root image.
+    async fn fetch_and_build(
+        &self,
+        session: &crate::oci::pull::Session,
+        by_digest: &oci_client::Reference,
+        digest: &str,
+        manifest: &oci_client::manifest::OciImageManifest,
+        progress: &Arc<Progress>,
+        creds: Option<&Credentials>,
+    ) -> Result<(u64, u128, PathBuf), ImageError> {
+        let started = std::time::Instant::now();
+        let blobs = self.dir.join("blobs");
+        session.prepare(by_digest, manifest, progress, creds).await;
+        // Layers download a few at a time while a blocking task applies each one, in order, once it and
+        // every layer before it are there; mkfs runs when the last is applied.
+        let work = self.dir.join("tmp").join(hex(digest));
+        let out = self.root_path(digest);
+        let (arrived, arrivals) = std::sync::mpsc::channel();
+        let count = manifest.layers.len();
+        let (agent, w2, o2) = (self.agent.clone(), work.clone(), out.clone());
+        let builder = tokio::task::spawn_blocking(move || rootfs::build(count, arrivals, &agent, &w2, &o2));
+        // Owned futures: borrowing closures here trip the compiler's higher-ranked lifetime checks where
+        // the pull is spawned.
+        let fetches: Vec<_> = manifest
+            .layers
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, l)| {
+                let (session, r, blobs, progress) =
+                    (session.clone(), by_digest.clone(), blobs.clone(), progress.clone());
+                async move { session.layer(&r, &l, &blobs, &progress).await.map(|p| (i, p)) }
+            })
+            .collect();
+        let mut downloads = futures::stream::iter(fetches).buffer_unordered(PARALLEL_LAYERS);
+        let mut failed = None;
+        while let Some(got) = downloads.next().await {
+            match got {
+                Ok(arrival) => {
+                    // A send fails only once the build has failed: its error is the one to report.
+                    if arrived.send(arrival).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(downloads);
+        drop(arrived);
+        let downloaded_ms = started.elapsed().as_millis();
+        if failed.is_none() {
+            self.set_phase(digest, ImagePhase::Converting);
+        }
+        let built = builder.await.map_err(|e| ImageError::Failed(format!("converting the image: {e}")))?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        Ok((built?, downloaded_ms, out))
     }
 
     fn set_phase(&self, digest: &str, phase: ImagePhase) {
@@ -420,9 +579,8 @@ impl Images {
             }
         }
         let _ = std::fs::remove_file(self.root_path(digest));
-        let index = s.index.clone();
         drop(s);
-        self.save_index(&index);
+        self.save_index();
         Ok(true)
     }
 
@@ -529,16 +687,62 @@ impl<H: super::Host> super::Service<H> {
         tokio::spawn(async move {
             match this.images.ensure(&image, &digest, creds, Some(&id)).await {
                 Ok(_) => this.evict_images().await,
-                Err(e) => warn!(machine = %id, image, error = %e, "image pull failed"),
+                Err(e) => {
+                    warn!(machine = %id, image, error = %e, "image pull failed");
+                    this.record_pull_failure(&id, &e).await;
+                }
             }
         });
+    }
+
+    /// Keeps a failed background pull on the (still pending) machine, in its `error_message`, so it shows
+    /// after a daemon restart too; the next start pulls again and a successful start clears it.
+    async fn record_pull_failure(&self, id: &str, e: &ImageError) {
+        use hyperfleet_types::MachineStatus::Pending;
+        let changes = crate::store::machines::Changes {
+            error_message: Some(Some(format!("the image pull failed: {e}"))),
+            ..Default::default()
+        };
+        let stored = async {
+            let mut tx = self.store.write().await?;
+            crate::store::machines::transition(&mut tx, id, &[Pending], Pending, &changes).await?;
+            tx.commit().await
+        };
+        if let Err(e) = stored.await {
+            warn!(machine = %id, error = %e, "could not record the failed pull");
+        }
+    }
+
+    /// After a daemon restart: every machine still `pending` whose image is not cached pulls it again (the
+    /// pull a crash or restart cut short). Credentials are never stored, so these pulls are anonymous: an
+    /// image that needed them shows a failed pull (`image_status`, `error_message`) until it is pulled with
+    /// them (`POST /images/pull`) or the machine is created anew.
+    pub(crate) async fn resume_pulls(self: &Arc<Self>) -> super::Result<()> {
+        use hyperfleet_types::MachineStatus::Pending;
+        let pending = crate::store::machines::with_status(&mut *self.store.read().await?, &[Pending]).await?;
+        for rec in pending {
+            let Some(digest) = &rec.spec.image_digest else { continue };
+            if self.images.config(digest).is_some() {
+                self.images.watch(digest, Some(&rec.id));
+                continue;
+            }
+            info!(machine = %rec.id, digest, "pulling the image of a pending machine again after a restart");
+            self.pull_in_background(&rec, None);
+        }
+        Ok(())
     }
 
     /// Waits for an image machine's image (pulling it again if it was evicted since).
     pub(super) async fn image_ready(&self, rec: &crate::store::machines::MachineRecord) -> super::Result<()> {
         let (Some(image), Some(digest)) = (&rec.spec.image, &rec.spec.image_digest) else { return Ok(()) };
         let creds = self.images.credentials_of(&rec.id);
-        let ready = self.images.ensure(image, digest, creds, Some(&rec.id)).await?;
+        let ready = match self.images.ensure(image, digest, creds, Some(&rec.id)).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.record_pull_failure(&rec.id, &e).await;
+                return Err(e.into());
+            }
+        };
         tracing::debug!(machine = %rec.id, root = %ready.root.display(), "image ready");
         Ok(())
     }

@@ -52,7 +52,7 @@ impl<H: Host> Service<H> {
             socket_path: m.socket_path.clone(),
             pid: m.pid,
             exposed_ports_status: self.ports.of(m),
-            image_status: self.images.status(&m.id),
+            image_status: self.images.status(&m.id, m.spec.image_digest.as_deref()),
             tap_device: self.addressing.iface(m),
             tap_ip: b.tap_ip(),
             guest_ip: b.guest_ip(),

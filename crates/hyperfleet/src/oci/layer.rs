@@ -412,6 +412,27 @@ mod tests {
     }
 
     #[test]
+    fn xattrs_from_pax_records_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("SCHILY.xattr.user.hyperfleet", &b"kept"[..])]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(4);
+        h.set_cksum();
+        b.append_data(&mut h, "with-xattr", &b"data"[..]).unwrap();
+        root.apply(&b.into_inner().unwrap()[..]).unwrap();
+        let path = CString::new(dir.path().join("with-xattr").as_os_str().as_bytes()).unwrap();
+        let name = CString::new("user.hyperfleet").unwrap();
+        let mut buf = [0u8; 16];
+        // SAFETY: NUL-terminated strings and a live buffer of the given length.
+        let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert_eq!(usize::try_from(n).ok().map(|n| &buf[..n]), Some(&b"kept"[..]));
+    }
+
+    #[test]
     fn a_layer_cannot_write_outside_the_root() {
         let outer = tempfile::tempdir().unwrap();
         let rootdir = outer.path().join("a/b");

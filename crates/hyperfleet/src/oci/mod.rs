@@ -50,11 +50,27 @@ pub(crate) enum OciError {
     Layer(#[from] layer::LayerError),
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: String, source: std::io::Error },
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("the pull ended before every layer arrived")]
+    Interrupted,
     #[error("mkfs.ext4: {0}")]
     Mkfs(String),
 }
 
 impl OciError {
+    /// Whether the filesystem ran out of space (or inodes) while pulling or converting.
+    pub(crate) fn is_no_space(&self) -> bool {
+        let enospc = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOSPC);
+        match self {
+            Self::Io { source, .. } => enospc(source),
+            Self::Layer(layer::LayerError::Io { source, .. }) => enospc(source),
+            Self::NoSpace(_) => true,
+            Self::Mkfs(m) => m.contains("No space left"),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
         Self::Io { what, path: path.display().to_string(), source }
     }

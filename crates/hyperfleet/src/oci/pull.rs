@@ -12,7 +12,7 @@ use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{Credentials, ImageConfig, OciError, Registries};
 
@@ -31,7 +31,8 @@ pub(crate) struct Puller {
     anonymous: std::sync::Mutex<std::collections::HashMap<String, Client>>,
 }
 
-/// A client for one pull (its token cache lives as long as the pull).
+/// A client for one pull (its token cache lives as long as the pull; clones share it).
+#[derive(Clone)]
 pub(crate) struct Session(Client);
 
 fn auth(creds: Option<&Credentials>) -> RegistryAuth {
@@ -110,41 +111,55 @@ impl Session {
         Ok((digest, manifest, config))
     }
 
-    /// Downloads every layer not already in `blobs` (named by digest), counting bytes in `progress`.
-    pub(crate) async fn layers(
+    /// Gets ready to download `manifest`'s layers: learns the credentials (the manifest may have come from
+    /// another session; blob requests then get a token or basic auth the same way) and sets the pull's total.
+    pub(crate) async fn prepare(
         &self,
         r: &Reference,
         manifest: &oci_client::manifest::OciImageManifest,
-        blobs: &Path,
-        progress: &Arc<Progress>,
+        progress: &Progress,
         creds: Option<&Credentials>,
-    ) -> Result<Vec<PathBuf>, OciError> {
-        // The manifest may have come from another session: this one learns the credentials here (blob
-        // requests then get a token or basic auth the same way).
+    ) {
         self.0.store_auth_if_needed(r.resolve_registry(), &auth(creds)).await;
         let total: u64 = manifest.layers.iter().map(|l| u64::try_from(l.size).unwrap_or(0)).sum();
         progress.total.store(total, Ordering::Relaxed);
-        let mut out = Vec::with_capacity(manifest.layers.len());
-        for layer in &manifest.layers {
-            let path = blob_path(blobs, &layer.digest)?;
-            if path.exists() {
-                progress.done.fetch_add(u64::try_from(layer.size).unwrap_or(0), Ordering::Relaxed);
-                out.push(path);
-                continue;
-            }
-            let partial = path.with_extension(format!("partial-{}", std::process::id()));
-            let file = tokio::fs::File::create(&partial).await.map_err(|e| OciError::io("create", &partial, e))?;
-            let writer = Counting { inner: file, progress: progress.clone() };
-            // oci-client checks the bytes against the layer's digest (and the registry's header) at the end.
-            let pulled = self.0.pull_blob(r, layer, writer).await;
-            if let Err(e) = pulled {
-                let _ = tokio::fs::remove_file(&partial).await;
-                return Err(classify(r, e));
-            }
-            tokio::fs::rename(&partial, &path).await.map_err(|e| OciError::io("rename", &path, e))?;
-            out.push(path);
+    }
+
+    /// Downloads one layer into `blobs` (named by its digest) unless it is there already, counting bytes in
+    /// `progress`. Several run at once: each writes its own temporary file, renamed only once verified.
+    pub(crate) async fn layer(
+        &self,
+        r: &Reference,
+        layer: &oci_client::manifest::OciDescriptor,
+        blobs: &Path,
+        progress: &Arc<Progress>,
+    ) -> Result<PathBuf, OciError> {
+        let path = blob_path(blobs, &layer.digest)?;
+        if path.exists() {
+            progress.done.fetch_add(u64::try_from(layer.size).unwrap_or(0), Ordering::Relaxed);
+            return Ok(path);
         }
-        Ok(out)
+        // Unique per download: two pulls (or one manifest naming a layer twice) may fetch the same blob at once.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let partial = path.with_extension(format!("partial-{}-{n}", std::process::id()));
+        let file = tokio::fs::File::create(&partial).await.map_err(|e| OciError::io("create", &partial, e))?;
+        let mut writer = Counting { inner: file, progress: progress.clone() };
+        // oci-client checks the bytes against the layer's digest (and the registry's header) at the end. It
+        // does not flush: a tokio file may still hold the last write, so flush before the file is renamed
+        // and read.
+        let pulled = self.0.pull_blob(r, layer, &mut writer).await.map_err(|e| classify(r, e));
+        let pulled = match pulled {
+            Ok(()) => writer.inner.flush().await.map_err(|e| OciError::io("write", &partial, e)),
+            Err(e) => Err(e),
+        };
+        drop(writer);
+        if let Err(e) = pulled {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(e);
+        }
+        tokio::fs::rename(&partial, &path).await.map_err(|e| OciError::io("rename", &path, e))?;
+        Ok(path)
     }
 }
 
@@ -202,6 +217,9 @@ fn classify(r: &Reference, e: OciDistributionError) -> OciError {
         }
         OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
             OciError::Unreachable(format!("registry {} unreachable: {e}", r.resolve_registry()))
+        }
+        OciDistributionError::IoError(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+            OciError::NoSpace(format!("writing a layer of '{image}': {e}"))
         }
         OciDistributionError::DigestError(e) => OciError::Registry(format!("'{image}': {e}")),
         other => OciError::Registry(format!("pulling '{image}': {other}")),

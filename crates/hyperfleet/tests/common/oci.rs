@@ -19,9 +19,162 @@ pub fn sha256(b: &[u8]) -> String {
 pub struct Registry {
     pub dir: tempfile::TempDir,
     pub addr: String,
-    pub auth: Option<(String, String)>,
+    /// How the test itself pushes (the registry's own credentials).
+    pub auth: Option<Push>,
     child: Child,
     http: reqwest::Client,
+}
+
+pub enum Push {
+    Basic(String, String),
+    /// A push token minted for each repository pushed to.
+    Tokens(Signer),
+}
+
+/// The `service` and `issuer` a token-auth registry and its token server agree on.
+pub const SERVICE: &str = "hyperfleet-test-registry";
+pub const ISSUER: &str = "hyperfleet-test-issuer";
+
+/// A registry token server on loopback (the Docker token protocol: `GET /token?service=…&scope=…`, basic
+/// auth for a known user, an anonymous token with no access otherwise), signing RS256 JWTs with a key made by
+/// `openssl` for this test; the JWT's `x5c` header carries its self-signed certificate, which the registry
+/// trusts through its `rootcertbundle`.
+pub struct TokenServer {
+    pub addr: String,
+    pub cert: PathBuf,
+    dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TokenServer {
+    pub async fn start(user: &str, password: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=hyperfleet-test-tokens",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl (Debian package openssl)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let der = Command::new("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&cert).output().unwrap();
+        assert!(der.status.success());
+        std::fs::write(dir.path().join("cert.der"), &der.stdout).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let signer = Signer { dir: dir.path().to_path_buf() };
+        let (user, password) = (user.to_string(), password.to_string());
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::get(
+                move |headers: axum::http::HeaderMap,
+                      q: axum::extract::Query<std::collections::HashMap<String, String>>| {
+                    let (signer, user, password) = (signer.clone(), user.clone(), password.clone());
+                    async move { token_endpoint(&signer, &user, &password, &headers, &q) }
+                },
+            ),
+        );
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, cert, dir, task }
+    }
+
+    /// A token for `sub` granting `actions` on each repository named (`*` for all).
+    pub fn mint(&self, sub: &str, access: &[(&str, &str)]) -> String {
+        Signer { dir: self.dir.path().to_path_buf() }.mint(sub, access)
+    }
+}
+
+#[derive(Clone)]
+pub struct Signer {
+    dir: PathBuf,
+}
+
+impl Signer {
+    fn mint(&self, sub: &str, access: &[(&str, &str)]) -> String {
+        use base64::Engine;
+        let (url, std) = (base64::engine::general_purpose::URL_SAFE_NO_PAD, base64::engine::general_purpose::STANDARD);
+        let der = std::fs::read(self.dir.join("cert.der")).unwrap();
+        let header = json!({"typ": "JWT", "alg": "RS256", "x5c": [std.encode(der)]});
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let access: Vec<Value> = access
+            .iter()
+            .map(|(name, actions)| json!({"type": "repository", "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+            .collect();
+        let claims = json!({
+            "iss": ISSUER, "sub": sub, "aud": SERVICE, "exp": now + 600, "nbf": now - 10, "iat": now,
+            "jti": format!("{sub}-{now}-{}", access.len()), "access": access,
+        });
+        let input = format!("{}.{}", url.encode(header.to_string()), url.encode(claims.to_string()));
+        let mut child = Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(self.dir.join("key.pem"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        format!("{input}.{}", url.encode(out.stdout))
+    }
+}
+
+/// `GET /token?service=…&scope=repository:NAME:ACTIONS`: 401 for wrong credentials, a token with the asked
+/// access for the known user, an anonymous token with none for no credentials at all.
+fn token_endpoint(
+    signer: &Signer,
+    user: &str,
+    password: &str,
+    headers: &axum::http::HeaderMap,
+    q: &std::collections::HashMap<String, String>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use base64::Engine;
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok());
+    let sub = match given {
+        None => "",
+        Some(pair) if pair == format!("{user}:{password}") => user,
+        Some(_) => {
+            return (axum::http::StatusCode::UNAUTHORIZED, axum::Json(json!({"details": "bad credentials"})))
+                .into_response();
+        }
+    };
+    let mut access = Vec::new();
+    if !sub.is_empty()
+        && let Some(scope) = q.get("scope")
+        && let Some(rest) = scope.strip_prefix("repository:")
+        && let Some((name, actions)) = rest.rsplit_once(':')
+    {
+        access.push((name.to_string(), actions.to_string()));
+    }
+    let access: Vec<(&str, &str)> = access.iter().map(|(n, a)| (n.as_str(), a.as_str())).collect();
+    let token = signer.mint(sub, &access);
+    axum::Json(json!({"token": token, "access_token": token, "expires_in": 600})).into_response()
 }
 
 impl Drop for Registry {
@@ -35,13 +188,7 @@ impl Drop for Registry {
 impl Registry {
     /// Starts `docker-registry` on a free loopback port; with `auth`, htpasswd (bcrypt) basic auth.
     pub async fn start(auth: Option<(&str, &str)>) -> Self {
-        let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("docker-registry is missing: apt-get install docker-registry (scripts/setup.sh installs it)");
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
         let mut auth_block = String::new();
         if let Some((u, p)) = auth {
             let out = Command::new("htpasswd").args(["-Bbn", u, p]).output().expect("htpasswd (apache2-utils)");
@@ -50,6 +197,30 @@ impl Registry {
             std::fs::write(&file, &out.stdout).unwrap();
             auth_block = format!("auth:\n  htpasswd:\n    realm: hyperfleet-test\n    path: {}\n", file.display());
         }
+        let push = auth.map(|(u, p)| Push::Basic(u.to_string(), p.to_string()));
+        Self::start_with(dir, auth_block, push).await
+    }
+
+    /// Starts `docker-registry` with token auth: it trusts the JWTs `tokens` signs (its certificate is the
+    /// registry's `rootcertbundle`) and sends clients to `tokens` for them.
+    pub async fn start_with_tokens(tokens: &TokenServer) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let auth_block = format!(
+            "auth:\n  token:\n    realm: http://{}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+            tokens.addr,
+            tokens.cert.display()
+        );
+        let push = Push::Tokens(Signer { dir: tokens.dir.path().to_path_buf() });
+        Self::start_with(dir, auth_block, Some(push)).await
+    }
+
+    async fn start_with(dir: tempfile::TempDir, auth_block: String, push: Option<Push>) -> Self {
+        let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("docker-registry is missing: apt-get install docker-registry (scripts/setup.sh installs it)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
         let config = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_block}",
             dir.path().join("data").display()
@@ -66,7 +237,7 @@ impl Registry {
             .spawn()
             .unwrap();
         let http = reqwest::Client::new();
-        let reg = Self { dir, addr, auth: auth.map(|(u, p)| (u.to_string(), p.to_string())), child, http };
+        let reg = Self { dir, addr, auth: push, child, http };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok(r) = reg.http.get(format!("http://{}/v2/", reg.addr)).send().await
@@ -99,7 +270,13 @@ impl Registry {
     fn req(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, url);
         match &self.auth {
-            Some((u, p)) => r.basic_auth(u, Some(p)),
+            Some(Push::Basic(u, p)) => r.basic_auth(u, Some(p)),
+            Some(Push::Tokens(signer)) => {
+                let repo = url.split("/v2/").nth(1).unwrap_or("");
+                let repo = repo.split("/blobs/").next().unwrap_or(repo);
+                let repo = repo.split("/manifests/").next().unwrap_or(repo);
+                r.bearer_auth(signer.mint("pusher", &[(repo, "pull,push")]))
+            }
             None => r,
         }
     }
