@@ -213,7 +213,7 @@ async fn bench_ipam(r: &mut Report) {
     let dir = tempfile::tempdir().unwrap();
     let store = hyperfleet::testing::Store::open_file(&dir.path().join("ipam.db")).await.unwrap();
     let blocks = 16_384u32;
-    let new = |i: u32| bench_spec(format!("n{i}"));
+    let new = |i: u32| hyperfleet::testing::machine_rows::example_spec(&format!("n{i}"));
     let t = Instant::now();
     for i in 0..blocks {
         let mut tx = store.write().await.unwrap();
@@ -259,47 +259,15 @@ async fn bench_ipam(r: &mut Report) {
     );
 }
 
-/// A machine spec for store benchmarks.
-fn bench_spec(name: String) -> hyperfleet_types::MachineSpec {
-    use hyperfleet_types::{MachineNetwork, MachineSpec};
-    MachineSpec {
-        name,
-        runtime: RuntimeKind::Container,
-        vcpu_count: 1,
-        mem_size_mib: 64,
-        kernel_image_path: "k".into(),
-        kernel_args: String::new(),
-        rootfs_path: "r".into(),
-        exposed_ports: vec![],
-        network: MachineNetwork { prefix_len: None, gateway: None, dns: vec![], egress: EgressPolicy::Allow },
-        env: Default::default(),
-        image: None,
-        image_digest: None,
-        image_size_mib: None,
-        entrypoint: None,
-        cmd: None,
-        restart_policy: Default::default(),
-        volumes: vec![],
-        disk_size_mib: 0,
-        secret_names: vec![],
-        labels: Default::default(),
-        ttl_seconds: None,
-        on_ttl: Default::default(),
-        idle_timeout_seconds: None,
-        idle_max_connection_seconds: None,
-        auto_start: false,
-        spawn: None,
-        parent_id: None,
-    }
-}
-
 /// Store operations behind POST /machines and GET /machines/{id}, one client, on `store`: (creates/s, gets/s).
 async fn store_ops(store: &hyperfleet::testing::Store, n: u32) -> (f64, f64) {
     use hyperfleet::testing::machine_rows::{delete, get, insert};
     let t = Instant::now();
     for i in 0..n {
         let mut tx = store.write().await.unwrap();
-        insert(&mut tx, &format!("sid{i}"), &bench_spec(format!("s{i}")), 65_536).await.unwrap();
+        insert(&mut tx, &format!("sid{i}"), &hyperfleet::testing::machine_rows::example_spec(&format!("s{i}")), 65_536)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
     }
     let creates = f64::from(n) / t.elapsed().as_secs_f64();

@@ -412,50 +412,52 @@ pub async fn secrets(c: &mut Conn, id: &str) -> StoreResult<std::collections::BT
         .collect()
 }
 
+/// A small valid spec (a container, 1 vCPU, 128 MiB) for store tests and the store benchmarks.
+pub fn example_spec(name: &str) -> MachineSpec {
+    MachineSpec {
+        name: name.into(),
+        runtime: hyperfleet_types::RuntimeKind::Container,
+        vcpu_count: 1,
+        mem_size_mib: 128,
+        kernel_image_path: "k".into(),
+        kernel_args: "a".into(),
+        rootfs_path: "r".into(),
+        exposed_ports: vec![80],
+        network: hyperfleet_types::MachineNetwork {
+            prefix_len: None,
+            gateway: None,
+            dns: vec![std::net::Ipv4Addr::new(10, 0, 0, 1)],
+            egress: hyperfleet_types::EgressPolicy::Deny,
+        },
+        env: Default::default(),
+        image: None,
+        image_digest: None,
+        image_size_mib: None,
+        entrypoint: None,
+        cmd: None,
+        restart_policy: Default::default(),
+        volumes: vec![],
+        disk_size_mib: 0,
+        secret_names: vec![],
+        labels: Default::default(),
+        ttl_seconds: None,
+        on_ttl: Default::default(),
+        idle_timeout_seconds: None,
+        idle_max_connection_seconds: None,
+        auto_start: false,
+        spawn: None,
+        parent_id: None,
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::store::testing::backend_tests;
     use MachineStatus::*;
-    use hyperfleet_types::{EgressPolicy, MachineNetwork, RuntimeKind};
-    use std::net::Ipv4Addr;
+    use hyperfleet_types::{EgressPolicy, RuntimeKind};
 
-    pub(crate) fn spec(name: &str) -> MachineSpec {
-        MachineSpec {
-            name: name.into(),
-            runtime: RuntimeKind::Container,
-            vcpu_count: 1,
-            mem_size_mib: 128,
-            kernel_image_path: "k".into(),
-            kernel_args: "a".into(),
-            rootfs_path: "r".into(),
-            exposed_ports: vec![80],
-            network: MachineNetwork {
-                prefix_len: None,
-                gateway: None,
-                dns: vec![Ipv4Addr::new(10, 0, 0, 1)],
-                egress: EgressPolicy::Deny,
-            },
-            env: Default::default(),
-            image: None,
-            image_digest: None,
-            image_size_mib: None,
-            entrypoint: None,
-            cmd: None,
-            restart_policy: Default::default(),
-            volumes: vec![],
-            disk_size_mib: 0,
-            secret_names: vec![],
-            labels: Default::default(),
-            ttl_seconds: None,
-            on_ttl: Default::default(),
-            idle_timeout_seconds: None,
-            idle_max_connection_seconds: None,
-            auto_start: false,
-            spawn: None,
-            parent_id: None,
-        }
-    }
+    pub(crate) use super::example_spec as spec;
 
     async fn commit<T>(store: &crate::store::Store, f: impl AsyncFnOnce(&mut crate::store::Conn) -> T) -> T {
         let mut tx = store.write().await.unwrap();
