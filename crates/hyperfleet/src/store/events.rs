@@ -87,11 +87,12 @@ pub(crate) async fn last_id(c: &mut Conn) -> StoreResult<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::testing::backend_tests;
 
-    fn ev(machine: &str, kind: EventKind) -> Event {
+    /// An event of `kind` for machine `machine` (named `{machine}-name`), stamped now.
+    pub(crate) fn ev(machine: &str, kind: EventKind) -> Event {
         Event {
             id: 0,
             kind,

@@ -288,21 +288,7 @@ mod tests {
     use hyperfleet_types::EventKind;
 
     fn ev(id: u64) -> Event {
-        Event {
-            id,
-            kind: EventKind::Running,
-            machine_id: "m1".into(),
-            machine_name: "one".into(),
-            status: None,
-            at: hyperfleet_types::timestamp::now(),
-            reason: None,
-            program: None,
-            exit_code: None,
-            duration_ms: None,
-            path: None,
-            port: None,
-            parent_id: None,
-        }
+        Event { id, ..crate::store::events::tests::ev("m1", EventKind::Running) }
     }
 
     backend_tests! {
