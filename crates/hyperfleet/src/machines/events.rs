@@ -15,7 +15,7 @@ use super::{Error, Host, Result, Service};
 use crate::store::events as stored;
 pub(crate) use crate::store::events::{EventFilter, EventPage};
 use crate::store::machines::MachineRecord;
-use crate::store::{Conn, StoreResult, Write, machines as records};
+use crate::store::{Backend, Conn, StoreError, StoreResult, Write, machines as records};
 
 /// The most stored events one backlog read looks at; a resuming reader reads again for more.
 const BACKLOG_PAGE: u32 = 500;
@@ -70,16 +70,7 @@ impl Events {
     /// the order of broadcast, and a listener that reads the machine on an event sees the change. A failure
     /// to store is logged: the change it reports happens regardless.
     pub(super) async fn append_for(&self, tx: &mut Write, event: Event, labels: &BTreeMap<String, String>) {
-        let stored = match tx.savepoint().await {
-            Ok(mut sp) => match self.store(&mut sp, &event, labels).await {
-                Ok(done) => sp.commit().await.map(|()| done).map_err(Into::into),
-                Err(e) => {
-                    let _ = sp.rollback().await;
-                    Err(e)
-                }
-            },
-            Err(e) => Err(e),
-        };
+        let stored = self.store(tx, &event, labels).await;
         match stored {
             Ok((e, queued)) => {
                 let (tx_events, deliveries) = (self.tx.clone(), self.deliveries.clone());
@@ -99,15 +90,67 @@ impl Events {
         }
     }
 
+    /// Stores `event` and a delivery for each webhook it matches, all or nothing, in `tx`, which stays usable
+    /// either way. On PostgreSQL all in a savepoint (a failed statement aborts the whole transaction). On
+    /// SQLite a failed statement changes nothing and the transaction goes on, so the event's insert (one
+    /// statement) needs no savepoint: the usual change (no webhook) saves two round trips. What follows it,
+    /// if anything, runs in a savepoint, and if that fails the event is taken out again.
     async fn store(
         &self,
-        c: &mut Conn,
+        tx: &mut Write,
         event: &Event,
         labels: &BTreeMap<String, String>,
     ) -> StoreResult<(Event, usize)> {
-        let e = stored::append(c, event, self.keep).await?;
-        let queued = super::webhooks::enqueue_matching(c, &e, labels).await?;
-        Ok((e, queued))
+        if Backend::of(tx) == Backend::Postgres {
+            let mut sp = tx.savepoint().await?;
+            let done = async {
+                let (e, any_webhook) = stored::insert(&mut sp, event).await?;
+                let queued = self.after_insert(&mut sp, &e, any_webhook, labels).await?;
+                Ok::<_, StoreError>((e, queued))
+            }
+            .await;
+            return match done {
+                Ok(done) => sp.commit().await.map(|()| done).map_err(Into::into),
+                Err(e) => {
+                    let _ = sp.rollback().await;
+                    Err(e)
+                }
+            };
+        }
+        let (e, any_webhook) = stored::insert(tx, event).await?;
+        if !any_webhook && !stored::trim_due(e.id, self.keep) {
+            return Ok((e, 0));
+        }
+        let rest = async {
+            let mut sp = tx.savepoint().await?;
+            match self.after_insert(&mut sp, &e, any_webhook, labels).await {
+                Ok(queued) => Ok(sp.commit().await.map(|()| queued)?),
+                Err(err) => {
+                    let _ = sp.rollback().await;
+                    Err(err)
+                }
+            }
+        }
+        .await;
+        match rest {
+            Ok(queued) => Ok((e, queued)),
+            Err(err) => {
+                stored::remove(tx, e.id).await?;
+                Err(err)
+            }
+        }
+    }
+
+    /// What follows an event's insert: the backlog's trim, and its deliveries if any webhook exists.
+    async fn after_insert(
+        &self,
+        c: &mut Conn,
+        e: &Event,
+        any_webhook: bool,
+        labels: &BTreeMap<String, String>,
+    ) -> StoreResult<usize> {
+        stored::trim(c, e.id, self.keep).await?;
+        if any_webhook { super::webhooks::enqueue_matching(c, e, labels).await } else { Ok(0) }
     }
 
     pub(super) fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {

@@ -522,3 +522,45 @@ mod limits {
         assert!(svc.execs.acquire(&m.id, 4).is_ok(), "finished commands free their slots");
     }
 }
+
+mod event_store {
+    use super::*;
+    use crate::store::events::EventFilter;
+    use hyperfleet_types::CreateWebhook;
+
+    fn hook() -> CreateWebhook {
+        CreateWebhook {
+            url: Some("http://127.0.0.1:9/hook".into()),
+            events: Some(vec!["machine.created".into()]),
+            label_selector: None,
+            secret: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_stores_its_event_and_a_delivery_per_matching_webhook() {
+        let (_d, svc) = service().await;
+        let a = svc.create(create_req("before-hook")).await.unwrap();
+        let w = svc.create_webhook(hook()).await.unwrap();
+        let b = svc.create(create_req("after-hook")).await.unwrap();
+        let events = svc.events_after(0, EventFilter::default()).await.unwrap().events;
+        assert_eq!(events.iter().map(|e| e.machine_id.as_str()).collect::<Vec<_>>(), [a.id.as_str(), b.id.as_str()]);
+        let queued = svc.webhook_deliveries(&w.id, None, None).await.unwrap().deliveries;
+        assert_eq!(queued.len(), 1, "only the event after the webhook was made");
+        assert_eq!(queued[0].machine_id, b.id);
+    }
+
+    #[tokio::test]
+    async fn an_event_whose_deliveries_cannot_be_stored_is_not_stored_either() {
+        let (_d, svc) = service().await;
+        svc.create_webhook(hook()).await.unwrap();
+        // Break the deliveries table behind the store's back: the delivery insert after the event now fails.
+        let mut tx = svc.store.write().await.unwrap();
+        sqlx::raw_sql("DROP TABLE webhook_deliveries").execute(&mut *tx).await.unwrap();
+        tx.commit().await.unwrap();
+        // The change happens regardless (a failure to store its event is logged), without a stray event.
+        let m = svc.create(create_req("web")).await.unwrap();
+        assert_eq!(svc.get(&m.id).await.unwrap().status, MachineStatus::Pending);
+        assert!(svc.events_after(0, EventFilter::default()).await.unwrap().events.is_empty());
+    }
+}

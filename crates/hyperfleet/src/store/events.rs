@@ -20,12 +20,22 @@ impl EventFilter {
 
 /// Stores `event` (its `id` is ignored) and returns it with the id it got, in the caller's write transaction
 /// (whose lock makes ids commit in order). Every `TRIM_EVERY` events, those older than the last `keep` are
-/// deleted.
+/// deleted. (The daemon stores with [`insert`] and [`trim`], which it sequences itself.)
+#[cfg(test)]
 pub(crate) async fn append(c: &mut Conn, event: &Event, keep: u64) -> StoreResult<Event> {
-    const TRIM_EVERY: u64 = 64;
+    let (e, _) = insert(c, event).await?;
+    trim(c, e.id, keep).await?;
+    Ok(e)
+}
+
+/// Stores `event` (its `id` is ignored) and returns it with the id it got, and whether any webhook exists
+/// (learnt in the same statement: a caller queues deliveries only if one does, and needs no second round
+/// trip to learn that there is none). One statement; [`trim`] goes with it.
+pub(crate) async fn insert(c: &mut Conn, event: &Event) -> StoreResult<(Event, bool)> {
     let body = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(format!("event: {e}")))?;
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO events (machine_id, machine_name, type, body) VALUES ($1, $2, $3, $4) RETURNING id",
+    let (id, webhooks): (i64, i64) = sqlx::query_as(
+        "INSERT INTO events (machine_id, machine_name, type, body) VALUES ($1, $2, $3, $4) \
+         RETURNING id, (SELECT COUNT(*) FROM webhooks) AS webhooks",
     )
     .bind(&event.machine_id)
     .bind(&event.machine_name)
@@ -33,12 +43,31 @@ pub(crate) async fn append(c: &mut Conn, event: &Event, keep: u64) -> StoreResul
     .bind(body)
     .fetch_one(&mut *c)
     .await?;
-    let id: u64 = int("event id", id)?;
-    if id.is_multiple_of(TRIM_EVERY) && id > keep {
+    Ok((Event { id: int("event id", id)?, ..event.clone() }, webhooks > 0))
+}
+
+const TRIM_EVERY: u64 = 64;
+
+/// Whether [`trim`] after event `id` has anything to do.
+pub(crate) fn trim_due(id: u64, keep: u64) -> bool {
+    id.is_multiple_of(TRIM_EVERY) && id > keep
+}
+
+/// After event `id`, every `TRIM_EVERY` events, deletes those older than the last `keep`.
+pub(crate) async fn trim(c: &mut Conn, id: u64, keep: u64) -> StoreResult<()> {
+    if trim_due(id, keep) {
         let oldest_kept = i64::try_from(id - keep).unwrap_or(i64::MAX);
         sqlx::query("DELETE FROM events WHERE id <= $1").bind(oldest_kept).execute(c).await?;
     }
-    Ok(Event { id, ..event.clone() })
+    Ok(())
+}
+
+/// Takes back event `id` and its deliveries (an event whose deliveries could not all be stored).
+pub(crate) async fn remove(c: &mut Conn, id: u64) -> StoreResult<()> {
+    let id = i64::try_from(id).unwrap_or(i64::MAX);
+    sqlx::query("DELETE FROM events WHERE id = $1").bind(id).execute(&mut *c).await?;
+    sqlx::query("DELETE FROM webhook_deliveries WHERE event_id = $1").bind(id).execute(c).await?;
+    Ok(())
 }
 
 /// One read of the backlog.

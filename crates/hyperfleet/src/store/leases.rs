@@ -21,14 +21,18 @@ impl From<sqlx::Error> for LeaseError {
 /// Leases the lowest free block of a pool of `block_count` blocks to `machine_id` (in the caller's write
 /// transaction).
 pub(crate) async fn allocate(c: &mut Conn, machine_id: &str, block_count: u32) -> Result<u32, LeaseError> {
-    let lowest_free: Option<i64> = sqlx::query_scalar("SELECT MIN(block) FROM free_blocks").fetch_one(&mut *c).await?;
-    let next_fresh: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(block) + 1, 0) FROM leases").fetch_one(&mut *c).await?;
+    // Both candidates in one statement (each statement is a round trip to the database).
+    let (lowest_free, next_fresh): (Option<i64>, i64) =
+        sqlx::query_as("SELECT (SELECT MIN(block) FROM free_blocks), (SELECT COALESCE(MAX(block) + 1, 0) FROM leases)")
+            .fetch_one(&mut *c)
+            .await?;
     let block = lowest_free.map_or(next_fresh, |f| f.min(next_fresh));
     if block >= i64::from(block_count) {
         return Err(LeaseError::Exhausted(block_count));
     }
-    sqlx::query("DELETE FROM free_blocks WHERE block = $1").bind(block).execute(&mut *c).await?;
+    if lowest_free == Some(block) {
+        sqlx::query("DELETE FROM free_blocks WHERE block = $1").bind(block).execute(&mut *c).await?;
+    }
     sqlx::query("INSERT INTO leases (block, machine_id, created_at) VALUES ($1, $2, $3)")
         .bind(block)
         .bind(machine_id)

@@ -84,9 +84,10 @@ const BY_ID: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.erro
      m.updated_at, m.expires_at, m.idle_since, l.block FROM machines m JOIN leases l ON l.machine_id = m.id \
      WHERE m.id = $1";
 
-const BY_NAME: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
+/// By id, or else by name (an id match first, should a name ever equal another machine's id).
+const BY_ID_OR_NAME: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
      m.updated_at, m.expires_at, m.idle_since, l.block FROM machines m JOIN leases l ON l.machine_id = m.id \
-     WHERE m.name = $1";
+     WHERE m.id = $1 OR m.name = $1 ORDER BY CASE WHEN m.id = $1 THEN 0 ELSE 1 END LIMIT 1";
 
 fn opt_time(t: Option<OffsetDateTime>) -> Option<String> {
     t.map(timestamp::format)
@@ -141,39 +142,45 @@ pub async fn insert(
     block_count: u32,
 ) -> Result<MachineRecord, InsertError> {
     let ts = now();
-    // The name is checked first rather than by catching the UNIQUE violation: on PostgreSQL a failed
-    // statement aborts the whole transaction. The write lock makes check-then-insert safe; the UNIQUE
-    // constraint stays as the last word.
-    let taken: Option<String> = sqlx::query_scalar("SELECT id FROM machines WHERE name = $1")
-        .bind(&spec.name)
-        .fetch_optional(&mut *c)
-        .await
-        .map_err(StoreError::from)?;
-    if taken.is_some() {
-        return Err(InsertError::NameTaken(spec.name.clone()));
-    }
-    sqlx::query(
-        "INSERT INTO machines (id, name, status, spec, created_at, updated_at) VALUES ($1, $2, 'pending', $3, $4, $4)",
+    let json = spec_json(spec)?;
+    // A taken name inserts nothing (rather than failing: on PostgreSQL a failed statement aborts the whole
+    // transaction). The write lock makes this check-and-insert one step; the UNIQUE constraint decides.
+    let inserted = sqlx::query(
+        "INSERT INTO machines (id, name, status, spec, created_at, updated_at) VALUES ($1, $2, 'pending', $3, $4, $4) \
+         ON CONFLICT (name) DO NOTHING",
     )
     .bind(id)
     .bind(&spec.name)
-    .bind(spec_json(spec)?)
+    .bind(&json)
     .bind(&ts)
     .execute(&mut *c)
     .await
     .map_err(StoreError::from)?;
-    leases::allocate(c, id, block_count).await?;
-    let rec = by_id(c, id).await?.ok_or_else(|| StoreError::Corrupt(format!("machine {id} vanished")))?;
-    Ok(rec)
+    if inserted.rows_affected() == 0 {
+        return Err(InsertError::NameTaken(spec.name.clone()));
+    }
+    let block = leases::allocate(c, id, block_count).await?;
+    // The record as a read would return it (the spec from the JSON just stored), without reading it back.
+    let created_at = timestamp::parse(&ts).ok_or_else(|| StoreError::Corrupt(format!("time '{ts}'")))?;
+    Ok(MachineRecord {
+        id: id.to_string(),
+        spec: serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("machine spec: {e}")))?,
+        status: MachineStatus::Pending,
+        socket_path: None,
+        pid: None,
+        error_message: None,
+        created_at,
+        updated_at: created_at,
+        block,
+        expires_at: None,
+        idle_since: None,
+    })
 }
 
 /// Looks a machine up by id, or else by name. (Names shaped like ids are refused at create, so the two
 /// cannot name different machines.)
 pub async fn get(c: &mut Conn, id_or_name: &str) -> StoreResult<Option<MachineRecord>> {
-    if let Some(m) = by_id(c, id_or_name).await? {
-        return Ok(Some(m));
-    }
-    sqlx::query(BY_NAME).bind(id_or_name).fetch_optional(c).await?.as_ref().map(from_row).transpose()
+    sqlx::query(BY_ID_OR_NAME).bind(id_or_name).fetch_optional(c).await?.as_ref().map(from_row).transpose()
 }
 
 /// A page of machines (oldest first) and the number matching the filter.

@@ -3,10 +3,10 @@
 //! sqlx's `Any` driver with `$N` placeholders (which both backends accept); what differs between the two
 //! dialects (schema DDL, JSON functions, how a writer is serialised) is in [`dialect`].
 //!
-//! Reads use [`Store::read`] (a pooled connection that cannot write: `mode=ro` on SQLite, read-only
-//! transactions on PostgreSQL). Every change goes through [`Store::write`], a transaction that holds the
-//! database's one write lock until it commits: `BEGIN IMMEDIATE` on SQLite, a transaction-scoped advisory
-//! lock on PostgreSQL. So uniqueness (names, address blocks) and compare-and-set state changes are decided
+//! Reads use [`Store::read`] (a connection that cannot write: one of a fixed set opened `mode=ro` on SQLite,
+//! a pooled one in read-only transactions on PostgreSQL). Every change goes through [`Store::write`], a
+//! transaction that holds the database's one write lock until it commits: `BEGIN IMMEDIATE` on SQLite, a
+//! transaction-scoped advisory lock on PostgreSQL. So uniqueness (names, address blocks) and compare-and-set state changes are decided
 //! by the database, for every daemon sharing it.
 
 pub(crate) mod api_keys;
@@ -22,6 +22,7 @@ pub(crate) mod volumes;
 pub(crate) mod webhooks;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -150,11 +151,68 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Store {
     backend: Backend,
     writer: AnyPool,
-    reader: AnyPool,
+    reader: Readers,
     location: std::sync::Arc<Location>,
     /// This process's writers take turns here first (FIFO), so the database lock is never contended within
     /// one process and after-commit work runs in commit order.
     turn: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The read connections. PostgreSQL: a sqlx pool, which tests a connection before handing it out (so a
+/// restarted server costs no failed request). SQLite: a fixed set of connections handed out as they are,
+/// as the store did before sqlx: a sqlx pool pings its connection's worker thread when it lends it and
+/// again when it is returned, two extra round trips per read that a local file does not need.
+#[derive(Clone)]
+enum Readers {
+    Pool(AnyPool),
+    Own(Arc<OwnReaders>),
+}
+
+struct OwnReaders {
+    idle: std::sync::Mutex<Vec<AnyConnection>>,
+    /// One permit per idle connection: readers wait here in turn (FIFO) when all are lent.
+    free: tokio::sync::Semaphore,
+}
+
+/// A read connection (see [`Store::read`]); store functions take it as a [`Conn`] (it derefs to one).
+pub struct Read(Lent);
+
+enum Lent {
+    Pool(PoolConnection<Any>),
+    Own { conn: Option<AnyConnection>, home: Arc<OwnReaders> },
+}
+
+impl std::ops::Deref for Read {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        match &self.0 {
+            Lent::Pool(c) => c,
+            // Some until dropped.
+            Lent::Own { conn, .. } => conn.as_ref().unwrap_or_else(|| unreachable!("a read connection is lent")),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Read {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        match &mut self.0 {
+            Lent::Pool(c) => c,
+            Lent::Own { conn, .. } => conn.as_mut().unwrap_or_else(|| unreachable!("a read connection is lent")),
+        }
+    }
+}
+
+impl Drop for Read {
+    /// Back to the idle set. A read cut short (its request dropped) needs nothing more: the connection's
+    /// worker finishes or abandons the statement and resets it before it takes the next one.
+    fn drop(&mut self) {
+        if let Lent::Own { conn, home } = &mut self.0
+            && let Some(c) = conn.take()
+        {
+            home.idle.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+            home.free.add_permits(1);
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -184,6 +242,9 @@ impl Store {
         // One writer connection: SQLite has one writer at a time anyway, and queueing here costs nothing.
         let writer = AnyPoolOptions::new()
             .max_connections(1)
+            // A SQLite connection is a file handle with nothing to lose on the way (unlike PostgreSQL's
+            // TCP connections): a test round trip before each use would only cost time.
+            .test_before_acquire(false)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .idle_timeout(None)
             .max_lifetime(None)
@@ -197,20 +258,16 @@ impl Store {
         }
         restrict_permissions(path);
         // Opened after the writer switched the file to WAL, so readers never block it nor each other.
-        let reader = AnyPoolOptions::new()
-            .max_connections(READERS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .after_connect(move |c, _| {
-                Box::pin(async move {
-                    c.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {}", BUSY_TIMEOUT.as_millis())))
-                        .await?;
-                    Ok(())
-                })
-            })
-            .connect_with(url("ro")?)
-            .await?;
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            let mut c = <AnyConnection as sqlx::Connection>::connect_with(&url("ro")?).await?;
+            c.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {}", BUSY_TIMEOUT.as_millis()))).await?;
+            readers.push(c);
+        }
+        let reader = Readers::Own(Arc::new(OwnReaders {
+            idle: std::sync::Mutex::new(readers),
+            free: tokio::sync::Semaphore::new(READERS as usize),
+        }));
         Ok(Self {
             backend: Backend::Sqlite,
             writer,
@@ -239,17 +296,19 @@ impl Store {
             migrate(Backend::Postgres, &mut tx).await?;
             tx.commit().await?;
         }
-        let reader = AnyPoolOptions::new()
-            .max_connections(READERS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_connect(|c, _| {
-                Box::pin(async move {
-                    c.execute("SET default_transaction_read_only = on").await?;
-                    Ok(())
+        let reader = Readers::Pool(
+            AnyPoolOptions::new()
+                .max_connections(READERS)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .after_connect(|c, _| {
+                    Box::pin(async move {
+                        c.execute("SET default_transaction_read_only = on").await?;
+                        Ok(())
+                    })
                 })
-            })
-            .connect_with(opts)
-            .await?;
+                .connect_with(opts)
+                .await?,
+        );
         Ok(Self {
             backend: Backend::Postgres,
             writer,
@@ -269,8 +328,26 @@ impl Store {
 
     /// A connection for reads. It sees the last committed state and never waits for a writer; a write
     /// through it fails.
-    pub async fn read(&self) -> StoreResult<PoolConnection<Any>> {
-        Ok(self.reader.acquire().await?)
+    pub async fn read(&self) -> StoreResult<Read> {
+        match &self.reader {
+            Readers::Pool(pool) => Ok(Read(Lent::Pool(pool.acquire().await?))),
+            Readers::Own(own) => {
+                let permit = tokio::time::timeout(ACQUIRE_TIMEOUT, own.free.acquire())
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)?
+                    .map_err(|_| sqlx::Error::PoolClosed)?;
+                permit.forget();
+                let conn = own.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                match conn {
+                    Some(conn) => Ok(Read(Lent::Own { conn: Some(conn), home: own.clone() })),
+                    None => {
+                        // Only after close (which took the idle connections).
+                        own.free.add_permits(1);
+                        Err(sqlx::Error::PoolClosed.into())
+                    }
+                }
+            }
+        }
     }
 
     /// A write transaction holding the database's one write lock until it commits or rolls back, so writes
@@ -296,7 +373,16 @@ impl Store {
     /// Closes the pools (a test dropping its PostgreSQL cluster waits for this).
     pub async fn close(&self) {
         self.writer.close().await;
-        self.reader.close().await;
+        match &self.reader {
+            Readers::Pool(pool) => pool.close().await,
+            Readers::Own(own) => {
+                own.free.close();
+                let idle = std::mem::take(&mut *own.idle.lock().unwrap_or_else(|e| e.into_inner()));
+                for c in idle {
+                    let _ = sqlx::Connection::close(c).await;
+                }
+            }
+        }
     }
 }
 
