@@ -94,6 +94,9 @@ pub struct MachineFiles {
     pub agent_socket: PathBuf,
     /// A container's root: the mount point of its disk, under [`ROOTS_DIR`].
     pub root: PathBuf,
+    /// A container machine from an image: its own disk, an ext4 holding the upper layer of its overlay root
+    /// (`upper/`, with overlayfs's `work/`), sized as the machine's disk.
+    pub upper_disk: PathBuf,
 }
 
 /// Where container roots are mounted: a root-owned directory others may pass through but not list (0711),
@@ -109,6 +112,7 @@ impl MachineFiles {
         let chroot = jail.join("root");
         Self {
             disk: dir.join("rootfs.ext4"),
+            upper_disk: dir.join("upper.ext4"),
             console_log: dir.join("console.log"),
             bundle: dir.join("bundle"),
             agent_socket: dir.join("agent.sock"),
@@ -181,6 +185,9 @@ pub(crate) struct BootSpec {
     pub init: Option<String>,
     /// The main process spec (JSON) written into the machine's disk at each start.
     pub main_spec: Option<Vec<u8>>,
+    /// A container machine from an image: the image's cached root tree, the read-only lower layer of the
+    /// machine's overlay root (its own disk, [`MachineFiles::upper_disk`], holds the upper layer).
+    pub image_tree: Option<PathBuf>,
     pub net: GuestNetwork,
     /// The machine's address block: unique among existing machines, so it also numbers the machine's own
     /// host identity (its jailed firecracker's uid and gid).
@@ -224,6 +231,23 @@ impl Runtimes {
         if let Some(why) = self.unavailable(spec.runtime) {
             return Err(RuntimeError::Unavailable(why));
         }
+        // A container machine from an image runs from the image's tree under an overlay, its own disk
+        // holding only what it changes; one made before (with a full copy of the image as its disk) keeps it.
+        let overlay =
+            spec.image_tree.clone().filter(|_| spec.runtime == RuntimeKind::Container && !files.disk.exists());
+        if let Some(tree) = overlay {
+            let (upper, dir, size) = (files.upper_disk.clone(), files.dir.clone(), spec.disk_size_mib);
+            tokio::task::spawn_blocking(move || {
+                private_dir(&dir)?;
+                if !upper.exists() {
+                    Container::make_upper_disk(&upper, size)?;
+                }
+                Ok::<_, RuntimeError>(())
+            })
+            .await??;
+            volume::grow_image(&files.upper_disk, spec.disk_size_mib).await?;
+            return self.prepare_container(spec, files, Some(&tree)).await;
+        }
         let (src, dst, dir) = (spec.rootfs_path.clone(), files.disk.clone(), files.dir.clone());
         let assets = spec.rootfs_dir.clone();
         let main = spec.main_spec.clone();
@@ -245,6 +269,17 @@ impl Runtimes {
         })
         .await??;
         volume::grow_image(&files.disk, spec.disk_size_mib).await?;
+        self.prepare_container(spec, files, None).await
+    }
+
+    /// The rest of [`Self::prepare`], once the machine's disk is there: the volumes' files checked and, for
+    /// containers, the namespaces made and the root (its disk, or an overlay on `tree`) and volumes mounted.
+    async fn prepare_container(
+        &self,
+        spec: &BootSpec,
+        files: &MachineFiles,
+        tree: Option<&Path>,
+    ) -> Result<Option<String>, RuntimeError> {
         for v in &spec.volumes {
             if !tokio::fs::try_exists(&v.path).await.unwrap_or(false) {
                 return Err(RuntimeError::Asset {
@@ -267,7 +302,11 @@ impl Runtimes {
                     None => hyperfleet_net::netns::create(&ns).await.map(|_| ()).map_err(RuntimeError::from),
                 };
                 made?;
-                let mounted = match Container::mount_root(files, ids.is_some()).await {
+                let root = match tree {
+                    Some(tree) => Container::mount_overlay_root(files, tree, ids, spec.main_spec.clone()).await,
+                    None => Container::mount_root(files, ids.is_some()).await,
+                };
+                let mounted = match root {
                     Ok(()) => Container::mount_volumes(spec, files, ids.is_some()).await,
                     Err(e) => Err(e),
                 };
