@@ -261,24 +261,46 @@ impl Container {
     }
 
     /// Makes a container machine's own disk for an overlay root: an empty ext4 of `size_mib` (at least 16),
-    /// made under a temporary name and synced by mkfs before it is renamed into place.
-    pub(crate) fn make_upper_disk(path: &Path, size_mib: u32) -> Result<(), RuntimeError> {
+    /// a sparse copy (synced) of the empty file system of that size kept in `templates`, which the first
+    /// machine of each size makes (mkfs, synced, renamed into place). Written under a temporary name first.
+    pub(crate) fn make_upper_disk(path: &Path, size_mib: u32, templates: &Path) -> Result<(), RuntimeError> {
+        let size_mib = size_mib.max(16);
+        let template = templates.join(format!("{size_mib}M.ext4"));
+        if !template.exists() {
+            std::fs::create_dir_all(templates).map_err(RuntimeError::io("create", templates))?;
+            let partial = templates.join(format!("{size_mib}M.{}.partial", std::process::id()));
+            Self::mkfs_empty(&partial, size_mib)?;
+            std::fs::rename(&partial, &template).map_err(RuntimeError::io("rename", &template))?;
+        }
         let partial = path.with_extension("partial");
-        let _ = std::fs::remove_file(&partial);
+        let copied = std::fs::File::open(&template)
+            .and_then(|t| super::disk::sparse_copy_from(&t, &partial))
+            .map_err(RuntimeError::io("copy the empty disk to", &partial));
+        if let Err(e) = copied.and_then(|()| std::fs::rename(&partial, path).map_err(RuntimeError::io("rename", path)))
+        {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// An empty ext4 of `size_mib` at `path` (a new file, synced by mkfs); nothing is left on failure.
+    fn mkfs_empty(path: &Path, size_mib: u32) -> Result<(), RuntimeError> {
+        let _ = std::fs::remove_file(path);
         {
             use std::os::unix::fs::OpenOptionsExt;
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&partial)
-                .map_err(RuntimeError::io("create", &partial))?;
-            f.set_len(u64::from(size_mib.max(16)) << 20).map_err(RuntimeError::io("size", &partial))?;
+                .open(path)
+                .map_err(RuntimeError::io("create", path))?;
+            f.set_len(u64::from(size_mib) << 20).map_err(RuntimeError::io("size", path))?;
         }
         // A new file reads as zeros: mkfs need not write the inode tables' or the journal's zeros.
         let out = std::process::Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", "hyperfleet-upper", "-E", "root_owner=0:0,assume_storage_prezeroed=1,nodiscard"])
-            .arg(&partial)
+            .arg(path)
             .output();
         let failed = match out {
             Ok(o) if o.status.success() => None,
@@ -286,10 +308,10 @@ impl Container {
             Err(e) => Some(format!("cannot run mkfs.ext4 (install e2fsprogs): {e}")),
         };
         if let Some(message) = failed {
-            let _ = std::fs::remove_file(&partial);
-            return Err(RuntimeError::Command { command: format!("mkfs.ext4 {}", partial.display()), message });
+            let _ = std::fs::remove_file(path);
+            return Err(RuntimeError::Command { command: format!("mkfs.ext4 {}", path.display()), message });
         }
-        std::fs::rename(&partial, path).map_err(RuntimeError::io("rename", path))
+        Ok(())
     }
 
     /// Makes the machine's user namespace and its network namespace `netns` (owned by it).
