@@ -161,6 +161,56 @@ async fn an_image_runs_its_process_serves_through_the_proxy_and_ends_the_machine
     assert_eq!(roots, 0, "the converted image is gone");
 }
 
+#[ignore = "needs root: runc containers with a netns, overlay and idmapped mounts"]
+#[tokio::test]
+async fn machines_of_one_image_share_its_tree_and_write_only_their_own_layer() {
+    let reg = Registry::start(None).await;
+    let img =
+        Image { layers: vec![busybox_layer(Compression::Gzip)], config: json!({"Env": ["PATH=/bin"]}), docker: false };
+    let (digest, _) = reg.push("team/sandbox", "v1", &img).await;
+    let d = Daemon::start(daemon_opts(&reg)).await;
+    let c = &d.client;
+    let req = |name: &str| CreateMachine { image: Some(format!("{}/team/sandbox:v1", reg.addr)), ..machine(name) };
+    let mut ids = Vec::new();
+    for name in ["writer", "reader"] {
+        let m = c.create_machine(&req(name)).await.unwrap();
+        let m = c.start_machine(&m.id).await.unwrap_or_else(|e| {
+            panic!(
+                "start: {e}
+{}",
+                d.logs()
+            )
+        });
+        ids.push(m.id);
+    }
+    let (writer, reader) = (&ids[0], &ids[1]);
+    // The image's files are root's inside the machine (its own user namespace), and it may change them.
+    let (code, out, err) = sh(&d, writer, "stat -c %u:%g /bin/busybox /www/index.html; id -u").await;
+    assert_eq!((code, out.as_str()), (0, "0:0\n0:0\n0\n"), "{err}");
+    let script = "echo changed > /www/index.html && busybox rm /etc/group && echo new > /www/new.txt && cat /www/*";
+    let (code, out, err) = sh(&d, writer, script).await;
+    assert_eq!((code, out.as_str()), (0, "changed\nnew\n"), "{err}");
+    // The other machine of the image, and the cached tree, are untouched.
+    let (_, out, _) = sh(&d, reader, "cat /www/index.html /etc/group; ls /www").await;
+    assert_eq!(out, "<h1>hello from an image</h1>\nroot:x:0:\napp:x:1000:\nindex.html\n");
+    let tree = d.dir.path().join("images/roots").join(digest.replace(':', "-"));
+    assert_eq!(std::fs::read_to_string(tree.join("www/index.html")).unwrap(), "<h1>hello from an image</h1>\n");
+    assert!(tree.join("etc/group").exists() && !tree.join("www/new.txt").exists());
+    // What the writer changed is its own disk's: kept across a restart.
+    c.stop_machine(writer).await.unwrap();
+    c.start_machine(writer).await.unwrap_or_else(|e| panic!("restart: {e}\n{}", d.logs()));
+    let (_, out, _) = sh(&d, writer, "cat /www/index.html /www/new.txt; ls /etc").await;
+    assert_eq!(out, "changed\nnew\npasswd\nresolv.conf\n");
+    // Every mount of both machines goes with them.
+    for id in &ids {
+        c.delete_machine(id, true).await.unwrap();
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for id in &ids {
+        assert!(!mounts.contains(id.as_str()), "a mount of {id} is left:\n{mounts}");
+    }
+}
+
 #[ignore = "needs root: runc containers, chown while unpacking layers"]
 #[tokio::test]
 async fn layers_stack_indexes_resolve_and_hostile_layers_are_refused() {

@@ -224,3 +224,33 @@ pub(crate) fn write_main_spec_beneath(upper: &Path, contents: &[u8], owner: (u32
     fchown(file.as_raw_fd(), uid, gid).map_err(err("chown"))?;
     std::fs::File::from(file).write_all(contents).map_err(|e| OciError::io("write", upper, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_main_spec_is_written_beneath_the_upper_layer_never_through_the_guests_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let (upper, outside) = (dir.path().join("upper"), dir.path().join("outside"));
+        std::fs::create_dir_all(&upper).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let me = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+        // The guest replaced /.hyperfleet by a link out of its root.
+        std::os::unix::fs::symlink(&outside, upper.join(AGENT_DIR)).unwrap();
+        write_main_spec_beneath(&upper, b"{\"argv\":[]}", me).unwrap();
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none(), "nothing written outside");
+        let spec = upper.join(AGENT_DIR).join("main.json");
+        assert!(!upper.join(AGENT_DIR).is_symlink());
+        assert_eq!(std::fs::read(&spec).unwrap(), b"{\"argv\":[]}");
+        // … or main.json by a link to a host file.
+        let victim = outside.join("victim");
+        std::fs::write(&victim, b"host").unwrap();
+        std::fs::remove_file(&spec).unwrap();
+        std::os::unix::fs::symlink(&victim, &spec).unwrap();
+        write_main_spec_beneath(&upper, b"{}", me).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"host");
+        assert!(!spec.is_symlink());
+        assert_eq!(std::fs::read(&spec).unwrap(), b"{}");
+    }
+}

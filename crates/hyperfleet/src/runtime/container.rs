@@ -186,22 +186,15 @@ impl Container {
         for d in [lower, upper] {
             std::fs::create_dir_all(d).map_err(RuntimeError::io("create", d))?;
         }
-        let out = Command::new("mount")
-            .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
-            .arg(&files.upper_disk)
-            .arg(upper)
-            .output()
-            .await
-            .map_err(|e| RuntimeError::Command { command: "mount".into(), message: e.to_string() })?;
-        if !out.status.success() {
-            return Err(RuntimeError::Command {
-                command: format!("mount {}", files.upper_disk.display()),
-                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
         let (userns, tree, root) = (ids.map(|_| files.userns()), tree.to_path_buf(), files.root.clone());
-        let (lower, upper) = (lower.to_path_buf(), upper.to_path_buf());
+        let (lower, upper, disk) = (lower.to_path_buf(), upper.to_path_buf(), files.upper_disk.clone());
         tokio::task::spawn_blocking(move || {
+            // nodev and nosuid: a device node or setuid file the guest makes on its disk means nothing on the host.
+            let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+            super::disk::loop_mount(&disk, &upper, flags).map_err(|e| RuntimeError::Command {
+                command: format!("mount {}", disk.display()),
+                message: e.to_string(),
+            })?;
             // The machine's root user as the host sees it: owner of its `/` and of what the daemon writes.
             let owner = ids.map_or((0, 0), |i| (i.base, i.base));
             let (up, work) = (upper.join("upper"), upper.join("work"));
@@ -235,7 +228,6 @@ impl Container {
                 up.display(),
                 work.display()
             );
-            let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
             nix::mount::mount(Some("overlay"), &root, Some("overlay"), flags, Some(options.as_str())).map_err(|e| {
                 RuntimeError::Command {
                     command: format!("mount the overlay root {}", root.display()),
@@ -246,11 +238,22 @@ impl Container {
         .await?
     }
 
-    /// Unmounts the layers' own mounts of an overlay root (made while it is mounted, or left by a crash) and
-    /// removes their mount points (idempotent).
+    /// Detaches the layers' own mounts of an overlay root (made while it is mounted, or left by a crash) and
+    /// removes their mount points (idempotent). The upper disk's loop device clears itself once the overlay
+    /// holding that file system goes too.
     async fn unmount_layers(files: &MachineFiles) {
         for d in [files.root.with_extension("lower"), files.root.with_extension("upper")] {
-            unmount(&d).await;
+            loop {
+                match nix::mount::umount2(&d, nix::mount::MntFlags::MNT_DETACH) {
+                    // Stacked mounts (a crash between two attempts) go one by one.
+                    Ok(()) => continue,
+                    Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => break,
+                    Err(e) => {
+                        tracing::warn!(path = %d.display(), error = %e, "could not unmount a layer");
+                        break;
+                    }
+                }
+            }
             match std::fs::remove_dir(&d) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     tracing::warn!(path = %d.display(), error = %e, "could not remove a layer's mount point");
