@@ -1581,8 +1581,10 @@ async fn bench_images(r: &mut Report) {
              of applying) into the image's root tree, which is what the cache keeps; there is no `mkfs.ext4 -d` \
              on this path: a container machine runs from that tree (the read-only lower layer of its own overlay \
              root) and only a Firecracker machine's first start makes the image's ext4, once per image. The \
-             machine's start then took {} to prepare (its own disk: an empty ext4 for the overlay's upper layer, \
-             loop-mounted, the tree idmapped read-only beneath it; its namespaces) and {} for runc to start the \
+             machine's start then took {} to prepare (at once: its namespaces, and its own disk for the overlay's \
+             upper layer, a synced sparse copy of an empty ext4 of its size, which the first machine of each size \
+             makes with `mkfs.ext4`; then that disk loop-mounted, the tree mounted read-only and idmapped beneath \
+             it, the overlay) and {} for runc to start the \
              container; the rest is the create and the exec. The goal of 0.5× {goal}.\n",
             ms(median(pulled.clone())),
             median(pulled.clone()).as_secs_f64() / p.as_secs_f64(),
