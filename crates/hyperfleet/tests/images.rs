@@ -211,6 +211,86 @@ async fn machines_of_one_image_share_its_tree_and_write_only_their_own_layer() {
     }
 }
 
+#[ignore = "needs root: runc containers with a netns, the daemon's host networking"]
+#[tokio::test]
+async fn docker_hub_images_come_through_the_mirror() {
+    let upstream = Registry::start(None).await;
+    let mirror = Registry::start_mirror(&upstream).await;
+    let img =
+        Image { layers: vec![busybox_layer(Compression::Gzip)], config: json!({"Env": ["PATH=/bin"]}), docker: false };
+    let (digest, _) = upstream.push("library/mirrored", "v1", &img).await;
+    let layer = common::oci::sha256(&img.layers[0].bytes);
+    let opts = Options {
+        env: vec![
+            ("HYPERFLEET_REGISTRY_MIRROR".into(), mirror.addr.clone()),
+            // Were the mirror not used, the pull would fail here rather than reach the internet.
+            ("HTTPS_PROXY".into(), "http://127.0.0.1:9".into()),
+            ("HTTP_PROXY".into(), "http://127.0.0.1:9".into()),
+            ("NO_PROXY".into(), "127.0.0.1,localhost".into()),
+        ],
+        ..Options::default()
+    };
+    let d = Daemon::start(opts).await;
+    let c = &d.client;
+    // A docker.io name (short, with the `library/` rule) is pulled from the mirror, which fetched it upstream.
+    let pulled = c.pull_image(&PullImage { image: "mirrored:v1".into(), registry_auth: None }).await;
+    let pulled = pulled.unwrap_or_else(|e| panic!("pull: {e}\n{}\n{}", d.logs(), mirror.log()));
+    assert_eq!(pulled.digest, digest);
+    assert!(mirror.log().contains("GET /v2/library/mirrored/manifests/v1"), "{}", mirror.log());
+    // Asked as docker.io's (`ns`), as a mirror is.
+    let asked = format!("\"GET /v2/library/mirrored/blobs/{layer}?ns=docker.io HTTP/1.1\" 200");
+    assert_eq!(mirror.log().matches(&asked).count(), 1, "the layer came from the mirror:\n{}", mirror.log());
+    assert!(upstream.blob_gets(&layer) >= 1, "the mirror fetched it upstream");
+    // A machine from the full name runs it.
+    let req = CreateMachine { image: Some("docker.io/library/mirrored:v1".into()), ..machine("mirrored") };
+    let m = c.create_machine(&req).await.unwrap();
+    assert_eq!(m.spec.image_digest.as_deref(), Some(digest.as_str()));
+    let m = c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+    assert_eq!(sh(&d, &m.id, "cat /www/index.html").await.1, "<h1>hello from an image</h1>\n");
+    c.delete_machine(&m.id, true).await.unwrap();
+}
+
+#[ignore = "needs root: the daemon's host networking"]
+#[tokio::test]
+async fn insecure_registries_are_reached_over_plain_http() {
+    let reg = Registry::start(None).await;
+    let img = Image { layers: vec![busybox_layer(Compression::Gzip)], config: json!({}), docker: false };
+    let (digest, _) = reg.push("team/plain", "v1", &img).await;
+    // The registry by a name that is not loopback (`.test` resolves nowhere): reached only through a proxy
+    // on loopback that forwards plain HTTP to it and refuses HTTPS (CONNECT).
+    let proxy = common::oci::NameProxy::start(&reg.addr).await;
+    let name = "registry.hyperfleet.test:5000";
+    let image = format!("{name}/team/plain:v1");
+    let opts = |insecure: bool| {
+        let url = format!("http://{}", proxy.addr);
+        let mut env: Vec<(String, String)> = vec![
+            ("HTTP_PROXY".into(), url.clone()),
+            ("HTTPS_PROXY".into(), url),
+            ("NO_PROXY".into(), "127.0.0.1,localhost".into()),
+        ];
+        if insecure {
+            env.push(("HYPERFLEET_INSECURE_REGISTRIES".into(), format!("other.test,{name}")));
+        }
+        Options { env, ..Options::default() }
+    };
+    // Not listed: HTTPS, which this registry does not speak.
+    let d = Daemon::start(opts(false)).await;
+    let e = d.client.pull_image(&PullImage { image: image.clone(), registry_auth: None }).await.unwrap_err();
+    assert_eq!(e.status(), Some(502), "{e}");
+    let asked = proxy.asked();
+    assert!(!asked.is_empty() && asked.iter().all(|a| a == &format!("CONNECT {name}")), "{asked:?}");
+    drop(d);
+    // Listed in HYPERFLEET_INSECURE_REGISTRIES: plain HTTP.
+    let d = Daemon::start(opts(true)).await;
+    let pulled = d.client.pull_image(&PullImage { image: image.clone(), registry_auth: None }).await;
+    let pulled = pulled.unwrap_or_else(|e| panic!("pull: {e}\n{}", d.logs()));
+    assert_eq!(pulled.digest, digest);
+    assert!(pulled.references.contains(&image), "{:?}", pulled.references);
+    let asked = proxy.asked();
+    assert!(asked.iter().any(|a| a == &format!("GET {name}")), "{asked:?}");
+    assert!(asked.iter().all(|a| a.ends_with(name)), "{asked:?}");
+}
+
 #[ignore = "needs root: runc containers, chown while unpacking layers"]
 #[tokio::test]
 async fn layers_stack_indexes_resolve_and_hostile_layers_are_refused() {

@@ -146,9 +146,13 @@ impl Images {
         for e in std::fs::read_dir(dir.join("tmp"))?.flatten() {
             let _ = std::fs::remove_dir_all(e.path());
         }
-        for e in std::fs::read_dir(dir.join("blobs"))?.flatten() {
-            if e.file_name().to_string_lossy().contains(".partial") {
-                let _ = std::fs::remove_file(e.path());
+        // Empty upper disks per size (see runtime/container.rs), and what a crash left of one being made.
+        std::fs::create_dir_all(dir.join("uppers"))?;
+        for sub in ["blobs", "uppers"] {
+            for e in std::fs::read_dir(dir.join(sub))?.flatten() {
+                if e.file_name().to_string_lossy().contains(".partial") {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
         let index: BTreeMap<String, Entry> = std::fs::read(dir.join("index.json"))

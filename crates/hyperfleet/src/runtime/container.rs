@@ -271,7 +271,10 @@ impl Container {
         let template = templates.join(format!("{size_mib}M.ext4"));
         if !template.exists() {
             std::fs::create_dir_all(templates).map_err(RuntimeError::io("create", templates))?;
-            let partial = templates.join(format!("{size_mib}M.{}.partial", std::process::id()));
+            // Machines of one size may start at once: each makes its own, the last rename wins.
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let partial = templates.join(format!("{size_mib}M.{}-{n}.partial", std::process::id()));
             Self::mkfs_empty(&partial, size_mib)?;
             std::fs::rename(&partial, &template).map_err(RuntimeError::io("rename", &template))?;
         }
