@@ -161,6 +161,136 @@ async fn an_image_runs_its_process_serves_through_the_proxy_and_ends_the_machine
     assert_eq!(roots, 0, "the converted image is gone");
 }
 
+#[ignore = "needs root: runc containers with a netns, overlay and idmapped mounts"]
+#[tokio::test]
+async fn machines_of_one_image_share_its_tree_and_write_only_their_own_layer() {
+    let reg = Registry::start(None).await;
+    let img =
+        Image { layers: vec![busybox_layer(Compression::Gzip)], config: json!({"Env": ["PATH=/bin"]}), docker: false };
+    let (digest, _) = reg.push("team/sandbox", "v1", &img).await;
+    let d = Daemon::start(daemon_opts(&reg)).await;
+    let c = &d.client;
+    let req = |name: &str| CreateMachine { image: Some(format!("{}/team/sandbox:v1", reg.addr)), ..machine(name) };
+    let mut ids = Vec::new();
+    for name in ["writer", "reader"] {
+        let m = c.create_machine(&req(name)).await.unwrap();
+        let m = c.start_machine(&m.id).await.unwrap_or_else(|e| {
+            panic!(
+                "start: {e}
+{}",
+                d.logs()
+            )
+        });
+        ids.push(m.id);
+    }
+    let (writer, reader) = (&ids[0], &ids[1]);
+    // The image's files are root's inside the machine (its own user namespace), and it may change them.
+    let (code, out, err) = sh(&d, writer, "stat -c %u:%g /bin/busybox /www/index.html; id -u").await;
+    assert_eq!((code, out.as_str()), (0, "0:0\n0:0\n0\n"), "{err}");
+    let script = "echo changed > /www/index.html && busybox rm /etc/group && echo new > /www/new.txt && cat /www/*";
+    let (code, out, err) = sh(&d, writer, script).await;
+    assert_eq!((code, out.as_str()), (0, "changed\nnew\n"), "{err}");
+    // The other machine of the image, and the cached tree, are untouched.
+    let (_, out, _) = sh(&d, reader, "cat /www/index.html /etc/group; ls /www").await;
+    assert_eq!(out, "<h1>hello from an image</h1>\nroot:x:0:\napp:x:1000:\nindex.html\n");
+    let tree = d.dir.path().join("images/roots").join(digest.replace(':', "-"));
+    assert_eq!(std::fs::read_to_string(tree.join("www/index.html")).unwrap(), "<h1>hello from an image</h1>\n");
+    assert!(tree.join("etc/group").exists() && !tree.join("www/new.txt").exists());
+    // What the writer changed is its own disk's: kept across a restart.
+    c.stop_machine(writer).await.unwrap();
+    c.start_machine(writer).await.unwrap_or_else(|e| panic!("restart: {e}\n{}", d.logs()));
+    let (_, out, _) = sh(&d, writer, "cat /www/index.html /www/new.txt; ls /etc").await;
+    assert_eq!(out, "changed\nnew\npasswd\nresolv.conf\n");
+    // Every mount of both machines goes with them.
+    for id in &ids {
+        c.delete_machine(id, true).await.unwrap();
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for id in &ids {
+        assert!(!mounts.contains(id.as_str()), "a mount of {id} is left:\n{mounts}");
+    }
+}
+
+#[ignore = "needs root: runc containers with a netns, the daemon's host networking"]
+#[tokio::test]
+async fn docker_hub_images_come_through_the_mirror() {
+    let upstream = Registry::start(None).await;
+    let mirror = Registry::start_mirror(&upstream).await;
+    let img =
+        Image { layers: vec![busybox_layer(Compression::Gzip)], config: json!({"Env": ["PATH=/bin"]}), docker: false };
+    let (digest, _) = upstream.push("library/mirrored", "v1", &img).await;
+    let layer = common::oci::sha256(&img.layers[0].bytes);
+    let opts = Options {
+        env: vec![
+            ("HYPERFLEET_REGISTRY_MIRROR".into(), mirror.addr.clone()),
+            // Were the mirror not used, the pull would fail here rather than reach the internet.
+            ("HTTPS_PROXY".into(), "http://127.0.0.1:9".into()),
+            ("HTTP_PROXY".into(), "http://127.0.0.1:9".into()),
+            ("NO_PROXY".into(), "127.0.0.1,localhost".into()),
+        ],
+        ..Options::default()
+    };
+    let d = Daemon::start(opts).await;
+    let c = &d.client;
+    // A docker.io name (short, with the `library/` rule) is pulled from the mirror, which fetched it upstream.
+    let pulled = c.pull_image(&PullImage { image: "mirrored:v1".into(), registry_auth: None }).await;
+    let pulled = pulled.unwrap_or_else(|e| panic!("pull: {e}\n{}\n{}", d.logs(), mirror.log()));
+    assert_eq!(pulled.digest, digest);
+    assert!(mirror.log().contains("GET /v2/library/mirrored/manifests/v1"), "{}", mirror.log());
+    // Asked as docker.io's (`ns`), as a mirror is.
+    let asked = format!("\"GET /v2/library/mirrored/blobs/{layer}?ns=docker.io HTTP/1.1\" 200");
+    assert_eq!(mirror.log().matches(&asked).count(), 1, "the layer came from the mirror:\n{}", mirror.log());
+    assert!(upstream.blob_gets(&layer) >= 1, "the mirror fetched it upstream");
+    // A machine from the full name runs it.
+    let req = CreateMachine { image: Some("docker.io/library/mirrored:v1".into()), ..machine("mirrored") };
+    let m = c.create_machine(&req).await.unwrap();
+    assert_eq!(m.spec.image_digest.as_deref(), Some(digest.as_str()));
+    let m = c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
+    assert_eq!(sh(&d, &m.id, "cat /www/index.html").await.1, "<h1>hello from an image</h1>\n");
+    c.delete_machine(&m.id, true).await.unwrap();
+}
+
+#[ignore = "needs root: the daemon's host networking"]
+#[tokio::test]
+async fn insecure_registries_are_reached_over_plain_http() {
+    let reg = Registry::start(None).await;
+    let img = Image { layers: vec![busybox_layer(Compression::Gzip)], config: json!({}), docker: false };
+    let (digest, _) = reg.push("team/plain", "v1", &img).await;
+    // The registry by a name that is not loopback (`.test` resolves nowhere): reached only through a proxy
+    // on loopback that forwards plain HTTP to it and refuses HTTPS (CONNECT).
+    let proxy = common::oci::NameProxy::start(&reg.addr).await;
+    let name = "registry.hyperfleet.test:5000";
+    let image = format!("{name}/team/plain:v1");
+    let opts = |insecure: bool| {
+        let url = format!("http://{}", proxy.addr);
+        let mut env: Vec<(String, String)> = vec![
+            ("HTTP_PROXY".into(), url.clone()),
+            ("HTTPS_PROXY".into(), url),
+            ("NO_PROXY".into(), "127.0.0.1,localhost".into()),
+        ];
+        if insecure {
+            env.push(("HYPERFLEET_INSECURE_REGISTRIES".into(), format!("other.test,{name}")));
+        }
+        Options { env, ..Options::default() }
+    };
+    // Not listed: HTTPS, which this registry does not speak.
+    let d = Daemon::start(opts(false)).await;
+    let e = d.client.pull_image(&PullImage { image: image.clone(), registry_auth: None }).await.unwrap_err();
+    assert_eq!(e.status(), Some(502), "{e}");
+    let asked = proxy.asked();
+    assert!(!asked.is_empty() && asked.iter().all(|a| a == &format!("CONNECT {name}")), "{asked:?}");
+    drop(d);
+    // Listed in HYPERFLEET_INSECURE_REGISTRIES: plain HTTP.
+    let d = Daemon::start(opts(true)).await;
+    let pulled = d.client.pull_image(&PullImage { image: image.clone(), registry_auth: None }).await;
+    let pulled = pulled.unwrap_or_else(|e| panic!("pull: {e}\n{}", d.logs()));
+    assert_eq!(pulled.digest, digest);
+    assert!(pulled.references.contains(&image), "{:?}", pulled.references);
+    let asked = proxy.asked();
+    assert!(asked.iter().any(|a| a == &format!("GET {name}")), "{asked:?}");
+    assert!(asked.iter().all(|a| a.ends_with(name)), "{asked:?}");
+}
+
 #[ignore = "needs root: runc containers, chown while unpacking layers"]
 #[tokio::test]
 async fn layers_stack_indexes_resolve_and_hostile_layers_are_refused() {

@@ -102,6 +102,12 @@ impl LinuxHost {
             assets_dir: self.assets_dir.clone(),
             rootfs_dir: if image { self.images.dir().to_path_buf() } else { self.assets_dir.clone() },
             init: image.then(|| crate::oci::rootfs::AGENT_INIT.to_string()),
+            image_tree: m
+                .spec
+                .image_digest
+                .as_deref()
+                .filter(|_| m.spec.runtime == RuntimeKind::Container)
+                .map(|d| self.images.tree_path(d)),
             main_spec: super::images::main_process(
                 &m.spec,
                 m.spec.image_digest.as_deref().and_then(|d| self.images.config(d)).as_ref(),
@@ -109,8 +115,17 @@ impl LinuxHost {
             .and_then(|p| serde_json::to_vec(&p).ok()),
             net: self.net.addressing.guest(m),
             block: m.block,
-            // An image machine's `image_size_mib` is its disk size too (0: the converted image's own size).
-            disk_size_mib: m.spec.disk_size_mib.max(m.spec.image_size_mib.unwrap_or(0)),
+            // An image machine's `image_size_mib` is its disk size too (0: the converted image's own size; a
+            // container machine's own disk, the upper layer of its root, is made that size).
+            disk_size_mib: m.spec.disk_size_mib.max(m.spec.image_size_mib.unwrap_or(0)).max(
+                m.spec
+                    .image_digest
+                    .as_deref()
+                    .filter(|_| m.spec.runtime == RuntimeKind::Container)
+                    .and_then(|d| self.images.default_size_mib(d))
+                    .and_then(|s| u32::try_from(s).ok())
+                    .unwrap_or(0),
+            ),
             volumes: m
                 .spec
                 .volumes
@@ -266,7 +281,10 @@ impl Host for LinuxHost {
     }
 
     async fn usage(&self, m: &MachineRecord) -> Usage {
-        let (id, pid, disk, iface) = (m.id.clone(), m.pid, self.files(&m.id).disk, self.net.addressing.iface(m));
+        let files = self.files(&m.id);
+        // A container machine from an image has the upper layer of its root as its own disk.
+        let disk = if !files.disk.exists() && files.upper_disk.exists() { files.upper_disk } else { files.disk };
+        let (id, pid, iface) = (m.id.clone(), m.pid, self.net.addressing.iface(m));
         tokio::task::spawn_blocking(move || crate::runtime::stats::read(&id, pid, &disk, &iface))
             .await
             .unwrap_or_default()

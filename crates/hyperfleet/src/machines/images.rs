@@ -1,5 +1,7 @@
-//! The image cache: layers and converted root images, content-addressed under the images directory and
-//! shared by every machine made from the same manifest digest (each machine still boots its own sparse copy).
+//! The image cache: layers and unpacked image roots, content-addressed under the images directory and
+//! shared by every machine made from the same manifest digest. A container machine runs from the root tree
+//! itself (the read-only lower layer of its own overlay); the ext4 image a Firecracker machine boots (its own
+//! sparse copy of it) is made from the tree the first time one needs it, once per digest.
 //! Pulls of one digest are single-flight; progress is kept per pull and shown on the machines waiting for
 //! it; the cache is kept under its size cap by evicting the least recently used images no machine uses.
 //! Registry credentials live in memory for the pull only.
@@ -25,24 +27,28 @@ struct Entry {
     layers: Vec<String>,
     config: ImageConfig,
     size_bytes: u64,
+    /// The unpacked root's bytes (0 in an index written before it was kept).
+    #[serde(default)]
+    unpacked_bytes: u64,
     #[serde(with = "hyperfleet_types::timestamp")]
     last_used: time::OffsetDateTime,
 }
 
-/// An image ready to boot from.
+/// An image ready to run from.
 #[derive(Debug, Clone)]
 pub(crate) struct Ready {
-    /// The converted root image (inside [`Images::dir`]).
-    pub root: PathBuf,
+    /// The unpacked root tree (inside [`Images::dir`]).
+    pub tree: PathBuf,
 }
 
-/// How long after a pull its converted image is synced to disk (see [`Images::pull`]).
+/// How long after a pull its root tree is synced to disk (see [`Images::pull`]).
 const SYNC_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Layer downloads of one pull running at once.
 const PARALLEL_LAYERS: usize = 4;
 
 type Flight = Arc<OnceCell<Result<Ready, ImageError>>>;
+type Ext4Flight = Arc<OnceCell<Result<PathBuf, ImageError>>>;
 
 struct PullState {
     progress: Arc<Progress>,
@@ -54,11 +60,13 @@ struct PullState {
 struct State {
     index: BTreeMap<String, Entry>,
     flights: HashMap<String, (Flight, Arc<Progress>)>,
+    /// ext4 images being made (for Firecracker machines), one per digest.
+    ext4: HashMap<String, Ext4Flight>,
     /// Per machine: the pull it waits for (or the last one's outcome).
     machines: HashMap<String, Arc<Mutex<PullState>>>,
     /// Per machine: credentials until its image is cached.
     creds: HashMap<String, Credentials>,
-    /// Converted images not yet synced to disk: left out of `index.json` until they are.
+    /// Root trees not yet synced to disk: left out of `index.json` until they are.
     unsynced: HashSet<String>,
     /// Layers of pulls under way, and how many pulls use each.
     pulling: HashMap<String, usize>,
@@ -138,9 +146,13 @@ impl Images {
         for e in std::fs::read_dir(dir.join("tmp"))?.flatten() {
             let _ = std::fs::remove_dir_all(e.path());
         }
-        for e in std::fs::read_dir(dir.join("blobs"))?.flatten() {
-            if e.file_name().to_string_lossy().contains(".partial") {
-                let _ = std::fs::remove_file(e.path());
+        // Empty upper disks per size (see runtime/container.rs), and what a crash left of one being made.
+        std::fs::create_dir_all(dir.join("uppers"))?;
+        for sub in ["blobs", "uppers"] {
+            for e in std::fs::read_dir(dir.join(sub))?.flatten() {
+                if e.file_name().to_string_lossy().contains(".partial") {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
         let index: BTreeMap<String, Entry> = std::fs::read(dir.join("index.json"))
@@ -148,12 +160,18 @@ impl Images {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let index: BTreeMap<String, Entry> =
-            index.into_iter().filter(|(d, _)| dir.join("roots").join(format!("{}.ext4", hex(d))).exists()).collect();
-        // Roots the index does not name: converted just before a crash, never synced.
-        let named: HashSet<String> = index.keys().map(|d| format!("{}.ext4", hex(d))).collect();
+            index.into_iter().filter(|(d, _)| dir.join("roots").join(hex(d)).is_dir()).collect();
+        // Roots the index does not name: unpacked just before a crash, never synced (or from an older cache,
+        // which kept only ext4 images). An image's ext4 is only ever renamed into place once synced.
+        let named: HashSet<String> = index.keys().flat_map(|d| [hex(d), format!("{}.ext4", hex(d))]).collect();
         for e in std::fs::read_dir(dir.join("roots"))?.flatten() {
             if !named.contains(&*e.file_name().to_string_lossy()) {
-                let _ = std::fs::remove_file(e.path());
+                let p = e.path();
+                if p.is_dir() && !p.is_symlink() {
+                    rootfs::remove_scratch(&p);
+                } else {
+                    let _ = std::fs::remove_file(p);
+                }
             }
         }
         Ok(Self {
@@ -174,8 +192,19 @@ impl Images {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The image's ext4 image (for Firecracker machines; made by [`Self::ensure_ext4`]).
     pub(crate) fn root_path(&self, digest: &str) -> PathBuf {
         self.dir.join("roots").join(format!("{}.ext4", hex(digest)))
+    }
+
+    /// The image's unpacked root tree (container machines run from it).
+    pub(crate) fn tree_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("roots").join(hex(digest))
+    }
+
+    /// The default disk size of a machine from a cached image (see [`rootfs::default_size_mib`]).
+    pub(crate) fn default_size_mib(&self, digest: &str) -> Option<u64> {
+        self.lock().index.get(digest).map(|e| rootfs::default_size_mib(e.unpacked_bytes))
     }
 
     /// Writes `index.json` from the index in memory, leaving out the roots not yet on disk for sure (see
@@ -314,7 +343,7 @@ impl Images {
         machine: Option<&str>,
     ) -> Result<Ready, ImageError> {
         let Some((flight, progress)) = self.watch(digest, machine) else {
-            return Ok(Ready { root: self.root_path(digest) });
+            return Ok(Ready { tree: self.tree_path(digest) });
         };
         let result = flight.get_or_init(|| self.pull(image, digest, creds, progress.clone())).await.clone();
         {
@@ -387,12 +416,12 @@ impl Images {
         let (unpacked, downloaded_ms, out) = built?;
         let downloaded_ms = resolved_ms + downloaded_ms;
         let layer_bytes: u64 = manifest.layers.iter().map(|l| u64::try_from(l.size).unwrap_or(0)).sum();
-        let root_bytes = allocated(&out);
         let entry = Entry {
             references: vec![r.whole()],
             layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
             config: config.clone(),
-            size_bytes: layer_bytes + root_bytes,
+            size_bytes: layer_bytes + unpacked,
+            unpacked_bytes: unpacked,
             last_used: time::OffsetDateTime::now_utc(),
         };
         {
@@ -403,10 +432,9 @@ impl Images {
             }
             s.unsynced.insert(digest.to_string());
         }
-        // mkfs did not sync the image (see rootfs.rs): it goes to disk off the pull's path, and only then
-        // does index.json name it, so after a power loss the cache never holds a torn image.
-        // A little later, so this writeback does not compete with the start that is usually waiting for the
-        // image right now (and copies it into the machine's own disk, synced).
+        // The tree was not synced: it goes to disk off the pull's path, and only then does index.json name
+        // it, so after a power loss the cache never holds a torn image. A little later, so this writeback
+        // does not compete with the start that is usually waiting for the image right now.
         let (this, root, d) = (self.clone(), out.clone(), digest.to_string());
         tokio::spawn(async move {
             tokio::time::sleep(SYNC_DELAY).await;
@@ -421,21 +449,58 @@ impl Images {
             ms = started.elapsed().as_millis(),
             "image pulled and converted"
         );
-        Ok(Ready { root: out })
+        Ok(Ready { tree: out })
     }
 
-    /// Syncs a converted image to disk, then lets `index.json` name it.
+    /// Syncs an unpacked root tree to disk (its filesystem's, with syncfs), then lets `index.json` name it.
     fn sync_root(&self, root: &Path, digest: &str) {
         if !self.lock().index.contains_key(digest) {
             // Removed (or evicted) before its turn came: nothing to keep.
             self.lock().unsynced.remove(digest);
             return;
         }
-        if let Err(e) = std::fs::File::open(root).and_then(|f| f.sync_all()) {
-            warn!(path = %root.display(), error = %e, "could not sync a converted image");
+        let synced = std::fs::File::open(root).and_then(|f| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: syncfs on a descriptor this function owns.
+            if unsafe { libc::syncfs(f.as_raw_fd()) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        });
+        if let Err(e) = synced {
+            warn!(path = %root.display(), error = %e, "could not sync an image's root");
         }
         self.lock().unsynced.remove(digest);
         self.save_index();
+    }
+
+    /// The ext4 image of a cached image (for a Firecracker machine), made from its root tree the first time
+    /// it is asked for: one build per digest however many ask at once.
+    pub(crate) async fn ensure_ext4(self: &Arc<Self>, digest: &str) -> Result<PathBuf, ImageError> {
+        let out = self.root_path(digest);
+        if out.exists() {
+            return Ok(out);
+        }
+        let flight = self.lock().ext4.entry(digest.to_string()).or_default().clone();
+        let result = flight
+            .get_or_init(|| async {
+                if out.exists() {
+                    return Ok(out.clone());
+                }
+                let Some(bytes) = self.lock().index.get(digest).map(|e| e.unpacked_bytes) else {
+                    return Err(ImageError::NotFound(format!("image {digest} is not in the cache")));
+                };
+                let (tree, partial, o) =
+                    (self.tree_path(digest), self.dir.join("tmp").join(format!("{}.ext4", hex(digest))), out.clone());
+                let built = tokio::task::spawn_blocking(move || rootfs::build_ext4(&tree, bytes, &partial, &o)).await;
+                built.map_err(|e| ImageError::Failed(format!("making the image's ext4: {e}")))??;
+                if let Some(e) = self.lock().index.get_mut(digest) {
+                    e.size_bytes += allocated(&out);
+                }
+                self.save_index();
+                Ok(out.clone())
+            })
+            .await
+            .clone();
+        self.lock().ext4.remove(digest);
+        result
     }
 
     /// Counts `layers` as in use by a running pull (`hold`) or no longer.
@@ -466,8 +531,8 @@ impl Images {
         }
     }
 
-    /// Downloads the layers (a few at a time) and converts them; returns the unpacked size, when the last
-    /// download ended (ms since `started`), and the root image.
+    /// Downloads the layers (a few at a time) and applies them; returns the unpacked size, when the last
+    /// download ended (ms since `started`), and the root tree.
     async fn fetch_and_build(
         &self,
         session: &crate::oci::pull::Session,
@@ -481,13 +546,13 @@ impl Images {
         let blobs = self.dir.join("blobs");
         session.prepare(by_digest, manifest, progress, creds).await;
         // Layers download a few at a time while a blocking task applies each one, in order, once it and
-        // every layer before it are there; mkfs runs when the last is applied.
+        // every layer before it are there.
         let work = self.dir.join("tmp").join(hex(digest));
-        let out = self.root_path(digest);
+        let out = self.tree_path(digest);
         let (arrived, arrivals) = std::sync::mpsc::channel();
         let count = manifest.layers.len();
         let (agent, w2, o2) = (self.agent.clone(), work.clone(), out.clone());
-        let builder = tokio::task::spawn_blocking(move || rootfs::build(count, arrivals, &agent, &w2, &o2));
+        let builder = tokio::task::spawn_blocking(move || rootfs::build_tree(count, arrivals, &agent, &w2, &o2));
         // Owned futures: borrowing closures here trip the compiler's higher-ranked lifetime checks where
         // the pull is spawned.
         let fetches: Vec<_> = manifest
@@ -579,6 +644,14 @@ impl Images {
             }
         }
         let _ = std::fs::remove_file(self.root_path(digest));
+        // Out of the way at once (a pull of the same digest may follow), removed in the background.
+        let tree = self.tree_path(digest);
+        let trash = self.dir.join("tmp").join(format!("{}.removed-{}", hex(digest), rand_suffix()));
+        if std::fs::rename(&tree, &trash).is_ok() {
+            std::thread::spawn(move || rootfs::remove_scratch(&trash));
+        } else {
+            rootfs::remove_scratch(&tree);
+        }
         drop(s);
         self.save_index();
         Ok(true)
@@ -609,6 +682,13 @@ impl Images {
             }
         }
     }
+}
+
+/// A suffix that makes a scratch name unique.
+fn rand_suffix() -> String {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Bytes a (sparse) file really takes.
@@ -743,7 +823,15 @@ impl<H: super::Host> super::Service<H> {
                 return Err(e.into());
             }
         };
-        tracing::debug!(machine = %rec.id, root = %ready.root.display(), "image ready");
+        tracing::debug!(machine = %rec.id, root = %ready.tree.display(), "image ready");
+        // A Firecracker machine boots its own copy of the image's ext4 (made now if no machine needed it yet);
+        // a container machine runs from the tree, and one made before the tree was kept has its own disk.
+        if rec.spec.runtime == hyperfleet_types::RuntimeKind::Firecracker
+            && let Err(e) = self.images.ensure_ext4(digest).await
+        {
+            self.record_pull_failure(&rec.id, &e).await;
+            return Err(e.into());
+        }
         Ok(())
     }
 

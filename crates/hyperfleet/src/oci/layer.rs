@@ -253,6 +253,10 @@ fn set_xattrs<R: Read>(fd: &OwnedFd, entry: &mut tar::Entry<R>, rel: &Path) -> R
     let Ok(Some(exts)) = entry.pax_extensions() else { return Ok(()) };
     for ext in exts.flatten() {
         let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") else { continue };
+        // overlayfs's own attributes mean nothing in an image, and the tree is an overlay's lower layer.
+        if name.starts_with(b"trusted.overlay.") {
+            continue;
+        }
         let Ok(cname) = CString::new(name) else { continue };
         let value = ext.value_bytes();
         // SAFETY: `fd` is open; `cname` is NUL-terminated and `value` a live slice of the given length.
@@ -416,7 +420,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = Root::open(dir.path()).unwrap();
         let mut b = tar::Builder::new(Vec::new());
-        b.append_pax_extensions([("SCHILY.xattr.user.hyperfleet", &b"kept"[..])]).unwrap();
+        b.append_pax_extensions([
+            ("SCHILY.xattr.user.hyperfleet", &b"kept"[..]),
+            ("SCHILY.xattr.trusted.overlay.opaque", &b"y"[..]),
+        ])
+        .unwrap();
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Regular);
         h.set_mode(0o644);
@@ -430,6 +438,11 @@ mod tests {
         // SAFETY: NUL-terminated strings and a live buffer of the given length.
         let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         assert_eq!(usize::try_from(n).ok().map(|n| &buf[..n]), Some(&b"kept"[..]));
+        // overlayfs's own attributes are not: the tree becomes an overlay's lower layer.
+        let name = CString::new("trusted.overlay.opaque").unwrap();
+        // SAFETY: as above.
+        let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert_eq!(n, -1, "trusted.overlay.* is dropped");
     }
 
     #[test]

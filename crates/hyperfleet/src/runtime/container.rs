@@ -144,6 +144,182 @@ impl Container {
         Ok(())
     }
 
+    /// Mounts a container machine from an image as the bundle's root (idempotent): an overlay of the image's
+    /// cached tree (read-only, nosuid, nodev; idmapped through the machine's user namespace when it has one,
+    /// so files the image gives to N are the machine's N) under an upper directory on the machine's own disk
+    /// ([`MachineFiles::upper_disk`]), where everything the machine writes goes: the cached tree, shared by
+    /// every machine of the image, is never written. `main_spec` is written into the upper layer first. The
+    /// layers' own mounts are only there while the overlay is made (the overlay keeps private copies): one
+    /// mount per machine remains, and unmounting it releases the disk's loop device.
+    pub(crate) async fn mount_overlay_root(
+        files: &MachineFiles,
+        tree: &Path,
+        ids: Option<HostIds>,
+        main_spec: Option<Vec<u8>>,
+    ) -> Result<(), RuntimeError> {
+        let root = files.root.clone();
+        roots_dir()?;
+        std::fs::create_dir_all(&root).map_err(RuntimeError::io("create", &root))?;
+        if is_mountpoint(&root) {
+            return Ok(());
+        }
+        let (lower, upper) = (files.root.with_extension("lower"), files.root.with_extension("upper"));
+        Self::unmount_layers(files).await;
+        let made = Self::mount_overlay_steps(files, tree, ids, main_spec, &lower, &upper).await;
+        // Whatever happened, the layers' own mounts go (a made overlay holds its own copies).
+        Self::unmount_layers(files).await;
+        if let Err(e) = made {
+            Self::unmount_root(files).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn mount_overlay_steps(
+        files: &MachineFiles,
+        tree: &Path,
+        ids: Option<HostIds>,
+        main_spec: Option<Vec<u8>>,
+        lower: &Path,
+        upper: &Path,
+    ) -> Result<(), RuntimeError> {
+        for d in [lower, upper] {
+            std::fs::create_dir_all(d).map_err(RuntimeError::io("create", d))?;
+        }
+        let (userns, tree, root) = (ids.map(|_| files.userns()), tree.to_path_buf(), files.root.clone());
+        let (lower, upper, disk) = (lower.to_path_buf(), upper.to_path_buf(), files.upper_disk.clone());
+        tokio::task::spawn_blocking(move || {
+            // nodev and nosuid: a device node or setuid file the guest makes on its disk means nothing on the host.
+            let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+            super::disk::loop_mount(&disk, &upper, flags).map_err(|e| RuntimeError::Command {
+                command: format!("mount {}", disk.display()),
+                message: e.to_string(),
+            })?;
+            // The machine's root user as the host sees it: owner of its `/` and of what the daemon writes.
+            let owner = ids.map_or((0, 0), |i| (i.base, i.base));
+            let (up, work) = (upper.join("upper"), upper.join("work"));
+            if !up.exists() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::create_dir(&up).map_err(RuntimeError::io("create", &up))?;
+                std::os::unix::fs::chown(&up, Some(owner.0), Some(owner.1)).map_err(RuntimeError::io("chown", &up))?;
+                std::fs::set_permissions(&up, std::fs::Permissions::from_mode(0o755))
+                    .map_err(RuntimeError::io("chmod", &up))?;
+            }
+            std::fs::create_dir_all(&work).map_err(RuntimeError::io("create", &work))?;
+            if let Some(json) = main_spec {
+                crate::oci::rootfs::write_main_spec_beneath(&up, &json, owner).map_err(|e| RuntimeError::Command {
+                    command: "write the main process spec".into(),
+                    message: e.to_string(),
+                })?;
+            }
+            idmap::attach_read_only(&tree, &lower, userns.as_deref()).map_err(|e| RuntimeError::Command {
+                command: format!(
+                    "mount the image's root {} read-only{}",
+                    tree.display(),
+                    if userns.is_some() { ", idmapped (HYPERFLEET_CONTAINER_USERNS=false turns it off)" } else { "" }
+                ),
+                message: e.to_string(),
+            })?;
+            // No redirects, metacopy or index: nothing in the image's tree or the upper layer can make the
+            // overlay look anywhere else. All paths are the daemon's own (under ROOTS_DIR).
+            let options = format!(
+                "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off,xino=off",
+                lower.display(),
+                up.display(),
+                work.display()
+            );
+            nix::mount::mount(Some("overlay"), &root, Some("overlay"), flags, Some(options.as_str())).map_err(|e| {
+                RuntimeError::Command {
+                    command: format!("mount the overlay root {}", root.display()),
+                    message: e.to_string(),
+                }
+            })
+        })
+        .await?
+    }
+
+    /// Detaches the layers' own mounts of an overlay root (made while it is mounted, or left by a crash) and
+    /// removes their mount points (idempotent). The upper disk's loop device clears itself once the overlay
+    /// holding that file system goes too.
+    async fn unmount_layers(files: &MachineFiles) {
+        for d in [files.root.with_extension("lower"), files.root.with_extension("upper")] {
+            loop {
+                match nix::mount::umount2(&d, nix::mount::MntFlags::MNT_DETACH) {
+                    // Stacked mounts (a crash between two attempts) go one by one.
+                    Ok(()) => continue,
+                    Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => break,
+                    Err(e) => {
+                        tracing::warn!(path = %d.display(), error = %e, "could not unmount a layer");
+                        break;
+                    }
+                }
+            }
+            match std::fs::remove_dir(&d) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %d.display(), error = %e, "could not remove a layer's mount point");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Makes a container machine's own disk for an overlay root: an empty ext4 of `size_mib` (at least 16),
+    /// a sparse copy (synced) of the empty file system of that size kept in `templates`, which the first
+    /// machine of each size makes (mkfs, synced, renamed into place). Written under a temporary name first.
+    pub(crate) fn make_upper_disk(path: &Path, size_mib: u32, templates: &Path) -> Result<(), RuntimeError> {
+        let size_mib = size_mib.max(16);
+        let template = templates.join(format!("{size_mib}M.ext4"));
+        if !template.exists() {
+            std::fs::create_dir_all(templates).map_err(RuntimeError::io("create", templates))?;
+            // Machines of one size may start at once: each makes its own, the last rename wins.
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let partial = templates.join(format!("{size_mib}M.{}-{n}.partial", std::process::id()));
+            Self::mkfs_empty(&partial, size_mib)?;
+            std::fs::rename(&partial, &template).map_err(RuntimeError::io("rename", &template))?;
+        }
+        let partial = path.with_extension("partial");
+        let copied = std::fs::File::open(&template)
+            .and_then(|t| super::disk::sparse_copy_from(&t, &partial))
+            .map_err(RuntimeError::io("copy the empty disk to", &partial));
+        if let Err(e) = copied.and_then(|()| std::fs::rename(&partial, path).map_err(RuntimeError::io("rename", path)))
+        {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// An empty ext4 of `size_mib` at `path` (a new file, synced by mkfs); nothing is left on failure.
+    fn mkfs_empty(path: &Path, size_mib: u32) -> Result<(), RuntimeError> {
+        let _ = std::fs::remove_file(path);
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(RuntimeError::io("create", path))?;
+            f.set_len(u64::from(size_mib) << 20).map_err(RuntimeError::io("size", path))?;
+        }
+        // A new file reads as zeros: mkfs need not write the inode tables' or the journal's zeros.
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "hyperfleet-upper", "-E", "root_owner=0:0,assume_storage_prezeroed=1,nodiscard"])
+            .arg(path)
+            .output();
+        let failed = match out {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+            Err(e) => Some(format!("cannot run mkfs.ext4 (install e2fsprogs): {e}")),
+        };
+        if let Some(message) = failed {
+            let _ = std::fs::remove_file(path);
+            return Err(RuntimeError::Command { command: format!("mkfs.ext4 {}", path.display()), message });
+        }
+        Ok(())
+    }
+
     /// Makes the machine's user namespace and its network namespace `netns` (owned by it).
     pub(crate) async fn create_namespaces(files: &MachineFiles, ids: HostIds, netns: &str) -> Result<(), RuntimeError> {
         let (file, name) = (files.userns(), netns.to_string());
@@ -233,6 +409,7 @@ impl Container {
     /// Unmounts the root (freeing its loop device) and the user namespace's file (idempotent).
     pub(crate) async fn unmount_root(files: &MachineFiles) {
         Self::unmount_volumes(files).await;
+        Self::unmount_layers(files).await;
         idmap::release_user_namespace(&files.userns());
         let root = files.root.clone();
         if is_mountpoint(&root) {
@@ -675,6 +852,7 @@ mod tests {
             rootfs_dir: PathBuf::from("/a"),
             init: None,
             main_spec: None,
+            image_tree: None,
             net: GuestNetwork {
                 iface: "tap0".into(),
                 tap_ip: "172.16.0.1".parse().unwrap(),

@@ -59,6 +59,96 @@ pub(crate) fn sparse_copy_from(input: &File, dst: &Path) -> io::Result<()> {
     std::fs::rename(&tmp, dst)
 }
 
+/// `struct loop_info64` of <linux/loop.h>.
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    sizelimit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+/// `struct loop_config` of <linux/loop.h> (LOOP_CONFIGURE, Linux 5.8+).
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// Mounts the ext4 image `file` at `target` with `flags` through a loop device of its own, set up with one
+/// LOOP_CONFIGURE (what `mount -o loop` does, without its process): the device clears itself when the file
+/// system is unmounted (autoclear), so nothing but the mount is left to undo.
+pub(crate) fn loop_mount(file: &Path, target: &Path, flags: nix::mount::MsFlags) -> io::Result<()> {
+    let backing = std::fs::OpenOptions::new().read(true).write(true).open(file)?;
+    let control = std::fs::OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+    // Another process may take the free device between asking and configuring it: ask again.
+    for _ in 0..16 {
+        // SAFETY: an ioctl without arguments on a descriptor this function owns.
+        let n = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let dev = format!("/dev/loop{n}");
+        let device = match std::fs::OpenOptions::new().read(true).write(true).open(&dev) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mut config = LoopConfig {
+            fd: u32::try_from(backing.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            block_size: 0,
+            info: LoopInfo64 {
+                device: 0,
+                inode: 0,
+                rdevice: 0,
+                offset: 0,
+                sizelimit: 0,
+                number: 0,
+                encrypt_type: 0,
+                encrypt_key_size: 0,
+                flags: LO_FLAGS_AUTOCLEAR,
+                file_name: [0; 64],
+                crypt_name: [0; 64],
+                encrypt_key: [0; 32],
+                init: [0; 2],
+            },
+            reserved: [0; 8],
+        };
+        let name = file.as_os_str().as_encoded_bytes();
+        let len = name.len().min(63);
+        config.info.file_name[..len].copy_from_slice(&name[..len]);
+        // SAFETY: `config` is a live, correctly laid out loop_config; the kernel only reads it.
+        let r = unsafe { libc::ioctl(device.as_raw_fd(), LOOP_CONFIGURE, std::ptr::addr_of!(config)) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                continue;
+            }
+            return Err(e);
+        }
+        // The mount holds the device from now on; when it goes, autoclear detaches the device. If the mount
+        // fails, closing `device` (the only holder) detaches it.
+        return nix::mount::mount(Some(dev.as_str()), target, Some("ext4"), flags, None::<&str>)
+            .map_err(io::Error::from);
+    }
+    Err(io::Error::other("no free loop device"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

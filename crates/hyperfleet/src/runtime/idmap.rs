@@ -14,6 +14,9 @@ pub(crate) const RANGE_SIZE: u32 = 65_536;
 // From <linux/mount.h> (not in the libc crate for glibc targets).
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const OPEN_TREE_CLOEXEC: libc::c_uint = 0o2_000_000;
+const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
+const MOUNT_ATTR_NOSUID: u64 = 0x0000_0002;
+const MOUNT_ATTR_NODEV: u64 = 0x0000_0004;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x0000_0004;
 
@@ -170,6 +173,68 @@ pub(crate) fn idmap_in_place(path: &Path, userns_file: &Path) -> io::Result<()> 
     // The detached copy keeps the filesystem alive while the original mount goes.
     nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)?;
     // SAFETY: both strings are valid and NUL-terminated; the descriptor is the detached idmapped tree.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Mounts a read-only copy of the directory `src` at `dst` (open_tree clone + mount_setattr + move_mount),
+/// idmapped through the user namespace at `userns_file` when one is given: an image's tree, shown to one
+/// machine as the lower layer of its overlay root.
+pub(crate) fn attach_read_only(src: &Path, dst: &Path, userns_file: Option<&Path>) -> io::Result<()> {
+    let userns = userns_file.map(std::fs::File::open).transpose()?;
+    let (source, target) = (cpath(src)?, cpath(dst)?);
+    // SAFETY: `source` is a valid NUL-terminated path; the returned descriptor is checked and owned below.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            source.as_ptr(),
+            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+        )
+    };
+    let tree = i32::try_from(tree).ok().filter(|fd| *fd >= 0).ok_or_else(io::Error::last_os_error)?;
+    // SAFETY: open_tree returned a fresh descriptor that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree) };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY
+            | MOUNT_ATTR_NOSUID
+            | MOUNT_ATTR_NODEV
+            | userns.as_ref().map_or(0, |_| MOUNT_ATTR_IDMAP),
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: match &userns {
+            Some(f) => u64::try_from(f.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            None => 0,
+        },
+    };
+    let empty = c"";
+    // SAFETY: `attr` is a live, correctly laid out mount_attr of the size passed; `empty` is a valid string.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            std::ptr::addr_of!(attr),
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both strings are valid and NUL-terminated; the descriptor is the detached read-only tree.
     let r = unsafe {
         libc::syscall(
             libc::SYS_move_mount,

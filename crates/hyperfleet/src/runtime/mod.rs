@@ -94,6 +94,9 @@ pub struct MachineFiles {
     pub agent_socket: PathBuf,
     /// A container's root: the mount point of its disk, under [`ROOTS_DIR`].
     pub root: PathBuf,
+    /// A container machine from an image: its own disk, an ext4 holding the upper layer of its overlay root
+    /// (`upper/`, with overlayfs's `work/`), sized as the machine's disk.
+    pub upper_disk: PathBuf,
 }
 
 /// Where container roots are mounted: a root-owned directory others may pass through but not list (0711),
@@ -109,6 +112,7 @@ impl MachineFiles {
         let chroot = jail.join("root");
         Self {
             disk: dir.join("rootfs.ext4"),
+            upper_disk: dir.join("upper.ext4"),
             console_log: dir.join("console.log"),
             bundle: dir.join("bundle"),
             agent_socket: dir.join("agent.sock"),
@@ -181,6 +185,9 @@ pub(crate) struct BootSpec {
     pub init: Option<String>,
     /// The main process spec (JSON) written into the machine's disk at each start.
     pub main_spec: Option<Vec<u8>>,
+    /// A container machine from an image: the image's cached root tree, the read-only lower layer of the
+    /// machine's overlay root (its own disk, [`MachineFiles::upper_disk`], holds the upper layer).
+    pub image_tree: Option<PathBuf>,
     pub net: GuestNetwork,
     /// The machine's address block: unique among existing machines, so it also numbers the machine's own
     /// host identity (its jailed firecracker's uid and gid).
@@ -224,6 +231,48 @@ impl Runtimes {
         if let Some(why) = self.unavailable(spec.runtime) {
             return Err(RuntimeError::Unavailable(why));
         }
+        for v in &spec.volumes {
+            if !tokio::fs::try_exists(&v.path).await.unwrap_or(false) {
+                return Err(RuntimeError::Asset {
+                    path: v.path.clone(),
+                    message: "the volume's file is missing".into(),
+                });
+            }
+        }
+        // A container machine from an image runs from the image's tree under an overlay, its own disk
+        // holding only what it changes; one made before (with a full copy of the image as its disk) keeps it.
+        let overlay =
+            spec.image_tree.clone().filter(|_| spec.runtime == RuntimeKind::Container && !files.disk.exists());
+        if let Some(tree) = overlay {
+            let (upper, dir, size) = (files.upper_disk.clone(), files.dir.clone(), spec.disk_size_mib);
+            // Empty file systems to copy, per size: kept with the images (rootfs_dir), made on first use.
+            let templates = spec.rootfs_dir.join("uppers");
+            let disk = async {
+                tokio::task::spawn_blocking(move || {
+                    private_dir(&dir)?;
+                    if !upper.exists() {
+                        Container::make_upper_disk(&upper, size, &templates)?;
+                    }
+                    Ok::<_, RuntimeError>(())
+                })
+                .await??;
+                volume::grow_image(&files.upper_disk, spec.disk_size_mib).await
+            };
+            // The disk and the namespaces at once: neither needs the other.
+            let (disk, netns) = tokio::join!(disk, self.make_namespaces(spec, files));
+            let netns = match (disk, netns) {
+                (Ok(()), Ok(ns)) => ns,
+                (Err(e), netns) => {
+                    if let Ok(Some(_)) = netns {
+                        idmap::release_user_namespace(&files.userns());
+                        remove_netns(&spec.id).await;
+                    }
+                    return Err(e);
+                }
+                (Ok(()), Err(e)) => return Err(e),
+            };
+            return self.prepare_container(spec, files, Some(&tree), netns).await;
+        }
         let (src, dst, dir) = (spec.rootfs_path.clone(), files.disk.clone(), files.dir.clone());
         let assets = spec.rootfs_dir.clone();
         let main = spec.main_spec.clone();
@@ -245,40 +294,54 @@ impl Runtimes {
         })
         .await??;
         volume::grow_image(&files.disk, spec.disk_size_mib).await?;
-        for v in &spec.volumes {
-            if !tokio::fs::try_exists(&v.path).await.unwrap_or(false) {
-                return Err(RuntimeError::Asset {
-                    path: v.path.clone(),
-                    message: "the volume's file is missing".into(),
-                });
-            }
+        let netns = self.make_namespaces(spec, files).await?;
+        self.prepare_container(spec, files, None, netns).await
+    }
+
+    /// A container machine's namespaces (its user namespace, when it has one, and its network namespace,
+    /// replacing any a crash left); `None` for Firecracker.
+    async fn make_namespaces(&self, spec: &BootSpec, files: &MachineFiles) -> Result<Option<String>, RuntimeError> {
+        if spec.runtime != RuntimeKind::Container {
+            return Ok(None);
         }
-        match spec.runtime {
-            RuntimeKind::Firecracker => Ok(None),
-            RuntimeKind::Container => {
-                let ids = self.container.host_ids(spec.block)?;
-                let ns = container::netns_name(&spec.id);
-                // A namespace left by a crash is replaced.
-                if let Err(e) = hyperfleet_net::netns::delete(&ns).await {
-                    warn!(netns = %ns, error = %e, "could not remove a leftover namespace");
-                }
-                let made = match ids {
-                    Some(ids) => Container::create_namespaces(files, ids, &ns).await,
-                    None => hyperfleet_net::netns::create(&ns).await.map(|_| ()).map_err(RuntimeError::from),
-                };
-                made?;
-                let mounted = match Container::mount_root(files, ids.is_some()).await {
-                    Ok(()) => Container::mount_volumes(spec, files, ids.is_some()).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = mounted {
-                    Container::unmount_root(files).await;
-                    remove_netns(&spec.id).await;
-                    return Err(e);
-                }
-                Ok(Some(ns))
-            }
+        let ids = self.container.host_ids(spec.block)?;
+        let ns = container::netns_name(&spec.id);
+        // A namespace left by a crash is replaced.
+        if let Err(e) = hyperfleet_net::netns::delete(&ns).await {
+            warn!(netns = %ns, error = %e, "could not remove a leftover namespace");
         }
+        match ids {
+            Some(ids) => Container::create_namespaces(files, ids, &ns).await?,
+            None => hyperfleet_net::netns::create(&ns).await.map(|_| ())?,
+        }
+        Ok(Some(ns))
+    }
+
+    /// The rest of [`Self::prepare`] for a container (`netns`: its namespaces are made): the root (its disk,
+    /// or an overlay on `tree`) and the volumes mounted; on failure, everything undone.
+    async fn prepare_container(
+        &self,
+        spec: &BootSpec,
+        files: &MachineFiles,
+        tree: Option<&Path>,
+        netns: Option<String>,
+    ) -> Result<Option<String>, RuntimeError> {
+        let Some(ns) = netns else { return Ok(None) };
+        let ids = self.container.host_ids(spec.block)?;
+        let root = match tree {
+            Some(tree) => Container::mount_overlay_root(files, tree, ids, spec.main_spec.clone()).await,
+            None => Container::mount_root(files, ids.is_some()).await,
+        };
+        let mounted = match root {
+            Ok(()) => Container::mount_volumes(spec, files, ids.is_some()).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = mounted {
+            Container::unmount_root(files).await;
+            remove_netns(&spec.id).await;
+            return Err(e);
+        }
+        Ok(Some(ns))
     }
 
     pub(crate) async fn boot(

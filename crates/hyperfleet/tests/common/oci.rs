@@ -201,6 +201,13 @@ impl Registry {
         Self::start_with(dir, auth_block, push).await
     }
 
+    /// Starts `docker-registry` as a pull-through cache of `upstream` (a mirror, as for docker.io).
+    pub async fn start_mirror(upstream: &Registry) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let block = format!("proxy:\n  remoteurl: http://{}\n", upstream.addr);
+        Self::start_with(dir, block, None).await
+    }
+
     /// Starts `docker-registry` with token auth: it trusts the JWTs `tokens` signs (its certificate is the
     /// registry's `rootcertbundle`) and sends clients to `tokens` for them.
     pub async fn start_with_tokens(tokens: &TokenServer) -> Self {
@@ -492,4 +499,63 @@ pub fn busybox_layer(compression: Compression) -> Layer {
 /// A free path under `dir` for files the tests compare against.
 pub fn scratch(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
+}
+
+/// A plain-HTTP forward proxy on loopback that sends every request, whatever host it names, to `upstream`: a
+/// test reaches a registry there by a name that is not loopback (and resolves nowhere) through `HTTP_PROXY`.
+/// `CONNECT` (HTTPS through `HTTPS_PROXY`) is refused. Records the hosts it was asked for.
+pub struct NameProxy {
+    pub addr: String,
+    hosts: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl NameProxy {
+    pub async fn start(upstream: &str) -> Self {
+        use axum::response::IntoResponse;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let hosts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (upstream, seen) = (upstream.to_string(), hosts.clone());
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (upstream, seen, client) = (upstream.clone(), seen.clone(), client.clone());
+            async move {
+                let host = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+                seen.lock().unwrap().push(format!("{} {host}", req.method()));
+                if req.method() == axum::http::Method::CONNECT {
+                    return (axum::http::StatusCode::FORBIDDEN, "no HTTPS here").into_response();
+                }
+                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+                let mut fwd = client.request(req.method().clone(), format!("http://{upstream}{pq}"));
+                for (k, v) in req.headers() {
+                    if k != axum::http::header::HOST {
+                        fwd = fwd.header(k, v);
+                    }
+                }
+                let body = axum::body::to_bytes(req.into_body(), usize::MAX).await.unwrap();
+                let resp = fwd.body(body).send().await.unwrap();
+                let mut out = axum::response::Response::builder().status(resp.status());
+                for (k, v) in resp.headers() {
+                    out = out.header(k, v);
+                }
+                out.body(axum::body::Body::from(resp.bytes().await.unwrap())).unwrap()
+            }
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, hosts, task }
+    }
+
+    /// What it was asked for: `METHOD host[:port]` per request.
+    pub fn asked(&self) -> Vec<String> {
+        self.hosts.lock().unwrap().clone()
+    }
+}
+
+impl Drop for NameProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

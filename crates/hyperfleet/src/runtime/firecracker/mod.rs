@@ -336,6 +336,7 @@ mod tests {
             rootfs_dir: PathBuf::from("/a"),
             init: None,
             main_spec: None,
+            image_tree: None,
             net: GuestNetwork {
                 iface: "tap1".into(),
                 tap_ip: "172.16.0.5".parse().unwrap(),
