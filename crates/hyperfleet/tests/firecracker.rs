@@ -47,6 +47,33 @@ async fn wait_for(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// What a stalled guest's firecracker process is doing: its threads' states and CPU time, and the host's load.
+fn process_report(pid: u32) -> String {
+    let mut out = format!("load: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default());
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // comm is in parentheses; after it: state (3rd field), utime (14th), stime (15th).
+            let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+            let f: Vec<&str> = after.split_whitespace().collect();
+            let comm = stat.split_once('(').and_then(|(_, r)| r.rsplit_once(')')).map(|(c, _)| c).unwrap_or("?");
+            out += &format!(
+                "thread {comm}: state {} utime {} stime {} (ticks)\n",
+                f.first().unwrap_or(&"?"),
+                f.get(11).unwrap_or(&"?"),
+                f.get(12).unwrap_or(&"?")
+            );
+        }
+    }
+    out
+}
+
 #[ignore = "needs root and /dev/kvm: a Firecracker microVM on a TAP"]
 #[tokio::test]
 async fn firecracker_machine_lifecycle_network_and_adoption() {
@@ -91,11 +118,20 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
     // The guest kernel configures eth0 from ip= and answers ping from the host.
     let log = d.dir.path().join("machines").join(&m.id).join("console.log");
     // The nameserver line is the last of the kernel's IP-Config block: wait for it, not just the first.
-    wait_for("the guest kernel's IP-Config on the console", 420, async || {
+    let deadline = Instant::now() + Duration::from_secs(420);
+    loop {
         let console = std::fs::read_to_string(&log).unwrap_or_default();
-        console.contains("IP-Config: Complete") && console.contains("nameserver0=")
-    })
-    .await;
+        if console.contains("IP-Config: Complete") && console.contains("nameserver0=") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after 420 s waiting for the guest kernel's IP-Config on the console\n{}\n---- console tail ----\n{}",
+            process_report(pid),
+            tail(&console, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let console = std::fs::read_to_string(&log).unwrap();
     assert!(console.contains(&format!("ipaddr={}, mask=255.255.255.252, gw={}", m.guest_ip, m.tap_ip)), "{console}");
     assert!(console.contains("nameserver0=10.200.255.53"));
