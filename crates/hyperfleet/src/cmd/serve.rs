@@ -191,6 +191,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let auth = Arc::new(Auth::new(store, settings.api.disable_auth, settings.api.metrics_token.clone()));
     tokio::spawn(service.clone().run_timers());
     tokio::spawn(service.clone().run_webhooks());
+    tokio::spawn(service.clone().relay_events());
     let api = &settings.api;
     let limits = Limits::new(api.max_connections, api.max_connections_per_ip);
     let addr = std::net::SocketAddr::new(settings.api.bind, settings.api.port);

@@ -27,6 +27,8 @@ pub(super) struct Events {
     keep: u64,
     /// Told when deliveries were queued (the webhook worker waits on it).
     pub(super) deliveries: Arc<Notify>,
+    /// This daemon's token in the announcements of events on PostgreSQL (see [`Service::relay_events`]).
+    origin: Arc<str>,
 }
 
 /// An event about `m`, not stored yet (its id is 0).
@@ -50,7 +52,12 @@ pub(super) fn draft(kind: EventKind, m: &MachineRecord) -> Event {
 
 impl Events {
     pub(super) fn new(keep: u64) -> Self {
-        Self { tx: broadcast::channel(1024).0, keep: keep.max(1), deliveries: Arc::new(Notify::new()) }
+        Self {
+            tx: broadcast::channel(1024).0,
+            keep: keep.max(1),
+            deliveries: Arc::new(Notify::new()),
+            origin: crate::store::random_id().into(),
+        }
     }
 
     /// [`Self::append_for`] with the labels the machine has in the store (none once it is deleted).
@@ -105,6 +112,7 @@ impl Events {
             let mut sp = tx.savepoint().await?;
             let done = async {
                 let (e, any_webhook) = stored::insert(&mut sp, event).await?;
+                stored::announce(&mut sp, &self.origin, &e).await?;
                 let queued = self.after_insert(&mut sp, &e, any_webhook, labels).await?;
                 Ok::<_, StoreError>((e, queued))
             }
@@ -162,6 +170,62 @@ impl<H: Host> Service<H> {
     /// Every event as it happens, for long-polls, the proxy's cache and `GET /events`.
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.events.subscribe()
+    }
+
+    /// On PostgreSQL, passes on the events that the other daemons sharing the database store (announced with
+    /// NOTIFY when they commit, in commit order) to this daemon's listeners: `GET /events`, long-polls and the
+    /// proxy's cache then see the whole fleet's changes, not only this node's, without polling. Runs until
+    /// the daemon stops; a lost connection is re-established (events announced meanwhile are in the stored
+    /// backlog, where `GET /events` resumes from).
+    pub(crate) async fn relay_events(self: Arc<Self>) {
+        let mut listener = match self.store.listen(stored::CHANNEL).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for other nodes' events: this node sees only its own");
+                return;
+            }
+        };
+        loop {
+            let note = match listener.try_recv().await {
+                Ok(Some(note)) => note,
+                Ok(None) => {
+                    tracing::warn!("lost the database connection that relays other nodes' events; reconnecting");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hear other nodes' events; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let a: stored::Announcement = match serde_json::from_str(note.payload()) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignored an unreadable event announcement");
+                    continue;
+                }
+            };
+            if *a.origin == *self.events.origin || self.events.tx.receiver_count() == 0 {
+                continue;
+            }
+            let event = match a.event {
+                Some(e) => Some(e),
+                None => match self.store.read().await {
+                    Ok(mut c) => stored::get(&mut c, a.id).await.unwrap_or_else(|e| {
+                        tracing::warn!(event = a.id, error = %e, "could not read an announced event");
+                        None
+                    }),
+                    Err(e) => {
+                        tracing::warn!(event = a.id, error = %e, "could not read an announced event");
+                        None
+                    }
+                },
+            };
+            if let Some(e) = event {
+                let _ignored_when_no_listener = self.events.tx.send(Arc::new(e));
+            }
+        }
     }
 
     /// Stores and broadcasts an event that is not a state change (those go with their compare-and-set).

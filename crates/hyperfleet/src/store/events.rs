@@ -110,6 +110,43 @@ pub(crate) async fn after(c: &mut Conn, after: u64, filter: &EventFilter, limit:
     Ok(page)
 }
 
+/// The PostgreSQL channel on which every daemon sharing the database announces the events it stores.
+pub(crate) const CHANNEL: &str = "hyperfleet_events";
+
+/// The largest announcement that carries its event; a longer one (a long failure reason) carries the id,
+/// and its listeners read the event from the backlog. PostgreSQL's own limit is 8000 bytes.
+const MAX_INLINE: usize = 7000;
+
+/// What [`announce`] sends on [`CHANNEL`]: who stored the event (so its own listener skips it), and the
+/// event, or its id when the event is too long to carry.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Announcement {
+    pub origin: String,
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<Event>,
+}
+
+/// Announces the stored `event` (it has its id) to every daemon listening on the database, on PostgreSQL
+/// (NOTIFY is delivered when the caller's transaction commits, in commit order, and not at all if it rolls
+/// back). `origin` is this daemon's token.
+pub(crate) async fn announce(c: &mut Conn, origin: &str, event: &Event) -> StoreResult<()> {
+    let mut a = Announcement { origin: origin.to_owned(), id: event.id, event: Some(event.clone()) };
+    let mut payload = serde_json::to_string(&a).map_err(|e| StoreError::Corrupt(format!("event: {e}")))?;
+    if payload.len() > MAX_INLINE {
+        a.event = None;
+        payload = serde_json::to_string(&a).map_err(|e| StoreError::Corrupt(format!("event: {e}")))?;
+    }
+    sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(payload).execute(c).await?;
+    Ok(())
+}
+
+/// The stored event `id`, if the backlog still has it.
+pub(crate) async fn get(c: &mut Conn, id: u64) -> StoreResult<Option<Event>> {
+    let before = id.saturating_sub(1);
+    Ok(after(c, before, &EventFilter::default(), 1).await?.events.into_iter().find(|e| e.id == id))
+}
+
 /// The id of the newest event stored (0 when there is none).
 pub(crate) async fn last_id(c: &mut Conn) -> StoreResult<u64> {
     int("event id", sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(id), 0) FROM events").fetch_one(c).await?)
@@ -137,6 +174,43 @@ pub(crate) mod tests {
             port: None,
             parent_id: None,
         }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs postgresql: starts a throwaway cluster with Debian's postgresql package"]
+    async fn announcements_reach_the_other_daemons_when_the_change_commits() {
+        let db = crate::store::testing::TestDb::postgres().await;
+        let mut listener = db.store.listen(CHANNEL).await.unwrap().expect("PostgreSQL listens");
+        let other = db.reopen().await;
+        // Rolled back: never heard.
+        let mut w = other.write().await.unwrap();
+        let (gone, _) = insert(&mut w, &ev("a", EventKind::Running)).await.unwrap();
+        announce(&mut w, "node-b", &gone).await.unwrap();
+        drop(w);
+        // Committed: heard, with the event; one too long to carry is heard by id and read from the backlog.
+        let mut w = other.write().await.unwrap();
+        let (kept, _) = insert(&mut w, &ev("a", EventKind::Stopped)).await.unwrap();
+        announce(&mut w, "node-b", &kept).await.unwrap();
+        let failed = Event { reason: Some("x".repeat(10_000)), ..ev("b", EventKind::Failed) };
+        let (long, _) = insert(&mut w, &failed).await.unwrap();
+        announce(&mut w, "node-b", &long).await.unwrap();
+        w.commit().await.unwrap();
+        let mut heard = Vec::new();
+        for _ in 0..2 {
+            let note =
+                tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv()).await.unwrap().unwrap();
+            heard.push(serde_json::from_str::<Announcement>(note.payload()).unwrap());
+        }
+        assert_eq!(
+            heard.iter().map(|a| (a.origin.as_str(), a.id)).collect::<Vec<_>>(),
+            [("node-b", kept.id), ("node-b", long.id)]
+        );
+        assert_eq!(heard[0].event.as_ref().map(|e| e.kind), Some(EventKind::Stopped));
+        assert!(heard[1].event.is_none(), "too long to carry");
+        let read = get(&mut db.store.read().await.unwrap(), long.id).await.unwrap().unwrap();
+        assert_eq!(read.reason.map(|r| r.len()), Some(10_000));
+        assert!(get(&mut db.store.read().await.unwrap(), gone.id).await.unwrap().is_none());
+        other.close().await;
     }
 
     backend_tests! {

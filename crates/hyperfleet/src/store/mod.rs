@@ -364,6 +364,16 @@ impl Store {
         Ok(Write { tx, after_commit: Vec::new(), _turn: turn })
     }
 
+    /// On PostgreSQL, a connection listening on `channel` (NOTIFY is how daemons sharing the database hear
+    /// of each other's changes); `None` on SQLite, which only one daemon uses. The listener reconnects by
+    /// itself after the server restarts.
+    pub async fn listen(&self, channel: &str) -> StoreResult<Option<sqlx::postgres::PgListener>> {
+        let Location::Postgres(url) = &*self.location else { return Ok(None) };
+        let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+        listener.listen(channel).await?;
+        Ok(Some(listener))
+    }
+
     pub async fn ping(&self) -> StoreResult<()> {
         let mut c = self.read().await?;
         sqlx::query("SELECT 1").execute(&mut *c).await?;
