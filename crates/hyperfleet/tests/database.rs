@@ -92,3 +92,94 @@ async fn the_daemon_runs_on_postgresql() {
     drop(d);
     drop(pg);
 }
+
+#[ignore = "needs root and postgresql: a throwaway PostgreSQL cluster, the daemon's nftables table and runc"]
+#[tokio::test]
+async fn postgresql_outages_are_clear_503s_and_a_restart_during_a_create_storm_loses_nothing() {
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = std::sync::Arc::new(PgCluster::start(pg_dir.path(), Durability::None).unwrap());
+    let d = Daemon::start(Options {
+        prefix_len: 24,
+        env: vec![("DATABASE_URL".into(), pg.url("postgres"))],
+        ..Default::default()
+    })
+    .await;
+    let c = d.client.clone();
+    let before = running(&d, machine("before")).await;
+
+    // The database down: every request that needs it is a 503 with the documented envelope, the daemon
+    // stays up, and it serves again as soon as the database is back.
+    pg.stop().unwrap();
+    let e = c.list_machines(&ListOptions::default()).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(503), Some("DATABASE_UNAVAILABLE")), "{e}");
+    assert!(e.to_string().contains("the database is unavailable, retry later"), "{e}");
+    let e = c.create_machine(&machine("while-down")).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(503), Some("DATABASE_UNAVAILABLE")), "{e}");
+    pg.resume().unwrap();
+    assert_eq!(c.get_machine(&before.id).await.unwrap().status, MachineStatus::Running);
+    assert!(c.get_machine("while-down").await.is_err(), "a refused create made nothing");
+
+    // A storm of creates and starts while PostgreSQL restarts (fast shutdown: connections are cut).
+    let storm: Vec<_> = (0..40)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(25 * i)).await;
+                let m = c.create_machine(&machine(&format!("s{i}"))).await?;
+                c.start_machine(&m.id).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let restarter = pg.clone();
+    tokio::task::spawn_blocking(move || restarter.restart().unwrap()).await.unwrap();
+    let (mut started, mut refused) = (Vec::new(), 0);
+    for t in storm {
+        match t.await.unwrap() {
+            Ok(m) => started.push(m.id),
+            Err(e) => {
+                // Each failure is the clear one, never an internal error.
+                assert_eq!((e.status(), e.code()), (Some(503), Some("DATABASE_UNAVAILABLE")), "{e}\n{}", d.logs());
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("storm: {} started, {refused} refused", started.len());
+
+    // Afterwards the database and the host agree: every machine has settled (none left starting), each
+    // running one answers and has its interface on the host, no interface belongs to no running machine,
+    // and addresses are unique.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let machines = loop {
+        let list = c.list_machines(&ListOptions::default()).await.unwrap().machines;
+        if list.iter().all(|m| !matches!(m.status, MachineStatus::Starting | MachineStatus::Stopping)) {
+            break list;
+        }
+        assert!(std::time::Instant::now() < deadline, "machines never settled: {list:?}\n{}", d.logs());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    for id in &started {
+        let m = machines.iter().find(|m| m.id == *id).expect("a started machine is listed");
+        assert_eq!(m.status, MachineStatus::Running, "{m:?}");
+    }
+    let running: Vec<_> = machines.iter().filter(|m| m.status == MachineStatus::Running).collect();
+    for m in &running {
+        let out = c.exec(&m.id, &["echo", "ok"]).await.unwrap_or_else(|e| panic!("{}: {e}", m.spec.name));
+        assert_eq!(out.stdout, "ok\n");
+    }
+    let mut links = d.host_links();
+    links.sort();
+    let mut expected: Vec<String> = running.iter().map(|m| m.tap_device.clone()).collect();
+    expected.sort();
+    assert_eq!(links, expected, "host interfaces are the running machines' ones");
+    let ips: HashSet<_> = machines.iter().map(|m| m.guest_ip).collect();
+    assert_eq!(ips.len(), machines.len(), "distinct addresses");
+    // A create refused during the restart can be made again (or exists, if its commit went through).
+    for i in 0..40 {
+        let name = format!("s{i}");
+        if machines.iter().all(|m| m.spec.name != name) {
+            c.create_machine(&machine(&name)).await.unwrap();
+        }
+    }
+    drop(d);
+}

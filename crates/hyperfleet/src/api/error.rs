@@ -51,6 +51,11 @@ impl IntoResponse for ApiError {
 impl From<MachineError> for ApiError {
     fn from(e: MachineError) -> Self {
         let (status, code) = status_of(e.cause());
+        if let MachineError::Store(s) = e.cause()
+            && s.is_unavailable()
+        {
+            return Self::new(status, code, unavailable_message(s));
+        }
         Self::new(status, code, e.to_string())
     }
 }
@@ -102,6 +107,7 @@ fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
             (S::INTERNAL_SERVER_ERROR, "RUNTIME_ERROR")
         }
         MachineError::Agent(_) => (S::BAD_GATEWAY, "VSOCK_ERROR"),
+        MachineError::Store(e) if e.is_unavailable() => (S::SERVICE_UNAVAILABLE, "DATABASE_UNAVAILABLE"),
         MachineError::Store(_) | MachineError::Task { .. } => (S::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
     }
 }
@@ -121,8 +127,17 @@ impl From<KeyError> for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        Self::internal(e.to_string())
+        if e.is_unavailable() {
+            Self::new(StatusCode::SERVICE_UNAVAILABLE, "DATABASE_UNAVAILABLE", unavailable_message(&e))
+        } else {
+            Self::internal(e.to_string())
+        }
     }
+}
+
+/// What a client is told when the database is unreachable: that, and to retry.
+fn unavailable_message(e: &crate::store::StoreError) -> String {
+    format!("the database is unavailable, retry later ({e})")
 }
 
 #[cfg(test)]

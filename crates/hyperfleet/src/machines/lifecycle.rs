@@ -427,9 +427,34 @@ impl<H: Host> Service<H> {
         Ok(booted)
     }
 
+    /// Records `to` for a flow whose host side is done but whose last write found the database unavailable
+    /// (down, restarting): retried in the background with backoff until it lands or the machine has moved on,
+    /// so that after an outage no machine stays `starting` or `stopping` with nothing behind it on the host.
+    fn settle_later(self: &Arc<Self>, id: &str, action: Action, to: MachineStatus, changes: Changes) {
+        let (service, id) = (self.clone(), id.to_string());
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(250);
+            loop {
+                tokio::time::sleep(delay).await;
+                match service.transition(&id, action, to, changes.clone()).await {
+                    Err(Error::Store(e)) if e.is_unavailable() => delay = (delay * 2).min(Duration::from_secs(5)),
+                    Ok(_) => {
+                        info!(machine = %id, status = %to, "recorded after the database came back");
+                        return;
+                    }
+                    // Deleted or changed by someone else meanwhile: nothing left to settle.
+                    Err(e) => {
+                        warn!(machine = %id, error = %e, "gave up recording {to} after the database came back");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
     /// Undoes a failed start in reverse order, marks the machine failed with the cause, and returns the
     /// error to answer with (the cause, plus every undo step that failed).
-    async fn undo_start(&self, rec: &MachineRecord, done: Vec<Step>, cause: Error) -> Error {
+    async fn undo_start(self: &Arc<Self>, rec: &MachineRecord, done: Vec<Step>, cause: Error) -> Error {
         warn!(machine = %rec.id, error = %cause, "start failed; undoing");
         let mut failures = Vec::new();
         let mut firewall_pending = false;
@@ -446,8 +471,11 @@ impl<H: Host> Service<H> {
                 Step::Prepared => self.host.stop(&Instance { pid: None, ..instance(rec) }).await,
             }
         }
-        if let Err(e) = self.transition(&rec.id, Action::Start, Failed, Changes::failed(cause.to_string())).await {
-            failures.push(format!("record the failure: {e}"));
+        let failed = Changes::failed(cause.to_string());
+        match self.transition(&rec.id, Action::Start, Failed, failed.clone()).await {
+            Err(Error::Store(e)) if e.is_unavailable() => self.settle_later(&rec.id, Action::Start, Failed, failed),
+            Err(e) => failures.push(format!("record the failure: {e}")),
+            Ok(_) => {}
         }
         if firewall_pending && let Err(e) = self.firewall_change(rec, false).await {
             failures.push(format!("remove the firewall entries: {e}"));
@@ -470,7 +498,13 @@ impl<H: Host> Service<H> {
     async fn stop_flow(self: Arc<Self>, rec: MachineRecord) -> Result<Machine> {
         let rec = self.transition(&rec.id, Action::Stop, Stopping, Changes::default()).await?;
         self.release_host(&rec).await;
-        let stopped = self.transition(&rec.id, Action::Stop, Stopped, Changes::process_gone()).await?;
+        let stopped = match self.transition(&rec.id, Action::Stop, Stopped, Changes::process_gone()).await {
+            Err(Error::Store(e)) if e.is_unavailable() => {
+                self.settle_later(&rec.id, Action::Stop, Stopped, Changes::process_gone());
+                return Err(Error::Store(e));
+            }
+            done => done?,
+        };
         self.parent_ended(&stopped);
         self.activity.reset(&rec.id);
         if let Err(e) = self.firewall_change(&rec, false).await {

@@ -39,6 +39,30 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// Whether the database could not be reached or could not serve in time (down, restarting, failing over,
+    /// every connection busy past the acquire timeout, a lock not granted within the lock timeout), rather
+    /// than a statement failing: the caller may retry the same request later.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Sql(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // SQLSTATE class 08: connection exception; 57P01..03: the server is shutting down or
+                // starting; 55P03: lock not available (lock_timeout).
+                sqlx::Error::Database(d) => d
+                    .code()
+                    .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03" | "55P03")),
+                _ => false,
+            },
+            StoreError::Corrupt(_) => false,
+        }
+    }
+}
+
 pub(crate) type StoreResult<T> = Result<T, StoreError>;
 
 /// A connection of either backend; store functions take one (a [`Write`] or a [`Store::read`] connection).

@@ -96,12 +96,26 @@ impl PgCluster {
 
     /// `pg_ctl restart` (fast shutdown: open connections are cut), as an operator's restart or a failover is.
     pub fn restart(&self) -> Result<(), String> {
+        self.pg_ctl(&["-m", "fast", "-w", "-t", "30", "restart"])
+    }
+
+    /// `pg_ctl stop` (fast: open connections are cut): the database is down until [`Self::resume`].
+    pub fn stop(&self) -> Result<(), String> {
+        self.pg_ctl(&["-m", "fast", "-w", "-t", "30", "stop"])
+    }
+
+    /// Starts the cluster again after [`Self::stop`], on the same port.
+    pub fn resume(&self) -> Result<(), String> {
+        self.pg_ctl(&["-w", "-t", "30", "start"])
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
         let out = pg_command(&self.bin, "pg_ctl")
             .arg("-D")
             .arg(&self.data)
             .arg("-l")
             .arg(&self.log)
-            .args(["-m", "fast", "-w", "-t", "30", "restart"])
+            .args(args)
             // The new server must not hold our pipes: its output goes to the log, and nothing is read here.
             .stdin(Stdio::null())
             .stdout(Stdio::null())
