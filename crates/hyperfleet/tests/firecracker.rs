@@ -74,16 +74,53 @@ fn process_report(pid: u32) -> String {
     out
 }
 
+/// Serialises this file's tests: PVM guests slow each other down sharply (ENVIRONMENT.md: ~40 s to boot
+/// alone, ~60 s two at once, several never), and these tests are about the daemon, not about PVM.
+static ONE_GUEST_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits (420 s at most) until the guest kernel of running machine `m` has configured eth0 from `ip=` (the
+/// nameserver line is the last of the kernel's IP-Config block). Under PVM a guest kernel has been seen, rarely,
+/// to stall in early boot on a quiet host for good: then the machine is started once more (reported on stderr
+/// with what its threads were doing), and a second stall fails the test.
+async fn until_ip_config(d: &Daemon, mut m: Machine) -> Machine {
+    let log = d.dir.path().join("machines").join(&m.id).join("console.log");
+    for attempt in 1..=2 {
+        let deadline = Instant::now() + Duration::from_secs(420);
+        loop {
+            let console = std::fs::read_to_string(&log).unwrap_or_default();
+            if console.contains("IP-Config: Complete") && console.contains("nameserver0=") {
+                return m;
+            }
+            if Instant::now() >= deadline {
+                let report = format!(
+                    "the guest kernel did not configure eth0 within 420 s (start {attempt} of 2)\n{}\n---- console tail ----\n{}",
+                    process_report(m.pid.unwrap()),
+                    tail(&console, 40)
+                );
+                assert!(attempt < 2, "{report}");
+                eprintln!("{report}\nstarting the machine once more");
+                d.client.stop_machine(&m.id).await.unwrap();
+                m = d.client.start_machine(&m.id).await.unwrap();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    unreachable!("the second attempt returns or fails")
+}
+
 #[ignore = "needs root and /dev/kvm: a Firecracker microVM on a TAP"]
 #[tokio::test]
 async fn firecracker_machine_lifecycle_network_and_adoption() {
     require_kvm();
+    let _one = ONE_GUEST_AT_A_TIME.lock().await;
     let mut d = Daemon::start(Options { runtime: RuntimeKind::Firecracker, ..Default::default() }).await;
     let c = d.client.clone();
     let m = c.create_machine(&fc_machine("fc-one")).await.unwrap();
     let first_block = (m.tap_device.clone(), m.tap_ip, m.guest_ip, m.guest_mac.clone());
     let m = c.start_machine(&m.id).await.unwrap_or_else(|e| panic!("start: {e}\n{}", d.logs()));
     assert_eq!(m.status, MachineStatus::Running);
+    let m = until_ip_config(&d, m).await;
     let pid = m.pid.unwrap();
     let socket = m.socket_path.clone().unwrap();
     assert!(process::cmdline_contains(pid, &m.id), "pid {pid} is our firecracker");
@@ -117,22 +154,9 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
 
     // The guest kernel configures eth0 from ip= and answers ping from the host.
     let log = d.dir.path().join("machines").join(&m.id).join("console.log");
-    // The nameserver line is the last of the kernel's IP-Config block: wait for it, not just the first.
-    let deadline = Instant::now() + Duration::from_secs(420);
-    loop {
-        let console = std::fs::read_to_string(&log).unwrap_or_default();
-        if console.contains("IP-Config: Complete") && console.contains("nameserver0=") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after 420 s waiting for the guest kernel's IP-Config on the console\n{}\n---- console tail ----\n{}",
-            process_report(pid),
-            tail(&console, 40)
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // (until_ip_config waited for the whole IP-Config block.)
     let console = std::fs::read_to_string(&log).unwrap();
+    assert!(console.contains("IP-Config: Complete") && console.contains("nameserver0="), "{console}");
     assert!(console.contains(&format!("ipaddr={}, mask=255.255.255.252, gw={}", m.guest_ip, m.tap_ip)), "{console}");
     assert!(console.contains("nameserver0=10.200.255.53"));
     let logs = c.machine_logs(&m.id, 2000).await.unwrap();
@@ -178,6 +202,7 @@ async fn firecracker_machine_lifecycle_network_and_adoption() {
 #[tokio::test]
 async fn firecracker_failures_are_reported_and_cleaned_up() {
     require_kvm();
+    let _one = ONE_GUEST_AT_A_TIME.lock().await;
     let d = Daemon::start(Options { runtime: RuntimeKind::Firecracker, ..Default::default() }).await;
     let c = &d.client;
 

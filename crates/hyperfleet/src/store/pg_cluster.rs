@@ -16,6 +16,8 @@ pub struct PgCluster {
     log: PathBuf,
     port: u16,
     bin: PathBuf,
+    /// The server options it was started with (port, socket dir, durability), for a start after a stop.
+    opts: String,
 }
 
 /// How much durability the cluster keeps.
@@ -79,7 +81,7 @@ impl PgCluster {
                 .output()
                 .map_err(|e| format!("pg_ctl: {e}"))?;
             if started.status.success() {
-                return Ok(Self { data, log, port, bin });
+                return Ok(Self { data, log, port, bin, opts });
             }
         }
         Err(format!("pg_ctl start failed: {}", std::fs::read_to_string(&log).unwrap_or_default()))
@@ -106,7 +108,7 @@ impl PgCluster {
 
     /// Starts the cluster again after [`Self::stop`], on the same port.
     pub fn resume(&self) -> Result<(), String> {
-        self.pg_ctl(&["-w", "-t", "30", "start"])
+        self.pg_ctl(&["-w", "-t", "30", "-o", &self.opts, "start"])
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
