@@ -99,6 +99,11 @@ pub(super) fn instance(m: &MachineRecord) -> Instance {
 }
 
 impl<H: Host> Service<H> {
+    /// The node that owns machine `id` (by id or name); `None` if there is no such machine.
+    pub(crate) async fn owner_of(&self, id: &str) -> Result<Option<String>> {
+        Ok(records::get(&mut *self.store.read().await?, id).await?.map(|m| m.node))
+    }
+
     pub(super) async fn record(&self, id: &str) -> Result<MachineRecord> {
         let key = id.to_string();
         records::get(&mut *self.store.read().await?, &key).await?.ok_or_else(|| Error::NotFound(id.to_string()))
@@ -139,6 +144,17 @@ impl<H: Host> Service<H> {
         }
     }
 
+    /// `Ok` if placement chose this node; else the error that sends the create to the chosen node (the API
+    /// forwards it there, pinned) or says why no node can take it.
+    fn placed_here(&self, chosen: std::result::Result<String, crate::nodes::NoRoom>) -> Result<()> {
+        match chosen {
+            Ok(n) if n == self.node() => Ok(()),
+            Ok(node) => Err(Error::PlacedElsewhere { node }),
+            Err(e @ crate::nodes::NoRoom::UnknownNode(_)) => Err(Error::Invalid(e.to_string())),
+            Err(e) => Err(Error::Conflict(e.to_string())),
+        }
+    }
+
     pub(crate) async fn create(self: &Arc<Self>, req: CreateMachine) -> Result<Machine> {
         self.create_as(req, None).await
     }
@@ -161,6 +177,22 @@ impl<H: Host> Service<H> {
             .map_err(|e| Error::Task { what: "validate", message: e.to_string() })?
             .map_err(Error::Invalid)?;
         let mut spec = spec;
+        // A child runs beside its parent; any other machine goes where placement says. Decided here from
+        // what this node reads (so a machine for another node is forwarded before anything is resolved),
+        // and decided again, finally, in the insert's write transaction.
+        let selector = req.node_selector.clone().unwrap_or_default();
+        let demand = crate::nodes::Demand {
+            vcpus: spec.vcpu_count,
+            mem_mib: u64::from(spec.mem_size_mib),
+            runtime: req.runtime,
+            pin: req.node.as_deref(),
+            selector: &selector,
+            local: self.node(),
+        };
+        if parent.is_none() {
+            let chosen = self.nodes.place(&mut *self.store.read().await?, &demand).await?;
+            self.placed_here(chosen)?;
+        }
         spec.parent_id = parent;
         spec.volumes = self.resolve_volumes(spec.volumes).await?;
         if let Some(why) = self.host.unavailable(spec.runtime) {
@@ -172,13 +204,17 @@ impl<H: Host> Service<H> {
         let secrets = req.secrets.unwrap_or_default();
         let events = self.events.clone();
         let mut tx = self.store.write().await?;
+        let node = self.node().to_string();
         let mut inserted = if spec.parent_id.is_some() {
-            match crate::store::children::insert_child(&mut tx, &id, &spec, blocks).await {
+            match crate::store::children::insert_child(&mut tx, &node, &id, &spec, blocks).await {
                 Ok(rec) => Ok(rec),
                 Err(e) => Err(super::children::child_insert_error(e)?),
             }
         } else {
-            records::insert(&mut tx, &id, &spec, blocks).await
+            // Under the write lock: no other node's create can land between this check and the insert.
+            let chosen = self.nodes.place(&mut tx, &demand).await?;
+            self.placed_here(chosen)?;
+            records::insert(&mut tx, &node, &id, &spec, blocks).await
         };
         if let Ok(rec) = &inserted
             && !secrets.is_empty()
@@ -234,7 +270,7 @@ impl<H: Host> Service<H> {
 
     /// Every machine in one of `statuses`.
     pub(crate) async fn with_status(&self, statuses: &'static [MachineStatus]) -> Result<Vec<Machine>> {
-        let rows = records::with_status(&mut *self.store.read().await?, statuses).await?;
+        let rows = records::with_status(&mut *self.store.read().await?, self.node(), statuses).await?;
         Ok(rows.iter().map(|m| self.to_wire(m)).collect())
     }
 
@@ -327,7 +363,7 @@ impl<H: Host> Service<H> {
     /// Rebuilds the firewall from the machines that currently have a host interface.
     pub(super) async fn firewall_rebuild(&self) -> Result<()> {
         let _order = self.firewall_order.lock().await;
-        let active = records::with_status(&mut *self.store.read().await?, &ACTIVE).await?;
+        let active = records::with_status(&mut *self.store.read().await?, self.node(), &ACTIVE).await?;
         self.host.firewall_rebuild(&active).await
     }
 
@@ -339,7 +375,7 @@ impl<H: Host> Service<H> {
         let _order = self.firewall_order.lock().await;
         if let Err(e) = self.host.firewall_edit(m, add).await {
             tracing::debug!(machine = %m.id, error = %e, "incremental firewall update failed; rebuilding the table");
-            let active = records::with_status(&mut *self.store.read().await?, &ACTIVE).await?;
+            let active = records::with_status(&mut *self.store.read().await?, self.node(), &ACTIVE).await?;
             self.host.firewall_rebuild(&active).await?;
         }
         Ok(())
