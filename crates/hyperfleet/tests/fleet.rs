@@ -92,9 +92,13 @@ async fn three_daemons_are_one_fleet_on_postgresql() {
     assert!(first < 1500, "fresh heartbeat: {first} ms");
     let e = ca.get_node("nope").await.unwrap_err();
     assert_eq!(e.status(), Some(404));
-    let out = a.cli(&["nodes", "ls"]);
+    let out = a.cli(&["nodes", "ls", "--url", &a.url(), "--api-key", &a.key]);
     let listed = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && listed.contains("zone=y") && listed.lines().count() == 4, "{listed}");
+    assert!(
+        out.status.success() && listed.contains("zone=y") && listed.lines().count() == 4,
+        "{listed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Placement spreads 30 machines created on node a over the three nodes, 10 each; each node leases its
     // own blocks.
@@ -130,9 +134,9 @@ async fn three_daemons_are_one_fleet_on_postgresql() {
     let e = ca.create_machine(&CreateMachine { node_selector: Some(nowhere), ..machine("lost") }).await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(409), Some("CONFLICT")), "{e}");
     assert!(e.to_string().contains("no node has room for 1 vCPU / 128 MiB (zone=nowhere)"), "{e}");
-    let e = ca.create_machine(&sized("huge", 2000)).await.unwrap_err();
+    let e = ca.create_machine(&sized("huge", 2100)).await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(409), Some("CONFLICT")), "{e}");
-    assert!(e.to_string().contains("no node has room for 1 vCPU / 2000 MiB"), "{e}");
+    assert!(e.to_string().contains("no node has room for 1 vCPU / 2100 MiB"), "{e}");
     for id in ["pin", "sel"] {
         ca.delete_machine(id, false).await.unwrap();
     }
@@ -218,7 +222,8 @@ async fn three_daemons_are_one_fleet_on_postgresql() {
     assert_eq!(patched.spec.labels, labels);
     ca.machine_logs(&m.id, 10).await.unwrap();
     assert_eq!(ca.stop_machine(&m.id).await.unwrap().status, MachineStatus::Stopped);
-    assert_eq!(ca.start_machine(&m.id).await.unwrap().status, MachineStatus::Running);
+    let m = ca.start_machine(&m.id).await.unwrap();
+    assert_eq!(m.status, MachineStatus::Running);
     // What runs on c was made by c: its process and interface, none on a.
     assert!(a.host_links().is_empty(), "{:?}", a.host_links());
     assert_eq!(c.host_links().len(), 1, "{:?}", c.host_links());

@@ -241,7 +241,12 @@ impl<H: Host> Service<H> {
     }
 
     pub(crate) async fn get(&self, id: &str) -> Result<Machine> {
-        Ok(self.to_wire(&self.record(id).await?))
+        let rec = self.record(id).await?;
+        if rec.node != self.node() {
+            // Another node's machine, answered here because its node is down: its status read now.
+            self.nodes.refresh().await?;
+        }
+        Ok(self.to_wire(&rec))
     }
 
     pub(crate) async fn list(

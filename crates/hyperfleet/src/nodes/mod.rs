@@ -106,7 +106,7 @@ impl Nodes {
     }
 
     /// Reads every node and keeps their status and URL for [`Self::peer`] and [`Self::status`].
-    async fn refresh(&self) -> StoreResult<Vec<NodeRow>> {
+    pub(crate) async fn refresh(&self) -> StoreResult<Vec<NodeRow>> {
         let all = rows::list(&mut *self.store.read().await?).await?;
         let view = all
             .iter()
