@@ -438,6 +438,24 @@ impl Client {
         Self::json(self.req(Method::POST, "/webhooks").json(req)).await
     }
 
+    /// The fleet's nodes, by name.
+    pub async fn list_nodes(&self) -> Result<NodeList> {
+        Self::json(self.req(Method::GET, "/nodes")).await
+    }
+
+    pub async fn get_node(&self, name: &str) -> Result<Node> {
+        Self::json(self.req(Method::GET, &format!("/nodes/{name}"))).await
+    }
+
+    /// Gives node `name` no new machines (scope `nodes:admin`); its machines keep running.
+    pub async fn drain_node(&self, name: &str) -> Result<Node> {
+        Self::json(self.req(Method::POST, &format!("/nodes/{name}/drain"))).await
+    }
+
+    pub async fn undrain_node(&self, name: &str) -> Result<Node> {
+        Self::json(self.req(Method::POST, &format!("/nodes/{name}/undrain"))).await
+    }
+
     pub async fn list_webhooks(&self) -> Result<WebhookList> {
         Self::json(self.req(Method::GET, "/webhooks")).await
     }

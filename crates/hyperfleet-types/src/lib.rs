@@ -495,6 +495,71 @@ pub struct Machine {
     #[serde(with = "timestamp")]
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: time::OffsetDateTime,
+    /// The fleet node that owns the machine (runs its process; other nodes forward to it).
+    #[serde(default)]
+    pub node: String,
+    /// Whether that node is `up`, `drained` (serving, but taking no new machines) or `down` (no heartbeat
+    /// within `HYPERFLEET_NODE_DOWN_AFTER`: its machines' status is the last one it recorded).
+    #[serde(default)]
+    pub node_status: NodeStatus,
+}
+
+/// A fleet node's state, from its heartbeat row (judged by the database's clock) and its drain flag.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    #[default]
+    Up,
+    Drained,
+    Down,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Drained => "drained",
+            Self::Down => "down",
+        }
+    }
+}
+
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A daemon of the fleet (`GET /nodes`): what it registered, its heartbeat, and what its machines reserve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Node {
+    #[schema(example = "node-a")]
+    pub name: String,
+    /// How the other nodes reach this node's API (`HYPERFLEET_NODE_URL`); absent: it takes no forwarded work.
+    pub url: Option<String>,
+    pub status: NodeStatus,
+    pub drained: bool,
+    pub vcpus: u32,
+    pub mem_size_mib: u64,
+    /// Capacity multiplier used by placement (`HYPERFLEET_OVERCOMMIT`); absent: not enforced.
+    pub overcommit: Option<f64>,
+    pub runtimes: Vec<RuntimeKind>,
+    pub labels: BTreeMap<String, String>,
+    /// Machines owned by the node, and the vCPUs and memory they reserve.
+    pub machines: u64,
+    pub used_vcpus: u64,
+    pub used_mem_size_mib: u64,
+    /// Milliseconds since its last heartbeat, by the database's clock.
+    pub heartbeat_age_ms: u64,
+    /// When the node's daemon last started (RFC 3339).
+    #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
+    pub started_at: time::OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeList {
+    pub nodes: Vec<Node>,
 }
 
 /// Per-machine network options in a create request.
@@ -592,6 +657,13 @@ pub struct CreateMachine {
     /// A child machine (created with a machine's token) takes its parent's `env` unless this is false.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inherit_env: Option<bool>,
+    /// Place the machine on this fleet node (refused with 409 if it has no room, is drained or down).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "node-a")]
+    pub node: Option<String>,
+    /// Place the machine only on a node carrying all these labels (`HYPERFLEET_NODE_LABELS`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
 }
 
 /// `PATCH /machines/{id}`: change what can change without a restart. Each field given replaces the
@@ -911,18 +983,22 @@ pub enum Scope {
     /// `/webhooks` (create, list, get, delete, deliveries).
     #[serde(rename = "webhooks:admin")]
     WebhooksAdmin,
+    /// Draining and undraining fleet nodes (`POST /nodes/{name}/drain|undrain`).
+    #[serde(rename = "nodes:admin")]
+    NodesAdmin,
     #[serde(rename = "*")]
     All,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 7] = [
+    pub const ALL: [Scope; 8] = [
         Self::MachinesRead,
         Self::MachinesWrite,
         Self::MachinesExec,
         Self::KeysAdmin,
         Self::MetricsRead,
         Self::WebhooksAdmin,
+        Self::NodesAdmin,
         Self::All,
     ];
 
@@ -934,6 +1010,7 @@ impl Scope {
             Self::KeysAdmin => "keys:admin",
             Self::MetricsRead => "metrics:read",
             Self::WebhooksAdmin => "webhooks:admin",
+            Self::NodesAdmin => "nodes:admin",
             Self::All => "*",
         }
     }

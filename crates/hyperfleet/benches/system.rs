@@ -219,11 +219,11 @@ async fn bench_ipam(r: &mut Report) {
     let t = Instant::now();
     for i in 0..blocks {
         let mut tx = store.write().await.unwrap();
-        assert_eq!(insert(&mut tx, &format!("id{i}"), &new(i), blocks).await.unwrap().block, i);
+        assert_eq!(insert(&mut tx, "bench", &format!("id{i}"), &new(i), blocks).await.unwrap().block, i);
         tx.commit().await.unwrap();
     }
     let lease = t.elapsed();
-    let full = insert(&mut store.write().await.unwrap(), "full", &new(blocks), blocks).await.is_err();
+    let full = insert(&mut store.write().await.unwrap(), "bench", "full", &new(blocks), blocks).await.is_err();
     let t = Instant::now();
     for i in 0..blocks {
         let mut tx = store.write().await.unwrap();
@@ -267,9 +267,15 @@ async fn store_ops(store: &hyperfleet::testing::Store, n: u32) -> (f64, f64) {
     let t = Instant::now();
     for i in 0..n {
         let mut tx = store.write().await.unwrap();
-        insert(&mut tx, &format!("sid{i}"), &hyperfleet::testing::machine_rows::example_spec(&format!("s{i}")), 65_536)
-            .await
-            .unwrap();
+        insert(
+            &mut tx,
+            "bench",
+            &format!("sid{i}"),
+            &hyperfleet::testing::machine_rows::example_spec(&format!("s{i}")),
+            65_536,
+        )
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
     }
     let creates = f64::from(n) / t.elapsed().as_secs_f64();

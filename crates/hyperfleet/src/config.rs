@@ -139,6 +139,44 @@ pub struct StoreArgs {
     /// Seconds one webhook delivery attempt may take.
     #[arg(long, env = "HYPERFLEET_WEBHOOK_TIMEOUT", default_value_t = 10)]
     pub webhook_timeout: u64,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// This daemon as a node of a fleet (several daemons on one PostgreSQL database).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Fleet node")]
+pub struct NodeArgs {
+    /// This node's name in the fleet (letters, digits, '-', '.', '_'; at most 63); default: the host name.
+    #[arg(long, env = "HYPERFLEET_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// How the other nodes reach this node's API (`http://10.0.0.5:3000`). Unset: machines are placed on
+    /// this node only when created here, and no other node can forward to it.
+    #[arg(long, env = "HYPERFLEET_NODE_URL")]
+    pub node_url: Option<String>,
+    /// Labels for `node_selector`: `k=v,k2=v2`.
+    #[arg(long, env = "HYPERFLEET_NODE_LABELS", default_value = "")]
+    pub node_labels: String,
+    /// vCPUs placement may reserve on this node (before overcommit); default: the host's CPUs.
+    #[arg(long, env = "HYPERFLEET_NODE_VCPUS")]
+    pub node_vcpus: Option<u32>,
+    /// MiB of memory placement may reserve on this node (before overcommit); default: the host's memory.
+    #[arg(long, env = "HYPERFLEET_NODE_MEM_MIB")]
+    pub node_mem_mib: Option<u64>,
+    /// Capacity multiplier for placement (1.0: no overcommit). Default: 1.0 in a fleet (PostgreSQL and
+    /// HYPERFLEET_NODE_URL), unenforced on a single host.
+    #[arg(long, env = "HYPERFLEET_OVERCOMMIT")]
+    pub overcommit: Option<f64>,
+    /// Milliseconds between heartbeats.
+    #[arg(long, env = "HYPERFLEET_HEARTBEAT_INTERVAL_MS", default_value_t = 2000)]
+    pub heartbeat_interval_ms: u64,
+    /// Milliseconds without a heartbeat (by the database's clock) after which a node is down.
+    #[arg(long, env = "HYPERFLEET_NODE_DOWN_AFTER_MS", default_value_t = 10_000)]
+    pub node_down_after_ms: u64,
+    /// Secret the nodes of a fleet present to each other when forwarding (at least 16 printable
+    /// characters); required on PostgreSQL with HYPERFLEET_NODE_URL.
+    #[arg(long, env = "HYPERFLEET_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -308,10 +346,128 @@ pub struct ProxySettings {
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
     pub database: crate::store::Location,
+    pub node: NodeSettings,
     pub events_backlog: u64,
     pub webhook_retry_base: Duration,
     pub webhook_max_attempts: u32,
     pub webhook_timeout: Duration,
+}
+
+/// This daemon as a fleet node (see [`NodeArgs`]).
+#[derive(Clone)]
+pub struct NodeSettings {
+    pub name: String,
+    pub url: Option<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub vcpus: Option<u32>,
+    pub mem_mib: Option<u64>,
+    pub overcommit: Option<f64>,
+    pub heartbeat_interval: Duration,
+    pub down_after: Duration,
+    pub cluster_secret: Option<String>,
+}
+
+impl std::fmt::Debug for NodeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeSettings")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("labels", &self.labels)
+            .field("overcommit", &self.overcommit)
+            .field("cluster_secret", &self.cluster_secret.as_ref().map(|_| "***"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeArgs {
+    pub fn validate(&self, database: &crate::store::Location) -> Result<NodeSettings, ConfigError> {
+        let name = match self.node_name.as_deref().map(str::trim) {
+            Some(n) if !n.is_empty() => n.to_string(),
+            _ => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into()),
+        };
+        let name_ok = name.len() <= 63
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+        if !name_ok {
+            return Err(bad(
+                "HYPERFLEET_NODE_NAME",
+                format!("'{name}': use letters, digits, '-', '.', '_' (at most 63, starting with a letter or digit)"),
+            ));
+        }
+        let url = match self.node_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(u) => {
+                let parsed = reqwest::Url::parse(u).map_err(|e| bad("HYPERFLEET_NODE_URL", format!("'{u}': {e}")))?;
+                if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                    return Err(bad(
+                        "HYPERFLEET_NODE_URL",
+                        format!("'{u}': use http://HOST:PORT or https://HOST:PORT"),
+                    ));
+                }
+                Some(u.trim_end_matches('/').to_string())
+            }
+        };
+        let mut labels = std::collections::BTreeMap::new();
+        for pair in self.node_labels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| bad("HYPERFLEET_NODE_LABELS", format!("'{pair}' is not key=value")))?;
+            let (k, v) = (k.trim(), v.trim());
+            if k.is_empty() || k.len() > 63 || v.len() > 63 {
+                return Err(bad("HYPERFLEET_NODE_LABELS", format!("'{pair}': keys 1-63 characters, values up to 63")));
+            }
+            labels.insert(k.to_string(), v.to_string());
+        }
+        if self.node_vcpus == Some(0) {
+            return Err(bad("HYPERFLEET_NODE_VCPUS", "must be at least 1"));
+        }
+        if self.node_mem_mib.is_some_and(|m| m < 4) {
+            return Err(bad("HYPERFLEET_NODE_MEM_MIB", "must be at least 4"));
+        }
+        if let Some(o) = self.overcommit
+            && !(o.is_finite() && (0.1..=100.0).contains(&o))
+        {
+            return Err(bad("HYPERFLEET_OVERCOMMIT", "must be a ratio between 0.1 and 100"));
+        }
+        if !(100..=600_000).contains(&self.heartbeat_interval_ms) {
+            return Err(bad("HYPERFLEET_HEARTBEAT_INTERVAL_MS", "must be between 100 and 600000"));
+        }
+        if self.node_down_after_ms < 2 * self.heartbeat_interval_ms {
+            return Err(bad(
+                "HYPERFLEET_NODE_DOWN_AFTER_MS",
+                "must be at least twice HYPERFLEET_HEARTBEAT_INTERVAL_MS",
+            ));
+        }
+        let cluster_secret = match self.cluster_secret.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(t) if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(bad("HYPERFLEET_CLUSTER_SECRET", "use at least 16 printable characters, no spaces"));
+            }
+            Some(t) => Some(t.to_string()),
+        };
+        let fleet = url.is_some() && database.backend() == crate::store::Backend::Postgres;
+        if fleet && cluster_secret.is_none() {
+            return Err(bad(
+                "HYPERFLEET_CLUSTER_SECRET",
+                "is required on PostgreSQL with HYPERFLEET_NODE_URL (the nodes authenticate forwarded calls with it)",
+            ));
+        }
+        Ok(NodeSettings {
+            name,
+            url,
+            labels,
+            vcpus: self.node_vcpus,
+            mem_mib: self.node_mem_mib,
+            overcommit: self.overcommit.or(fleet.then_some(1.0)),
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+            down_after: Duration::from_millis(self.node_down_after_ms),
+            cluster_secret,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -572,6 +728,7 @@ impl StoreArgs {
             return Err(bad("HYPERFLEET_WEBHOOK_TIMEOUT", "must be between 1 and 300"));
         }
         Ok(StoreSettings {
+            node: self.node.validate(&database)?,
             database,
             events_backlog: self.events_backlog,
             webhook_retry_base: Duration::from_millis(self.webhook_retry_base_ms),
@@ -790,6 +947,16 @@ mod tests {
         assert!(parse(&["--assets-dir", "/srv/hf-assets", "--data-dir", "/srv/hf"]).is_ok(), "siblings are fine");
         assert!(parse(&["--database-path", "/no/such/dir/x.db"]).unwrap_err().contains("DATABASE_PATH"));
         assert!(parse(&["--database", "mysql://db/x"]).unwrap_err().contains("DATABASE_URL"));
+        let pg = ["--database", "postgres://db/x", "--node-url", "http://10.0.0.1:3000"];
+        assert!(parse(&pg).unwrap_err().contains("HYPERFLEET_CLUSTER_SECRET"), "a fleet needs the secret");
+        assert!(parse(&["--node-name", "bad name"]).unwrap_err().contains("HYPERFLEET_NODE_NAME"));
+        assert!(parse(&["--node-url", "ftp://x"]).unwrap_err().contains("HYPERFLEET_NODE_URL"));
+        assert!(parse(&["--node-labels", "novalue"]).unwrap_err().contains("HYPERFLEET_NODE_LABELS"));
+        assert!(parse(&["--overcommit", "0"]).unwrap_err().contains("HYPERFLEET_OVERCOMMIT"));
+        assert!(parse(&["--node-down-after-ms", "100"]).unwrap_err().contains("HYPERFLEET_NODE_DOWN_AFTER_MS"));
+        assert!(parse(&["--cluster-secret", "short"]).unwrap_err().contains("HYPERFLEET_CLUSTER_SECRET"));
+        let one_host = parse(&["--node-name", "solo"]).unwrap();
+        assert_eq!((one_host.store.node.name.as_str(), one_host.store.node.overcommit), ("solo", None));
         assert!(parse(&["--database", "sqlite:///no/such/dir/x.db"]).unwrap_err().contains("DATABASE_URL"));
         assert!(parse(&["--proxy-poll-interval-ms", "0"]).unwrap_err().contains("PROXY_EXPOSED_PORT_POLL_INTERVAL_MS"));
         assert!(parse(&["--subnet", "10.0.0.0/31"]).unwrap_err().contains("HYPERFLEET_SUBNET"));
@@ -889,6 +1056,15 @@ mod tests {
         ("HYPERFLEET_WEBHOOK_MAX_ATTEMPTS", "4"),
         ("HYPERFLEET_WEBHOOK_TIMEOUT", "7"),
         ("HYPERFLEET_CHILD_API_PORT", "3200"),
+        ("HYPERFLEET_NODE_NAME", "node-7"),
+        ("HYPERFLEET_NODE_URL", "http://10.0.0.7:3100/"),
+        ("HYPERFLEET_NODE_LABELS", "zone=a, disk=ssd"),
+        ("HYPERFLEET_NODE_VCPUS", "12"),
+        ("HYPERFLEET_NODE_MEM_MIB", "4096"),
+        ("HYPERFLEET_OVERCOMMIT", "1.5"),
+        ("HYPERFLEET_HEARTBEAT_INTERVAL_MS", "700"),
+        ("HYPERFLEET_NODE_DOWN_AFTER_MS", "5000"),
+        ("HYPERFLEET_CLUSTER_SECRET", "a-cluster-secret-of-some-length"),
     ];
 
     /// The variables of README.md's configuration table (`PORT` / `PROXY_PORT` rows name two).
@@ -955,6 +1131,12 @@ mod tests {
         );
         assert_eq!(s.store.database, Location::Postgres("postgres://hf:pw@db.test:5432/hyperfleet".into()));
         assert_eq!(s.store.events_backlog, 500);
+        let n = &s.store.node;
+        assert_eq!((n.name.as_str(), n.url.as_deref()), ("node-7", Some("http://10.0.0.7:3100")));
+        assert_eq!(n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(), ["disk=ssd", "zone=a"]);
+        assert_eq!((n.vcpus, n.mem_mib, n.overcommit), (Some(12), Some(4096), Some(1.5)));
+        assert_eq!((n.heartbeat_interval, n.down_after), (Duration::from_millis(700), Duration::from_secs(5)));
+        assert_eq!(n.cluster_secret.as_deref(), Some("a-cluster-secret-of-some-length"));
         assert_eq!(
             (s.store.webhook_retry_base, s.store.webhook_max_attempts, s.store.webhook_timeout),
             (Duration::from_millis(250), 4, Duration::from_secs(7))

@@ -13,6 +13,7 @@ mod keys;
 mod listener;
 mod machines;
 mod metrics;
+mod nodes;
 mod oci;
 mod proxy;
 mod runtime;

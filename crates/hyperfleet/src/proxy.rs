@@ -133,6 +133,8 @@ struct Target {
     guest_ip: Ipv4Addr,
     exposed_ports: Vec<u16>,
     auto_start: bool,
+    /// The fleet node that runs it: only that node's proxy can reach its guest address.
+    node: String,
 }
 
 /// Machines by id and by name, so that proxied requests do not each cost a database read. Emptied on every
@@ -165,6 +167,7 @@ impl Targets {
             status: m.status,
             exposed_ports: m.spec.exposed_ports,
             auto_start: m.spec.auto_start,
+            node: m.node,
         });
         let mut g = self.map.write().unwrap_or_else(|e| e.into_inner());
         if g.0 == generation {
@@ -206,6 +209,14 @@ impl Proxy {
         })?;
         let mut rec =
             self.shared.targets.get(&self.shared.service, &route.machine).await.map_err(ProxyError::from_machine)?;
+        if rec.node != self.shared.service.nodes().name() {
+            // Its guest address means something only on its own host (it may be another machine's here).
+            return Err(ProxyError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SERVICE_UNAVAILABLE",
+                format!("Machine {} runs on node '{}': use that node's proxy", rec.id, rec.node),
+            ));
+        }
         if !rec.exposed_ports.contains(&route.port) {
             return Err(ProxyError::new(
                 StatusCode::FORBIDDEN,
@@ -347,6 +358,7 @@ impl Proxy {
             guest_ip: m.guest_ip,
             exposed_ports: m.spec.exposed_ports,
             auto_start: m.spec.auto_start,
+            node: m.node,
         }))
     }
 }

@@ -60,6 +60,8 @@ pub(crate) fn required_scope(method: &Method, path: &str) -> Option<Scope> {
         (_, "/metrics") => Some(MetricsRead),
         (_, p) if p.starts_with("/api-keys") => Some(KeysAdmin),
         (_, p) if p == "/webhooks" || p.starts_with("/webhooks/") => Some(WebhooksAdmin),
+        (&Method::GET, p) if p == "/nodes" || p.starts_with("/nodes/") => Some(MachinesRead),
+        (_, p) if p.starts_with("/nodes/") => Some(NodesAdmin),
         // The image cache: reading it is reading machines' inputs; pulling and deleting change them.
         (&Method::GET, p) if p.starts_with("/images") => Some(MachinesRead),
         (_, p) if p.starts_with("/images") => Some(MachinesWrite),
@@ -147,6 +149,24 @@ pub(crate) async fn require_key(State(state): State<AppState>, req: Request, nex
     let Some(scope) = scope else {
         return next.run(req).await;
     };
+    // A call from another node of the fleet: its cluster secret stands in for the user's key, which that
+    // node checked. Claiming to be a node without the secret is refused, whatever else the call carries.
+    if super::forward::claims_node(req.headers()) {
+        if !super::forward::secret_matches(&state, req.headers().get(super::forward::SECRET_HEADER)) {
+            return ApiError::unauthorized("Invalid cluster secret: node-to-node calls need HYPERFLEET_CLUSTER_SECRET")
+                .into_response();
+        }
+        let from = req
+            .headers()
+            .get(super::forward::FORWARDED_BY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown")
+            .to_string();
+        tracing::debug!(node = %from, "authorized by the cluster secret");
+        let mut req = req;
+        req.extensions_mut().insert(super::forward::FromNode(from));
+        return next.run(req).await;
+    }
     if state.auth.disabled {
         return next.run(req).await;
     }
@@ -211,6 +231,10 @@ mod tests {
             (Method::GET, "/metrics", Some(MetricsRead)),
             (Method::GET, "/ui", None),
             (Method::GET, "/ui/{file}", None),
+            (Method::GET, "/nodes", Some(MachinesRead)),
+            (Method::GET, "/nodes/{name}", Some(MachinesRead)),
+            (Method::POST, "/nodes/{name}/drain", Some(NodesAdmin)),
+            (Method::POST, "/nodes/{name}/undrain", Some(NodesAdmin)),
         ];
         for (m, p, want) in cases {
             assert_eq!(required_scope(&m, p), want, "{m} {p}");

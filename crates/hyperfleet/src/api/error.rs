@@ -91,6 +91,8 @@ fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
             }
         }
         MachineError::Forbidden(_) => (S::FORBIDDEN, "FORBIDDEN"),
+        // Answered by forwarding in the handlers; reaching here means the forward itself was refused.
+        MachineError::PlacedElsewhere { .. } => (S::CONFLICT, "CONFLICT"),
         MachineError::PoolExhausted { .. } => (S::SERVICE_UNAVAILABLE, "IP_POOL_EXHAUSTED"),
         MachineError::Asleep { .. } | MachineError::WakeFailed { .. } => {
             (S::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE")

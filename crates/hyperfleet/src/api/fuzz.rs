@@ -82,6 +82,7 @@ fn validates(req: &CreateMachine) {
             timeout: std::time::Duration::from_secs(5),
         },
         child_api_port: Some(3001),
+        node: crate::machines::NodePolicy::single("local"),
     };
     if let Err(msg) = crate::machines::validate_create(req, &policy) {
         assert!(!msg.is_empty());

@@ -5,6 +5,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use hyperfleet_types::{
     CreateMachine, ErrorBody, Machine, MachineList, MachineLogs, MachineStats, MachineStatus, NetworkReport,
     UpdateMachine,
@@ -70,20 +71,75 @@ fn status_param(q: &QueryMap, key: &str) -> Result<Option<MachineStatus>, ApiErr
 #[utoipa::path(post, path = "/machines", tag = "machines", request_body = CreateMachine,
     responses((status = 201, body = Machine),
               (status = 400, description = "VALIDATION_ERROR: a field is missing or out of range, an asset path is not allowed, or the runtime cannot run here", body = ErrorBody),
-              (status = 409, description = "CONFLICT: the name is taken", body = ErrorBody),
+              (status = 409, description = "CONFLICT: the name is taken, or no node has room for the machine (or the pinned `node` cannot take it, or no node matches `node_selector` and the runtime)", body = ErrorBody),
               (status = 403, description = "FORBIDDEN: the key lacks machines:write, or (child API) the parent's spawn quota is used up, or the request asks for spawn or volumes", body = ErrorBody),
-              (status = 503, description = "IP_POOL_EXHAUSTED: every address block of the subnet is leased", body = ErrorBody)),
+              (status = 503, description = "IP_POOL_EXHAUSTED: every address block of the subnet is leased; NODE_UNAVAILABLE: the node placement chose could not be reached", body = ErrorBody)),
     security(("bearer" = ["machines:write"])))]
 pub(crate) async fn create(
     State(s): State<AppState>,
     child_of: Option<axum::Extension<super::auth::ChildOf>>,
+    from_node: Option<axum::Extension<super::forward::FromNode>>,
+    headers: axum::http::HeaderMap,
     JsonBody(req): JsonBody<CreateMachine>,
-) -> Result<(StatusCode, Json<Machine>), ApiError> {
-    let made = match child_of {
-        Some(axum::Extension(parent)) => s.service.create_child(&parent.0, req).await?,
-        None => s.service.create(req).await?,
+) -> Result<axum::response::Response, ApiError> {
+    let from_node = from_node.is_some();
+    let correlation = headers.get(super::CORRELATION_HEADER).cloned();
+    if let Some(axum::Extension(parent)) = child_of {
+        let made = s.service.create_child(&parent.0, req).await?;
+        return Ok((StatusCode::CREATED, Json(made)).into_response());
+    }
+    // Placement may choose another node: it creates the machine there, pinned, deciding again under the
+    // database's write lock. If another create took the room meanwhile, placement runs again (a few times)
+    // unless the user pinned the node.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match s.service.create(req.clone()).await {
+            Err(MachineError::PlacedElsewhere { node }) if !from_node => {
+                let resp = forward_create(&s, req.clone(), &node, correlation.clone()).await;
+                if resp.status() == StatusCode::CONFLICT && req.node.is_none() && attempts < 4 {
+                    continue;
+                }
+                return Ok(resp);
+            }
+            other => return Ok((StatusCode::CREATED, Json(other?)).into_response()),
+        }
+    }
+}
+
+/// Sends a create to node `node`, pinned to it, and answers with what it answered.
+async fn forward_create(
+    s: &AppState,
+    mut req: CreateMachine,
+    node: &str,
+    correlation: Option<axum::http::HeaderValue>,
+) -> axum::response::Response {
+    req.node = Some(node.to_string());
+    let peer = match s.service.nodes().peer(node).await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return ApiError::from(crate::machines::Error::Conflict(format!("node '{node}' is gone"))).into_response();
+        }
+        Err(e) => return ApiError::from(e).into_response(),
     };
-    Ok((StatusCode::CREATED, Json(made)))
+    let Some(url) = peer.url else {
+        return ApiError::from(crate::machines::Error::Conflict(format!("node '{node}' has no URL"))).into_response();
+    };
+    let body = match serde_json::to_vec(&req) {
+        Ok(b) => b,
+        Err(e) => return ApiError::internal(e.to_string()).into_response(),
+    };
+    let mut fwd = axum::http::Request::builder()
+        .method(axum::http::Method::POST)
+        .uri("/machines")
+        .header(axum::http::header::CONTENT_TYPE, "application/json");
+    if let Some(c) = correlation {
+        fwd = fwd.header(super::CORRELATION_HEADER, c);
+    }
+    match fwd.body(axum::body::Body::from(body)) {
+        Ok(r) => super::forward::send(s, r, &url, node).await,
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
 }
 
 #[utoipa::path(get, path = "/machines/{id}/children", tag = "machines", params(("id" = String, Path, description = "machine id or name")),

@@ -5,12 +5,14 @@ pub(crate) mod auth;
 pub(crate) mod error;
 pub(crate) mod events;
 pub(crate) mod extract;
+pub(crate) mod forward;
 #[cfg(test)]
 mod fuzz;
 pub(crate) mod guest;
 pub(crate) mod images;
 pub(crate) mod keys;
 pub(crate) mod machines;
+pub(crate) mod nodes;
 pub(crate) mod pty;
 pub(crate) mod ui;
 pub(crate) mod volumes;
@@ -46,6 +48,8 @@ pub(crate) struct AppState {
     pub listeners: Arc<Listeners>,
     /// What the dashboard needs to link to exposed ports.
     pub ui: Arc<ui::UiConfig>,
+    /// The client that forwards requests to the node owning a machine.
+    pub forwarder: forward::Forwarder,
 }
 
 /// The listeners' connection caps, which also count their connections and bytes (for `/metrics`).
@@ -82,12 +86,13 @@ pub(crate) const CORRELATION_HEADER: &str = "x-correlation-id";
         images::list, images::pull, images::delete,
         volumes::create, volumes::list, volumes::get, volumes::delete, volumes::resize, volumes::clone,
         webhooks::create, webhooks::list, webhooks::get, webhooks::delete, webhooks::deliveries,
+        nodes::list, nodes::get, nodes::drain, nodes::undrain,
     ),
     components(schemas(machines::StatusFilter, machines::Flag, events::EventTypes, hyperfleet_types::Event,
         hyperfleet_types::WebhookPayload)),
     modifiers(&BearerAuth, &CommonResponses),
     tags((name = "machines"), (name = "exec"), (name = "files"), (name = "volumes"), (name = "api-keys"), (name = "events"), (name = "images"),
-        (name = "webhooks"))
+        (name = "webhooks"), (name = "nodes"))
 )]
 pub(crate) struct ApiDoc;
 
@@ -111,6 +116,13 @@ impl utoipa::Modify for BearerAuth {
 struct CommonResponses;
 
 impl CommonResponses {
+    /// Every operation on one machine may be answered by the node that owns it, which may be down.
+    const NODE_UNAVAILABLE: (&str, &str, &str) = (
+        "503",
+        "NodeUnavailable",
+        "NODE_UNAVAILABLE: the machine is on another node of the fleet, which is down or cannot be reached",
+    );
+
     const RESPONSES: [(&str, &str, &str); 5] = [
         (
             "401",
@@ -128,12 +140,13 @@ impl utoipa::Modify for CommonResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
         let components = openapi.components.get_or_insert_with(Default::default);
-        for (_, name, description) in Self::RESPONSES {
+        for (_, name, description) in Self::RESPONSES.into_iter().chain([Self::NODE_UNAVAILABLE]) {
             let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
             let response = ResponseBuilder::new().description(description).content("application/json", content);
             components.responses.insert(name.to_string(), RefOr::T(response.build()));
         }
-        for item in openapi.paths.paths.values_mut() {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let on_machine = path.starts_with("/machines/{id}");
             let ops = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
             for op in ops.into_iter().flatten() {
                 let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
@@ -149,6 +162,13 @@ impl utoipa::Modify for CommonResponses {
                             .entry(status.to_string())
                             .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
                     }
+                }
+                if on_machine {
+                    let (status, name, _) = Self::NODE_UNAVAILABLE;
+                    op.responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
                 }
             }
         }
@@ -254,6 +274,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/api-keys", post(keys::create).get(keys::list))
         .route("/api-keys/{id}", axum::routing::delete(keys::revoke))
+        .route("/nodes", get(nodes::list))
+        .route("/nodes/{name}", get(nodes::get))
+        .route("/nodes/{name}/drain", post(nodes::drain))
+        .route("/nodes/{name}/undrain", post(nodes::undrain))
         .route("/health", get(health))
         .layer(DefaultBodyLimit::max(1 << 20));
     // Uploads stream (raw) or are bounded by HYPERFLEET_FILE_MAX_SIZE in the handler (JSON).
@@ -265,6 +289,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(machines)
         .merge(files)
         .merge(ui::routes())
+        .route_layer(middleware::from_fn_with_state(state.clone(), forward::to_owner))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .route_layer(middleware::from_fn(matched_route))
         .fallback(not_found)
@@ -319,6 +344,10 @@ mod tests {
             ("/webhooks", &["get", "post"]),
             ("/webhooks/{id}", &["delete", "get"]),
             ("/webhooks/{id}/deliveries", &["get"]),
+            ("/nodes", &["get"]),
+            ("/nodes/{name}", &["get"]),
+            ("/nodes/{name}/drain", &["post"]),
+            ("/nodes/{name}/undrain", &["post"]),
         ] {
             for m in methods {
                 assert!(paths.get(p).and_then(|v| v.get(*m)).is_some(), "{m} {p} missing from the OpenAPI document");

@@ -88,6 +88,12 @@ enum MachinesCommand {
         /// Total memory of the machine's children (MiB).
         #[arg(long = "spawn-max-mem", requires = "spawn_max_children")]
         spawn_max_mem: Option<i64>,
+        /// Place the machine on this fleet node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Place the machine only on a node with this label (`key=value`; repeatable).
+        #[arg(long = "node-selector")]
+        node_selector: Vec<String>,
         #[arg(long)]
         start: bool,
     },
@@ -355,8 +361,16 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
             spawn_max_children,
             spawn_max_vcpu,
             spawn_max_mem,
+            node,
+            node_selector,
             start,
         } => {
+            let mut selector = std::collections::BTreeMap::new();
+            for pair in &node_selector {
+                let (k, v) =
+                    pair.split_once('=').ok_or_else(|| anyhow::anyhow!("--node-selector '{pair}' is not key=value"))?;
+                selector.insert(k.to_string(), v.to_string());
+            }
             let network = (!dns.is_empty() || egress.is_some()).then(|| -> anyhow::Result<NetworkOptions> {
                 Ok(NetworkOptions {
                     dns: (!dns.is_empty()).then_some(dns),
@@ -395,6 +409,8 @@ pub(crate) async fn run(args: MachinesArgs) -> anyhow::Result<i32> {
                     max_mem_mib: spawn_max_mem,
                 }),
                 inherit_env: None,
+                node,
+                node_selector: (!selector.is_empty()).then_some(selector),
             };
             let mut m = hf.create_machine(&req).await?;
             if m.image_status.is_some() && out == Output::Table {

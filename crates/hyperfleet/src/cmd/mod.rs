@@ -5,6 +5,7 @@ pub(crate) mod events;
 pub(crate) mod images;
 pub(crate) mod keys;
 pub(crate) mod machines;
+pub(crate) mod nodes;
 pub(crate) mod purge;
 pub(crate) mod serve;
 pub(crate) mod shell;
@@ -43,6 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Events(args) => events::run(args).await,
         Command::Keys(args) => keys::run(args).await,
         Command::Volumes(args) => volumes::run(args).await,
+        Command::Nodes(args) => nodes::run(args).await,
         Command::Doctor(args) => doctor::run(args).await,
         Command::Purge(args) => purge::run(args).await,
         Command::Openapi => {
@@ -69,6 +71,8 @@ pub enum Command {
     Images(images::ImagesArgs),
     /// Manage volumes through the API (HYPERFLEET_URL, HYPERFLEET_API_KEY).
     Volumes(volumes::VolumesArgs),
+    /// The fleet's nodes: list, drain, undrain (HYPERFLEET_URL, HYPERFLEET_API_KEY).
+    Nodes(nodes::NodesArgs),
     /// Follow machine events as they happen (HYPERFLEET_URL, HYPERFLEET_API_KEY).
     Events(events::EventsArgs),
     /// Manage API keys directly in the database (DATABASE_PATH); works without a running daemon.

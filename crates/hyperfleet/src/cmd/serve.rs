@@ -12,11 +12,12 @@ use crate::api::{self, AppState, auth::Auth};
 use crate::config::{RuntimeSettings, ServeArgs, Settings};
 use crate::doctor::Doctor;
 use crate::listener::{self, Limits};
-use crate::machines::{LinuxHost, Policy, Service, network::HostNetwork};
+use crate::machines::{LinuxHost, NodePolicy, Policy, Service, network::HostNetwork};
 use crate::runtime::firecracker::JailSettings;
 use crate::runtime::host::{self, HostCapacity, KvmKind};
 use crate::runtime::volume::VolumeDir;
 use crate::runtime::{Container, Firecracker, Runtimes};
+use crate::store::nodes::Registration;
 use crate::store::{Store, api_keys, leases};
 
 /// Picks the runtime for machines that name none, and says why.
@@ -108,8 +109,34 @@ pub(crate) async fn build_service(settings: &Settings, store: Store) -> anyhow::
             timeout: settings.store.webhook_timeout,
         },
         child_api_port: settings.api.child_api_port,
+        node: node_policy(settings, &host),
     };
     Ok(Service::new(store, host, addressing, policy, images))
+}
+
+/// This daemon as a fleet node: its settings, with the host's capacity and runtimes where none are set.
+fn node_policy(settings: &Settings, host: &LinuxHost) -> NodePolicy {
+    use crate::machines::Host as _;
+    let node = &settings.store.node;
+    let capacity = HostCapacity::detect();
+    let runtimes = [RuntimeKind::Container, RuntimeKind::Firecracker]
+        .into_iter()
+        .filter(|r| host.unavailable(*r).is_none())
+        .collect();
+    NodePolicy {
+        registration: Registration {
+            name: node.name.clone(),
+            url: node.url.clone(),
+            vcpus: node.vcpus.unwrap_or(capacity.cpus),
+            mem_mib: node.mem_mib.unwrap_or(capacity.mem_mib),
+            overcommit: node.overcommit,
+            runtimes,
+            labels: node.labels.clone(),
+        },
+        heartbeat: node.heartbeat_interval,
+        down_after: node.down_after,
+        cluster_secret: node.cluster_secret.clone(),
+    }
 }
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -149,7 +176,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     info!(database = %db.describe(), "database open");
     let subnet = settings.network.subnet.to_string();
     let mut tx = store.write().await?;
-    if let Err(msg) = leases::bind_subnet(&mut tx, &subnet).await? {
+    if let Err(msg) = leases::bind_subnet(&mut tx, &settings.store.node.name, &subnet).await? {
         anyhow::bail!("invalid HYPERFLEET_SUBNET: {msg}");
     }
     // Counted and created in one write transaction: two daemons starting on one database make one key.
@@ -182,6 +209,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let service = build_service(&settings, store.clone()).await?;
+    // Registered (and the machines of a database from before fleets adopted) before reconcile, which acts
+    // only on this node's machines.
+    let adopted = service.nodes().register().await.context("register this node")?;
+    let node = &settings.store.node;
+    info!(node = %node.name, url = ?node.url, adopted, "registered as node '{}'", node.name);
     service.host().net.init().await.context("prepare host networking (are we root?)")?;
     service.reconcile().await.context("reconcile with the host")?;
     service.resume_pulls().await.context("resume image pulls")?;
@@ -189,6 +221,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let network = &settings.network;
     let doctor = Arc::new(Doctor::new(network)?);
     let auth = Arc::new(Auth::new(store, settings.api.disable_auth, settings.api.metrics_token.clone()));
+    tokio::spawn(service.nodes().clone().run_heartbeats());
     tokio::spawn(service.clone().run_timers());
     tokio::spawn(service.clone().run_webhooks());
     tokio::spawn(service.clone().relay_events());
@@ -232,6 +265,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         listeners,
         ui,
         pty_client_timeout: settings.files.pty_client_timeout,
+        forwarder: Default::default(),
     };
     let router = api::router(state);
     if let Some(port) = api.child_api_port {

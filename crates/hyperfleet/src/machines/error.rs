@@ -12,6 +12,9 @@ use crate::store::StoreError;
 pub(crate) enum Error {
     #[error("Machine with id '{0}' not found")]
     NotFound(String),
+    /// Placement chose another node for a new machine: the create is to be forwarded there.
+    #[error("the machine is placed on node '{node}'")]
+    PlacedElsewhere { node: String },
     /// The state table does not allow `action` from `status`.
     #[error("Cannot {action} machine in '{status}' state{}", action.hint())]
     InvalidState { action: Action, status: MachineStatus },

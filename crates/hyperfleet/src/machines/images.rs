@@ -799,7 +799,8 @@ impl<H: super::Host> super::Service<H> {
     /// them (`POST /images/pull`) or the machine is created anew.
     pub(crate) async fn resume_pulls(self: &Arc<Self>) -> super::Result<()> {
         use hyperfleet_types::MachineStatus::Pending;
-        let pending = crate::store::machines::with_status(&mut *self.store.read().await?, &[Pending]).await?;
+        let pending =
+            crate::store::machines::with_status(&mut *self.store.read().await?, self.node(), &[Pending]).await?;
         for rec in pending {
             let Some(digest) = &rec.spec.image_digest else { continue };
             if self.images.config(digest).is_some() {
@@ -836,9 +837,12 @@ impl<H: super::Host> super::Service<H> {
     }
 
     async fn machine_specs(&self) -> super::Result<Vec<(String, MachineSpec)>> {
-        let all =
-            crate::store::machines::with_status(&mut *self.store.read().await?, &hyperfleet_types::MachineStatus::ALL)
-                .await?;
+        let all = crate::store::machines::with_status(
+            &mut *self.store.read().await?,
+            self.node(),
+            &hyperfleet_types::MachineStatus::ALL,
+        )
+        .await?;
         Ok(all.into_iter().map(|m| (m.id, m.spec)).collect())
     }
 

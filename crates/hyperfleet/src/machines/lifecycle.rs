@@ -99,6 +99,11 @@ pub(super) fn instance(m: &MachineRecord) -> Instance {
 }
 
 impl<H: Host> Service<H> {
+    /// The node that owns machine `id` (by id or name); `None` if there is no such machine.
+    pub(crate) async fn owner_of(&self, id: &str) -> Result<Option<String>> {
+        Ok(records::get(&mut *self.store.read().await?, id).await?.map(|m| m.node))
+    }
+
     pub(super) async fn record(&self, id: &str) -> Result<MachineRecord> {
         let key = id.to_string();
         records::get(&mut *self.store.read().await?, &key).await?.ok_or_else(|| Error::NotFound(id.to_string()))
@@ -119,6 +124,10 @@ impl<H: Host> Service<H> {
         let key = id.to_string();
         let events = self.events.clone();
         let mut tx = self.store.write().await?;
+        // A node acts only on the machines it owns (the API forwards the rest to their owner).
+        if let Some(owner) = records::get(&mut tx, &key).await?.map(|m| m.node).filter(|n| n != self.node()) {
+            return Err(Error::Conflict(format!("Machine {id} is owned by node '{owner}'; only that node acts on it")));
+        }
         let cas = records::transition(&mut tx, &key, &from, to, &changes).await?;
         if let Cas::Done(m) = &cas {
             events.append_for(&mut tx, events::draft(EventKind::of_status(m.status), m), &m.spec.labels).await;
@@ -136,6 +145,17 @@ impl<H: Host> Service<H> {
     pub(super) async fn transition_logged(&self, id: &str, action: Action, to: MachineStatus, changes: Changes) {
         if let Err(e) = self.transition(id, action, to, changes).await {
             warn!(machine = %id, %action, to = %to, error = %e, "could not record the machine's new state");
+        }
+    }
+
+    /// `Ok` if placement chose this node; else the error that sends the create to the chosen node (the API
+    /// forwards it there, pinned) or says why no node can take it.
+    fn placed_here(&self, chosen: std::result::Result<String, crate::nodes::NoRoom>) -> Result<()> {
+        match chosen {
+            Ok(n) if n == self.node() => Ok(()),
+            Ok(node) => Err(Error::PlacedElsewhere { node }),
+            Err(e @ crate::nodes::NoRoom::UnknownNode(_)) => Err(Error::Invalid(e.to_string())),
+            Err(e) => Err(Error::Conflict(e.to_string())),
         }
     }
 
@@ -161,6 +181,22 @@ impl<H: Host> Service<H> {
             .map_err(|e| Error::Task { what: "validate", message: e.to_string() })?
             .map_err(Error::Invalid)?;
         let mut spec = spec;
+        // A child runs beside its parent; any other machine goes where placement says. Decided here from
+        // what this node reads (so a machine for another node is forwarded before anything is resolved),
+        // and decided again, finally, in the insert's write transaction.
+        let selector = req.node_selector.clone().unwrap_or_default();
+        let demand = crate::nodes::Demand {
+            vcpus: spec.vcpu_count,
+            mem_mib: u64::from(spec.mem_size_mib),
+            runtime: req.runtime,
+            pin: req.node.as_deref(),
+            selector: &selector,
+            local: self.node(),
+        };
+        if parent.is_none() {
+            let chosen = self.nodes.place(&mut *self.store.read().await?, &demand).await?;
+            self.placed_here(chosen)?;
+        }
         spec.parent_id = parent;
         spec.volumes = self.resolve_volumes(spec.volumes).await?;
         if let Some(why) = self.host.unavailable(spec.runtime) {
@@ -172,13 +208,17 @@ impl<H: Host> Service<H> {
         let secrets = req.secrets.unwrap_or_default();
         let events = self.events.clone();
         let mut tx = self.store.write().await?;
+        let node = self.node().to_string();
         let mut inserted = if spec.parent_id.is_some() {
-            match crate::store::children::insert_child(&mut tx, &id, &spec, blocks).await {
+            match crate::store::children::insert_child(&mut tx, &node, &id, &spec, blocks).await {
                 Ok(rec) => Ok(rec),
                 Err(e) => Err(super::children::child_insert_error(e)?),
             }
         } else {
-            records::insert(&mut tx, &id, &spec, blocks).await
+            // Under the write lock: no other node's create can land between this check and the insert.
+            let chosen = self.nodes.place(&mut tx, &demand).await?;
+            self.placed_here(chosen)?;
+            records::insert(&mut tx, &node, &id, &spec, blocks).await
         };
         if let Ok(rec) = &inserted
             && !secrets.is_empty()
@@ -205,7 +245,12 @@ impl<H: Host> Service<H> {
     }
 
     pub(crate) async fn get(&self, id: &str) -> Result<Machine> {
-        Ok(self.to_wire(&self.record(id).await?))
+        let rec = self.record(id).await?;
+        if rec.node != self.node() {
+            // Another node's machine, answered here because its node is down: its status read now.
+            self.nodes.refresh().await?;
+        }
+        Ok(self.to_wire(&rec))
     }
 
     pub(crate) async fn list(
@@ -234,7 +279,7 @@ impl<H: Host> Service<H> {
 
     /// Every machine in one of `statuses`.
     pub(crate) async fn with_status(&self, statuses: &'static [MachineStatus]) -> Result<Vec<Machine>> {
-        let rows = records::with_status(&mut *self.store.read().await?, statuses).await?;
+        let rows = records::with_status(&mut *self.store.read().await?, self.node(), statuses).await?;
         Ok(rows.iter().map(|m| self.to_wire(m)).collect())
     }
 
@@ -327,7 +372,7 @@ impl<H: Host> Service<H> {
     /// Rebuilds the firewall from the machines that currently have a host interface.
     pub(super) async fn firewall_rebuild(&self) -> Result<()> {
         let _order = self.firewall_order.lock().await;
-        let active = records::with_status(&mut *self.store.read().await?, &ACTIVE).await?;
+        let active = records::with_status(&mut *self.store.read().await?, self.node(), &ACTIVE).await?;
         self.host.firewall_rebuild(&active).await
     }
 
@@ -339,7 +384,7 @@ impl<H: Host> Service<H> {
         let _order = self.firewall_order.lock().await;
         if let Err(e) = self.host.firewall_edit(m, add).await {
             tracing::debug!(machine = %m.id, error = %e, "incremental firewall update failed; rebuilding the table");
-            let active = records::with_status(&mut *self.store.read().await?, &ACTIVE).await?;
+            let active = records::with_status(&mut *self.store.read().await?, self.node(), &ACTIVE).await?;
             self.host.firewall_rebuild(&active).await?;
         }
         Ok(())

@@ -85,6 +85,38 @@ pub(crate) struct Policy {
     pub webhooks: webhooks::WebhookPolicy,
     /// `HYPERFLEET_CHILD_API_PORT`: where spawn machines reach the child API on their gateway (`None`: off).
     pub child_api_port: Option<u16>,
+    /// This daemon as a fleet node.
+    pub node: NodePolicy,
+}
+
+/// What this daemon registers as a node, and how it judges the others.
+#[derive(Debug, Clone)]
+pub(crate) struct NodePolicy {
+    pub registration: crate::store::nodes::Registration,
+    pub heartbeat: Duration,
+    pub down_after: Duration,
+    pub cluster_secret: Option<String>,
+}
+
+impl NodePolicy {
+    /// A node alone (tests): the host's capacity, capacity not enforced.
+    #[cfg(test)]
+    pub(crate) fn single(name: &str) -> Self {
+        Self {
+            registration: crate::store::nodes::Registration {
+                name: name.into(),
+                url: None,
+                vcpus: 2,
+                mem_mib: 1024,
+                overcommit: None,
+                runtimes: vec![RuntimeKind::Container, RuntimeKind::Firecracker],
+                labels: Default::default(),
+            },
+            heartbeat: Duration::from_secs(2),
+            down_after: Duration::from_secs(10),
+            cluster_secret: None,
+        }
+    }
 }
 
 pub(crate) struct Service<H: Host = LinuxHost> {
@@ -113,6 +145,8 @@ pub(crate) struct Service<H: Host = LinuxHost> {
     timer_inbox: std::sync::Mutex<Option<timers::TimerInbox>>,
     /// Wake-ups under way, one per machine however many requests wait for it.
     wakes: wake::Wakes,
+    /// This node of the fleet, and what it knows of the others.
+    nodes: Arc<crate::nodes::Nodes>,
 }
 
 impl<H: Host> Service<H> {
@@ -128,7 +162,16 @@ impl<H: Host> Service<H> {
             .min(tokio::sync::Semaphore::MAX_PERMITS);
         let (timer_tx, checks) = tokio::sync::mpsc::unbounded_channel();
         let (touch_tx, touches) = tokio::sync::mpsc::unbounded_channel();
+        let np = &policy.node;
+        let nodes = crate::nodes::Nodes::new(
+            store.clone(),
+            np.registration.clone(),
+            np.heartbeat,
+            np.down_after,
+            np.cluster_secret.clone(),
+        );
         Arc::new(Self {
+            nodes,
             activity: activity::ActivityLog::new(touch_tx),
             timer_tx,
             timer_inbox: std::sync::Mutex::new(Some(timers::TimerInbox { checks, touches })),
@@ -166,6 +209,16 @@ impl<H: Host> Service<H> {
 
     pub(crate) fn host(&self) -> &H {
         &self.host
+    }
+
+    /// This node of the fleet (the nodes' rows, placement, who owns what).
+    pub(crate) fn nodes(&self) -> &Arc<crate::nodes::Nodes> {
+        &self.nodes
+    }
+
+    /// This node's name: the machines it owns are the only ones it acts on.
+    pub(super) fn node(&self) -> &str {
+        self.nodes.name()
     }
 
     /// The largest file the files API accepts or returns.

@@ -81,7 +81,12 @@ impl<H: Host> Service<H> {
         loop {
             tokio::time::sleep(every).await;
             let active = match async {
-                crate::store::machines::with_status(&mut *self.store.read().await?, &super::lifecycle::ACTIVE).await
+                crate::store::machines::with_status(
+                    &mut *self.store.read().await?,
+                    self.node(),
+                    &super::lifecycle::ACTIVE,
+                )
+                .await
             }
             .await
             {

@@ -35,7 +35,7 @@ pub(super) fn verdict(status: MachineStatus, live_pid: Option<u32>) -> Verdict {
 
 impl<H: Host> Service<H> {
     pub(crate) async fn reconcile(self: &Arc<Self>) -> Result<()> {
-        let active = records::with_status(&mut *self.store.read().await?, &ACTIVE).await?;
+        let active = records::with_status(&mut *self.store.read().await?, self.node(), &ACTIVE).await?;
         let mut live = HashSet::new();
         for rec in active {
             let pid = self.host.live_pid(&instance(&rec)).await;
@@ -76,7 +76,7 @@ impl<H: Host> Service<H> {
     /// containers, mounts, the firewall table and the subnet route. Records, disks and leases stay, so the
     /// machines can be started again. Returns the ids of the machines it stopped.
     pub(crate) async fn purge_host(self: &Arc<Self>) -> Result<Vec<String>> {
-        let active = records::with_status(&mut *self.store.read().await?, &ACTIVE).await?;
+        let active = records::with_status(&mut *self.store.read().await?, self.node(), &ACTIVE).await?;
         let mut stopped = Vec::new();
         for rec in active {
             let pid = self.host.live_pid(&instance(&rec)).await;

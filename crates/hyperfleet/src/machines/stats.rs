@@ -78,8 +78,10 @@ impl<H: Host> Service<H> {
     /// What `/metrics` reads at scrape time (listener figures are the API's to add).
     pub(crate) async fn metrics_snapshot(&self) -> Result<Snapshot> {
         let mut c = self.store.read().await?;
-        let active = records::with_status(&mut c, &[MachineStatus::Running, MachineStatus::Paused]).await?;
-        let (machines, blocks_used) = (records::counts(&mut c).await?, crate::store::leases::count(&mut c).await?);
+        let active =
+            records::with_status(&mut c, self.node(), &[MachineStatus::Running, MachineStatus::Paused]).await?;
+        let (machines, blocks_used) =
+            (records::counts(&mut c).await?, crate::store::leases::count(&mut c, self.node()).await?);
         drop(c);
         let running = futures::stream::iter(active)
             .map(|m: MachineRecord| async move {

@@ -275,6 +275,7 @@ pub(super) async fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
             timeout: std::time::Duration::from_secs(5),
         },
         child_api_port: Some(3001),
+        node: crate::machines::NodePolicy::single("local"),
     };
     let images = Arc::new(
         super::images::Images::new(
@@ -285,7 +286,9 @@ pub(super) async fn service() -> (tempfile::TempDir, Arc<Service<FakeHost>>) {
         )
         .unwrap(),
     );
-    (dir, Service::new(store, FakeHost::default(), addressing, policy, images))
+    let svc = Service::new(store, FakeHost::default(), addressing, policy, images);
+    svc.nodes().register().await.unwrap();
+    (dir, svc)
 }
 
 pub(super) fn create_req(name: &str) -> CreateMachine {

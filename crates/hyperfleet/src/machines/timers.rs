@@ -100,7 +100,7 @@ impl<H: Host> Service<H> {
         let mut heap: BinaryHeap<Reverse<(i64, String)>> = BinaryHeap::new();
         // The one live deadline of each machine; heap entries that differ are stale and skipped.
         let mut next: HashMap<String, i64> = HashMap::new();
-        match async { records::with_deadlines(&mut *self.store.read().await?).await }.await {
+        match async { records::with_deadlines(&mut *self.store.read().await?, self.node()).await }.await {
             Ok(rows) => {
                 for rec in rows {
                     self.evaluate(rec, &mut heap, &mut next).await;
@@ -231,6 +231,7 @@ mod tests {
             block: 0,
             expires_at: expires.map(from_ms),
             idle_since: Some(from_ms(0)),
+            node: "local".into(),
         }
     }
 

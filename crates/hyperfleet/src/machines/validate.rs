@@ -460,6 +460,7 @@ mod tests {
                     timeout: std::time::Duration::from_secs(5),
                 },
                 child_api_port: Some(3001),
+                node: crate::machines::NodePolicy::single("local"),
             }
         }
     }

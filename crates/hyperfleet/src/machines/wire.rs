@@ -68,6 +68,8 @@ impl<H: Host> Service<H> {
             },
             created_at: m.created_at,
             updated_at: m.updated_at,
+            node: m.node.clone(),
+            node_status: self.nodes.status(&m.node),
         }
     }
 

@@ -66,6 +66,7 @@ pub(crate) async fn usage(c: &mut Conn, parent: &str) -> StoreResult<Usage> {
 /// concurrent creates cannot both take the last place.
 pub(crate) async fn insert_child(
     c: &mut Conn,
+    node: &str,
     id: &str,
     spec: &MachineSpec,
     block_count: u32,
@@ -105,7 +106,7 @@ pub(crate) async fn insert_child(
             limits.max_mem_mib
         )));
     }
-    Ok(insert(c, id, spec, block_count).await?)
+    Ok(insert(c, node, id, spec, block_count).await?)
 }
 
 /// The children of `parent`, oldest first.
@@ -187,7 +188,7 @@ mod tests {
 
     async fn try_child(store: &Store, name: &str, vcpu: u32, mem: u32) -> Result<MachineRecord, ChildInsertError> {
         let mut tx = store.write().await.unwrap();
-        let r = insert_child(&mut tx, name, &child(name, vcpu, mem), 1024).await;
+        let r = insert_child(&mut tx, "n1", name, &child(name, vcpu, mem), 1024).await;
         if r.is_ok() {
             tx.commit().await.unwrap();
         }
@@ -204,7 +205,7 @@ mod tests {
 
     async fn running_parent(store: &Store) {
         let mut tx = store.write().await.unwrap();
-        records::insert(&mut tx, "p", &parent_spec(), 1024).await.unwrap();
+        records::insert(&mut tx, "n1", "p", &parent_spec(), 1024).await.unwrap();
         tx.commit().await.unwrap();
         use MachineStatus::*;
         move_to(store, "p", &[Pending, Starting, Running]).await;
@@ -215,7 +216,7 @@ mod tests {
             let e = try_child(&store, "c0", 1, 64).await.unwrap_err();
             assert!(matches!(e, ChildInsertError::ParentGone(_)), "{e}");
             let mut tx = store.write().await.unwrap();
-            records::insert(&mut tx, "p", &parent_spec(), 1024).await.unwrap();
+            records::insert(&mut tx, "n1", "p", &parent_spec(), 1024).await.unwrap();
             tx.commit().await.unwrap();
             let e = try_child(&store, "c0", 1, 64).await.unwrap_err();
             assert!(matches!(e, ChildInsertError::ParentNotRunning { .. }), "{e}");

@@ -10,6 +10,15 @@ use sqlx::Row;
 
 use super::{Conn, StoreResult};
 
+/// SQL for the database's clock in milliseconds since the epoch (heartbeats are judged by one clock, the
+/// database's, so nodes whose clocks drift never see each other down or up by mistake).
+pub(crate) fn now_ms(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)",
+        Backend::Postgres => "CAST(FLOOR(EXTRACT(EPOCH FROM clock_timestamp()) * 1000) AS BIGINT)",
+    }
+}
+
 /// Which database a [`super::Store`] is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -260,6 +269,39 @@ pub(super) const SQLITE: &[&str] = &[
         created_at TEXT NOT NULL
     );
     "#,
+    // 8: a fleet. Nodes are rows (their heartbeat in ms by the database's clock); a machine names the node
+    // that owns it (rows of an older database are adopted by the local node at start); an address block is
+    // unique per node, as guest addresses are NAT'd per host.
+    r#"
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        url TEXT,
+        vcpus INTEGER NOT NULL,
+        mem_mib INTEGER NOT NULL,
+        overcommit TEXT,
+        runtimes TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        drained INTEGER NOT NULL DEFAULT 0,
+        heartbeat_ms INTEGER NOT NULL,
+        started_at TEXT NOT NULL
+    );
+    ALTER TABLE machines ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    CREATE INDEX machines_by_node ON machines (node, status);
+    CREATE TABLE leases_by_node (
+        node TEXT NOT NULL,
+        block INTEGER NOT NULL,
+        machine_id TEXT NOT NULL UNIQUE REFERENCES machines (id) ON DELETE CASCADE,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (node, block)
+    );
+    INSERT INTO leases_by_node (node, block, machine_id, created_at) SELECT '', block, machine_id, created_at FROM leases;
+    DROP TABLE leases;
+    ALTER TABLE leases_by_node RENAME TO leases;
+    CREATE TABLE free_blocks_by_node (node TEXT NOT NULL, block INTEGER NOT NULL, PRIMARY KEY (node, block));
+    INSERT INTO free_blocks_by_node (node, block) SELECT '', block FROM free_blocks;
+    DROP TABLE free_blocks;
+    ALTER TABLE free_blocks_by_node RENAME TO free_blocks;
+    "#,
 ];
 
 /// The PostgreSQL schema, step for step with [`SQLITE`] (a new migration adds an entry to both). No
@@ -361,6 +403,29 @@ pub(super) const POSTGRES: &[&str] = &[
         token_hash BYTEA NOT NULL UNIQUE,
         created_at TEXT NOT NULL
     );
+    "#,
+    // 8: a fleet (see the SQLite step).
+    r#"
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        url TEXT,
+        vcpus BIGINT NOT NULL,
+        mem_mib BIGINT NOT NULL,
+        overcommit TEXT,
+        runtimes TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        drained BIGINT NOT NULL DEFAULT 0,
+        heartbeat_ms BIGINT NOT NULL,
+        started_at TEXT NOT NULL
+    );
+    ALTER TABLE machines ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    CREATE INDEX machines_by_node ON machines (node, status);
+    ALTER TABLE leases ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    ALTER TABLE leases DROP CONSTRAINT leases_pkey;
+    ALTER TABLE leases ADD PRIMARY KEY (node, block);
+    ALTER TABLE free_blocks ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    ALTER TABLE free_blocks DROP CONSTRAINT free_blocks_pkey;
+    ALTER TABLE free_blocks ADD PRIMARY KEY (node, block);
     "#,
 ];
 

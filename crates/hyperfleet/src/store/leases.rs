@@ -1,6 +1,7 @@
-//! Address-block leases. The lowest free block is found in O(log n): every free block below the highest
-//! leased one is kept in `free_blocks`, so the answer is the smaller of MIN(free_blocks) and MAX(block)+1.
-//! The `leases.block` primary key is what guarantees that no block is ever handed out twice.
+//! Address-block leases, per node (guest addresses are NAT'd per host, so two nodes may use the same
+//! block). The lowest free block is found in O(log n): every free block below the node's highest leased
+//! one is kept in `free_blocks`, so the answer is the smaller of MIN(free_blocks) and MAX(block)+1. The
+//! `(node, block)` primary key is what guarantees that no block is ever handed out twice on a node.
 
 use super::{Conn, StoreError, StoreResult, int, meta_get, meta_set, now};
 
@@ -18,22 +19,30 @@ impl From<sqlx::Error> for LeaseError {
     }
 }
 
-/// Leases the lowest free block of a pool of `block_count` blocks to `machine_id` (in the caller's write
-/// transaction).
-pub(crate) async fn allocate(c: &mut Conn, machine_id: &str, block_count: u32) -> Result<u32, LeaseError> {
+/// Leases the lowest free block of `node`'s pool of `block_count` blocks to `machine_id` (in the caller's
+/// write transaction).
+pub(crate) async fn allocate(c: &mut Conn, node: &str, machine_id: &str, block_count: u32) -> Result<u32, LeaseError> {
     // Both candidates in one statement (each statement is a round trip to the database).
-    let (lowest_free, next_fresh): (Option<i64>, i64) =
-        sqlx::query_as("SELECT (SELECT MIN(block) FROM free_blocks), (SELECT COALESCE(MAX(block) + 1, 0) FROM leases)")
-            .fetch_one(&mut *c)
-            .await?;
+    let (lowest_free, next_fresh): (Option<i64>, i64) = sqlx::query_as(
+        "SELECT (SELECT MIN(block) FROM free_blocks WHERE node = $1), \
+         (SELECT COALESCE(MAX(block) + 1, 0) FROM leases WHERE node = $1)",
+    )
+    .bind(node)
+    .fetch_one(&mut *c)
+    .await?;
     let block = lowest_free.map_or(next_fresh, |f| f.min(next_fresh));
     if block >= i64::from(block_count) {
         return Err(LeaseError::Exhausted(block_count));
     }
     if lowest_free == Some(block) {
-        sqlx::query("DELETE FROM free_blocks WHERE block = $1").bind(block).execute(&mut *c).await?;
+        sqlx::query("DELETE FROM free_blocks WHERE node = $1 AND block = $2")
+            .bind(node)
+            .bind(block)
+            .execute(&mut *c)
+            .await?;
     }
-    sqlx::query("INSERT INTO leases (block, machine_id, created_at) VALUES ($1, $2, $3)")
+    sqlx::query("INSERT INTO leases (node, block, machine_id, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(node)
         .bind(block)
         .bind(machine_id)
         .bind(now())
@@ -44,26 +53,31 @@ pub(crate) async fn allocate(c: &mut Conn, machine_id: &str, block_count: u32) -
 
 /// Frees the block of `machine_id`, if it has one (in the caller's write transaction).
 pub(crate) async fn release(c: &mut Conn, machine_id: &str) -> StoreResult<Option<u32>> {
-    let block: Option<i64> = sqlx::query_scalar("SELECT block FROM leases WHERE machine_id = $1")
+    let lease: Option<(String, i64)> = sqlx::query_as("SELECT node, block FROM leases WHERE machine_id = $1")
         .bind(machine_id)
         .fetch_optional(&mut *c)
         .await?;
-    if let Some(b) = block {
-        sqlx::query("DELETE FROM leases WHERE block = $1").bind(b).execute(&mut *c).await?;
-        sqlx::query("INSERT INTO free_blocks (block) VALUES ($1) ON CONFLICT DO NOTHING")
+    if let Some((node, b)) = &lease {
+        sqlx::query("DELETE FROM leases WHERE machine_id = $1").bind(machine_id).execute(&mut *c).await?;
+        sqlx::query("INSERT INTO free_blocks (node, block) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(node)
             .bind(b)
             .execute(&mut *c)
             .await?;
-        trim_free_blocks(c).await?;
+        trim_free_blocks(c, node).await?;
     }
-    block.map(|b| int("block", b)).transpose()
+    lease.map(|(_, b)| int("block", b)).transpose()
 }
 
-/// Free blocks at or above the highest lease are implied by MAX(block)+1 and need no row.
-async fn trim_free_blocks(c: &mut Conn) -> StoreResult<()> {
-    sqlx::query("DELETE FROM free_blocks WHERE block > (SELECT COALESCE(MAX(block), -1) FROM leases)")
-        .execute(c)
-        .await?;
+/// Free blocks at or above the node's highest lease are implied by MAX(block)+1 and need no row.
+async fn trim_free_blocks(c: &mut Conn, node: &str) -> StoreResult<()> {
+    sqlx::query(
+        "DELETE FROM free_blocks WHERE node = $1 AND block > \
+         (SELECT COALESCE(MAX(block), -1) FROM leases WHERE node = $1)",
+    )
+    .bind(node)
+    .execute(c)
+    .await?;
     Ok(())
 }
 
@@ -79,15 +93,29 @@ pub(crate) async fn free_orphans(c: &mut Conn) -> StoreResult<usize> {
     Ok(orphans.len())
 }
 
-pub(crate) async fn count(c: &mut Conn) -> StoreResult<u64> {
-    int("count", sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM leases").fetch_one(c).await?)
+/// Blocks leased on `node`.
+pub(crate) async fn count(c: &mut Conn, node: &str) -> StoreResult<u64> {
+    int(
+        "count",
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM leases WHERE node = $1").bind(node).fetch_one(c).await?,
+    )
 }
 
-/// Records the subnet leases are cut from (in the caller's write transaction). Changing it while leases
-/// exist is refused: those machines' addresses would silently stop matching their blocks.
-pub(crate) async fn bind_subnet(c: &mut Conn, subnet: &str) -> StoreResult<Result<(), String>> {
-    let stored = meta_get(c, "subnet").await?;
-    let outstanding = count(c).await?;
+/// The `meta` key of a node's subnet. SQLite is one host: its key names no node, so renaming the host
+/// keeps it.
+fn subnet_key(c: &Conn, node: &str) -> String {
+    match super::Backend::of(c) {
+        super::Backend::Sqlite => "subnet".into(),
+        super::Backend::Postgres => format!("subnet:{node}"),
+    }
+}
+
+/// Records the subnet `node`'s leases are cut from (in the caller's write transaction). Changing it while
+/// leases exist is refused: those machines' addresses would silently stop matching their blocks.
+pub(crate) async fn bind_subnet(c: &mut Conn, node: &str, subnet: &str) -> StoreResult<Result<(), String>> {
+    let key = subnet_key(c, node);
+    let stored = meta_get(c, &key).await?;
+    let outstanding = count(c, node).await?;
     match stored {
         Some(old) if old != subnet && outstanding > 0 => {
             return Ok(Err(format!(
@@ -97,8 +125,8 @@ pub(crate) async fn bind_subnet(c: &mut Conn, subnet: &str) -> StoreResult<Resul
         }
         Some(old) if old == subnet => {}
         _ => {
-            sqlx::query("DELETE FROM free_blocks").execute(&mut *c).await?;
-            meta_set(c, "subnet", subnet).await?;
+            sqlx::query("DELETE FROM free_blocks WHERE node = $1").bind(node).execute(&mut *c).await?;
+            meta_set(c, &key, subnet).await?;
         }
     }
     Ok(Ok(()))
@@ -120,7 +148,7 @@ mod tests {
         .execute(&mut *tx)
         .await
         .unwrap();
-        let r = allocate(&mut tx, id, count).await;
+        let r = allocate(&mut tx, "n1", id, count).await;
         if r.is_ok() {
             tx.commit().await.unwrap();
         }
@@ -137,7 +165,7 @@ mod tests {
 
     async fn bind(store: &Store, subnet: &str) -> Result<(), String> {
         let mut tx = store.write().await.unwrap();
-        let r = bind_subnet(&mut tx, subnet).await.unwrap();
+        let r = bind_subnet(&mut tx, "n1", subnet).await.unwrap();
         tx.commit().await.unwrap();
         r
     }

@@ -26,6 +26,8 @@ pub struct MachineRecord {
     pub expires_at: Option<OffsetDateTime>,
     /// The last activity recorded for the idle timeout (set at start and resume, moved by activity).
     pub idle_since: Option<OffsetDateTime>,
+    /// The fleet node that owns the machine: the only one that acts on it.
+    pub node: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,15 +80,15 @@ impl Changes {
 }
 
 pub(super) const SELECT: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
-     m.updated_at, m.expires_at, m.idle_since, l.block FROM machines m JOIN leases l ON l.machine_id = m.id";
+     m.updated_at, m.expires_at, m.idle_since, m.node, l.block FROM machines m JOIN leases l ON l.machine_id = m.id";
 
 const BY_ID: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
-     m.updated_at, m.expires_at, m.idle_since, l.block FROM machines m JOIN leases l ON l.machine_id = m.id \
+     m.updated_at, m.expires_at, m.idle_since, m.node, l.block FROM machines m JOIN leases l ON l.machine_id = m.id \
      WHERE m.id = $1";
 
 /// By id, or else by name (an id match first, should a name ever equal another machine's id).
 const BY_ID_OR_NAME: &str = "SELECT m.id, m.spec, m.status, m.socket_path, m.pid, m.error_message, m.created_at, \
-     m.updated_at, m.expires_at, m.idle_since, l.block FROM machines m JOIN leases l ON l.machine_id = m.id \
+     m.updated_at, m.expires_at, m.idle_since, m.node, l.block FROM machines m JOIN leases l ON l.machine_id = m.id \
      WHERE m.id = $1 OR m.name = $1 ORDER BY CASE WHEN m.id = $1 THEN 0 ELSE 1 END LIMIT 1";
 
 fn opt_time(t: Option<OffsetDateTime>) -> Option<String> {
@@ -110,6 +112,7 @@ pub(super) fn from_row(row: &AnyRow) -> StoreResult<MachineRecord> {
         block: int("block", col::<i64>(row, "block")?)?,
         expires_at: opt_time_col(row, "expires_at")?,
         idle_since: opt_time_col(row, "idle_since")?,
+        node: col(row, "node")?,
     })
 }
 
@@ -134,9 +137,11 @@ fn marks(from: usize, n: usize) -> String {
     (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
-/// Inserts the machine and leases it the lowest free block (in the caller's write transaction).
+/// Inserts the machine, owned by `node`, and leases it the lowest free block of that node (in the caller's
+/// write transaction).
 pub async fn insert(
     c: &mut Conn,
+    node: &str,
     id: &str,
     spec: &MachineSpec,
     block_count: u32,
@@ -146,20 +151,21 @@ pub async fn insert(
     // A taken name inserts nothing (rather than failing: on PostgreSQL a failed statement aborts the whole
     // transaction). The write lock makes this check-and-insert one step; the UNIQUE constraint decides.
     let inserted = sqlx::query(
-        "INSERT INTO machines (id, name, status, spec, created_at, updated_at) VALUES ($1, $2, 'pending', $3, $4, $4) \
-         ON CONFLICT (name) DO NOTHING",
+        "INSERT INTO machines (id, name, status, spec, created_at, updated_at, node) \
+         VALUES ($1, $2, 'pending', $3, $4, $4, $5) ON CONFLICT (name) DO NOTHING",
     )
     .bind(id)
     .bind(&spec.name)
     .bind(&json)
     .bind(&ts)
+    .bind(node)
     .execute(&mut *c)
     .await
     .map_err(StoreError::from)?;
     if inserted.rows_affected() == 0 {
         return Err(InsertError::NameTaken(spec.name.clone()));
     }
-    let block = leases::allocate(c, id, block_count).await?;
+    let block = leases::allocate(c, node, id, block_count).await?;
     // The record as a read would return it (the spec from the JSON just stored), without reading it back.
     let created_at = timestamp::parse(&ts).ok_or_else(|| StoreError::Corrupt(format!("time '{ts}'")))?;
     Ok(MachineRecord {
@@ -174,6 +180,7 @@ pub async fn insert(
         block,
         expires_at: None,
         idle_since: None,
+        node: node.to_string(),
     })
 }
 
@@ -232,10 +239,12 @@ pub(crate) async fn counts(c: &mut Conn) -> StoreResult<Vec<(MachineStatus, Runt
     Ok(out)
 }
 
-/// Machines in any of `statuses`.
-pub async fn with_status(c: &mut Conn, statuses: &[MachineStatus]) -> StoreResult<Vec<MachineRecord>> {
-    let sql = format!("{SELECT} WHERE m.status IN ({}) ORDER BY l.block", marks(1, statuses.len()));
-    all(c, sql, statuses.iter().map(|s| s.as_str().to_string()).collect()).await
+/// Machines of `node` in any of `statuses`.
+pub async fn with_status(c: &mut Conn, node: &str, statuses: &[MachineStatus]) -> StoreResult<Vec<MachineRecord>> {
+    let sql = format!("{SELECT} WHERE m.node = $1 AND m.status IN ({}) ORDER BY l.block", marks(2, statuses.len()));
+    let mut args = vec![node.to_string()];
+    args.extend(statuses.iter().map(|s| s.as_str().to_string()));
+    all(c, sql, args).await
 }
 
 /// A bound value of [`transition`]'s dynamic UPDATE.
@@ -384,9 +393,10 @@ pub async fn touch(c: &mut Conn, id: &str, at: OffsetDateTime) -> StoreResult<()
     Ok(())
 }
 
-/// Machines with a deadline: the timer's work list after a restart.
-pub async fn with_deadlines(c: &mut Conn) -> StoreResult<Vec<MachineRecord>> {
-    all(c, format!("{SELECT} WHERE m.expires_at IS NOT NULL OR m.idle_since IS NOT NULL"), vec![]).await
+/// Machines of `node` with a deadline: the timer's work list after a restart.
+pub async fn with_deadlines(c: &mut Conn, node: &str) -> StoreResult<Vec<MachineRecord>> {
+    let sql = format!("{SELECT} WHERE m.node = $1 AND (m.expires_at IS NOT NULL OR m.idle_since IS NOT NULL)");
+    all(c, sql, vec![node.to_string()]).await
 }
 
 /// Replaces a machine's secrets (in the caller's write transaction).
@@ -475,12 +485,12 @@ pub(crate) mod tests {
 
     backend_tests! {
         async fn insert_get_list_delete(store, _db) {
-            let a = commit(&store, async |c| insert(c, "ida", &spec("alpha"), 10).await.unwrap()).await;
+            let a = commit(&store, async |c| insert(c, "n1", "ida", &spec("alpha"), 10).await.unwrap()).await;
             assert_eq!((a.block, a.status, a.spec.network.egress.clone()), (0, Pending, EgressPolicy::Deny));
             assert_eq!(a.spec, spec("alpha"), "the spec round-trips");
-            let taken = commit(&store, async |c| insert(c, "idb", &spec("alpha"), 10).await).await;
+            let taken = commit(&store, async |c| insert(c, "n1", "idb", &spec("alpha"), 10).await).await;
             assert!(matches!(taken, Err(InsertError::NameTaken(_))));
-            let b = commit(&store, async |c| insert(c, "idb", &spec("beta"), 10).await.unwrap()).await;
+            let b = commit(&store, async |c| insert(c, "n1", "idb", &spec("beta"), 10).await.unwrap()).await;
             assert_eq!(b.block, 1, "the failed insert leased nothing");
             let mut r = store.read().await.unwrap();
             assert_eq!(get(&mut r, "beta").await.unwrap().unwrap().id, "idb");
@@ -497,7 +507,7 @@ pub(crate) mod tests {
         }
 
         async fn transition_is_compare_and_set(store, _db) {
-            commit(&store, async |c| insert(c, "id1", &spec("m1"), 10).await.unwrap()).await;
+            commit(&store, async |c| insert(c, "n1", "id1", &spec("m1"), 10).await.unwrap()).await;
             let ch = Changes { pid: Some(Some(42)), ..Default::default() };
             let mut c = store.write().await.unwrap();
             let Cas::Done(r) = transition(&mut c, "id1", &[Pending, Stopped], Starting, &ch).await.unwrap() else { panic!() };
@@ -517,7 +527,7 @@ pub(crate) mod tests {
         }
 
         async fn secrets_and_deadlines_round_trip(store, _db) {
-            commit(&store, async |c| insert(c, "id1", &spec("m1"), 10).await.unwrap()).await;
+            commit(&store, async |c| insert(c, "n1", "id1", &spec("m1"), 10).await.unwrap()).await;
             let secrets: std::collections::BTreeMap<String, String> = [("TOKEN".to_string(), "s3cret".to_string())].into();
             commit(&store, async |c| set_secrets(c, "id1", &secrets).await.unwrap()).await;
             assert_eq!(super::secrets(&mut store.read().await.unwrap(), "id1").await.unwrap(), secrets);
@@ -526,7 +536,7 @@ pub(crate) mod tests {
             assert!(none.is_none(), "a pending machine gets no deadline");
             let set = commit(&store, async |c| set_deadlines(c, "id1", &[Pending], Some(at), Some(at)).await.unwrap()).await;
             assert_eq!(set.unwrap().expires_at, Some(at));
-            let listed = with_deadlines(&mut store.read().await.unwrap()).await.unwrap();
+            let listed = with_deadlines(&mut store.read().await.unwrap(), "n1").await.unwrap();
             assert_eq!(listed.len(), 1);
         }
 
@@ -537,7 +547,7 @@ pub(crate) mod tests {
                 let s = if i % 2 == 0 { store.clone() } else { other.clone() };
                 tokio::spawn(async move {
                     let mut tx = s.write().await.unwrap();
-                    let r = insert(&mut tx, &format!("id{i}"), &spec(&format!("n{}", i % 3)), 2).await;
+                    let r = insert(&mut tx, "n1", &format!("id{i}"), &spec(&format!("n{}", i % 3)), 2).await;
                     if r.is_ok() {
                         tx.commit().await.unwrap();
                     }

@@ -15,6 +15,7 @@ pub(crate) mod dialect;
 pub(crate) mod events;
 pub(crate) mod leases;
 pub mod machines;
+pub(crate) mod nodes;
 pub(crate) mod pg_cluster;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -179,7 +179,7 @@ mod tests {
             for (id, read_only) in [("a", false), ("b", false), ("c", true)] {
                 let mut spec = machines::tests::spec(id);
                 spec.volumes = vec![VolumeMount { volume: v.id.clone(), mount_path: "/data".into(), read_only }];
-                machines::insert(&mut tx, id, &spec, 10).await.unwrap();
+                machines::insert(&mut tx, "n1", id, &spec, 10).await.unwrap();
             }
             tx.commit().await.unwrap();
             let mut tx = store.write().await.unwrap();

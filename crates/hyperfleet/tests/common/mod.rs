@@ -127,9 +127,11 @@ impl Daemon {
             ("PROXY_EXPOSED_PORT_POLL_INTERVAL_MS".into(), "300".into()),
             ("RUST_LOG".into(), "info,netlink_packet_route=error".into()),
         ];
+        // `{url}` in a value is this daemon's own API URL (e.g. HYPERFLEET_NODE_URL of a fleet node).
+        let own_url = format!("http://127.0.0.1:{port}");
         for (k, v) in opts.env {
             env.retain(|(ek, _)| *ek != k);
-            env.push((k, v));
+            env.push((k, v.replace("{url}", &own_url)));
         }
         let mut daemon = Daemon {
             dir,

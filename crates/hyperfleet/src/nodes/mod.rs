@@ -1,0 +1,184 @@
+//! This daemon as a node of a fleet: its row in the `nodes` table (registered at start, heartbeat moved on
+//! a timer), every node's status as the API shows it, and placement of new machines ([`placement`]).
+//! A fleet is rows, not messages: the database is the only thing the nodes share.
+
+pub(crate) mod placement;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hyperfleet_types::{Node, NodeStatus};
+use tracing::{info, warn};
+
+use crate::store::nodes::{self as rows, NodeRow, Registration};
+use crate::store::{Conn, Store, StoreResult};
+pub(crate) use placement::{Demand, NoRoom};
+
+/// Where another node is and whether it answers: what forwarding needs (kept from the last read).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Peer {
+    pub status: NodeStatus,
+    pub url: Option<String>,
+}
+
+pub(crate) struct Nodes {
+    store: Store,
+    local: Registration,
+    heartbeat: Duration,
+    down_after: Duration,
+    cluster_secret: Option<String>,
+    /// Every node's status and URL as of the last heartbeat (or the last read that missed).
+    peers: RwLock<HashMap<String, Peer>>,
+}
+
+impl std::fmt::Debug for Nodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nodes").field("local", &self.local.name).finish_non_exhaustive()
+    }
+}
+
+impl Nodes {
+    pub(crate) fn new(
+        store: Store,
+        local: Registration,
+        heartbeat: Duration,
+        down_after: Duration,
+        cluster_secret: Option<String>,
+    ) -> Arc<Self> {
+        Arc::new(Self { store, local, heartbeat, down_after, cluster_secret, peers: RwLock::default() })
+    }
+
+    /// This node's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.local.name
+    }
+
+    pub(crate) fn cluster_secret(&self) -> Option<&str> {
+        self.cluster_secret.as_deref()
+    }
+
+    fn down_after_ms(&self) -> i64 {
+        i64::try_from(self.down_after.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    fn status_of(&self, n: &NodeRow) -> NodeStatus {
+        if n.heartbeat_age_ms > self.down_after_ms() {
+            NodeStatus::Down
+        } else if n.drained {
+            NodeStatus::Drained
+        } else {
+            NodeStatus::Up
+        }
+    }
+
+    /// Registers this node (heartbeat now) and adopts the machines of a database made before fleets, in one
+    /// write transaction; returns how many it adopted.
+    pub(crate) async fn register(&self) -> StoreResult<u64> {
+        let mut tx = self.store.write().await?;
+        rows::register(&mut tx, &self.local).await?;
+        let adopted = rows::adopt(&mut tx, &self.local.name).await?;
+        tx.commit().await?;
+        self.refresh().await?;
+        Ok(adopted)
+    }
+
+    /// Moves this node's heartbeat every interval (registering again if its row went missing) and
+    /// refreshes the view of the other nodes. A failure is logged; the next beat tries again.
+    pub(crate) async fn run_heartbeats(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let beat = async {
+                let mut tx = self.store.write().await?;
+                if !rows::heartbeat(&mut tx, &self.local.name).await? {
+                    warn!(node = %self.local.name, "this node's row was gone; registering again");
+                    rows::register(&mut tx, &self.local).await?;
+                }
+                tx.commit().await?;
+                self.refresh().await
+            };
+            if let Err(e) = beat.await {
+                warn!(node = %self.local.name, error = %e, "heartbeat failed");
+            }
+        }
+    }
+
+    /// Reads every node and keeps their status and URL for [`Self::peer`] and [`Self::status`].
+    pub(crate) async fn refresh(&self) -> StoreResult<Vec<NodeRow>> {
+        let all = rows::list(&mut *self.store.read().await?).await?;
+        let view = all
+            .iter()
+            .map(|n| (n.reg.name.clone(), Peer { status: self.status_of(n), url: n.reg.url.clone() }))
+            .collect();
+        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = view;
+        Ok(all)
+    }
+
+    /// A node's status as of the last heartbeat; this node is up while it serves. A node never seen is down.
+    pub(crate) fn status(&self, name: &str) -> NodeStatus {
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        match peers.get(name) {
+            Some(p) if name == self.local.name && p.status == NodeStatus::Down => NodeStatus::Up,
+            Some(p) => p.status,
+            None if name == self.local.name => NodeStatus::Up,
+            None => NodeStatus::Down,
+        }
+    }
+
+    /// Where node `name` is, read from the database now (forwarding must not go by a stale view).
+    pub(crate) async fn peer(&self, name: &str) -> StoreResult<Option<Peer>> {
+        let row = rows::get(&mut *self.store.read().await?, name).await?;
+        Ok(row.map(|n| Peer { status: self.status_of(&n), url: n.reg.url.clone() }))
+    }
+
+    fn to_wire(&self, n: NodeRow) -> Node {
+        Node {
+            status: self.status_of(&n),
+            name: n.reg.name,
+            url: n.reg.url,
+            drained: n.drained,
+            vcpus: n.reg.vcpus,
+            mem_size_mib: n.reg.mem_mib,
+            overcommit: n.reg.overcommit,
+            runtimes: n.reg.runtimes,
+            labels: n.reg.labels,
+            machines: n.machines,
+            used_vcpus: n.used_vcpus,
+            used_mem_size_mib: n.used_mem_mib,
+            heartbeat_age_ms: u64::try_from(n.heartbeat_age_ms).unwrap_or(0),
+            started_at: n.started_at,
+        }
+    }
+
+    pub(crate) async fn list(&self) -> StoreResult<Vec<Node>> {
+        Ok(self.refresh().await?.into_iter().map(|n| self.to_wire(n)).collect())
+    }
+
+    pub(crate) async fn get(&self, name: &str) -> StoreResult<Option<Node>> {
+        Ok(rows::get(&mut *self.store.read().await?, name).await?.map(|n| self.to_wire(n)))
+    }
+
+    /// Drains (`true`) or undrains node `name`: a drained node keeps its machines and serves them, but
+    /// placement gives it no new ones. `None` if there is no such node.
+    pub(crate) async fn set_drained(&self, name: &str, drained: bool) -> StoreResult<Option<Node>> {
+        let mut tx = self.store.write().await?;
+        let found = rows::set_drained(&mut tx, name, drained).await?;
+        tx.commit().await?;
+        if found {
+            info!(node = %name, drained, "node drain flag changed");
+            self.refresh().await?;
+            self.get(name).await
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Chooses the node for `demand` from the node rows as `c` sees them (in a create's write transaction,
+    /// the decision holds until it commits).
+    pub(crate) async fn place(&self, c: &mut Conn, demand: &Demand<'_>) -> StoreResult<Result<String, NoRoom>> {
+        let all = rows::list(c).await?;
+        Ok(placement::choose(&all, demand, self.down_after_ms()))
+    }
+}

@@ -1,0 +1,272 @@
+//! Several daemons on one PostgreSQL database as one fleet, end to end: a throwaway cluster of Debian's
+//! `postgresql`, three real daemons as three nodes on this host (each with its own ports, subnet, interface
+//! prefix, nftables table and data directory), container runtime. Nodes and heartbeats, drain, placement
+//! (spread, pin, selector, no room, concurrent creates on two nodes), every machine operation through one
+//! node on a machine of another, a forged node-to-node call, and a node killed and back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Options, machine};
+use futures::StreamExt;
+use hyperfleet::testing::{Durability, PgCluster};
+use hyperfleet_client::types::*;
+use hyperfleet_client::{Client, HttpMethod, ListOptions};
+
+const SECRET: &str = "fleet-test-cluster-secret-0123";
+/// Per node, as placement counts it (overcommit 1.0, the fleet default).
+const NODE_MEM_MIB: u64 = 2048;
+
+async fn node(url: &str, name: &str, labels: &str) -> Daemon {
+    let env = [
+        ("DATABASE_URL", url),
+        ("DATABASE_PATH", "/nonexistent/unused.db"),
+        ("HYPERFLEET_NODE_NAME", name),
+        ("HYPERFLEET_NODE_URL", "{url}"),
+        ("HYPERFLEET_NODE_LABELS", labels),
+        ("HYPERFLEET_NODE_VCPUS", "64"),
+        ("HYPERFLEET_NODE_MEM_MIB", "2048"),
+        ("HYPERFLEET_CLUSTER_SECRET", SECRET),
+        ("HYPERFLEET_HEARTBEAT_INTERVAL_MS", "300"),
+        ("HYPERFLEET_NODE_DOWN_AFTER_MS", "1500"),
+    ];
+    Daemon::start(Options {
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    })
+    .await
+}
+
+fn sized(name: &str, mem: i64) -> CreateMachine {
+    CreateMachine { mem_size_mib: Some(mem), ..machine(name) }
+}
+
+/// How many machines each node owns, as `GET /machines` on `c` shows them.
+async fn per_node(c: &Client) -> HashMap<String, usize> {
+    let all = c.list_machines(&ListOptions { limit: Some(500), ..Default::default() }).await.unwrap();
+    let mut n = HashMap::new();
+    for m in all.machines {
+        *n.entry(m.node).or_default() += 1;
+    }
+    n
+}
+
+async fn node_status(c: &Client, name: &str) -> NodeStatus {
+    c.get_node(name).await.unwrap().status
+}
+
+async fn until_status(c: &Client, name: &str, want: NodeStatus) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node_status(c, name).await != want {
+        assert!(Instant::now() < deadline, "node {name} never became {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[ignore = "needs root and postgresql: a throwaway PostgreSQL cluster, three daemons' nftables tables and runc"]
+#[tokio::test]
+async fn three_daemons_are_one_fleet_on_postgresql() {
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = PgCluster::start(pg_dir.path(), Durability::None).unwrap();
+    let url = pg.url("postgres");
+    // Declared after the cluster, so dropped (stopped, purged) before it.
+    let a = node(&url, "a", "zone=x").await;
+    let b = node(&url, "b", "zone=y").await;
+    let mut c = node(&url, "c", "zone=y,disk=ssd").await;
+    let ca = &a.client;
+
+    // Nodes registered themselves and beat.
+    let nodes = ca.list_nodes().await.unwrap().nodes;
+    assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+    for n in &nodes {
+        assert_eq!((n.status, n.vcpus, n.mem_size_mib, n.overcommit), (NodeStatus::Up, 64, NODE_MEM_MIB, Some(1.0)));
+        assert!(n.url.as_deref().is_some_and(|u| u.starts_with("http://127.0.0.1:")), "{n:?}");
+        assert!(n.runtimes.contains(&RuntimeKind::Container));
+    }
+    assert_eq!(nodes[2].labels, BTreeMap::from([("disk".into(), "ssd".into()), ("zone".into(), "y".into())]));
+    let first = ca.get_node("b").await.unwrap().heartbeat_age_ms;
+    assert!(first < 1500, "fresh heartbeat: {first} ms");
+    let e = ca.get_node("nope").await.unwrap_err();
+    assert_eq!(e.status(), Some(404));
+    let out = a.cli(&["nodes", "ls", "--url", &a.url(), "--api-key", &a.key]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && listed.contains("zone=y") && listed.lines().count() == 4,
+        "{listed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Placement spreads 30 machines created on node a over the three nodes, 10 each; each node leases its
+    // own blocks.
+    let made: Vec<Machine> = {
+        let mut v = Vec::new();
+        for i in 0..30 {
+            v.push(ca.create_machine(&machine(&format!("s{i}"))).await.unwrap());
+        }
+        v
+    };
+    assert_eq!(per_node(ca).await, HashMap::from([("a".into(), 10), ("b".into(), 10), ("c".into(), 10)]));
+    let mut seen = HashSet::new();
+    for m in &made {
+        assert!(seen.insert((m.node.clone(), m.guest_ip)), "address {} used twice on node {}", m.guest_ip, m.node);
+        assert_eq!(m.node_status, NodeStatus::Up);
+    }
+    let used = ca.get_node("b").await.unwrap();
+    assert_eq!((used.machines, used.used_vcpus, used.used_mem_size_mib), (10, 10, 1280));
+    // Deletes through node b reach every owner.
+    for m in &made {
+        b.client.delete_machine(&m.id, false).await.unwrap();
+    }
+    assert_eq!(ca.list_machines(&ListOptions::default()).await.unwrap().total, 0);
+
+    // Pin, selector, and what cannot be placed.
+    assert_eq!(ca.create_machine(&CreateMachine { node: Some("c".into()), ..machine("pin") }).await.unwrap().node, "c");
+    let ssd = BTreeMap::from([("disk".to_string(), "ssd".to_string())]);
+    let m = ca.create_machine(&CreateMachine { node_selector: Some(ssd), ..machine("sel") }).await.unwrap();
+    assert_eq!(m.node, "c");
+    let e = ca.create_machine(&CreateMachine { node: Some("zz".into()), ..machine("ghost") }).await.unwrap_err();
+    assert_eq!(e.code(), Some("VALIDATION_ERROR"), "{e}");
+    let nowhere = BTreeMap::from([("zone".to_string(), "nowhere".to_string())]);
+    let e = ca.create_machine(&CreateMachine { node_selector: Some(nowhere), ..machine("lost") }).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(409), Some("CONFLICT")), "{e}");
+    assert!(e.to_string().contains("no node has room for 1 vCPU / 128 MiB (zone=nowhere)"), "{e}");
+    let e = ca.create_machine(&sized("huge", 2100)).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(409), Some("CONFLICT")), "{e}");
+    assert!(e.to_string().contains("no node has room for 1 vCPU / 2100 MiB"), "{e}");
+    for id in ["pin", "sel"] {
+        ca.delete_machine(id, false).await.unwrap();
+    }
+
+    // Drain: b takes nothing new, keeps serving; undrain.
+    assert_eq!(ca.drain_node("b").await.unwrap().status, NodeStatus::Drained);
+    let zone_y = BTreeMap::from([("zone".to_string(), "y".to_string())]);
+    for i in 0..3 {
+        let req = CreateMachine { node_selector: Some(zone_y.clone()), ..machine(&format!("d{i}")) };
+        assert_eq!(ca.create_machine(&req).await.unwrap().node, "c", "a drained node gets no machine");
+    }
+    let e = ca.create_machine(&CreateMachine { node: Some("b".into()), ..machine("d9") }).await.unwrap_err();
+    assert!(e.to_string().contains("drained"), "{e}");
+    let limited = a.client_with(&{
+        let k = ca
+            .create_api_key(&CreateApiKey { name: "ro".into(), scopes: vec![Scope::MachinesRead], expires_at: None })
+            .await
+            .unwrap();
+        k.key
+    });
+    assert_eq!(limited.undrain_node("b").await.unwrap_err().status(), Some(403), "undrain needs nodes:admin");
+    assert_eq!(a.cli(&["nodes", "undrain", "b", "--url", &a.url(), "--api-key", &a.key]).status.code(), Some(0));
+    assert_eq!(node_status(ca, "b").await, NodeStatus::Up);
+    for i in 0..3 {
+        ca.delete_machine(&format!("d{i}"), false).await.unwrap();
+    }
+
+    // Two nodes creating at once never overcommit a node: 2 × 20 creates of 256 MiB against 3 × 2048 MiB.
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let client = if i % 2 == 0 { a.client.clone() } else { b.client.clone() };
+            tokio::spawn(async move { client.create_machine(&sized(&format!("c{i}"), 256)).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.code(), Some("CONFLICT"), "{e}"),
+        }
+    }
+    let nodes = ca.list_nodes().await.unwrap().nodes;
+    for n in &nodes {
+        assert!(n.used_mem_size_mib <= NODE_MEM_MIB, "node {} overcommitted: {n:?}", n.name);
+    }
+    assert!((20..=24).contains(&ok), "{ok} of 40 placed");
+    assert_eq!(nodes.iter().map(|n| n.used_mem_size_mib).sum::<u64>(), ok * 256);
+    for i in 0..40 {
+        // Dropped: the ones refused above do not exist.
+        let _ = ca.delete_machine(&format!("c{i}"), false).await;
+    }
+
+    // Every operation through node a on a machine of node c.
+    let m = ca.create_machine(&CreateMachine { node: Some("c".into()), ..machine("remote") }).await.unwrap();
+    let m = ca.start_machine(&m.id).await.unwrap();
+    assert_eq!((m.status, m.node.as_str()), (MachineStatus::Running, "c"));
+    assert!(common::process_alive(m.pid.unwrap()));
+    let m = ca.wait_machine(&m.id, MachineStatus::Running, 5).await.unwrap();
+    assert_eq!(ca.exec(&m.id, &["hostname"]).await.unwrap().exit_code, 0);
+    let out = ca.exec(&m.id, &["sh", "-c", "echo via a"]).await.unwrap();
+    assert_eq!(out.stdout, "via a\n");
+    let req = ExecRequest {
+        command: CommandArgs(vec!["sh".into(), "-c".into(), "echo one; sleep 1; echo two >&2; exit 3".into()]),
+        timeout: Some(10),
+        env: None,
+        cwd: None,
+        stdin: None,
+    };
+    let events: Vec<ExecEvent> =
+        Box::pin(ca.exec_stream(&m.id, &req).await.unwrap()).map(|e| e.unwrap()).collect().await;
+    assert_eq!(events[0], ExecEvent::Stdout { data: "one\n".into() });
+    assert_eq!(events[1], ExecEvent::Stderr { data: "two\n".into() });
+    assert!(matches!(events.last(), Some(ExecEvent::Exit { exit_code: 3, .. })), "{events:?}");
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();
+    let w = ca.upload_stream(&m.id, "/root/big.bin", data.clone(), None).await.unwrap();
+    assert_eq!(w.size, data.len() as u64);
+    let back = ca.download_file(&m.id, "/root/big.bin").await.unwrap();
+    assert!(back[..] == data[..], "downloaded bytes differ");
+    assert_eq!(ca.stat_file(&m.id, "/root/big.bin").await.unwrap().size, data.len() as u64);
+    let labels = BTreeMap::from([("team".to_string(), "fleet".to_string())]);
+    let patched =
+        ca.update_machine(&m.id, &UpdateMachine { labels: Some(labels.clone()), ..Default::default() }).await.unwrap();
+    assert_eq!(patched.spec.labels, labels);
+    ca.machine_logs(&m.id, 10).await.unwrap();
+    assert_eq!(ca.stop_machine(&m.id).await.unwrap().status, MachineStatus::Stopped);
+    let m = ca.start_machine(&m.id).await.unwrap();
+    assert_eq!(m.status, MachineStatus::Running);
+    // What runs on c was made by c: its process and interface, none on a.
+    assert!(a.host_links().is_empty(), "{:?}", a.host_links());
+    assert_eq!(c.host_links().len(), 1, "{:?}", c.host_links());
+
+    // A call that claims to come from a node, without the cluster secret or with a wrong one, is refused
+    // even with a good user key; with the secret it is served.
+    let path = format!("/machines/{}/exec", m.id);
+    let body = serde_json::json!({"command": ["true"]});
+    let forged = c.client.raw(HttpMethod::POST, &path).header("x-hyperfleet-forwarded-by", "a").json(&body);
+    assert_eq!(forged.send().await.unwrap().status().as_u16(), 401);
+    let wrong = c.client.raw(HttpMethod::POST, &path).header("x-hyperfleet-cluster-secret", "not-the-secret-at-all");
+    let resp = wrong.json(&body).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    assert!(resp.text().await.unwrap().contains("cluster secret"));
+    let no_key = Client::new(&c.url(), None);
+    let right = no_key.raw(HttpMethod::POST, &path).header("x-hyperfleet-cluster-secret", SECRET).json(&body);
+    assert_eq!(right.send().await.unwrap().status().as_u16(), 200);
+
+    // Node c killed: the others keep serving, c's machine shows its node down and cannot be acted on; c
+    // back re-adopts it.
+    let other = ca.create_machine(&CreateMachine { node: Some("b".into()), ..machine("on-b") }).await.unwrap();
+    c.kill9();
+    until_status(ca, "c", NodeStatus::Down).await;
+    let seen = ca.get_machine(&m.id).await.unwrap();
+    assert_eq!((seen.node_status, seen.status), (NodeStatus::Down, MachineStatus::Running));
+    let e = ca.exec(&m.id, &["true"]).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(503), Some("NODE_UNAVAILABLE")), "{e}");
+    assert!(e.to_string().contains("down"), "{e}");
+    assert_eq!(ca.start_machine(&other.id).await.unwrap().status, MachineStatus::Running, "b still serves");
+    let m2 = ca.create_machine(&machine("while-c-down")).await.unwrap();
+    assert_ne!(m2.node, "c", "placement skips a down node");
+    c.spawn().await;
+    until_status(ca, "c", NodeStatus::Up).await;
+    let back = ca.get_machine(&m.id).await.unwrap();
+    assert_eq!((back.status, back.pid, back.node_status), (MachineStatus::Running, m.pid, NodeStatus::Up));
+    assert_eq!(ca.exec(&m.id, &["echo", "back"]).await.unwrap().stdout, "back\n");
+
+    for id in [&m.id, &other.id] {
+        ca.stop_machine(id).await.unwrap();
+        ca.delete_machine(id, false).await.unwrap();
+    }
+    ca.delete_machine(&m2.id, false).await.unwrap();
+    assert_eq!(ca.list_machines(&ListOptions::default()).await.unwrap().total, 0);
+    drop((a, b, c));
+    drop(pg);
+}
