@@ -2,7 +2,8 @@
 //! `postgresql`, three real daemons as three nodes on this host (each with its own ports, subnet, interface
 //! prefix, nftables table and data directory), container runtime. Nodes and heartbeats, drain, placement
 //! (spread, pin, selector, no room, concurrent creates on two nodes), every machine operation through one
-//! node on a machine of another, a forged node-to-node call, and a node killed and back.
+//! node on a machine of another, live events across nodes, a forged node-to-node call, and a node killed and
+//! back.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -99,6 +100,15 @@ async fn three_daemons_are_one_fleet_on_postgresql() {
         "{listed}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Live events cross nodes: node a's stream shows a change that node c made (relayed with NOTIFY).
+    let mut live = Box::pin(ca.events(Some("live"), &[], None).await.unwrap());
+    let on_c = c.client.create_machine(&CreateMachine { node: Some("c".into()), ..machine("live") }).await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(10), live.next()).await.expect("node a hears node c's change");
+    let heard = heard.unwrap().unwrap();
+    assert_eq!((heard.kind, heard.machine_id.as_str()), (EventKind::Created, on_c.id.as_str()));
+    c.client.delete_machine(&on_c.id, false).await.unwrap();
+    drop(live);
 
     // Placement spreads 30 machines created on node a over the three nodes, 10 each; each node leases its
     // own blocks.
