@@ -1613,6 +1613,121 @@ async fn bench_images(r: &mut Report) {
     );
 }
 
+/// Issue 10: an exec through a node of the fleet that forwards it to the machine's owner, against the same exec
+/// sent to the owner directly, alternately in the same run.
+async fn bench_fleet(r: &mut Report) {
+    use hyperfleet::testing::{Durability, PgCluster};
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = PgCluster::start(pg_dir.path(), Durability::LikeSqliteWal).unwrap();
+    let url = pg.url("postgres");
+    let node = |name: &str| Options {
+        env: [
+            ("DATABASE_URL", url.as_str()),
+            ("HYPERFLEET_NODE_NAME", name),
+            ("HYPERFLEET_NODE_URL", "{url}"),
+            ("HYPERFLEET_CLUSTER_SECRET", "bench-fleet-cluster-secret-0123"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+        ..Default::default()
+    };
+    // Placement: the decision a create makes in its write transaction, with 3 and then 100 node rows and
+    // 10,000 machines, on each backend.
+    let sqlite_dir = tempfile::tempdir().unwrap();
+    let mut placement_rows = Vec::new();
+    for (backend, location) in [
+        ("SQLite", hyperfleet::testing::Location::Sqlite(sqlite_dir.path().join("placement.db"))),
+        ("PostgreSQL", hyperfleet::testing::Location::Postgres(url.clone())),
+    ] {
+        let store = hyperfleet::testing::Store::open(&location).await.unwrap();
+        placement_rows.extend(bench_placement(&store, backend).await);
+        store.close().await;
+    }
+
+    let a = Daemon::start(node("a")).await;
+    let b = Daemon::start(node("b")).await;
+    let m = running(&b, CreateMachine { node: Some("b".into()), ..machine("bench-owned-by-b") }).await;
+    for _ in 0..20 {
+        a.client.exec(&m.id, &["true"]).await.unwrap();
+        b.client.exec(&m.id, &["true"]).await.unwrap();
+    }
+    const N: usize = 300;
+    let (mut direct, mut forwarded) = (Vec::with_capacity(N), Vec::with_capacity(N));
+    for _ in 0..N {
+        let t = Instant::now();
+        b.client.exec(&m.id, &["true"]).await.unwrap();
+        direct.push(t.elapsed());
+        let t = Instant::now();
+        a.client.exec(&m.id, &["true"]).await.unwrap();
+        forwarded.push(t.elapsed());
+    }
+    let load = load_average();
+    drop(a);
+    drop(b);
+    drop(pg);
+    let (d50, f50) = (pct(&mut direct, 0.5), pct(&mut forwarded, 0.5));
+    r.section(
+        "Fleet",
+        &format!(
+            "Two daemons as two nodes of one fleet on a local PostgreSQL 15, container runtime. `exec` of `true` in a \
+             machine that node b owns, sent to b directly and sent to node a, which checks the key and forwards \
+             the call to b with the cluster secret (streaming the body both ways); {N} of each, alternating, after \
+             20 warm-up. Goal: forwarding adds at most 1 ms at the median. Load average at the end: {load}."
+        ),
+    );
+    r.table(
+        &["exec round trip", "p50", "p99"],
+        vec![
+            vec!["on the owner (node b)".into(), ms(d50), ms(pct(&mut direct, 0.99))],
+            vec!["through node a (forwarded)".into(), ms(f50), ms(pct(&mut forwarded, 0.99))],
+            vec!["added by forwarding".into(), ms(f50.saturating_sub(d50)), String::new()],
+        ],
+    );
+    let _ = write!(
+        r.md,
+        "\nPlacement: one decision as a create makes it (a write transaction; every node row with what its \
+         machines reserve, summed from the machines table; the least-loaded choice), 200 times after 10,000 \
+         machines were inserted over the first 3 nodes; then 97 more node rows.\n\n"
+    );
+    r.table(&["backend", "nodes", "machines", "decision p50", "p99"], placement_rows);
+}
+
+/// Placement decision times with 3 and with 100 node rows and 10,000 machines in `store`.
+async fn bench_placement(store: &hyperfleet::testing::Store, backend: &str) -> Vec<Vec<String>> {
+    use hyperfleet::testing::machine_rows::{example_spec, insert};
+    use hyperfleet::testing::placement::{decide, register_nodes};
+    const MACHINES: usize = 10_000;
+    register_nodes(store, 3).await.unwrap();
+    let mut tx = store.write().await.unwrap();
+    for i in 0..MACHINES {
+        let node = format!("node-{:04}", i % 3);
+        insert(&mut tx, &node, &format!("pm{i:05}"), &example_spec(&format!("p{i}")), 65_536).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let mut rows = Vec::new();
+    for nodes in [3, 100] {
+        register_nodes(store, nodes).await.unwrap();
+        for _ in 0..20 {
+            decide(store, 1, 128).await.unwrap();
+        }
+        let mut took: Vec<Duration> = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let t = Instant::now();
+            decide(store, 1, 128).await.unwrap();
+            took.push(t.elapsed());
+        }
+        rows.push(vec![
+            backend.to_string(),
+            nodes.to_string(),
+            MACHINES.to_string(),
+            ms(pct(&mut took, 0.5)),
+            ms(pct(&mut took, 0.99)),
+        ]);
+    }
+    rows
+}
+
 #[tokio::main]
 async fn main() {
     if !common::is_root() {
@@ -1654,6 +1769,7 @@ async fn main() {
         "volumes",
         "children",
         "database",
+        "fleet",
     ];
     if let Some(unknown) = only.iter().flatten().find(|s| !SECTIONS.contains(&s.as_str())) {
         eprintln!("HYPERFLEET_BENCH_ONLY: unknown section '{unknown}'; sections: {}", SECTIONS.join(","));
@@ -1701,6 +1817,9 @@ async fn main() {
     }
     if run("database") {
         bench_database(&mut r).await;
+    }
+    if run("fleet") {
+        bench_fleet(&mut r).await;
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
     let md = match &only {

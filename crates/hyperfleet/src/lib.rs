@@ -26,6 +26,7 @@ pub use cmd::{Cli, run};
 pub mod testing {
     pub use crate::api::openapi_json;
     pub use crate::config::{DEFAULT_CONTAINER_UID_BASE, DEFAULT_JAILER_UID_BASE, DEFAULT_KERNEL_ARGS};
+    pub use crate::nodes::placement::bench as placement;
     pub use crate::runtime::cgroups;
     pub use crate::runtime::disk::sparse_copy;
     pub use crate::runtime::firecracker::{FirecrackerApi, jail};

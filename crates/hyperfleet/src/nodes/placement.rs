@@ -112,6 +112,43 @@ pub(crate) fn choose(nodes: &[NodeRow], d: &Demand, down_after_ms: i64) -> Resul
     }
 }
 
+/// For the benchmarks (`hyperfleet::testing::placement`): what placement costs with a fleet of a given size.
+pub mod bench {
+    use std::collections::BTreeMap;
+
+    use super::{Demand, choose};
+    use crate::store::Store;
+    use crate::store::nodes::{self as rows, Registration};
+
+    /// Registers `n` nodes named `node-0000`… (64 vCPU, 256 GiB each, overcommit 4, heartbeat now).
+    pub async fn register_nodes(store: &Store, n: usize) -> Result<(), String> {
+        let mut tx = store.write().await.map_err(|e| e.to_string())?;
+        for i in 0..n {
+            let reg = Registration {
+                name: format!("node-{i:04}"),
+                url: Some(format!("http://10.0.0.{}:3000", i % 250)),
+                vcpus: 64,
+                mem_mib: 256 << 10,
+                overcommit: Some(4.0),
+                runtimes: vec![hyperfleet_types::RuntimeKind::Container],
+                labels: BTreeMap::from([("zone".into(), format!("z{}", i % 3))]),
+            };
+            rows::register(&mut tx, &reg).await.map_err(|e| e.to_string())?;
+        }
+        tx.commit().await.map_err(|e| e.to_string())
+    }
+
+    /// One decision as a create makes it: in a write transaction, every node row with its machines' sums,
+    /// then the least-loaded choice. Returns the chosen node's name.
+    pub async fn decide(store: &Store, vcpus: u32, mem_mib: u64) -> Result<String, String> {
+        let mut tx = store.write().await.map_err(|e| e.to_string())?;
+        let nodes = rows::list(&mut tx).await.map_err(|e| e.to_string())?;
+        let selector = BTreeMap::new();
+        let d = Demand { vcpus, mem_mib, runtime: None, pin: None, selector: &selector, local: "" };
+        choose(&nodes, &d, i64::MAX).map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
