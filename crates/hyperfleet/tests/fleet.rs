@@ -199,6 +199,36 @@ async fn three_daemons_are_one_fleet_on_postgresql() {
         let _ = ca.delete_machine(&format!("c{i}"), false).await;
     }
 
+    // 300 creates at once through two nodes, over 200 names, against 3 × 64 vCPU (and 3 × 64 address blocks):
+    // one machine per name, no address twice on a node, no node past its capacity, every refusal a 409.
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let client = if i % 2 == 0 { a.client.clone() } else { b.client.clone() };
+            tokio::spawn(async move { client.create_machine(&sized(&format!("x{}", i % 200), 4)).await })
+        })
+        .collect();
+    let mut placed = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(m) => placed.push(m),
+            Err(e) => assert_eq!((e.status(), e.code()), (Some(409), Some("CONFLICT")), "{e}"),
+        }
+    }
+    let listed = ca.list_machines(&ListOptions { limit: Some(500), ..Default::default() }).await.unwrap().machines;
+    assert_eq!(listed.len(), placed.len(), "every 201 is a machine, and nothing else is");
+    let names: HashSet<_> = listed.iter().map(|m| m.spec.name.clone()).collect();
+    assert_eq!(names.len(), listed.len(), "one machine per name");
+    let blocks: HashSet<_> = placed.iter().map(|m| (m.node.clone(), m.guest_ip)).collect();
+    assert_eq!(blocks.len(), placed.len(), "no address twice on a node");
+    for n in ca.list_nodes().await.unwrap().nodes {
+        assert!(n.used_vcpus <= 64, "node {} overcommitted: {n:?}", n.name);
+    }
+    assert!(placed.len() <= 192 && placed.len() >= 150, "{} of 200 names placed", placed.len());
+    eprintln!("300 concurrent creates: {} placed, {:?}", placed.len(), per_node(ca).await);
+    for m in &placed {
+        ca.delete_machine(&m.id, false).await.unwrap();
+    }
+
     // Every operation through node a on a machine of node c.
     let m = ca.create_machine(&CreateMachine { node: Some("c".into()), ..machine("remote") }).await.unwrap();
     let m = ca.start_machine(&m.id).await.unwrap();

@@ -48,7 +48,8 @@ fn load_after(n: &NodeRow, d: &Demand) -> f64 {
 
 /// Why `n` cannot take `d` (`None`: it can).
 fn unfit(n: &NodeRow, d: &Demand, down_after_ms: i64) -> Option<String> {
-    if n.heartbeat_age_ms > down_after_ms {
+    // The deciding node is alive whatever its row says (its heartbeat may lag after a database outage).
+    if n.reg.name != d.local && n.heartbeat_age_ms > down_after_ms {
         return Some(format!("it is down (no heartbeat for {} s)", n.heartbeat_age_ms / 1000));
     }
     if n.drained {
@@ -196,10 +197,12 @@ mod tests {
         let mut drained = node("b", 0, &[]);
         drained.drained = true;
         let full = node("c", 4, &[]);
-        let d = demand(&none);
+        let d = Demand { local: "d", ..demand(&none) };
         let e = choose(&[down.clone(), drained.clone(), full.clone()], &d, 10_000).unwrap_err();
         assert_eq!(e.to_string(), "no node has room for 1 vCPU / 256 MiB");
-        assert_eq!(choose(&[down, drained, full, node("d", 3, &[])], &d, 10_000).unwrap(), "d");
+        assert_eq!(choose(&[down.clone(), drained, full, node("d", 3, &[])], &d, 10_000).unwrap(), "d");
+        // The deciding node is never down to itself: its heartbeat may lag behind a database outage.
+        assert_eq!(choose(&[down], &demand(&none), 10_000).unwrap(), "a");
     }
 
     #[test]
