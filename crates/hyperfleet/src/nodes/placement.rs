@@ -121,15 +121,16 @@ pub mod bench {
     use crate::store::Store;
     use crate::store::nodes::{self as rows, Registration};
 
-    /// Registers `n` nodes named `node-0000`… (64 vCPU, 256 GiB each, overcommit 4, heartbeat now).
+    /// Registers `n` nodes named `node-0000`… (room for 10,000 machines each: 10,000 vCPU, 64 TiB,
+    /// overcommit 4; heartbeat now).
     pub async fn register_nodes(store: &Store, n: usize) -> Result<(), String> {
         let mut tx = store.write().await.map_err(|e| e.to_string())?;
         for i in 0..n {
             let reg = Registration {
                 name: format!("node-{i:04}"),
                 url: Some(format!("http://10.0.0.{}:3000", i % 250)),
-                vcpus: 64,
-                mem_mib: 256 << 10,
+                vcpus: 10_000,
+                mem_mib: 64 << 20,
                 overcommit: Some(4.0),
                 runtimes: vec![hyperfleet_types::RuntimeKind::Container],
                 labels: BTreeMap::from([("zone".into(), format!("z{}", i % 3))]),

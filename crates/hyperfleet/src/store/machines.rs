@@ -151,14 +151,16 @@ pub async fn insert(
     // A taken name inserts nothing (rather than failing: on PostgreSQL a failed statement aborts the whole
     // transaction). The write lock makes this check-and-insert one step; the UNIQUE constraint decides.
     let inserted = sqlx::query(
-        "INSERT INTO machines (id, name, status, spec, created_at, updated_at, node) \
-         VALUES ($1, $2, 'pending', $3, $4, $4, $5) ON CONFLICT (name) DO NOTHING",
+        "INSERT INTO machines (id, name, status, spec, created_at, updated_at, node, vcpus, mem_mib) \
+         VALUES ($1, $2, 'pending', $3, $4, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
     )
     .bind(id)
     .bind(&spec.name)
     .bind(&json)
     .bind(&ts)
     .bind(node)
+    .bind(i64::from(spec.vcpu_count))
+    .bind(i64::from(spec.mem_size_mib))
     .execute(&mut *c)
     .await
     .map_err(StoreError::from)?;
@@ -347,9 +349,11 @@ pub async fn modify_spec<E>(
     if let Err(e) = f(&mut rec.spec, rec.status) {
         return Ok(Modify::Refused(e));
     }
-    sqlx::query("UPDATE machines SET spec = $1, updated_at = $2 WHERE id = $3")
+    sqlx::query("UPDATE machines SET spec = $1, updated_at = $2, vcpus = $3, mem_mib = $4 WHERE id = $5")
         .bind(spec_json(&rec.spec)?)
         .bind(now())
+        .bind(i64::from(rec.spec.vcpu_count))
+        .bind(i64::from(rec.spec.mem_size_mib))
         .bind(id)
         .execute(&mut *c)
         .await?;

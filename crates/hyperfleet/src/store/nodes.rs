@@ -74,13 +74,12 @@ fn select(backend: Backend) -> String {
     format!(
         "SELECT n.name, n.url, n.vcpus, n.mem_mib, n.overcommit, n.runtimes, n.labels, n.drained, n.started_at, \
          {now} - n.heartbeat_ms AS age_ms, \
-         (SELECT COUNT(*) FROM machines m WHERE m.node = n.name) AS machines, \
-         (SELECT CAST(COALESCE(SUM({vcpu}), 0) AS BIGINT) FROM machines m WHERE m.node = n.name) AS used_vcpus, \
-         (SELECT CAST(COALESCE(SUM({mem}), 0) AS BIGINT) FROM machines m WHERE m.node = n.name) AS used_mem \
-         FROM nodes n",
+         CAST(COALESCE(r.machines, 0) AS BIGINT) AS machines, \
+         CAST(COALESCE(r.used_vcpus, 0) AS BIGINT) AS used_vcpus, \
+         CAST(COALESCE(r.used_mem, 0) AS BIGINT) AS used_mem \
+         FROM nodes n LEFT JOIN (SELECT node, COUNT(*) AS machines, SUM(vcpus) AS used_vcpus, \
+         SUM(mem_mib) AS used_mem FROM machines GROUP BY node) r ON r.node = n.name",
         now = dialect::now_ms(backend),
-        vcpu = dialect::int_of_spec(backend, "vcpu_count"),
-        mem = dialect::int_of_spec(backend, "mem_size_mib"),
     )
 }
 
