@@ -30,7 +30,7 @@ use crate::machines::{Error as MachineError, Hold, HoldKind, Service};
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
+pub(crate) const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",

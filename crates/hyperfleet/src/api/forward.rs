@@ -17,23 +17,13 @@ use tracing::debug;
 
 use super::AppState;
 use super::error::ApiError;
+// Headers that describe one hop, never forwarded (`upgrade` is put back for a WebSocket).
+use crate::proxy::HOP_BY_HOP;
 
 /// The cluster secret, on a node-to-node call.
 pub(crate) const SECRET_HEADER: &str = "x-hyperfleet-cluster-secret";
 /// The node that forwarded a call (set with the secret; a call naming a node without it is refused).
 pub(crate) const FORWARDED_BY_HEADER: &str = "x-hyperfleet-forwarded-by";
-
-/// Headers that describe one hop (RFC 9110 §7.6.1); `upgrade` is put back for a WebSocket.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Set on a request that came from another node with the right cluster secret: the node that sent it.
 #[derive(Debug, Clone)]
