@@ -130,6 +130,9 @@ pub(crate) async fn send(state: &AppState, mut req: Request, base: &str, node: &
 /// A machine's own record is still answered here when its owner is down (it then shows `node_status:
 /// "down"`); anything else for it is refused with 503 rather than acted on by a node that does not own it.
 pub(crate) async fn to_owner(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.service.nodes().alone() {
+        return next.run(req).await;
+    }
     let Some(template) = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()) else {
         return next.run(req).await;
     };

@@ -124,8 +124,11 @@ impl<H: Host> Service<H> {
         let key = id.to_string();
         let events = self.events.clone();
         let mut tx = self.store.write().await?;
-        // A node acts only on the machines it owns (the API forwards the rest to their owner).
-        if let Some(owner) = records::get(&mut tx, &key).await?.map(|m| m.node).filter(|n| n != self.node()) {
+        // A node acts only on the machines it owns (the API forwards the rest to their owner). Alone, it
+        // owns them all: no read needed.
+        if !self.nodes.alone()
+            && let Some(owner) = records::get(&mut tx, &key).await?.map(|m| m.node).filter(|n| n != self.node())
+        {
             return Err(Error::Conflict(format!("Machine {id} is owned by node '{owner}'; only that node acts on it")));
         }
         let cas = records::transition(&mut tx, &key, &from, to, &changes).await?;

@@ -54,6 +54,12 @@ impl Nodes {
         &self.local.name
     }
 
+    /// Whether this node is the fleet's only one: on SQLite, whose file one daemon uses and which adopts every
+    /// machine at start. Then every machine is this node's, and nothing needs to ask who owns one.
+    pub(crate) fn alone(&self) -> bool {
+        self.store.backend() == crate::store::Backend::Sqlite
+    }
+
     pub(crate) fn cluster_secret(&self) -> Option<&str> {
         self.cluster_secret.as_deref()
     }
