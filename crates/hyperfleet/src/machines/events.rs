@@ -75,7 +75,8 @@ impl Events {
     /// Stores `event`, with a delivery for each webhook it matches (the machine has `labels`), in the write
     /// transaction `tx` (in a savepoint of it), and broadcasts it once `tx` commits: so the order of ids is
     /// the order of broadcast, and a listener that reads the machine on an event sees the change. A failure
-    /// to store is logged: the change it reports happens regardless.
+    /// to store is logged: the change it reports happens regardless, unless the database connection was lost
+    /// (then `tx` cannot commit: see [`Write::lost`]).
     pub(super) async fn append_for(&self, tx: &mut Write, event: Event, labels: &BTreeMap<String, String>) {
         let stored = self.store(tx, &event, labels).await;
         match stored {
@@ -92,7 +93,11 @@ impl Events {
                 });
             }
             Err(e) => {
-                tracing::warn!(machine = %event.machine_id, kind = %event.kind, error = %e, "could not store an event")
+                tracing::warn!(machine = %event.machine_id, kind = %event.kind, error = %e, "could not store an event");
+                // The change itself cannot be committed either: its connection is gone.
+                if e.is_unavailable() {
+                    tx.lost(&e);
+                }
             }
         }
     }

@@ -74,6 +74,8 @@ pub(crate) type Conn = AnyConnection;
 pub struct Write {
     tx: sqlx::Transaction<'static, Any>,
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
+    /// Why the transaction cannot be trusted to commit (see [`Write::lost`]).
+    lost: Option<String>,
     _turn: tokio::sync::OwnedMutexGuard<()>,
 }
 
@@ -84,8 +86,19 @@ impl Write {
         self.after_commit.push(Box::new(f));
     }
 
+    /// Marks the transaction lost: a statement in it met the database unavailable (its connection cut), even
+    /// if the caller went on. [`Write::commit`] then fails with that error and rolls back, instead of
+    /// reporting a commit that may not have happened.
+    pub(crate) fn lost(&mut self, why: &StoreError) {
+        self.lost.get_or_insert_with(|| why.to_string());
+    }
+
     pub async fn commit(self) -> StoreResult<()> {
-        let Self { tx, after_commit, _turn } = self;
+        let Self { tx, after_commit, lost, _turn } = self;
+        if let Some(why) = lost {
+            let _ = tx.rollback().await;
+            return Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, why)).into());
+        }
         tx.commit().await?;
         for f in after_commit {
             f();
@@ -386,7 +399,7 @@ impl Store {
             Backend::Postgres => self.writer.begin().await?,
         };
         dialect::lock_for_write(self.backend, &mut tx).await?;
-        Ok(Write { tx, after_commit: Vec::new(), _turn: turn })
+        Ok(Write { tx, after_commit: Vec::new(), lost: None, _turn: turn })
     }
 
     /// On PostgreSQL, a connection listening on `channel` (NOTIFY is how daemons sharing the database hear
