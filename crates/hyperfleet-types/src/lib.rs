@@ -537,6 +537,14 @@ pub struct Node {
     pub name: String,
     /// How the other nodes reach this node's API (`HYPERFLEET_NODE_URL`); absent: it takes no forwarded work.
     pub url: Option<String>,
+    /// How the other nodes' proxies reach this node's proxy (`HYPERFLEET_NODE_PROXY_URL`); absent: requests
+    /// for its machines' ports are served by its own proxy only.
+    #[serde(default)]
+    pub proxy_url: Option<String>,
+    /// The subnet its machines' address blocks are cut from (`HYPERFLEET_SUBNET`).
+    #[serde(default)]
+    #[schema(example = "172.16.0.0/16")]
+    pub subnet: Option<String>,
     pub status: NodeStatus,
     pub drained: bool,
     pub vcpus: u32,

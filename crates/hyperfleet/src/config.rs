@@ -154,6 +154,10 @@ pub struct NodeArgs {
     /// this node only when created here, and no other node can forward to it.
     #[arg(long, env = "HYPERFLEET_NODE_URL")]
     pub node_url: Option<String>,
+    /// How the other nodes' proxies reach this node's proxy, to route to its machines' guests
+    /// (`http://10.0.0.5:4000`); default: HYPERFLEET_NODE_URL's host with PROXY_PORT.
+    #[arg(long, env = "HYPERFLEET_NODE_PROXY_URL")]
+    pub node_proxy_url: Option<String>,
     /// Labels for `node_selector`: `k=v,k2=v2`.
     #[arg(long, env = "HYPERFLEET_NODE_LABELS", default_value = "")]
     pub node_labels: String,
@@ -358,6 +362,8 @@ pub struct StoreSettings {
 pub struct NodeSettings {
     pub name: String,
     pub url: Option<String>,
+    /// HYPERFLEET_NODE_PROXY_URL as given; [`Self::proxy_url`] says where the proxy is.
+    pub proxy_url: Option<String>,
     pub labels: std::collections::BTreeMap<String, String>,
     pub vcpus: Option<u32>,
     pub mem_mib: Option<u64>,
@@ -376,6 +382,36 @@ impl std::fmt::Debug for NodeSettings {
             .field("overcommit", &self.overcommit)
             .field("cluster_secret", &self.cluster_secret.as_ref().map(|_| "***"))
             .finish_non_exhaustive()
+    }
+}
+
+/// An `http(s)://HOST[:PORT]` URL another node reaches this one by, without a trailing '/'; `None` if unset.
+fn node_url(var: &'static str, value: Option<&str>) -> Result<Option<String>, ConfigError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(u) => {
+            let parsed = reqwest::Url::parse(u).map_err(|e| bad(var, format!("'{u}': {e}")))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                return Err(bad(var, format!("'{u}': use http://HOST:PORT or https://HOST:PORT")));
+            }
+            Ok(Some(u.trim_end_matches('/').to_string()))
+        }
+    }
+}
+
+impl NodeSettings {
+    /// Where this node's proxy listening on `proxy_port` is reached from the other nodes:
+    /// HYPERFLEET_NODE_PROXY_URL, else HYPERFLEET_NODE_URL's host with that port. `None` without a proxy or
+    /// a URL.
+    pub fn proxy_url(&self, proxy_port: Option<u16>) -> Option<String> {
+        let port = proxy_port?;
+        if let Some(u) = &self.proxy_url {
+            return Some(u.clone());
+        }
+        let mut u = reqwest::Url::parse(self.url.as_deref()?).ok()?;
+        u.set_port(Some(port)).ok()?;
+        u.set_path("");
+        Some(u.as_str().trim_end_matches('/').to_string())
     }
 }
 
@@ -398,19 +434,8 @@ impl NodeArgs {
                 format!("'{name}': use letters, digits, '-', '.', '_' (at most 63, starting with a letter or digit)"),
             ));
         }
-        let url = match self.node_url.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(u) => {
-                let parsed = reqwest::Url::parse(u).map_err(|e| bad("HYPERFLEET_NODE_URL", format!("'{u}': {e}")))?;
-                if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-                    return Err(bad(
-                        "HYPERFLEET_NODE_URL",
-                        format!("'{u}': use http://HOST:PORT or https://HOST:PORT"),
-                    ));
-                }
-                Some(u.trim_end_matches('/').to_string())
-            }
-        };
+        let url = node_url("HYPERFLEET_NODE_URL", self.node_url.as_deref())?;
+        let proxy_url = node_url("HYPERFLEET_NODE_PROXY_URL", self.node_proxy_url.as_deref())?;
         let mut labels = std::collections::BTreeMap::new();
         for pair in self.node_labels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = pair
@@ -459,6 +484,7 @@ impl NodeArgs {
         Ok(NodeSettings {
             name,
             url,
+            proxy_url,
             labels,
             vcpus: self.node_vcpus,
             mem_mib: self.node_mem_mib,
@@ -951,6 +977,10 @@ mod tests {
         assert!(parse(&pg).unwrap_err().contains("HYPERFLEET_CLUSTER_SECRET"), "a fleet needs the secret");
         assert!(parse(&["--node-name", "bad name"]).unwrap_err().contains("HYPERFLEET_NODE_NAME"));
         assert!(parse(&["--node-url", "ftp://x"]).unwrap_err().contains("HYPERFLEET_NODE_URL"));
+        assert!(parse(&["--node-proxy-url", "nope"]).unwrap_err().contains("HYPERFLEET_NODE_PROXY_URL"));
+        let derived = parse(&["--node-url", "http://10.0.0.1:3000/"]).unwrap().store.node;
+        assert_eq!(derived.proxy_url(Some(4000)).as_deref(), Some("http://10.0.0.1:4000"), "the API's host");
+        assert_eq!(derived.proxy_url(None), None, "no proxy, nothing to reach");
         assert!(parse(&["--node-labels", "novalue"]).unwrap_err().contains("HYPERFLEET_NODE_LABELS"));
         assert!(parse(&["--overcommit", "0"]).unwrap_err().contains("HYPERFLEET_OVERCOMMIT"));
         assert!(parse(&["--node-down-after-ms", "100"]).unwrap_err().contains("HYPERFLEET_NODE_DOWN_AFTER_MS"));
@@ -1058,6 +1088,7 @@ mod tests {
         ("HYPERFLEET_CHILD_API_PORT", "3200"),
         ("HYPERFLEET_NODE_NAME", "node-7"),
         ("HYPERFLEET_NODE_URL", "http://10.0.0.7:3100/"),
+        ("HYPERFLEET_NODE_PROXY_URL", "http://10.0.0.7:4100"),
         ("HYPERFLEET_NODE_LABELS", "zone=a, disk=ssd"),
         ("HYPERFLEET_NODE_VCPUS", "12"),
         ("HYPERFLEET_NODE_MEM_MIB", "4096"),
@@ -1133,6 +1164,7 @@ mod tests {
         assert_eq!(s.store.events_backlog, 500);
         let n = &s.store.node;
         assert_eq!((n.name.as_str(), n.url.as_deref()), ("node-7", Some("http://10.0.0.7:3100")));
+        assert_eq!(n.proxy_url(s.proxy.port).as_deref(), Some("http://10.0.0.7:4100"));
         assert_eq!(n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(), ["disk=ssd", "zone=a"]);
         assert_eq!((n.vcpus, n.mem_mib, n.overcommit), (Some(12), Some(4096), Some(1.5)));
         assert_eq!((n.heartbeat_interval, n.down_after), (Duration::from_millis(700), Duration::from_secs(5)));

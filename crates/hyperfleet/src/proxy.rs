@@ -19,13 +19,14 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyperfleet_types::{ErrorBody, ErrorDetail, ExposedPortStatus, MachineStatus};
+use hyperfleet_types::{ErrorBody, ErrorDetail, ExposedPortStatus, MachineStatus, NodeStatus};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::config::ProxySettings;
 use crate::listener::{self, Activity, Limits, Timeouts};
 use crate::machines::{Error as MachineError, Hold, HoldKind, Service};
+use crate::nodes::{Caller, FORWARDED_BY_HEADER, SECRET_HEADER};
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -98,6 +99,17 @@ pub(crate) fn route(uri: &Uri, host: Option<&str>, cfg: &ProxySettings) -> Optio
     let port = parts.next()?.parse().ok()?;
     let tail = parts.next().unwrap_or("");
     Some(Route { machine: machine.to_string(), port, upstream_path: format!("/{tail}{query}") })
+}
+
+/// On a request one node's proxy sends to the owner's: `{machine id}/{port}`. The path is already the
+/// guest's, so the owner routes it whatever its own PROXY_PREFIX or PROXY_HOST_SUFFIX.
+const ROUTE_HEADER: &str = "x-hyperfleet-proxy-route";
+
+/// The route of a request another node's proxy forwarded (see [`ROUTE_HEADER`]).
+fn forwarded_route(uri: &Uri, headers: &HeaderMap) -> Option<Route> {
+    let (machine, port) = headers.get(ROUTE_HEADER)?.to_str().ok()?.split_once('/')?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    Some(Route { machine: machine.to_string(), port: port.parse().ok()?, upstream_path: path.to_string() })
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -195,12 +207,25 @@ struct Proxy {
 impl Proxy {
     async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         peer: SocketAddr,
         activity: Arc<Activity>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
-        let route = route(req.uri(), host.as_deref(), &self.shared.cfg).ok_or_else(|| {
+        let nodes = self.shared.service.nodes();
+        let caller = nodes.caller(req.headers());
+        let route = match &caller {
+            Caller::Forged => {
+                return Err(ProxyError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    "Invalid cluster secret: node-to-node calls need HYPERFLEET_CLUSTER_SECRET",
+                ));
+            }
+            Caller::Node(_) => forwarded_route(req.uri(), req.headers()),
+            Caller::Outside => route(req.uri(), host.as_deref(), &self.shared.cfg),
+        };
+        let route = route.ok_or_else(|| {
             ProxyError::new(
                 StatusCode::NOT_FOUND,
                 "NOT_FOUND",
@@ -209,13 +234,19 @@ impl Proxy {
         })?;
         let mut rec =
             self.shared.targets.get(&self.shared.service, &route.machine).await.map_err(ProxyError::from_machine)?;
-        if rec.node != self.shared.service.nodes().name() {
-            // Its guest address means something only on its own host (it may be another machine's here).
-            return Err(ProxyError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "SERVICE_UNAVAILABLE",
-                format!("Machine {} runs on node '{}': use that node's proxy", rec.id, rec.node),
-            ));
+        if rec.node != nodes.name() {
+            // Its guest address means something only on its own host (it may be another machine's here): the
+            // owner's proxy serves it. A forwarded request is never forwarded again.
+            if let Caller::Node(from) = &caller {
+                return Err(ProxyError::new(
+                    StatusCode::CONFLICT,
+                    "CONFLICT",
+                    format!("Machine {} is owned by node '{}', not this one (forwarded by '{from}')", rec.id, rec.node),
+                ));
+            }
+            let (upstream, extra) = self.owner_of(&rec, &route)?;
+            let patience = self.shared.cfg.upstream_timeout + self.shared.cfg.wake_timeout;
+            return self.send(req, peer, activity, host, upstream, extra, &rec, None, patience).await;
         }
         if !rec.exposed_ports.contains(&route.port) {
             return Err(ProxyError::new(
@@ -241,13 +272,67 @@ impl Proxy {
         let upstream: Uri = format!("http://{guest}:{}{}", route.port, route.upstream_path)
             .parse()
             .map_err(|_| ProxyError::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", "invalid request path"))?;
+        let extra = vec![(header::HOST, format!("{guest}:{}", route.port))];
+        let hold = self.shared.service.hold_activity(&rec.id, HoldKind::Connection);
+        let patience = self.shared.cfg.upstream_timeout;
+        self.send(req, peer, activity, host, upstream, extra, &rec, Some((hold, route.port)), patience).await
+    }
 
+    /// Where node `rec.node`'s proxy serves `route`, and the headers that prove and route the request there.
+    fn owner_of(&self, rec: &Target, route: &Route) -> Result<(Uri, Vec<(HeaderName, String)>), ProxyError> {
+        let nodes = self.shared.service.nodes();
+        let unavailable = |why: String| {
+            ProxyError::new(StatusCode::SERVICE_UNAVAILABLE, "NODE_UNAVAILABLE", format!("Machine {} {why}", rec.id))
+        };
+        let owner = &rec.node;
+        let peer =
+            nodes.cached_peer(owner).ok_or_else(|| unavailable(format!("is on node '{owner}', not seen yet")))?;
+        if peer.status == NodeStatus::Down {
+            return Err(unavailable(format!("is on node '{owner}', which is down (no heartbeat)")));
+        }
+        let base = peer
+            .proxy_url
+            .ok_or_else(|| unavailable(format!("is on node '{owner}', whose proxy no other node can reach")))?;
+        let secret = nodes.cluster_secret().ok_or_else(|| {
+            unavailable(format!("is on node '{owner}'; routing to it needs HYPERFLEET_CLUSTER_SECRET on this node"))
+        })?;
+        let upstream = format!("{base}{}", route.upstream_path)
+            .parse()
+            .map_err(|_| ProxyError::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", "invalid request path"))?;
+        let extra = vec![
+            (HeaderName::from_static(SECRET_HEADER), secret.to_string()),
+            (HeaderName::from_static(FORWARDED_BY_HEADER), nodes.name().to_string()),
+            (HeaderName::from_static(ROUTE_HEADER), format!("{}/{}", rec.id, route.port)),
+        ];
+        Ok((upstream, extra))
+    }
+
+    /// Sends the request on to `upstream` (a guest, with the machine's activity `hold` and its port; or the
+    /// owner's proxy) with the forwarding headers and `extra`, and answers with its response; a WebSocket
+    /// upgrade is spliced once both sides switch.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        activity: Arc<Activity>,
+        host: Option<String>,
+        upstream: Uri,
+        extra: Vec<(HeaderName, String)>,
+        rec: &Target,
+        guest: Option<(Hold, u16)>,
+        patience: Duration,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let upgrade_headers = upgrade
             .then(|| (parts.headers.get(header::UPGRADE).cloned(), parts.headers.get(header::CONNECTION).cloned()));
         strip_hop_by_hop(&mut parts.headers);
+        // What nodes say to each other is for them only: a guest never sees the cluster secret.
+        for h in [SECRET_HEADER, FORWARDED_BY_HEADER, ROUTE_HEADER] {
+            parts.headers.remove(h);
+        }
         if let Some((up, _)) = &upgrade_headers {
             if let Some(up) = up {
                 parts.headers.insert(header::UPGRADE, up.clone());
@@ -259,40 +344,45 @@ impl Proxy {
             Some(p) => format!("{p}, {}", peer.ip()),
             None => peer.ip().to_string(),
         };
-        let set = |h: &mut HeaderMap, name: &'static str, v: &str| {
+        let set = |h: &mut HeaderMap, name: HeaderName, v: &str| {
             if let Ok(v) = HeaderValue::from_str(v) {
                 h.insert(name, v);
             }
         };
-        set(&mut parts.headers, "x-forwarded-for", &xff);
-        set(&mut parts.headers, "x-forwarded-host", host.as_deref().unwrap_or(""));
-        set(&mut parts.headers, "x-forwarded-proto", "http");
-        set(&mut parts.headers, "x-machine-id", &rec.id);
-        set(&mut parts.headers, "host", &format!("{guest}:{}", route.port));
+        set(&mut parts.headers, HeaderName::from_static("x-forwarded-for"), &xff);
+        // The owner's proxy gets the client's Host as it came, so says the same.
+        set(&mut parts.headers, HeaderName::from_static("x-forwarded-host"), host.as_deref().unwrap_or(""));
+        set(&mut parts.headers, HeaderName::from_static("x-forwarded-proto"), "http");
+        set(&mut parts.headers, HeaderName::from_static("x-machine-id"), &rec.id);
+        for (name, value) in extra {
+            set(&mut parts.headers, name, &value);
+        }
         parts.uri = upstream;
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
-        let mut resp = tokio::time::timeout(self.shared.cfg.upstream_timeout, self.client.request(upstream_req))
+        let what = match &guest {
+            Some((_, port)) => format!("port {port} on machine {}", rec.id),
+            None => format!("node '{}' (the owner of machine {})", rec.node, rec.id),
+        };
+        let mut resp = tokio::time::timeout(patience, self.client.request(upstream_req))
             .await
             .map_err(|_| {
                 ProxyError::new(
                     StatusCode::BAD_GATEWAY,
                     "BAD_GATEWAY",
-                    format!(
-                        "Machine {} did not answer on port {} within {} s",
-                        rec.id,
-                        route.port,
-                        self.shared.cfg.upstream_timeout.as_secs()
-                    ),
+                    format!("{what} did not answer within {} s", patience.as_secs()),
                 )
             })?
-            .map_err(|e| {
-                ProxyError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "BAD_GATEWAY",
-                    format!("Could not reach port {} on machine {}: {e}", route.port, rec.id),
-                )
+            .map_err(|e| match guest {
+                Some(_) => {
+                    ProxyError::new(StatusCode::BAD_GATEWAY, "BAD_GATEWAY", format!("Could not reach {what}: {e}"))
+                }
+                None => ProxyError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "NODE_UNAVAILABLE",
+                    format!("Could not reach the proxy of {what}: {e}"),
+                ),
             })?;
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -300,14 +390,14 @@ impl Proxy {
         {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let idle = self.shared.cfg.websocket_idle_timeout;
-            let hold = self.shared.service.hold_activity(&rec.id, HoldKind::Connection);
+            let hold = guest.map(|(hold, _)| hold);
             tokio::spawn(async move {
                 match (client_upgrade.await, upstream_upgrade.await) {
                     // The client's socket sees every byte either way, so its activity says when the tunnel
                     // went quiet.
                     (Ok(c), Ok(u)) => {
                         tokio::select! {
-                            () = splice(TokioIo::new(c), TokioIo::new(u), &hold) => {}
+                            () = splice(TokioIo::new(c), TokioIo::new(u), hold.as_ref()) => {}
                             () = activity.idle_for(idle) => {
                                 debug!(%peer, "closed a tunnel idle for {} s", idle.as_secs());
                             }
@@ -363,21 +453,27 @@ impl Proxy {
     }
 }
 
-/// Copies both ways between an upgraded client connection and the guest until either side ends, touching
-/// `hold` (the machine's activity) on every chunk.
-async fn splice<C, U>(client: C, upstream: U, hold: &Hold)
+/// Copies both ways between an upgraded client connection and the guest (or the owner's proxy) until either
+/// side ends, touching `hold` (the machine's activity, when it runs here) on every chunk.
+async fn splice<C, U>(client: C, upstream: U, hold: Option<&Hold>)
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    async fn pump<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin>(mut r: R, mut w: W, hold: &Hold) {
+    async fn pump<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin>(
+        mut r: R,
+        mut w: W,
+        hold: Option<&Hold>,
+    ) {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             match r.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    hold.touch();
+                    if let Some(hold) = hold {
+                        hold.touch();
+                    }
                     if w.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
@@ -537,6 +633,16 @@ mod tests {
         // A Host that does not match the suffix falls back to path routing.
         assert_eq!(route(&"/proxy/x/81/".parse().unwrap(), Some("localhost:4000"), &c), r("x", 81, "/"));
         assert_eq!(route(&"/".parse().unwrap(), Some("nodash.vm.test"), &c), None);
+    }
+
+    #[test]
+    fn forwarded_routing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(forwarded_route(&"/a?b=c".parse().unwrap(), &h), None, "no route header");
+        h.insert(ROUTE_HEADER, HeaderValue::from_static("m-1/8080"));
+        assert_eq!(forwarded_route(&"/a?b=c".parse().unwrap(), &h), r("m-1", 8080, "/a?b=c"));
+        h.insert(ROUTE_HEADER, HeaderValue::from_static("m-1/http"));
+        assert_eq!(forwarded_route(&"/".parse().unwrap(), &h), None);
     }
 
     #[test]

@@ -23,23 +23,25 @@ const SECRET: &str = "fleet-test-cluster-secret-0123";
 const NODE_MEM_MIB: u64 = 2048;
 
 async fn node(url: &str, name: &str, labels: &str) -> Daemon {
+    node_with(url, name, &[("HYPERFLEET_NODE_LABELS".into(), labels.into())]).await
+}
+
+/// A node of the fleet on database `url`, with `extra` settings.
+async fn node_with(url: &str, name: &str, extra: &[(String, String)]) -> Daemon {
     let env = [
         ("DATABASE_URL", url),
         ("DATABASE_PATH", "/nonexistent/unused.db"),
         ("HYPERFLEET_NODE_NAME", name),
         ("HYPERFLEET_NODE_URL", "{url}"),
-        ("HYPERFLEET_NODE_LABELS", labels),
         ("HYPERFLEET_NODE_VCPUS", "64"),
         ("HYPERFLEET_NODE_MEM_MIB", "2048"),
         ("HYPERFLEET_CLUSTER_SECRET", SECRET),
         ("HYPERFLEET_HEARTBEAT_INTERVAL_MS", "300"),
         ("HYPERFLEET_NODE_DOWN_AFTER_MS", "1500"),
     ];
-    Daemon::start(Options {
-        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        ..Default::default()
-    })
-    .await
+    let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    env.extend(extra.iter().cloned());
+    Daemon::start(Options { env, ..Default::default() }).await
 }
 
 fn sized(name: &str, mem: i64) -> CreateMachine {
@@ -307,6 +309,260 @@ async fn three_daemons_are_one_fleet_on_postgresql() {
     }
     ca.delete_machine(&m2.id, false).await.unwrap();
     assert_eq!(ca.list_machines(&ListOptions::default()).await.unwrap().total, 0);
+    drop((a, b, c));
+    drop(pg);
+}
+
+/// Uploads the fixture server (HTTP and WebSocket echo) into machine `id` through `d` and starts it on `port`.
+async fn start_testd(d: &Daemon, id: &str, port: u16) {
+    let bin = std::fs::read(common::assets().join("bin/hyperfleet-testd")).expect("hyperfleet-testd: run `make setup`");
+    d.client.upload_file(id, "/usr/local/bin/testd", &bin, Some(0o755)).await.unwrap();
+    let (code, _, err) = common::sh(d, id, &format!("testd {port} >/dev/null 2>&1 &")).await;
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::sh(d, id, &format!("nc -w 1 127.0.0.1 {port} </dev/null")).await.0 != 0 {
+        assert!(Instant::now() < deadline, "nothing listens on {port} in the guest");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn error_of(v: &serde_json::Value) -> (String, String) {
+    (v["error"]["code"].as_str().unwrap_or("").into(), v["error"]["message"].as_str().unwrap_or("").into())
+}
+
+#[ignore = "needs root and postgresql: a throwaway PostgreSQL cluster, two daemons' nftables tables and runc"]
+#[tokio::test]
+async fn one_nodes_proxy_and_terminal_reach_a_machine_on_another() {
+    use futures::SinkExt;
+    use hyperfleet_client::{PtyMessage, PtyOptions};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = PgCluster::start(pg_dir.path(), Durability::None).unwrap();
+    let url = pg.url("postgres");
+    let suffix = [("PROXY_HOST_SUFFIX".to_string(), ".vm.test".to_string())];
+    let a = node_with(&url, "a", &suffix).await;
+    let c = node_with(&url, "c", &suffix).await;
+    let ca = &a.client;
+
+    // Each node says where its proxy is and which subnet its machines' addresses come from.
+    for n in ca.list_nodes().await.unwrap().nodes {
+        let d = if n.name == "a" { &a } else { &c };
+        assert_eq!(n.proxy_url.as_deref(), Some(d.proxy_url().as_str()), "{n:?}");
+        assert_eq!(n.subnet.as_deref(), Some(d.subnet.as_str()), "{n:?}");
+    }
+
+    let req = CreateMachine { node: Some("c".into()), exposed_ports: Some(vec![8080]), ..machine("web") };
+    let m = ca.create_machine(&req).await.unwrap();
+    let m = ca.start_machine(&m.id).await.unwrap();
+    start_testd(&a, &m.id, 8080).await;
+
+    // The list on a shows c's machine with c's addresses (its subnet, its interface names), as c does.
+    let on_c = c.client.get_machine(&m.id).await.unwrap();
+    let listed = ca.list_machines(&ListOptions::default()).await.unwrap().machines;
+    let via_a = listed.iter().find(|x| x.id == m.id).unwrap();
+    assert_eq!(
+        (via_a.guest_ip, via_a.tap_ip, &via_a.tap_device, &via_a.guest_mac),
+        (on_c.guest_ip, on_c.tap_ip, &on_c.tap_device, &on_c.guest_mac)
+    );
+    assert!(on_c.tap_device.starts_with(&c.tap_prefix), "{}", on_c.tap_device);
+    let c_net: ipnet::Ipv4Net = c.subnet.parse().unwrap();
+    assert!(c_net.contains(&via_a.guest_ip), "{} is not in node c's {}", via_a.guest_ip, c.subnet);
+
+    // Node a's proxy reaches the guest on c: path and host routing, the forwarding headers as one proxy
+    // would set them, and nothing of what the nodes say to each other.
+    let http = reqwest::Client::new();
+    let proxy = a.proxy_url();
+    let resp = http
+        .get(format!("{proxy}/proxy/web/8080/headers?x=1"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!((v["path"].as_str(), v["query"].as_str()), (Some("/headers"), Some("x=1")));
+    let h = &v["headers"];
+    assert!(h["x-forwarded-for"].as_str().unwrap().starts_with("203.0.113.9, 127.0.0.1"), "{h}");
+    assert_eq!(h["x-forwarded-host"], format!("127.0.0.1:{}", a.proxy_port));
+    assert_eq!(h["x-machine-id"], m.id.as_str());
+    let names: Vec<&String> = h.as_object().unwrap().keys().collect();
+    assert!(!names.iter().any(|k| k.starts_with("x-hyperfleet")), "the guest saw the nodes' headers: {h}");
+    let resp = http.get(format!("{proxy}/headers?via=host")).header("host", "web-8080.vm.test").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["query"], "via=host");
+
+    // Bodies stream through both proxies byte-exact, both ways.
+    let n = 16 << 20;
+    let got = http.get(format!("{proxy}/proxy/web/8080/bytes?n={n}")).send().await.unwrap().bytes().await.unwrap();
+    let pattern: Vec<u8> = (0..n).map(|i| u8::try_from(i * 7 % 251).unwrap()).collect();
+    assert!(got.len() == n && got[..] == pattern[..], "download differs ({} bytes)", got.len());
+    let up = pattern[..8 << 20].to_vec();
+    let echoed =
+        http.post(format!("{proxy}/proxy/web/8080/echo")).body(up.clone()).send().await.unwrap().bytes().await.unwrap();
+    assert!(echoed[..] == up[..], "upload echo differs");
+
+    // A WebSocket through both proxies.
+    let (mut ws, resp) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/proxy/web/8080/ws", a.proxy_port)).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for msg in ["hello", "from node a to a guest on node c"] {
+        ws.send(Message::text(msg)).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(msg));
+    }
+    ws.send(Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(vec![0u8, 1, 2, 255]));
+    ws.close(None).await.unwrap();
+
+    // Refusals come from the owner, in the envelope; calls claiming to be a node are checked.
+    let resp = http.get(format!("{proxy}/proxy/web/22/")).send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(error_of(&resp.json().await.unwrap()).0, "FORBIDDEN");
+    let forged = http
+        .get(format!("{}/headers", c.proxy_url()))
+        .header("x-hyperfleet-forwarded-by", "a")
+        .header("x-hyperfleet-proxy-route", format!("{}/8080", m.id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+    assert!(error_of(&forged.json().await.unwrap()).1.contains("cluster secret"));
+    // A proved call to a node that does not own the machine is refused, never forwarded again.
+    let bounced = http
+        .get(format!("{proxy}/headers"))
+        .header("x-hyperfleet-cluster-secret", SECRET)
+        .header("x-hyperfleet-forwarded-by", "c")
+        .header("x-hyperfleet-proxy-route", format!("{}/8080", m.id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bounced.status(), 409);
+    assert!(error_of(&bounced.json().await.unwrap()).1.contains("owned by node 'c'"));
+
+    // A terminal through node a on c's machine.
+    let opts = PtyOptions { cols: 90, rows: 20, ..Default::default() };
+    let mut pty = ca.pty(&m.id, &opts).await.unwrap();
+    pty.send(PtyMessage::Binary(b"stty size; echo \"on\"\"-$(hostname)\"; exit 5\n".to_vec().into())).await.unwrap();
+    let (mut seen, mut code) = (String::new(), None);
+    while code.is_none() {
+        let msg = tokio::time::timeout(Duration::from_secs(15), pty.next())
+            .await
+            .unwrap_or_else(|_| panic!("the terminal went quiet; saw {seen:?}"))
+            .expect("the terminal closed before its exit")
+            .unwrap();
+        match msg {
+            PtyMessage::Binary(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+            PtyMessage::Text(t) => {
+                code = serde_json::from_str::<serde_json::Value>(t.as_str()).unwrap()["exit_code"].as_i64()
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(code, Some(5), "{seen:?}");
+    assert!(seen.contains("20 90") && seen.contains("on-web"), "{seen:?}");
+
+    // The owner down: a's proxy says so.
+    let mut c = c;
+    c.kill9();
+    until_status(ca, "c", NodeStatus::Down).await;
+    let resp = http.get(format!("{proxy}/proxy/web/8080/headers")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let (code, msg) = error_of(&resp.json().await.unwrap());
+    assert_eq!(code, "NODE_UNAVAILABLE");
+    assert!(msg.contains("node 'c'") && msg.contains("down"), "{msg}");
+    c.spawn().await;
+    until_status(ca, "c", NodeStatus::Up).await;
+    ca.stop_machine(&m.id).await.unwrap();
+    ca.delete_machine(&m.id, false).await.unwrap();
+    drop((a, c));
+    drop(pg);
+}
+
+#[ignore = "needs root and postgresql: a throwaway PostgreSQL cluster, three daemons' nftables tables and runc"]
+#[tokio::test]
+async fn a_node_killed_during_starts_comes_back_and_leaks_nothing() {
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = PgCluster::start(pg_dir.path(), Durability::None).unwrap();
+    let url = pg.url("postgres");
+    let a = node(&url, "a", "").await;
+    let mut b = node(&url, "b", "").await;
+    let c = node(&url, "c", "").await;
+    let ca = &a.client;
+    let on_c = ca.create_machine(&CreateMachine { node: Some("c".into()), ..machine("steady") }).await.unwrap();
+    assert_eq!(ca.start_machine(&on_c.id).await.unwrap().status, MachineStatus::Running);
+    let mut on_b = Vec::new();
+    for i in 0..8 {
+        on_b.push(
+            ca.create_machine(&CreateMachine { node: Some("b".into()), ..machine(&format!("b{i}")) }).await.unwrap(),
+        );
+    }
+
+    // Eight starts through node a on node b's machines; b is killed while they run.
+    let starts: Vec<_> = on_b
+        .iter()
+        .map(|m| {
+            let (client, id) = (ca.clone(), m.id.clone());
+            tokio::spawn(async move { client.start_machine(&id).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !b.logs().contains("machine running") {
+        assert!(Instant::now() < deadline, "no start got under way on b:\n{}", b.logs());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    b.kill9();
+    let mut refused = 0;
+    for s in starts {
+        match s.await.unwrap() {
+            Ok(m) => assert_eq!(m.status, MachineStatus::Running),
+            Err(e) => {
+                // Cut off mid-call, or refused once b's death was seen: a clean 503 either way.
+                assert_eq!((e.status(), e.code()), (Some(503), Some("NODE_UNAVAILABLE")), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("{refused} of 8 starts were cut off by the kill");
+
+    // The others keep serving; b's machines show their node down and are not acted on by anyone else.
+    assert_eq!(ca.exec(&on_c.id, &["echo", "still here"]).await.unwrap().stdout, "still here\n");
+    until_status(ca, "b", NodeStatus::Down).await;
+    for m in &on_b {
+        let seen = c.client.get_machine(&m.id).await.unwrap();
+        assert_eq!((seen.node.as_str(), seen.node_status), ("b", NodeStatus::Down));
+    }
+    let e = ca.stop_machine(&on_b[0].id).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(503), Some("NODE_UNAVAILABLE")), "{e}");
+    assert_ne!(ca.create_machine(&machine("elsewhere")).await.unwrap().node, "b", "placement skips a down node");
+
+    // b back: it reconciles, so every machine of it is settled (running with its process, or not running)
+    // and answers; then each starts, and deleting them all leaves nothing of them on the host.
+    b.spawn().await;
+    until_status(ca, "b", NodeStatus::Up).await;
+    for m in &on_b {
+        let seen = ca.get_machine(&m.id).await.unwrap();
+        match seen.status {
+            MachineStatus::Running => {
+                assert!(seen.pid.is_some_and(common::process_alive), "{seen:?}");
+                assert_eq!(ca.exec(&m.id, &["true"]).await.unwrap().exit_code, 0);
+            }
+            MachineStatus::Stopped | MachineStatus::Pending | MachineStatus::Failed => {
+                assert_eq!(ca.start_machine(&m.id).await.unwrap().status, MachineStatus::Running, "{seen:?}");
+            }
+            other => panic!("machine {} left {other} after b came back: {seen:?}", m.id),
+        }
+    }
+    assert_eq!(b.host_links().len(), on_b.len(), "one interface per machine: {:?}", b.host_links());
+    for m in &on_b {
+        ca.delete_machine(&m.id, true).await.unwrap();
+    }
+    assert!(b.host_links().is_empty(), "{:?}", b.host_links());
+    assert!(b.firewall_ifaces().is_empty(), "{:?}", b.firewall_ifaces());
+    assert_eq!(ca.get_node("b").await.unwrap().machines, 0);
+    for m in ca.list_machines(&ListOptions::default()).await.unwrap().machines {
+        ca.delete_machine(&m.id, true).await.unwrap();
+    }
     drop((a, b, c));
     drop(pg);
 }

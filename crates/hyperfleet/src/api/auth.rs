@@ -13,6 +13,7 @@ use super::AppState;
 use super::error::ApiError;
 use crate::keys::Keys;
 use crate::machines::children::ChildAccess;
+use crate::nodes::Caller;
 use crate::store::Store;
 use crate::store::machines::MachineRecord;
 
@@ -151,21 +152,18 @@ pub(crate) async fn require_key(State(state): State<AppState>, req: Request, nex
     };
     // A call from another node of the fleet: its cluster secret stands in for the user's key, which that
     // node checked. Claiming to be a node without the secret is refused, whatever else the call carries.
-    if super::forward::claims_node(req.headers()) {
-        if !super::forward::secret_matches(&state, req.headers().get(super::forward::SECRET_HEADER)) {
+    match state.service.nodes().caller(req.headers()) {
+        Caller::Outside => {}
+        Caller::Forged => {
             return ApiError::unauthorized("Invalid cluster secret: node-to-node calls need HYPERFLEET_CLUSTER_SECRET")
                 .into_response();
         }
-        let from = req
-            .headers()
-            .get(super::forward::FORWARDED_BY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("unknown")
-            .to_string();
-        tracing::debug!(node = %from, "authorized by the cluster secret");
-        let mut req = req;
-        req.extensions_mut().insert(super::forward::FromNode(from));
-        return next.run(req).await;
+        Caller::Node(from) => {
+            tracing::debug!(node = %from, "authorized by the cluster secret");
+            let mut req = req;
+            req.extensions_mut().insert(super::forward::FromNode(from));
+            return next.run(req).await;
+        }
     }
     if state.auth.disabled {
         return next.run(req).await;

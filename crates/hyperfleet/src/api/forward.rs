@@ -6,7 +6,7 @@
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::Client;
@@ -18,12 +18,8 @@ use tracing::debug;
 use super::AppState;
 use super::error::ApiError;
 // Headers that describe one hop, never forwarded (`upgrade` is put back for a WebSocket).
+use crate::nodes::{FORWARDED_BY_HEADER, SECRET_HEADER};
 use crate::proxy::HOP_BY_HOP;
-
-/// The cluster secret, on a node-to-node call.
-pub(crate) const SECRET_HEADER: &str = "x-hyperfleet-cluster-secret";
-/// The node that forwarded a call (set with the secret; a call naming a node without it is refused).
-pub(crate) const FORWARDED_BY_HEADER: &str = "x-hyperfleet-forwarded-by";
 
 /// Set on a request that came from another node with the right cluster secret: the node that sent it.
 #[derive(Debug, Clone)]
@@ -46,20 +42,6 @@ impl Default for Forwarder {
 
 fn unavailable(message: String) -> Response {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NODE_UNAVAILABLE", message).into_response()
-}
-
-/// Whether `given` is this node's cluster secret (compared in constant time).
-pub(crate) fn secret_matches(state: &AppState, given: Option<&HeaderValue>) -> bool {
-    use subtle::ConstantTimeEq;
-    match (state.service.nodes().cluster_secret(), given) {
-        (Some(mine), Some(given)) => bool::from(given.as_bytes().ct_eq(mine.as_bytes())),
-        _ => false,
-    }
-}
-
-/// Whether a request claims to come from another node.
-pub(crate) fn claims_node(headers: &HeaderMap) -> bool {
-    headers.contains_key(SECRET_HEADER) || headers.contains_key(FORWARDED_BY_HEADER)
 }
 
 /// Sends `req` to `base` (another node's URL) as `from`, streaming both ways; a WebSocket upgrade is

@@ -6,6 +6,7 @@ use std::sync::RwLock;
 
 use hyperfleet_types::{ExposedPortStatus, Machine};
 
+use super::network::Addressing;
 use super::{Host, Service};
 use crate::store::machines::MachineRecord;
 
@@ -42,9 +43,17 @@ impl PortStatus {
 
 impl<H: Host> Service<H> {
     pub(super) fn to_wire(&self, m: &MachineRecord) -> Machine {
-        let b = self.addressing.block(m);
+        let remote;
+        let addressing = match self.owner_addressing(m) {
+            Some(a) => {
+                remote = a;
+                &remote
+            }
+            None => &self.addressing,
+        };
+        let b = addressing.block(m);
         let mut spec = m.spec.clone();
-        spec.network = self.addressing.wire(m);
+        spec.network = addressing.wire(m);
         Machine {
             id: m.id.clone(),
             spec,
@@ -53,7 +62,7 @@ impl<H: Host> Service<H> {
             pid: m.pid,
             exposed_ports_status: self.ports.of(m),
             image_status: self.images.status(&m.id, m.spec.image_digest.as_deref()),
-            tap_device: self.addressing.iface(m),
+            tap_device: addressing.iface(m),
             tap_ip: b.tap_ip(),
             guest_ip: b.guest_ip(),
             guest_mac: b.guest_mac().to_string(),
@@ -71,6 +80,15 @@ impl<H: Host> Service<H> {
             node: m.node.clone(),
             node_status: self.nodes.status(&m.node),
         }
+    }
+
+    /// How another node addresses `m`, when another node owns it (its block is cut from that node's subnet);
+    /// `None` for this node's machines, and for a node not seen yet (then this node's addressing stands in).
+    fn owner_addressing(&self, m: &MachineRecord) -> Option<Addressing> {
+        if self.nodes.alone() || m.node == self.nodes.name() {
+            return None;
+        }
+        self.nodes.addressing_of(&m.node).map(|(subnet, naming)| Addressing { subnet, naming })
     }
 
     /// Records the latest probe of a machine's exposed ports (the proxy's poller).

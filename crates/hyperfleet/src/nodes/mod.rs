@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use hyperfleet_net::{Subnet, TapNaming};
 use hyperfleet_types::{Node, NodeStatus};
 use tracing::{info, warn};
 
@@ -20,6 +21,33 @@ pub(crate) use placement::{Demand, NoRoom};
 pub(crate) struct Peer {
     pub status: NodeStatus,
     pub url: Option<String>,
+    pub proxy_url: Option<String>,
+    /// Where its machines' addresses and interface names come from (`None`: registered by a release that
+    /// did not say).
+    pub addressing: Option<(Subnet, TapNaming)>,
+}
+
+impl Peer {
+    fn of(status: NodeStatus, reg: &Registration) -> Self {
+        let addressing = reg.subnet.parse::<Subnet>().ok().zip(TapNaming::new(&reg.iface_prefix).ok());
+        Self { status, url: reg.url.clone(), proxy_url: reg.proxy_url.clone(), addressing }
+    }
+}
+
+/// The cluster secret, on a node-to-node call (to the API or to the proxy).
+pub(crate) const SECRET_HEADER: &str = "x-hyperfleet-cluster-secret";
+/// The node that sent a node-to-node call (set with the secret; a call naming a node without it is refused).
+pub(crate) const FORWARDED_BY_HEADER: &str = "x-hyperfleet-forwarded-by";
+
+/// Who sent a request, as far as the fleet is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// Not another node (a user, or the internet): it claims nothing.
+    Outside,
+    /// Node `0`, proven by the cluster secret.
+    Node(String),
+    /// It claims to be a node without this node's cluster secret.
+    Forged,
 }
 
 pub(crate) struct Nodes {
@@ -62,6 +90,29 @@ impl Nodes {
 
     pub(crate) fn cluster_secret(&self) -> Option<&str> {
         self.cluster_secret.as_deref()
+    }
+
+    /// Who sent a request with `headers`: a call that names a node or carries a secret must carry this node's
+    /// cluster secret (compared in constant time), or it is forged.
+    pub(crate) fn caller(&self, headers: &http::HeaderMap) -> Caller {
+        use subtle::ConstantTimeEq;
+        if !headers.contains_key(SECRET_HEADER) && !headers.contains_key(FORWARDED_BY_HEADER) {
+            return Caller::Outside;
+        }
+        let proven = match (self.cluster_secret(), headers.get(SECRET_HEADER)) {
+            (Some(mine), Some(given)) => bool::from(given.as_bytes().ct_eq(mine.as_bytes())),
+            _ => false,
+        };
+        if !proven {
+            return Caller::Forged;
+        }
+        let from = headers.get(FORWARDED_BY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("unknown");
+        Caller::Node(from.to_string())
+    }
+
+    /// Node `name` as of the last heartbeat (the proxy's view: a request each is too many database reads).
+    pub(crate) fn cached_peer(&self, name: &str) -> Option<Peer> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
     fn down_after_ms(&self) -> i64 {
@@ -114,10 +165,7 @@ impl Nodes {
     /// Reads every node and keeps their status and URL for [`Self::peer`] and [`Self::status`].
     pub(crate) async fn refresh(&self) -> StoreResult<Vec<NodeRow>> {
         let all = rows::list(&mut *self.store.read().await?).await?;
-        let view = all
-            .iter()
-            .map(|n| (n.reg.name.clone(), Peer { status: self.status_of(n), url: n.reg.url.clone() }))
-            .collect();
+        let view = all.iter().map(|n| (n.reg.name.clone(), Peer::of(self.status_of(n), &n.reg))).collect();
         *self.peers.write().unwrap_or_else(|e| e.into_inner()) = view;
         Ok(all)
     }
@@ -136,7 +184,13 @@ impl Nodes {
     /// Where node `name` is, read from the database now (forwarding must not go by a stale view).
     pub(crate) async fn peer(&self, name: &str) -> StoreResult<Option<Peer>> {
         let row = rows::get(&mut *self.store.read().await?, name).await?;
-        Ok(row.map(|n| Peer { status: self.status_of(&n), url: n.reg.url.clone() }))
+        Ok(row.map(|n| Peer::of(self.status_of(&n), &n.reg)))
+    }
+
+    /// The subnet and interface naming of node `name`'s machines as of the last heartbeat; `None` for a node
+    /// not seen yet or registered without them.
+    pub(crate) fn addressing_of(&self, name: &str) -> Option<(Subnet, TapNaming)> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner()).get(name).and_then(|p| p.addressing.clone())
     }
 
     fn to_wire(&self, n: NodeRow) -> Node {
@@ -144,6 +198,8 @@ impl Nodes {
             status: self.status_of(&n),
             name: n.reg.name,
             url: n.reg.url,
+            proxy_url: n.reg.proxy_url,
+            subnet: Some(n.reg.subnet).filter(|s| !s.is_empty()),
             drained: n.drained,
             vcpus: n.reg.vcpus,
             mem_size_mib: n.reg.mem_mib,
@@ -186,5 +242,37 @@ impl Nodes {
     pub(crate) async fn place(&self, c: &mut Conn, demand: &Demand<'_>) -> StoreResult<Result<String, NoRoom>> {
         let all = rows::list(c).await?;
         Ok(placement::choose(&all, demand, self.down_after_ms()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::TestDb;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        pairs.iter().map(|(k, v)| (http::HeaderName::from_static(k), v.parse().unwrap())).collect()
+    }
+
+    #[tokio::test]
+    async fn a_call_claiming_to_be_a_node_needs_the_cluster_secret() {
+        let db = TestDb::sqlite().await;
+        let reg = crate::machines::NodePolicy::single("a").registration;
+        let secret = "the-cluster-secret-0123".to_string();
+        let nodes =
+            Nodes::new(db.store.clone(), reg.clone(), Duration::from_secs(1), Duration::from_secs(2), Some(secret));
+        assert_eq!(nodes.caller(&headers(&[("authorization", "Bearer hf_x")])), Caller::Outside);
+        let proven = headers(&[(SECRET_HEADER, "the-cluster-secret-0123"), (FORWARDED_BY_HEADER, "b")]);
+        assert_eq!(nodes.caller(&proven), Caller::Node("b".into()));
+        for forged in [
+            headers(&[(FORWARDED_BY_HEADER, "b")]),
+            headers(&[(SECRET_HEADER, "the-cluster-secret-0124"), (FORWARDED_BY_HEADER, "b")]),
+            headers(&[(SECRET_HEADER, "the-cluster-secret")]),
+        ] {
+            assert_eq!(nodes.caller(&forged), Caller::Forged, "{forged:?}");
+        }
+        // A node without a secret of its own trusts no caller that claims to be a node.
+        let open = Nodes::new(db.store.clone(), reg, Duration::from_secs(1), Duration::from_secs(2), None);
+        assert_eq!(open.caller(&proven), Caller::Forged);
     }
 }

@@ -134,6 +134,9 @@ pub mod bench {
                 overcommit: Some(4.0),
                 runtimes: vec![hyperfleet_types::RuntimeKind::Container],
                 labels: BTreeMap::from([("zone".into(), format!("z{}", i % 3))]),
+                proxy_url: None,
+                subnet: "172.16.0.0/16".into(),
+                iface_prefix: "tap".into(),
             };
             rows::register(&mut tx, &reg).await.map_err(|e| e.to_string())?;
         }
@@ -166,6 +169,9 @@ mod tests {
                 overcommit: Some(1.0),
                 runtimes: vec![RuntimeKind::Container],
                 labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                proxy_url: None,
+                subnet: "172.16.0.0/16".into(),
+                iface_prefix: "tap".into(),
             },
             drained: false,
             heartbeat_age_ms: 100,

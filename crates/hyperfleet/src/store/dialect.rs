@@ -311,6 +311,13 @@ pub(super) const SQLITE: &[&str] = &[
         mem_mib = COALESCE(json_extract(spec, '$.mem_size_mib'), 0);
     CREATE INDEX machines_reserved ON machines (node, vcpus, mem_mib);
     "#,
+    // 10: where a node's proxy is, and the subnet and interface prefix of its machines, so any node can route
+    // to a machine's guest through its owner and show another node's machine's addresses.
+    r#"
+    ALTER TABLE nodes ADD COLUMN proxy_url TEXT;
+    ALTER TABLE nodes ADD COLUMN subnet TEXT NOT NULL DEFAULT '';
+    ALTER TABLE nodes ADD COLUMN iface_prefix TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The PostgreSQL schema, step for step with [`SQLITE`] (a new migration adds an entry to both). No
@@ -443,6 +450,12 @@ pub(super) const POSTGRES: &[&str] = &[
     UPDATE machines SET vcpus = COALESCE((spec::jsonb ->> 'vcpu_count')::bigint, 0),
         mem_mib = COALESCE((spec::jsonb ->> 'mem_size_mib')::bigint, 0);
     CREATE INDEX machines_reserved ON machines (node, vcpus, mem_mib);
+    "#,
+    // 10: a node's proxy, subnet and interface prefix (see the SQLite step).
+    r#"
+    ALTER TABLE nodes ADD COLUMN proxy_url TEXT;
+    ALTER TABLE nodes ADD COLUMN subnet TEXT NOT NULL DEFAULT '';
+    ALTER TABLE nodes ADD COLUMN iface_prefix TEXT NOT NULL DEFAULT '';
     "#,
 ];
 

@@ -21,6 +21,12 @@ pub(crate) struct Registration {
     pub overcommit: Option<f64>,
     pub runtimes: Vec<RuntimeKind>,
     pub labels: BTreeMap<String, String>,
+    /// How the other nodes' proxies reach this node's proxy; `None`: it has none, or no URL to reach it by.
+    pub proxy_url: Option<String>,
+    /// The subnet its machines' address blocks are cut from, and the prefix of their interfaces' names:
+    /// what another node needs to show this node's machines' addresses.
+    pub subnet: String,
+    pub iface_prefix: String,
 }
 
 /// A node as read back: its registration, drain flag, heartbeat age and its machines' reservations.
@@ -43,11 +49,13 @@ fn json<T: serde::Serialize>(what: &str, v: &T) -> StoreResult<String> {
 /// Registers (or re-registers, after a restart) node `reg.name`, heartbeat now; a drain flag is kept.
 pub(crate) async fn register(c: &mut Conn, reg: &Registration) -> StoreResult<()> {
     let sql = format!(
-        "INSERT INTO nodes (name, url, vcpus, mem_mib, overcommit, runtimes, labels, drained, heartbeat_ms, started_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, {now}, $8) ON CONFLICT (name) DO UPDATE SET url = excluded.url, \
-         vcpus = excluded.vcpus, mem_mib = excluded.mem_mib, overcommit = excluded.overcommit, \
+        "INSERT INTO nodes (name, url, vcpus, mem_mib, overcommit, runtimes, labels, drained, heartbeat_ms, \
+         started_at, proxy_url, subnet, iface_prefix) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, {now}, $8, $9, $10, $11) ON CONFLICT (name) DO UPDATE SET \
+         url = excluded.url, vcpus = excluded.vcpus, mem_mib = excluded.mem_mib, overcommit = excluded.overcommit, \
          runtimes = excluded.runtimes, labels = excluded.labels, heartbeat_ms = excluded.heartbeat_ms, \
-         started_at = excluded.started_at",
+         started_at = excluded.started_at, proxy_url = excluded.proxy_url, subnet = excluded.subnet, \
+         iface_prefix = excluded.iface_prefix",
         now = dialect::now_ms(Backend::of(c))
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -59,6 +67,9 @@ pub(crate) async fn register(c: &mut Conn, reg: &Registration) -> StoreResult<()
         .bind(json("runtimes", &reg.runtimes)?)
         .bind(json("labels", &reg.labels)?)
         .bind(now())
+        .bind(&reg.proxy_url)
+        .bind(&reg.subnet)
+        .bind(&reg.iface_prefix)
         .execute(c)
         .await?;
     Ok(())
@@ -73,6 +84,7 @@ pub(crate) async fn heartbeat(c: &mut Conn, name: &str) -> StoreResult<bool> {
 fn select(backend: Backend) -> String {
     format!(
         "SELECT n.name, n.url, n.vcpus, n.mem_mib, n.overcommit, n.runtimes, n.labels, n.drained, n.started_at, \
+         n.proxy_url, n.subnet, n.iface_prefix, \
          {now} - n.heartbeat_ms AS age_ms, \
          CAST(COALESCE(r.machines, 0) AS BIGINT) AS machines, \
          CAST(COALESCE(r.used_vcpus, 0) AS BIGINT) AS used_vcpus, \
@@ -97,6 +109,9 @@ fn from_row(row: &sqlx::any::AnyRow) -> StoreResult<NodeRow> {
             runtimes: serde_json::from_str(&runtimes)
                 .map_err(|e| StoreError::Corrupt(format!("column runtimes: {e}")))?,
             labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(format!("column labels: {e}")))?,
+            proxy_url: col(row, "proxy_url")?,
+            subnet: col(row, "subnet")?,
+            iface_prefix: col(row, "iface_prefix")?,
         },
         drained: col::<i64>(row, "drained")? != 0,
         heartbeat_age_ms: col(row, "age_ms")?,
@@ -167,6 +182,9 @@ mod tests {
             overcommit: Some(1.5),
             runtimes: vec![RuntimeKind::Container],
             labels: [("zone".to_string(), "a".to_string())].into(),
+            proxy_url: Some(format!("http://{name}:4000")),
+            subnet: "10.1.0.0/24".into(),
+            iface_prefix: "tp".into(),
         }
     }
 
