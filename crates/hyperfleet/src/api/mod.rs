@@ -116,11 +116,18 @@ impl utoipa::Modify for BearerAuth {
 struct CommonResponses;
 
 impl CommonResponses {
+    /// Every operation with a key reads the database, which may be down (PostgreSQL restarting).
+    const DATABASE_UNAVAILABLE: (&str, &str, &str) = (
+        "503",
+        "DatabaseUnavailable",
+        "DATABASE_UNAVAILABLE: the database cannot be reached (PostgreSQL down or restarting); retry later",
+    );
     /// Every operation on one machine may be answered by the node that owns it, which may be down.
     const NODE_UNAVAILABLE: (&str, &str, &str) = (
         "503",
-        "NodeUnavailable",
-        "NODE_UNAVAILABLE: the machine is on another node of the fleet, which is down or cannot be reached",
+        "NodeOrDatabaseUnavailable",
+        "NODE_UNAVAILABLE: the machine is on another node of the fleet, which is down or cannot be reached; \
+         DATABASE_UNAVAILABLE: the database cannot be reached (PostgreSQL down or restarting); retry later",
     );
 
     const RESPONSES: [(&str, &str, &str); 5] = [
@@ -140,7 +147,8 @@ impl utoipa::Modify for CommonResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
         let components = openapi.components.get_or_insert_with(Default::default);
-        for (_, name, description) in Self::RESPONSES.into_iter().chain([Self::NODE_UNAVAILABLE]) {
+        let unavailable = [Self::NODE_UNAVAILABLE, Self::DATABASE_UNAVAILABLE];
+        for (_, name, description) in Self::RESPONSES.into_iter().chain(unavailable) {
             let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
             let response = ResponseBuilder::new().description(description).content("application/json", content);
             components.responses.insert(name.to_string(), RefOr::T(response.build()));
@@ -163,12 +171,20 @@ impl utoipa::Modify for CommonResponses {
                             .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
                     }
                 }
-                if on_machine {
-                    let (status, name, _) = Self::NODE_UNAVAILABLE;
-                    op.responses
-                        .responses
-                        .entry(status.to_string())
-                        .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
+                if !secured {
+                    continue;
+                }
+                let (status, name, _) = if on_machine { Self::NODE_UNAVAILABLE } else { Self::DATABASE_UNAVAILABLE };
+                match op.responses.responses.get_mut(status) {
+                    // The handler's own 503 (an address pool used up, say) gains the database's.
+                    Some(RefOr::T(own)) => {
+                        let (_, _, database) = Self::DATABASE_UNAVAILABLE;
+                        own.description = format!("{}; {database}", own.description);
+                    }
+                    Some(RefOr::Ref(_)) => {}
+                    None => {
+                        op.responses.responses.insert(status.to_string(), RefOr::Ref(Ref::from_response_name(name)));
+                    }
                 }
             }
         }
@@ -393,6 +409,11 @@ mod tests {
                             "{method} {path} needs a key but does not list {status}"
                         );
                     }
+                    let unavailable = responses.get("503").map(|r| resolve(&doc, r)["description"].to_string());
+                    assert!(
+                        unavailable.as_deref().is_some_and(|d| d.contains("DATABASE_UNAVAILABLE")),
+                        "{method} {path} reads the database but does not list DATABASE_UNAVAILABLE: {unavailable:?}"
+                    );
                 }
                 if op["requestBody"]["content"]["application/json"].is_object() {
                     for status in ["400", "413"] {
