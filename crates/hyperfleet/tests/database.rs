@@ -93,6 +93,25 @@ async fn the_daemon_runs_on_postgresql() {
     drop(pg);
 }
 
+/// PostgreSQL stopped until this is dropped: a test failing during the outage still brings it back before the
+/// daemon's drop purges its machines through it.
+struct Outage<'a>(&'a PgCluster);
+
+impl<'a> Outage<'a> {
+    fn begin(pg: &'a PgCluster) -> Self {
+        pg.stop().unwrap();
+        Self(pg)
+    }
+}
+
+impl Drop for Outage<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.resume() {
+            eprintln!("PostgreSQL did not come back after the outage: {e}");
+        }
+    }
+}
+
 #[ignore = "needs root and postgresql: a throwaway PostgreSQL cluster, the daemon's nftables table and runc"]
 #[tokio::test]
 async fn postgresql_outages_are_clear_503s_and_a_restart_during_a_create_storm_loses_nothing() {
@@ -109,13 +128,13 @@ async fn postgresql_outages_are_clear_503s_and_a_restart_during_a_create_storm_l
 
     // The database down: every request that needs it is a 503 with the documented envelope, the daemon
     // stays up, and it serves again as soon as the database is back.
-    pg.stop().unwrap();
+    let outage = Outage::begin(&pg);
     let e = c.list_machines(&ListOptions::default()).await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(503), Some("DATABASE_UNAVAILABLE")), "{e}");
     assert!(e.to_string().contains("the database is unavailable, retry later"), "{e}");
     let e = c.create_machine(&machine("while-down")).await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(503), Some("DATABASE_UNAVAILABLE")), "{e}");
-    pg.resume().unwrap();
+    drop(outage);
     assert_eq!(c.get_machine(&before.id).await.unwrap().status, MachineStatus::Running);
     assert!(c.get_machine("while-down").await.is_err(), "a refused create made nothing");
 
