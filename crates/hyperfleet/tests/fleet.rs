@@ -12,7 +12,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Options, machine};
+use common::{Daemon, Options, machine, start_testd};
 use futures::StreamExt;
 use hyperfleet::testing::{Durability, PgCluster};
 use hyperfleet_client::types::*;
@@ -311,19 +311,6 @@ async fn three_daemons_are_one_fleet_on_postgresql() {
     assert_eq!(ca.list_machines(&ListOptions::default()).await.unwrap().total, 0);
     drop((a, b, c));
     drop(pg);
-}
-
-/// Uploads the fixture server (HTTP and WebSocket echo) into machine `id` through `d` and starts it on `port`.
-async fn start_testd(d: &Daemon, id: &str, port: u16) {
-    let bin = std::fs::read(common::assets().join("bin/hyperfleet-testd")).expect("hyperfleet-testd: run `make setup`");
-    d.client.upload_file(id, "/usr/local/bin/testd", &bin, Some(0o755)).await.unwrap();
-    let (code, _, err) = common::sh(d, id, &format!("testd {port} >/dev/null 2>&1 &")).await;
-    assert_eq!(code, 0, "{err}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while common::sh(d, id, &format!("nc -w 1 127.0.0.1 {port} </dev/null")).await.0 != 0 {
-        assert!(Instant::now() < deadline, "nothing listens on {port} in the guest");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn error_of(v: &serde_json::Value) -> (String, String) {

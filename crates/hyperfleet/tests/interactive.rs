@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Options, machine, running, sh};
+use common::{Daemon, Options, machine, running, serve_testd, sh, start_testd};
 use futures::{SinkExt, StreamExt};
 use hyperfleet_client::types::*;
 use hyperfleet_client::{ListOptions, PtyMessage, PtyOptions, PtyStream};
@@ -242,23 +242,6 @@ async fn ttl_stops_or_deletes_a_machine() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(d.client.get_machine(&kept.id).await.unwrap().status, MachineStatus::Running);
     wait_status(&d, &kept.id, MachineStatus::Stopped, Duration::from_secs(10)).await;
-}
-
-/// Uploads hyperfleet-testd (HTTP and WebSocket echo) into the guest and starts it on `port`.
-async fn start_testd(d: &Daemon, id: &str, port: u16) {
-    let bin = std::fs::read(common::assets().join("bin/hyperfleet-testd")).unwrap();
-    d.client.upload_file(id, "/usr/local/bin/testd", &bin, Some(0o755)).await.unwrap();
-    serve_testd(d, id, port).await;
-}
-
-async fn serve_testd(d: &Daemon, id: &str, port: u16) {
-    let (code, _, err) = sh(d, id, &format!("testd {port} >/dev/null 2>&1 &")).await;
-    assert_eq!(code, 0, "{err}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sh(d, id, &format!("nc -w 1 127.0.0.1 {port} </dev/null")).await.0 != 0 {
-        assert!(Instant::now() < deadline, "nothing listens on {port} in the guest");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[ignore = "needs root: runc container, veth and nftables"]

@@ -7,30 +7,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Options, assets, machine, running, sh};
+use common::{Daemon, Options, machine, running, sh, start_testd, wait_listening};
 use futures::{SinkExt, StreamExt};
 use hyperfleet_client::types::*;
 use tokio_tungstenite::tungstenite::Message;
 
 fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| u8::try_from(i * 7 % 251).expect("below 251")).collect()
-}
-
-/// Uploads the fixture server into the guest and starts it on `port` in the background.
-async fn start_testd(d: &Daemon, id: &str, port: u16) {
-    let bin = std::fs::read(assets().join("bin/hyperfleet-testd")).expect("hyperfleet-testd: run `make setup`");
-    d.client.upload_file(id, "/usr/local/bin/testd", &bin, Some(0o755)).await.unwrap();
-    let (code, _, err) = sh(d, id, &format!("testd {port} >/dev/null 2>&1 &")).await;
-    assert_eq!(code, 0, "{err}");
-    wait_listening(d, id, port).await;
-}
-
-async fn wait_listening(d: &Daemon, id: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sh(d, id, &format!("nc -w 1 127.0.0.1 {port} </dev/null")).await.0 != 0 {
-        assert!(Instant::now() < deadline, "nothing listens on {port} in the guest");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn error_of(v: &serde_json::Value) -> (String, String) {

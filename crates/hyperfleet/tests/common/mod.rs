@@ -357,6 +357,30 @@ pub async fn sh(d: &Daemon, id: &str, script: &str) -> (i32, String, String) {
     (r.exit_code, r.stdout, r.stderr)
 }
 
+/// Uploads the fixture server (hyperfleet-testd: HTTP and WebSocket echo) into the guest and starts it on
+/// `port` in the background.
+pub async fn start_testd(d: &Daemon, id: &str, port: u16) {
+    let bin = std::fs::read(assets().join("bin/hyperfleet-testd")).expect("hyperfleet-testd: run `make setup`");
+    d.client.upload_file(id, "/usr/local/bin/testd", &bin, Some(0o755)).await.unwrap();
+    serve_testd(d, id, port).await;
+}
+
+/// Starts the fixture server, uploaded before, on `port` and waits until it listens.
+pub async fn serve_testd(d: &Daemon, id: &str, port: u16) {
+    let (code, _, err) = sh(d, id, &format!("testd {port} >/dev/null 2>&1 &")).await;
+    assert_eq!(code, 0, "{err}");
+    wait_listening(d, id, port).await;
+}
+
+/// Waits until something in the guest listens on `port`.
+pub async fn wait_listening(d: &Daemon, id: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sh(d, id, &format!("nc -w 1 127.0.0.1 {port} </dev/null")).await.0 != 0 {
+        assert!(Instant::now() < deadline, "nothing listens on {port} in the guest");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A network namespace made by the test to play "the internet": a veth pair with HOST_IP/24 on the host
 /// and PEER_IP/24 inside. Removed on drop.
 pub struct TestNet {
