@@ -178,8 +178,9 @@ async fn readme_fleet_section_runs_as_written() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Three nodes listed, the machine made through a placed on c, and its web page reached through a's proxy.
-    let listed: Vec<&str> = stdout.lines().filter(|l| l.contains("zone=")).collect();
+    let listed: Vec<&str> = stdout.lines().filter(|l| l.contains("zone=") && l.contains(" up ")).collect();
     assert_eq!(listed.len(), 3, "{stdout}");
+    assert!(stdout.contains("drained"), "{stdout}");
     assert!(stdout.contains("Hello from a Hyperfleet machine"), "{stdout}\n{logs}");
     let log_of = |n: &str| std::fs::read_to_string(format!("/var/log/hyperfleet-{n}.log")).unwrap_or_default();
     assert!(log_of("c").contains("machine running") && !log_of("a").contains("machine running"), "{logs}");
