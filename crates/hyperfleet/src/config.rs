@@ -391,8 +391,12 @@ fn node_url(var: &'static str, value: Option<&str>) -> Result<Option<String>, Co
         None | Some("") => Ok(None),
         Some(u) => {
             let parsed = reqwest::Url::parse(u).map_err(|e| bad(var, format!("'{u}': {e}")))?;
-            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-                return Err(bad(var, format!("'{u}': use http://HOST:PORT or https://HOST:PORT")));
+            // The nodes' clients speak plain HTTP (with the cluster secret): a private network's job to protect.
+            if parsed.scheme() != "http" || parsed.host_str().is_none() {
+                return Err(bad(
+                    var,
+                    format!("'{u}': use http://HOST:PORT (nodes call each other in plain HTTP, on a private network)"),
+                ));
             }
             Ok(Some(u.trim_end_matches('/').to_string()))
         }
@@ -978,6 +982,7 @@ mod tests {
         assert!(parse(&["--node-name", "bad name"]).unwrap_err().contains("HYPERFLEET_NODE_NAME"));
         assert!(parse(&["--node-url", "ftp://x"]).unwrap_err().contains("HYPERFLEET_NODE_URL"));
         assert!(parse(&["--node-proxy-url", "nope"]).unwrap_err().contains("HYPERFLEET_NODE_PROXY_URL"));
+        assert!(parse(&["--node-url", "https://10.0.0.1"]).unwrap_err().contains("plain HTTP"));
         let derived = parse(&["--node-url", "http://10.0.0.1:3000/"]).unwrap().store.node;
         assert_eq!(derived.proxy_url(Some(4000)).as_deref(), Some("http://10.0.0.1:4000"), "the API's host");
         assert_eq!(derived.proxy_url(None), None, "no proxy, nothing to reach");

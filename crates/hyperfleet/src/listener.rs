@@ -62,6 +62,9 @@ pub(crate) struct Limits {
     max: usize,
     per_ip: usize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    /// The other nodes of the fleet: their forwarded calls carry many clients' requests on their own
+    /// addresses, so only the total cap applies to them (each client was capped by the node it reached).
+    nodes: std::sync::RwLock<std::collections::HashSet<IpAddr>>,
     /// Bytes read from and written to clients, for the metrics.
     received: AtomicU64,
     sent: AtomicU64,
@@ -73,20 +76,29 @@ impl Limits {
             max,
             per_ip,
             open: Mutex::new((0, HashMap::new())),
+            nodes: Default::default(),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
         })
     }
 
-    /// A place for one more connection from `ip`, or `None` past either cap.
+    /// Sets the addresses of the fleet's other nodes, which the per-address cap does not apply to.
+    pub(crate) fn set_nodes(&self, ips: std::collections::HashSet<IpAddr>) {
+        let ips = ips.into_iter().map(|ip| ip.to_canonical()).collect();
+        *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = ips;
+    }
+
+    /// A place for one more connection from `ip`, or `None` past either cap (only the total one for another
+    /// node of the fleet).
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
         let ip = ip.to_canonical();
+        let node = self.nodes.read().unwrap_or_else(|e| e.into_inner()).contains(&ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.0 >= self.max {
             return None;
         }
         let from_ip = open.1.entry(ip).or_insert(0);
-        if *from_ip >= self.per_ip {
+        if *from_ip >= self.per_ip && !node {
             return None;
         }
         *from_ip += 1;
@@ -469,6 +481,20 @@ mod tests {
         drop((a2, a3, b1));
         assert_eq!(limits.open(), 0);
         assert!(limits.open.lock().unwrap().1.is_empty(), "addresses with no connection are forgotten");
+    }
+
+    #[test]
+    fn another_node_is_held_to_the_total_cap_only() {
+        let limits = Limits::new(4, 1);
+        let node: IpAddr = "10.0.0.5".parse().unwrap();
+        limits.set_nodes([node].into());
+        let held: Vec<Slot> = (0..4).map(|_| limits.admit(node).expect("a node past the per-address cap")).collect();
+        assert!(limits.admit(node).is_none(), "but not past the total");
+        drop(held);
+        limits.set_nodes(Default::default());
+        let one = limits.admit(node).unwrap();
+        assert!(limits.admit(node).is_none(), "no longer a node: one connection again");
+        drop(one);
     }
 
     #[test]

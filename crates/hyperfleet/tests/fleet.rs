@@ -554,3 +554,64 @@ async fn a_node_killed_during_starts_comes_back_and_leaks_nothing() {
     drop((a, b, c));
     drop(pg);
 }
+
+/// A WebSocket to the echo server of machine `m` through the proxy on `port`, from local address `src`.
+async fn tunnel_from(
+    src: &str,
+    port: u16,
+    m: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, String> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let stream = sock.connect(format!("127.0.0.1:{port}").parse().unwrap()).await.map_err(|e| e.to_string())?;
+    let url = format!("ws://127.0.0.1:{port}/proxy/{m}/8080/ws");
+    tokio_tungstenite::client_async(url, stream).await.map(|(ws, _)| ws).map_err(|e| e.to_string())
+}
+
+#[ignore = "needs root and postgresql: a throwaway PostgreSQL cluster, two daemons' nftables tables and runc"]
+#[tokio::test]
+async fn the_per_address_cap_holds_clients_but_not_the_other_nodes() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = PgCluster::start(pg_dir.path(), Durability::None).unwrap();
+    let url = pg.url("postgres");
+    let cap = [("HYPERFLEET_MAX_CONNECTIONS_PER_IP".to_string(), "4".to_string())];
+    let a = node_with(&url, "a", &cap).await;
+    let c = node_with(&url, "c", &cap).await;
+    let ca = &a.client;
+    let req = CreateMachine { node: Some("c".into()), exposed_ports: Some(vec![8080]), ..machine("web") };
+    let m = ca.create_machine(&req).await.unwrap();
+    ca.start_machine(&m.id).await.unwrap();
+    start_testd(&a, &m.id, 8080).await;
+    // Each node has seen the other (a heartbeat or two).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Eight tunnels through node a, four from each of two client addresses: a holds each client to 4, and c
+    // takes all eight from a's one address.
+    let mut tunnels = Vec::new();
+    for src in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..4 {
+            tunnels.push(tunnel_from(src, a.proxy_port, &m.id).await.expect("a tunnel within the client's cap"));
+        }
+    }
+    for (i, ws) in tunnels.iter_mut().enumerate() {
+        let msg = format!("tunnel {i}");
+        ws.send(Message::text(msg.clone())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(msg), "tunnel {i} through c's proxy");
+    }
+    let e = tunnel_from("127.0.0.2", a.proxy_port, &m.id).await.expect_err("a fifth from one client is refused");
+    assert!(e.contains("503"), "{e}");
+    // And c holds an outside client to 4 as well.
+    let mut direct = Vec::new();
+    for _ in 0..4 {
+        direct.push(tunnel_from("127.0.0.4", c.proxy_port, &m.id).await.expect("within the cap"));
+    }
+    assert!(tunnel_from("127.0.0.4", c.proxy_port, &m.id).await.is_err(), "a fifth from one client, on c");
+    drop((tunnels, direct));
+    ca.stop_machine(&m.id).await.unwrap();
+    ca.delete_machine(&m.id, false).await.unwrap();
+    drop((a, c));
+    drop(pg);
+}

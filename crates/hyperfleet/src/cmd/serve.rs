@@ -142,6 +142,18 @@ fn node_policy(settings: &Settings, host: &LinuxHost) -> NodePolicy {
     }
 }
 
+/// Keeps the listeners' per-address cap off the fleet's other nodes (refreshed with the heartbeat's view): a
+/// node forwarding to this one carries many clients on one address, each already capped where it connected.
+async fn exempt_other_nodes(nodes: Arc<crate::nodes::Nodes>, listeners: Vec<Arc<Limits>>, every: std::time::Duration) {
+    loop {
+        let ips = nodes.peer_addresses().await;
+        for l in &listeners {
+            l.set_nodes(ips.clone());
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut settings = args.validate()?;
     fit_connection_caps(&mut settings);
@@ -260,6 +272,13 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         proxy_prefix: settings.proxy.prefix.clone(),
         proxy_host_suffix: settings.proxy.host_suffix.clone(),
     });
+    if !service.nodes().alone() {
+        tokio::spawn(exempt_other_nodes(
+            service.nodes().clone(),
+            [Some(limits.clone()), proxy_limits.clone()].into_iter().flatten().collect(),
+            settings.store.node.heartbeat_interval,
+        ));
+    }
     let listeners = Arc::new(api::Listeners { api: limits.clone(), proxy: proxy_limits });
     let state = AppState {
         service: service.clone(),

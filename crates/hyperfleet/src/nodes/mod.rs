@@ -110,6 +110,38 @@ impl Nodes {
         Caller::Node(from.to_string())
     }
 
+    /// The addresses the other nodes' URLs name (host names resolved now): where their forwarded calls come
+    /// from, given that a node reaches the others from the address it is reached at.
+    pub(crate) async fn peer_addresses(&self) -> std::collections::HashSet<std::net::IpAddr> {
+        let urls: Vec<String> = {
+            let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+            peers
+                .iter()
+                .filter(|(name, _)| **name != self.local.name)
+                .flat_map(|(_, p)| p.url.iter().chain(p.proxy_url.iter()).cloned())
+                .collect()
+        };
+        let mut out = std::collections::HashSet::new();
+        for url in urls {
+            let Ok(url) = reqwest::Url::parse(&url) else { continue };
+            let Some(host) = url.host_str().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string()) else {
+                continue;
+            };
+            match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => {
+                    out.insert(ip);
+                }
+                Err(_) => {
+                    match tokio::net::lookup_host((host.as_str(), url.port_or_known_default().unwrap_or(80))).await {
+                        Ok(addrs) => out.extend(addrs.map(|a| a.ip())),
+                        Err(e) => warn!(node_host = %host, error = %e, "could not resolve another node's address"),
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Node `name` as of the last heartbeat (the proxy's view: a request each is too many database reads).
     pub(crate) fn cached_peer(&self, name: &str) -> Option<Peer> {
         self.peers.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
