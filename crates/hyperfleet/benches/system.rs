@@ -1647,10 +1647,34 @@ async fn bench_fleet(r: &mut Report) {
 
     let a = Daemon::start(node("a")).await;
     let b = Daemon::start(node("b")).await;
-    let m = running(&b, CreateMachine { node: Some("b".into()), ..machine("bench-owned-by-b") }).await;
+    let req = CreateMachine { node: Some("b".into()), exposed_ports: Some(vec![8080]), ..machine("bench-owned-by-b") };
+    let m = running(&b, req).await;
     for _ in 0..20 {
         a.client.exec(&m.id, &["true"]).await.unwrap();
         b.client.exec(&m.id, &["true"]).await.unwrap();
+    }
+    // A request to the guest's web server through b's proxy, and through a's, which sends it on to b's.
+    common::start_testd(&b, &m.id, 8080).await;
+    let http = reqwest::Client::new();
+    let get = |proxy: String| {
+        let http = http.clone();
+        let url = format!("{proxy}/proxy/{}/8080/headers", m.id);
+        async move {
+            let t = Instant::now();
+            let resp = http.get(&url).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.bytes().await.unwrap();
+            t.elapsed()
+        }
+    };
+    for _ in 0..20 {
+        get(a.proxy_url()).await;
+        get(b.proxy_url()).await;
+    }
+    let (mut proxy_direct, mut proxy_forwarded) = (Vec::new(), Vec::new());
+    for _ in 0..300 {
+        proxy_direct.push(get(b.proxy_url()).await);
+        proxy_forwarded.push(get(a.proxy_url()).await);
     }
     const N: usize = 300;
     let (mut direct, mut forwarded) = (Vec::with_capacity(N), Vec::with_capacity(N));
@@ -1682,6 +1706,21 @@ async fn bench_fleet(r: &mut Report) {
             vec!["on the owner (node b)".into(), ms(d50), ms(pct(&mut direct, 0.99))],
             vec!["through node a (forwarded)".into(), ms(f50), ms(pct(&mut forwarded, 0.99))],
             vec!["added by forwarding".into(), ms(f50.saturating_sub(d50)), String::new()],
+        ],
+    );
+    let (pd50, pf50) = (pct(&mut proxy_direct, 0.5), pct(&mut proxy_forwarded, 0.5));
+    let _ = write!(
+        r.md,
+        "\nThe reverse proxy across nodes: a GET of a small page from a server in the same machine, through b's \
+         proxy, and through a's, which sends it on to b's proxy with the cluster secret; 300 of each, \
+         alternating, after 20 warm-up, one request at a time on kept-alive connections.\n\n"
+    );
+    r.table(
+        &["proxied GET", "p50", "p99"],
+        vec![
+            vec!["through the owner's proxy (node b)".into(), ms(pd50), ms(pct(&mut proxy_direct, 0.99))],
+            vec!["through node a's proxy".into(), ms(pf50), ms(pct(&mut proxy_forwarded, 0.99))],
+            vec!["added by the hop".into(), ms(pf50.saturating_sub(pd50)), String::new()],
         ],
     );
     let _ = write!(
