@@ -47,6 +47,9 @@ pub struct Firewall {
     subnet: Ipv4Net,
     /// Destinations no machine may reach, whatever its own egress policy.
     deny: Vec<Ipv4Net>,
+    /// The hosts of the rest of the fleet (the other nodes, the database), which no machine may reach either:
+    /// their services are the control plane's. Changes at run time; shared by clones.
+    fenced: Arc<std::sync::RwLock<Vec<std::net::Ipv4Addr>>>,
     nft: PathBuf,
     /// The child API's port: the one host port machines listed in `api_gateways` may reach.
     child_api_port: Option<u16>,
@@ -61,6 +64,7 @@ impl Firewall {
             table: table.to_string(),
             subnet,
             deny: vec![],
+            fenced: Arc::default(),
             nft: PathBuf::from("nft"),
             child_api_port: None,
             lock: Arc::default(),
@@ -124,6 +128,8 @@ impl Firewall {
             let elements: Vec<&str> = all.iter().filter(|(n, _)| *n == name).map(|(_, e)| e.as_str()).collect();
             set(&mut s, name, ty, flags, &elements);
         }
+        let fenced: Vec<String> = self.fenced().iter().map(ToString::to_string).collect();
+        set(&mut s, "fenced_hosts", "ipv4_addr", "", &fenced.iter().map(String::as_str).collect::<Vec<_>>());
 
         // Guest -> host: only replies and a ping of its own gateway, and, for a machine with `spawn`, TCP to
         // the child API port on its own gateway from its own address. Everything else the host listens on
@@ -161,6 +167,7 @@ impl Firewall {
             "  chain guest_out {{\n    meta nfproto != ipv4 drop\n    \
              iifname . ip saddr != @guest_addrs drop\n    \
              oifname @machine_ifaces drop\n    ip daddr {subnet} drop\n    {denied}\
+             ip daddr @fenced_hosts drop\n    \
              ct state established,related accept\n    \
              iifname @egress_restricted iifname . ip daddr != @egress_allowed drop\n    accept\n  }}"
         );
@@ -232,6 +239,35 @@ impl Firewall {
     pub async fn delete(&self, m: &FirewallEntry) -> Result<(), NetError> {
         let _guard = self.lock.lock().await;
         self.run(&["-f", "-"], Some(self.element_script("delete", m))).await.map(|_| ())
+    }
+
+    fn fenced(&self) -> Vec<std::net::Ipv4Addr> {
+        self.fenced.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes `hosts` (the rest of the fleet) unreachable from every machine, in place of the hosts fenced
+    /// before; `Ok(false)` when nothing changed. The table is changed in one transaction; if it does not
+    /// exist yet, the next replacement carries the fence.
+    pub async fn fence(&self, mut hosts: Vec<std::net::Ipv4Addr>) -> Result<bool, NetError> {
+        hosts.sort_unstable();
+        hosts.dedup();
+        let _guard = self.lock.lock().await;
+        if self.fenced() == hosts {
+            return Ok(false);
+        }
+        let before = std::mem::replace(&mut *self.fenced.write().unwrap_or_else(|e| e.into_inner()), hosts.clone());
+        let t = &self.table;
+        let mut script = format!("flush set inet {t} fenced_hosts\n");
+        if !hosts.is_empty() {
+            let list: Vec<String> = hosts.iter().map(ToString::to_string).collect();
+            let _ = writeln!(script, "add element inet {t} fenced_hosts {{ {} }}", list.join(", "));
+        }
+        if let Err(e) = self.run(&["-f", "-"], Some(script)).await {
+            // Not in the kernel: the next call tries again rather than taking it as done.
+            *self.fenced.write().unwrap_or_else(|e| e.into_inner()) = before;
+            return Err(e);
+        }
+        Ok(true)
     }
 
     /// Deletes the table (and with it every rule Hyperfleet made); a missing table is not an error.
@@ -372,6 +408,40 @@ mod tests {
         assert!(matches!(e, Err(NetError::Nft(m)) if m == "store down"));
         let log = std::fs::read_to_string(dir.join("log")).unwrap();
         assert_eq!(log.matches("\n--\n").count(), 3, "only the refused delete was run: {log}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_the_fleet_is_fenced_off_from_every_machine() {
+        let fw = Firewall::new("hftest", "172.16.0.0/16".parse().unwrap());
+        let open = fw.render(&[entry(0, Egress::Allow)]);
+        assert!(open.contains("set fenced_hosts {\n    type ipv4_addr\n  }"), "an empty fence\n{open}");
+        let dir = std::env::temp_dir().join(format!("hf-fw-fence-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts: Vec<std::net::Ipv4Addr> =
+            vec!["10.0.0.7".parse().unwrap(), "10.0.0.5".parse().unwrap(), "10.0.0.7".parse().unwrap()];
+        // Refused by nft: not taken as done, so the next call tries again.
+        let refused = refusing_nft(&dir);
+        assert!(refused.fence(hosts.clone()).await.is_err());
+        assert!(refused.fenced().is_empty());
+        std::fs::remove_file(dir.join("log")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("nft-ok");
+        std::fs::write(&script, format!("#!/bin/sh\ncat >> {}\necho -- >> {0}\n", dir.join("log").display())).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let fw = Firewall { nft: script, ..Firewall::new("hftest", "172.16.0.0/16".parse().unwrap()) };
+        assert!(fw.fence(hosts.clone()).await.unwrap(), "a change");
+        assert!(!fw.fence(hosts).await.unwrap(), "the same hosts again: nothing to do");
+        let log = std::fs::read_to_string(dir.join("log")).unwrap();
+        assert_eq!(
+            log,
+            "flush set inet hftest fenced_hosts\nadd element inet hftest fenced_hosts { 10.0.0.5, 10.0.0.7 }\n--\n"
+        );
+        // Every replacement of the table carries the fence, before any allowance.
+        let text = fw.render(&[entry(0, Egress::Allow)]);
+        assert!(text.contains("elements = { 10.0.0.5, 10.0.0.7 }"), "{text}");
+        let fenced = text.find("ip daddr @fenced_hosts drop").expect(&text);
+        assert!(fenced < text.find("ct state established,related accept\n    iifname @egress_restricted").unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

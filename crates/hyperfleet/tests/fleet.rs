@@ -615,3 +615,38 @@ async fn the_per_address_cap_holds_clients_but_not_the_other_nodes() {
     drop((a, c));
     drop(pg);
 }
+
+#[ignore = "needs root and postgresql: a throwaway PostgreSQL cluster, two daemons, runc and test hosts in network namespaces"]
+#[tokio::test]
+async fn guests_cannot_reach_the_other_nodes_of_the_fleet() {
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = PgCluster::start(pg_dir.path(), Durability::None).unwrap();
+    let url = pg.url("postgres");
+    // Two test hosts: one where another node of the fleet says it is, one that is just the internet.
+    let (far, near) = (common::TestNet::new(41), common::TestNet::new(42));
+    let _far_seen = far.serve(8000);
+    let _near_seen = near.serve(8000);
+    let a = node(&url, "a", "").await;
+    let far_url = [("HYPERFLEET_NODE_URL".to_string(), format!("http://{}:3000", far.peer_ip))];
+    let other = node_with(&url, "far", &far_url).await;
+    let m = common::running(&a, CreateMachine { node: Some("a".into()), ..machine("inside") }).await;
+    assert_eq!(m.node, "a");
+
+    // Within a heartbeat or two, node a's firewall fences the other node's address off from its machines.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.firewall_set("fenced_hosts").contains(&far.peer_ip) {
+        assert!(Instant::now() < deadline, "never fenced: {:?}", a.firewall_set("fenced_hosts"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reach = |host: &str| format!("nc -w 2 {host} 8000 </dev/null");
+    let (code, out, _) = common::sh(&a, &m.id, &reach(&near.peer_ip)).await;
+    assert_eq!((code, out.as_str()), (0, "HTTP/1.0 200 OK\r\nContent-Length: 24\r\n\r\nhello from the internet\n"));
+    let (code, out, _) = common::sh(&a, &m.id, &reach(&far.peer_ip)).await;
+    assert_ne!(code, 0, "a guest reached another node of the fleet: {out}");
+    assert!(out.is_empty(), "{out}");
+
+    a.client.stop_machine(&m.id).await.unwrap();
+    a.client.delete_machine(&m.id, false).await.unwrap();
+    drop((a, other));
+    drop(pg);
+}

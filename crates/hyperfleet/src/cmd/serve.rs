@@ -1,6 +1,7 @@
 //! `hyperfleet serve`: validates the configuration, opens the database, prepares the host network,
 //! reconciles with what survived a previous run, then serves the API (and the proxy).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -142,15 +143,45 @@ fn node_policy(settings: &Settings, host: &LinuxHost) -> NodePolicy {
     }
 }
 
-/// Keeps the listeners' per-address cap off the fleet's other nodes (refreshed with the heartbeat's view): a
-/// node forwarding to this one carries many clients on one address, each already capped where it connected.
-async fn exempt_other_nodes(nodes: Arc<crate::nodes::Nodes>, listeners: Vec<Arc<Limits>>, every: std::time::Duration) {
+/// Keeps the listeners' per-address cap off the fleet's other nodes and fences them and the database off
+/// from this node's machines (refreshed with the heartbeat's view). A node forwarding to this one carries
+/// many clients on one address, each already capped where it connected; and since a guest's traffic leaves
+/// from its node's address, no guest may reach another node (or the database) at all, or it could pass for
+/// its node.
+async fn fence_the_fleet(service: Arc<Service>, database: Vec<IpAddr>, listeners: Vec<Arc<Limits>>) {
+    let every = service.nodes().heartbeat_interval();
     loop {
-        let ips = nodes.peer_addresses().await;
+        let nodes = service.nodes().peer_addresses().await;
+        let fenced = nodes.iter().chain(&database).filter_map(|ip| match ip.to_canonical() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None, // machines have no IPv6 at all
+        });
+        service.fence_fleet(fenced.collect()).await;
         for l in &listeners {
-            l.set_nodes(ips.clone());
+            l.set_nodes(nodes.clone());
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// The addresses of the database's host (PostgreSQL), resolved at start; none for SQLite.
+async fn database_addresses(location: &crate::store::Location) -> Vec<IpAddr> {
+    let crate::store::Location::Postgres(url) = location else {
+        return vec![];
+    };
+    let Ok(url) = reqwest::Url::parse(url) else {
+        return vec![];
+    };
+    let host = url.host_str().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']').to_string();
+    if let Ok(ip) = host.parse() {
+        return vec![ip];
+    }
+    match tokio::net::lookup_host((host.as_str(), url.port().unwrap_or(5432))).await {
+        Ok(addrs) => addrs.map(|a| a.ip()).collect(),
+        Err(e) => {
+            warn!(database_host = %host, error = %e, "could not resolve the database's host to fence it off from machines");
+            vec![]
+        }
     }
 }
 
@@ -273,10 +304,10 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         proxy_host_suffix: settings.proxy.host_suffix.clone(),
     });
     if !service.nodes().alone() {
-        tokio::spawn(exempt_other_nodes(
-            service.nodes().clone(),
+        tokio::spawn(fence_the_fleet(
+            service.clone(),
+            database_addresses(&settings.store.database).await,
             [Some(limits.clone()), proxy_limits.clone()].into_iter().flatten().collect(),
-            settings.store.node.heartbeat_interval,
         ));
     }
     let listeners = Arc::new(api::Listeners { api: limits.clone(), proxy: proxy_limits });

@@ -37,6 +37,8 @@ pub(crate) trait Host: Send + Sync + 'static {
     fn firewall_edit(&self, m: &MachineRecord, add: bool) -> impl Future<Output = Result<()>> + Send;
     /// Replaces the firewall table with one for exactly these machines.
     fn firewall_rebuild(&self, active: &[MachineRecord]) -> impl Future<Output = Result<()>> + Send;
+    /// Makes `hosts` (the rest of the fleet) unreachable from every machine; `false` if they already were.
+    fn fence(&self, hosts: Vec<std::net::Ipv4Addr>) -> impl Future<Output = Result<bool>> + Send;
     fn set_paused(&self, m: &Instance, pause: bool) -> impl Future<Output = Result<()>> + Send;
     /// The machine's process if it still runs and is really this machine's.
     fn live_pid(&self, m: &Instance) -> impl Future<Output = Option<u32>> + Send;
@@ -173,6 +175,10 @@ impl Host for LinuxHost {
 
     async fn firewall_rebuild(&self, active: &[MachineRecord]) -> Result<()> {
         Ok(self.net.apply_firewall(active).await?)
+    }
+
+    async fn fence(&self, hosts: Vec<std::net::Ipv4Addr>) -> Result<bool> {
+        Ok(self.net.firewall.fence(hosts).await?)
     }
 
     async fn set_paused(&self, m: &Instance, pause: bool) -> Result<()> {

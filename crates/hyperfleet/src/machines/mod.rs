@@ -201,6 +201,17 @@ impl<H: Host> Service<H> {
     }
 
     /// Something open in a machine (a proxied connection, ...): activity while held.
+    /// Makes the rest of the fleet (`hosts`: the other nodes, the database) unreachable from every machine of
+    /// this node: their services are the control plane's, and a guest's traffic to them would come from
+    /// this node's own address. Failures are logged; the caller tries again on its next round.
+    pub(crate) async fn fence_fleet(&self, hosts: Vec<std::net::Ipv4Addr>) {
+        match self.host.fence(hosts.clone()).await {
+            Ok(true) => tracing::info!(?hosts, "the rest of the fleet is fenced off from this node's machines"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not fence the rest of the fleet off from the machines"),
+        }
+    }
+
     pub(crate) fn hold_activity(&self, id: &str, kind: HoldKind) -> Hold {
         self.activity.hold(id, kind)
     }

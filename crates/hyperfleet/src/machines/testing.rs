@@ -32,6 +32,8 @@ pub(super) struct World {
     pub disks: BTreeSet<String>,
     /// Volumes whose file exists.
     pub volumes: BTreeSet<String>,
+    /// Hosts no machine may reach.
+    pub fenced: Vec<std::net::Ipv4Addr>,
 }
 
 #[derive(Default)]
@@ -149,6 +151,13 @@ impl Host for FakeHost {
         }
         self.world.lock().unwrap().firewall = active.iter().map(|m| m.id.clone()).collect();
         Ok(())
+    }
+
+    async fn fence(&self, hosts: Vec<std::net::Ipv4Addr>) -> Result<bool> {
+        let mut w = self.world.lock().unwrap();
+        let changed = w.fenced != hosts;
+        w.fenced = hosts;
+        Ok(changed)
     }
 
     async fn set_paused(&self, _m: &Instance, _pause: bool) -> Result<()> {

@@ -88,6 +88,10 @@ impl Nodes {
         self.store.backend() == crate::store::Backend::Sqlite
     }
 
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat
+    }
+
     pub(crate) fn cluster_secret(&self) -> Option<&str> {
         self.cluster_secret.as_deref()
     }
