@@ -385,14 +385,19 @@ impl std::fmt::Debug for NodeSettings {
     }
 }
 
-/// An `http(s)://HOST[:PORT]` URL another node reaches this one by, without a trailing '/'; `None` if unset.
+/// An `http://HOST[:PORT]` URL another node reaches this one by (nothing else: paths are appended to it), without a trailing '/'; `None` if unset.
 fn node_url(var: &'static str, value: Option<&str>) -> Result<Option<String>, ConfigError> {
     match value.map(str::trim) {
         None | Some("") => Ok(None),
         Some(u) => {
             let parsed = reqwest::Url::parse(u).map_err(|e| bad(var, format!("'{u}': {e}")))?;
             // The nodes' clients speak plain HTTP (with the cluster secret): a private network's job to protect.
-            if parsed.scheme() != "http" || parsed.host_str().is_none() {
+            let bare = parsed.path() == "/"
+                && parsed.query().is_none()
+                && parsed.fragment().is_none()
+                && parsed.username().is_empty()
+                && parsed.password().is_none();
+            if parsed.scheme() != "http" || parsed.host_str().is_none() || !bare {
                 return Err(bad(
                     var,
                     format!("'{u}': use http://HOST:PORT (nodes call each other in plain HTTP, on a private network)"),
@@ -983,6 +988,9 @@ mod tests {
         assert!(parse(&["--node-url", "ftp://x"]).unwrap_err().contains("HYPERFLEET_NODE_URL"));
         assert!(parse(&["--node-proxy-url", "nope"]).unwrap_err().contains("HYPERFLEET_NODE_PROXY_URL"));
         assert!(parse(&["--node-url", "https://10.0.0.1"]).unwrap_err().contains("plain HTTP"));
+        for extra in ["http://10.0.0.1:3000/api", "http://10.0.0.1:3000?x=1", "http://u:p@10.0.0.1:3000"] {
+            assert!(parse(&["--node-proxy-url", extra]).unwrap_err().contains("HOST:PORT"), "{extra}");
+        }
         let derived = parse(&["--node-url", "http://10.0.0.1:3000/"]).unwrap().store.node;
         assert_eq!(derived.proxy_url(Some(4000)).as_deref(), Some("http://10.0.0.1:4000"), "the API's host");
         assert_eq!(derived.proxy_url(None), None, "no proxy, nothing to reach");

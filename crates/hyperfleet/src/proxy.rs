@@ -1,10 +1,13 @@
 //! The reverse proxy for exposed guest ports (PROXY_PORT, default 4000): `{prefix}/{machine}/{port}/…` or,
-//! with PROXY_HOST_SUFFIX, `{machine}-{port}{suffix}` in the Host header. It forwards only to a running
-//! machine's own guest address and only to ports in its `exposed_ports`; bodies stream both ways, WebSocket
-//! upgrades are spliced (and closed after PROXY_WEBSOCKET_IDLE_TIMEOUT without a byte), and connections to
-//! guests are kept alive. A request for a stopped or paused machine with `auto_start` wakes it first; every
-//! request, and every byte through a tunnel, is activity for the machine's idle timeout. Client connections are capped and timed by [`crate::listener`], as the API's are.
-//! It does no authentication of its own.
+//! with PROXY_HOST_SUFFIX, `{machine}-{port}{suffix}` in the Host header. For a machine of this node it
+//! forwards only to the machine's own guest address and only to ports in its `exposed_ports`; a machine of
+//! another node of the fleet is served through that node's proxy (with the cluster secret, see
+//! [`crate::nodes::Caller`]; the guest never sees what the nodes say to each other). Bodies stream both ways,
+//! WebSocket upgrades are spliced (and closed after PROXY_WEBSOCKET_IDLE_TIMEOUT without a byte), and
+//! connections are kept alive. A request for a stopped or paused machine with `auto_start` wakes it first;
+//! every request, and every byte through a tunnel, is activity for the machine's idle timeout. Client
+//! connections are capped and timed by [`crate::listener`], as the API's are. Clients are not
+//! authenticated (a call claiming to come from a node must prove it).
 //! Also here: the poller that records which exposed ports accept connections.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -245,7 +248,8 @@ impl Proxy {
                 ));
             }
             let (upstream, extra) = self.owner_of(&rec, &route)?;
-            let patience = self.shared.cfg.upstream_timeout + self.shared.cfg.wake_timeout;
+            // The owner may wake the machine and then wait for its answer; a margin for the hop on top.
+            let patience = self.shared.cfg.upstream_timeout + self.shared.cfg.wake_timeout + Duration::from_secs(5);
             return self.send(req, peer, activity, host, upstream, extra, &rec, None, patience).await;
         }
         if !rec.exposed_ports.contains(&route.port) {
@@ -368,11 +372,11 @@ impl Proxy {
         let mut resp = tokio::time::timeout(patience, self.client.request(upstream_req))
             .await
             .map_err(|_| {
-                ProxyError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "BAD_GATEWAY",
-                    format!("{what} did not answer within {} s", patience.as_secs()),
-                )
+                let (status, code) = match guest {
+                    Some(_) => (StatusCode::BAD_GATEWAY, "BAD_GATEWAY"),
+                    None => (StatusCode::SERVICE_UNAVAILABLE, "NODE_UNAVAILABLE"),
+                };
+                ProxyError::new(status, code, format!("{what} did not answer within {} s", patience.as_secs()))
             })?
             .map_err(|e| match guest {
                 Some(_) => {
@@ -537,7 +541,12 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(shared.cfg.upstream_timeout));
     connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+    // Idle connections kept per guest or owner node bounded: after a burst, a pool of idle connections to
+    // another node would hold its connection cap, which spares nodes only the per-address one.
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .build(connector);
     let (limits, timeouts) = (shared.limits.clone(), shared.timeouts);
     let proxy = Arc::new(Proxy { shared, client });
     listener::serve(listener, limits, timeouts, std::future::pending(), move |peer, activity| {

@@ -198,7 +198,8 @@ impl Nodes {
         }
     }
 
-    /// Reads every node and keeps their status and URL for [`Self::peer`] and [`Self::status`].
+    /// Reads every node and keeps what the others need of it (status, URLs, addressing) for
+    /// [`Self::status`], [`Self::cached_peer`], [`Self::addressing_of`] and [`Self::peer_addresses`].
     pub(crate) async fn refresh(&self) -> StoreResult<Vec<NodeRow>> {
         let all = rows::list(&mut *self.store.read().await?).await?;
         let view = all.iter().map(|n| (n.reg.name.clone(), Peer::of(self.status_of(n), &n.reg))).collect();
@@ -310,5 +311,34 @@ mod tests {
         // A node without a secret of its own trusts no caller that claims to be a node.
         let open = Nodes::new(db.store.clone(), reg, Duration::from_secs(1), Duration::from_secs(2), None);
         assert_eq!(open.caller(&proven), Caller::Forged);
+    }
+
+    #[tokio::test]
+    async fn the_other_nodes_addresses_and_addressing_come_from_their_rows() {
+        let db = TestDb::sqlite().await;
+        let mut me = crate::machines::NodePolicy::single("a").registration;
+        me.url = Some("http://10.0.0.1:3000".into());
+        let nodes = Nodes::new(db.store.clone(), me.clone(), Duration::from_secs(1), Duration::from_secs(60), None);
+        nodes.register().await.unwrap();
+        let other = Registration {
+            name: "b".into(),
+            url: Some("http://10.0.0.2:3000".into()),
+            proxy_url: Some("http://10.0.0.3:4000".into()),
+            subnet: "10.9.1.0/24".into(),
+            iface_prefix: "tb".into(),
+            ..me
+        };
+        let mut tx = db.store.write().await.unwrap();
+        rows::register(&mut tx, &other).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(nodes.addressing_of("b"), None, "not seen before the next refresh");
+        nodes.refresh().await.unwrap();
+        let ips = nodes.peer_addresses().await;
+        let want: std::collections::HashSet<std::net::IpAddr> =
+            ["10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap()].into();
+        assert_eq!(ips, want, "the other node's API and proxy hosts, not this node's own");
+        let (subnet, naming) = nodes.addressing_of("b").unwrap();
+        assert_eq!((subnet.to_string().as_str(), naming.name(3).as_str()), ("10.9.1.0/24", "tb3"));
+        assert_eq!(nodes.cached_peer("b").unwrap().proxy_url.as_deref(), Some("http://10.0.0.3:4000"));
     }
 }
