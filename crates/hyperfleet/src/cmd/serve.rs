@@ -166,22 +166,9 @@ async fn fence_the_fleet(service: Arc<Service>, database: Vec<IpAddr>, listeners
 
 /// The addresses of the database's host (PostgreSQL), resolved at start; none for SQLite.
 async fn database_addresses(location: &crate::store::Location) -> Vec<IpAddr> {
-    let crate::store::Location::Postgres(url) = location else {
-        return vec![];
-    };
-    let Ok(url) = reqwest::Url::parse(url) else {
-        return vec![];
-    };
-    let host = url.host_str().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']').to_string();
-    if let Ok(ip) = host.parse() {
-        return vec![ip];
-    }
-    match tokio::net::lookup_host((host.as_str(), url.port().unwrap_or(5432))).await {
-        Ok(addrs) => addrs.map(|a| a.ip()).collect(),
-        Err(e) => {
-            warn!(database_host = %host, error = %e, "could not resolve the database's host to fence it off from machines");
-            vec![]
-        }
+    match location {
+        crate::store::Location::Postgres(url) => crate::nodes::addresses_of(url, 5432).await,
+        crate::store::Location::Sqlite(_) => vec![],
     }
 }
 

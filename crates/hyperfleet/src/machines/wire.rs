@@ -1,6 +1,7 @@
 //! A stored machine as the API shows it: its spec, its addresses from its block, and the last probe of its
 //! exposed ports (kept in memory, filled by the proxy's poller).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::RwLock;
 
@@ -43,14 +44,7 @@ impl PortStatus {
 
 impl<H: Host> Service<H> {
     pub(super) fn to_wire(&self, m: &MachineRecord) -> Machine {
-        let remote;
-        let addressing = match self.owner_addressing(m) {
-            Some(a) => {
-                remote = a;
-                &remote
-            }
-            None => &self.addressing,
-        };
+        let addressing = self.owner_addressing(m).map_or(Cow::Borrowed(&self.addressing), Cow::Owned);
         let b = addressing.block(m);
         let mut spec = m.spec.clone();
         spec.network = addressing.wire(m);

@@ -127,21 +127,7 @@ impl Nodes {
         };
         let mut out = std::collections::HashSet::new();
         for url in urls {
-            let Ok(url) = reqwest::Url::parse(&url) else { continue };
-            let Some(host) = url.host_str().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string()) else {
-                continue;
-            };
-            match host.parse::<std::net::IpAddr>() {
-                Ok(ip) => {
-                    out.insert(ip);
-                }
-                Err(_) => {
-                    match tokio::net::lookup_host((host.as_str(), url.port_or_known_default().unwrap_or(80))).await {
-                        Ok(addrs) => out.extend(addrs.map(|a| a.ip())),
-                        Err(e) => warn!(node_host = %host, error = %e, "could not resolve another node's address"),
-                    }
-                }
-            }
+            out.extend(addresses_of(&url, 80).await);
         }
         out
     }
@@ -279,6 +265,25 @@ impl Nodes {
     pub(crate) async fn place(&self, c: &mut Conn, demand: &Demand<'_>) -> StoreResult<Result<String, NoRoom>> {
         let all = rows::list(c).await?;
         Ok(placement::choose(&all, demand, self.down_after_ms()))
+    }
+}
+
+/// The addresses of `url`'s host (resolved now when it is a name; `default_port` for the lookup when the URL
+/// names none). Nothing for a URL that does not parse or a name that does not resolve (logged).
+pub(crate) async fn addresses_of(url: &str, default_port: u16) -> Vec<std::net::IpAddr> {
+    let Ok(url) = reqwest::Url::parse(url) else {
+        return vec![];
+    };
+    let host = url.host_str().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']').to_string();
+    if let Ok(ip) = host.parse() {
+        return vec![ip];
+    }
+    match tokio::net::lookup_host((host.as_str(), url.port_or_known_default().unwrap_or(default_port))).await {
+        Ok(addrs) => addrs.map(|a| a.ip()).collect(),
+        Err(e) => {
+            warn!(%host, error = %e, "could not resolve a host of the fleet");
+            vec![]
+        }
     }
 }
 

@@ -133,6 +133,15 @@ pub(super) async fn set_schema_version(backend: Backend, c: &mut Conn, v: usize)
     Ok(())
 }
 
+/// Step 10, the same SQL on both backends: where a node's proxy is, and the subnet and interface prefix of its
+/// machines, so any node can route to a machine's guest through its owner and show another node's machine's
+/// addresses.
+const NODE_ADDRESSING: &str = r#"
+    ALTER TABLE nodes ADD COLUMN proxy_url TEXT;
+    ALTER TABLE nodes ADD COLUMN subnet TEXT NOT NULL DEFAULT '';
+    ALTER TABLE nodes ADD COLUMN iface_prefix TEXT NOT NULL DEFAULT '';
+    "#;
+
 /// The SQLite schema, one entry per `user_version` step (databases made by every earlier release open).
 pub(super) const SQLITE: &[&str] = &[
     // 1: machines, address leases, API keys.
@@ -311,13 +320,8 @@ pub(super) const SQLITE: &[&str] = &[
         mem_mib = COALESCE(json_extract(spec, '$.mem_size_mib'), 0);
     CREATE INDEX machines_reserved ON machines (node, vcpus, mem_mib);
     "#,
-    // 10: where a node's proxy is, and the subnet and interface prefix of its machines, so any node can route
-    // to a machine's guest through its owner and show another node's machine's addresses.
-    r#"
-    ALTER TABLE nodes ADD COLUMN proxy_url TEXT;
-    ALTER TABLE nodes ADD COLUMN subnet TEXT NOT NULL DEFAULT '';
-    ALTER TABLE nodes ADD COLUMN iface_prefix TEXT NOT NULL DEFAULT '';
-    "#,
+    // 10: see NODE_ADDRESSING.
+    NODE_ADDRESSING,
 ];
 
 /// The PostgreSQL schema, step for step with [`SQLITE`] (a new migration adds an entry to both). No
@@ -451,12 +455,8 @@ pub(super) const POSTGRES: &[&str] = &[
         mem_mib = COALESCE((spec::jsonb ->> 'mem_size_mib')::bigint, 0);
     CREATE INDEX machines_reserved ON machines (node, vcpus, mem_mib);
     "#,
-    // 10: a node's proxy, subnet and interface prefix (see the SQLite step).
-    r#"
-    ALTER TABLE nodes ADD COLUMN proxy_url TEXT;
-    ALTER TABLE nodes ADD COLUMN subnet TEXT NOT NULL DEFAULT '';
-    ALTER TABLE nodes ADD COLUMN iface_prefix TEXT NOT NULL DEFAULT '';
-    "#,
+    // 10: see NODE_ADDRESSING.
+    NODE_ADDRESSING,
 ];
 
 #[cfg(test)]
