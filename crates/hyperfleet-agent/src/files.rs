@@ -18,8 +18,10 @@ pub fn fail(kind: ErrorKind, message: impl Into<String>) -> Response {
 pub fn io_fail(what: &str, path: &Path, e: std::io::Error) -> Response {
     let kind = match e.kind() {
         IoKind::NotFound => ErrorKind::NotFound,
-        IoKind::PermissionDenied => ErrorKind::PermissionDenied,
-        IoKind::IsADirectory | IoKind::NotADirectory | IoKind::InvalidInput => ErrorKind::InvalidPath,
+        IoKind::PermissionDenied | IoKind::ReadOnlyFilesystem => ErrorKind::PermissionDenied,
+        IoKind::IsADirectory | IoKind::NotADirectory | IoKind::InvalidInput | IoKind::InvalidFilename => {
+            ErrorKind::InvalidPath
+        }
         _ => ErrorKind::Io,
     };
     fail(kind, format!("{what} {}: {e}", path.display()))

@@ -235,6 +235,11 @@ async fn bad_paths_are_refused_with_the_right_kind() {
     assert_eq!(kind(c.delete(&agent.path("missing"), false).await), ErrorKind::NotFound);
     assert_eq!(kind(upload(&c, "no/slash", b"x", None).await), ErrorKind::InvalidPath);
     assert_eq!(kind(upload(&c, &agent.path(""), b"x", None).await), ErrorKind::InvalidPath);
+    // A name past NAME_MAX is the caller's bad path (ENAMETOOLONG), not an I/O failure of the guest.
+    let long = agent.path(&"n".repeat(256));
+    assert_eq!(kind(c.stat(&long).await), ErrorKind::InvalidPath);
+    assert_eq!(kind(download(&c, &long).await), ErrorKind::InvalidPath);
+    assert_eq!(kind(upload(&c, &long, b"x", None).await), ErrorKind::InvalidPath);
     std::fs::create_dir(agent.path("full")).unwrap();
     std::fs::write(agent.path("full/f"), b"x").unwrap();
     assert_eq!(kind(c.delete(&agent.path("full"), false).await), ErrorKind::InvalidPath);

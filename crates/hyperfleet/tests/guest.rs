@@ -117,10 +117,14 @@ async fn exec_files_and_cleanup() {
     let e = c.stat_file(&m.id, "/root/data/big.bin").await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(404), Some("NOT_FOUND")));
     assert_eq!(c.download_file(&m.id, "/nope").await.unwrap_err().code(), Some("NOT_FOUND"));
-    for bad in ["relative/path", ""] {
+    let long_name = format!("/tmp/{}", "é".repeat(128)); // 256 bytes: past the kernel's NAME_MAX
+    for bad in ["relative/path", "", &long_name] {
         let e = c.stat_file(&m.id, bad).await.unwrap_err();
         assert_eq!((e.status(), e.code()), (Some(400), Some("VALIDATION_ERROR")), "{bad}: {e}");
     }
+    // The guest's own refusal (sysfs is read-only in a machine) is the caller's 403, not a failure to reach it.
+    let e = c.upload_file(&m.id, "/sys/hyperfleet-denied", b"x", None).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(403), Some("FORBIDDEN")), "{e}");
     let e = c.delete_file(&m.id, "/root", false).await.unwrap_err();
     assert_eq!(e.status(), Some(400), "non-empty directory needs recursive: {e}");
 

@@ -23,8 +23,10 @@ use crate::machines::Error as MachineError;
 const VSOCK_ERROR: &str = "VSOCK_ERROR: the guest agent cannot be reached";
 const EXEC_BAD_REQUEST: &str = "VALIDATION_ERROR: the request is wrong (e.g. an empty command, a timeout out of range); BAD_REQUEST: the machine is not running";
 const TOO_MANY_EXECS: &str = "TOO_MANY_REQUESTS: the machine already runs HYPERFLEET_EXEC_MAX_CONCURRENT commands";
-const FILES_BAD_REQUEST: &str = "VALIDATION_ERROR: the path is missing or not absolute, or mode is not octal; \
+const FILES_BAD_REQUEST: &str = "VALIDATION_ERROR: the path is missing, not absolute or too long, or mode is not octal; \
     BAD_REQUEST: the machine is not running, or the guest refused (e.g. a directory where a file was expected)";
+const FILES_FORBIDDEN: &str = "FORBIDDEN: the key lacks machines:exec, or the guest denied the access \
+    (a read-only mount, a file of /proc or /sys)";
 const FILE_NOT_FOUND: &str = "NOT_FOUND: no machine has this id or name, or the file does not exist";
 const TOO_LARGE: &str = "PAYLOAD_TOO_LARGE: the file is larger than HYPERFLEET_FILE_MAX_SIZE";
 const TRANSFER_TIMEOUT: &str = "TIMEOUT: the transfer took longer than HYPERFLEET_FILE_TRANSFER_TIMEOUT";
@@ -138,7 +140,7 @@ fn path_param(q: &QueryMap) -> Result<String, ApiError> {
     params(("id" = String, Path, description = "machine id or name"),
            ("path" = Option<String>, Query, description = "absolute guest path; required for a raw upload, ignored for JSON"),
            ("mode" = Option<String>, Query, description = "octal permission bits for a raw upload, e.g. 755; ignored for JSON")),
-    responses((status = 201, body = FileWritten), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+    responses((status = 201, body = FileWritten), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody), (status = 403, description = FILES_FORBIDDEN, body = ErrorBody),
               (status = 404, description = NOT_FOUND, body = ErrorBody), (status = 413, description = TOO_LARGE, body = ErrorBody),
               (status = 502, description = VSOCK_ERROR, body = ErrorBody), (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
@@ -239,7 +241,7 @@ async fn drain(body: &mut axum::body::BodyDataStream, max: u64) {
 #[utoipa::path(get, path = "/machines/{id}/files", tag = "files",
     params(("id" = String, Path, description = "machine id or name"), ("path" = String, Query, description = "absolute guest path")),
     responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream", body = RawBytes),
-              (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+              (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody), (status = 403, description = FILES_FORBIDDEN, body = ErrorBody),
               (status = 404, description = FILE_NOT_FOUND, body = ErrorBody),
               (status = 413, description = TOO_LARGE, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
               (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
@@ -270,7 +272,7 @@ pub(crate) async fn download(
 
 #[utoipa::path(get, path = "/machines/{id}/files/stat", tag = "files",
     params(("id" = String, Path, description = "machine id or name"), ("path" = String, Query, description = "absolute guest path")),
-    responses((status = 200, body = FileStat), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+    responses((status = 200, body = FileStat), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody), (status = 403, description = FILES_FORBIDDEN, body = ErrorBody),
               (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
               (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
@@ -286,7 +288,7 @@ pub(crate) async fn stat(
     params(("id" = String, Path, description = "machine id or name"), ("path" = String, Query, description = "absolute guest path of a directory"),
            ("after" = Option<String>, Query, description = "the `next_after` of the previous page"),
            ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "entries per page (default 100, at most 500)")),
-    responses((status = 200, body = DirListing), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+    responses((status = 200, body = DirListing), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody), (status = 403, description = FILES_FORBIDDEN, body = ErrorBody),
               (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
               (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
@@ -305,7 +307,7 @@ const DEFAULT_LIST_PAGE: u32 = 100;
 #[utoipa::path(post, path = "/machines/{id}/files/mkdir", tag = "files", request_body = MakeDir,
     params(("id" = String, Path, description = "machine id or name")),
     responses((status = 201, description = "the directory (also when `parents` and it existed)", body = FileStat),
-              (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+              (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody), (status = 403, description = FILES_FORBIDDEN, body = ErrorBody),
               (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
               (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
@@ -320,7 +322,7 @@ pub(crate) async fn mkdir(
 #[utoipa::path(delete, path = "/machines/{id}/files", tag = "files",
     params(("id" = String, Path, description = "machine id or name"), ("path" = String, Query, description = "absolute guest path"),
            ("recursive" = Option<super::machines::Flag>, Query, description = "delete a non-empty directory (`?recursive` alone means true)")),
-    responses((status = 204, description = "deleted"), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody),
+    responses((status = 204, description = "deleted"), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody), (status = 403, description = FILES_FORBIDDEN, body = ErrorBody),
               (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
               (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]

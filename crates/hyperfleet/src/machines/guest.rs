@@ -28,21 +28,40 @@ pub(super) fn agent_error(e: ClientError, path: &str, max: u64) -> Error {
     match e {
         ClientError::Agent { kind: ErrorKind::NotFound, .. } => Error::FileNotFound { path: path.to_string() },
         ClientError::Agent { kind: ErrorKind::InvalidPath, message } => Error::Invalid(message),
+        // The guest's own refusal (a read-only mount, a file of /proc) is the caller's to see, not a failure
+        // to reach the guest.
+        ClientError::Agent { kind: ErrorKind::PermissionDenied, message } => Error::Forbidden(message),
         ClientError::Agent { kind: ErrorKind::TooLarge, .. } => Error::FileTooLarge { size: None, max },
         ClientError::Agent { kind: ErrorKind::BadRequest, message } => Error::GuestRefused(message),
         other => Error::Agent(other),
     }
 }
 
-pub(super) fn check_guest_path(path: &str) -> Result<()> {
+/// Linux's limits on a path (`PATH_MAX` less the NUL) and on one name in it (`NAME_MAX`).
+const GUEST_PATH_MAX: usize = 4095;
+const GUEST_NAME_MAX: usize = 255;
+
+/// A path in the guest a request names (`what`: "path", "cwd"): absolute, without NUL, and within the
+/// kernel's limits, so a bad one is the caller's 400 rather than the guest's error.
+pub(super) fn check_guest_path(what: &str, path: &str) -> Result<()> {
     if path.is_empty() {
-        return Err(Error::Invalid("path is required".into()));
+        return Err(Error::Invalid(format!("{what} is required")));
     }
     if !path.starts_with('/') {
-        return Err(Error::Invalid(format!("path must be absolute, got '{path}'")));
+        return Err(Error::Invalid(format!("{what} must be an absolute path, got '{path}'")));
     }
     if path.contains('\0') {
-        return Err(Error::Invalid("path must not contain NUL bytes".into()));
+        return Err(Error::Invalid(format!("{what} must not contain NUL bytes")));
+    }
+    if path.len() > GUEST_PATH_MAX {
+        return Err(Error::Invalid(format!("{what} is {} bytes, at most {GUEST_PATH_MAX} allowed", path.len())));
+    }
+    if let Some(name) = path.split('/').find(|name| name.len() > GUEST_NAME_MAX) {
+        return Err(Error::Invalid(format!(
+            "{what} has a {}-byte name, at most {GUEST_NAME_MAX} bytes allowed: '{}…'",
+            name.len(),
+            name.chars().take(32).collect::<String>()
+        )));
     }
     Ok(())
 }
@@ -94,7 +113,7 @@ impl ExecPlan {
             return Err(Error::Invalid(format!("timeout must be between 1 and {MAX_EXEC_TIMEOUT} seconds")));
         }
         if let Some(cwd) = &req.cwd {
-            check_guest_path(cwd).map_err(|_| Error::Invalid(format!("cwd must be an absolute path, got '{cwd}'")))?;
+            check_guest_path("cwd", cwd)?;
         }
         if req.command.0[0].is_empty() {
             return Err(Error::Invalid("command[0] must name a program".into()));
@@ -334,7 +353,7 @@ impl<H: Host> Service<H> {
         content: &str,
         mode: Option<u32>,
     ) -> Result<FileWritten> {
-        check_guest_path(path)?;
+        check_guest_path("path", path)?;
         // Base64 is 4/3 of the data: refuse before decoding anything huge.
         self.check_size((content.len() as u64 / 4) * 3)?;
         let data = base64::engine::general_purpose::STANDARD
@@ -357,7 +376,7 @@ impl<H: Host> Service<H> {
         S: futures::Stream<Item = Result<Bytes>> + Send,
     {
         use futures::StreamExt;
-        check_guest_path(path)?;
+        check_guest_path("path", path)?;
         if let Some(m) = mode.filter(|m| *m > 0o7777) {
             return Err(Error::Invalid(format!("mode {m:o} is not a permission mode (at most 0o7777)")));
         }
@@ -383,7 +402,7 @@ impl<H: Host> Service<H> {
 
     /// Opens a file for download; the caller streams its chunks.
     pub(crate) async fn read_file(&self, id: &str, path: &str) -> Result<FileReader> {
-        check_guest_path(path)?;
+        check_guest_path("path", path)?;
         let rec = self.running_for_files(id).await?;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
@@ -394,7 +413,7 @@ impl<H: Host> Service<H> {
     }
 
     pub(crate) async fn stat_file(&self, id: &str, path: &str) -> Result<FileStat> {
-        check_guest_path(path)?;
+        check_guest_path("path", path)?;
         let rec = self.running_for_files(id).await?;
         let st = self
             .with_timeout(async {
@@ -407,7 +426,7 @@ impl<H: Host> Service<H> {
 
     /// One page of a directory, at most `limit` entries after the name `after`.
     pub(crate) async fn list_dir(&self, id: &str, path: &str, after: Option<&str>, limit: u32) -> Result<DirListing> {
-        check_guest_path(path)?;
+        check_guest_path("path", path)?;
         let rec = self.running(id, "transfer files").await?;
         let (entries, more) = self
             .with_timeout(async {
@@ -435,7 +454,7 @@ impl<H: Host> Service<H> {
     }
 
     pub(crate) async fn make_dir(&self, id: &str, req: &MakeDir) -> Result<FileStat> {
-        check_guest_path(&req.path)?;
+        check_guest_path("path", &req.path)?;
         if let Some(mode) = req.mode.filter(|m| *m > 0o7777) {
             return Err(Error::Invalid(format!("mode must be permission bits (at most 0o7777 = 4095), got {mode}")));
         }
@@ -454,12 +473,41 @@ impl<H: Host> Service<H> {
     }
 
     pub(crate) async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
-        check_guest_path(path)?;
+        check_guest_path("path", path)?;
         let rec = self.running_for_files(id).await?;
         self.with_timeout(async {
             let agent = self.ready_agent(&rec, Duration::from_secs(5)).await?;
             agent.delete(path, recursive).await.map_err(|e| agent_error(e, path, self.policy.file_max_size))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(path: &str) -> String {
+        match check_guest_path("path", path) {
+            Err(Error::Invalid(message)) => message,
+            other => panic!("{path:?} was not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn guest_paths_are_checked_before_the_guest_sees_them() {
+        assert!(check_guest_path("path", "/tmp/a b/ü.txt").is_ok());
+        assert!(check_guest_path("path", &format!("/{}", "n".repeat(GUEST_NAME_MAX))).is_ok());
+        assert_eq!(refused(""), "path is required");
+        assert_eq!(refused("tmp/x"), "path must be an absolute path, got 'tmp/x'");
+        assert_eq!(refused("/a\0b"), "path must not contain NUL bytes");
+        // 128 two-byte characters: 256 bytes, one past NAME_MAX (the guest would answer ENAMETOOLONG).
+        assert!(refused(&format!("/tmp/{}", "é".repeat(128))).starts_with("path has a 256-byte name"));
+        let deep = "/abc".repeat(1024);
+        assert_eq!(refused(&deep), "path is 4096 bytes, at most 4095 allowed");
+        match check_guest_path("cwd", "x") {
+            Err(Error::Invalid(m)) => assert_eq!(m, "cwd must be an absolute path, got 'x'"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -41,7 +41,7 @@ impl PtyRequest {
             }
         }
         if let Some(cwd) = &self.cwd {
-            check_guest_path(cwd).map_err(|_| Error::Invalid(format!("cwd must be an absolute path, got '{cwd}'")))?;
+            check_guest_path("cwd", cwd)?;
         }
         Ok(())
     }
