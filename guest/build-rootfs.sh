@@ -39,6 +39,8 @@ printf 'hyperfleet\n' > "$tree/etc/hostname"
 printf '<h1>Hello from a Hyperfleet machine</h1>\n' > "$tree/var/www/index.html"
 
 mkdir -p "$(dirname "$out")"
-mkfs.ext4 -q -F -L hyperfleet-root -d "$tree" "$out.tmp" "${size}M"
+# 4 KiB blocks and descriptor room to grow in place to 1 TiB (a machine's disk_size_mib grows its copy; see
+# growable() in crates/hyperfleet/src/runtime/volume.rs).
+mkfs.ext4 -q -F -L hyperfleet-root -b 4096 -E resize=268435456 -d "$tree" "$out.tmp" "${size}M"
 mv "$out.tmp" "$out"
 echo "$out"

@@ -1365,6 +1365,9 @@ mod tests {
             serde_json::from_str(r#"{"name":"x","scopes":["*"],"expires_at":"2030-01-01T01:00:00+01:00"}"#).unwrap();
         assert_eq!(req.expires_at, timestamp::parse("2030-01-01T00:00:00Z"));
         assert!(serde_json::from_str::<CreateApiKey>(r#"{"name":"x","scopes":["*"],"expires_at":"soon"}"#).is_err());
+        // Year 10000 in UTC: refused as input (formatting it would otherwise panic in the time crate).
+        let far = r#"{"name":"x","scopes":["*"],"expires_at":"9999-12-31T23:30:00-01:00"}"#;
+        assert!(serde_json::from_str::<CreateApiKey>(far).is_err());
         assert_eq!(
             serde_json::to_string(&CreateApiKey { name: "x".into(), scopes: vec![], expires_at: None }).unwrap(),
             r#"{"name":"x","scopes":[]}"#

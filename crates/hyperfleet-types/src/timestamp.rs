@@ -10,13 +10,18 @@ use time::{OffsetDateTime, UtcOffset};
 /// Formats `t` in UTC with milliseconds.
 pub fn format(t: OffsetDateTime) -> String {
     let fmt = format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-    // Formatting a UTC time with this description cannot fail: every component exists.
-    t.to_offset(UtcOffset::UTC).format(&fmt).unwrap_or_default()
+    match t.checked_to_offset(UtcOffset::UTC) {
+        // Formatting with this description cannot fail: every component exists.
+        Some(utc) => utc.format(&fmt).unwrap_or_default(),
+        // Past year 9999 in UTC (never a time `parse` accepted): written with its own offset, not panicking.
+        None => t.format(&Rfc3339).unwrap_or_default(),
+    }
 }
 
-/// Parses any RFC 3339 time.
+/// Parses any RFC 3339 time whose UTC form is a date of years 0000–9999 (and returns it in UTC):
+/// `9999-12-31T23:30:00-01:00` is year 10000 in UTC, which the API cannot write, so it is refused.
 pub fn parse(s: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(s, &Rfc3339).ok()
+    OffsetDateTime::parse(s, &Rfc3339).ok()?.checked_to_offset(UtcOffset::UTC)
 }
 
 /// The current time, truncated to what [`format`] keeps, so a value survives a round trip unchanged.
@@ -66,5 +71,14 @@ mod tests {
         let n = now();
         assert_eq!(parse(&format(n)), Some(n));
         assert_eq!(parse("yesterday"), None);
+    }
+
+    #[test]
+    fn a_time_past_year_9999_in_utc_is_refused_not_a_panic() {
+        assert_eq!(parse("9999-12-31T23:30:00-01:00"), None);
+        let last = parse("9999-12-31T23:30:00+01:00").unwrap();
+        assert_eq!(format(last), "9999-12-31T22:30:00.000Z");
+        let made_elsewhere = OffsetDateTime::parse("9999-12-31T23:30:00-01:00", &Rfc3339).unwrap();
+        assert_eq!(format(made_elsewhere), "9999-12-31T23:30:00-01:00");
     }
 }

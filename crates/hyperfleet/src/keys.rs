@@ -65,6 +65,9 @@ pub(crate) fn validate(req: CreateApiKey, now: OffsetDateTime) -> Result<KeyRequ
     if name.is_empty() || req.name.len() > 100 {
         return Err(KeyError::Invalid("name must be 1-100 characters".into()));
     }
+    if name.chars().any(char::is_control) {
+        return Err(KeyError::Invalid("name must not contain control characters (NUL, newline, ...)".into()));
+    }
     if req.scopes.is_empty() {
         return Err(KeyError::Invalid(
             "scopes must list at least one scope (machines:read, machines:write, machines:exec, keys:admin, *)".into(),
@@ -318,6 +321,7 @@ mod tests {
         for (r, msg) in [
             (req(" ", vec![Scope::MachinesRead], None), "name must be 1-100 characters"),
             (req(&"x".repeat(101), vec![Scope::MachinesRead], None), "name must be 1-100 characters"),
+            (req("c\0i", vec![Scope::MachinesRead], None), "name must not contain control characters"),
             (req("ci", vec![], None), "scopes must list at least one scope"),
             (req("ci", vec![Scope::MachinesRead], Some("2026-05-31T23:59:59Z")), "expires_at must be in the future"),
         ] {

@@ -70,6 +70,32 @@ async fn the_daemon_runs_on_postgresql() {
     let kinds: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
     assert_eq!(kinds, ["created", "starting", "running", "exec.started", "exec.finished"], "{body}");
 
+    // PostgreSQL cannot hold a NUL byte in text (SQLite can): wherever a request carries one, in a path, a query
+    // or a body, the answer is the caller's 400, never a database error.
+    use hyperfleet_client::HttpMethod as M;
+    let selector =
+        serde_json::json!({"url": "http://127.0.0.1:9/", "events": ["machine.running"], "label_selector": "app=a\0b"});
+    for (method, path, body, says) in [
+        (M::GET, "/machines/we%00b", None, "NUL"),
+        (M::POST, "/machines/we%00b/start", None, "NUL"),
+        (M::GET, "/volumes/v%00", None, "NUL"),
+        (M::GET, "/nodes/n%00", None, "NUL"),
+        (M::GET, "/events?follow=false&machine=w%00", None, "NUL"),
+        (M::GET, "/machines?label=team%3Dm%00l", None, "NUL"),
+        (M::POST, "/api-keys", Some(serde_json::json!({"name": "c\0i", "scopes": ["machines:read"]})), "control"),
+        (M::POST, "/webhooks", Some(selector), "not a label value"),
+    ] {
+        let mut req = d.client.raw(method.clone(), path);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, 400, "{method:?} {path}: {text}");
+        assert!(text.contains("VALIDATION_ERROR") && text.contains(says), "{method:?} {path}: {text}");
+    }
+
     // kill -9 and start again on the same database: the running machine is adopted, keys still work.
     d.restart_after_crash().await;
     let after = d.client.get_machine(&m.id).await.unwrap();

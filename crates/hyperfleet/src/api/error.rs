@@ -105,11 +105,13 @@ fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
         MachineError::Runtime(RuntimeError::Firecracker { status, .. }) => {
             (if *status == 400 { S::BAD_REQUEST } else { S::BAD_GATEWAY }, "FIRECRACKER_API_ERROR")
         }
+        MachineError::Runtime(RuntimeError::Refused(_)) => (S::BAD_REQUEST, "VALIDATION_ERROR"),
         MachineError::Runtime(_) | MachineError::Network(_) | MachineError::UndoFailed { .. } => {
             (S::INTERNAL_SERVER_ERROR, "RUNTIME_ERROR")
         }
         MachineError::Agent(_) => (S::BAD_GATEWAY, "VSOCK_ERROR"),
         MachineError::Store(e) if e.is_unavailable() => (S::SERVICE_UNAVAILABLE, "DATABASE_UNAVAILABLE"),
+        MachineError::Store(e) if e.is_bad_input() => (S::BAD_REQUEST, "VALIDATION_ERROR"),
         MachineError::Store(_) | MachineError::Task { .. } => (S::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
     }
 }
@@ -131,6 +133,8 @@ impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         if e.is_unavailable() {
             Self::new(StatusCode::SERVICE_UNAVAILABLE, "DATABASE_UNAVAILABLE", unavailable_message(&e))
+        } else if e.is_bad_input() {
+            Self::validation(format!("a value the database cannot store: {e}"))
         } else {
             Self::internal(e.to_string())
         }

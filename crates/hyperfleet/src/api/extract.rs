@@ -57,7 +57,12 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let q = parts.uri.query().unwrap_or("");
-        serde_urlencoded_map(q).map(QueryMap).map_err(|e| ApiError::validation(format!("invalid query string: {e}")))
+        let map = serde_urlencoded_map(q).map_err(|e| ApiError::validation(format!("invalid query string: {e}")))?;
+        if let Some((k, _)) = map.iter().find(|(k, v)| k.contains('\0') || v.contains('\0')) {
+            let k = k.escape_debug();
+            return Err(ApiError::validation(format!("query parameter '{k}' must not contain NUL bytes")));
+        }
+        Ok(QueryMap(map))
     }
 }
 

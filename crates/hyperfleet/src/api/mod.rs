@@ -24,7 +24,7 @@ use std::time::Instant;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hyperfleet_types::Health;
@@ -255,6 +255,15 @@ async fn matched_route(req: Request, next: Next) -> Response {
     resp
 }
 
+/// A NUL byte (`%00`) in a path parameter names nothing (PostgreSQL cannot even compare such text): refused
+/// before anything looks it up. (A raw NUL never gets this far: it is not valid in a request line.)
+async fn no_nul_in_path(req: Request, next: Next) -> Response {
+    if req.uri().path().as_bytes().windows(3).any(|w| w.eq_ignore_ascii_case(b"%00")) {
+        return ApiError::validation("the path must not contain NUL bytes (%00)").into_response();
+    }
+    next.run(req).await
+}
+
 pub(crate) fn router(state: AppState) -> Router {
     let machines = Router::new()
         .route("/machines", post(machines::create).get(machines::list))
@@ -308,6 +317,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), forward::to_owner))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .route_layer(middleware::from_fn(matched_route))
+        .route_layer(middleware::from_fn(no_nul_in_path))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), correlation))

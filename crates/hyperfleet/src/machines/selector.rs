@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::validate::label_key;
+use super::validate::{label_key, label_value};
 
 /// Most terms in one selector.
 const MAX_TERMS: usize = 32;
@@ -28,10 +28,14 @@ impl Selector {
                 let k = k.trim();
                 if label_key(k) { Ok(k.to_string()) } else { Err(format!("label: '{k}' is not a label key")) }
             };
+            let value_ok = |v: &str| -> Result<String, String> {
+                let v = v.trim();
+                if label_value(v) { Ok(v.to_string()) } else { Err(format!("label: '{v}' is not a label value")) }
+            };
             let term = if let Some((k, v)) = raw.split_once("!=") {
-                Term::NotEquals(key_ok(k)?, v.trim().to_string())
+                Term::NotEquals(key_ok(k)?, value_ok(v)?)
             } else if let Some((k, v)) = raw.split_once("==").or_else(|| raw.split_once('=')) {
-                Term::Equals(key_ok(k)?, v.trim().to_string())
+                Term::Equals(key_ok(k)?, value_ok(v)?)
             } else if let Some(k) = raw.strip_prefix('!') {
                 Term::Absent(key_ok(k)?)
             } else {
@@ -77,6 +81,10 @@ mod tests {
         assert!(m(""), "an empty selector selects everything");
         assert!(Selector::parse("bad key=1").unwrap_err().contains("'bad key'"));
         assert!(Selector::parse("=1").is_err());
+        // A value no label can have (a NUL, a space) is refused, not stored or compared.
+        assert!(Selector::parse("team=m\0l").unwrap_err().contains("not a label value"));
+        assert!(Selector::parse("team!=a b").unwrap_err().contains("'a b'"));
+        assert!(m("team!=") && !m("team="), "an empty value is a value");
         assert!(Selector::parse(&vec!["a"; 33].join(",")).unwrap_err().contains("at most 32"));
     }
 }

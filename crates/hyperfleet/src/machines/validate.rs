@@ -118,7 +118,7 @@ pub(super) fn env(field: &str, vars: &BTreeMap<String, String>) -> Result<(), St
 /// Most volumes one machine may mount.
 pub(super) const MAX_VOLUMES: usize = 8;
 /// Largest disk or volume: 1 TiB.
-pub(super) const MAX_DISK_MIB: i64 = 1 << 20;
+pub(super) const MAX_DISK_MIB: i64 = crate::runtime::volume::MAX_FS_MIB as i64;
 
 /// A volume's mount path: absolute, plain characters (it travels on the kernel command line of a Firecracker
 /// guest), no `.`/`..` components, and not where the guest's own system lives.
@@ -149,6 +149,10 @@ pub(super) fn volumes(list: &[hyperfleet_types::VolumeMount]) -> Result<(), Stri
         if v.volume.is_empty() {
             return Err(format!("volumes[{i}].volume is required"));
         }
+        // Ids and names are both lowercase letters, digits and '-' (see `name`): anything else names no volume.
+        if v.volume.len() > 63 || !v.volume.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-') {
+            return Err(format!("volumes[{i}].volume '{}' is not a volume's id or name", v.volume.escape_debug()));
+        }
         mount_path(&format!("volumes[{i}].mount_path"), &v.mount_path)?;
         if !names.insert(v.volume.as_str()) {
             return Err(format!("volumes[{i}]: volume '{}' is listed twice", v.volume));
@@ -168,6 +172,11 @@ fn label_word(w: &str) -> bool {
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
         && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// A label value: empty, or a [`label_word`].
+pub(super) fn label_value(v: &str) -> bool {
+    v.is_empty() || label_word(v)
 }
 
 /// A label key as Kubernetes has them: `name` or `prefix/name`, the prefix a DNS subdomain.
@@ -202,7 +211,7 @@ pub(super) fn labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(
                  alphanumeric at both ends; a prefix a lowercase DNS subdomain)"
             ));
         }
-        if !v.is_empty() && !label_word(v) {
+        if !label_value(v) {
             return Err(format!(
                 "{field}.{k} must be empty or 1-63 letters, digits, '-', '_', '.', alphanumeric at both ends"
             ));
@@ -589,6 +598,10 @@ mod tests {
             assert!(err(&a, with(serde_json::json!({"labels": {bad: "v"}}))).contains("is not a label key"), "{bad:?}");
         }
         assert!(err(&a, with(serde_json::json!({"labels": {"team": "-ml"}}))).contains("labels.team must"));
+        for bad in ["a\0b", "Data", "x".repeat(64).as_str()] {
+            let volumes = serde_json::json!({"volumes": [{"volume": bad, "mount_path": "/data"}]});
+            assert!(err(&a, with(volumes)).contains("is not a volume's id or name"), "{bad:?}");
+        }
         let ok = create(
             &req(with(serde_json::json!({"labels": {"team": "ml", "example.com/tier": "Gold_1", "flag": ""}}))),
             &a.limits(),

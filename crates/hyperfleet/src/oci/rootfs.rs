@@ -111,7 +111,8 @@ pub(crate) fn build_ext4(tree: &Path, bytes: u64, partial: &Path, out: &Path) ->
         Command::new("mkfs.ext4")
     };
     let o = mkfs
-        .args(["-q", "-F", "-L", "hyperfleet-root", "-E", "root_owner=0:0,assume_storage_prezeroed=1,nodiscard"])
+        .args(["-q", "-F", "-L", "hyperfleet-root"])
+        .args(crate::runtime::volume::growable(&["root_owner=0:0", "assume_storage_prezeroed=1", "nodiscard"]))
         .arg("-d")
         .arg(tree)
         .arg(partial)

@@ -305,7 +305,8 @@ impl Container {
         }
         // A new file reads as zeros: mkfs need not write the inode tables' or the journal's zeros.
         let out = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "hyperfleet-upper", "-E", "root_owner=0:0,assume_storage_prezeroed=1,nodiscard"])
+            .args(["-q", "-F", "-L", "hyperfleet-upper"])
+            .args(super::volume::growable(&["root_owner=0:0", "assume_storage_prezeroed=1", "nodiscard"]))
             .arg(path)
             .output();
         let failed = match out {

@@ -56,6 +56,10 @@ pub enum RuntimeError {
     Namespace(#[from] hyperfleet_net::NetError),
     #[error("background task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The request cannot be carried out as asked (a disk grown past what its file system allows): the
+    /// caller's to change, answered with 400.
+    #[error("{0}")]
+    Refused(String),
     /// A kernel or image is no longer what it was when the machine was created.
     #[error("{}: {message}", path.display())]
     Asset { path: PathBuf, message: String },

@@ -474,6 +474,7 @@ pub fn example_spec(name: &str) -> MachineSpec {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::store::Location;
     use crate::store::testing::backend_tests;
     use MachineStatus::*;
     use hyperfleet_types::{EgressPolicy, RuntimeKind};
@@ -488,6 +489,15 @@ pub(crate) mod tests {
     }
 
     backend_tests! {
+        async fn text_the_database_cannot_hold_is_the_requests_fault(store, db) {
+            // SQLite holds a NUL byte in text; PostgreSQL refuses it, which the API answers as a 400.
+            let mut r = store.read().await.unwrap();
+            match get(&mut r, "a\0b").await {
+                Ok(found) => assert!(matches!(db.location, Location::Sqlite(_)) && found.is_none()),
+                Err(e) => assert!(matches!(db.location, Location::Postgres(_)) && e.is_bad_input() && !e.is_unavailable(), "{e}"),
+            }
+        }
+
         async fn insert_get_list_delete(store, _db) {
             let a = commit(&store, async |c| insert(c, "n1", "ida", &spec("alpha"), 10).await.unwrap()).await;
             assert_eq!((a.block, a.status, a.spec.network.egress.clone()), (0, Pending, EgressPolicy::Deny));

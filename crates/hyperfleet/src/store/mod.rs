@@ -62,6 +62,14 @@ impl StoreError {
             StoreError::Corrupt(_) => false,
         }
     }
+
+    /// Whether the statement failed on a value the request brought that the database cannot hold (PostgreSQL:
+    /// a NUL byte in text, 22021/22P05; a number out of its column's range, 22003): the request is at fault.
+    /// The API checks what it stores; this is the backstop for what it missed.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, StoreError::Sql(sqlx::Error::Database(d))
+            if d.code().is_some_and(|c| matches!(&*c, "22021" | "22P05" | "22003")))
+    }
 }
 
 pub(crate) type StoreResult<T> = Result<T, StoreError>;
