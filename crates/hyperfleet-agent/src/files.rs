@@ -16,7 +16,14 @@ pub fn fail(kind: ErrorKind, message: impl Into<String>) -> Response {
 }
 
 pub fn io_fail(what: &str, path: &Path, e: std::io::Error) -> Response {
+    use nix::errno::Errno;
+    // What the request's path ran into (a file where a directory should be, a mount point, a symlink loop, a
+    // device without a terminal) is the caller's to fix, not a failure of the guest. ELOOP has no stable kind.
+    let caused_by_path = e.raw_os_error().map(Errno::from_raw).is_some_and(|errno| {
+        matches!(errno, Errno::EEXIST | Errno::EBUSY | Errno::ENXIO | Errno::ELOOP | Errno::ENOTEMPTY | Errno::ENODEV)
+    });
     let kind = match e.kind() {
+        _ if caused_by_path => ErrorKind::InvalidPath,
         IoKind::NotFound => ErrorKind::NotFound,
         IoKind::PermissionDenied | IoKind::ReadOnlyFilesystem => ErrorKind::PermissionDenied,
         IoKind::IsADirectory | IoKind::NotADirectory | IoKind::InvalidInput | IoKind::InvalidFilename => {
@@ -118,12 +125,13 @@ async fn open_tmp(target: &Path, mode: u32) -> OpResult<(tokio::fs::File, PathBu
         return Err(fail(ErrorKind::InvalidPath, format!("{} is a directory", target.display())));
     }
     let parent = target.parent().unwrap_or(Path::new("/"));
-    let name = target
-        .file_name()
-        .ok_or_else(|| fail(ErrorKind::InvalidPath, format!("{} names no file", target.display())))?;
+    if target.file_name().is_none() {
+        return Err(fail(ErrorKind::InvalidPath, format!("{} names no file", target.display())));
+    }
     tokio::fs::create_dir_all(parent).await.map_err(|e| io_fail("create directory", parent, e))?;
     let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = parent.join(format!(".{}.hf-{}-{n}", name.to_string_lossy(), std::process::id()));
+    // A short name of its own, so that a target's name of up to NAME_MAX bytes still has a temporary one.
+    let tmp = parent.join(format!(".hf-upload-{}-{n}", std::process::id()));
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -137,10 +145,22 @@ async fn open_tmp(target: &Path, mode: u32) -> OpResult<(tokio::fs::File, PathBu
 pub async fn read<W: AsyncWrite + Unpin>(w: &mut W, path: &str, max: Option<u64>) -> Result<(), proto::ProtoError> {
     let opened = async {
         let p = checked_path(path)?;
-        let file = tokio::fs::File::open(&p).await.map_err(|e| io_fail("open", &p, e))?;
+        // Non-blocking, so that opening a FIFO nobody writes does not hang; only regular files are read.
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p)
+            .await
+            .map_err(|e| io_fail("open", &p, e))?;
         let meta = file.metadata().await.map_err(|e| io_fail("stat", &p, e))?;
         if meta.is_dir() {
             return Err(fail(ErrorKind::InvalidPath, format!("{path} is a directory")));
+        }
+        if !meta.is_file() {
+            return Err(fail(
+                ErrorKind::InvalidPath,
+                format!("{path} is not a regular file (a device, FIFO or socket)"),
+            ));
         }
         if let Some(m) = max.filter(|m| meta.len() > *m) {
             return Err(fail(ErrorKind::TooLarge, format!("{path} is {} bytes, over the {m}-byte limit", meta.len())));
@@ -278,13 +298,27 @@ pub async fn mkdir(path: &str, parents: bool, mode: Option<u32>) -> Response {
     }
 }
 
+/// Whether `p` (absolute) is `/` once `.` and `..` are resolved by name (`/..`, `/tmp/..`, `/./`).
+fn names_the_root(p: &Path) -> bool {
+    use std::path::Component;
+    let mut depth = 0usize;
+    for c in p.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::ParentDir => depth = depth.saturating_sub(1),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    depth == 0
+}
+
 pub async fn delete(path: &str, recursive: bool) -> Response {
     let p = match checked_path(path) {
         Ok(p) => p,
         Err(e) => return e,
     };
-    if p == Path::new("/") {
-        return fail(ErrorKind::InvalidPath, "refusing to delete /");
+    if names_the_root(&p) {
+        return fail(ErrorKind::InvalidPath, format!("refusing to delete / (named as '{path}')"));
     }
     let meta = match tokio::fs::symlink_metadata(&p).await {
         Ok(m) => m,
@@ -303,5 +337,21 @@ pub async fn delete(path: &str, recursive: bool) -> Response {
             fail(ErrorKind::InvalidPath, format!("{path} is a non-empty directory; delete it recursively"))
         }
         Err(e) => io_fail("delete", &p, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Checked as a function: the agent's tests run on the host, where a delete of `/` must never be tried.
+    #[test]
+    fn the_root_is_recognised_however_it_is_named() {
+        for root in ["/", "/..", "/tmp/..", "/./", "/a/b/../..", "/a/../../.."] {
+            assert!(names_the_root(Path::new(root)), "{root}");
+        }
+        for other in ["/tmp", "/tmp/.", "/a/../b"] {
+            assert!(!names_the_root(Path::new(other)), "{other}");
+        }
     }
 }

@@ -240,6 +240,22 @@ async fn bad_paths_are_refused_with_the_right_kind() {
     assert_eq!(kind(c.stat(&long).await), ErrorKind::InvalidPath);
     assert_eq!(kind(download(&c, &long).await), ErrorKind::InvalidPath);
     assert_eq!(kind(upload(&c, &long, b"x", None).await), ErrorKind::InvalidPath);
+    // A name of NAME_MAX bytes is a valid one: its upload's temporary name must not be longer.
+    let longest = agent.path(&"n".repeat(255));
+    upload(&c, &longest, b"x", None).await.unwrap();
+    assert_eq!(download(&c, &longest).await.unwrap(), b"x");
+    c.delete(&longest, false).await.unwrap();
+    // A file where a directory must be (EEXIST/ENOTDIR), a FIFO nobody writes (would block), a device: the
+    // caller's bad path, answered at once.
+    std::fs::write(agent.path("plain"), b"x").unwrap();
+    assert_eq!(kind(upload(&c, &agent.path("plain/below/f"), b"x", None).await), ErrorKind::InvalidPath);
+    nix::unistd::mkfifo(agent.path("fifo").as_str(), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let fifo = tokio::time::timeout(Duration::from_secs(5), download(&c, &agent.path("fifo"))).await;
+    assert_eq!(kind(fifo.expect("a FIFO download answers at once")), ErrorKind::InvalidPath);
+    assert_eq!(kind(download(&c, "/dev/null").await), ErrorKind::InvalidPath);
+    std::fs::remove_file(agent.path("fifo")).unwrap();
+    std::fs::remove_file(agent.path("plain")).unwrap();
+
     std::fs::create_dir(agent.path("full")).unwrap();
     std::fs::write(agent.path("full/f"), b"x").unwrap();
     assert_eq!(kind(c.delete(&agent.path("full"), false).await), ErrorKind::InvalidPath);

@@ -99,6 +99,41 @@ async fn exec_files_and_cleanup() {
     let rest: Vec<ExecEvent> = events.map(|e| e.unwrap()).collect().await;
     assert_eq!(rest[0], ExecEvent::Stderr { data: "two\n".into() });
     assert!(matches!(rest.last(), Some(ExecEvent::Exit { exit_code: 3, .. })), "{rest:?}");
+    // A program that cannot start is the request's fault in a stream too, not the guest's unreachability.
+    let missing = ExecRequest { command: CommandArgs(vec!["/no/such/program".into()]), ..req.clone() };
+    let events: Vec<ExecEvent> = c.exec_stream(&m.id, &missing).await.unwrap().map(|e| e.unwrap()).collect().await;
+    assert!(
+        matches!(events.as_slice(), [ExecEvent::Error { code, message }] if code == "BAD_REQUEST" && message.contains("/no/such/program")),
+        "{events:?}"
+    );
+
+    // What a command is started with is checked: NUL bytes, variable names, and the whole (with the machine's
+    // env and secrets) must fit what the guest is sent.
+    for (body, says) in [
+        (json!({"command": ["echo", "a\0b"]}), "NUL"),
+        (json!({"command": ["env"], "env": {"A=B": "x"}}), "not a variable name"),
+        (json!({"command": ["env"], "env": {"A": "x\0"}}), "NUL"),
+    ] {
+        let resp = c.raw(Method::POST, &format!("/machines/{}/exec", m.id)).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let e: ErrorBody = resp.json().await.unwrap();
+        assert!(e.error.message.contains(says), "{body}: {}", e.error.message);
+    }
+    // Each under the 1 MiB body limit; together over what one frame to the guest holds.
+    let big = |field: &str| -> std::collections::BTreeMap<String, String> {
+        (0..20).map(|i| (format!("{}{i}", field.to_uppercase()), "v".repeat(30_000))).collect()
+    };
+    for field in ["env", "secrets"] {
+        let body = json!({ field: big(field) });
+        let resp = c.raw(Method::PATCH, &format!("/machines/{}", m.id)).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{field}");
+    }
+    let e = c.exec(&m.id, &["true"]).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(400), Some("VALIDATION_ERROR")), "{e}");
+    assert!(e.to_string().contains("can be sent to the guest"), "{e}");
+    let restore = json!({"env": {"GREETING": "hello", "NAME": "machine"}, "secrets": {}});
+    let resp = c.raw(Method::PATCH, &format!("/machines/{}", m.id)).json(&restore).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
 
     // Files: a 20 MB raw upload, stat, byte-exact download, JSON upload with mode, delete.
     let data = pattern(20 << 20);

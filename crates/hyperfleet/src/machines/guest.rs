@@ -43,6 +43,29 @@ const GUEST_NAME_MAX: usize = 255;
 
 /// A path in the guest a request names (`what`: "path", "cwd"): absolute, without NUL, and within the
 /// kernel's limits, so a bad one is the caller's 400 rather than the guest's error.
+/// How a command's failure reported by the agent mid-stream reads to the caller: a program that cannot be
+/// started or a bad cwd is the request's fault (400), as in a buffered exec or a terminal.
+pub(crate) fn stream_error(e: ClientError) -> Error {
+    match e {
+        ClientError::Agent { kind: ErrorKind::SpawnFailed, message } => Error::GuestRefused(message),
+        other => agent_error(other, "", 0),
+    }
+}
+
+/// What is sent to the guest to start a command (argv, env with the machine's env and secrets, cwd) must fit
+/// one protocol frame: past that it is refused here, not failed at the agent's door.
+pub(super) fn fits_a_frame(what: &impl serde::Serialize) -> Result<()> {
+    // The request's own envelope around the spec is well under this margin.
+    const MAX: usize = hyperfleet_agent_proto::MAX_FRAME - 4096;
+    let size = serde_json::to_vec(what).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX {
+        return Err(Error::Invalid(format!(
+            "the command and its environment (with the machine's env and secrets) come to {size} bytes; at most {MAX} can be sent to the guest"
+        )));
+    }
+    Ok(())
+}
+
 pub(super) fn check_guest_path(what: &str, path: &str) -> Result<()> {
     if path.is_empty() {
         return Err(Error::Invalid(format!("{what} is required")));
@@ -118,6 +141,12 @@ impl ExecPlan {
         if req.command.0[0].is_empty() {
             return Err(Error::Invalid("command[0] must name a program".into()));
         }
+        if req.command.0.iter().any(|a| a.contains('\0')) {
+            return Err(Error::Invalid("command must not contain NUL bytes".into()));
+        }
+        if let Some(env) = &req.env {
+            super::validate::env("env", env).map_err(Error::Invalid)?;
+        }
         Ok(Self {
             spec: ExecSpec {
                 argv: req.command.0,
@@ -135,11 +164,17 @@ impl ExecPlan {
     }
 
     /// The machine's `env` and secrets under the request's own: a variable the request sets wins.
-    fn with_machine_env(&mut self, machine: &BTreeMap<String, String>, mut secrets: BTreeMap<String, String>) {
+    /// Refused when the whole no longer fits what the guest is sent ([`fits_a_frame`]).
+    fn with_machine_env(
+        &mut self,
+        machine: &BTreeMap<String, String>,
+        mut secrets: BTreeMap<String, String>,
+    ) -> Result<()> {
         let mut env = machine.clone();
         env.append(&mut secrets);
         env.append(&mut self.spec.env);
         self.spec.env = env;
+        fits_a_frame(&self.spec)
     }
 
     pub(crate) fn timeout_error(&self) -> Error {
@@ -224,7 +259,7 @@ impl<H: Host> Service<H> {
         let mut plan = ExecPlan::new(req, Some(EXEC_OUTPUT_CAP))?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
-        plan.with_machine_env(&self.machine_env(&rec), self.machine_secrets(&rec).await?);
+        plan.with_machine_env(&self.machine_env(&rec), self.machine_secrets(&rec).await?)?;
         plan.hold = Some(self.activity.hold(&rec.id, super::HoldKind::Command));
         self.exec_started(&rec, &mut plan).await;
         let done = self.exec_collect(&rec, &plan).await;
@@ -321,7 +356,7 @@ impl<H: Host> Service<H> {
         let mut plan = ExecPlan::new(req, None)?;
         let rec = self.running(id, "execute commands").await?;
         plan.slot = Some(self.execs.acquire(&rec.id, self.policy.max_execs_per_machine)?);
-        plan.with_machine_env(&self.machine_env(&rec), self.machine_secrets(&rec).await?);
+        plan.with_machine_env(&self.machine_env(&rec), self.machine_secrets(&rec).await?)?;
         plan.hold = Some(self.activity.hold(&rec.id, super::HoldKind::Command));
         let agent = self.ready_agent(&rec, plan.timeout).await?;
         let max = self.policy.file_max_size;

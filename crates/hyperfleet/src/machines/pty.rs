@@ -66,6 +66,7 @@ impl<H: Host> Service<H> {
         env.append(&mut self.machine_secrets(&rec).await?);
         let agent = self.ready_agent(&rec, AGENT_PATIENCE).await?;
         let spec = PtySpec { argv: req.command, env, cwd: req.cwd, cols: req.cols, rows: req.rows };
+        super::guest::fits_a_frame(&spec)?;
         let (input, output) = agent.pty(spec).await.map_err(|e| match e {
             ClientError::Agent { kind: ErrorKind::SpawnFailed, message } => Error::GuestRefused(message),
             e => agent_error(e, "", self.policy.file_max_size),
