@@ -347,6 +347,9 @@ pub enum ErrorKind {
     TooLarge,
     /// The command could not be started (no such program, ...).
     SpawnFailed,
+    /// The guest's disk (or quota) is full, or a file would pass the file system's largest size. Added
+    /// without a protocol version change: a daemon that knows it still reads agents that never send it.
+    NoSpace,
     BadRequest,
     Io,
 }

@@ -19,11 +19,14 @@ pub fn io_fail(what: &str, path: &Path, e: std::io::Error) -> Response {
     use nix::errno::Errno;
     // What the request's path ran into (a file where a directory should be, a mount point, a symlink loop, a
     // device without a terminal) is the caller's to fix, not a failure of the guest. ELOOP has no stable kind.
-    let caused_by_path = e.raw_os_error().map(Errno::from_raw).is_some_and(|errno| {
+    let errno = e.raw_os_error().map(Errno::from_raw);
+    let caused_by_path = errno.is_some_and(|errno| {
         matches!(errno, Errno::EEXIST | Errno::EBUSY | Errno::ENXIO | Errno::ELOOP | Errno::ENOTEMPTY | Errno::ENODEV)
     });
+    let no_space = errno.is_some_and(|errno| matches!(errno, Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG));
     let kind = match e.kind() {
         _ if caused_by_path => ErrorKind::InvalidPath,
+        _ if no_space => ErrorKind::NoSpace,
         IoKind::NotFound => ErrorKind::NotFound,
         IoKind::PermissionDenied | IoKind::ReadOnlyFilesystem => ErrorKind::PermissionDenied,
         IoKind::IsADirectory | IoKind::NotADirectory | IoKind::InvalidInput | IoKind::InvalidFilename => {

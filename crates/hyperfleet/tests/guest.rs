@@ -160,6 +160,14 @@ async fn exec_files_and_cleanup() {
     // The guest's own refusal (sysfs is read-only in a machine) is the caller's 403, not a failure to reach it.
     let e = c.upload_file(&m.id, "/sys/hyperfleet-denied", b"x", None).await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(403), Some("FORBIDDEN")), "{e}");
+    // A full disk is the machine's condition, said as such (507), not a failure to reach the guest.
+    let fill = "dd if=/dev/zero of=/root/fill bs=1M 2>/dev/null; sync; true";
+    assert_eq!(c.exec(&m.id, &["sh", "-c", fill]).await.unwrap().exit_code, 0);
+    let e = c.upload_file(&m.id, "/root/more", &pattern(4 << 20), None).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(507), Some("INSUFFICIENT_STORAGE")), "{e}");
+    assert!(e.to_string().contains("disk is full"), "{e}");
+    c.delete_file(&m.id, "/root/fill", false).await.unwrap();
+    c.upload_file(&m.id, "/root/more", b"fits again", None).await.unwrap();
     let e = c.delete_file(&m.id, "/root", false).await.unwrap_err();
     assert_eq!(e.status(), Some(400), "non-empty directory needs recursive: {e}");
 

@@ -101,6 +101,7 @@ fn status_of(e: &MachineError) -> (StatusCode, &'static str) {
         | MachineError::ExecTimedOut { .. }
         | MachineError::TransferTimedOut { .. } => (S::GATEWAY_TIMEOUT, "TIMEOUT"),
         MachineError::FileTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
+        MachineError::GuestDiskFull(_) => (S::INSUFFICIENT_STORAGE, "INSUFFICIENT_STORAGE"),
         MachineError::TooManyExecs { .. } => (S::TOO_MANY_REQUESTS, "TOO_MANY_REQUESTS"),
         MachineError::Runtime(RuntimeError::Firecracker { status, .. }) => {
             (if *status == 400 { S::BAD_REQUEST } else { S::BAD_GATEWAY }, "FIRECRACKER_API_ERROR")

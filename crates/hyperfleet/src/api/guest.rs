@@ -29,6 +29,7 @@ const FILES_FORBIDDEN: &str = "FORBIDDEN: the key lacks machines:exec, or the gu
     (a read-only mount, a file of /proc or /sys)";
 const FILE_NOT_FOUND: &str = "NOT_FOUND: no machine has this id or name, or the file does not exist";
 const TOO_LARGE: &str = "PAYLOAD_TOO_LARGE: the file is larger than HYPERFLEET_FILE_MAX_SIZE";
+const GUEST_DISK_FULL: &str = "INSUFFICIENT_STORAGE: the machine's disk (or quota) is full";
 const TRANSFER_TIMEOUT: &str = "TIMEOUT: the transfer took longer than HYPERFLEET_FILE_TRANSFER_TIMEOUT";
 
 /// Raw file bytes, as an `application/octet-stream` body.
@@ -142,7 +143,8 @@ fn path_param(q: &QueryMap) -> Result<String, ApiError> {
            ("mode" = Option<String>, Query, description = "octal permission bits for a raw upload, e.g. 755; ignored for JSON")),
     responses((status = 201, body = FileWritten), (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody), (status = 403, description = FILES_FORBIDDEN, body = ErrorBody),
               (status = 404, description = NOT_FOUND, body = ErrorBody), (status = 413, description = TOO_LARGE, body = ErrorBody),
-              (status = 502, description = VSOCK_ERROR, body = ErrorBody), (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
+              (status = 502, description = VSOCK_ERROR, body = ErrorBody), (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody),
+              (status = 507, description = GUEST_DISK_FULL, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
 pub(crate) async fn upload(
     State(s): State<AppState>,
@@ -309,7 +311,7 @@ const DEFAULT_LIST_PAGE: u32 = 100;
     responses((status = 201, description = "the directory (also when `parents` and it existed)", body = FileStat),
               (status = 400, description = FILES_BAD_REQUEST, body = ErrorBody), (status = 403, description = FILES_FORBIDDEN, body = ErrorBody),
               (status = 404, description = FILE_NOT_FOUND, body = ErrorBody), (status = 502, description = VSOCK_ERROR, body = ErrorBody),
-              (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody)),
+              (status = 504, description = TRANSFER_TIMEOUT, body = ErrorBody), (status = 507, description = GUEST_DISK_FULL, body = ErrorBody)),
     security(("bearer" = ["machines:exec"])))]
 pub(crate) async fn mkdir(
     State(s): State<AppState>,

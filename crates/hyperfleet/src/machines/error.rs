@@ -66,6 +66,9 @@ pub(crate) enum Error {
     /// A file (or upload body) past `HYPERFLEET_FILE_MAX_SIZE`; `size` when it is known.
     #[error("File is {}larger than HYPERFLEET_FILE_MAX_SIZE ({max} bytes)", size.map(|s| format!("{s} bytes, ")).unwrap_or_default())]
     FileTooLarge { size: Option<u64>, max: u64 },
+    /// The guest's disk is full (or its quota, or the file system's largest file).
+    #[error("The machine's disk is full: {0}")]
+    GuestDiskFull(String),
     /// The guest agent refused a request it found malformed.
     #[error("{0}")]
     GuestRefused(String),

@@ -31,6 +31,7 @@ pub(super) fn agent_error(e: ClientError, path: &str, max: u64) -> Error {
         // The guest's own refusal (a read-only mount, a file of /proc) is the caller's to see, not a failure
         // to reach the guest.
         ClientError::Agent { kind: ErrorKind::PermissionDenied, message } => Error::Forbidden(message),
+        ClientError::Agent { kind: ErrorKind::NoSpace, message } => Error::GuestDiskFull(message),
         ClientError::Agent { kind: ErrorKind::TooLarge, .. } => Error::FileTooLarge { size: None, max },
         ClientError::Agent { kind: ErrorKind::BadRequest, message } => Error::GuestRefused(message),
         other => Error::Agent(other),
