@@ -115,7 +115,7 @@ pub(crate) async fn exec_stream(
                 }
                 Ok(Ok(AgentEvent::Exited(e))) => ExecEvent::Exit { exit_code: e.exit_code, duration_ms: e.duration_ms },
                 Ok(Err(e)) => {
-                    let api: ApiError = crate::machines::stream_error(e).into();
+                    let api: ApiError = crate::machines::command_error(e).into();
                     ExecEvent::Error { code: api.code.into(), message: api.message }
                 }
                 Err(_) => ExecEvent::Error { code: "TIMEOUT".into(), message: timeout_msg },

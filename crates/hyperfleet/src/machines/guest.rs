@@ -42,11 +42,9 @@ pub(super) fn agent_error(e: ClientError, path: &str, max: u64) -> Error {
 const GUEST_PATH_MAX: usize = 4095;
 const GUEST_NAME_MAX: usize = 255;
 
-/// A path in the guest a request names (`what`: "path", "cwd"): absolute, without NUL, and within the
-/// kernel's limits, so a bad one is the caller's 400 rather than the guest's error.
-/// How a command's failure reported by the agent mid-stream reads to the caller: a program that cannot be
-/// started or a bad cwd is the request's fault (400), as in a buffered exec or a terminal.
-pub(crate) fn stream_error(e: ClientError) -> Error {
+/// How the agent's refusal of a command (a terminal's, or a streamed exec's mid-stream) reads to the caller:
+/// a program that cannot be started or a bad cwd is the request's fault (400).
+pub(crate) fn command_error(e: ClientError) -> Error {
     match e {
         ClientError::Agent { kind: ErrorKind::SpawnFailed, message } => Error::GuestRefused(message),
         other => agent_error(other, "", 0),
@@ -67,6 +65,8 @@ pub(super) fn fits_a_frame(what: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+/// A path in the guest a request names (`what`: "path", "cwd"): absolute, without NUL, and within the
+/// kernel's limits, so a bad one is the caller's 400 rather than the guest's error.
 pub(super) fn check_guest_path(what: &str, path: &str) -> Result<()> {
     if path.is_empty() {
         return Err(Error::Invalid(format!("{what} is required")));

@@ -51,7 +51,7 @@ pub(crate) use action::Action;
 pub(crate) use activity::{Hold, HoldKind};
 pub(crate) use error::{Error, Result};
 pub(crate) use events::EventFilter;
-pub(crate) use guest::stream_error;
+pub(crate) use guest::command_error;
 pub(crate) use host::{Host, LinuxHost};
 use network::Addressing;
 pub(crate) use pty::{PtyRequest, PtySession};

@@ -2,12 +2,11 @@
 //! machine's env and secrets; the caller (the API's WebSocket) moves the bytes. A session counts against the
 //! machine's command slots and is activity while its bytes flow (see `activity.rs`).
 
-use hyperfleet_agent_proto::ErrorKind;
 use hyperfleet_agent_proto::PtySpec;
-use hyperfleet_agent_proto::client::{ClientError, PtyInput, PtyOutput};
+use hyperfleet_agent_proto::client::{PtyInput, PtyOutput};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::guest::{agent_error, check_guest_path};
+use super::guest::{check_guest_path, command_error};
 use super::{Error, Hold, HoldKind, Host, Result, Service};
 
 /// Largest terminal accepted, in columns and rows.
@@ -67,10 +66,7 @@ impl<H: Host> Service<H> {
         let agent = self.ready_agent(&rec, AGENT_PATIENCE).await?;
         let spec = PtySpec { argv: req.command, env, cwd: req.cwd, cols: req.cols, rows: req.rows };
         super::guest::fits_a_frame(&spec)?;
-        let (input, output) = agent.pty(spec).await.map_err(|e| match e {
-            ClientError::Agent { kind: ErrorKind::SpawnFailed, message } => Error::GuestRefused(message),
-            e => agent_error(e, "", self.policy.file_max_size),
-        })?;
+        let (input, output) = agent.pty(spec).await.map_err(command_error)?;
         let hold = self.activity.hold(&rec.id, HoldKind::Connection);
         Ok(PtySession { machine_id: rec.id, input, output, hold, _slot: slot })
     }

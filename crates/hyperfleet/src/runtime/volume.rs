@@ -177,7 +177,7 @@ impl Ext4Header {
             return u64::from(MAX_FS_MIB) * MIB;
         }
         let per_block = self.block_size / self.desc_size.max(1);
-        let groups = (self.block_count - self.first_block).div_ceil(self.blocks_per_group.max(1));
+        let groups = self.block_count.saturating_sub(self.first_block).div_ceil(self.blocks_per_group.max(1));
         let gdt_blocks = groups.div_ceil(per_block.max(1));
         let max_groups = (gdt_blocks + self.reserved_gdt) * per_block;
         (max_groups * self.blocks_per_group + self.first_block) * self.block_size
@@ -271,8 +271,8 @@ mod tests {
         let h = Ext4Header::parse(header).unwrap();
         // 8 groups in 1 descriptor block (16 per block), plus 256 reserved: 257 * 16 groups of 8 MiB.
         assert_eq!(h.max_growth(), (257 * 16 * 8192 + 1) * 1024);
-        let made_here = header.replace("Reserved GDT blocks:      256\n", "").replace("64bit", "64bit meta_bg");
-        assert_eq!(Ext4Header::parse(&made_here).unwrap().max_growth(), u64::from(MAX_FS_MIB) * MIB);
+        let with_meta_bg = header.replace("Reserved GDT blocks:      256\n", "").replace("64bit", "64bit meta_bg");
+        assert_eq!(Ext4Header::parse(&with_meta_bg).unwrap().max_growth(), u64::from(MAX_FS_MIB) * MIB);
         assert_eq!(Ext4Header::parse("dumpe2fs: Bad magic number"), None);
     }
 }
